@@ -1,0 +1,1 @@
+"""Rate-distortion and sample-quality evaluation against classic codecs."""

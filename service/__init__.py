@@ -1,0 +1,1 @@
+"""gRPC service: servicer, dynamic batching, job API, health, metrics, client, CLI."""

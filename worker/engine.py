@@ -1,0 +1,236 @@
+"""The onnxruntime engine: a loaded model's sessions and the tensor-level operations.
+
+``ModelRuntime`` turns uint8 images into integer symbols (``encode``), symbols back
+into uint8 images (``decode``), evaluates the VQ prior (``prior_logits``) and draws
+samples (``sample``). It knows nothing of bytes on the wire: that is ``codec``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import InvalidInput, ProviderUnavailable
+from .repository import ModelEntry
+
+Provider = Literal["cpu", "cuda", "tensorrt", "auto"]
+PROVIDERS = ("cpu", "cuda", "tensorrt", "auto")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How onnxruntime sessions are built. One per process, passed down."""
+
+    provider: Provider = "cpu"
+    # Threads per session; 0 = onnxruntime's default (all cores). The service sets this
+    # so that sessions x threads does not oversubscribe the cores next to gRPC's pool.
+    intra_op_threads: int = 0
+    device_id: int = 0
+    # Largest batch handed to one session.run; bigger inputs are cut into pieces.
+    max_batch: int = 1024
+    cuda_mem_limit_bytes: int = 0  # 0 = no arena limit
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    trt_fp16: bool = False
+    trt_cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise InvalidInput(f"provider {self.provider!r} is not one of {PROVIDERS}")
+        if self.max_batch < 1:
+            raise InvalidInput(f"max_batch must be >= 1, got {self.max_batch}")
+
+
+def execution_providers(config: EngineConfig) -> list[str | tuple[str, dict[str, object]]]:
+    """The provider list for a session; raises ProviderUnavailable unless ``auto``."""
+    available = ort.get_available_providers()
+    cuda_opts: dict[str, object] = {
+        "device_id": config.device_id,
+        "cudnn_conv_algo_search": config.cudnn_conv_algo_search,
+        # TF32 changes conv results in the 3rd decimal: the prior's integer tables
+        # must match the CPU's, so keep full fp32.
+        "use_tf32": 0,
+    }
+    if config.cuda_mem_limit_bytes:
+        cuda_opts["gpu_mem_limit"] = config.cuda_mem_limit_bytes
+    cuda = ("CUDAExecutionProvider", cuda_opts)
+    if config.provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if config.provider == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise ProviderUnavailable(
+                "provider 'cuda' requested but onnxruntime offers only "
+                f"{available}; install onnxruntime-gpu with a matching CUDA, "
+                "or use --provider cpu (or auto to fall back)")
+        return [cuda, "CPUExecutionProvider"]
+    if config.provider == "tensorrt":
+        if "TensorrtExecutionProvider" not in available:
+            raise ProviderUnavailable(
+                f"provider 'tensorrt' requested but onnxruntime offers only {available}")
+        trt_opts: dict[str, object] = {"device_id": config.device_id,
+                                       "trt_fp16_enable": config.trt_fp16}
+        if config.trt_cache_dir:
+            trt_opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=config.trt_cache_dir)
+        return [("TensorrtExecutionProvider", trt_opts), cuda, "CPUExecutionProvider"]
+    # auto: the best available, CPU last.
+    chain: list[str | tuple[str, dict[str, object]]] = []
+    if "CUDAExecutionProvider" in available:
+        chain.append(cuda)
+    chain.append("CPUExecutionProvider")
+    return chain
+
+
+def make_session(path: str | os.PathLike[str], config: EngineConfig) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = config.intra_op_threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts,
+                                providers=execution_providers(config))
+
+
+def image_rng(seed: int, index: int) -> np.random.Generator:
+    """The random stream of the ``index``-th sample of a seed: independent of batching."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index])))
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Decoder output in [0, 1] (float) to uint8 pixels."""
+    return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+
+
+class ModelRuntime:
+    """A verified model's onnxruntime sessions and its tensor-level operations."""
+
+    def __init__(self, entry: ModelEntry, config: EngineConfig | None = None) -> None:
+        self.entry = entry
+        self.manifest = entry.manifest
+        self.config = config or EngineConfig()
+        self.encoder = make_session(entry.file("encoder"), self.config)
+        self.decoder = make_session(entry.file("decoder"), self.config)
+        self.prior = (make_session(entry.file("prior"), self.config)
+                      if "prior" in self.manifest.files else None)
+        self.provider = self.encoder.get_providers()[0]
+
+    # -- shapes ---------------------------------------------------------------------
+    def check_images(self, images: np.ndarray) -> np.ndarray:
+        """Validate a uint8 (N, C, H, W) batch against the model's image shape."""
+        want = self.manifest.image_shape
+        if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != want:
+            raise InvalidInput(
+                f"model {self.manifest.ref} takes uint8 images of shape (N, {want[0]}, "
+                f"{want[1]}, {want[2]}); got {images.dtype} {tuple(images.shape)}")
+        return np.ascontiguousarray(images)
+
+    def check_symbols(self, symbols: np.ndarray) -> np.ndarray:
+        want = self.manifest.latent_shape
+        if symbols.ndim != len(want) + 1 or tuple(symbols.shape[1:]) != want:
+            raise InvalidInput(f"model {self.manifest.ref} takes symbols of shape (N, "
+                               f"{', '.join(map(str, want))}); got {tuple(symbols.shape)}")
+        return symbols
+
+    def _batched(self, fn, x: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+        step = self.config.max_batch
+        if len(x) <= step:
+            return fn(x)
+        return np.concatenate([fn(x[i:i + step]) for i in range(0, len(x), step)])
+
+    # -- encode / decode --------------------------------------------------------------
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (N, C, H, W) -> int32 symbols (N, *latent_shape)."""
+        images = self.check_images(images)
+        if len(images) == 0:
+            return np.zeros((0, *self.manifest.latent_shape), np.int32)
+        out = self._batched(lambda b: self.encoder.run(None, {"image": b})[0], images)
+        if self.manifest.family == "vqvae":
+            return out.astype(np.int32)
+        return self.quantize(out)
+
+    def quantize(self, latent: np.ndarray) -> np.ndarray:
+        """Continuous latents -> symbols on the factorized tables' support."""
+        spec = self.manifest.factorized
+        assert spec is not None
+        sym = np.rint(latent.astype(np.float64) / spec.step)
+        lo = np.array(spec.offsets, np.float64).reshape(1, -1, 1, 1)
+        hi = lo + np.array([len(f) for f in spec.freqs], np.float64).reshape(1, -1, 1, 1) - 1
+        return np.clip(sym, lo, hi).astype(np.int32)
+
+    def decode(self, symbols: np.ndarray) -> np.ndarray:
+        """int symbols (N, *latent_shape) -> uint8 images (N, C, H, W)."""
+        symbols = self.check_symbols(symbols)
+        if len(symbols) == 0:
+            return np.zeros((0, *self.manifest.image_shape), np.uint8)
+        if self.manifest.family == "vqvae":
+            feed = symbols.astype(np.int64)
+            name = "indices"
+        else:
+            spec = self.manifest.factorized
+            assert spec is not None
+            feed = (symbols.astype(np.float32) * np.float32(spec.step))
+            name = "latent"
+        out = self._batched(lambda b: self.decoder.run(None, {name: b})[0], feed)
+        return to_uint8(out)
+
+    def prior_logits(self, indices: np.ndarray) -> np.ndarray:
+        """VQ index grids (N, h, w) -> float32 logits (N, K, h, w) of the causal prior."""
+        if self.prior is None:
+            raise InvalidInput(f"model {self.manifest.ref} ({self.manifest.family}) has no prior")
+        feed = indices.astype(np.int64)
+        return self._batched(lambda b: self.prior.run(None, {"indices": b})[0], feed)
+
+    # -- sampling ---------------------------------------------------------------------
+    def sample(self, count: int, *, seed: int, temperature: float = 1.0,
+               start: int = 0) -> np.ndarray:
+        """Draw ``count`` uint8 images; sample ``start + j`` depends only on (seed, start + j)."""
+        if count < 0:
+            raise InvalidInput(f"sample count must be >= 0, got {count}")
+        if not (temperature > 0 and np.isfinite(temperature)):
+            raise InvalidInput(f"temperature must be a positive number, got {temperature}")
+        rngs = [image_rng(seed, start + j) for j in range(count)]
+        if count == 0:
+            return np.zeros((0, *self.manifest.image_shape), np.uint8)
+        family = self.manifest.family
+        if family == "vqvae":
+            return self.decode(self._sample_indices(rngs, temperature))
+        dim = self.manifest.num_symbols
+        normal = np.stack([r.standard_normal(dim) for r in rngs])
+        if family == "vae":
+            latent = normal * temperature
+            spec = self.manifest.factorized
+            assert spec is not None
+            out = self._batched(
+                lambda b: self.decoder.run(None, {"latent": b})[0],
+                latent.reshape(count, *self.manifest.latent_shape).astype(np.float32))
+            return to_uint8(out)
+        # ae: a diagonal Gaussian mixture fitted to the training latents.
+        gmm = self.manifest.sampling
+        weights = np.asarray(gmm["weights"], np.float64)
+        means = np.asarray(gmm["means"], np.float64)
+        stds = np.asarray(gmm["stds"], np.float64)
+        cdf = np.cumsum(weights / weights.sum())
+        comp = np.array([min(int(np.searchsorted(cdf, r.random(), side="right")), len(cdf) - 1)
+                         for r in rngs])
+        latent = means[comp] + stds[comp] * normal * temperature
+        spec = self.manifest.factorized
+        assert spec is not None
+        return self.decode(self.quantize(latent.reshape(count, *self.manifest.latent_shape)))
+
+    def _sample_indices(self, rngs: list[np.random.Generator], temperature: float) -> np.ndarray:
+        h, w = self.manifest.latent_shape
+        n = len(rngs)
+        uniforms = np.stack([r.random(h * w) for r in rngs])
+        grid = np.zeros((n, h, w), np.int64)
+        for pos in range(h * w):
+            y, x = divmod(pos, w)
+            logits = self.prior_logits(grid)[:, :, y, x].astype(np.float64) / temperature
+            logits -= logits.max(axis=1, keepdims=True)
+            p = np.exp(logits)
+            cdf = np.cumsum(p, axis=1)
+            cdf /= cdf[:, -1:]
+            u = uniforms[:, pos:pos + 1]
+            grid[:, y, x] = np.minimum((cdf < u).sum(axis=1), p.shape[1] - 1)
+        return grid
