@@ -1,0 +1,245 @@
+"""``ServiceConfig``: the gRPC service's one typed, frozen configuration object.
+
+Built once at startup from (highest first) command-line flags, ``LATENTSERVE_<FIELD>``
+environment variables and the defaults below, validated, then passed down. Every field
+is a flag ``--field-name`` of ``latentserve serve`` and an env var
+``LATENTSERVE_FIELD_NAME``; ``add_arguments`` and ``from_sources`` derive both from the
+dataclass fields, so the three can never drift apart.
+
+Threads, deliberately (the machine has ``os.cpu_count()`` cores):
+
+- gRPC handler threads (``grpc_threads``) mostly wait: they decode request images and
+  block on a batch's result. They need to outnumber concurrent calls, not cores.
+- Compute workers (``compute_workers``) run onnxruntime + the entropy coder on merged
+  batches. Two by default, so one batch's Python-side coding overlaps the next
+  batch's onnxruntime call.
+- onnxruntime intra-op threads per session run (``intra_op_threads``) default to
+  ``max(1, cores // compute_workers)``, so compute_workers x intra_op_threads = cores:
+  the cores are used but never oversubscribed, which costs more than it gains on
+  small convolutional models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from latentserve.worker.engine import PROVIDERS, EngineConfig, Provider
+from latentserve.worker.errors import InvalidInput
+
+ENV_PREFIX = "LATENTSERVE_"
+MIB = 1 << 20
+
+
+def _cores() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything ``create_server`` needs. 0 / None mean "derive" where documented."""
+
+    host: str = field(default="0.0.0.0", metadata=_help(
+        "address to bind the gRPC port on (127.0.0.1 for loopback only)"))
+    port: int = field(default=50051, metadata=_help("gRPC port; 0 picks a free one"))
+    metrics_port: int | None = field(default=9090, metadata=_help(
+        "Prometheus /metrics HTTP port on the same host; 0 picks a free one, "
+        "'none' disables it"))
+    models: Path = field(default=Path("models"), metadata=_help(
+        "model repository folder (<name>/<version>/manifest.json ...)"))
+    provider: Provider = field(default="cpu", metadata=_help(
+        f"onnxruntime execution provider, one of {', '.join(PROVIDERS)}"))
+    device_id: int = field(default=0, metadata=_help("GPU index for cuda / tensorrt"))
+    grpc_threads: int = field(default=64, metadata=_help(
+        "gRPC handler threads (at least the number of concurrent calls you expect)"))
+    compute_workers: int = field(default=0, metadata=_help(
+        "threads running merged batches through onnxruntime + the coder; "
+        "0 = min(2, cores)"))
+    intra_op_threads: int = field(default=0, metadata=_help(
+        "onnxruntime threads per session run; 0 = max(1, cores // compute_workers)"))
+    batching: bool = field(default=True, metadata=_help(
+        "merge concurrent requests for one model into one onnxruntime call"))
+    max_batch_size: int = field(default=256, metadata=_help(
+        "largest merged batch (images); larger requests are cut into batches this size"))
+    max_queue_delay_us: int = field(default=1000, metadata=_help(
+        "longest a queued image waits for a batch to fill (microseconds), as in "
+        "Triton's max_queue_delay_microseconds"))
+    dispatch_when_idle: bool = field(default=True, metadata=_help(
+        "start a batch at once when no batch of that model is running, instead of "
+        "waiting max_queue_delay_us for more requests (batches then grow while "
+        "earlier ones compute)"))
+    max_queue_images: int = field(default=65536, metadata=_help(
+        "images queued per model before new requests get RESOURCE_EXHAUSTED"))
+    max_message_bytes: int = field(default=64 * MIB, metadata=_help(
+        "largest gRPC message accepted or sent (bytes)"))
+    max_images_per_request: int = field(default=4096, metadata=_help(
+        "most images (or codes, or samples) in one request or stream message"))
+    max_pixels_per_image: int = field(default=16_000_000, metadata=_help(
+        "largest image accepted, in pixels, checked before decoding (decompression bombs)"))
+    preload: bool = field(default=True, metadata=_help(
+        "load and verify the newest version of every model at startup"))
+    grace_s: float = field(default=10.0, metadata=_help(
+        "on SIGTERM: seconds to answer in-flight calls before exiting"))
+    reflection: bool = field(default=True, metadata=_help("serve gRPC server reflection"))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", Path(self.models))
+        if self.provider not in PROVIDERS:
+            raise InvalidInput(f"provider {self.provider!r} is not one of {PROVIDERS}")
+        for name in ("port", "device_id"):
+            _check_range(name, getattr(self, name), 0, 65535)
+        if self.metrics_port is not None:
+            _check_range("metrics_port", self.metrics_port, 0, 65535)
+        for name in ("grpc_threads", "max_batch_size", "max_queue_images",
+                     "max_images_per_request", "max_pixels_per_image"):
+            _check_range(name, getattr(self, name), 1, None)
+        for name in ("compute_workers", "intra_op_threads", "max_queue_delay_us"):
+            _check_range(name, getattr(self, name), 0, None)
+        _check_range("max_message_bytes", self.max_message_bytes, 4096, 2**31 - 1)
+        if not self.grace_s >= 0:
+            raise InvalidInput(f"grace_s must be >= 0 seconds, got {self.grace_s}")
+
+    # -- derived ------------------------------------------------------------------
+    @property
+    def workers(self) -> int:
+        """Compute workers in effect (``compute_workers`` or its derived default)."""
+        return self.compute_workers or min(2, _cores())
+
+    @property
+    def ort_threads(self) -> int:
+        """onnxruntime intra-op threads in effect: workers x threads = cores."""
+        return self.intra_op_threads or max(1, _cores() // self.workers)
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def engine_config(self) -> EngineConfig:
+        """The onnxruntime session settings that go with this service configuration."""
+        return EngineConfig(provider=self.provider, intra_op_threads=self.ort_threads,
+                            device_id=self.device_id, max_batch=self.max_batch_size)
+
+    def replace(self, **changes: Any) -> ServiceConfig:
+        return dataclasses.replace(self, **changes)
+
+    # -- sources --------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServiceConfig:
+        """Defaults, then ``LATENTSERVE_*`` variables, then ``overrides`` (typed values)."""
+        return cls.from_sources(None, environ, **overrides)
+
+    @classmethod
+    def from_sources(cls, args: argparse.Namespace | None,
+                     environ: Mapping[str, str] | None = None,
+                     **overrides: Any) -> ServiceConfig:
+        """Flags (from ``add_arguments``) over env vars over defaults; ``overrides`` win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            env = ENV_PREFIX + f.name.upper()
+            if env in environ:
+                values[f.name] = parse_value(f.name, hints[f.name], environ[env], source=env)
+            flag_value = getattr(args, f.name, None) if args is not None else None
+            if flag_value is not None:
+                values[f.name] = flag_value
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser,
+                      only: typing.Iterable[str] | None = None) -> None:
+        """Add ``--field-name`` for each field (default None = not given on the command line)."""
+        hints = typing.get_type_hints(cls)
+        wanted = set(only) if only is not None else None
+        for f in dataclasses.fields(cls):
+            if wanted is not None and f.name not in wanted:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            env = ENV_PREFIX + f.name.upper()
+            help_text = f"{f.metadata.get('help', '')} [env {env}; default {_show(f.default)}]"
+            kind = hints[f.name]
+            parser.add_argument(
+                flag, dest=f.name, default=None, help=help_text, metavar=_metavar(kind),
+                type=lambda text, name=f.name, kind=kind, flag=flag: _parse_flag(
+                    name, kind, text, flag))
+
+
+def _show(value: object) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _metavar(kind: Any) -> str:
+    base = _base_type(kind)
+    if base is bool:
+        return "{true,false}"
+    return {int: "N", float: "X", Path: "DIR"}.get(base, "TEXT")
+
+
+def _base_type(kind: Any) -> Any:
+    """``int | None`` -> int, ``Literal[...]`` -> str."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        return _base_type(args[0])
+    if typing.get_origin(kind) is typing.Literal:
+        return str
+    return kind
+
+
+def _nullable(kind: Any) -> bool:
+    return type(None) in typing.get_args(kind)
+
+
+def _parse_flag(name: str, kind: Any, text: str, flag: str) -> Any:
+    try:
+        return parse_value(name, kind, text, source=flag)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_value(name: str, kind: Any, text: str, *, source: str) -> Any:
+    """Parse one setting's text (from a flag or env var) into the field's type."""
+    text = text.strip()
+    if _nullable(kind) and text.lower() in ("none", "off", ""):
+        return None
+    base = _base_type(kind)
+    try:
+        if base is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            return int(text.replace("_", ""))
+        if base is float:
+            return float(text)
+        if base is Path:
+            return Path(text).expanduser()
+        return text
+    except ValueError:
+        allowed = {bool: "true/false", int: "an integer", float: "a number"}.get(base, "text")
+        if _nullable(kind):
+            allowed += " or none"
+        raise InvalidInput(f"{source}={text!r}: {name} must be {allowed}") from None
+
+
+def _check_range(name: str, value: Any, lo: int, hi: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{name} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        allowed = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise InvalidInput(f"{name} must be {allowed}, got {value}")

@@ -1,0 +1,132 @@
+"""The one place where latentserve exceptions become gRPC status codes.
+
+``ErrorInterceptor`` wraps every RPC of the server (Inference, and the job API of
+issue 6 alike): a servicer just raises ``latentserve.worker.errors.*`` and the client
+gets the status below with the exception's message. Anything else is a bug: the
+client gets INTERNAL with the exception's type, the server log gets the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from latentserve.worker import errors as E
+
+log = logging.getLogger(__name__)
+
+
+class RequestCancelled(E.LatentServeError):
+    """The client cancelled; its queued work was dropped."""
+
+
+class DeadlineExpired(E.LatentServeError):
+    """The request's deadline passed before its work ran; the work was dropped."""
+
+
+# Most specific first: the first isinstance match wins.
+STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (E.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (E.ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (E.JobNotFound, grpc.StatusCode.NOT_FOUND),
+    (E.CodeMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (E.NotExactlyDecodable, grpc.StatusCode.FAILED_PRECONDITION),
+    (E.JobStateError, grpc.StatusCode.FAILED_PRECONDITION),
+    (E.CorruptCode, grpc.StatusCode.DATA_LOSS),
+    (E.UnknownFormatVersion, grpc.StatusCode.DATA_LOSS),
+    (E.CodeError, grpc.StatusCode.DATA_LOSS),
+    (E.ResourceLimit, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (E.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (E.ProviderUnavailable, grpc.StatusCode.UNAVAILABLE),
+    # A model whose files fail their digests cannot be served by this server.
+    (E.ModelIntegrityError, grpc.StatusCode.FAILED_PRECONDITION),
+    (RequestCancelled, grpc.StatusCode.CANCELLED),
+    (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
+)
+
+
+def supported_format_versions() -> list[int]:
+    """The latent-code format versions this build reads (from the codec, when present)."""
+    try:
+        from latentserve.worker import codec
+    except ImportError:
+        return [1]
+    for name in ("SUPPORTED_VERSIONS", "READABLE_VERSIONS", "FORMAT_VERSIONS"):
+        if hasattr(codec, name):
+            return sorted(int(v) for v in getattr(codec, name))
+    return [int(getattr(codec, "FORMAT_VERSION", 1))]
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client gets for ``exc``."""
+    message = str(exc) or type(exc).__name__
+    for kind, code in STATUS_OF:
+        if isinstance(exc, kind):
+            if isinstance(exc, E.UnknownFormatVersion) and "support" not in message:
+                versions = ", ".join(map(str, supported_format_versions()))
+                message += f" (this server reads code format versions: {versions})"
+            return code, message
+    return grpc.StatusCode.INTERNAL, (
+        f"internal error ({type(exc).__name__}); the server log has the details")
+
+
+def abort_for(exc: BaseException, context: grpc.ServicerContext) -> None:
+    """Abort the RPC with the status of ``exc`` (re-raises if the RPC already ended)."""
+    if context.code() is not None or not context.is_active():
+        # Already aborted by the servicer, or the client is gone: nothing to tell.
+        raise exc
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("unexpected error in an RPC", exc_info=exc)
+    context.abort(code, message)
+
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+
+
+def rewrap_handler(handler: grpc.RpcMethodHandler,
+                   around: Callable[[Behavior, bool], Behavior]) -> grpc.RpcMethodHandler:
+    """A copy of ``handler`` whose behavior is ``around(behavior, response_streaming)``."""
+    if handler.request_streaming and handler.response_streaming:
+        make, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+    elif handler.request_streaming:
+        make, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+    elif handler.response_streaming:
+        make, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+    else:
+        make, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    return make(around(behavior, handler.response_streaming),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+def map_errors(behavior: Behavior, response_streaming: bool) -> Behavior:
+    """Wrap one RPC behavior so raised exceptions become statuses (see ``status_for``)."""
+    if response_streaming:
+        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from behavior(request, context)
+            except Exception as exc:  # noqa: BLE001 - every error gets a status
+                abort_for(exc, context)
+        return stream
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behavior(request, context)
+        except Exception as exc:  # noqa: BLE001 - every error gets a status
+            abort_for(exc, context)
+    return unary
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps exceptions to statuses for every RPC the server has, whoever wrote it."""
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        return rewrap_handler(handler, map_errors)
