@@ -1,0 +1,321 @@
+"""Latent codes: symbols <-> self-describing byte strings (layout in docs/code-format.md).
+
+``LatentCodec(runtime)`` codes one model's symbols: ``encode(symbols) -> list[bytes]``
+and ``decode(codes) -> symbols``; ``decode_each`` reports a refusal per code instead
+of raising, so one bad code in a batch does not sink the others. Which model made a
+code is the pipeline's question (``Pipeline.identify``); the codec only checks that a
+code is its own model's, and refuses anything it cannot decode exactly.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .engine import ModelRuntime
+from .entropy import (
+    FactorizedTables,
+    StaticTables,
+    SymbolDecoder,
+    SymbolEncoder,
+    check_indices,
+    check_prior_spec,
+    cross_entropy_bits,
+    prior_tables,
+)
+from .errors import (
+    CodeError,
+    CodeMismatch,
+    CorruptCode,
+    InvalidInput,
+    NotExactlyDecodable,
+    UnknownFormatVersion,
+)
+from .manifest import CODE_KIND_IDS
+
+FORMAT_VERSION = 1
+MAGIC = 0xA  # high nibble of byte 0
+HEADER_SIZE = 7
+KIND_NAMES = {v: k for k, v in CODE_KIND_IDS.items()}
+# The encoder codes kind 3 only when every table-shaping logit lies >= guard from a
+# rounding boundary, so decoder-side noise below guard cannot change a table. A decoder
+# that sees a logit closer than guard/4 knows its noise exceeds 3/4 guard and refuses.
+DECODER_MARGIN = 0.25
+FACTORIZED, VQ_STATIC, VQ_PRIOR = (CODE_KIND_IDS[k] for k in ("factorized", "vq_static", "vq_prior"))
+
+
+# -- header ---------------------------------------------------------------------------
+
+def checksum(manifest_digest: str, head: bytes, payload: bytes) -> int:
+    """Low 24 bits of CRC32(sha256(manifest) as 32 raw bytes, header bytes 0..3, payload)."""
+    crc = zlib.crc32(bytes.fromhex(manifest_digest))
+    crc = zlib.crc32(head, crc)
+    return zlib.crc32(payload, crc) & 0xFFFFFF
+
+
+def pack(manifest_digest: str, kind: int, payload: bytes) -> bytes:
+    """Build a version-1 code: header (7 bytes) + payload."""
+    head = bytes([(MAGIC << 4) | FORMAT_VERSION, kind]) + bytes.fromhex(manifest_digest)[:2]
+    return head + checksum(manifest_digest, head, payload).to_bytes(3, "big") + payload
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed code: format version, kind id, model fingerprint, checksum and payload."""
+
+    version: int
+    kind: int
+    fingerprint: bytes
+    checksum: int
+    payload: bytes
+    head: bytes  # bytes 0..3, which the checksum covers
+
+    @property
+    def kind_name(self) -> str:
+        return KIND_NAMES[self.kind]
+
+    def made_by(self, manifest_digest: str) -> bool:
+        """Whether the checksum binds this code to the manifest with that sha256 (hex)."""
+        return (bytes.fromhex(manifest_digest)[:2] == self.fingerprint
+                and checksum(manifest_digest, self.head, self.payload) == self.checksum)
+
+
+def parse_header(code: bytes) -> Header:
+    """Split a code into its fields; CorruptCode / UnknownFormatVersion for what cannot be read."""
+    if not isinstance(code, (bytes, bytearray, memoryview)):
+        raise CorruptCode(f"a latent code must be bytes, got {type(code).__name__}")
+    code = bytes(code)
+    if len(code) < HEADER_SIZE:
+        raise CorruptCode(f"a latent code is at least {HEADER_SIZE} bytes (the header); "
+                          f"got {len(code)}: truncated")
+    if code[0] >> 4 != MAGIC:
+        raise CorruptCode(f"not a latentserve code: first byte 0x{code[0]:02x}, expected 0xA1 "
+                          "(magic 0xA, then the format version)")
+    version = code[0] & 0xF
+    if version != FORMAT_VERSION:
+        raise UnknownFormatVersion(
+            f"the code is in format version {version}; this build reads version "
+            f"{FORMAT_VERSION} only: decode it with a latentserve that knows version {version}")
+    if code[1] not in KIND_NAMES:
+        raise CorruptCode(f"code kind {code[1]} is not one of {sorted(KIND_NAMES)} "
+                          f"({', '.join(f'{k} {n}' for k, n in sorted(KIND_NAMES.items()))})")
+    return Header(version=version, kind=code[1], fingerprint=code[2:4],
+                  checksum=int.from_bytes(code[4:7], "big"), payload=code[7:], head=code[:4])
+
+
+# -- the codec ------------------------------------------------------------------------
+
+class LatentCodec:
+    """One model's entropy coder: symbols (N, *latent_shape) <-> codes.
+
+    Kinds: ``factorized`` (ae/vae); ``vq_static`` and ``vq_prior`` (vqvae). A vq_prior
+    model codes an image as ``vq_static`` when its prior logits sit within ``guard`` of a
+    rounding boundary (the header records the kind used).
+    """
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self.runtime = runtime
+        m = runtime.manifest
+        self.manifest = m
+        self.kind = CODE_KIND_IDS[m.code_kind]
+        self.factorized = FactorizedTables(m.factorized, m.latent_shape) if m.factorized else None
+        self.static = (StaticTables(m.vq_static, m.latent_shape)
+                       if m.family == "vqvae" and m.vq_static else None)
+        self.prior = m.vq_prior if m.family == "vqvae" and m.code_kind == "vq_prior" else None
+        if self.prior is not None:
+            check_prior_spec(self.prior)
+        self.kinds = ({FACTORIZED} if m.family != "vqvae"
+                      else {VQ_STATIC} | ({VQ_PRIOR} if self.prior else set()))
+
+    # -- encode -----------------------------------------------------------------------
+    def encode(self, symbols: np.ndarray, *, kind: str | None = None) -> list[bytes]:
+        """Symbols (N, *latent_shape) -> one code per image.
+
+        ``kind`` forces a kind (``vq_static`` on a vq_prior model skips the prior);
+        default: the manifest's kind, with the guard's fallback to vq_static.
+        """
+        return [pack(self.manifest.digest, k, p)
+                for k, p in self.encode_payloads(symbols, kind=kind)]
+
+    def encode_payloads(self, symbols: np.ndarray, *,
+                        kind: str | None = None) -> list[tuple[int, bytes]]:
+        """Like ``encode`` but returns (kind id, payload) pairs, without headers."""
+        symbols = self._check_symbols(symbols)
+        want = self._kind_id(kind)
+        if want == FACTORIZED:
+            assert self.factorized is not None
+            return [(FACTORIZED, self.factorized.encode(s)) for s in symbols]
+        assert self.static is not None
+        if want == VQ_STATIC or len(symbols) == 0:
+            return [(VQ_STATIC, self.static.encode(s)) for s in symbols]
+        probs, margin = self.prior_probs(symbols)
+        out = []
+        for s, p, ok in zip(symbols, probs, margin.min(axis=1) >= self.prior.guard):  # type: ignore[union-attr]
+            if ok:
+                enc = SymbolEncoder()
+                enc.encode(s.reshape(-1), p)
+                out.append((VQ_PRIOR, enc.payload()))
+            else:  # float noise on another machine could change a table: use the static one
+                out.append((VQ_STATIC, self.static.encode(s)))
+        return out
+
+    def prior_probs(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced prior tables: ((N, h*w, K) float64, margins (N, h*w)), one prior run."""
+        assert self.prior is not None
+        logits = self.runtime.prior_logits(symbols)
+        n, k = logits.shape[:2]
+        flat = logits.reshape(n, k, -1).transpose(0, 2, 1)
+        return prior_tables(flat, self.prior)
+
+    def cross_entropy_bits(self, symbols: np.ndarray, kinds: Sequence[int]) -> np.ndarray:
+        """Per image, the cost of its symbols under the integer tables of the given kind."""
+        symbols = self._check_symbols(symbols)
+        out = np.zeros(len(symbols))
+        prior = (self.prior_probs(symbols)[0]
+                 if self.prior is not None and VQ_PRIOR in kinds else None)
+        for i, (s, k) in enumerate(zip(symbols, kinds)):
+            if k == FACTORIZED:
+                out[i] = self.factorized.cross_entropy_bits(s)  # type: ignore[union-attr]
+            elif k == VQ_STATIC:
+                out[i] = self.static.cross_entropy_bits(s)  # type: ignore[union-attr]
+            else:
+                out[i] = cross_entropy_bits(s.reshape(-1), prior[i])  # type: ignore[index]
+        return out
+
+    # -- decode -----------------------------------------------------------------------
+    def decode(self, codes: Sequence[bytes]) -> np.ndarray:
+        """Codes -> int32 symbols (N, *latent_shape); raises the first refusal (naming its index)."""
+        results = self.decode_each(codes)
+        for i, r in enumerate(results):
+            if isinstance(r, CodeError):
+                raise with_index(r, i, len(results))
+        if not results:
+            return np.zeros((0, *self.manifest.latent_shape), np.int32)
+        return np.stack(results)  # type: ignore[arg-type]
+
+    def decode_each(self, codes: Sequence[bytes]) -> list[np.ndarray | CodeError]:
+        """Decode every code on its own terms: symbols, or the CodeError that refused it.
+
+        Kind-3 codes are decoded together: one prior run per grid position for all of them.
+        """
+        results: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(codes)
+        prior_jobs: list[tuple[int, bytes]] = []
+        for i, code in enumerate(codes):
+            try:
+                header = self.check(code)
+                if header.kind == VQ_PRIOR:
+                    prior_jobs.append((i, header.payload))
+                    continue
+                tables = self.factorized if header.kind == FACTORIZED else self.static
+                assert tables is not None
+                symbols = tables.decode(header.payload)
+                if tables.encode(symbols) != header.payload:
+                    raise not_canonical()
+                results[i] = symbols
+            except CodeError as exc:
+                results[i] = exc
+        if prior_jobs:
+            for (i, _), r in zip(prior_jobs, self._decode_prior([p for _, p in prior_jobs])):
+                results[i] = r
+        return results
+
+    def check(self, code: bytes) -> Header:
+        """Parse a code and require that this model made it with a kind it writes."""
+        header = parse_header(code)
+        m = self.manifest
+        if header.fingerprint != m.fingerprint:
+            raise CodeMismatch(
+                f"this code was made by the model with manifest fingerprint "
+                f"{header.fingerprint.hex()}, not by {m.ref} (fingerprint {m.fingerprint.hex()}); "
+                "decode it with the model that made it")
+        if not header.made_by(m.digest):
+            raise CorruptCode(
+                f"checksum mismatch for a code of {m.ref}: the bytes were changed or truncated "
+                "(or another model with the same 2-byte fingerprint made it)")
+        if header.kind not in self.kinds:
+            raise CorruptCode(f"{m.ref} does not write codes of kind {header.kind} "
+                              f"({header.kind_name}); it writes {sorted(self.kinds)}")
+        return header
+
+    def _decode_prior(self, payloads: list[bytes]) -> list[np.ndarray | CodeError]:
+        """Decode kind-3 payloads position by position, the prior batched over the images."""
+        spec = self.prior
+        assert spec is not None
+        h, w = self.manifest.latent_shape
+        n = len(payloads)
+        grid = np.zeros((n, h, w), np.int64)
+        decoders = [SymbolDecoder(p) for p in payloads]
+        tables = np.zeros((n, h * w, 0))
+        errors: list[CodeError | None] = [None] * n
+        for pos in range(h * w):
+            alive = [i for i in range(n) if errors[i] is None]
+            if not alive:
+                break
+            y, x = divmod(pos, w)
+            logits = self.runtime.prior_logits(grid[alive])[:, :, y, x]
+            probs, margin = prior_tables(logits, spec)
+            if tables.shape[2] == 0:
+                tables = np.zeros((n, h * w, probs.shape[1]))
+            for j, i in enumerate(alive):
+                if not margin[j] >= spec.guard * DECODER_MARGIN:
+                    errors[i] = NotExactlyDecodable(
+                        f"at grid position {pos} the prior's logits on this machine "
+                        f"({self.runtime.provider}) lie {float(margin[j]):.2g} from a rounding "
+                        f"boundary, less than {spec.guard * DECODER_MARGIN:.2g} (guard/4): the tables may "
+                        "differ from the encoder's, so the code is refused rather than decoded "
+                        "inexactly; decode it with the CPU provider")
+                    continue
+                try:
+                    grid[i, y, x] = decoders[i].decode(probs[j:j + 1])[0]
+                except CodeError as exc:
+                    errors[i] = exc
+                tables[i, pos] = probs[j]
+        out: list[np.ndarray | CodeError] = []
+        for i in range(n):
+            if errors[i] is not None:
+                out.append(errors[i])  # type: ignore[arg-type]
+                continue
+            enc = SymbolEncoder()
+            enc.encode(grid[i].reshape(-1), tables[i])
+            out.append(grid[i].astype(np.int32) if enc.payload() == payloads[i]
+                       else not_canonical())
+        return out
+
+    # -- helpers ----------------------------------------------------------------------
+    def _kind_id(self, kind: str | None) -> int:
+        if kind is None:
+            return self.kind
+        if kind not in CODE_KIND_IDS or CODE_KIND_IDS[kind] not in self.kinds:
+            allowed = [KIND_NAMES[k] for k in sorted(self.kinds)]
+            raise InvalidInput(f"{self.manifest.ref} cannot write code kind {kind!r}; "
+                               f"it writes {allowed}")
+        return CODE_KIND_IDS[kind]
+
+    def _check_symbols(self, symbols: np.ndarray) -> np.ndarray:
+        symbols = np.asarray(symbols)
+        if symbols.dtype.kind not in "iu":
+            raise InvalidInput(f"symbols must be integers, got {symbols.dtype}")
+        symbols = self.runtime.check_symbols(symbols)
+        if self.factorized is not None and self.manifest.family != "vqvae":
+            for s in symbols:
+                self.factorized.check(s)
+        else:
+            check_indices(symbols, self.static.num_codes)  # type: ignore[union-attr]
+        return symbols.astype(np.int32)
+
+
+def not_canonical() -> CorruptCode:
+    return CorruptCode("the payload is not the one the encoder writes for the symbols it "
+                       "decodes to: the bytes were changed (extended, truncated or corrupted)")
+
+
+def with_index(exc: CodeError, index: int, total: int) -> CodeError:
+    """The same refusal, its message prefixed with the code's position in the batch."""
+    if total <= 1:
+        return exc
+    new = type(exc)(f"code {index} of {total}: {exc}")
+    new.__cause__ = exc.__cause__
+    return new

@@ -1,0 +1,234 @@
+"""Entropy coding of integer symbols with constriction's range coder.
+
+Every probability table is derived from integers only (manifest frequencies, or the
+vq_prior look-up table applied to quantised logits) and turned into float64 by one
+exact division ``freq / sum(freqs)``, so every machine hands constriction bit-identical
+floats and gets bit-identical codes. Three table sources, one per code kind:
+
+1. ``FactorizedTables``: quantised ae/vae latents (C, h, w), one table per channel.
+2. ``StaticTables``: VQ indices (h, w), one table per grid position.
+3. ``prior_tables``: VQ indices under the autoregressive prior; logits become
+   integer weights ``lut[min(max(q) - q, len(lut) - 1)]`` with ``q = rint(logit * scale)``,
+   and ``prior_margin`` says how far the logits sit from a rounding boundary.
+
+Payloads are the range coder's uint32 words written big-endian with the trailing zero
+bytes trimmed (``words_to_bytes`` / ``bytes_to_words``); constriction's decoder reads
+zeros past the end, so trimming never changes what decodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import constriction
+import numpy as np
+
+from .errors import CorruptCode, InvalidInput, ModelIntegrityError
+from .manifest import FactorizedSpec, VQPriorSpec, VQStaticSpec
+
+# perfect=False: fast table construction; encoder and decoder must agree on it, and it
+# is part of the code format (changing it changes every payload).
+_FAMILY = constriction.stream.model.Categorical(perfect=False)
+# constriction's submodules live inside its extension module: not importable by path.
+RangeEncoder = constriction.stream.queue.RangeEncoder
+RangeDecoder = constriction.stream.queue.RangeDecoder
+
+
+def probabilities(freqs: np.ndarray) -> np.ndarray:
+    """Integer frequencies (..., K), all >= 1, -> float64 probabilities by exact division.
+
+    int64 / int64 is computed as float64(freq) / float64(sum): both are exact below 2**53
+    and IEEE division is correctly rounded, so the result is the same everywhere.
+    """
+    freqs = np.asarray(freqs)
+    if freqs.dtype.kind not in "iu":
+        raise TypeError(f"frequencies must be integers, got {freqs.dtype}")
+    freqs = freqs.astype(np.int64)
+    total = freqs.sum(axis=-1, keepdims=True)
+    if np.any(freqs < 0) or np.any(total >= 2**53) or np.any(total <= 0):
+        raise ModelIntegrityError("integer frequencies must be >= 0, with 0 < sum < 2**53")
+    return freqs / total
+
+
+# -- words <-> bytes ------------------------------------------------------------------
+
+def words_to_bytes(words: np.ndarray) -> bytes:
+    """uint32 words -> big-endian bytes with the trailing zero bytes trimmed."""
+    return np.asarray(words, np.uint32).astype(">u4").tobytes().rstrip(b"\0")
+
+
+def bytes_to_words(payload: bytes) -> np.ndarray:
+    """Inverse of ``words_to_bytes``: zero-pad to whole words, read big-endian."""
+    padded = payload + b"\0" * (-len(payload) % 4)
+    return np.frombuffer(padded, ">u4").astype(np.uint32)
+
+
+# -- coding under per-symbol tables ---------------------------------------------------
+
+class SymbolEncoder:
+    """Appends symbols under per-symbol probability tables; ``payload()`` seals the message."""
+
+    def __init__(self) -> None:
+        self._coder = RangeEncoder()
+
+    def encode(self, symbols: np.ndarray, probs: np.ndarray) -> None:
+        """Code ``symbols[i]`` (in [0, K)) under ``probs[i]`` (shape (n, K), float64)."""
+        symbols = np.ascontiguousarray(symbols, np.int32).reshape(-1)
+        if len(symbols) == 0:
+            return
+        k = probs.shape[-1]
+        if k == 1:  # a one-symbol alphabet carries no information (and constriction refuses it)
+            return
+        self._coder.encode(symbols, _FAMILY, np.ascontiguousarray(probs, np.float64))
+
+    def payload(self) -> bytes:
+        return words_to_bytes(self._coder.get_compressed())
+
+
+class SymbolDecoder:
+    """Reads symbols back from a payload written by ``SymbolEncoder``."""
+
+    def __init__(self, payload: bytes) -> None:
+        self._coder = RangeDecoder(bytes_to_words(payload))
+
+    def decode(self, probs: np.ndarray) -> np.ndarray:
+        """Decode ``len(probs)`` symbols, one per row of ``probs`` (n, K); int32 in [0, K)."""
+        n, k = probs.shape
+        if n == 0 or k == 1:
+            return np.zeros(n, np.int32)
+        try:
+            out = self._coder.decode(_FAMILY, np.ascontiguousarray(probs, np.float64))
+        except BaseException as exc:
+            # Invalid data raises AssertionError; a Rust panic would surface as pyo3's
+            # PanicException, a BaseException: neither may take the process down.
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise CorruptCode(f"the payload does not decode ({type(exc).__name__}: {exc})") from None
+        return np.asarray(out, np.int32)
+
+
+def cross_entropy_bits(symbols: np.ndarray, probs: np.ndarray) -> float:
+    """The model's own cost of ``symbols`` under ``probs`` (n, K): -sum log2 p, in bits."""
+    symbols = np.asarray(symbols, np.int64).reshape(-1)
+    p = probs[np.arange(len(symbols)), symbols]
+    return float(-np.log2(p).sum())
+
+
+# -- kind 1: factorized ---------------------------------------------------------------
+
+class FactorizedTables:
+    """Per-channel integer tables for quantised latents of shape (C, h, w)."""
+
+    def __init__(self, spec: FactorizedSpec, latent_shape: Sequence[int]) -> None:
+        if len(latent_shape) != 3:
+            raise ModelIntegrityError(
+                f"factorized codes need a (C, h, w) latent, the manifest says {tuple(latent_shape)}")
+        self.shape = tuple(int(s) for s in latent_shape)
+        self.offsets = np.array(spec.offsets, np.int64)
+        self.sizes = np.array([len(f) for f in spec.freqs], np.int64)
+        self.probs = [probabilities(np.array(f, np.int64)) for f in spec.freqs]
+        hw = self.shape[1] * self.shape[2]
+        # One (h*w, K_c) table per channel, built once: constriction takes a row per symbol.
+        self._rows = [np.ascontiguousarray(np.broadcast_to(p, (hw, len(p)))) for p in self.probs]
+
+    def check(self, symbols: np.ndarray) -> None:
+        """Raise InvalidInput unless every symbol lies on its channel's table support."""
+        rel = symbols.astype(np.int64) - self.offsets.reshape(-1, 1, 1)
+        bad = (rel < 0) | (rel >= self.sizes.reshape(-1, 1, 1))
+        if bad.any():
+            c = int(np.argwhere(bad)[0][0])
+            lo, hi = int(self.offsets[c]), int(self.offsets[c] + self.sizes[c] - 1)
+            raise InvalidInput(f"factorized symbols of channel {c} must lie in [{lo}, {hi}]; "
+                               f"got values {sorted(set(symbols[c][bad[c]].tolist()))[:5]}")
+
+    def encode(self, symbols: np.ndarray) -> bytes:
+        """One image's symbols (C, h, w) -> payload; channels in order, raster within each."""
+        enc = SymbolEncoder()
+        for c, rows in enumerate(self._rows):
+            enc.encode(symbols[c].reshape(-1) - self.offsets[c], rows)
+        return enc.payload()
+
+    def decode(self, payload: bytes) -> np.ndarray:
+        dec = SymbolDecoder(payload)
+        out = np.empty(self.shape, np.int32)
+        for c, rows in enumerate(self._rows):
+            out[c] = (dec.decode(rows) + self.offsets[c]).reshape(self.shape[1:])
+        return out
+
+    def cross_entropy_bits(self, symbols: np.ndarray) -> float:
+        return sum(cross_entropy_bits(symbols[c].reshape(-1) - self.offsets[c], rows)
+                   for c, rows in enumerate(self._rows))
+
+
+# -- kind 2: vq_static ----------------------------------------------------------------
+
+class StaticTables:
+    """One integer table per grid position for VQ indices of shape (h, w)."""
+
+    def __init__(self, spec: VQStaticSpec, latent_shape: Sequence[int]) -> None:
+        self.shape = tuple(int(s) for s in latent_shape)
+        positions = int(np.prod(self.shape))
+        if len(spec.freqs) != positions or any(len(f) != spec.num_codes for f in spec.freqs):
+            raise ModelIntegrityError(
+                f"vq_static tables must be {positions} rows of {spec.num_codes} frequencies "
+                f"(one per grid position {self.shape}); got {len(spec.freqs)} rows")
+        self.num_codes = spec.num_codes
+        self.probs = probabilities(np.array(spec.freqs, np.int64))
+
+    def check(self, symbols: np.ndarray) -> None:
+        check_indices(symbols, self.num_codes)
+
+    def encode(self, symbols: np.ndarray) -> bytes:
+        enc = SymbolEncoder()
+        enc.encode(symbols.reshape(-1), self.probs)
+        return enc.payload()
+
+    def decode(self, payload: bytes) -> np.ndarray:
+        return SymbolDecoder(payload).decode(self.probs).reshape(self.shape)
+
+    def cross_entropy_bits(self, symbols: np.ndarray) -> float:
+        return cross_entropy_bits(symbols.reshape(-1), self.probs)
+
+
+def check_indices(symbols: np.ndarray, num_codes: int) -> None:
+    """Raise InvalidInput unless every VQ index lies in [0, num_codes)."""
+    bad = (symbols < 0) | (symbols >= num_codes)
+    if bad.any():
+        raise InvalidInput(f"VQ indices must lie in [0, {num_codes - 1}]; "
+                           f"got {sorted(set(symbols[bad].tolist()))[:5]}")
+
+
+# -- kind 3: vq_prior -----------------------------------------------------------------
+
+def check_prior_spec(spec: VQPriorSpec) -> None:
+    """Refuse a vq_prior spec whose integer tables could be degenerate."""
+    if not (spec.logit_scale > 0 and np.isfinite(spec.logit_scale)):
+        raise ModelIntegrityError(f"vq_prior logit_scale must be > 0, got {spec.logit_scale}")
+    if not (0 < spec.guard < 0.5 / spec.logit_scale):
+        raise ModelIntegrityError(
+            f"vq_prior guard must lie in (0, 0.5 / logit_scale = {0.5 / spec.logit_scale}), "
+            f"got {spec.guard}")
+    if len(spec.lut) < 1 or min(spec.lut) < 1:
+        raise ModelIntegrityError("vq_prior lut must be a non-empty list of integers >= 1")
+
+
+def prior_tables(logits: np.ndarray, spec: VQPriorSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (..., K) -> (float64 probabilities (..., K), margin (...)).
+
+    ``margin`` is, per table, the smallest distance (in logit units) of any logit that
+    shapes the table (``max(q) - q <= len(lut) - 1``) to a rounding boundary of
+    ``logit * logit_scale``. Float noise smaller than the margin cannot change the table:
+    such logits keep their q, the maximum keeps its q, and the others stay clamped.
+    """
+    x = np.asarray(logits, np.float64) * spec.logit_scale
+    finite = np.isfinite(x).all(axis=-1)
+    x = np.where(finite[..., None], x, 0.0)  # a table with a NaN/inf logit gets margin 0 below
+    q = np.rint(x)
+    d = (q.max(axis=-1, keepdims=True) - q).astype(np.int64)
+    last = len(spec.lut) - 1
+    lut = np.array(spec.lut, np.int64)
+    weights = lut[np.minimum(d, last)]
+    # Distance to the nearest half-integer of x, in logit units.
+    dist = (0.5 - np.abs(x - q)) / spec.logit_scale
+    margin = np.where(d <= last, dist, np.inf).min(axis=-1)
+    return probabilities(weights), np.where(finite, margin, 0.0)

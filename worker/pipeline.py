@@ -1,0 +1,195 @@
+"""The pipeline: images <-> latent codes for every model of a repository.
+
+``Pipeline(repository, engine_config)`` is what the gRPC service and the job worker
+call; it is thread-safe and keeps one verified ``ModelRuntime`` (and its
+``LatentCodec``) per model version:
+
+- ``models()``: the repository's model versions.
+- ``runtime(ref)`` / ``codec(ref)``: cached; a model's file digests are verified once.
+- ``compress(ref, images) -> list[bytes]``: uint8 (N, C, H, W) -> one code per image.
+- ``reconstruct(codes, ref=None) -> uint8 (N, C, H, W)``: the model is read from each
+  code, codes of several models are grouped; ``ref`` requires one model.
+- ``reconstruct_each(codes, ref=None)``: per code an image or the ``CodeError`` that
+  refused it, so one bad code in a batch can be reported by its index.
+- ``sample(ref, count, seed=, temperature=, start=) -> uint8 (N, C, H, W)``.
+- ``identify(code) -> ModelEntry``: which model made a code, or why none can decode it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .codec import Header, LatentCodec, parse_header, with_index
+from .engine import EngineConfig, ModelRuntime
+from .errors import CodeError, CodeMismatch, CorruptCode, InvalidInput
+from .repository import ModelEntry, ModelRepository, read_registry, verify_files
+
+
+class Pipeline:
+    """Compress, reconstruct and sample with the models of one repository."""
+
+    def __init__(self, repository: ModelRepository | str | Path,
+                 engine_config: EngineConfig | None = None) -> None:
+        self.repository = (repository if isinstance(repository, ModelRepository)
+                           else ModelRepository(repository))
+        self.engine_config = engine_config or EngineConfig()
+        self._lock = threading.Lock()
+        # Keyed by manifest digest: a re-exported model (new digest) gets a new runtime.
+        self._codecs: dict[str, LatentCodec] = {}
+
+    # -- models -----------------------------------------------------------------------
+    def models(self) -> list[ModelEntry]:
+        """Every model version in the repository, sorted by name then version."""
+        return self.repository.entries()
+
+    def runtime(self, ref: str) -> ModelRuntime:
+        """The loaded, verified runtime of ``name[:version]`` (newest version by default)."""
+        return self.codec(ref).runtime
+
+    def codec(self, ref: str) -> LatentCodec:
+        """The codec of ``name[:version]``, built (and its files verified) on first use."""
+        return self._codec_for(self.repository.resolve(ref))
+
+    def _codec_for(self, entry: ModelEntry) -> LatentCodec:
+        key = entry.manifest.digest
+        codec = self._codecs.get(key)
+        if codec is not None:
+            return codec
+        with self._lock:  # one build per model even when many threads ask at once
+            codec = self._codecs.get(key)
+            if codec is None:
+                verify_files(entry)
+                codec = LatentCodec(ModelRuntime(entry, self.engine_config))
+                self._codecs[key] = codec
+        return codec
+
+    # -- compress / sample ------------------------------------------------------------
+    def compress(self, ref: str, images: np.ndarray) -> list[bytes]:
+        """uint8 images (N, C, H, W) -> one latent code per image, made by model ``ref``."""
+        codec = self.codec(ref)
+        return codec.encode(codec.runtime.encode(images))
+
+    def sample(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
+               start: int = 0) -> np.ndarray:
+        """``count`` uint8 samples; sample ``start + j`` depends only on (seed, start + j)."""
+        return self.runtime(ref).sample(count, seed=seed, temperature=temperature, start=start)
+
+    # -- reconstruct ------------------------------------------------------------------
+    def identify(self, code: bytes) -> ModelEntry:
+        """The model that made ``code``; CodeError (a subclass) when it cannot be decoded here."""
+        return self._identify(parse_header(code), self.models(),
+                              _LazyRegistry(self.repository.root))
+
+    def reconstruct(self, codes: Sequence[bytes], ref: str | None = None) -> np.ndarray:
+        """Codes -> uint8 images (N, C, H, W); raises the first refusal, naming its index."""
+        results = self.reconstruct_each(codes, ref)
+        for i, r in enumerate(results):
+            if isinstance(r, CodeError):
+                raise with_index(r, i, len(results))
+        images: list[np.ndarray] = results  # type: ignore[assignment]
+        if not images:
+            if ref is None:
+                raise InvalidInput("no codes to reconstruct (and no model named for the "
+                                   "output shape)")
+            return np.zeros((0, *self.codec(ref).manifest.image_shape), np.uint8)
+        shapes = {im.shape for im in images}
+        if len(shapes) > 1:
+            raise InvalidInput(f"the codes decode to images of different shapes {sorted(shapes)}; "
+                               "use reconstruct_each, or one call per model")
+        return np.stack(images)
+
+    def reconstruct_each(self, codes: Sequence[bytes],
+                         ref: str | None = None) -> list[np.ndarray | CodeError]:
+        """Per code, its uint8 image (C, H, W) or the CodeError that refused it.
+
+        Codes are grouped by the model that made them; each group is decoded in one batch
+        (one network run, the prior batched over the group's kind-3 codes). With ``ref``,
+        a code made by any other model is refused with CodeMismatch.
+        """
+        wanted = self.repository.resolve(ref) if ref is not None else None
+        entries = self.models()
+        registry = _LazyRegistry(self.repository.root)
+        results: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(codes)
+        groups: dict[str, tuple[ModelEntry, list[int]]] = {}
+        for i, code in enumerate(codes):
+            try:
+                entry = self._identify(parse_header(code), entries, registry)
+                if wanted is not None and entry.manifest.digest != wanted.manifest.digest:
+                    raise CodeMismatch(
+                        f"this code was made by {describe(entry)}, not by the requested "
+                        f"{describe(wanted)}; decode it without naming a model, or with "
+                        f"{entry.manifest.ref}")
+                groups.setdefault(entry.manifest.digest, (entry, []))[1].append(i)
+            except CodeError as exc:
+                results[i] = exc
+        for entry, idx in groups.values():
+            codec = self._codec_for(entry)
+            decoded = codec.decode_each([codes[i] for i in idx])
+            ok = [(i, s) for i, s in zip(idx, decoded) if not isinstance(s, CodeError)]
+            for i, s in zip(idx, decoded):
+                if isinstance(s, CodeError):
+                    results[i] = s
+            if ok:
+                images = codec.runtime.decode(np.stack([s for _, s in ok]))
+                for (i, _), image in zip(ok, images):
+                    results[i] = image
+        return results
+
+    def _identify(self, header: Header, entries: list[ModelEntry],
+                  registry: _LazyRegistry) -> ModelEntry:
+        """Find the model whose full manifest digest the code's checksum matches.
+
+        The registry (every model ever exported) is read only for codes of no model here,
+        to name the model that made them.
+        """
+        fp = header.fingerprint
+        here = [e for e in entries if e.manifest.fingerprint == fp]
+        for e in here:
+            if header.made_by(e.manifest.digest):
+                return e
+        known = [m for m in registry.models()
+                 if str(m.get("manifest_sha256", ""))[:4] == fp.hex()]
+        for m in known:
+            if header.made_by(str(m["manifest_sha256"])):
+                same_name = [e.manifest.ref for e in entries if e.manifest.name == m["name"]]
+                has = (f"the repository has {', '.join(same_name)}" if same_name
+                       else f"the repository has no model named {m['name']!r}")
+                raise CodeMismatch(
+                    f"this code was made by {m['name']}:{m['version']} (manifest sha256 "
+                    f"{str(m['manifest_sha256'])[:12]}...), which is not in {self.repository.root}; "
+                    f"{has}. Restore that model version to decode it")
+        if here or known:
+            digests = {e.manifest.digest for e in here}
+            names = ", ".join([describe(e) for e in here]
+                              + [f"{m['name']}:{m['version']}" for m in known
+                                 if m["manifest_sha256"] not in digests])
+            raise CorruptCode(
+                f"checksum mismatch: the code's fingerprint {fp.hex()} names {names}, but its "
+                "checksum matches none of them: the bytes were changed or truncated")
+        available = ", ".join(e.manifest.ref for e in entries) or "none"
+        raise CodeMismatch(
+            f"this code was made by a model with manifest fingerprint {fp.hex()}, which neither "
+            f"{self.repository.root} nor its registry knows (available: {available}); "
+            "decode it where that model is installed")
+
+
+def describe(entry: ModelEntry) -> str:
+    """``name:version (manifest sha256 abcdef012345...)``."""
+    return f"{entry.manifest.ref} (manifest sha256 {entry.manifest.digest[:12]}...)"
+
+
+class _LazyRegistry:
+    """``registry.json`` read at most once, and only when a code needs it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._models: list[dict[str, object]] | None = None
+
+    def models(self) -> list[dict[str, object]]:
+        if self._models is None:
+            self._models = read_registry(self.root)
+        return self._models
