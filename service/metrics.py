@@ -158,3 +158,22 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             return unary
 
         return rewrap_handler(handler, around)
+
+
+class BatchMetrics:
+    """A batcher's observer (see batching.BatchObserver) feeding one (model, op) series."""
+
+    def __init__(self, metrics: ServiceMetrics, model: str, op: str) -> None:
+        self.metrics, self.model, self.op = metrics, model, op
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        self.metrics.observe_batch(self.model, self.op, size, seconds)
+
+    def on_wait(self, seconds: float, count: int) -> None:
+        self.metrics.observe_wait(self.model, self.op, seconds, count)
+
+    def on_queued(self, count: int) -> None:
+        self.metrics.set_queued(self.model, self.op, count)
+
+    def on_dropped(self, reason: str, count: int) -> None:
+        self.metrics.observe_dropped(self.model, self.op, reason, count)

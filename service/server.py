@@ -1,0 +1,223 @@
+"""Build the gRPC server: Inference, health, reflection, metrics, and extension services.
+
+``create_server(config) -> (server, port)`` binds and loads the models but does not
+start serving; ``server.start()`` does, ``server.stop(grace)`` stops accepting calls,
+answers those in flight (up to ``grace`` seconds), then stops the batchers, the
+metrics endpoint and any extension. Health answers for "" (the whole server), each
+service, and each model ("NAME" and "NAME:VERSION").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from latentserve.v1 import inference_pb2_grpc as pb_grpc
+from latentserve.worker.errors import LatentServeError, Unavailable
+from latentserve.worker.pipeline import Pipeline
+from latentserve.worker.repository import ModelEntry
+
+from .batching import ComputePool
+from .catalog import CachedRepository, ModelCatalog
+from .config import ServiceConfig
+from .errors import ErrorInterceptor
+from .metrics import MetricsHTTP, ServiceMetrics
+from .servicer import SERVICE_NAME, InferenceServicer
+
+log = logging.getLogger(__name__)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class ExtensionContext:
+    """What an extension service (e.g. the job API of issue 6) gets to register itself."""
+
+    server: grpc.Server
+    config: ServiceConfig
+    pipeline: Pipeline
+    metrics: ServiceMetrics
+    health: health.HealthServicer
+    stop_hooks: list[Callable[[], None]] = field(default_factory=list)
+
+    def on_stop(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` after the gRPC server has stopped (e.g. stop an embedded worker)."""
+        self.stop_hooks.append(hook)
+
+
+# An extension registers its servicer(s) on ctx.server and returns their full service
+# names (e.g. ["latentserve.v1.Jobs"]) for health and reflection.
+ServiceExtension = Callable[[ExtensionContext], Sequence[str]]
+
+
+class Server:
+    """A built server. Use ``start``/``stop`` (or ``with``); ``port`` is the bound gRPC port."""
+
+    def __init__(self, *, grpc_server: grpc.Server, port: int, config: ServiceConfig,
+                 servicer: InferenceServicer, pool: ComputePool, metrics: ServiceMetrics,
+                 metrics_http: MetricsHTTP | None, health_servicer: health.HealthServicer,
+                 stop_hooks: list[Callable[[], None]]) -> None:
+        self.grpc_server = grpc_server
+        self.port = port
+        self.config = config
+        self.servicer = servicer
+        self.pipeline = servicer.pipeline
+        self.pool = pool
+        self.metrics = metrics
+        self.metrics_http = metrics_http
+        self.health = health_servicer
+        self._stop_hooks = stop_hooks
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._stopped = threading.Event()
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_http.port if self.metrics_http else None
+
+    @property
+    def target(self) -> str:
+        """``host:port`` a client on this machine can dial."""
+        host = self.config.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
+        return f"{host}:{self.port}"
+
+    def start(self) -> None:
+        self.grpc_server.start()
+        log.info("serving latentserve.v1 on %s (metrics port %s)", self.target, self.metrics_port)
+
+    def stop(self, grace: float | None = None) -> threading.Event:
+        """Stop accepting calls, answer those in flight within ``grace`` s, then clean up.
+
+        Returns an event set once everything has stopped. Safe to call more than once.
+        """
+        with self._lock:
+            if self._stopping:
+                return self._stopped
+            self._stopping = True
+        self.health.enter_graceful_shutdown()
+        grpc_done = self.grpc_server.stop(self.config.grace_s if grace is None else grace)
+
+        def finish() -> None:
+            grpc_done.wait()
+            try:
+                self.servicer.close()
+                self.pool.shutdown()
+                for hook in self._stop_hooks:
+                    try:
+                        hook()
+                    except Exception:  # noqa: BLE001 - one hook must not stop the others
+                        log.exception("a stop hook failed")
+                if self.metrics_http:
+                    self.metrics_http.stop()
+            finally:
+                self._stopped.set()
+
+        threading.Thread(target=finish, name="latentserve-stop", daemon=True).start()
+        return self._stopped
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Block until ``stop`` has finished; False on timeout."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop(0).wait()
+
+
+def grpc_options(config: ServiceConfig) -> list[tuple[str, int]]:
+    """Message limits. gRPC itself refuses messages over twice the configured limit; between
+    the limit and that, the servicer refuses with a message naming the stream RPC to use."""
+    return [("grpc.max_receive_message_length", min(2 * config.max_message_bytes, 2**31 - 1)),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0)]
+
+
+def create_server(config: ServiceConfig, *, pipeline: Pipeline | None = None,
+                  extra_services: Sequence[ServiceExtension] = ()) -> tuple[Server, int]:
+    """Build (bind, load models) a server for ``config``; returns it and its gRPC port."""
+    metrics = ServiceMetrics()
+    pipeline = pipeline or Pipeline(CachedRepository(config.models), config.engine_config())
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+
+    def loaded(entry: ModelEntry, provider: str) -> None:
+        metrics.model_loaded(entry.manifest.ref, provider)
+        health_servicer.set(entry.manifest.ref, SERVING)
+
+    def failed(entry: ModelEntry, exc: LatentServeError) -> None:
+        health_servicer.set(entry.manifest.ref, NOT_SERVING)
+
+    catalog = ModelCatalog(pipeline, on_loaded=loaded, on_failed=failed)
+    pool = ComputePool(config.workers)
+    servicer = InferenceServicer(catalog, config, pool=pool, metrics=metrics)
+    grpc_server = grpc.server(
+        ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="grpc"),
+        interceptors=[metrics.interceptor(), ErrorInterceptor()], options=grpc_options(config))
+    pb_grpc.add_InferenceServicer_to_server(servicer, grpc_server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+
+    # Models: every version answers health SERVING until a load fails; the newest
+    # version of each name is loaded now (config.preload) so first calls are fast.
+    entries = catalog.entries()
+    newest = catalog.newest_refs()
+    for e in entries:
+        health_servicer.set(e.manifest.ref, SERVING)
+    if config.preload:
+        catalog.preload()
+    for e in entries:
+        if e.manifest.ref in newest:  # "NAME" follows its newest version
+            status = (NOT_SERVING if config.preload and catalog.provider(e) is None
+                      else SERVING)
+            health_servicer.set(e.manifest.name, status)
+
+    # ---- Hook for the job API (issue 6) and any other service sharing this server ----
+    ctx = ExtensionContext(server=grpc_server, config=config, pipeline=pipeline,
+                           metrics=metrics, health=health_servicer)
+    names = [SERVICE_NAME]
+    for extension in extra_services:
+        names.extend(extension(ctx))
+    # ------------------------------------------------------------------------------------
+
+    for name in ("", *names):
+        health_servicer.set(name, SERVING)
+    if config.reflection:
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], grpc_server)
+
+    try:
+        port = grpc_server.add_insecure_port(config.address)
+    except RuntimeError as exc:
+        port, reason = 0, str(exc)
+    else:
+        reason = "is the port in use?"
+    if not port:
+        servicer.close()
+        pool.shutdown()
+        raise Unavailable(f"cannot listen on {config.address}: {reason}")
+    metrics_http = None
+    if config.metrics_port is not None:
+        try:
+            metrics_http = metrics.serve_http(config.host, config.metrics_port)
+        except OSError as exc:
+            grpc_server.stop(0)
+            servicer.close()
+            pool.shutdown()
+            raise Unavailable(f"cannot serve metrics on {config.host}:{config.metrics_port}: "
+                              f"{exc}") from None
+    server = Server(grpc_server=grpc_server, port=port, config=config.replace(port=port),
+                    servicer=servicer, pool=pool, metrics=metrics, metrics_http=metrics_http,
+                    health_servicer=health_servicer, stop_hooks=ctx.stop_hooks)
+    return server, port
