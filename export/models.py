@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from .divergences import gaussian_kl
 from .entropy_model import FactorizedDensity
 from .quantizer import VectorQuantizer
 
@@ -200,11 +201,6 @@ class VariationalAutoEncoder(nn.Module):
 
     def onnx_decoder(self) -> nn.Module:
         return _Decode(lambda z: self.g_s(z).clamp(0.0, 1.0), self)
-
-
-def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
-    """Elementwise KL(N(mu, exp(logvar)) || N(0, 1)) in nats (closed form)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0)
 
 
 @register_model("vqvae")

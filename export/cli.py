@@ -1,0 +1,113 @@
+"""``latentserve train`` and ``latentserve export`` (torch is imported inside the handlers).
+
+    latentserve train --family vqvae --data ../shared/data/mnist --out runs/vq.pt --epochs 20
+    latentserve export runs/vq.pt --repo models --name mnist-vqvae --version 1
+
+For ``--family vqvae`` the same command trains the PixelCNN prior on the training codes
+right after the VQ-VAE, and the checkpoint holds both.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    """Add the ``train`` and ``export`` subcommands."""
+    t = sub.add_parser("train", help="train an ae / vae / vqvae (+ prior) on images",
+                       description="Train a model; the last --val-count images are held out.")
+    t.add_argument("--family", required=True, choices=("ae", "vae", "vqvae"))
+    t.add_argument("--data", required=True,
+                   help="IDX(.gz) file, a folder of PNG/JPEG images, or a folder with an IDX file")
+    t.add_argument("--out", required=True, help="checkpoint path to write")
+    t.add_argument("--lambda", dest="lmbda", type=float, default=0.004,
+                   help="ae: weight of 255^2 * MSE against bits per pixel (default 0.004)")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--steps", type=int, default=None, help="train this many steps instead")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--vae-sigma", type=float, default=0.1,
+                   help="vae: pixel noise std of the Gaussian likelihood")
+    t.add_argument("--hidden", type=int, default=64)
+    t.add_argument("--res-blocks", type=int, default=1)
+    t.add_argument("--latent-channels", type=int, default=12)
+    t.add_argument("--num-codes", type=int, default=256)
+    t.add_argument("--code-dim", type=int, default=32)
+    t.add_argument("--val-count", type=int, default=1000)
+    t.add_argument("--train-limit", type=int, default=None)
+    t.add_argument("--prior-epochs", type=int, default=20)
+    t.add_argument("--prior-steps", type=int, default=None,
+                   help="train the prior this many steps instead of --prior-epochs")
+    t.add_argument("--prior-hidden", type=int, default=128)
+    t.add_argument("--prior-layers", type=int, default=4)
+    t.add_argument("--prior-embed", type=int, default=64)
+    t.add_argument("--prior-dropout", type=float, default=0.1)
+    t.add_argument("--prior-shifts", type=int, default=0,
+                   help="prior: also train on codes of images shifted by up to this many px")
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="export a checkpoint into a model repository",
+                       description="Write <repo>/<name>/<version>/ with ONNX files and manifest.")
+    e.add_argument("checkpoint")
+    e.add_argument("--repo", default="models")
+    e.add_argument("--name", required=True)
+    e.add_argument("--version", type=int, required=True)
+    e.add_argument("--data", default=None,
+                   help="the training data, if it moved since training (digest checked)")
+    e.add_argument("--vae-step", type=float, default=None,
+                   help="vae: quantisation step of the posterior mean (default 0.5)")
+    e.add_argument("--gmm-components", type=int, default=10)
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing version (only before anyone depends on it)")
+    e.set_defaults(func=cmd_export)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import load_dataset
+    from .models import ModelConfig
+    from .prior import PriorConfig
+    from .train import TrainConfig, save_checkpoint, train_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_dataset(args.data, val_count=args.val_count, train_limit=args.train_limit)
+    mc = ModelConfig(family=args.family, image_shape=data.image_shape, hidden=args.hidden,
+                     res_blocks=args.res_blocks, latent_channels=args.latent_channels,
+                     num_codes=args.num_codes, code_dim=args.code_dim)
+    tc = TrainConfig(lmbda=args.lmbda, vae_sigma=args.vae_sigma, epochs=args.epochs,
+                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                     prior_epochs=args.prior_epochs,
+                     prior_steps=args.prior_steps, prior_shifts=args.prior_shifts,
+                     progress=not args.no_progress)
+    pc = PriorConfig(num_codes=args.num_codes, grid=mc.grid, embed_dim=args.prior_embed,
+                     hidden=args.prior_hidden, layers=args.prior_layers,
+                     dropout=args.prior_dropout) if args.family == "vqvae" else None
+    ckpt = train_model(mc, tc, data, prior_config=pc)
+    path = save_checkpoint(ckpt, args.out)
+    last = ckpt["history"][-1]
+    print(f"wrote {path}: {args.family}, {len(data.train)} training images, last step "
+          + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .exporter import DEFAULT_VAE_STEP, dataset_for, export_checkpoint
+    from .train import load_checkpoint
+
+    ckpt, _, _ = load_checkpoint(args.checkpoint)
+    data = dataset_for(ckpt, args.data)
+    folder = export_checkpoint(ckpt, repo=args.repo, name=args.name, version=args.version,
+                               data=data, vae_step=args.vae_step or DEFAULT_VAE_STEP,
+                               gmm_components=args.gmm_components, overwrite=args.overwrite)
+    import json
+
+    quality = json.loads((folder / "manifest.json").read_text())["quality"]
+    print(f"exported {args.name}:{args.version} to {folder}: "
+          + ", ".join(f"{k} {v}" for k, v in quality.items()))
+    return 0

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Rebuild the shipped model zoo (models/mnist-*/1) and examples/digits from scratch.
+#
+# Two training lanes run side by side, one torch thread each (2 cores, <= ~40 min):
+#   lane A: mnist-ae-lo, mnist-ae-mid, mnist-ae-hi (a lambda ladder), mnist-vae
+#   lane B: mnist-vqvae (VQ-VAE, then its PixelCNN prior on the training codes)
+# Checkpoints go to runs/zoo/ (git-ignored), logs to runs/zoo/*.log. Each model is
+# exported as version 1 (replacing an earlier build); models/registry.json only grows.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# Use the project's virtual environment when latentserve is not on PATH already.
+if ! command -v latentserve >/dev/null && [ -x .venv/bin/latentserve ]; then
+    export PATH="$PWD/.venv/bin:$PATH"
+fi
+
+DATA=${DATA:-../shared/data/mnist}
+REPO=${REPO:-models}
+RUNS=${RUNS:-runs/zoo}
+THREADS=${THREADS:-1}
+mkdir -p "$RUNS"
+
+train() {  # name, then train arguments
+    local name=$1; shift
+    echo "== train $name: $*"
+    latentserve train --data "$DATA" --out "$RUNS/$name.pt" --threads "$THREADS" "$@" \
+        > "$RUNS/$name.log" 2>&1 || { echo "!! training $name failed, see $RUNS/$name.log"; return 1; }
+    tail -n 1 "$RUNS/$name.log"
+}
+
+AE=(--family ae --hidden 64 --res-blocks 1 --latent-channels 12 --epochs 6 --lr 2e-3 --seed 1)
+lane_a() {
+    train mnist-ae-mid "${AE[@]}" --lambda 0.004
+    train mnist-ae-lo "${AE[@]}" --lambda 0.0012
+    train mnist-ae-hi "${AE[@]}" --lambda 0.016
+    train mnist-vae --family vae --hidden 64 --res-blocks 1 --latent-channels 12 --epochs 5 \
+        --lr 2e-3 --vae-sigma 0.1 --seed 1
+}
+lane_b() {
+    train mnist-vqvae --family vqvae --hidden 64 --res-blocks 1 --num-codes 512 --code-dim 32 \
+        --epochs 8 --lr 2e-3 --seed 1 --prior-steps 1000 --prior-shifts 1 --prior-embed 32 \
+        --prior-hidden 96 --prior-layers 3
+}
+
+lane_a & a=$!
+lane_b & b=$!
+status=0
+wait "$a" || status=1
+wait "$b" || status=1
+[ "$status" = 0 ] || { echo "!! a training lane failed"; exit 1; }
+
+for name in mnist-ae-lo mnist-ae-mid mnist-ae-hi mnist-vae mnist-vqvae; do
+    latentserve export "$RUNS/$name.pt" --repo "$REPO" --name "$name" --version 1 --overwrite
+done
+python -m latentserve.export.examples --data "$DATA" --out examples/digits --count 64
+du -ch "$REPO"/mnist-*/1/* | tail -n 1
