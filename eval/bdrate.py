@@ -29,7 +29,8 @@ class BDRateUndefined(InvalidInput):
     """The two curves share no PSNR range, so no delta can be computed."""
 
 
-def _curve(rates: Sequence[float], psnrs: Sequence[float], name: str) -> tuple[np.ndarray, np.ndarray]:
+def _curve(rates: Sequence[float], psnrs: Sequence[float],
+           name: str) -> tuple[np.ndarray, np.ndarray]:
     r = np.asarray(rates, np.float64)
     p = np.asarray(psnrs, np.float64)
     if r.shape != p.shape or r.ndim != 1 or len(r) == 0:

@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data)
     manifest = build(data / "images-idx3-ubyte.gz", data / "labels-idx1-ubyte.gz", args.out,
                      config=ClassifierConfig(epochs=args.epochs))
-    quality = manifest["quality"]
-    print(f"wrote {args.out}: validation accuracy {quality['val_accuracy']:.4f} "  # type: ignore[index]
-          f"on {quality['val_images']} images")  # type: ignore[index]
+    quality: dict[str, float] = manifest["quality"]  # type: ignore[assignment]
+    print(f"wrote {args.out}: validation accuracy {quality['val_accuracy']:.4f} "
+          f"on {quality['val_images']} images")
     return 0
 
 

@@ -1,0 +1,102 @@
+"""``latentserve eval``: rate-distortion and sample quality against JPEG, WebP and PNG.
+
+Imports nothing heavy at module level (the CLI loads every area's ``register``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "eval", help="rate-distortion (and sample quality) of models vs JPEG/WebP/PNG",
+        description="Compress a set of images with every model and every classic codec, "
+                    "write rd.json, rd.png and rd.md into -o DIR and print the table.")
+    p.add_argument("--images", required=True, metavar="PATH",
+                   help="an IDX(.gz) file, a folder of images, or one image")
+    p.add_argument("--models", nargs="*", metavar="NAME", default=None,
+                   help="model refs (name or name:version); default every model in --repo; "
+                        "pass --models with no names for codecs only")
+    p.add_argument("--repo", default=os.environ.get("LATENTSERVE_MODELS", "models"),
+                   metavar="DIR", help="model repository [env LATENTSERVE_MODELS; default models]")
+    p.add_argument("--codecs", default="jpeg,webp,png", metavar="LIST",
+                   help="comma-separated classic codecs: jpeg, webp, png; '' for none "
+                        "[default jpeg,webp,png]")
+    p.add_argument("--samples", type=int, default=0, metavar="N",
+                   help="also draw N samples per model and score them with the classifier")
+    p.add_argument("--classifier", default=None, metavar="DIR",
+                   help="classifier folder (manifest.json + ONNX) [default "
+                        "REPO/classifiers/mnist-classifier/1]")
+    p.add_argument("--offset", type=int, default=0, metavar="N",
+                   help="start at image N; negative counts from the end (-1000 = the last "
+                        "1000 images, the project's validation split) [default 0]")
+    p.add_argument("--limit", type=int, default=0, metavar="N",
+                   help="use at most N images from --offset on (0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed [default 0]")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="onnxruntime intra-op threads for timing [default 1]")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from latentserve.worker.engine import EngineConfig
+    from latentserve.worker.errors import InvalidInput
+    from latentserve.worker.images import load_images
+    from latentserve.worker.pipeline import Pipeline
+
+    from .codecs import codec_settings, parse_codecs
+    from .rd import run_rd
+    from .report import markdown, write_report
+    from .samples import CLASSIFIER_SUBPATH, Classifier, evaluate_samples
+
+    for name in ("limit", "samples"):
+        if getattr(args, name) < 0:
+            raise InvalidInput(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.threads < 1:
+        raise InvalidInput(f"--threads must be >= 1, got {args.threads}")
+    images = load_images(args.images)[args.offset:]
+    if args.limit:
+        images = images[:args.limit]
+    if len(images) == 0:
+        raise InvalidInput(f"no images left in {args.images} after --offset {args.offset}")
+    codecs = codec_settings(parse_codecs(args.codecs))
+    pipeline = None
+    refs: list[str] = []
+    if args.models is None or args.models or args.samples:
+        pipeline = Pipeline(args.repo, EngineConfig(intra_op_threads=args.threads))
+        refs = list(args.models) if args.models else sorted(
+            {e.manifest.name for e in pipeline.models()})
+        # one point per version asked for; a bare name means its newest version
+        refs = [pipeline.repository.resolve(r).manifest.ref for r in refs]
+    if not refs and not codecs:
+        raise InvalidInput("nothing to evaluate: no models found or named, and --codecs is empty")
+
+    def progress(line: str) -> None:
+        if not args.quiet:
+            print(f"  {line}", file=sys.stderr, flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    points = run_rd(images, pipeline=pipeline, refs=refs, codecs=codecs, progress=progress)
+    samples = []
+    classifier_info = None
+    if args.samples:
+        clf_dir = Path(args.classifier) if args.classifier else Path(args.repo) / CLASSIFIER_SUBPATH
+        clf = Classifier.load(clf_dir)
+        classifier_info = {"path": str(clf_dir), "val_accuracy": clf.val_accuracy}
+        samples = evaluate_samples(pipeline, refs, clf, count=args.samples, out_dir=out,
+                                   seed=args.seed)
+    meta = {"images": int(len(images)), "source": str(args.images), "offset": args.offset,
+            "limit": args.limit, "repo": str(args.repo), "models": refs,
+            "codecs": [c.label for c in codecs], "threads": args.threads,
+            "seed": args.seed, "classifier": classifier_info}
+    paths = write_report(out, points, samples=samples, meta=meta)
+    print(markdown(points, samples=samples, meta=meta))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

@@ -1,0 +1,162 @@
+"""Rate-distortion measurement: every model and every classic codec on the same images.
+
+A point is one model (one rung of a ladder) or one codec setting, measured per image:
+bytes all included (our whole latent code, header and all; a classic codec's whole
+file), PSNR and SSIM of the reconstruction against the original, and the wall time to
+encode and to decode the whole set, from which images/s follow.
+
+Models go through ``worker.pipeline.Pipeline`` (``compress`` / ``reconstruct``), exactly
+what the service and the job workers run, in one batched call each, after a warm-up
+call so that session start-up is not counted. Codecs code one image per call, as a
+user storing one file per image would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from latentserve.worker.errors import InvalidInput
+
+from .codecs import CodecSetting
+from .metrics import psnr, ssim
+
+WARMUP_IMAGES = 8
+
+
+@dataclass
+class RDPoint:
+    """One measured setting; arrays hold one value per image."""
+
+    kind: str            # "model" | "codec"
+    family: str          # ae | vae | vqvae | jpeg | webp | png | webp-lossless
+    label: str           # model ref (name:version) or codec label ("webp q10")
+    lossless: bool
+    quality: int | None  # codec quality; None for models and lossless references
+    nbytes: np.ndarray
+    psnr: np.ndarray
+    ssim: np.ndarray
+    encode_s: float
+    decode_s: float
+    pixels: int          # H x W, the denominator of bits per pixel
+
+    @property
+    def count(self) -> int:
+        return len(self.nbytes)
+
+    @property
+    def bytes_per_image(self) -> float:
+        return float(self.nbytes.mean())
+
+    @property
+    def bpp(self) -> float:
+        return self.bytes_per_image * 8.0 / self.pixels
+
+    @property
+    def mean_psnr(self) -> float:
+        return float(self.psnr.mean())
+
+    @property
+    def mean_ssim(self) -> float:
+        return float(self.ssim.mean())
+
+    @property
+    def encode_ips(self) -> float:
+        return self.count / max(self.encode_s, 1e-9)
+
+    @property
+    def decode_ips(self) -> float:
+        return self.count / max(self.decode_s, 1e-9)
+
+    def summary(self) -> dict[str, Any]:
+        """The averaged figures (what the table and the plot show)."""
+        return {"kind": self.kind, "family": self.family, "label": self.label,
+                "lossless": self.lossless, "quality": self.quality, "images": self.count,
+                "bytes_per_image": self.bytes_per_image, "bits_per_pixel": self.bpp,
+                "psnr_db": self.mean_psnr, "ssim": self.mean_ssim,
+                "encode_images_per_s": self.encode_ips, "decode_images_per_s": self.decode_ips}
+
+    def to_json(self) -> dict[str, Any]:
+        """Summary plus the per-image values."""
+        return self.summary() | {"per_image": {
+            "bytes": self.nbytes.astype(int).tolist(),
+            "psnr_db": np.round(self.psnr, 4).tolist(),
+            "ssim": np.round(self.ssim, 5).tolist()}}
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def measure_model(pipeline: Any, ref: str, images: np.ndarray) -> RDPoint:
+    """Compress and reconstruct ``images`` with one model through the pipeline."""
+    runtime = pipeline.runtime(ref)  # loads and verifies the model before timing starts
+    manifest = runtime.manifest
+    if tuple(images.shape[1:]) != tuple(manifest.image_shape):
+        raise InvalidInput(f"model {manifest.ref} takes images of shape "
+                           f"{tuple(manifest.image_shape)}; the evaluation set is "
+                           f"{tuple(images.shape[1:])}")
+    warm = images[:WARMUP_IMAGES]
+    pipeline.reconstruct(pipeline.compress(manifest.ref, warm), ref=manifest.ref)
+    codes, enc_s = _timed(lambda: pipeline.compress(manifest.ref, images))
+    recon, dec_s = _timed(lambda: pipeline.reconstruct(codes, ref=manifest.ref))
+    recon = np.asarray(recon)
+    if recon.shape != images.shape:
+        raise InvalidInput(f"model {manifest.ref} reconstructed shape {recon.shape} "
+                           f"for images {images.shape}")
+    return RDPoint(kind="model", family=manifest.family, label=manifest.ref, lossless=False,
+                   quality=None, nbytes=np.array([len(c) for c in codes]),
+                   psnr=psnr(images, recon), ssim=ssim(images, recon),
+                   encode_s=enc_s, decode_s=dec_s, pixels=images.shape[2] * images.shape[3])
+
+
+def measure_codec(setting: CodecSetting, images: np.ndarray) -> RDPoint:
+    """Code each image as its own file with one codec setting."""
+    channels = images.shape[1]
+    files, enc_s = _timed(lambda: [setting.encode(im) for im in images])
+    recon, dec_s = _timed(lambda: np.stack([setting.decode(f, channels) for f in files]))
+    if setting.lossless and not np.array_equal(recon, images):
+        raise AssertionError(f"{setting.label} is meant to be lossless but changed pixels")
+    return RDPoint(kind="codec", family=setting.family, label=setting.label,
+                   lossless=setting.lossless, quality=setting.quality,
+                   nbytes=np.array([len(f) for f in files]),
+                   psnr=psnr(images, recon), ssim=ssim(images, recon),
+                   encode_s=enc_s, decode_s=dec_s, pixels=images.shape[2] * images.shape[3])
+
+
+def run_rd(images: np.ndarray, *, pipeline: Any | None, refs: Sequence[str],
+           codecs: Sequence[CodecSetting],
+           progress: Callable[[str], None] | None = None) -> list[RDPoint]:
+    """Measure every model ref, then every codec setting, on the same uint8 images."""
+    if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
+        raise InvalidInput(f"evaluation images must be a non-empty uint8 (N, C, H, W) batch, "
+                           f"got {images.dtype} {images.shape}")
+    points = []
+    for ref in refs:
+        if pipeline is None:
+            raise InvalidInput("models were asked for but no model repository was given")
+        points.append(measure_model(pipeline, ref, images))
+        if progress:
+            progress(f"{points[-1].label}: {points[-1].bytes_per_image:.1f} B, "
+                     f"{points[-1].mean_psnr:.2f} dB")
+    for setting in codecs:
+        points.append(measure_codec(setting, images))
+        if progress:
+            progress(f"{setting.label}: {points[-1].bytes_per_image:.1f} B, "
+                     f"{points[-1].mean_psnr:.2f} dB")
+    return points
+
+
+def curves(points: Sequence[RDPoint]) -> dict[tuple[str, str], list[RDPoint]]:
+    """Lossy points grouped by (kind, family), each group sorted by bytes per image."""
+    out: dict[tuple[str, str], list[RDPoint]] = {}
+    for p in points:
+        if not p.lossless:
+            out.setdefault((p.kind, p.family), []).append(p)
+    return {k: sorted(v, key=lambda p: p.bytes_per_image) for k, v in out.items()}
