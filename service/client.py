@@ -1,0 +1,320 @@
+"""A small typed Python client for the Inference service, and the CLI's two backends.
+
+``LatentServeClient(target)`` takes numpy arrays (a 4-D array is a batch
+(N, C, H, W); a 3-D array one image (C, H, W); a 2-D array one grey image), PIL
+images, image-file bytes or paths, and returns numpy arrays (or PIL images).
+Inputs larger than one message go through the stream RPCs, and large draws are
+fetched in pieces, without the caller noticing. Server errors are raised as the
+matching ``latentserve.worker.errors`` exception, with the server's message.
+
+``LocalBackend`` (a Pipeline in process) and ``RemoteBackend`` (a client) offer the
+same few calls, so the CLI has one code path for ``--local`` and ``--target``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
+
+import grpc
+import numpy as np
+
+from latentserve.v1 import inference_pb2 as pb
+from latentserve.v1 import inference_pb2_grpc as pb_grpc
+from latentserve.worker import errors as E
+
+from .wire import decode_reply_image, raw_image
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+    from latentserve.worker.pipeline import Pipeline
+
+MIB = 1 << 20
+ImageLike = Any  # np.ndarray | PIL.Image.Image | bytes | str | Path
+
+_ERRORS: dict[grpc.StatusCode, type[E.LatentServeError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: E.InvalidInput,
+    grpc.StatusCode.NOT_FOUND: E.ModelNotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: E.CodeMismatch,
+    grpc.StatusCode.DATA_LOSS: E.CorruptCode,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: E.ResourceLimit,
+    grpc.StatusCode.UNAVAILABLE: E.Unavailable,
+}
+
+
+class ServiceError(E.LatentServeError):
+    """A call failed on the server; ``code`` is the gRPC status code."""
+
+    code: grpc.StatusCode
+
+
+def error_from(exc: grpc.RpcError, target: str) -> E.LatentServeError:
+    """The latentserve exception for a failed call (its type follows the status code)."""
+    code = exc.code()  # type: ignore[attr-defined]
+    base = _ERRORS.get(code, E.LatentServeError)
+    kind = type(f"Remote{base.__name__}", (ServiceError, base), {})
+    err = kind(f"{target}: {code.name}: {exc.details()}")  # type: ignore[attr-defined]
+    err.code = code
+    return err
+
+
+def to_chw(image: ImageLike) -> np.ndarray | bytes:
+    """One image -> uint8 (C, H, W), or the bytes of an image file (sent as they are)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, (str, Path)):
+        return Path(image).read_bytes()
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise E.InvalidInput(f"images must hold uint8 pixels, got {arr.dtype}")
+    if arr.ndim == 2:
+        return arr[None]
+    if arr.ndim == 3 and not isinstance(image, np.ndarray):  # PIL: (H, W, C)
+        return arr.transpose(2, 0, 1)
+    if arr.ndim == 3:
+        return arr
+    raise E.InvalidInput(f"an image must be 2-D (H, W) or 3-D (C, H, W), got shape {arr.shape}")
+
+
+def as_image_list(images: ImageLike | Iterable[ImageLike]) -> list[np.ndarray | bytes]:
+    """Anything the client accepts -> a list of (C, H, W) arrays or file bytes."""
+    if isinstance(images, np.ndarray):
+        if images.ndim == 4:
+            return list(images)
+        return [to_chw(images)]
+    if isinstance(images, (bytes, bytearray, memoryview, str, Path)) or hasattr(images, "getpixel"):
+        return [to_chw(images)]
+    return [to_chw(im) for im in images]
+
+
+def to_pil(images: Iterable[np.ndarray]) -> list[PILImage]:
+    from PIL import Image
+
+    return [Image.fromarray(im[0] if im.shape[0] == 1 else im.transpose(1, 2, 0)) for im in images]
+
+
+def _image_message(image: np.ndarray | bytes) -> pb.Image:
+    return pb.Image(encoded=image) if isinstance(image, bytes) else raw_image(image)
+
+
+def _chunks(items: Sequence[Any], sizes: Sequence[int], max_items: int,
+            max_bytes: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of at most ``max_items`` items and about ``max_bytes`` bytes."""
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= max_items or total + size > max_bytes):
+            yield items[start:i]
+            start, total = i, 0
+        total += size
+    if start < len(items):
+        yield items[start:]
+
+
+class LatentServeClient:
+    """A connection to a latentserve server (``host:port``)."""
+
+    def __init__(self, target: str, *, timeout: float | None = None,
+                 max_message_bytes: int = 64 * MIB, chunk_images: int = 1024,
+                 channel: grpc.Channel | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        # Well under both server limits (64 MiB, 4096 images per message by default).
+        self.chunk_images = chunk_images
+        self.chunk_bytes = max_message_bytes // 4
+        self.channel = channel or grpc.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)])
+        self.stub = pb_grpc.InferenceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> LatentServeClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as exc:
+            raise error_from(exc, self.target) from None
+
+    # -- models ----------------------------------------------------------------------------
+    def models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
+        """Every model version the server has."""
+        return list(self._call(self.stub.ListModels, pb.ListModelsRequest(), timeout).models)
+
+    def model(self, ref: str, *, timeout: float | None = None) -> pb.ModelInfo:
+        """One model's info; ModelNotFound if the server has no such model."""
+        return self._call(self.stub.GetModel, pb.GetModelRequest(model=ref), timeout)
+
+    # -- compress ----------------------------------------------------------------------------
+    def compress(self, images: ImageLike | Iterable[ImageLike], model: str, *,
+                 resize: bool = False, timeout: float | None = None) -> list[bytes]:
+        """Images -> one latent code each, in order (streams when they exceed one message)."""
+        items = [_image_message(im) for im in as_image_list(images)]
+        chunks = list(_chunks(items, [m.ByteSize() for m in items], self.chunk_images,
+                              self.chunk_bytes))
+        if len(chunks) <= 1:
+            reply = self._call(self.stub.Compress,
+                               pb.CompressRequest(model=model, images=items, resize=resize),
+                               timeout)
+            return list(reply.codes)
+        requests = (pb.CompressRequest(model=model if i == 0 else "", images=chunk, resize=resize)
+                    for i, chunk in enumerate(chunks))
+        return self._stream(self.stub.CompressStream, requests, timeout,
+                            lambda r: list(r.codes))
+
+    def _stream(self, method: Any, requests: Iterator[Any], timeout: float | None,
+                take: Any) -> list[Any]:
+        out: list[Any] = []
+        try:
+            for reply in method(requests, timeout=timeout if timeout is not None else self.timeout):
+                out.extend(take(reply))
+        except grpc.RpcError as exc:
+            raise error_from(exc, self.target) from None
+        return out
+
+    # -- reconstruct --------------------------------------------------------------------------
+    def reconstruct_list(self, codes: Iterable[bytes], *, model: str | None = None,
+                         timeout: float | None = None) -> list[np.ndarray]:
+        """Codes -> one uint8 (C, H, W) image each, in order (codes of several models mix)."""
+        codes = [bytes(c) for c in codes]
+        chunks = list(_chunks(codes, [len(c) + 4 for c in codes], self.chunk_images,
+                              self.chunk_bytes))
+        fmt = pb.IMAGE_FORMAT_RAW  # no PNG round trip on either side
+        if len(chunks) <= 1:
+            reply = self._call(self.stub.Reconstruct, pb.ReconstructRequest(
+                codes=codes, format=fmt, model=model or ""), timeout)
+            return [decode_reply_image(im) for im in reply.images]
+        requests = (pb.ReconstructRequest(codes=chunk, format=fmt, model=model or "")
+                    for chunk in chunks)
+        return self._stream(self.stub.ReconstructStream, requests, timeout,
+                            lambda r: [decode_reply_image(im) for im in r.images])
+
+    def reconstruct(self, codes: Iterable[bytes], *, model: str | None = None,
+                    as_pil: bool = False, timeout: float | None = None) -> Any:
+        """Codes -> uint8 images (N, C, H, W), or a list of PIL images with ``as_pil``.
+
+        Codes of models with different image shapes need ``reconstruct_list``.
+        """
+        images = self.reconstruct_list(codes, model=model, timeout=timeout)
+        if as_pil:
+            return to_pil(images)
+        return _stack(images)
+
+    # -- sample ---------------------------------------------------------------------------------
+    def sample(self, model: str, n: int, seed: int = 0, temperature: float = 1.0, *,
+               start: int = 0, as_pil: bool = False, timeout: float | None = None) -> Any:
+        """Draw ``n`` images (N, C, H, W); the same arguments always give the same images."""
+        if n < 0:
+            raise E.InvalidInput(f"n must be >= 0, got {n}")
+        images: list[np.ndarray] = []
+        for first in range(start, start + n, self.chunk_images):
+            count = min(self.chunk_images, start + n - first)
+            reply = self._call(self.stub.Sample, pb.SampleRequest(
+                model=model, count=count, seed=seed, temperature=temperature, start=first,
+                format=pb.IMAGE_FORMAT_RAW), timeout)
+            images.extend(decode_reply_image(im) for im in reply.images)
+        if as_pil:
+            return to_pil(images)
+        if not images:
+            info = self.model(model, timeout=timeout)
+            return np.zeros((0, info.channels, info.height, info.width), np.uint8)
+        return _stack(images)
+
+
+def _stack(images: list[np.ndarray]) -> np.ndarray:
+    if len({im.shape for im in images}) > 1:
+        raise E.InvalidInput(
+            f"the images have different shapes {sorted({im.shape for im in images})}; "
+            "use reconstruct_list for codes of several models")
+    return np.stack(images) if images else np.zeros((0, 1, 1, 1), np.uint8)
+
+
+# -- the CLI's backends -------------------------------------------------------------------
+
+class Backend(Protocol):
+    """What the CLI needs, in process or over gRPC."""
+
+    where: str
+
+    def resolve(self, model: str) -> tuple[str, tuple[int, int, int]]:
+        """``name[:version]`` -> (``name:version``, image shape (C, H, W))."""
+    def compress(self, model: str, images: np.ndarray) -> list[bytes]: ...
+    def reconstruct(self, codes: list[bytes]) -> list[np.ndarray]: ...
+    def sample(self, model: str, n: int, *, seed: int, temperature: float,
+               start: int = 0) -> np.ndarray: ...
+    def close(self) -> None: ...
+
+
+class LocalBackend:
+    """The Pipeline in this process."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.where = f"in process ({pipeline.repository.root})"
+
+    def resolve(self, model: str) -> tuple[str, tuple[int, int, int]]:
+        m = self.pipeline.repository.resolve(model).manifest
+        return m.ref, m.image_shape
+
+    def compress(self, model: str, images: np.ndarray) -> list[bytes]:
+        return self.pipeline.compress(model, images)
+
+    def reconstruct(self, codes: list[bytes]) -> list[np.ndarray]:
+        out = self.pipeline.reconstruct_each(codes)
+        for i, r in enumerate(out):
+            if isinstance(r, E.CodeError):
+                from latentserve.worker.codec import with_index
+
+                raise with_index(r, i, len(out))
+        return out  # type: ignore[return-value]
+
+    def sample(self, model: str, n: int, *, seed: int, temperature: float,
+               start: int = 0) -> np.ndarray:
+        return self.pipeline.sample(model, n, seed=seed, temperature=temperature, start=start)
+
+    def close(self) -> None:
+        pass
+
+
+class RemoteBackend:
+    """A latentserve server, through LatentServeClient."""
+
+    def __init__(self, client: LatentServeClient) -> None:
+        self.client = client
+        self.where = client.target
+
+    def resolve(self, model: str) -> tuple[str, tuple[int, int, int]]:
+        info = self.client.model(model)
+        return info.ref, (info.channels, info.height, info.width)
+
+    def compress(self, model: str, images: np.ndarray) -> list[bytes]:
+        return self.client.compress(images, model)
+
+    def reconstruct(self, codes: list[bytes]) -> list[np.ndarray]:
+        return self.client.reconstruct_list(codes)
+
+    def sample(self, model: str, n: int, *, seed: int, temperature: float,
+               start: int = 0) -> np.ndarray:
+        return self.client.sample(model, n, seed, temperature, start=start)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of ``size`` items (the CLI's progress-bar steps)."""
+    for start in itertools.count(0, size):
+        if start >= len(items):
+            return
+        yield items[start:start + size]

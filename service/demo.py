@@ -1,0 +1,133 @@
+"""``latentserve demo``: the whole service on one machine, in one command.
+
+Starts the gRPC service in this process on the model repository (loopback only,
+no metrics port), compresses the example digits over gRPC with every model,
+reconstructs and samples them, prints a table (model, bytes/image, PSNR, images/s)
+and writes PNG grids (originals above reconstructions; samples) into a folder.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from latentserve.worker.errors import InvalidInput
+from latentserve.worker.images import encode_png, list_image_files, read_image_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_path(relative: str) -> Path:
+    """``relative`` in the current folder if it exists there, else in the source checkout."""
+    here = Path(relative)
+    return here if here.exists() else REPO_ROOT / relative
+
+
+def grid(rows: Sequence[Sequence[np.ndarray]], *, pad: int = 2, columns: int = 16) -> np.ndarray:
+    """Rows of uint8 (C, H, W) images -> one uint8 (C, H', W') image on a white background.
+
+    Rows longer than ``columns`` wrap; a block of rows keeps its rows together, so
+    ``[originals, reconstructions]`` stays pairwise aligned.
+    """
+    rows = [list(r) for r in rows if len(r)]
+    if not rows:
+        raise InvalidInput("nothing to draw: every row is empty")
+    c = max(im.shape[0] for r in rows for im in r)
+    h = max(im.shape[1] for r in rows for im in r)
+    w = max(im.shape[2] for r in rows for im in r)
+    width = min(columns, max(len(r) for r in rows))
+    blocks = -(-max(len(r) for r in rows) // width)
+    lines = [r[b * width:(b + 1) * width] for b in range(blocks) for r in rows]
+    out = np.full((c, len(lines) * (h + pad) + pad, width * (w + pad) + pad), 255, np.uint8)
+    for y, line in enumerate(lines):
+        for x, im in enumerate(line):
+            top, left = pad + y * (h + pad), pad + x * (w + pad)
+            out[:, top:top + im.shape[1], left:left + im.shape[2]] = (
+                im if im.shape[0] == c else np.repeat(im, c, axis=0))
+    return out
+
+
+def save_grid(path: str | Path, rows: Sequence[Sequence[np.ndarray]]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_png(grid(rows)))
+    return path
+
+
+def psnr(reference: np.ndarray, test: np.ndarray) -> float:
+    """Mean per-image PSNR in dB (uint8 peak 255; identical images count as 100 dB)."""
+    diff = reference.astype(np.float64) - test.astype(np.float64)
+    mse = (diff ** 2).reshape(len(diff), -1).mean(axis=1)
+    return float(np.mean(np.where(mse == 0, 100.0, 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12)))))
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    model: str
+    family: str
+    bytes_per_image: float
+    psnr_db: float
+    compress_per_s: float
+    reconstruct_per_s: float
+
+
+def run_demo(*, models: Path, examples: Path, out: Path, samples: int = 16, seed: int = 0,
+             limit: int = 64, print_fn=print) -> list[DemoRow]:  # type: ignore[no-untyped-def]
+    """Serve ``models`` on loopback, exercise every model over gRPC, write grids into ``out``."""
+    from .client import LatentServeClient
+    from .config import ServiceConfig
+    from .server import create_server
+
+    files = list_image_files(examples)[:limit] if examples.is_dir() else []
+    if not files:
+        raise InvalidInput(f"no example images in {examples}: pass --examples DIR "
+                           "(PNG/JPEG files of the models' size)")
+    config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=models,
+                           grace_s=1.0)
+    server, port = create_server(config)
+    server.start()
+    rows: list[DemoRow] = []
+    try:
+        with LatentServeClient(f"127.0.0.1:{port}", timeout=300) as client:
+            infos = [m for m in client.models() if m.newest]
+            if not infos:
+                raise InvalidInput(f"no models in {models}: pass --models DIR")
+            print_fn(f"latentserve demo: {len(infos)} models from {models}, "
+                     f"{len(files)} images from {examples}, server on 127.0.0.1:{port}")
+            for info in infos:
+                shape = (info.channels, info.height, info.width)
+                originals = np.stack([read_image_file(f, shape, resize=True) for f in files])
+                client.compress(originals[:1], info.ref)  # warm up the path
+                t0 = time.perf_counter()
+                codes = client.compress(originals, info.ref)
+                t1 = time.perf_counter()
+                recon = client.reconstruct(codes)
+                t2 = time.perf_counter()
+                drawn = client.sample(info.ref, samples, seed=seed)
+                rows.append(DemoRow(
+                    model=info.ref, family=info.family,
+                    bytes_per_image=float(np.mean([len(c) for c in codes])),
+                    psnr_db=psnr(originals, recon),
+                    compress_per_s=len(codes) / max(t1 - t0, 1e-9),
+                    reconstruct_per_s=len(codes) / max(t2 - t1, 1e-9)))
+                name = info.ref.replace(":", "-v")
+                save_grid(out / f"{name}-reconstructions.png", [list(originals), list(recon)])
+                save_grid(out / f"{name}-samples.png", [list(drawn)])
+    finally:
+        server.stop(1.0).wait()
+    print_fn(format_table(rows))
+    print_fn(f"grids written to {out}/ (originals above reconstructions; samples)")
+    return rows
+
+
+def format_table(rows: Sequence[DemoRow]) -> str:
+    head = ("MODEL", "FAMILY", "BYTES/IMAGE", "PSNR dB", "COMPRESS img/s", "RECONSTRUCT img/s")
+    body = [(r.model, r.family, f"{r.bytes_per_image:.1f}", f"{r.psnr_db:.2f}",
+             f"{r.compress_per_s:.0f}", f"{r.reconstruct_per_s:.0f}") for r in rows]
+    widths = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip()
+                     for line in (head, *body))
