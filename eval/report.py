@@ -187,9 +187,9 @@ def plot(points: Sequence[RDPoint], path: str | Path, *, title: str = "") -> Non
     for p in points:
         if p.lossless:
             ax.axvline(p.bytes_per_image, color="black", ls=":", lw=1)
-            ax.text(p.bytes_per_image, 0.02,
+            ax.text(p.bytes_per_image, 0.98,
                     f" {family_name(p.family)}\n {p.bytes_per_image:.0f} B",
-                    transform=ax.get_xaxis_transform(), fontsize=7, va="bottom")
+                    transform=ax.get_xaxis_transform(), fontsize=7, va="top")
     ax.axhline(TARGET_PSNR_DB, color="tab:purple", ls=":", lw=1)
     ax.fill_between([1, TARGET_BYTES], TARGET_PSNR_DB, 60, color="tab:purple", alpha=0.07,
                     label=f"target: >= {TARGET_PSNR_DB} dB at <= {TARGET_BYTES:.0f} B")
@@ -200,6 +200,13 @@ def plot(points: Sequence[RDPoint], path: str | Path, *, title: str = "") -> Non
         ax.set_xlim(min(xs + [TARGET_BYTES]) * 0.8, max(xs) * 1.25)
         ax.set_ylim(min(ys) - 1.5, max(ys) + 1.5)
     ax.set_xscale("log")
+    # plain byte counts (20, 50, 100 ...) read better than 2 x 10^1
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.set_xlabel("bytes per image, all included (log scale)")
     ax.set_ylabel("PSNR (dB), mean over images")
     ax.set_title(title or "Rate-distortion: learned codes vs classic codecs")
