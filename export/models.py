@@ -9,7 +9,7 @@ Shared trunk (h = H/4, w = W/4):
 
     encoder: x -> conv5 s2 -> ReLU -> conv5 s2 -> [res]*R -> ReLU -> conv3 -> (N, C', h, w)
     decoder: (N, C', h, w) -> conv3 -> [res]*R -> ReLU -> deconv4 s2 -> ReLU -> deconv4 s2
-             -> sigmoid -> (N, C, H, W)
+             -> (N, C, H, W)   (clamped to [0, 1] in the ONNX decoder)
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ def make_decoder(c_in: int, hidden: int, c_out: int, res_blocks: int) -> nn.Sequ
         nn.Conv2d(c_in, hidden, 3, padding=1),
         *[ResBlock(hidden) for _ in range(res_blocks)], nn.ReLU(),
         nn.ConvTranspose2d(hidden, hidden, 4, stride=2, padding=1), nn.ReLU(),
-        nn.ConvTranspose2d(hidden, c_out, 4, stride=2, padding=1), nn.Sigmoid())
+        # Linear output (clamped to [0, 1] only in the exported graph): a sigmoid here
+        # saturates early on MNIST's black background and training stalls.
+        nn.ConvTranspose2d(hidden, c_out, 4, stride=2, padding=1))
 
 
 class _FromUint8(nn.Module):
