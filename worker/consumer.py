@@ -1,0 +1,542 @@
+"""The Redis Streams job worker: ``create_worker(config, pipeline).run()``.
+
+One consumer group (``workers``) on one task stream per model pool; each worker is a
+consumer. The loop:
+
+1. Reclaim (XAUTOCLAIM) entries that sat pending longer than ``claim_idle_s``: their
+   worker died or hung. A chunk delivered more than ``max_deliveries`` times goes to
+   the dead-letter stream and its job fails with the reason; other jobs keep flowing.
+2. Otherwise read new entries (XREADGROUP, blocking up to ``block_ms``).
+3. Begin each chunk (skips chunks of cancelled, failed or expired jobs), cut the work
+   into pipeline calls of at most ``batch_items`` items, merging small chunks of one
+   model (and contiguous sample chunks of one job) into one call.
+4. Between calls: stop chunks whose job was cancelled; on shutdown past the grace
+   period, give unfinished chunks back to the queue (``release``).
+5. Store each finished chunk through ``JobStore.store_chunk`` (idempotent; XACKs).
+
+A heartbeat thread extends this worker's claims (XCLAIM ... JUSTID) so a healthy long
+chunk is never reclaimed, refreshes the worker's TTL'd health key and sweeps expired
+job ids. Errors of the input (InvalidInput, CodeError, ResourceLimit) fail the job at
+once; anything else is retried by redelivery until the delivery cap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import redis
+
+from .config import WorkerConfig
+from .errors import CodeError, InvalidInput, ResourceLimit
+from .images import encode_png
+from .jobstore import ChunkTask, ImageFormat, JobKind, JobStore, connect
+from .packing import pack_images, pack_items, unpack
+
+log = logging.getLogger(__name__)
+
+# Errors of the job's own input: another delivery would fail the same way.
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (InvalidInput, CodeError, ResourceLimit)
+
+
+class JobPipeline(Protocol):
+    """What a worker calls (``latentserve.worker.pipeline.Pipeline`` implements it)."""
+
+    def compress(self, ref: str, images: np.ndarray) -> list[bytes]: ...
+
+    def reconstruct(self, codes: Sequence[bytes], ref: str | None = None) -> np.ndarray: ...
+
+    def sample(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
+               start: int = 0) -> np.ndarray: ...
+
+
+@dataclass(eq=False)
+class Held:
+    """A chunk this worker has read and owns until it is stored, dropped or released."""
+
+    pool: str
+    entry_id: str
+    job_id: str
+    chunk: int
+    n: int
+    deliveries: int
+    task: ChunkTask | None = None
+    inputs: Any = None                 # unpacked payload (images or codes), or None
+    done: int = 0                      # items computed so far
+    parts: list[Any] = field(default_factory=list)  # result pieces, in order
+
+
+@dataclass
+class Segment:
+    held: Held
+    lo: int   # item offset within the chunk
+    hi: int
+
+
+@dataclass
+class WorkerStats:
+    chunks: int = 0
+    items: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+    released: int = 0
+    retried: int = 0
+
+
+class Worker:
+    """A consumer of the task streams; ``run()`` blocks until stopped (or idle, in burst)."""
+
+    def __init__(self, config: WorkerConfig, pipeline: JobPipeline,
+                 client: redis.Redis | None = None) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.r = client or connect(config.redis_url)
+        self.store = JobStore(self.r, config.queue)
+        self.keys = config.keys
+        self.consumer = config.consumer
+        self.stats = WorkerStats()
+        self._stop = threading.Event()
+        self._done = threading.Event()   # run() has returned: the heartbeat ends
+        self._deadline = float("inf")   # monotonic time by which held chunks are released
+        self._held: dict[str, Held] = {}
+        self._held_lock = threading.Lock()
+        self._last_reclaim = 0.0
+        self._started = time.time()
+
+    # -- lifecycle --------------------------------------------------------------------
+    def request_stop(self, grace_s: float | None = None) -> None:
+        """Stop taking work; finish held chunks within the grace period, else release them.
+
+        Safe to call from a signal handler. A second call shortens the grace to ``grace_s``
+        (default: now).
+        """
+        grace = self.config.grace_s if grace_s is None else grace_s
+        if self._stop.is_set():
+            grace = 0.0 if grace_s is None else grace_s
+        self._deadline = min(self._deadline, time.monotonic() + grace)
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def start_thread(self) -> threading.Thread:
+        """Run in a daemon thread (the service's embedded worker)."""
+        t = threading.Thread(target=self.run, name=f"worker-{self.consumer}", daemon=True)
+        t.start()
+        return t
+
+    def run(self) -> WorkerStats:
+        """Consume until ``request_stop`` (or, in burst mode, until the queues are empty)."""
+        for pool in self.config.pools:
+            self._retry_redis(lambda pool=pool: self.store.ensure_group(pool))
+        beat = threading.Thread(target=self._heartbeat_loop, daemon=True,
+                                name=f"heartbeat-{self.consumer}")
+        beat.start()
+        backoff = 0.05
+        try:
+            while not self._stop.is_set():
+                try:
+                    entries = self._reclaim() or self._read()
+                    if entries:
+                        self._process(entries)
+                    elif self.config.burst and self._queues_empty():
+                        break
+                    backoff = 0.05
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.warning("worker %s: Redis unavailable (%s); retrying in %.2fs",
+                                self.consumer, exc, backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 2.0)
+        finally:
+            self._stop.set()
+            self._release_all()
+            self._done.set()
+            beat.join(timeout=5)
+            self._goodbye()
+        return self.stats
+
+    def _retry_redis(self, fn: Any, limit_s: float = 60.0) -> Any:
+        """Call ``fn`` until Redis answers (it may be restarting), up to ``limit_s``."""
+        end = time.monotonic() + limit_s
+        delay = 0.05
+        while True:
+            try:
+                return fn()
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() > end:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    # -- taking work ------------------------------------------------------------------
+    def _read(self) -> list[Held]:
+        streams = {self.keys.stream(p): ">" for p in self.config.pools}
+        block = 50 if self._stop.is_set() else self.config.block_ms
+        reply = self.r.xreadgroup(self.keys.group, self.consumer, streams,
+                                  count=self.config.read_count, block=block)
+        out = []
+        for stream, entries in reply or []:
+            pool = _s(stream).rsplit(":", 1)[1]
+            for eid, fields in entries:
+                out.append(self._hold(pool, _s(eid), fields, delivered=1))
+        return out
+
+    def _reclaim(self) -> list[Held]:
+        """Take over entries idle past ``claim_idle_s``; dead-letter those over the cap."""
+        now = time.monotonic()
+        if now - self._last_reclaim < max(self.config.claim_idle_s / 4, 0.05):
+            return []
+        self._last_reclaim = now
+        idle_ms = int(self.config.claim_idle_s * 1000)
+        out: list[Held] = []
+        for pool in self.config.pools:
+            stream = self.keys.stream(pool)
+            reply = self.r.xautoclaim(stream, self.keys.group, self.consumer, idle_ms,
+                                      start_id="0-0", count=self.config.read_count)
+            claimed = reply[1]
+            if not claimed:
+                continue
+            with self.r.pipeline(transaction=False) as p:
+                for eid, _ in claimed:
+                    p.xpending_range(stream, self.keys.group, min=eid, max=eid, count=1)
+                counts = p.execute()
+            for (eid, fields), pending in zip(claimed, counts):
+                times = int(pending[0]["times_delivered"]) if pending else 1
+                held = self._hold(pool, _s(eid), fields, delivered=times)
+                if held.deliveries > self.config.max_deliveries:
+                    self._dead_letter(held)
+                else:
+                    self.stats.retried += 1
+                    out.append(held)
+        return out
+
+    def _hold(self, pool: str, eid: str, fields: dict[bytes, bytes], *, delivered: int) -> Held:
+        f = {_s(k): _s(v) for k, v in fields.items()}
+        held = Held(pool=pool, entry_id=eid, job_id=f["job"], chunk=int(f["chunk"]),
+                    n=int(f["n"]), deliveries=delivered + int(f.get("prior", 0)))
+        with self._held_lock:
+            self._held[eid] = held
+        return held
+
+    def _drop(self, held: Held) -> None:
+        with self._held_lock:
+            self._held.pop(held.entry_id, None)
+
+    def _dead_letter(self, held: Held) -> None:
+        last = self.store.chunk_error(held.job_id, held.chunk)
+        reason = last or (f"the worker holding it stopped responding "
+                          f"{held.deliveries - 1} times (killed or stuck mid-chunk)")
+        log.error("job %s chunk %d: dead-lettered after %d deliveries: %s",
+                  held.job_id, held.chunk, held.deliveries, reason)
+        self.store.dead_letter(held.pool, held.job_id, held.chunk, held.entry_id,
+                               deliveries=held.deliveries, reason=reason,
+                               consumer=self.consumer)
+        self.stats.dead_lettered += 1
+        self._drop(held)
+
+    def _queues_empty(self) -> bool:
+        with self._held_lock:
+            if self._held:
+                return False
+        return all(self.store.depth(p) == 0 for p in self.config.pools)
+
+    # -- doing work -------------------------------------------------------------------
+    def _process(self, entries: list[Held]) -> None:
+        runnable = []
+        for held in entries:
+            if self._stop.is_set():
+                self._release(held)
+                continue
+            task = self.store.begin_chunk(held.pool, held.job_id, held.chunk, held.entry_id)
+            if isinstance(task, str):  # cancelled, failed or expired: already acked
+                self.stats.skipped += 1
+                self._drop(held)
+                continue
+            held.task = task
+            try:
+                if task.kind is not JobKind.SAMPLE:
+                    if task.payload is None:
+                        raise InvalidInput(f"job {held.job_id} chunk {held.chunk}: its inputs "
+                                           "are missing from Redis (expired?)")
+                    held.inputs = unpack(task.payload)
+                    if len(held.inputs) != held.n:
+                        raise InvalidInput(f"job {held.job_id} chunk {held.chunk} holds "
+                                           f"{len(held.inputs)} items, its task says {held.n}")
+            except InvalidInput as exc:
+                self._fail_chunk(held, exc)
+                continue
+            runnable.append(held)
+        for batch in self._plan(runnable):
+            if not self._checkpoint(runnable):
+                break
+            self._run_batch([s for s in batch if s.held.entry_id in self._held])
+        for held in runnable:  # whatever the checkpoint stopped
+            if held.entry_id in self._held:
+                self._release(held)
+
+    def _plan(self, chunks: list[Held]) -> list[list[Segment]]:
+        """Cut chunks into pipeline calls of <= batch_items items, merging compatible ones."""
+        groups: dict[tuple[Any, ...], list[Held]] = {}
+        for h in chunks:
+            t = h.task
+            assert t is not None
+            key: tuple[Any, ...] = (t.kind, t.model, t.image_format)
+            if t.kind is JobKind.SAMPLE:
+                key += (h.job_id, t.seed, t.temperature)
+            groups.setdefault(key, []).append(h)
+        limit = self.config.batch_items
+        batches: list[list[Segment]] = []
+        for members in groups.values():
+            batch: list[Segment] = []
+            room = limit
+            for h in sorted(members, key=lambda h: h.chunk):
+                lo = 0
+                while lo < h.n:
+                    take = min(room, h.n - lo)
+                    batch.append(Segment(h, lo, lo + take))
+                    lo += take
+                    room -= take
+                    if room == 0:
+                        batches.append(batch)
+                        batch, room = [], limit
+            if batch:
+                batches.append(batch)
+        return batches
+
+    def _checkpoint(self, chunks: list[Held]) -> bool:
+        """At a batch boundary: drop cancelled chunks; on shutdown, release what must go.
+
+        Returns False when nothing more should run.
+        """
+        live = [h for h in chunks if h.entry_id in self._held]
+        if not live:
+            return False
+        jobs = sorted({h.job_id for h in live})
+        with self.r.pipeline(transaction=False) as p:
+            for job_id in jobs:
+                p.hget(self.keys.job(job_id), "state")
+            states = dict(zip(jobs, (_s(s) for s in p.execute())))
+        for h in live:
+            if states[h.job_id] not in ("receiving", "queued", "running"):
+                # Cancelled or failed meanwhile: stop here, at the batch boundary.
+                self.store.ack(h.pool, h.entry_id)
+                self.stats.skipped += 1
+                self._drop(h)
+        if self._stop.is_set():
+            past = time.monotonic() >= self._deadline
+            for h in live:
+                # Past the grace period release everything; before it, only chunks not
+                # yet started (finishing a started chunk is what the grace is for).
+                if h.entry_id in self._held and (past or h.done == 0):
+                    self._release(h)
+        return any(h.entry_id in self._held for h in live)
+
+    def _run_batch(self, batch: list[Segment]) -> None:
+        if not batch:
+            return
+        try:
+            outputs = self._call(batch)
+        except Exception as exc:  # noqa: BLE001 - every failure is stored or retried
+            if len({id(s.held) for s in batch}) > 1:
+                # A merged call failed: run each chunk alone so only the culprit fails.
+                for seg in batch:
+                    if seg.held.entry_id in self._held:
+                        self._run_batch([seg])
+                return
+            self._fail_chunk(batch[0].held, exc)
+            return
+        for seg, out in zip(batch, outputs):
+            h = seg.held
+            h.parts.append(out)
+            h.done += seg.hi - seg.lo
+            if h.done == h.n:
+                self._finish(h)
+
+    def _call(self, batch: list[Segment]) -> list[Any]:
+        """One pipeline call for the batch; returns each segment's results."""
+        task = batch[0].held.task
+        assert task is not None
+        sizes = [s.hi - s.lo for s in batch]
+        if task.kind is JobKind.COMPRESS:
+            images = np.concatenate([s.held.inputs[s.lo:s.hi] for s in batch])
+            codes = self.pipeline.compress(task.model, images)
+            return _split(codes, sizes)
+        if task.kind is JobKind.RECONSTRUCT:
+            codes = [c for s in batch for c in s.held.inputs[s.lo:s.hi]]
+            images = self.pipeline.reconstruct(codes)
+        else:
+            runs: list[np.ndarray] = []
+            i = 0
+            while i < len(batch):  # one call per run of contiguous global indices
+                start = _global(batch[i])
+                count = 0
+                j = i
+                while j < len(batch):
+                    s = batch[j]
+                    if _global(s) != start + count:
+                        break
+                    count += s.hi - s.lo
+                    j += 1
+                runs.append(self.pipeline.sample(task.model, count, seed=task.seed,
+                                                 temperature=task.temperature, start=start))
+                i = j
+            images = np.concatenate(runs)
+        pieces = _split(images, sizes)
+        if task.image_format is ImageFormat.PNG:
+            return [[encode_png(im) for im in piece] for piece in pieces]
+        return pieces
+
+    def _finish(self, h: Held) -> None:
+        assert h.task is not None
+        if h.task.kind is not JobKind.COMPRESS and h.task.image_format is ImageFormat.RAW:
+            packed = pack_images(np.concatenate(h.parts))
+        else:
+            packed = pack_items([b for part in h.parts for b in part])
+        self._retry_redis(lambda: self.store.store_chunk(h.pool, h.job_id, h.chunk, h.n,
+                                                         packed, h.entry_id))
+        self.stats.chunks += 1
+        self.stats.items += h.n
+        self._drop(h)
+
+    def _fail_chunk(self, h: Held, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, PERMANENT_ERRORS):
+            log.warning("job %s chunk %d failed for good: %s", h.job_id, h.chunk, reason)
+            self.store.dead_letter(h.pool, h.job_id, h.chunk, h.entry_id,
+                                   deliveries=h.deliveries, reason=reason,
+                                   consumer=self.consumer)
+            self.stats.dead_lettered += 1
+        else:
+            # Leave it pending (no ack): it is redelivered after claim_idle_s, here or
+            # on another worker, until the delivery cap sends it to the dead letters.
+            log.warning("job %s chunk %d failed (delivery %d, will retry): %s",
+                        h.job_id, h.chunk, h.deliveries, reason, exc_info=exc)
+            self.store.note_chunk_error(h.job_id, h.chunk, f"delivery {h.deliveries}: {reason}")
+        self._drop(h)
+
+    def _release(self, h: Held) -> None:
+        try:
+            if self.store.release(h.pool, self.consumer, h.entry_id, h.job_id, h.chunk, h.n,
+                                  h.deliveries):
+                self.stats.released += 1
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass  # left pending: another worker reclaims it after claim_idle_s
+        self._drop(h)
+
+    def _release_all(self) -> None:
+        with self._held_lock:
+            held = list(self._held.values())
+        for h in held:
+            self._release(h)
+
+    # -- heartbeat ----------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        last_sweep = 0.0
+        while not self._done.is_set():
+            try:
+                self._heartbeat()
+                if time.monotonic() - last_sweep > min(60.0, self.config.queue.result_ttl_s):
+                    last_sweep = time.monotonic()
+                    self.store.sweep()
+                    self._forget_dead_consumers()
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass  # the main loop reports it; claims are extended once Redis is back
+            except Exception:  # noqa: BLE001 - the heartbeat must outlive any one failure
+                log.exception("worker %s: heartbeat failed", self.consumer)
+            self._done.wait(self.config.heartbeat_s)
+
+    def _heartbeat(self) -> None:
+        with self._held_lock:
+            held = list(self._held.values())
+        by_pool: dict[str, list[str]] = {}
+        for h in held:
+            by_pool.setdefault(h.pool, []).append(h.entry_id)
+        for pool, ids in by_pool.items():
+            status = self.store.extend(pool, self.consumer, ids)
+            lost = [i for i, s in status.items() if s == "stolen"]
+            if lost:  # reclaimed by another worker: its result will be the same
+                log.warning("worker %s: lost the claim on %s", self.consumer, lost)
+        record = {"consumer": self.consumer, "pid": os.getpid(), "host": socket.gethostname(),
+                  "pools": list(self.config.pools), "provider": self.config.provider,
+                  "started": self._started, "beat": time.time(), "chunks": self.stats.chunks,
+                  "items": self.stats.items, "stopping": self._stop.is_set(),
+                  "holding": [f"{h.job_id}:{h.chunk}" for h in held]}
+        self.r.set(self.keys.worker(self.consumer), json.dumps(record),
+                   px=int(self.config.health_ttl_s * 1000))
+
+    def _forget_dead_consumers(self) -> None:
+        """Delete group consumers with nothing pending that have been idle a long time."""
+        limit_ms = max(self.config.claim_idle_s * 10, 600) * 1000
+        for pool in self.config.pools:
+            stream = self.keys.stream(pool)
+            for c in self.r.xinfo_consumers(stream, self.keys.group):
+                if c["pending"] == 0 and c["idle"] > limit_ms and _s(c["name"]) != self.consumer:
+                    self.r.xgroup_delconsumer(stream, self.keys.group, c["name"])
+
+    def _goodbye(self) -> None:
+        try:
+            self.r.delete(self.keys.worker(self.consumer))
+            for pool in self.config.pools:
+                stream = self.keys.stream(pool)
+                pending = self.r.xpending_range(stream, self.keys.group, "-", "+", 1,
+                                                consumername=self.consumer)
+                if not pending:
+                    self.r.xgroup_delconsumer(stream, self.keys.group, self.consumer)
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass
+
+
+def _global(seg: Segment) -> int:
+    """Global item index of a segment's first item (every chunk but the last is full)."""
+    assert seg.held.task is not None
+    return seg.held.chunk * seg.held.task.chunk_size + seg.lo
+
+
+def _split(items: Any, sizes: list[int]) -> list[Any]:
+    out, lo = [], 0
+    for n in sizes:
+        out.append(items[lo:lo + n])
+        lo += n
+    return out
+
+
+def _s(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+def worker_health(client: redis.Redis, config: WorkerConfig | None = None, *,
+                  prefix: str | None = None) -> list[dict[str, Any]]:
+    """Health records of every live worker (their keys expire 3 heartbeats after death)."""
+    from .keys import Keys
+
+    keys = config.keys if config is not None else Keys(prefix or "latentserve:")
+    out = []
+    for key in client.scan_iter(match=keys.worker_pattern(), count=500):
+        raw = client.get(key)
+        if raw:
+            out.append(json.loads(raw))
+    return sorted(out, key=lambda r: r["consumer"])
+
+
+def create_worker(config: WorkerConfig, pipeline: JobPipeline | None = None,
+                  client: redis.Redis | None = None) -> Worker:
+    """Build a worker (nothing runs until ``run()``); the pipeline defaults to the
+    model repository at ``config.models_dir`` on ``config.provider``."""
+    if pipeline is None:
+        from .engine import EngineConfig
+        from .pipeline import Pipeline
+
+        pipeline = Pipeline(config.models_dir,
+                            EngineConfig(provider=config.provider,  # type: ignore[arg-type]
+                                         intra_op_threads=config.intra_op_threads,
+                                         max_batch=config.batch_items))
+    return Worker(config, pipeline, client)

@@ -1,0 +1,532 @@
+"""Job state in Redis: the job hash, chunk payloads, idempotent results, TTLs.
+
+A job is a hash (``Keys.job``) holding its spec, its ``JobState`` and its progress
+counters; its inputs are cut into chunks whose packed payloads sit in one hash
+(``job_inputs``, field = chunk index) and whose tasks are entries on the pool's stream.
+A worker stores a chunk's packed results with ``STORE``, a Lua script that writes the
+result field only if it is absent (HSETNX), and only then advances the progress
+counters, finishes the job when the last chunk lands, XACKs and XDELs the entry: a
+duplicate delivery changes nothing but the ack. Every per-job key gets the job hash's
+TTL (``job_ttl_s`` while running, ``result_ttl_s`` once finished), the two sorted sets
+that index jobs are swept past that TTL, and acked entries are deleted, so a finished
+workload leaves Redis at its baseline.
+
+The worker-side scripts (begin, store, dead-letter, release, extend) are methods here
+too, so that every write to a job's keys lives in this one module.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import redis
+
+from .config import QueueConfig
+from .errors import InvalidInput, JobNotFound, JobStateError, ResourceLimit
+from .keys import Keys, check_job_id
+from .jobscripts import (BEGIN, DEAD_LETTER, END, ENQUEUE, EXTEND, RELEASE, SEAL, STORE,
+                         SWEEP)
+from .packing import pack_images, pack_items, unpack
+
+__all__ = ["JobKind", "JobState", "ImageFormat", "JobInfo", "JobStore", "connect",
+           "pack_images", "pack_items", "unpack"]
+
+
+class JobState(str, Enum):
+    """The one set of job states, shared by the store, the workers and the API."""
+
+    RECEIVING = "receiving"  # inputs still streaming in; chunks may already run
+    QUEUED = "queued"        # all inputs in, no chunk started yet
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobKind(str, Enum):
+    COMPRESS = "compress"        # images in, one latent code per image out
+    RECONSTRUCT = "reconstruct"  # codes in, one image per code out
+    SAMPLE = "sample"            # (model, count, seed, temperature) in, images out
+
+
+class ImageFormat(str, Enum):
+    PNG = "png"  # one PNG file per image
+    RAW = "raw"  # uint8 (C, H, W) bytes per image
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A snapshot of a job hash."""
+
+    id: str
+    kind: JobKind
+    model: str
+    pool: str
+    state: JobState
+    chunk_size: int
+    image_format: ImageFormat
+    sealed: bool            # every input received: items_total and chunks_total are final
+    items_total: int
+    chunks_total: int
+    items_done: int
+    chunks_done: int
+    chunks_queued: int
+    created: float
+    started: float          # 0 until a worker begins its first chunk
+    finished: float         # 0 until the job reaches a terminal state
+    error: str
+    seed: int
+    temperature: float
+
+    @classmethod
+    def from_hash(cls, h: dict[bytes, bytes]) -> JobInfo:
+        s = {k.decode(): v.decode() for k, v in h.items() if not k.startswith(b"err:")}
+        return cls(
+            id=s["id"], kind=JobKind(s["kind"]), model=s["model"], pool=s["pool"],
+            state=JobState(s["state"]), chunk_size=int(s["chunk_size"]),
+            image_format=ImageFormat(s["image_format"]), sealed=s.get("sealed") == "1",
+            items_total=int(s.get("items_total", 0)), chunks_total=int(s.get("chunks_total", 0)),
+            items_done=int(s.get("items_done", 0)), chunks_done=int(s.get("chunks_done", 0)),
+            chunks_queued=int(s.get("chunks_queued", 0)), created=float(s["created"]),
+            started=float(s.get("started", 0)), finished=float(s.get("finished", 0)),
+            error=s.get("error", ""), seed=int(s.get("seed", 0)),
+            temperature=float(s.get("temperature", 1.0)))
+
+    @property
+    def fraction(self) -> float:
+        """Share of items done; 1.0 only once every result is stored."""
+        if not self.sealed or self.items_total == 0:
+            return 1.0 if self.state is JobState.SUCCEEDED else 0.0
+        return self.items_done / self.items_total
+
+    def items_per_s(self, now: float | None = None) -> float:
+        """Mean throughput since the first chunk started."""
+        if not self.started or not self.items_done:
+            return 0.0
+        end = self.finished or (time.time() if now is None else now)
+        return self.items_done / max(end - self.started, 1e-6)
+
+    def chunk_span(self, chunk: int) -> tuple[int, int]:
+        """Global [start, stop) item indices of a chunk (the last one may be short)."""
+        start = chunk * self.chunk_size
+        stop = start + self.chunk_size
+        return start, min(stop, self.items_total) if self.sealed else stop
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for ``url`` (binary replies) that retries briefly on a dropped connection."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30,
+                                retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3))
+
+
+def _s(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """What a worker learns when it begins a chunk."""
+
+    kind: JobKind
+    model: str
+    chunk_size: int
+    seed: int
+    temperature: float
+    image_format: ImageFormat
+    payload: bytes | None
+
+
+class JobStore:
+    """All reads and writes of job state. Thread-safe (redis-py pools connections)."""
+
+    def __init__(self, client: redis.Redis, config: QueueConfig) -> None:
+        self.r = client
+        self.config = config
+        self.keys: Keys = config.keys
+        self._enqueue = client.register_script(ENQUEUE)
+        self._seal = client.register_script(SEAL)
+        self._begin = client.register_script(BEGIN)
+        self._store = client.register_script(STORE)
+        self._end = client.register_script(END)
+        self._dead = client.register_script(DEAD_LETTER)
+        self._release = client.register_script(RELEASE)
+        self._extend = client.register_script(EXTEND)
+        self._sweep = client.register_script(SWEEP)
+
+    # -- key sets ---------------------------------------------------------------------
+    def _job_keys(self, job_id: str, pool: str) -> list[str]:
+        k = self.keys
+        return [k.job(job_id), k.job_inputs(job_id), k.job_results(job_id), k.job_tasks(job_id),
+                k.stream(pool), k.jobs_expiry]
+
+    def ensure_group(self, pool: str) -> None:
+        """Create the pool's stream and consumer group if missing (idempotent)."""
+        try:
+            self.r.xgroup_create(self.keys.stream(pool), self.keys.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # -- submitting -------------------------------------------------------------------
+    def create(self, kind: JobKind, model: str, *, chunk_size: int | None = None,
+               image_format: ImageFormat = ImageFormat.PNG, seed: int = 0,
+               temperature: float = 1.0) -> JobInfo:
+        """A new job in RECEIVING state with no chunks yet; add them, then ``seal``."""
+        cs = chunk_size or self.config.chunk_size
+        if not 1 <= cs <= self.config.max_job_items:
+            raise InvalidInput(f"chunk size {cs} must be between 1 and "
+                               f"{self.config.max_job_items}")
+        if not model:
+            raise InvalidInput("a job needs a model reference (NAME or NAME:VERSION)")
+        pool = self.config.pool_for(model)
+        self.ensure_group(pool)
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        k = self.keys
+        fields = {"id": job_id, "kind": JobKind(kind).value, "model": model, "pool": pool,
+                  "state": JobState.RECEIVING.value, "chunk_size": cs,
+                  "image_format": ImageFormat(image_format).value, "seed": int(seed),
+                  "temperature": repr(float(temperature)), "created": repr(now), "sealed": 0,
+                  "items_total": 0, "chunks_total": 0, "items_done": 0, "chunks_done": 0,
+                  "chunks_queued": 0}
+        ttl_ms = int(self.config.job_ttl_s * 1000)
+        with self.r.pipeline(transaction=True) as p:
+            p.hset(k.job(job_id), mapping=fields)
+            p.pexpire(k.job(job_id), ttl_ms)
+            p.zadd(k.jobs, {job_id: now})
+            p.zadd(k.jobs_expiry, {job_id: now + self.config.job_ttl_s})
+            p.execute()
+        self.sweep(now)
+        return self.get(job_id)
+
+    def enqueue(self, job: JobInfo, chunks: Sequence[tuple[int, int, bytes]]) -> int:
+        """Add ``(chunk index, item count, packed payload)`` tasks; returns the new depth.
+
+        All or none: beyond ``max_queued_chunks`` on the pool's stream nothing is added
+        and ResourceLimit names the current depth.
+        """
+        if not chunks:
+            return self.depth(job.pool)
+        argv: list[Any] = [job.id, self.config.max_queued_chunks]
+        for chunk, n, payload in chunks:
+            if len(payload) > self.config.max_chunk_bytes:
+                raise ResourceLimit(f"chunk {chunk} of job {job.id} packs {len(payload)} bytes; "
+                                    f"the limit is {self.config.max_chunk_bytes}: use a "
+                                    "smaller chunk size")
+            argv += [chunk, n, payload]
+        k = self.keys
+        code, info = self._enqueue(keys=[k.job(job.id), k.job_inputs(job.id),
+                                         k.job_tasks(job.id), k.stream(job.pool)], args=argv)
+        if code == -1:
+            raise ResourceLimit(
+                f"the queue of pool {job.pool!r} holds {info} chunks; adding {len(chunks)} "
+                f"would pass the limit of {self.config.max_queued_chunks}: retry later")
+        if code == -2:
+            raise JobNotFound(f"job {job.id} does not exist (it may have expired)")
+        if code == -3:
+            raise JobStateError(f"job {job.id} is {_s(info)}; it takes no more inputs")
+        return int(code)
+
+    def seal(self, job: JobInfo, items_total: int, chunks_total: int) -> JobInfo:
+        """Mark every input received; the job succeeds once all its chunks are stored."""
+        code = self._seal(keys=self._job_keys(job.id, job.pool),
+                          args=[job.id, items_total, chunks_total, repr(time.time()),
+                                int(self.config.result_ttl_s * 1000),
+                                self.keys.job_progress(job.id)])
+        if code == -2:
+            raise JobNotFound(f"job {job.id} does not exist (it may have expired)")
+        if code == -3:
+            raise JobStateError(f"job {job.id} is {self.get(job.id).state.value}; "
+                                "it cannot be sealed")
+        if code == -4:
+            raise InvalidInput(f"job {job.id}: sealed with {chunks_total} chunks but "
+                               f"{self.get(job.id).chunks_queued} were queued")
+        return self.get(job.id)
+
+    def submit(self, kind: JobKind, model: str, *, items: Any = None, count: int = 0,
+               chunk_size: int | None = None, seed: int = 0, temperature: float = 1.0,
+               image_format: ImageFormat = ImageFormat.PNG) -> JobInfo:
+        """Create, fill and seal a whole job in one call (tests, benchmarks, the service).
+
+        ``items``: uint8 (N, C, H, W) images for compress, a list of code bytes for
+        reconstruct; ``count`` for sample. A refused job (limits) leaves nothing behind.
+        """
+        kind = JobKind(kind)
+        n = count if kind is JobKind.SAMPLE else len(items)
+        self.check_size(n)
+        job = self.create(kind, model, chunk_size=chunk_size, image_format=image_format,
+                          seed=seed, temperature=temperature)
+        cs = job.chunk_size
+        chunks = []
+        for c, lo in enumerate(range(0, n, cs)):
+            part = None if kind is JobKind.SAMPLE else items[lo:lo + cs]
+            payload = (b"" if part is None else
+                       pack_images(part) if kind is JobKind.COMPRESS else pack_items(part))
+            chunks.append((c, min(cs, n - lo), payload))
+        try:
+            self.enqueue(job, chunks)
+        except Exception:
+            self.delete(job.id)
+            raise
+        return self.seal(job, n, len(chunks))
+
+    def check_size(self, items: int) -> None:
+        """Refuse a job of more than ``max_job_items`` items (or fewer than one)."""
+        if items < 1:
+            raise InvalidInput(f"a job needs at least one item, got {items}")
+        if items > self.config.max_job_items:
+            raise ResourceLimit(f"a job of {items} items is over the limit of "
+                                f"{self.config.max_job_items}; split it into several jobs")
+
+    def delete(self, job_id: str) -> None:
+        """Remove every key of a job at once (a submit that failed half-way)."""
+        k = self.keys
+        try:
+            pool = self.get(job_id).pool
+            ids = self.r.lrange(k.job_tasks(job_id), 0, -1)
+            if ids:
+                self.r.xdel(k.stream(pool), *ids)
+        except JobNotFound:
+            pass
+        self.r.delete(k.job(job_id), k.job_inputs(job_id), k.job_results(job_id),
+                      k.job_tasks(job_id))
+        self.r.zrem(k.jobs, job_id)
+        self.r.zrem(k.jobs_expiry, job_id)
+
+    # -- reading ----------------------------------------------------------------------
+    def get(self, job_id: str) -> JobInfo:
+        """The job's current snapshot; JobNotFound if it never existed or expired."""
+        check_job_id(job_id)
+        h = self.r.hgetall(self.keys.job(job_id))
+        if not h:
+            raise JobNotFound(f"no job {job_id} (unknown, or expired after its TTL)")
+        return JobInfo.from_hash(h)
+
+    def list(self, limit: int = 100, states: Sequence[JobState] = ()) -> list[JobInfo]:
+        """Newest jobs first, at most ``limit``, optionally only in ``states``."""
+        self.sweep()
+        ids = [_s(i) for i in self.r.zrevrange(self.keys.jobs, 0, -1)]
+        out: list[JobInfo] = []
+        for start in range(0, len(ids), 200):
+            with self.r.pipeline(transaction=False) as p:
+                for job_id in ids[start:start + 200]:
+                    p.hgetall(self.keys.job(job_id))
+                for h in p.execute():
+                    if h:
+                        info = JobInfo.from_hash(h)
+                        if not states or info.state in states:
+                            out.append(info)
+            if len(out) >= limit:
+                break
+        return out[:limit]
+
+    def depth(self, pool: str) -> int:
+        """Chunks queued or running on a pool's stream (acked entries are deleted)."""
+        return int(self.r.xlen(self.keys.stream(pool)))
+
+    def chunk_results(self, job_id: str, chunk: int) -> bytes | None:
+        return self.r.hget(self.keys.job_results(job_id), str(chunk))
+
+    def iter_results(self, job_id: str, start: int = 0,
+                     wait_s: float = 1.0) -> Iterator[tuple[int, bytes | Any]]:
+        """(index, result) in input order from ``start``, waiting for chunks not yet stored.
+
+        Raises JobStateError at the first missing result of a failed or cancelled job.
+        """
+        info = self.get(job_id)
+        if start < 0 or (info.sealed and start > info.items_total):
+            raise InvalidInput(f"start index {start} is outside job {job_id}'s "
+                               f"{info.items_total} items")
+        chunk = start // info.chunk_size
+        with ProgressWaiter(self, job_id) as waiter:
+            while True:
+                info = self.get(job_id)
+                if info.sealed and chunk >= info.chunks_total:
+                    return
+                data = self.chunk_results(job_id, chunk)
+                if data is None:
+                    if info.state in (JobState.FAILED, JobState.CANCELLED):
+                        raise JobStateError(
+                            f"job {job_id} is {info.state.value}"
+                            f"{': ' + info.error if info.error else ''}; results from index "
+                            f"{chunk * info.chunk_size} on were not produced")
+                    waiter.wait(wait_s)
+                    continue
+                lo = chunk * info.chunk_size
+                items = unpack(data)
+                for i in range(max(start - lo, 0), len(items)):
+                    yield lo + i, items[i]
+                chunk += 1
+
+    def watch(self, job_id: str, wait_s: float = 1.0) -> Iterator[JobInfo]:
+        """Snapshots of the job each time it changes, ending with its terminal state."""
+        last = None
+        with ProgressWaiter(self, job_id) as waiter:
+            while True:
+                info = self.get(job_id)
+                key = (info.state, info.items_done, info.chunks_done, info.sealed)
+                if key != last:
+                    last = key
+                    yield info
+                if info.state.terminal:
+                    return
+                waiter.wait(wait_s)
+
+    def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+        """Newest dead-letter entries (job, chunk, deliveries, reason, consumer, time)."""
+        return [{_s(k): _s(v) for k, v in fields.items()} | {"entry": _s(eid)}
+                for eid, fields in self.r.xrevrange(self.keys.dead_letter, count=count)]
+
+    # -- ending -----------------------------------------------------------------------
+    def cancel(self, job_id: str) -> JobInfo:
+        """Cancel a job: queued chunks are dropped, running ones stop at a batch boundary."""
+        return self._finish(job_id, JobState.CANCELLED, "cancelled by request")
+
+    def fail(self, job_id: str, reason: str) -> JobInfo:
+        """Fail a job with ``reason`` (an aborted upload, a permanent chunk error)."""
+        return self._finish(job_id, JobState.FAILED, reason)
+
+    def _finish(self, job_id: str, state: JobState, reason: str) -> JobInfo:
+        info = self.get(job_id)
+        res = self._end(keys=self._job_keys(job_id, info.pool),
+                        args=[job_id, state.value, reason, repr(time.time()),
+                              int(self.config.result_ttl_s * 1000),
+                              self.keys.job_progress(job_id)])
+        if res != 1:
+            raise JobStateError(f"job {job_id} is already {_s(res)}; it cannot be "
+                                f"{state.value}")
+        return self.get(job_id)
+
+    def sweep(self, now: float | None = None, limit: int = 1000) -> int:
+        """Drop ids of expired jobs from the two job indexes; returns how many."""
+        return int(self._sweep(keys=[self.keys.jobs, self.keys.jobs_expiry],
+                               args=[repr(time.time() if now is None else now), limit]))
+
+    # -- worker side ------------------------------------------------------------------
+    def begin_chunk(self, pool: str, job_id: str, chunk: int, entry_id: str) -> ChunkTask | str:
+        """Mark the job running and fetch the chunk's inputs, or say why to skip it."""
+        k = self.keys
+        res = self._begin(keys=[k.job(job_id), k.job_inputs(job_id), k.stream(pool)],
+                          args=[chunk, entry_id, k.group, repr(time.time())])
+        if _s(res[0]) == "skip":
+            return _s(res[1])
+        _, kind, model, seed, temp, fmt, size, payload = res
+        return ChunkTask(kind=JobKind(_s(kind)), model=_s(model), chunk_size=int(size),
+                         seed=int(seed),
+                         temperature=float(temp), image_format=ImageFormat(_s(fmt)),
+                         payload=payload or None)
+
+    def store_chunk(self, pool: str, job_id: str, chunk: int, n: int, result: bytes,
+                    entry_id: str) -> bool:
+        """Store a chunk's packed results once, advance progress, XACK; True if new."""
+        return bool(self._store(
+            keys=self._job_keys(job_id, pool),
+            args=[job_id, chunk, n, result, entry_id, self.keys.group, repr(time.time()),
+                  int(self.config.result_ttl_s * 1000), self.keys.job_progress(job_id)]))
+
+    def ack(self, pool: str, entry_id: str) -> None:
+        """Acknowledge and delete an entry without storing anything (a stopped chunk)."""
+        stream = self.keys.stream(pool)
+        with self.r.pipeline(transaction=True) as p:
+            p.xack(stream, self.keys.group, entry_id)
+            p.xdel(stream, entry_id)
+            p.execute()
+
+    def note_chunk_error(self, job_id: str, chunk: int, error: str) -> None:
+        """Remember a retryable chunk error; the dead letter quotes the last one."""
+        self.r.hset(self.keys.job(job_id), f"err:{chunk}", error[:2000])
+
+    def chunk_error(self, job_id: str, chunk: int) -> str:
+        return _s(self.r.hget(self.keys.job(job_id), f"err:{chunk}"))
+
+    def dead_letter(self, pool: str, job_id: str, chunk: int, entry_id: str, *,
+                    deliveries: int, reason: str, consumer: str) -> None:
+        """Move a chunk to the dead-letter stream and fail its job with ``reason``."""
+        k = self.keys
+        fields = ["job", job_id, "chunk", chunk, "pool", pool, "entry", entry_id,
+                  "deliveries", deliveries, "reason", reason, "consumer", consumer,
+                  "time", repr(time.time())]
+        self._dead(keys=[k.stream(pool), k.dead_letter],
+                   args=[k.group, entry_id, self.config.dead_letter_maxlen, *fields])
+        try:
+            self.fail(job_id, f"chunk {chunk} dead-lettered after {deliveries} "
+                              f"deliveries: {reason}")
+        except (JobStateError, JobNotFound):
+            pass  # already over: the dead letter still records it
+
+    def release(self, pool: str, consumer: str, entry_id: str, job_id: str, chunk: int,
+                n: int, deliveries: int) -> bool:
+        """Give a chunk we own back to the queue now (shutdown), keeping its delivery count."""
+        k = self.keys
+        return bool(self._release(keys=[k.stream(pool), k.job(job_id), k.job_tasks(job_id)],
+                                  args=[k.group, consumer, entry_id, job_id, chunk, n,
+                                        deliveries]))
+
+    def extend(self, pool: str, consumer: str, entry_ids: Sequence[str]) -> dict[str, str]:
+        """Reset the idle time of entries we still own: per id 'kept', 'stolen' (another
+        consumer reclaimed it) or 'gone' (acked meanwhile)."""
+        if not entry_ids:
+            return {}
+        status = self._extend(keys=[self.keys.stream(pool)],
+                              args=[self.keys.group, consumer, *entry_ids])
+        return dict(zip(entry_ids, (_s(x) for x in status)))
+
+
+class ProgressWaiter:
+    """Wait for a job's next progress message (pub/sub), re-subscribing after a reconnect.
+
+    Callers re-read the job after subscribing and after every wake-up, so a message
+    that arrives between a read and a wait is never missed; ``wait`` returns at the
+    latest after its timeout as a safety net.
+    """
+
+    def __init__(self, store: JobStore, job_id: str) -> None:
+        self.store = store
+        self.channel = store.keys.job_progress(job_id)
+        self.pubsub: Any = None
+
+    def __enter__(self) -> ProgressWaiter:
+        self._subscribe()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.pubsub is not None:
+            try:
+                self.pubsub.close()
+            finally:
+                self.pubsub = None
+
+    def _subscribe(self) -> None:
+        self.pubsub = self.store.r.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(self.channel)
+
+    def wait(self, timeout: float) -> bool:
+        """True if a message arrived within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        try:
+            if self.pubsub is None:
+                self._subscribe()
+            while (left := deadline - time.monotonic()) > 0:
+                if self.pubsub.get_message(timeout=left) is not None:
+                    return True
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Redis went away: drop the subscription, wait out the timeout, and let the
+            # next wait subscribe again (the caller re-reads the job in between).
+            self._close()
+            time.sleep(max(deadline - time.monotonic(), 0))
+        return False

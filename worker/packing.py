@@ -1,0 +1,58 @@
+"""Pack a chunk's items into one Redis value, and back.
+
+Two layouts, told apart by the first byte:
+
+- ``b"I"`` + uint32 count + count x uint32 lengths + the items concatenated: a list of
+  byte strings (latent codes, PNG files).
+- ``b"A"`` + 4 x uint32 (N, C, H, W) + N*C*H*W bytes: a uint8 image batch (raw inputs
+  of a compress chunk, raw image results).
+
+All integers little-endian. One value per chunk keeps a job to a handful of keys.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import InvalidInput
+
+_ITEMS = b"I"
+_ARRAY = b"A"
+
+
+def pack_items(items: Sequence[bytes]) -> bytes:
+    """A list of byte strings -> one value."""
+    lengths = np.fromiter((len(b) for b in items), dtype="<u4", count=len(items))
+    return b"".join([_ITEMS, struct.pack("<I", len(items)), lengths.tobytes(), *items])
+
+
+def pack_images(images: np.ndarray) -> bytes:
+    """uint8 (N, C, H, W) -> one value."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise InvalidInput(f"pack_images takes uint8 (N, C, H, W), got {images.dtype} "
+                           f"{images.shape}")
+    return _ARRAY + struct.pack("<4I", *images.shape) + np.ascontiguousarray(images).tobytes()
+
+
+def unpack(data: bytes) -> list[bytes] | np.ndarray:
+    """One value -> list of byte strings, or uint8 (N, C, H, W); refuses damaged values."""
+    tag = data[:1]
+    try:
+        if tag == _ITEMS:
+            (n,) = struct.unpack_from("<I", data, 1)
+            lengths = np.frombuffer(data, dtype="<u4", count=n, offset=5).astype(np.int64)
+            ends = 5 + 4 * n + np.cumsum(lengths)
+            if n and ends[-1] != len(data):
+                raise ValueError(f"lengths sum to {ends[-1]}, value holds {len(data)} bytes")
+            starts = np.concatenate([[5 + 4 * n], ends[:-1]]) if n else ends
+            return [data[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
+        if tag == _ARRAY:
+            shape = struct.unpack_from("<4I", data, 1)
+            arr = np.frombuffer(data, dtype=np.uint8, offset=17)
+            return arr.reshape(shape)
+    except (struct.error, ValueError) as exc:
+        raise InvalidInput(f"packed chunk value is damaged: {exc}") from None
+    raise InvalidInput(f"packed chunk value starts with {tag!r}; expected b'I' or b'A'")

@@ -1,0 +1,78 @@
+"""``latentserve worker --redis URL [--models DIR] [--provider cpu|cuda|auto] ...``.
+
+Runs one job consumer until SIGTERM / SIGINT: it then stops taking work, finishes its
+current chunk within ``--grace-s`` (or gives it back to the queue), and exits 0. A
+second signal releases at once. ``--burst`` exits once the queues are empty.
+Every flag also reads ``LATENTSERVE_<NAME>`` (``REDIS_URL`` for ``--redis``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any
+
+# (flag, config field, type, help) of the optional settings; None = "not given".
+_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--models", "models_dir", str, "model repository folder [default models]"),
+    ("--provider", "provider", str, "onnxruntime provider: cpu, cuda, tensorrt or auto"),
+    ("--intra-op-threads", "intra_op_threads", int, "onnxruntime threads per run (0 = all)"),
+    ("--pools", "pools", lambda s: tuple(p for p in s.split(",") if p),
+     "comma-separated pools to consume [default: default]"),
+    ("--consumer", "consumer", str, "consumer name [default host-pid-random]"),
+    ("--batch-items", "batch_items", int, "max items in one pipeline call [256]"),
+    ("--read-count", "read_count", int, "stream entries taken per read [4]"),
+    ("--block-ms", "block_ms", int, "how long a read waits for new entries [1000]"),
+    ("--claim-idle-s", "claim_idle_s", float,
+     "reclaim chunks pending longer than this from dead workers [30]"),
+    ("--heartbeat-s", "heartbeat_s", float, "claim extension period [claim-idle-s / 4]"),
+    ("--max-deliveries", "max_deliveries", int,
+     "dead-letter a chunk delivered more often than this [3]"),
+    ("--grace-s", "grace_s", float, "on SIGTERM, finish the current chunk within this [30]"),
+    ("--prefix", "prefix", str, "Redis key prefix [latentserve:]"),
+    ("--result-ttl-s", "result_ttl_s", float, "how long finished jobs are kept [86400]"),
+)
+
+
+def register(sub: Any) -> None:
+    """Add the ``worker`` subcommand."""
+    p = sub.add_parser("worker", help="run a Redis Streams job worker",
+                       description="Consume chunk tasks of bulk jobs (compress, reconstruct, "
+                                   "sample) from Redis and store their results.")
+    p.add_argument("--redis", dest="redis_url", metavar="URL", default=None,
+                   help="Redis URL, e.g. redis://host:6379/0 [env LATENTSERVE_REDIS_URL "
+                        "or REDIS_URL]")
+    for flag, dest, kind, text in _FLAGS:
+        p.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    p.add_argument("--burst", action="store_true", default=None,
+                   help="exit once no work is left (tests, one-shot runs)")
+    p.add_argument("--log-level", default="INFO", help="logging level [INFO]")
+    p.set_defaults(func=cmd_worker)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .config import WorkerConfig
+    from .consumer import create_worker
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {dest: getattr(args, dest) for _, dest, _, _ in _FLAGS}
+    config = WorkerConfig.from_env(redis_url=args.redis_url, burst=args.burst, **overrides)
+    worker = create_worker(config)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logging.getLogger(__name__).info("worker %s: %s, stopping (grace %.1fs)",
+                                         config.consumer, signal.Signals(signum).name,
+                                         config.grace_s)
+        worker.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"worker {config.consumer}: pools {','.join(config.pools)}, models "
+          f"{config.models_dir}, provider {config.provider}", file=sys.stderr, flush=True)
+    stats = worker.run()
+    print(f"worker {config.consumer}: {stats.chunks} chunks, {stats.items} items, "
+          f"{stats.released} released, {stats.dead_lettered} dead-lettered", file=sys.stderr)
+    return 0
