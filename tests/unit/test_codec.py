@@ -1,0 +1,271 @@
+"""worker/codec.py: header layout, round trips of every kind, and every refusal.
+
+Uses the checked-in golden models (tests/fixtures/golden_repo: hand-built ONNX graphs run
+by onnxruntime) and the tiny trained models of ``tiny_repo`` for the real prior.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from latentserve.worker.codec import (
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    VQ_PRIOR,
+    VQ_STATIC,
+    LatentCodec,
+    checksum,
+    pack,
+    parse_header,
+)
+from latentserve.worker.errors import (
+    CodeMismatch,
+    CorruptCode,
+    InvalidInput,
+    NotExactlyDecodable,
+    UnknownFormatVersion,
+)
+from latentserve.worker.engine import EngineConfig, ModelRuntime
+from latentserve.worker.pipeline import Pipeline
+
+# The machine's cores are shared: one onnxruntime thread per session in tests.
+ONE_THREAD = EngineConfig(intra_op_threads=1)
+GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden_repo"
+
+
+@pytest.fixture(scope="module")
+def golden() -> Pipeline:
+    return Pipeline(GOLDEN, ONE_THREAD)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_repo: Path) -> Pipeline:
+    return Pipeline(tiny_repo, ONE_THREAD)
+
+
+def blobs(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:28, 0:28]
+    c = rng.uniform(4, 24, (n, 2, 1, 1))
+    r = rng.uniform(2, 10, (n, 1, 1))
+    img = 255 * np.exp(-((yy - c[:, 0]) ** 2 + (xx - c[:, 1]) ** 2) / (2 * r**2))
+    return np.clip(img + rng.uniform(0, 60, img.shape), 0, 255).astype(np.uint8)[:, None]
+
+
+class NoisyPrior:
+    """A real runtime whose prior logits get uniform noise in [-amp, amp] (or a transform)."""
+
+    def __init__(self, runtime: ModelRuntime, amp: float = 0.0, transform: Any = None,
+                 seed: int = 0) -> None:
+        self._rt, self.amp, self.transform = runtime, amp, transform
+        self.rng = np.random.default_rng(seed)
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rt, name)
+
+    def prior_logits(self, indices: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        logits = self._rt.prior_logits(indices).astype(np.float64)
+        if self.transform is not None:
+            return self.transform(logits)
+        return logits + self.rng.uniform(-self.amp, self.amp, logits.shape)
+
+
+# -- header -----------------------------------------------------------------------------
+
+def test_header_layout() -> None:
+    digest = "ab" * 32
+    code = pack(digest, 3, b"\x12\x34")
+    assert len(code) == HEADER_SIZE + 2
+    assert code[0] == 0xA1 and code[1] == 3 and code[2:4] == b"\xab\xab"
+    crc = zlib.crc32(bytes.fromhex(digest) + code[:4] + b"\x12\x34") & 0xFFFFFF
+    assert code[4:7] == crc.to_bytes(3, "big") == checksum(digest, code[:4], b"\x12\x34").to_bytes(3, "big")
+    h = parse_header(code)
+    assert (h.version, h.kind, h.fingerprint, h.payload) == (FORMAT_VERSION, 3, b"\xab\xab", b"\x12\x34")
+    assert h.made_by(digest) and not h.made_by("ab" * 31 + "ac")
+
+
+@pytest.mark.parametrize("code, error, match", [
+    (b"", CorruptCode, "truncated"),
+    (b"\xa1\x01\x00\x00\x00\x00", CorruptCode, "truncated"),
+    (b"\x89PNG\r\n\x1a\n", CorruptCode, "not a latentserve code"),
+    (b"\xa2\x01\x00\x00\x00\x00\x00", UnknownFormatVersion, "format version 2"),
+    (b"\xa0\x01\x00\x00\x00\x00\x00", UnknownFormatVersion, "format version 0"),
+    (b"\xa1\x07\x00\x00\x00\x00\x00", CorruptCode, "code kind 7"),
+])
+def test_header_refusals(code: bytes, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        parse_header(code)
+
+
+def test_header_refuses_non_bytes() -> None:
+    with pytest.raises(CorruptCode, match="must be bytes"):
+        parse_header("a1")  # type: ignore[arg-type]
+
+
+# -- round trips ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ref, kind", [("golden-ae:1", None), ("golden-vqvae:1", None),
+                                       ("golden-vqvae:1", "vq_static")])
+def test_golden_round_trip(golden: Pipeline, ref: str, kind: str | None) -> None:
+    codec = golden.codec(ref)
+    symbols = codec.runtime.encode(blobs(40))
+    codes = codec.encode(symbols, kind=kind)
+    assert len(codes) == 40 and all(c[2:4] == codec.manifest.fingerprint for c in codes)
+    assert np.array_equal(codec.decode(codes), symbols)
+    if kind == "vq_static":
+        assert {c[1] for c in codes} == {VQ_STATIC}
+
+
+def test_vq_prior_falls_back_per_image(golden: Pipeline) -> None:
+    codec = golden.codec("golden-vqvae:1")
+    symbols = codec.runtime.encode(blobs(60, seed=3))
+    codes = codec.encode(symbols)
+    kinds = [c[1] for c in codes]
+    assert set(kinds) == {VQ_STATIC, VQ_PRIOR}  # the random bigram prior hits the guard often
+    _, margin = codec.prior_probs(symbols)
+    ok = margin.min(axis=1) >= codec.prior.guard  # type: ignore[union-attr]
+    assert [k == VQ_PRIOR for k in kinds] == ok.tolist()
+    assert np.array_equal(codec.decode(codes), symbols)
+
+
+def test_empty_batches(golden: Pipeline) -> None:
+    codec = golden.codec("golden-vqvae:1")
+    assert codec.encode(np.zeros((0, 7, 7), np.int32)) == []
+    assert codec.decode([]).shape == (0, 7, 7)
+
+
+@pytest.mark.parametrize("family", ["ae", "vae", "vqvae"])
+def test_tiny_round_trip(tiny: Pipeline, mnist_images: np.ndarray, family: str) -> None:
+    codec = tiny.codec(f"tiny-{family}")
+    symbols = codec.runtime.encode(mnist_images[:64])
+    codes = codec.encode(symbols)
+    assert np.array_equal(codec.decode(codes), symbols)
+    kinds = [c[1] for c in codes]
+    payload = np.array([len(c) - HEADER_SIZE for c in codes])
+    bits = codec.cross_entropy_bits(symbols, kinds)
+    # The range coder's flush: a few bytes per code over the tables' own cost.
+    assert np.all(payload * 8 <= bits + 40), (payload * 8 - bits).max()
+    if family == "vqvae":
+        assert VQ_PRIOR in kinds
+
+
+def test_kind3_decoding_batches_the_prior(tiny: Pipeline, mnist_images: np.ndarray) -> None:
+    codec = tiny.codec("tiny-vqvae")
+    symbols = codec.runtime.encode(mnist_images[:50])
+    codes = codec.encode(symbols)
+    noisy = NoisyPrior(codec.runtime)
+    assert np.array_equal(LatentCodec(noisy).decode(codes), symbols)  # type: ignore[arg-type]
+    # One prior run per grid position for the whole batch, not one per image.
+    assert noisy.calls == np.prod(codec.manifest.latent_shape)
+
+
+@pytest.mark.parametrize("ref", ["tiny-vqvae", "golden-vqvae:1"])
+def test_logit_noise_of_1e5_still_decodes_exactly(tiny: Pipeline, golden: Pipeline,
+                                                  mnist_images: np.ndarray, ref: str) -> None:
+    pipe = golden if ref.startswith("golden") else tiny
+    codec = pipe.codec(ref)
+    images = blobs(64, seed=9) if ref.startswith("golden") else mnist_images[:64]
+    symbols = codec.runtime.encode(images)
+    codes = codec.encode(symbols)
+    assert sum(c[1] == VQ_PRIOR for c in codes) >= 10
+    for seed in range(3):
+        noisy = LatentCodec(NoisyPrior(codec.runtime, amp=1e-5, seed=seed))  # type: ignore[arg-type]
+        assert np.array_equal(noisy.decode(codes), symbols)
+
+
+def test_logits_on_a_rounding_boundary_are_refused(golden: Pipeline) -> None:
+    codec = golden.codec("golden-vqvae:1")
+    symbols = codec.runtime.encode(blobs(30, seed=4))
+    codes = codec.encode(symbols)
+    scale = codec.prior.logit_scale  # type: ignore[union-attr]
+    # Every logit moved onto a rounding boundary: the decoder cannot trust its tables.
+    onto = NoisyPrior(codec.runtime, transform=lambda x: (np.floor(x * scale) + 0.5) / scale)
+    results = LatentCodec(onto).decode_each(codes)  # type: ignore[arg-type]
+    for code, r in zip(codes, results):
+        if code[1] == VQ_PRIOR:
+            assert isinstance(r, NotExactlyDecodable) and "rounding boundary" in str(r)
+        else:
+            assert isinstance(r, np.ndarray)
+
+
+def test_wrong_tables_never_decode_silently(golden: Pipeline) -> None:
+    """Logit noise far above the guard changes tables: refused (exactness check), never garbage."""
+    codec = golden.codec("golden-vqvae:1")
+    symbols = codec.runtime.encode(blobs(60, seed=5))
+    codes = [c for c in codec.encode(symbols) if c[1] == VQ_PRIOR]
+    wrong = LatentCodec(NoisyPrior(codec.runtime, amp=0.6, seed=1))  # type: ignore[arg-type]
+    for r in wrong.decode_each(codes):
+        assert isinstance(r, (CorruptCode, NotExactlyDecodable))
+
+
+# -- refusals ---------------------------------------------------------------------------
+
+def test_code_of_another_model_is_refused(golden: Pipeline) -> None:
+    ae, vq = golden.codec("golden-ae:1"), golden.codec("golden-vqvae:1")
+    code = ae.encode(ae.runtime.encode(blobs(1)))[0]
+    with pytest.raises(CodeMismatch, match=f"fingerprint {ae.manifest.fingerprint.hex()}.*"
+                                           "not by golden-vqvae:1"):
+        vq.decode([code])
+
+
+def test_checksum_mismatch_is_corrupt(golden: Pipeline) -> None:
+    codec = golden.codec("golden-ae:1")
+    code = bytearray(codec.encode(codec.runtime.encode(blobs(1)))[0])
+    code[-1] ^= 0x10
+    with pytest.raises(CorruptCode, match="checksum mismatch"):
+        codec.decode([bytes(code)])
+
+
+def test_kind_the_model_does_not_write_is_corrupt(golden: Pipeline) -> None:
+    codec = golden.codec("golden-ae:1")
+    payload = parse_header(codec.encode(codec.runtime.encode(blobs(1)))[0]).payload
+    with pytest.raises(CorruptCode, match="does not write codes of kind 2"):
+        codec.decode([pack(codec.manifest.digest, VQ_STATIC, payload)])
+
+
+@pytest.mark.parametrize("ref", ["golden-ae:1", "golden-vqvae:1"])
+def test_non_canonical_payload_is_refused_even_with_a_valid_checksum(golden: Pipeline,
+                                                                     ref: str) -> None:
+    codec = golden.codec(ref)
+    code = codec.encode(codec.runtime.encode(blobs(1, seed=2)), kind=None)[0]
+    h = parse_header(code)
+    for payload in (h.payload + b"\0", h.payload + b"\x01", h.payload[:-1]):
+        forged = pack(codec.manifest.digest, h.kind, payload)  # a correct checksum
+        with pytest.raises(CorruptCode, match="not the one the encoder writes"):
+            codec.decode([forged])
+    # The empty payload is canonical: the all-zero stream, i.e. every symbol the first of
+    # its table (it is what the encoder writes for that message).
+    symbols = codec.decode([pack(codec.manifest.digest, VQ_STATIC if h.kind == VQ_PRIOR
+                                 else h.kind, b"")])
+    assert codec.encode(symbols, kind="vq_static" if h.kind == VQ_PRIOR else None)[0][7:] == b""
+
+
+def test_decode_names_the_bad_index(golden: Pipeline) -> None:
+    codec = golden.codec("golden-ae:1")
+    codes = codec.encode(codec.runtime.encode(blobs(3)))
+    codes[1] = codes[1][:-1]
+    with pytest.raises(CorruptCode, match="code 1 of 3"):
+        codec.decode(codes)
+    results = codec.decode_each(codes)
+    assert isinstance(results[0], np.ndarray) and isinstance(results[1], CorruptCode)
+
+
+def test_encode_refuses_bad_symbols(golden: Pipeline) -> None:
+    ae, vq = golden.codec("golden-ae:1"), golden.codec("golden-vqvae:1")
+    with pytest.raises(InvalidInput, match=r"channel 0 must lie in \[-4, 4\]"):
+        ae.encode(np.full((1, 2, 7, 7), 9, np.int32))
+    with pytest.raises(InvalidInput, match=r"VQ indices must lie in \[0, 7\]"):
+        vq.encode(np.full((1, 7, 7), 8, np.int32))
+    with pytest.raises(InvalidInput, match="shape"):
+        vq.encode(np.zeros((1, 6, 7), np.int32))
+    with pytest.raises(InvalidInput, match="integers"):
+        vq.encode(np.zeros((1, 7, 7), np.float32))
+    with pytest.raises(InvalidInput, match="cannot write code kind 'vq_prior'"):
+        ae.encode(np.zeros((1, 2, 7, 7), np.int32), kind="vq_prior")

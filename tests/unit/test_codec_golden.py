@@ -1,0 +1,83 @@
+"""Codes written in format v1 by the checked-in golden models still decode, bit for bit.
+
+The fixture (tests/fixtures/golden_repo, golden_codes.json) is regenerated only with
+``LATENTSERVE_REGEN_GOLDEN=1`` (then review the diff: a changed code means the format
+or the coder changed, and old codes in the wild would stop decoding).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from latentserve.worker.codec import FORMAT_VERSION, VQ_PRIOR, VQ_STATIC
+from latentserve.worker.errors import CodeMismatch
+from latentserve.worker.engine import EngineConfig
+from latentserve.worker.pipeline import Pipeline
+
+# The machine's cores are shared: one onnxruntime thread per session in tests.
+ONE_THREAD = EngineConfig(intra_op_threads=1)
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def load_golden_module():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("make_golden", FIXTURES / "make_golden.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:  # type: ignore[type-arg]
+    if os.environ.get("LATENTSERVE_REGEN_GOLDEN") == "1":
+        make = load_golden_module()
+        make.build_repo()
+        make.write_codes()
+    return json.loads((FIXTURES / "golden_codes.json").read_text())
+
+
+def test_golden_codes_cover_every_kind(golden: dict) -> None:  # type: ignore[type-arg]
+    assert golden["format_version"] == FORMAT_VERSION == 1
+    assert {c["kind"] for c in golden["codes"]} == {1, VQ_STATIC, VQ_PRIOR}
+
+
+def test_golden_codes_decode_to_their_symbols_and_images(golden: dict) -> None:  # type: ignore[type-arg]
+    pipe = Pipeline(FIXTURES / "golden_repo", ONE_THREAD)
+    codes = [bytes.fromhex(c["code"]) for c in golden["codes"]]
+    for entry, code in zip(golden["codes"], codes):
+        assert pipe.identify(code).manifest.ref == entry["model"]
+        symbols = pipe.codec(entry["model"]).decode([code])[0]
+        assert symbols.tolist() == entry["symbols"]
+    # All at once: codes of two models in one call, grouped by model.
+    images = pipe.reconstruct(codes)
+    want = np.stack([np.frombuffer(bytes.fromhex(c["image"]), np.uint8).reshape(1, 28, 28)
+                     for c in golden["codes"]])
+    # Symbols are exact; pixels may move by one rounding step across onnxruntime builds.
+    assert np.abs(images.astype(int) - want).max() <= 1
+
+
+def test_golden_encoder_still_writes_the_same_bytes(golden: dict) -> None:  # type: ignore[type-arg]
+    """Same symbols -> same code: the coder (constriction, table quantisation) did not change."""
+    pipe = Pipeline(FIXTURES / "golden_repo", ONE_THREAD)
+    for entry in golden["codes"]:
+        codec = pipe.codec(entry["model"])
+        kind = "vq_static" if entry["kind"] == VQ_STATIC else None
+        symbols = np.array([entry["symbols"]], np.int32)
+        assert codec.encode(symbols, kind=kind)[0].hex() == entry["code"]
+
+
+def test_code_of_a_deleted_model_names_it() -> None:
+    """golden-gone:1 is only in registry.json: its codes are refused by name."""
+    from latentserve.worker.codec import pack
+
+    make = load_golden_module()
+    code = pack(make.GONE["manifest_sha256"], VQ_STATIC, b"\x01\x02")
+    pipe = Pipeline(FIXTURES / "golden_repo", ONE_THREAD)
+    with pytest.raises(CodeMismatch, match="made by golden-gone:1 .*no model named 'golden-gone'"):
+        pipe.identify(code)
