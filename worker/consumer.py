@@ -36,7 +36,7 @@ import numpy as np
 import redis
 
 from .config import WorkerConfig
-from .errors import CodeError, InvalidInput, ResourceLimit
+from .errors import CodeError, InvalidInput, LatentServeError, ResourceLimit
 from .images import encode_png
 from .jobstore import ChunkTask, ImageFormat, JobKind, JobStore, connect
 from .packing import pack_images, pack_items, unpack
@@ -154,6 +154,10 @@ class Worker:
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("worker %s: Redis unavailable (%s); retrying in %.2fs",
                                 self.consumer, exc, backoff)
+                    with self._held_lock:
+                        # Stop extending what we read: those entries stay pending in
+                        # Redis and are reclaimed after claim_idle_s (by us or another).
+                        self._held.clear()
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, 2.0)
         finally:
@@ -409,6 +413,9 @@ class Worker:
 
     def _fail_chunk(self, h: Held, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}"
+        if h.task is not None:
+            lo = h.chunk * h.task.chunk_size
+            reason = f"chunk {h.chunk} (items {lo}-{lo + h.n - 1}): {reason}"
         if isinstance(exc, PERMANENT_ERRORS):
             log.warning("job %s chunk %d failed for good: %s", h.job_id, h.chunk, reason)
             self.store.dead_letter(h.pool, h.job_id, h.chunk, h.entry_id,
@@ -419,7 +426,8 @@ class Worker:
             # Leave it pending (no ack): it is redelivered after claim_idle_s, here or
             # on another worker, until the delivery cap sends it to the dead letters.
             log.warning("job %s chunk %d failed (delivery %d, will retry): %s",
-                        h.job_id, h.chunk, h.deliveries, reason, exc_info=exc)
+                        h.job_id, h.chunk, h.deliveries, reason,
+                        exc_info=None if isinstance(exc, LatentServeError) else exc)
             self.store.note_chunk_error(h.job_id, h.chunk, f"delivery {h.deliveries}: {reason}")
         self._drop(h)
 

@@ -45,3 +45,138 @@ def test_fetch_resumes_from_an_index(job_store, make_worker, mnist_images):
     assert [i for i, _ in full] == list(range(50))
     assert list(job_store.iter_results(job.id, start=37)) == full[37:]
     assert list(job_store.iter_results(job.id, start=50)) == []
+
+
+class CountingPipeline:
+    """The real pipeline, recording each call's item count; ``after(n)`` runs once the
+    n-th call has returned (to act at a known point of a job, with no timing)."""
+
+    def __init__(self, inner, after=None):
+        self.inner = inner
+        self.calls: list[tuple[str, int]] = []
+        self.after = after
+
+    def _done(self, name, n):
+        self.calls.append((name, n))
+        if self.after is not None:
+            self.after(len(self.calls))
+
+    def compress(self, ref, images):
+        out = self.inner.compress(ref, images)
+        self._done("compress", len(images))
+        return out
+
+    def reconstruct(self, codes, ref=None):
+        out = self.inner.reconstruct(codes, ref)
+        self._done("reconstruct", len(codes))
+        return out
+
+    def sample(self, ref, count, *, seed, temperature=1.0, start=0):
+        out = self.inner.sample(ref, count, seed=seed, temperature=temperature, start=start)
+        self._done("sample", count)
+        return out
+
+
+def test_small_chunks_are_merged_into_one_call(job_store, make_worker, tiny_pipeline,
+                                               mnist_images):
+    a = job_store.submit(JobKind.COMPRESS, "tiny-ae", items=mnist_images[:24], chunk_size=4)
+    b = job_store.submit(JobKind.COMPRESS, "tiny-ae", items=mnist_images[24:40], chunk_size=4)
+    s = job_store.submit(JobKind.SAMPLE, "tiny-vae", count=24, seed=3, chunk_size=4)
+    counting = CountingPipeline(tiny_pipeline)
+    make_worker(pipeline=counting, read_count=16, batch_items=64).run()
+    # 10 compress chunks of two jobs in one call, 6 contiguous sample chunks in another.
+    assert sorted(counting.calls) == [("compress", 40), ("sample", 24)]
+    assert all_results(job_store, a.id) + all_results(job_store, b.id) == \
+        tiny_pipeline.compress("tiny-ae", mnist_images[:40])
+    assert all_results(job_store, s.id) == [
+        encode_png(im) for im in tiny_pipeline.sample("tiny-vae", 24, seed=3)]
+
+
+def test_a_bad_input_fails_its_job_and_no_other(job_store, make_worker, tiny_pipeline,
+                                                mnist_images):
+    codes = tiny_pipeline.compress("tiny-vae", mnist_images[:16])
+    bad = list(codes)
+    bad[6] = bad[6][:-1] + bytes([bad[6][-1] ^ 0xFF])  # one corrupted code, in chunk 1
+    broken = job_store.submit(JobKind.RECONSTRUCT, "tiny-vae", items=bad, chunk_size=4)
+    good = job_store.submit(JobKind.RECONSTRUCT, "tiny-vae", items=codes, chunk_size=4)
+    stats = make_worker(read_count=16, batch_items=64).run()
+    failed = job_store.get(broken.id)
+    assert failed.state is JobState.FAILED
+    assert "chunk 1 (items 4-7)" in failed.error and "CorruptCode" in failed.error
+    assert stats.dead_lettered == 1
+    [letter] = job_store.dead_letters()
+    assert (letter["job"], letter["chunk"], letter["deliveries"]) == (broken.id, "1", "1")
+    assert job_store.get(good.id).state is JobState.SUCCEEDED
+    assert all_results(job_store, good.id) == [
+        encode_png(im) for im in tiny_pipeline.reconstruct(codes)]
+
+
+def test_a_chunk_that_always_fails_is_dead_lettered_after_n_deliveries(
+        job_store, make_worker, tiny_repo, mnist_images, tmp_path):
+    import shutil
+
+    from latentserve.worker.engine import EngineConfig
+    from latentserve.worker.pipeline import Pipeline
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    with open(repo / "tiny-vqvae" / "1" / "decoder.onnx", "ab") as f:
+        f.write(b"\0")  # the worker's copy of this model is damaged: every try fails
+    doomed = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=4, chunk_size=4)
+    fine = job_store.submit(JobKind.COMPRESS, "tiny-ae", items=mnist_images[:32], chunk_size=4)
+    worker = make_worker(pipeline=Pipeline(repo, EngineConfig(intra_op_threads=1)),
+                         max_deliveries=3, claim_idle_s=0.3)
+    stats = worker.run()
+    assert stats.dead_lettered == 1 and stats.retried == 2  # deliveries 2 and 3
+    info = job_store.get(doomed.id)
+    assert info.state is JobState.FAILED
+    assert "dead-lettered after 4 deliveries" in info.error
+    assert "ModelIntegrityError" in info.error and "decoder.onnx" in info.error
+    [letter] = job_store.dead_letters()
+    assert letter["job"] == doomed.id and letter["deliveries"] == "4"
+    assert job_store.get(fine.id).state is JobState.SUCCEEDED
+    assert len(all_results(job_store, fine.id)) == 32
+
+
+def test_cancel_stops_a_running_chunk_at_the_next_batch_boundary(job_store, make_worker,
+                                                                 tiny_pipeline):
+    job = job_store.submit(JobKind.SAMPLE, "tiny-ae", count=64, chunk_size=64)
+    counting = CountingPipeline(tiny_pipeline,
+                                after=lambda n: n == 2 and job_store.cancel(job.id))
+    stats = make_worker(pipeline=counting, batch_items=8).run()
+    assert counting.calls == [("sample", 8), ("sample", 8)]  # 6 batches never ran
+    assert stats.chunks == 0 and stats.skipped == 1
+    info = job_store.get(job.id)
+    assert info.state is JobState.CANCELLED and info.items_done == 0
+    assert job_store.depth("default") == 0
+
+
+def test_a_cancel_survives_a_worker_restart(job_store, make_worker, tiny_pipeline, redis_client):
+    job = job_store.submit(JobKind.SAMPLE, "tiny-ae", count=32, chunk_size=8)
+    # A worker took chunk 0 and died holding it; then the job was cancelled.
+    redis_client.xreadgroup(job_store.keys.group, "dead-worker",
+                            {job_store.keys.stream("default"): ">"}, count=1)
+    job_store.cancel(job.id)
+    counting = CountingPipeline(tiny_pipeline)
+    make_worker(pipeline=counting, claim_idle_s=0.2).run()
+    assert counting.calls == []
+    assert redis_client.xpending(job_store.keys.stream("default"),
+                                 job_store.keys.group)["pending"] == 0
+
+
+def test_a_healthy_long_chunk_is_not_stolen(job_store, make_worker, redis_client, wait_until):
+    job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=160, chunk_size=160)
+    stream = job_store.keys.stream("default")
+    busy = make_worker(burst=False, claim_idle_s=0.4, batch_items=160)
+    thread = busy.start_thread()
+    wait_until(lambda: redis_client.xpending(stream, job_store.keys.group)["pending"],
+               what="the first worker to take the chunk")
+    idle = make_worker(claim_idle_s=0.4)
+    idle_stats = idle.run()  # burst: returns once the busy worker has acked the chunk
+    busy.request_stop()
+    thread.join(10)
+    info = job_store.get(job.id)
+    assert info.state is JobState.SUCCEEDED
+    assert info.finished - info.started > 2 * 0.4, "the chunk ran too fast to prove anything"
+    assert idle_stats.retried == 0 and idle_stats.chunks == 0
+    assert busy.stats.chunks == 1

@@ -1,0 +1,214 @@
+"""Crash safety with real processes and real signals: SIGKILLed workers, SIGTERM
+shutdown, a Redis server killed and restarted from its AOF, reproducible sampling."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from latentserve.worker.config import QueueConfig
+from latentserve.worker.consumer import worker_health
+from latentserve.worker.jobstore import JobKind, JobState, JobStore, connect
+
+pytestmark = pytest.mark.queue
+
+
+def pending(client: redis.Redis, store: JobStore, consumer: str | None = None) -> list:
+    return client.xpending_range(store.keys.stream("default"), store.keys.group, "-", "+",
+                                 100, consumername=consumer)
+
+
+def digest(items) -> str:
+    h = hashlib.sha256()
+    for item in items:
+        h.update(len(item).to_bytes(4, "little"))
+        h.update(item)
+    return h.hexdigest()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_chunk_repeatedly_loses_and_duplicates_nothing(
+        job_store, redis_client, spawn_worker, tiny_pipeline, mnist_images, wait_until):
+    images = mnist_images[:400]
+    job = job_store.submit(JobKind.COMPRESS, "tiny-vqvae", items=images, chunk_size=25)
+    killed_holding = []
+    for round_ in range(3):
+        name = f"doomed-{round_}"
+        before = job_store.get(job.id).items_done
+        proc = spawn_worker("--consumer", name, "--max-deliveries", "10", "--read-count", "1",
+                            claim_idle_s=0.5)
+        # Kill it once it has stored a chunk and holds the next one, unacked.
+        held = wait_until(lambda: job_store.get(job.id).items_done > before
+                          and pending(redis_client, job_store, name),
+                          timeout=60, what=f"worker {name} to be mid-chunk")
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+        killed_holding.append(held[0]["message_id"])
+    assert job_store.get(job.id).state is JobState.RUNNING
+    final = spawn_worker("--burst", "--max-deliveries", "10", claim_idle_s=0.5)
+    out, _ = final.communicate(timeout=120)
+    assert final.returncode == 0, out
+    info = job_store.get(job.id)
+    assert info.state is JobState.SUCCEEDED, info.error
+    assert (info.items_done, info.chunks_done) == (400, 16)  # each chunk counted once
+    results = [code for _, code in job_store.iter_results(job.id)]
+    assert len(results) == 400
+    assert digest(results) == digest(tiny_pipeline.compress("tiny-vqvae", images))
+    assert len(set(killed_holding)) == 3 and pending(redis_client, job_store) == []
+
+
+def test_sigterm_finishes_the_current_chunk_within_the_grace(job_store, redis_client,
+                                                             spawn_worker, wait_until):
+    job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=240, chunk_size=120)
+    proc = spawn_worker("--consumer", "w", "--batch-items", "20", "--grace-s", "60")
+    wait_until(lambda: pending(redis_client, job_store, "w"), what="the worker to start")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "1 chunks, 120 items, 1 released" in out  # the unstarted chunk went back
+    info = job_store.get(job.id)
+    assert info.items_done == 120 and info.state is JobState.RUNNING
+    assert job_store.depth("default") == 1 and pending(redis_client, job_store) == []
+    assert not worker_health(redis_client)  # its health key left with it
+
+
+def test_sigterm_past_the_grace_releases_the_chunk_at_a_batch_boundary(
+        job_store, redis_client, spawn_worker, wait_until):
+    job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=200, chunk_size=200)
+    proc = spawn_worker("--consumer", "w", "--batch-items", "10", "--grace-s", "0.01")
+    wait_until(lambda: pending(redis_client, job_store, "w"), what="the worker to start")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "0 chunks, 0 items, 1 released" in out
+    [(_, fields)] = redis_client.xrange(job_store.keys.stream("default"))
+    assert fields[b"job"] == job.id.encode() and fields[b"prior"] == b"1"
+    assert pending(redis_client, job_store) == []
+
+
+class RedisProcess:
+    """A private Redis-compatible server with AOF on a fixed port, to kill and restart:
+    redis-server when the suite runs against REDIS_URL and it is installed, else valkey."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.binary = shutil.which("redis-server") if os.environ.get("REDIS_URL") else None
+        self.proc: subprocess.Popen | None = None
+        self.embedded = None
+
+    def start(self) -> None:
+        if self.binary:
+            data = self.root / "redis"
+            data.mkdir(exist_ok=True)
+            self.proc = subprocess.Popen(
+                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(data),
+                 "--appendonly", "yes", "--save", ""],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            from latentserve.service.embedded_redis import start_embedded_redis
+
+            self.embedded = start_embedded_redis(self.root, port=self.port)
+        client = redis.Redis.from_url(self.url)
+        end = time.monotonic() + 20
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.ConnectionError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook, no final fsync."""
+        if self.embedded is not None:
+            self.embedded.server.terminate()
+            self.embedded = None
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = RedisProcess(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def test_jobs_survive_redis_killed_and_restarted_from_its_aof(
+        private_redis, spawn_worker, tiny_pipeline, mnist_images, wait_until):
+    store = JobStore(connect(private_redis.url), QueueConfig(chunk_size=20))
+    images = mnist_images[:320]
+    first = store.submit(JobKind.COMPRESS, "tiny-vqvae", items=images)
+    worker = spawn_worker("--max-deliveries", "10", redis=private_redis.url)
+    wait_until(lambda: store.get(first.id).items_done >= 60, timeout=60,
+               what="the job to make progress")
+    second = store.submit(JobKind.SAMPLE, "tiny-vae", count=50, seed=11)  # accepted ...
+    private_redis.kill()                                                   # ... then lost?
+    with pytest.raises(redis.ConnectionError):
+        store.get(first.id)
+    private_redis.start()
+    assert store.get(second.id).items_total == 50
+    done = wait_until(lambda: all(store.get(j.id).state.terminal for j in (first, second)),
+                      timeout=120, what="both jobs to finish after the restart")
+    assert done
+    for job in (first, second):
+        info = store.get(job.id)
+        assert info.state is JobState.SUCCEEDED, info.error
+    codes = [c for _, c in store.iter_results(first.id)]
+    assert digest(codes) == digest(tiny_pipeline.compress("tiny-vqvae", images))
+    from latentserve.worker.images import encode_png
+
+    samples = [p for _, p in store.iter_results(second.id)]
+    assert samples == [encode_png(im) for im in tiny_pipeline.sample("tiny-vae", 50, seed=11)]
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+
+
+@pytest.mark.slow
+def test_sampling_is_identical_across_chunk_sizes_and_worker_counts(
+        redis_client, make_worker, spawn_worker, queue_config, wait_until):
+    """The same job with 1 and 3 workers and chunk sizes 7 and 16: the same bytes."""
+    store = JobStore(redis_client, queue_config)
+    seen = {}
+    for chunk_size in (7, 16):
+        job = store.submit(JobKind.SAMPLE, "tiny-vqvae", count=60, seed=5, temperature=0.8,
+                           chunk_size=chunk_size)
+        make_worker(read_count=1).run()
+        seen[(1, chunk_size)] = [p for _, p in store.iter_results(job.id)]
+    procs = [spawn_worker("--read-count", "1", "--consumer", f"w{i}") for i in range(3)]
+    wait_until(lambda: len(worker_health(redis_client)) == 3, timeout=60,
+               what="three workers to report healthy")
+    for chunk_size in (7, 16):
+        job = store.submit(JobKind.SAMPLE, "tiny-vqvae", count=60, seed=5, temperature=0.8,
+                           chunk_size=chunk_size)
+        results = [p for _, p in store.iter_results(job.id)]  # waits for every chunk
+        seen[(3, chunk_size)] = results
+    chunks_per_worker = []
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        chunks_per_worker.append(int(out.rsplit(": ", 1)[1].split()[0]))
+    assert sum(chunks_per_worker) == 9 + 4 and min(chunks_per_worker) >= 1, chunks_per_worker
+    reference = seen[(1, 7)]
+    assert len(reference) == 60 and len(set(reference)) == 60
+    for key, results in seen.items():
+        assert results == reference, f"{key} differs"
