@@ -11,9 +11,9 @@ floats and gets bit-identical codes. Three table sources, one per code kind:
    integer weights ``lut[min(max(q) - q, len(lut) - 1)]`` with ``q = rint(logit * scale)``,
    and ``prior_margin`` says how far the logits sit from a rounding boundary.
 
-Payloads are the range coder's uint32 words written big-endian with the trailing zero
-bytes trimmed (``words_to_bytes`` / ``bytes_to_words``); constriction's decoder reads
-zeros past the end, so trimming never changes what decodes.
+A payload is the shortest big-endian byte string that constriction's decoder, which
+reads zeros past the end, decodes to the message (``shortest_payload``): the sealed
+uint32 words cut to the fewest bytes that still point into the coder's final interval.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class SymbolEncoder:
 
     def __init__(self) -> None:
         self._coder = RangeEncoder()
+        self._parts: list[tuple[np.ndarray, np.ndarray]] = []
 
     def encode(self, symbols: np.ndarray, probs: np.ndarray) -> None:
         """Code ``symbols[i]`` (in [0, K)) under ``probs[i]`` (shape (n, K), float64)."""
@@ -79,10 +80,68 @@ class SymbolEncoder:
         k = probs.shape[-1]
         if k == 1:  # a one-symbol alphabet carries no information (and constriction refuses it)
             return
-        self._coder.encode(symbols, _FAMILY, np.ascontiguousarray(probs, np.float64))
+        probs = np.ascontiguousarray(probs, np.float64)
+        self._coder.encode(symbols, _FAMILY, probs)
+        self._parts.append((symbols, probs))
 
     def payload(self) -> bytes:
+        """The shortest bytes that decode to the message (see ``shortest_payload``)."""
+        if self._coder.is_empty():
+            return b""
+        short = shortest_payload(self._coder)
+        if short is not None and self._decodes_to_message(short):
+            return short
+        # Not expected to happen; the sealed words are always right, and the choice is
+        # still a deterministic function of the symbols (so decoding stays canonical).
         return words_to_bytes(self._coder.get_compressed())
+
+    def _decodes_to_message(self, payload: bytes) -> bool:
+        decoder = SymbolDecoder(payload)
+        try:
+            return all(np.array_equal(decoder.decode(p), s) for s, p in self._parts)
+        except CorruptCode:
+            return False
+
+
+def shortest_payload(coder: RangeEncoder) -> bytes | None:
+    """The shortest big-endian byte string whose value, zero-padded, lies in the coder's
+    final interval: it decodes exactly like the sealed words, 1.7 bytes shorter on average.
+
+    ``coder.pos()`` gives the words emitted so far and the 64-bit state (lower, range)
+    that follows them. The sealed stream X is one point of the interval; measuring from
+    it keeps pending carries out of the arithmetic: the interval is [X - d, X - d + range)
+    in units of the last state bit, d = (X's last 64 bits - lower) mod 2**64. Returns None
+    when the sealed stream does not fit that picture (the caller then keeps the words).
+    """
+    position, (lower, width) = coder.pos()
+    words = coder.get_compressed()
+    n = position + 2  # the state window spans two words after the emitted ones
+    if len(words) > n:
+        return None
+    x = int.from_bytes(np.asarray(words, np.uint32).astype(">u4").tobytes(), "big")
+    x <<= 32 * (n - len(words))
+    d = (x - lower) % (1 << 64)
+    if d >= width:
+        return None
+    lo, end = x - d, min(x - d + width, 1 << (32 * n))
+
+    def point(length: int) -> int | None:
+        """The smallest multiple of 256**-length in [lo, end), as an integer, or None."""
+        shift = 8 * (4 * n - length)
+        m = -(-lo >> shift)  # ceil(lo / 2**shift)
+        return m if m << shift < end else None
+
+    # A point that fits at some length fits at every longer one: bisect the shortest.
+    short, long_ = -1, 4 * n  # point(4n) is x itself
+    while long_ - short > 1:
+        mid = (short + long_) // 2
+        if point(mid) is None:
+            short = mid
+        else:
+            long_ = mid
+    m = point(long_)
+    assert m is not None
+    return m.to_bytes(long_, "big").rstrip(b"\0") if long_ else b""
 
 
 class SymbolDecoder:

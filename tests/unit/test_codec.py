@@ -236,10 +236,21 @@ def test_non_canonical_payload_is_refused_even_with_a_valid_checksum(golden: Pip
     codec = golden.codec(ref)
     code = codec.encode(codec.runtime.encode(blobs(1, seed=2)), kind=None)[0]
     h = parse_header(code)
-    for payload in (h.payload + b"\0", h.payload + b"\x01", h.payload[:-1]):
-        forged = pack(codec.manifest.digest, h.kind, payload)  # a correct checksum
+    # Extended (with a correct checksum): decodes, but is not the shortest form -> refused.
+    for payload in (h.payload + b"\0", h.payload + b"\0\0\0\0\0"):
+        forged = pack(codec.manifest.digest, h.kind, payload)
         with pytest.raises(CorruptCode, match="not the one the encoder writes"):
             codec.decode([forged])
+    # Payloads are the shortest bytes that decode to their symbols, so a shorter string is
+    # refused, or it is exactly the code of other symbols (the checksum guards against
+    # truncation; the header test above covers it).
+    for cut in range(1, len(h.payload) + 1):
+        forged = pack(codec.manifest.digest, h.kind, h.payload[:-cut])
+        result = codec.decode_each([forged])[0]
+        if not isinstance(result, CorruptCode):
+            assert isinstance(result, np.ndarray)
+            again = codec.encode(result[None], kind="vq_static" if h.kind == VQ_STATIC else None)[0]
+            assert again == forged or again[1] != h.kind  # (kind 3 may re-encode as kind 2)
     # The empty payload is canonical: the all-zero stream, i.e. every symbol the first of
     # its table (it is what the encoder writes for that message).
     symbols = codec.decode([pack(codec.manifest.digest, VQ_STATIC if h.kind == VQ_PRIOR

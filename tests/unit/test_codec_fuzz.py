@@ -79,20 +79,19 @@ def test_1000_corrupted_codes_are_refused() -> None:
 @pytest.mark.parametrize("ref", ["golden-ae:1", "golden-vqvae:1"])
 def test_forged_checksums_never_decode_to_garbage(ref: str) -> None:
     """Random payloads with a correct checksum reach the entropy decoder: each is refused,
-    or it is exactly the code of what it decodes to (then it is a valid code)."""
+    or it is exactly the code of what it decodes to (then it is a valid code: payloads are
+    the shortest strings that decode, so many strings are some message's code; random
+    corruption is caught by the checksum, see above)."""
     pipe = Pipeline(GOLDEN, ONE_THREAD)
     codec: LatentCodec = pipe.codec(ref)
     rng = np.random.default_rng(7)
     kinds = sorted(codec.kinds)
-    accepted = 0
     for _ in range(300):
         kind = kinds[int(rng.integers(len(kinds)))]
         code = pack(codec.manifest.digest, kind, rng.bytes(int(rng.integers(0, 40))))
         result = codec.decode_each([code])[0]
         if isinstance(result, CodeError):
             continue
-        accepted += 1
         again = codec.encode(result[None], kind="vq_static" if kind == 2 else None)[0]
         if again[1] == kind:  # (kind 3 re-encodes as kind 2 when its margin is below guard)
             assert parse_header(again).payload == parse_header(code).payload
-    assert accepted < 30

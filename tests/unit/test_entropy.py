@@ -131,7 +131,8 @@ def test_words_bytes_inverse(data: bytes) -> None:
 
 
 def test_trimmed_payloads_always_decode() -> None:
-    """Trimming trailing zero bytes (even whole zero words) and re-padding always decodes."""
+    """The sealed words with trailing zero bytes trimmed (even whole zero words) always
+    decode once re-padded with zeros: the fallback payload, and the reason it is sound."""
     rng = np.random.default_rng(0)
     trimmed_whole_word = 0
     for _ in range(3000):
@@ -147,6 +148,37 @@ def test_trimmed_payloads_always_decode() -> None:
         trimmed_whole_word += len(full) - len(payload) >= 4
         assert np.array_equal(SymbolDecoder(payload).decode(probs), symbols)
     assert trimmed_whole_word > 0  # the case that matters did occur
+
+
+def decodes_to(payload: bytes, probs: np.ndarray, symbols: np.ndarray) -> bool:
+    try:
+        return np.array_equal(SymbolDecoder(payload).decode(probs), symbols)
+    except CorruptCode:
+        return False
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 80), k=st.integers(2, 300),
+       skew=st.floats(0.3, 8.0))
+def test_payload_is_the_shortest_string_that_decodes(seed: int, n: int, k: int,
+                                                     skew: float) -> None:
+    rng = np.random.default_rng(seed)
+    probs = probabilities(np.maximum(1, (rng.random((n, k)) ** skew * 2**20).astype(np.int64)))
+    symbols = sample(rng, probs)
+    enc = SymbolEncoder()
+    enc.encode(symbols, probs)
+    payload = enc.payload()
+    sealed = words_to_bytes(enc._coder.get_compressed())
+    assert len(payload) <= len(sealed) and not payload.endswith(b"\0")
+    assert decodes_to(payload, probs, symbols)
+    if payload:
+        # Every string one byte shorter lies below or above the final interval; the only
+        # candidates are the floor and the ceiling of the payload at that length.
+        head = int.from_bytes(payload[:-1], "big")
+        shorter = [payload[:-1]]
+        if head + 1 < 256 ** (len(payload) - 1):
+            shorter.append((head + 1).to_bytes(len(payload) - 1, "big"))
+        assert not any(decodes_to(c, probs, symbols) for c in shorter)
 
 
 def test_garbage_payload_raises_corrupt_code_or_decodes_in_range() -> None:
