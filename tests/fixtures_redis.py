@@ -142,3 +142,27 @@ def wait_until(condition: Callable[[], Any], timeout: float = 20.0, interval: fl
 @pytest.fixture(name="wait_until")
 def wait_until_fixture() -> Callable[..., Any]:
     return wait_until
+
+
+JOBS_QUEUE: dict[str, Any] = {"chunk_size": 16, "max_queued_chunks": 40, "max_job_items": 2000}
+
+
+@pytest.fixture
+def jobs_server(tiny_repo: Path, redis_url: str) -> Iterator[Any]:
+    """A gRPC server on 127.0.0.1:0 with Inference and Jobs (no worker inside; tests run
+    burst workers with ``make_worker(queue=jobs_server.queue)``)."""
+    from latentserve.service.config import ServiceConfig
+    from latentserve.service.jobs import JobSettings, jobs_extension
+    from latentserve.service.server import create_server
+    from latentserve.worker.config import QueueConfig
+
+    config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
+                           intra_op_threads=1, compute_workers=1, grpc_threads=16,
+                           preload=False)
+    queue = QueueConfig(**JOBS_QUEUE)
+    settings = JobSettings(redis_url=redis_url, queue=queue, embedded_worker="no")
+    server, _ = create_server(config, extra_services=[jobs_extension(settings)])
+    server.queue = queue  # type: ignore[attr-defined]
+    server.start()
+    yield server
+    server.stop(0).wait(30)

@@ -376,7 +376,7 @@ class Worker:
             return _split(codes, sizes)
         if task.kind is JobKind.RECONSTRUCT:
             codes = [c for s in batch for c in s.held.inputs[s.lo:s.hi]]
-            images = self.pipeline.reconstruct(codes)
+            images = self.pipeline.reconstruct(codes, task.model or None)
         else:
             runs: list[np.ndarray] = []
             i = 0

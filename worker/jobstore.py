@@ -188,8 +188,9 @@ class JobStore:
         if not 1 <= cs <= self.config.max_job_items:
             raise InvalidInput(f"chunk size {cs} must be between 1 and "
                                f"{self.config.max_job_items}")
-        if not model:
-            raise InvalidInput("a job needs a model reference (NAME or NAME:VERSION)")
+        if not model and JobKind(kind) is not JobKind.RECONSTRUCT:
+            raise InvalidInput(f"a {JobKind(kind).value} job needs a model reference "
+                               "(NAME or NAME:VERSION)")
         pool = self.config.pool_for(model)
         self.ensure_group(pool)
         job_id = uuid.uuid4().hex
@@ -291,14 +292,11 @@ class JobStore:
                                 f"{self.config.max_job_items}; split it into several jobs")
 
     def delete(self, job_id: str) -> None:
-        """Remove every key of a job at once (a submit that failed half-way)."""
+        """Remove every key of a job (a submit that failed half-way: never accepted)."""
         k = self.keys
-        try:
-            pool = self.get(job_id).pool
-            ids = self.r.lrange(k.job_tasks(job_id), 0, -1)
-            if ids:
-                self.r.xdel(k.stream(pool), *ids)
-        except JobNotFound:
+        try:  # first end it, so its queued chunks leave the stream and none starts
+            self.fail(job_id, "the submission did not complete")
+        except (JobNotFound, JobStateError):
             pass
         self.r.delete(k.job(job_id), k.job_inputs(job_id), k.job_results(job_id),
                       k.job_tasks(job_id))
@@ -339,9 +337,10 @@ class JobStore:
     def chunk_results(self, job_id: str, chunk: int) -> bytes | None:
         return self.r.hget(self.keys.job_results(job_id), str(chunk))
 
-    def iter_results(self, job_id: str, start: int = 0,
-                     wait_s: float = 1.0) -> Iterator[tuple[int, bytes | Any]]:
-        """(index, result) in input order from ``start``, waiting for chunks not yet stored.
+    def iter_chunks(self, job_id: str, start: int = 0,
+                    wait_s: float = 1.0) -> Iterator[tuple[int, list[bytes] | Any]]:
+        """(index of the first item, results) per chunk, in input order from item ``start``,
+        waiting for chunks not stored yet.
 
         Raises JobStateError at the first missing result of a failed or cancelled job.
         """
@@ -365,10 +364,16 @@ class JobStore:
                     waiter.wait(wait_s)
                     continue
                 lo = chunk * info.chunk_size
-                items = unpack(data)
-                for i in range(max(start - lo, 0), len(items)):
-                    yield lo + i, items[i]
+                skip = max(start - lo, 0)
+                yield lo + skip, unpack(data)[skip:]
                 chunk += 1
+
+    def iter_results(self, job_id: str, start: int = 0,
+                     wait_s: float = 1.0) -> Iterator[tuple[int, bytes | Any]]:
+        """(index, result) in input order from ``start`` (see ``iter_chunks``)."""
+        for lo, items in self.iter_chunks(job_id, start, wait_s):
+            for i, item in enumerate(items):
+                yield lo + i, item
 
     def watch(self, job_id: str, wait_s: float = 1.0) -> Iterator[JobInfo]:
         """Snapshots of the job each time it changes, ending with its terminal state."""

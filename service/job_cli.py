@@ -1,0 +1,266 @@
+"""``latentserve job submit|get|watch|fetch|cancel|list``: bulk jobs on a server.
+
+    latentserve job submit compress IMAGES... --model NAME [--chunk-size N] [--watch]
+    latentserve job submit reconstruct CODES... [--model NAME] [--format png|raw]
+    latentserve job submit sample --model NAME -n COUNT [--seed S] [--temperature T]
+    latentserve job watch ID          # progress bar until the job ends
+    latentserve job fetch ID -o DIR [--start N]
+    latentserve job cancel ID
+    latentserve job list [--state running] [--limit N] [--json]
+
+Every command takes ``--target HOST:PORT`` (env LATENTSERVE_TARGET, default
+127.0.0.1:50051). ``submit`` prints the job id on stdout (so ``ID=$(latentserve job
+submit ...)`` works) and details on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def register(sub: Any) -> None:
+    """Add ``job`` and its subcommands."""
+    job = sub.add_parser("job", help="bulk jobs through the queue (submit, watch, fetch ...)",
+                         description="Submit, watch, fetch, cancel and list bulk jobs on a "
+                                     "latentserve server.")
+    jobs = job.add_subparsers(dest="job_command", metavar="JOB_COMMAND", required=True)
+
+    submit = jobs.add_parser("submit", help="submit a job; prints its id")
+    kinds = submit.add_subparsers(dest="kind", metavar="KIND", required=True)
+    p = kinds.add_parser("compress", help="images -> latent codes")
+    p.add_argument("inputs", nargs="+", metavar="IMAGES",
+                   help="image files, folders of them, or IDX files (.gz)")
+    p.add_argument("--model", required=True, metavar="NAME[:VERSION]")
+    p.add_argument("--resize", action="store_true",
+                   help="convert and resize images of another size or mode")
+    _submit_flags(p)
+    p = kinds.add_parser("reconstruct", help="latent codes -> images")
+    p.add_argument("inputs", nargs="+", metavar="CODES",
+                   help=".lsc files, .lscb containers, or folders of them")
+    p.add_argument("--model", default="", metavar="NAME[:VERSION]",
+                   help="refuse codes made by any other model (default: each code's own)")
+    p.add_argument("--format", choices=("png", "raw"), default="png")
+    _submit_flags(p)
+    p = kinds.add_parser("sample", help="draw images from a model's prior")
+    p.add_argument("--model", required=True, metavar="NAME[:VERSION]")
+    p.add_argument("-n", "--count", type=int, required=True, metavar="N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--format", choices=("png", "raw"), default="png")
+    _submit_flags(p)
+
+    for name, text in (("get", "print a job's state and progress"),
+                       ("watch", "show a job's progress until it ends"),
+                       ("cancel", "cancel a job")):
+        p = jobs.add_parser(name, help=text)
+        p.add_argument("id", metavar="ID")
+        _target(p)
+    p = jobs.add_parser("fetch", help="write a job's results to a folder")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("-o", "--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--start", type=int, default=None, metavar="N",
+                   help="first result index [default: after the results already in DIR]")
+    _target(p)
+    p = jobs.add_parser("list", help="list jobs, newest first")
+    p.add_argument("--state", action="append", default=[],
+                   choices=("receiving", "queued", "running", "succeeded", "failed",
+                            "cancelled"), help="only jobs in this state (repeatable)")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="one JSON document")
+    _target(p)
+    job.set_defaults(func=cmd_job)
+
+
+def _target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=None, metavar="HOST:PORT",
+                   help=f"server [env LATENTSERVE_TARGET; default {DEFAULT_TARGET}]")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="deadline of each unary call (seconds) [60]")
+
+
+def _submit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chunk-size", type=int, default=0, metavar="N",
+                   help="items per chunk [server default]")
+    p.add_argument("--watch", action="store_true", help="then show progress until the end")
+    _target(p)
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from .job_client import JobsClient
+
+    target = args.target or os.environ.get("LATENTSERVE_TARGET") or DEFAULT_TARGET
+    with JobsClient(target, timeout=args.timeout) as client:
+        handler = {"submit": _submit, "get": _get, "watch": _watch, "fetch": _fetch,
+                   "cancel": _cancel, "list": _list}[args.job_command]
+        return handler(client, args)
+
+
+# -- handlers ---------------------------------------------------------------------------------
+def _submit(client: Any, args: argparse.Namespace) -> int:
+    if args.kind == "compress":
+        job = client.submit_compress(args.model, _images(args.inputs), chunk_size=args.chunk_size,
+                                     resize=args.resize)
+    elif args.kind == "reconstruct":
+        job = client.submit_reconstruct(_codes(args.inputs), model=args.model,
+                                        chunk_size=args.chunk_size, fmt=args.format)
+    else:
+        job = client.submit_sample(args.model, args.count, seed=args.seed,
+                                   temperature=args.temperature, chunk_size=args.chunk_size,
+                                   fmt=args.format)
+    print(job.id, flush=True)
+    print(f"job {job.id}: {args.kind} {job.items_total} items in {job.chunks_total} chunks "
+          f"of {job.chunk_size} (pool {job.pool})", file=sys.stderr)
+    return _show_progress(client, job.id) if args.watch else 0
+
+
+def _get(client: Any, args: argparse.Namespace) -> int:
+    print(json.dumps(job_dict(client.get(args.id)), indent=1))
+    return 0
+
+
+def _watch(client: Any, args: argparse.Namespace) -> int:
+    return _show_progress(client, args.id)
+
+
+def _cancel(client: Any, args: argparse.Namespace) -> int:
+    job = client.cancel(args.id)
+    print(f"job {job.id}: {_state(job.state)} ({job.items_done}/{job.items_total} items done)")
+    return 0
+
+
+def _list(client: Any, args: argparse.Namespace) -> int:
+    from latentserve.v1 import jobs_pb2 as pb
+
+    states = [pb.JobState.Value("JOB_STATE_" + s.upper()) for s in args.state]
+    jobs = client.list(args.limit, states)
+    if args.json:
+        print(json.dumps([job_dict(j) for j in jobs], indent=1))
+        return 0
+    rows = [("ID", "KIND", "MODEL", "STATE", "DONE", "ITEMS/S")] + [
+        (j.id, _kind(j.kind), j.model or "-", _state(j.state),
+         f"{j.items_done}/{j.items_total}", f"{j.items_per_second:.0f}") for j in jobs]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _fetch(client: Any, args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from latentserve.worker.images import encode_png
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    job = client.get(args.id)
+    suffix = ".lsc" if _kind(job.kind) == "compress" else ".png"
+    start = args.start if args.start is not None else _present(out, suffix)
+    written = 0
+    from tqdm import tqdm
+
+    with tqdm(total=job.items_total or None, initial=start, unit="item",
+              desc=f"fetch {job.id[:8]}", file=sys.stderr, disable=None) as bar:
+        for index, result in client.fetch(args.id, start):
+            data = encode_png(result) if isinstance(result, np.ndarray) else result
+            path = out / f"{index:07d}{suffix}"
+            tmp = path.with_suffix(suffix + ".part")
+            tmp.write_bytes(data)
+            tmp.replace(path)  # a file is complete or absent, so a resumed fetch trusts it
+            written += 1
+            bar.update(1)
+    print(f"job {job.id}: wrote {written} files to {out} (from index {start})",
+          file=sys.stderr)
+    return 0
+
+
+def _present(out: Path, suffix: str) -> int:
+    """How many results 0, 1, 2, ... are already in ``out`` (where to resume)."""
+    n = 0
+    while (out / f"{n:07d}{suffix}").is_file():
+        n += 1
+    return n
+
+
+def _show_progress(client: Any, job_id: str) -> int:
+    from tqdm import tqdm
+
+    last = None
+    with tqdm(unit="item", desc=f"job {job_id[:8]}", file=sys.stderr, disable=None) as bar:
+        for job in client.watch(job_id):
+            last = job
+            if job.items_total and bar.total != job.items_total:
+                bar.total = job.items_total
+            bar.update(job.items_done - bar.n)
+            bar.set_postfix_str(f"{_state(job.state)}, {job.chunks_done}/{job.chunks_total} "
+                                f"chunks, {job.items_per_second:.0f} items/s")
+    assert last is not None
+    print(f"job {job_id}: {_state(last.state)}{': ' + last.error if last.error else ''}",
+          file=sys.stderr)
+    return 0 if _state(last.state) == "succeeded" else 1
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def _images(paths: list[str]) -> Iterator[Any]:
+    """Image file bytes (folders expanded), or raw arrays from IDX files, lazily."""
+    from latentserve.worker.images import list_image_files, read_idx
+
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            for f in list_image_files(path):
+                yield f.read_bytes()
+        elif "idx" in path.name or path.suffix == ".gz":
+            yield from read_idx(path)
+        else:
+            yield path.read_bytes()
+
+
+def _codes(paths: list[str]) -> Iterator[bytes]:
+    """Codes of .lsc files and .lscb containers (folders expanded, sorted)."""
+    from latentserve.worker.container import read_container
+    from latentserve.worker.errors import InvalidInput
+
+    for name in paths:
+        path = Path(name)
+        files = sorted(p for p in path.iterdir() if p.suffix in (".lsc", ".lscb")) \
+            if path.is_dir() else [path]
+        if path.is_dir() and not files:
+            raise InvalidInput(f"{path} holds no .lsc or .lscb files")
+        for f in files:
+            if f.suffix == ".lscb":
+                yield from read_container(f)
+            else:
+                yield f.read_bytes()
+
+
+# -- display ----------------------------------------------------------------------------------
+def _state(state: int) -> str:
+    from .job_client import state_name
+
+    return state_name(state)
+
+
+def _kind(kind: int) -> str:
+    from latentserve.v1 import jobs_pb2 as pb
+
+    return pb.JobKind.Name(kind).removeprefix("JOB_KIND_").lower()
+
+
+def job_dict(job: Any) -> dict[str, Any]:
+    """A Job message as a plain dict (``job get``, ``job list --json``)."""
+    from google.protobuf.json_format import MessageToDict
+
+    d = MessageToDict(job, preserving_proto_field_name=True,
+                      always_print_fields_with_no_presence=True)
+    d["kind"], d["state"] = _kind(job.kind), _state(job.state)
+    for key in ("items_total", "items_done", "seed"):  # uint64 come out as strings
+        d[key] = int(d[key])
+    return d

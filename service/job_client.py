@@ -1,0 +1,193 @@
+"""A small typed Python client for the Jobs service (bulk jobs through the queue).
+
+``JobsClient(target)`` submits compress jobs (numpy batches, image-file bytes or paths),
+reconstruct jobs (codes) and sample jobs, and gets, lists, watches, cancels and fetches
+jobs. Inputs are streamed in messages of at most ``batch`` items. Server errors are
+raised as the matching ``latentserve.worker.errors`` exception with the server's message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy as np
+
+from latentserve.v1 import inference_pb2 as ipb
+from latentserve.v1 import jobs_pb2 as pb
+from latentserve.v1 import jobs_pb2_grpc as pb_grpc
+from latentserve.worker import errors as E
+
+from .wire import decode_raw, raw_image
+
+MIB = 1 << 20
+TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+_ERRORS: dict[grpc.StatusCode, type[E.LatentServeError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: E.InvalidInput,
+    grpc.StatusCode.NOT_FOUND: E.JobNotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: E.JobStateError,
+    grpc.StatusCode.DATA_LOSS: E.CorruptCode,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: E.ResourceLimit,
+    grpc.StatusCode.UNAVAILABLE: E.Unavailable,
+}
+
+
+class JobServiceError(E.LatentServeError):
+    """A job call failed on the server; ``code`` is its gRPC status code."""
+
+    code: grpc.StatusCode
+
+
+def job_error(exc: grpc.RpcError, target: str) -> E.LatentServeError:
+    """The latentserve exception for a failed call (its type follows the status code)."""
+    code = exc.code()  # type: ignore[attr-defined]
+    bases: tuple[type, ...] = (_ERRORS.get(code, E.LatentServeError),)
+    if code == grpc.StatusCode.NOT_FOUND:  # a job or a model: catchable as either
+        bases = (E.JobNotFound, E.ModelNotFound)
+    kind = type(f"Remote{bases[0].__name__}", (JobServiceError, *bases), {})
+    err = kind(f"{target}: {code.name}: {exc.details()}")  # type: ignore[attr-defined]
+    err.code = code
+    return err
+
+
+def state_name(state: int) -> str:
+    """``pb.JOB_STATE_RUNNING`` -> ``"running"``."""
+    return pb.JobState.Name(state).removeprefix("JOB_STATE_").lower()
+
+
+def _image(item: Any) -> ipb.Image:
+    if isinstance(item, np.ndarray):
+        return raw_image(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return ipb.Image(encoded=bytes(item))
+    if isinstance(item, (str, Path)):
+        return ipb.Image(encoded=Path(item).read_bytes())
+    raise E.InvalidInput(f"an image must be a uint8 (C, H, W) array, file bytes or a path, "
+                         f"got {type(item).__name__}")
+
+
+def _formats(fmt: str) -> int:
+    try:
+        return {"png": ipb.IMAGE_FORMAT_PNG, "raw": ipb.IMAGE_FORMAT_RAW}[fmt]
+    except KeyError:
+        raise E.InvalidInput(f"image format {fmt!r} is not one of png, raw") from None
+
+
+class JobsClient:
+    """Calls the Jobs service at ``target`` (HOST:PORT)."""
+
+    def __init__(self, target: str, *, timeout: float | None = None, batch: int = 1024,
+                 max_message_bytes: int = 64 * MIB) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.batch = batch
+        self.channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)])
+        self.stub = pb_grpc.JobsStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> JobsClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any, *, stream: bool = False) -> Any:
+        try:
+            return method(request, timeout=None if stream else self.timeout)
+        except grpc.RpcError as exc:
+            raise job_error(exc, self.target) from None
+
+    def _iterate(self, responses: Iterator[Any]) -> Iterator[Any]:
+        try:
+            yield from responses
+        except grpc.RpcError as exc:
+            raise job_error(exc, self.target) from None
+
+    # -- submitting -----------------------------------------------------------------------
+    def _submit(self, spec: pb.JobSpec, items: Iterable[pb.JobItems] = ()) -> pb.Job:
+        def requests() -> Iterator[pb.SubmitJobRequest]:
+            yield pb.SubmitJobRequest(spec=spec)
+            for msg in items:
+                yield pb.SubmitJobRequest(items=msg)
+        return self._call(self.stub.SubmitJob, requests())
+
+    def _batches(self, items: Iterable[Any]) -> Iterator[list[Any]]:
+        batch: list[Any] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) == self.batch:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def submit_compress(self, model: str, images: np.ndarray | Iterable[Any], *,
+                        chunk_size: int = 0, resize: bool = False) -> pb.Job:
+        """Images (a uint8 (N, C, H, W) array, or arrays / file bytes / paths) -> a job."""
+        expected = len(images) if isinstance(images, (np.ndarray, Sequence)) else 0
+        spec = pb.JobSpec(kind=pb.JOB_KIND_COMPRESS, model=model, chunk_size=chunk_size,
+                          resize=resize, expected_items=expected)
+        return self._submit(spec, (pb.JobItems(images=[_image(i) for i in b])
+                                   for b in self._batches(images)))
+
+    def submit_reconstruct(self, codes: Iterable[bytes], *, model: str = "",
+                           chunk_size: int = 0, fmt: str = "png") -> pb.Job:
+        """Latent codes -> a job; ``model`` optional (each code names its model)."""
+        expected = len(codes) if isinstance(codes, Sequence) else 0
+        spec = pb.JobSpec(kind=pb.JOB_KIND_RECONSTRUCT, model=model, chunk_size=chunk_size,
+                          format=_formats(fmt), expected_items=expected)
+        return self._submit(spec, (pb.JobItems(codes=b) for b in self._batches(codes)))
+
+    def submit_sample(self, model: str, count: int, *, seed: int = 0,
+                      temperature: float = 1.0, chunk_size: int = 0,
+                      fmt: str = "png") -> pb.Job:
+        """Draw ``count`` images from ``model``'s prior, as a job."""
+        spec = pb.JobSpec(kind=pb.JOB_KIND_SAMPLE, model=model, count=count, seed=seed,
+                          temperature=temperature, chunk_size=chunk_size, format=_formats(fmt))
+        return self._submit(spec)
+
+    # -- the rest -------------------------------------------------------------------------
+    def get(self, job_id: str) -> pb.Job:
+        return self._call(self.stub.GetJob, pb.GetJobRequest(id=job_id))
+
+    def list(self, limit: int = 100, states: Sequence[int] = ()) -> list[pb.Job]:
+        reply = self._call(self.stub.ListJobs, pb.ListJobsRequest(limit=limit, states=states))
+        return list(reply.jobs)
+
+    def cancel(self, job_id: str) -> pb.Job:
+        return self._call(self.stub.CancelJob, pb.CancelJobRequest(id=job_id))
+
+    def watch(self, job_id: str) -> Iterator[pb.Job]:
+        """The job now, then at each change, ending with its terminal state."""
+        return self._iterate(self._call(self.stub.WatchJob, pb.WatchJobRequest(id=job_id),
+                                        stream=True))
+
+    def wait(self, job_id: str) -> pb.Job:
+        """Block until the job ends; returns its last state."""
+        last = None
+        for last in self.watch(job_id):
+            pass
+        assert last is not None
+        return last
+
+    def fetch_messages(self, job_id: str, start: int = 0) -> Iterator[pb.JobResults]:
+        """The raw JobResults messages from item ``start`` on."""
+        return self._iterate(self._call(
+            self.stub.FetchResults, pb.FetchResultsRequest(id=job_id, start=start), stream=True))
+
+    def fetch(self, job_id: str, start: int = 0) -> Iterator[tuple[int, bytes | np.ndarray]]:
+        """(index, result): a code (bytes), PNG bytes, or a raw uint8 (C, H, W) image."""
+        for msg in self.fetch_messages(job_id, start):
+            for i, code in enumerate(msg.codes):
+                yield msg.start + i, code
+            for i, image in enumerate(msg.images):
+                yield msg.start + i, (image.encoded if image.WhichOneof("pixels") == "encoded"
+                                      else decode_raw(image.raw, max_pixels=1 << 62))

@@ -1,0 +1,399 @@
+"""The ``latentserve.v1.Jobs`` servicer, and the extension that adds it to the server.
+
+SubmitJob cuts the streamed inputs into chunks of ``chunk_size`` items and queues each
+as soon as it is full (workers start before the upload ends); the job is sealed, and
+thereby accepted, when the stream ends. Limits: at most ``max_queued_chunks`` chunks
+waiting or running per pool (beyond it RESOURCE_EXHAUSTED, naming the depth) and at
+most ``max_job_items`` items per job. The servicer raises ``latentserve.worker.errors``
+exceptions only; ``service.errors.ErrorInterceptor`` maps them to status codes.
+
+``jobs_extension(settings)`` is the ``server.ServiceExtension`` for ``create_server``:
+it connects to Redis (or starts the embedded Valkey when no URL is given), registers
+the servicer and, with the embedded Redis, runs a worker in process so one command
+serves jobs end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import redis
+
+from latentserve.v1 import inference_pb2 as ipb
+from latentserve.v1 import jobs_pb2 as pb
+from latentserve.v1 import jobs_pb2_grpc as pb_grpc
+from latentserve.worker.config import QueueConfig
+from latentserve.worker.errors import InvalidInput, ResourceLimit, Unavailable
+from latentserve.worker.jobstore import ImageFormat, JobInfo, JobKind, JobState, JobStore
+from latentserve.worker.packing import pack_images, pack_items
+
+from .wire import decode_request_image, raw_image
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "latentserve.v1.Jobs"
+
+KINDS = {pb.JOB_KIND_COMPRESS: JobKind.COMPRESS, pb.JOB_KIND_RECONSTRUCT: JobKind.RECONSTRUCT,
+         pb.JOB_KIND_SAMPLE: JobKind.SAMPLE}
+KIND_PB = {v: k for k, v in KINDS.items()}
+STATE_PB = {JobState.RECEIVING: pb.JOB_STATE_RECEIVING, JobState.QUEUED: pb.JOB_STATE_QUEUED,
+            JobState.RUNNING: pb.JOB_STATE_RUNNING, JobState.SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
+            JobState.FAILED: pb.JOB_STATE_FAILED, JobState.CANCELLED: pb.JOB_STATE_CANCELLED}
+STATES = {v: k for k, v in STATE_PB.items()}
+FORMAT_PB = {ImageFormat.PNG: ipb.IMAGE_FORMAT_PNG, ImageFormat.RAW: ipb.IMAGE_FORMAT_RAW}
+
+
+def job_message(info: JobInfo) -> pb.Job:
+    """A JobInfo snapshot as the API's Job message."""
+    return pb.Job(
+        id=info.id, kind=KIND_PB[info.kind], model=info.model, state=STATE_PB[info.state],
+        items_total=info.items_total if info.sealed else 0, items_done=info.items_done,
+        chunks_total=info.chunks_total if info.sealed else 0, chunks_done=info.chunks_done,
+        chunk_size=info.chunk_size, items_per_second=info.items_per_s(), error=info.error,
+        created_time=info.created, started_time=info.started, finished_time=info.finished,
+        seed=info.seed if info.kind is JobKind.SAMPLE else 0,
+        temperature=info.temperature if info.kind is JobKind.SAMPLE else 0.0,
+        format=FORMAT_PB[info.image_format], pool=info.pool)
+
+
+def redis_unavailable(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a Redis outage inside an RPC into ``Unavailable`` (gRPC UNAVAILABLE)."""
+    def reraise(exc: Exception) -> None:
+        raise Unavailable(f"the job queue's Redis cannot be reached ({exc}); retry later") \
+            from exc
+
+    if getattr(method, "_streams", False):
+        @functools.wraps(method)
+        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from method(self, request, context)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                reraise(exc)
+        return stream
+
+    @functools.wraps(method)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            reraise(exc)
+    return unary
+
+
+def streams(method: Callable[..., Any]) -> Callable[..., Any]:
+    method._streams = True  # type: ignore[attr-defined]
+    return method
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """Per-message limits, taken from the server's ServiceConfig."""
+
+    max_items_per_message: int = 4096
+    max_pixels_per_image: int = 16_000_000
+    max_message_bytes: int = 64 << 20
+
+
+class JobsServicer(pb_grpc.JobsServicer):
+    """SubmitJob, GetJob, ListJobs, WatchJob, CancelJob, FetchResults over a JobStore."""
+
+    def __init__(self, store: JobStore, pipeline: Any, limits: JobLimits = JobLimits()) -> None:
+        self.store = store
+        self.pipeline = pipeline
+        self.limits = limits
+        self.queue = store.config
+
+    # -- SubmitJob ----------------------------------------------------------------------
+    @redis_unavailable
+    def SubmitJob(self, request_iterator: Iterator[pb.SubmitJobRequest],
+                  context: grpc.ServicerContext) -> pb.Job:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "spec":
+            raise InvalidInput("the first SubmitJob message must carry the JobSpec "
+                               "(kind, model, ...); inputs follow in later messages")
+        spec = first.spec
+        kind = KINDS.get(spec.kind)
+        if kind is None:
+            raise InvalidInput(f"JobSpec.kind {spec.kind} is not one of COMPRESS (1), "
+                               "RECONSTRUCT (2), SAMPLE (3)")
+        fmt = self._format(spec.format)
+        model = self._model(spec.model, kind)
+        if spec.chunk_size > self.queue.max_job_items:
+            raise InvalidInput(f"chunk_size {spec.chunk_size} is over the maximum job size "
+                               f"{self.queue.max_job_items}")
+        chunk_size = spec.chunk_size or None
+        if kind is JobKind.SAMPLE:
+            temperature = spec.temperature if spec.HasField("temperature") else 1.0
+            if not (temperature > 0 and np.isfinite(temperature)):
+                raise InvalidInput(f"temperature must be a positive number, got {temperature}")
+            if spec.seed >= 2**63:
+                raise InvalidInput(f"seed {spec.seed} must be below 2**63")
+            if next(request_iterator, None) is not None:
+                raise InvalidInput("a sample job takes no inputs: send the JobSpec only")
+            info = self.store.submit(kind, model, count=spec.count, chunk_size=chunk_size,
+                                     seed=spec.seed, temperature=temperature,
+                                     image_format=fmt)
+            return job_message(info)
+        if spec.expected_items:
+            self.store.check_size(spec.expected_items)
+        pool = self.queue.pool_for(model)
+        depth = self.store.depth(pool)
+        if depth >= self.queue.max_queued_chunks:
+            raise ResourceLimit(f"the queue of pool {pool!r} holds {depth} chunks, its limit "
+                                f"is {self.queue.max_queued_chunks}: retry later")
+        job = self.store.create(kind, model, chunk_size=chunk_size, image_format=fmt)
+        try:
+            total, chunks = self._receive(job, kind, spec, request_iterator, context)
+            if total == 0:
+                raise InvalidInput(f"the {kind.value} job received no inputs: send "
+                                   f"JobItems.{'images' if kind is JobKind.COMPRESS else 'codes'}"
+                                   " after the JobSpec")
+            return job_message(self.store.seal(job, total, chunks))
+        except BaseException:
+            # Never accepted (the client gets no id): leave nothing behind.
+            self.store.delete(job.id)
+            raise
+
+    def _receive(self, job: JobInfo, kind: JobKind, spec: pb.JobSpec,
+                 requests: Iterator[pb.SubmitJobRequest],
+                 context: grpc.ServicerContext) -> tuple[int, int]:
+        """Read, check and queue the inputs; returns (items, chunks)."""
+        shape = (self.pipeline.repository.resolve(job.model).manifest.image_shape
+                 if kind is JobKind.COMPRESS else None)
+        pending: list[Any] = []
+        total = chunks = 0
+
+        def flush(final: bool) -> None:
+            nonlocal chunks, pending
+            cs = job.chunk_size
+            while len(pending) >= cs or (final and pending):
+                part, pending = pending[:cs], pending[cs:]
+                payload = (pack_images(np.stack(part)) if kind is JobKind.COMPRESS
+                           else pack_items(part))
+                self.store.enqueue(job, [(chunks, len(part), payload)])
+                chunks += 1
+
+        for req in requests:
+            if req.WhichOneof("part") != "items":
+                raise InvalidInput("only the first SubmitJob message may carry a JobSpec")
+            got = req.items.images if kind is JobKind.COMPRESS else req.items.codes
+            wrong = req.items.codes if kind is JobKind.COMPRESS else req.items.images
+            if len(wrong):
+                raise InvalidInput(f"a {kind.value} job takes JobItems."
+                                   f"{'images' if kind is JobKind.COMPRESS else 'codes'}, "
+                                   f"got {len(wrong)} "
+                                   f"{'codes' if kind is JobKind.COMPRESS else 'images'}")
+            if len(got) > self.limits.max_items_per_message:
+                raise ResourceLimit(f"{len(got)} items in one message; the limit is "
+                                    f"{self.limits.max_items_per_message}: send more messages")
+            if total + len(got) > self.queue.max_job_items:
+                raise ResourceLimit(f"the job has more than {self.queue.max_job_items} items, "
+                                    "the maximum job size; split it into several jobs")
+            for i, item in enumerate(got):
+                pending.append(self._input(kind, item, total + i, shape, spec.resize))
+            total += len(got)
+            flush(final=False)
+        if not context.is_active():
+            raise InvalidInput("the SubmitJob stream was cancelled by the client")
+        flush(final=True)
+        return total, chunks
+
+    def _input(self, kind: JobKind, item: Any, index: int, shape: Any, resize: bool) -> Any:
+        if kind is JobKind.COMPRESS:
+            return decode_request_image(item, shape, resize=resize,
+                                        max_pixels=self.limits.max_pixels_per_image,
+                                        name=f"image {index}")
+        from latentserve.worker.codec import parse_header
+        from latentserve.worker.errors import CodeError
+
+        try:
+            parse_header(item)  # cheap: magic, version, length (the worker checks the rest)
+        except CodeError as exc:
+            raise type(exc)(f"code {index}: {exc}") from None
+        return bytes(item)
+
+    def _model(self, model: str, kind: JobKind) -> str:
+        if not model:
+            if kind is JobKind.RECONSTRUCT:
+                return ""
+            raise InvalidInput(f"a {kind.value} job needs JobSpec.model (NAME or NAME:VERSION)")
+        self.pipeline.repository.resolve(model)  # NOT_FOUND now rather than in a worker
+        return model
+
+    @staticmethod
+    def _format(fmt: int) -> ImageFormat:
+        if fmt in (ipb.IMAGE_FORMAT_UNSPECIFIED, ipb.IMAGE_FORMAT_PNG):
+            return ImageFormat.PNG
+        if fmt == ipb.IMAGE_FORMAT_RAW:
+            return ImageFormat.RAW
+        raise InvalidInput(f"image format {fmt} is not one of PNG (1) or RAW (2)")
+
+    # -- reading ------------------------------------------------------------------------
+    @redis_unavailable
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        return job_message(self.store.get(request.id))
+
+    @redis_unavailable
+    def ListJobs(self, request: pb.ListJobsRequest,
+                 context: grpc.ServicerContext) -> pb.ListJobsResponse:
+        limit = request.limit or 100
+        if limit > 1000:
+            raise InvalidInput(f"ListJobs limit {limit} is over 1000")
+        try:
+            states = [STATES[s] for s in request.states]
+        except KeyError as exc:
+            raise InvalidInput(f"job state {exc.args[0]} is not a JobState") from None
+        return pb.ListJobsResponse(jobs=[job_message(j)
+                                         for j in self.store.list(limit, states)])
+
+    @redis_unavailable
+    @streams
+    def WatchJob(self, request: pb.WatchJobRequest,
+                 context: grpc.ServicerContext) -> Iterator[pb.Job]:
+        for info in self.store.watch(request.id, wait_s=0.5):
+            if not context.is_active():
+                return
+            yield job_message(info)
+
+    @redis_unavailable
+    def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        return job_message(self.store.cancel(request.id))
+
+    @redis_unavailable
+    @streams
+    def FetchResults(self, request: pb.FetchResultsRequest,
+                     context: grpc.ServicerContext) -> Iterator[pb.JobResults]:
+        info = self.store.get(request.id)
+        budget = max(self.limits.max_message_bytes // 2, 1 << 20)
+        for lo, items in self.store.iter_chunks(request.id, request.start, wait_s=0.5):
+            if not context.is_active():
+                return
+            info = self.store.get(request.id) if not info.sealed else info
+            total = info.items_total if info.sealed else 0
+            yield from _results_messages(info.kind, lo, items, total, budget)
+
+
+def _results_messages(kind: JobKind, lo: int, items: Any, total: int,
+                      budget: int) -> Iterator[pb.JobResults]:
+    """One chunk's results as JobResults messages of at most ``budget`` bytes each."""
+    i = 0
+    while i < len(items):
+        size = 0
+        j = i
+        while j < len(items) and (j == i or size + _nbytes(items[j]) <= budget):
+            size += _nbytes(items[j])
+            j += 1
+        part = items[i:j]
+        if kind is JobKind.COMPRESS:
+            yield pb.JobResults(start=lo + i, codes=list(part), items_total=total)
+        elif isinstance(part, np.ndarray):
+            yield pb.JobResults(start=lo + i, images=[raw_image(im) for im in part],
+                                items_total=total)
+        else:
+            yield pb.JobResults(start=lo + i, images=[ipb.Image(encoded=b) for b in part],
+                                items_total=total)
+        i = j
+
+
+def _nbytes(item: Any) -> int:
+    return int(item.nbytes) if isinstance(item, np.ndarray) else len(item)
+
+
+# -- the server extension ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobSettings:
+    """Where the job queue is and how the server runs it (``serve`` flags)."""
+
+    redis_url: str | None = None   # None: LATENTSERVE_REDIS_URL / REDIS_URL, else embedded
+    state_dir: Path = Path(".state")
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    # Run a worker inside the server: "auto" = only with the embedded Redis.
+    embedded_worker: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.embedded_worker not in ("auto", "yes", "no"):
+            raise InvalidInput(f"embedded worker {self.embedded_worker!r} must be auto, yes "
+                               "or no")
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``serve`` flags of the job API."""
+    g = parser.add_argument_group("job queue")
+    g.add_argument("--redis", dest="redis_url", metavar="URL", default=None,
+                   help="Redis URL of the job queue [env LATENTSERVE_REDIS_URL or REDIS_URL; "
+                        "default: start an embedded Valkey with its data under --state-dir]")
+    g.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                   help="embedded Valkey's data (AOF) folder [env LATENTSERVE_STATE_DIR; "
+                        "default .state]")
+    g.add_argument("--job-chunk-size", dest="chunk_size", type=int, default=None, metavar="N",
+                   help="default items per chunk [env LATENTSERVE_CHUNK_SIZE; 256]")
+    g.add_argument("--max-queued-chunks", type=int, default=None, metavar="N",
+                   help="queued chunks per pool before SubmitJob is refused [10000]")
+    g.add_argument("--max-job-items", type=int, default=None, metavar="N",
+                   help="most items in one job [1000000]")
+    g.add_argument("--result-ttl-s", type=float, default=None, metavar="S",
+                   help="how long a finished job and its results are kept [86400]")
+    g.add_argument("--embedded-worker", choices=("auto", "yes", "no"), default=None,
+                   help="run a job worker in the server process [auto: only with the "
+                        "embedded Valkey]")
+
+
+def job_settings(args: argparse.Namespace | None = None,
+                 env: dict[str, str] | None = None) -> JobSettings:
+    """JobSettings from ``serve`` flags over ``LATENTSERVE_*`` env vars over defaults."""
+    env = dict(os.environ) if env is None else env
+    a = args or argparse.Namespace()
+    queue = QueueConfig.from_env(env, **{k: getattr(a, k, None) for k in (
+        "chunk_size", "max_queued_chunks", "max_job_items", "result_ttl_s")})
+    state = getattr(a, "state_dir", None) or env.get("LATENTSERVE_STATE_DIR") or ".state"
+    return JobSettings(redis_url=getattr(a, "redis_url", None), state_dir=Path(state),
+                       queue=queue,
+                       embedded_worker=getattr(a, "embedded_worker", None)
+                       or env.get("LATENTSERVE_EMBEDDED_WORKER", "auto"))
+
+
+def jobs_extension(settings: JobSettings) -> Callable[[Any], list[str]]:
+    """The ``ServiceExtension`` adding the Jobs service (and, maybe, a worker) to a server."""
+    def register(ctx: Any) -> list[str]:
+        from latentserve.worker.config import WorkerConfig
+        from latentserve.worker.consumer import create_worker
+        from latentserve.worker.jobstore import connect
+
+        from .embedded_redis import resolve_redis
+
+        url, embedded = resolve_redis(settings.redis_url, settings.state_dir)
+        client = connect(url)
+        store = JobStore(client, settings.queue)
+        config = ctx.config
+        limits = JobLimits(max_items_per_message=config.max_images_per_request,
+                           max_pixels_per_image=config.max_pixels_per_image,
+                           max_message_bytes=config.max_message_bytes)
+        pb_grpc.add_JobsServicer_to_server(JobsServicer(store, ctx.pipeline, limits), ctx.server)
+        where = f"embedded Valkey {url} (data in {embedded.data_dir})" if embedded else url
+        log.info("job queue on %s", where)
+        if settings.embedded_worker == "yes" or (settings.embedded_worker == "auto" and embedded):
+            wcfg = WorkerConfig(redis_url=url, queue=settings.queue,
+                                models_dir=str(config.models), provider=config.provider,
+                                intra_op_threads=config.ort_threads,
+                                batch_items=config.max_batch_size, grace_s=config.grace_s)
+            worker = create_worker(wcfg, ctx.pipeline, client)
+            thread = worker.start_thread()
+
+            def stop_worker() -> None:
+                worker.request_stop()
+                thread.join(config.grace_s + 5)
+            ctx.on_stop(stop_worker)
+        if embedded is not None:
+            ctx.on_stop(embedded.stop)
+        ctx.on_stop(client.close)
+        return [SERVICE_NAME]
+    return register
+
