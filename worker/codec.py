@@ -31,6 +31,7 @@ from .errors import (
     CodeMismatch,
     CorruptCode,
     InvalidInput,
+    ModelIntegrityError,
     NotExactlyDecodable,
     UnknownFormatVersion,
 )
@@ -167,6 +168,10 @@ class LatentCodec:
         assert self.prior is not None
         logits = self.runtime.prior_logits(symbols)
         n, k = logits.shape[:2]
+        if k != self.static.num_codes:  # type: ignore[union-attr]
+            raise ModelIntegrityError(
+                f"{self.manifest.ref}: the prior gives {k} logits per position, the codebook "
+                f"has {self.static.num_codes} codes")  # type: ignore[union-attr]
         flat = logits.reshape(n, k, -1).transpose(0, 2, 1)
         return prior_tables(flat, self.prior)
 
@@ -245,10 +250,11 @@ class LatentCodec:
         spec = self.prior
         assert spec is not None
         h, w = self.manifest.latent_shape
-        n = len(payloads)
+        n, k = len(payloads), self.static.num_codes  # type: ignore[union-attr]
         grid = np.zeros((n, h, w), np.int64)
         decoders = [SymbolDecoder(p) for p in payloads]
-        tables = np.zeros((n, h * w, 0))
+        tables = np.zeros((n, h * w, k))  # kept for the re-encoding check
+        floor = spec.guard * DECODER_MARGIN
         errors: list[CodeError | None] = [None] * n
         for pos in range(h * w):
             alive = [i for i in range(n) if errors[i] is None]
@@ -256,17 +262,20 @@ class LatentCodec:
                 break
             y, x = divmod(pos, w)
             logits = self.runtime.prior_logits(grid[alive])[:, :, y, x]
+            if logits.shape[1] != k:
+                raise ModelIntegrityError(f"{self.manifest.ref}: the prior gives "
+                                          f"{logits.shape[1]} logits per position, the "
+                                          f"codebook has {k} codes")
             probs, margin = prior_tables(logits, spec)
-            if tables.shape[2] == 0:
-                tables = np.zeros((n, h * w, probs.shape[1]))
             for j, i in enumerate(alive):
-                if not margin[j] >= spec.guard * DECODER_MARGIN:
+                if not margin[j] >= floor:
                     errors[i] = NotExactlyDecodable(
                         f"at grid position {pos} the prior's logits on this machine "
                         f"({self.runtime.provider}) lie {float(margin[j]):.2g} from a rounding "
-                        f"boundary, less than {spec.guard * DECODER_MARGIN:.2g} (guard/4): the tables may "
-                        "differ from the encoder's, so the code is refused rather than decoded "
-                        "inexactly; decode it with the CPU provider")
+                        f"boundary, less than guard/4 = {floor:.2g}: its tables may differ from "
+                        "the encoder's, so the code is refused rather than decoded inexactly; "
+                        "decode it where the prior computes like the encoder's (the CPU "
+                        "provider, the same onnxruntime)")
                     continue
                 try:
                     grid[i, y, x] = decoders[i].decode(probs[j:j + 1])[0]
