@@ -30,6 +30,9 @@ def register(sub: Any) -> None:
                                    "health, reflection and Prometheus metrics. SIGTERM "
                                    "answers calls in flight, then exits.")
     ServiceConfig.add_arguments(p)
+    from .jobs import add_job_arguments
+
+    add_job_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("compress", help="images -> latent codes (OUTDIR/<stem>.lsc)")
@@ -159,7 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServiceConfig.from_sources(args)
-    server, port = create_server(config, extra_services=service_extensions(config))
+    server, port = create_server(config, extra_services=service_extensions(config, args))
 
     def on_signal(signum: int, frame: object) -> None:
         print(f"latentserve: {signal.Signals(signum).name}: answering calls in flight "
@@ -178,12 +181,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def service_extensions(config: Any) -> list[Any]:
-    """Services that share the gRPC server with Inference (``server.ServiceExtension``).
+def service_extensions(config: Any, args: argparse.Namespace | None = None) -> list[Any]:
+    """Services that share the gRPC server with Inference (``server.ServiceExtension``):
+    the job API (issue 6), on --redis / REDIS_URL or an embedded Valkey."""
+    from .jobs import job_settings, jobs_extension
 
-    Hook for the job API (issue 6): return its registration callable(s) here.
-    """
-    return []
+    return [jobs_extension(job_settings(args))]
 
 
 # -- compress / reconstruct / sample ------------------------------------------------------
