@@ -189,3 +189,19 @@ def test_errors_are_code_errors(tiny: Pipeline) -> None:
     for bad in (b"", b"\xa1", b"garbage-garbage"):
         (result,) = tiny.reconstruct_each([bad])
         assert isinstance(result, CodeError)
+
+
+def test_models_follow_the_repository_on_disk(repo_copy: Path) -> None:
+    """Manifests are cached by their stat; new, changed and deleted models still show."""
+    pipe = Pipeline(repo_copy, ONE_THREAD)
+    before = {e.manifest.ref: e.manifest.digest for e in pipe.models()}
+    digest2 = add_version(repo_copy, "golden-vqvae", 2)
+    now = {e.manifest.ref: e.manifest.digest for e in pipe.models()}
+    assert now == {**before, "golden-vqvae:2": digest2}
+    path = repo_copy / "golden-ae" / "1" / "manifest.json"
+    path.write_bytes(path.read_bytes().replace(b'"quality": {}', b'"quality": {"x": 1}'))
+    changed = {e.manifest.ref: e.manifest.digest for e in pipe.models()}
+    assert changed["golden-ae:1"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert changed["golden-ae:1"] != before["golden-ae:1"]
+    shutil.rmtree(repo_copy / "golden-vqvae" / "1")
+    assert [e.manifest.ref for e in pipe.models()] == ["golden-ae:1", "golden-vqvae:2"]
