@@ -8,7 +8,9 @@ plus an idle shortcut):
 - the queue holds ``max_batch_size`` items;
 - the oldest queued item has waited ``max_queue_delay_us``;
 - ``dispatch_when_idle`` and no batch of this batcher is running (so a lone request
-  pays no delay, and under load batches grow while earlier ones compute).
+  pays no delay, and under load batches grow while earlier ones compute). A request
+  that finds the queue empty, nothing running and a worker free runs at once in the
+  caller's thread, skipping two thread hand-offs.
 
 A request larger than ``max_batch_size`` is cut into max-size batches; its results
 come back whole and in order. Cancelled and deadline-expired requests are dropped
@@ -78,6 +80,9 @@ class ComputePool:
 
     def acquire(self) -> None:
         self._slots.acquire()
+
+    def try_acquire(self) -> bool:
+        return self._slots.acquire(blocking=False)
 
     def release(self) -> None:
         self._slots.release()
@@ -198,10 +203,25 @@ class DynamicBatcher:
                 raise ResourceLimit(
                     f"the queue of {self.name} holds {self._queued} images; adding "
                     f"{ticket.n} would pass its limit of {self.max_queue_items}; retry later")
-            self._queue.append(ticket)
-            self._queued += ticket.n
-            self.observer.on_queued(self._queued)
-            self._cond.notify()
+            # Fast path: nothing to wait for and nothing to merge with, so run the batch
+            # in the caller's thread (no hand-off to the dispatcher and a pool thread).
+            inline = (not self._queue and ticket.n <= self.max_batch_size
+                      and (not self.batching or self.dispatch_when_idle and self._running == 0)
+                      and self.pool.try_acquire())
+            if inline:
+                self._running += 1
+                ticket.taken = ticket.n
+                self.observer.on_wait(0.0, ticket.n)
+            else:
+                self._queue.append(ticket)
+                self._queued += ticket.n
+                self.observer.on_queued(self._queued)
+                self._cond.notify()
+        if inline:
+            try:
+                self._execute([_Part(ticket, 0, ticket.n)])
+            finally:
+                self.pool.release()
         return ticket
 
     def close(self, *, drain: bool = True) -> None:

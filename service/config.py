@@ -152,16 +152,15 @@ class ServiceConfig:
             env = ENV_PREFIX + f.name.upper()
             if env in environ:
                 values[f.name] = parse_value(f.name, hints[f.name], environ[env], source=env)
-            flag_value = getattr(args, f.name, None) if args is not None else None
-            if flag_value is not None:
-                values[f.name] = flag_value
+            if args is not None and f.name in vars(args):  # given on the command line
+                values[f.name] = getattr(args, f.name)
         values.update(overrides)
         return cls(**values)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser,
                       only: typing.Iterable[str] | None = None) -> None:
-        """Add ``--field-name`` for each field (default None = not given on the command line)."""
+        """Add ``--field-name`` for each field; an absent flag leaves no attribute behind."""
         hints = typing.get_type_hints(cls)
         wanted = set(only) if only is not None else None
         for f in dataclasses.fields(cls):
@@ -172,7 +171,8 @@ class ServiceConfig:
             help_text = f"{f.metadata.get('help', '')} [env {env}; default {_show(f.default)}]"
             kind = hints[f.name]
             parser.add_argument(
-                flag, dest=f.name, default=None, help=help_text, metavar=_metavar(kind),
+                flag, dest=f.name, default=argparse.SUPPRESS, help=help_text,
+                metavar=_metavar(kind),
                 type=lambda text, name=f.name, kind=kind, flag=flag: _parse_flag(
                     name, kind, text, flag))
 

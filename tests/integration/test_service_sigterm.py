@@ -33,12 +33,14 @@ def in_flight(metrics_port: int) -> float:
 
 
 def test_sigterm_answers_every_call_in_flight_then_exits_zero(
-        tiny_repo: Path, mnist_images: np.ndarray) -> None:
+        tiny_repo: Path, mnist_images: np.ndarray, tmp_path: Path) -> None:
     # Batches wait up to 1 s to fill, so the calls are still queued when SIGTERM lands.
     cmd = [sys.executable, "-m", "latentserve.cli", "serve", "--host", "127.0.0.1",
            "--port", "0", "--metrics-port", "0", "--models", str(tiny_repo),
            "--max-queue-delay-us", "1000000", "--dispatch-when-idle", "false",
-           "--intra-op-threads", "1", "--grace-s", "30"]
+           "--intra-op-threads", "1", "--grace-s", "30",
+           # The job API's embedded Valkey keeps its data under the test's folder.
+           "--state-dir", str(tmp_path / "state"), "--embedded-worker", "no"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from latentserve.service.batching import BatcherSet, ComputePool, DynamicBatcher, concat
+from latentserve.service.batching import BatcherSet, ComputePool, DynamicBatcher, Ticket, concat
 from latentserve.service.errors import DeadlineExpired, RequestCancelled
 from latentserve.worker.errors import ResourceLimit, Unavailable
 
@@ -78,13 +78,31 @@ def arr(*values: int) -> np.ndarray:
     return np.array(values, np.int64)
 
 
-def test_a_lone_request_runs_at_once_and_comes_back_whole(pool: ComputePool) -> None:
-    rec = Recorder()
-    b = make(rec, pool)
+class Background:
+    """Submit from another thread: a request that finds the batcher idle runs inline."""
+
+    def __init__(self, batcher: DynamicBatcher, items: np.ndarray) -> None:
+        self.ticket: list[Ticket] = []
+        self.thread = threading.Thread(target=lambda: self.ticket.append(batcher.submit(items)))
+        self.thread.start()
+
+    def result(self, timeout: float) -> np.ndarray:
+        self.thread.join(timeout)
+        return self.ticket[0].result(timeout)
+
+
+def test_a_lone_request_runs_at_once_in_the_callers_thread(pool: ComputePool) -> None:
+    threads = []
+
+    def fn(items: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread())
+        return items * 10
+
+    b = make(fn, pool)
     try:
-        out = b.submit(arr(1, 2, 3)).result(WAIT)
-        assert out.tolist() == [10, 20, 30]
-        assert rec.sizes == [3]
+        ticket = b.submit(arr(1, 2, 3))
+        assert ticket.finished and ticket.result(0).tolist() == [10, 20, 30]
+        assert threads == [threading.current_thread()]
     finally:
         b.close()
 
@@ -93,7 +111,7 @@ def test_requests_arriving_during_a_batch_are_merged_into_the_next(pool: Compute
     rec = Recorder(hold_first=True)
     b = make(rec, pool)
     try:
-        first = b.submit(arr(1))
+        first = Background(b, arr(1))
         assert rec.entered.wait(WAIT)
         waiting = [b.submit(arr(10 + i)) for i in range(5)]
         assert b.queued == 5
@@ -144,7 +162,7 @@ def test_batching_off_runs_every_request_alone(pool: ComputePool) -> None:
     rec = Recorder(hold_first=True)
     b = make(rec, pool, batching=False, max_batch_size=2)
     try:
-        first = b.submit(arr(1))
+        first = Background(b, arr(1))
         assert rec.entered.wait(WAIT)
         rest = [b.submit(arr(2)), b.submit(arr(3, 4, 5))]
         rec.release.set()
@@ -204,7 +222,7 @@ def test_one_bad_request_in_a_merged_batch_fails_only_itself(pool: ComputePool) 
     rec = Recorder(hold_first=True)
     b = make(rec, pool)
     try:
-        first = b.submit(arr(1))
+        first = Background(b, arr(1))
         assert rec.entered.wait(WAIT)
         good1, bad, good2 = b.submit(arr(2)), b.submit(arr(-1)), b.submit(arr(3, 4))
         rec.release.set()
@@ -221,7 +239,7 @@ def test_a_full_queue_refuses_with_its_depth_and_limit(pool: ComputePool) -> Non
     rec = Recorder(hold_first=True)
     b = make(rec, pool, max_queue_items=3)
     try:
-        first = b.submit(arr(1))
+        first = Background(b, arr(1))
         assert rec.entered.wait(WAIT)
         queued = b.submit(arr(2, 3))
         with pytest.raises(ResourceLimit, match="holds 2 images.*limit of 3"):
@@ -236,7 +254,7 @@ def test_a_full_queue_refuses_with_its_depth_and_limit(pool: ComputePool) -> Non
 def test_close_answers_what_is_queued_then_refuses(pool: ComputePool) -> None:
     rec = Recorder(hold_first=True)
     b = make(rec, pool)
-    first = b.submit(arr(1))
+    first = Background(b, arr(1))
     assert rec.entered.wait(WAIT)
     queued = b.submit(arr(2))
     closer = threading.Thread(target=b.close)

@@ -44,6 +44,12 @@ def test_flags_win_over_env_and_absent_flags_do_not() -> None:
     assert (c.port, c.max_batch_size, c.max_images_per_request) == (7000, 32, 9)
 
 
+def test_a_flag_can_turn_an_optional_setting_off() -> None:
+    args = parser().parse_args(["--metrics-port", "none"])
+    assert ServiceConfig.from_sources(args, {"LATENTSERVE_METRICS_PORT": "9100"}).metrics_port is None
+    assert ServiceConfig.from_sources(parser().parse_args([]), {}).metrics_port == 9090
+
+
 def test_bad_values_name_the_setting_and_what_is_allowed() -> None:
     with pytest.raises(InvalidInput, match="LATENTSERVE_PORT='http'.*port must be an integer"):
         ServiceConfig.from_env({"LATENTSERVE_PORT": "http"})
