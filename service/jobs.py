@@ -381,7 +381,7 @@ def jobs_extension(settings: JobSettings) -> Callable[[Any], list[str]]:
         log.info("job queue on %s", where)
         if settings.embedded_worker == "yes" or (settings.embedded_worker == "auto" and embedded):
             wcfg = WorkerConfig(redis_url=url, queue=settings.queue,
-                                models_dir=str(config.models), provider=config.provider,
+                                models=str(config.models), provider=config.provider,
                                 intra_op_threads=config.ort_threads,
                                 batch_items=config.max_batch_size, grace_s=config.grace_s)
             worker = create_worker(wcfg, ctx.pipeline, client)

@@ -95,7 +95,7 @@ def make_worker(redis_url: str, tiny_repo: Path, tiny_pipeline: Any,
 
     def make(*, pipeline: Any = None, queue: Any = None, **config: Any) -> Any:
         settings = {**WORKER_DEFAULTS, **config}
-        cfg = WorkerConfig(redis_url=redis_url, models_dir=str(tiny_repo),
+        cfg = WorkerConfig(redis_url=redis_url, models=str(tiny_repo),
                            queue=queue or queue_config, **settings)
         return create_worker(cfg, pipeline if pipeline is not None else tiny_pipeline)
 

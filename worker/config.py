@@ -84,7 +84,7 @@ class WorkerConfig:
 
     redis_url: str
     queue: QueueConfig = field(default_factory=QueueConfig)
-    models_dir: str = "models"
+    models: str = "models"
     provider: str = "cpu"
     intra_op_threads: int = 0
     pools: tuple[str, ...] = (DEFAULT_POOL,)
@@ -97,6 +97,7 @@ class WorkerConfig:
     max_deliveries: int = 3      # a chunk delivered more often than this is dead-lettered
     grace_s: float = 30.0        # SIGTERM: finish the current chunk within this, else release
     burst: bool = False          # exit once no work is left (tests, one-shot runs)
+    preload: bool = True         # load every model's newest version before taking work
 
     def __post_init__(self) -> None:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):

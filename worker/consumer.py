@@ -110,6 +110,7 @@ class Worker:
         self._held_lock = threading.Lock()
         self._last_reclaim = 0.0
         self._started = time.time()
+        self._ready = False  # models preloaded, taking work
 
     # -- lifecycle --------------------------------------------------------------------
     def request_stop(self, grace_s: float | None = None) -> None:
@@ -143,6 +144,9 @@ class Worker:
         beat.start()
         backoff = 0.05
         try:
+            if self.config.preload:
+                self._preload()
+            self._ready = True
             while not self._stop.is_set():
                 try:
                     entries = self._reclaim() or self._read()
@@ -167,6 +171,24 @@ class Worker:
             beat.join(timeout=5)
             self._goodbye()
         return self.stats
+
+    def _preload(self) -> None:
+        """Load the newest version of every model now, so no chunk waits for a load.
+
+        A model that fails to load is only logged: its chunks fail (and are retried,
+        then dead-lettered) while every other model keeps being served.
+        """
+        models = getattr(self.pipeline, "models", None)
+        if models is None:
+            return
+        newest = {e.manifest.name: e.manifest.ref for e in models()}
+        for ref in newest.values():
+            if self._stop.is_set():
+                return
+            try:
+                self.pipeline.runtime(ref)  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - one bad model must not stop the rest
+                log.error("worker %s: cannot load %s: %s", self.consumer, ref, exc)
 
     def _retry_redis(self, fn: Any, limit_s: float = 60.0) -> Any:
         """Call ``fn`` until Redis answers (it may be restarting), up to ``limit_s``."""
@@ -476,7 +498,8 @@ class Worker:
         record = {"consumer": self.consumer, "pid": os.getpid(), "host": socket.gethostname(),
                   "pools": list(self.config.pools), "provider": self.config.provider,
                   "started": self._started, "beat": time.time(), "chunks": self.stats.chunks,
-                  "items": self.stats.items, "stopping": self._stop.is_set(),
+                  "items": self.stats.items, "ready": self._ready,
+                  "stopping": self._stop.is_set(),
                   "holding": [f"{h.job_id}:{h.chunk}" for h in held]}
         self.r.set(self.keys.worker(self.consumer), json.dumps(record),
                    px=int(self.config.health_ttl_s * 1000))
@@ -538,12 +561,12 @@ def worker_health(client: redis.Redis, config: WorkerConfig | None = None, *,
 def create_worker(config: WorkerConfig, pipeline: JobPipeline | None = None,
                   client: redis.Redis | None = None) -> Worker:
     """Build a worker (nothing runs until ``run()``); the pipeline defaults to the
-    model repository at ``config.models_dir`` on ``config.provider``."""
+    model repository at ``config.models`` on ``config.provider``."""
     if pipeline is None:
         from .engine import EngineConfig
         from .pipeline import Pipeline
 
-        pipeline = Pipeline(config.models_dir,
+        pipeline = Pipeline(config.models,
                             EngineConfig(provider=config.provider,  # type: ignore[arg-type]
                                          intra_op_threads=config.intra_op_threads,
                                          max_batch=config.batch_items))

@@ -16,7 +16,7 @@ from typing import Any
 
 # (flag, config field, type, help) of the optional settings; None = "not given".
 _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
-    ("--models", "models_dir", str, "model repository folder [default models]"),
+    ("--models", "models", str, "model repository folder [default models]"),
     ("--provider", "provider", str, "onnxruntime provider: cpu, cuda, tensorrt or auto"),
     ("--intra-op-threads", "intra_op_threads", int, "onnxruntime threads per run (0 = all)"),
     ("--pools", "pools", lambda s: tuple(p for p in s.split(",") if p),
@@ -45,9 +45,13 @@ def register(sub: Any) -> None:
                    help="Redis URL, e.g. redis://host:6379/0 [env LATENTSERVE_REDIS_URL "
                         "or REDIS_URL]")
     for flag, dest, kind, text in _FLAGS:
-        p.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+        metavar = {"models": "DIR", "provider": "NAME", "pools": "P1,P2", "consumer": "NAME",
+                   "prefix": "TEXT"}.get(dest, "N" if kind is int else "S")
+        p.add_argument(flag, dest=dest, type=kind, default=None, metavar=metavar, help=text)
     p.add_argument("--burst", action="store_true", default=None,
                    help="exit once no work is left (tests, one-shot runs)")
+    p.add_argument("--no-preload", dest="preload", action="store_false", default=None,
+                   help="load models on their first chunk instead of at start")
     p.add_argument("--log-level", default="INFO", help="logging level [INFO]")
     p.set_defaults(func=cmd_worker)
 
@@ -59,7 +63,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {dest: getattr(args, dest) for _, dest, _, _ in _FLAGS}
-    config = WorkerConfig.from_env(redis_url=args.redis_url, burst=args.burst, **overrides)
+    config = WorkerConfig.from_env(redis_url=args.redis_url, burst=args.burst,
+                                   preload=args.preload, **overrides)
     worker = create_worker(config)
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -71,7 +76,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"worker {config.consumer}: pools {','.join(config.pools)}, models "
-          f"{config.models_dir}, provider {config.provider}", file=sys.stderr, flush=True)
+          f"{config.models}, provider {config.provider}", file=sys.stderr, flush=True)
     stats = worker.run()
     print(f"worker {config.consumer}: {stats.chunks} chunks, {stats.items} items, "
           f"{stats.released} released, {stats.dead_lettered} dead-lettered", file=sys.stderr)

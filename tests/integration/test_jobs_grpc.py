@@ -166,3 +166,37 @@ def test_a_broken_submission_leaves_nothing(server, redis_url, mnist_images):
     store = JobStore(connect(redis_url), QUEUE)
     wait_until(lambda: not store.list() and store.depth("default") == 0, timeout=10,
                what="the half-submitted job to be removed")
+
+
+def test_serve_with_the_embedded_valkey_and_its_worker(tiny_repo, tmp_path, monkeypatch,
+                                                       tiny_pipeline):
+    """No Redis URL: the server starts valkey with AOF under the state folder and runs a
+    worker in process; a restart of the server finds the job again."""
+    from latentserve.service.config import ServiceConfig
+    from latentserve.service.jobs import JobSettings, jobs_extension
+    from latentserve.service.server import create_server
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("LATENTSERVE_REDIS_URL", raising=False)
+    config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
+                           intra_op_threads=1, compute_workers=1, preload=False, grace_s=5)
+    settings = JobSettings(state_dir=tmp_path / "state", queue=QueueConfig(chunk_size=8))
+
+    srv, _ = create_server(config, extra_services=[jobs_extension(settings)])
+    srv.start()
+    with JobsClient(srv.target, timeout=30) as c:
+        job = c.submit_sample("tiny-vae", 20, seed=2)
+        assert c.wait(job.id).state == pb.JOB_STATE_SUCCEEDED
+        got = [p for _, p in c.fetch(job.id)]
+    assert got == [encode_png(im) for im in tiny_pipeline.sample("tiny-vae", 20, seed=2)]
+    assert srv.stop(1).wait(30)
+    assert (tmp_path / "state" / "valkey" / "appendonlydir").is_dir()
+
+    srv, _ = create_server(config, extra_services=[jobs_extension(settings)])
+    srv.start()
+    try:
+        with JobsClient(srv.target, timeout=30) as c:
+            again = c.get(job.id)
+            assert (again.state, again.items_done) == (pb.JOB_STATE_SUCCEEDED, 20)
+    finally:
+        assert srv.stop(1).wait(30)
