@@ -26,7 +26,7 @@ from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
 from latentserve.worker import errors as E
 
-from .wire import decode_reply_image, raw_image
+from .wire import decode_reply_image, raw_batch, raw_image
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -89,6 +89,19 @@ def as_image_list(images: ImageLike | Iterable[ImageLike]) -> list[np.ndarray | 
     if isinstance(images, (bytes, bytearray, memoryview, str, Path)) or hasattr(images, "getpixel"):
         return [to_chw(images)]
     return [to_chw(im) for im in images]
+
+
+def _as_batch(images: Any) -> tuple[np.ndarray | None, list[np.ndarray | bytes]]:
+    """(images as one uint8 (N, C, H, W) array if they share a shape, else None; the list)."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        if images.dtype != np.uint8:
+            raise E.InvalidInput(f"images must hold uint8 pixels, got {images.dtype}")
+        return images, []
+    items = as_image_list(images)
+    if items and all(isinstance(x, np.ndarray) for x in items) \
+            and len({x.shape for x in items}) == 1:  # type: ignore[union-attr]
+        return np.stack(items), items  # type: ignore[arg-type]
+    return None, items
 
 
 def to_pil(images: Iterable[np.ndarray]) -> list[PILImage]:
@@ -159,18 +172,28 @@ class LatentServeClient:
     # -- compress ----------------------------------------------------------------------------
     def compress(self, images: ImageLike | Iterable[ImageLike], model: str, *,
                  resize: bool = False, timeout: float | None = None) -> list[bytes]:
-        """Images -> one latent code each, in order (streams when they exceed one message)."""
-        items = [_image_message(im) for im in as_image_list(images)]
-        chunks = list(_chunks(items, [m.ByteSize() for m in items], self.chunk_images,
-                              self.chunk_bytes))
-        if len(chunks) <= 1:
-            reply = self._call(self.stub.Compress,
-                               pb.CompressRequest(model=model, images=items, resize=resize),
-                               timeout)
-            return list(reply.codes)
-        requests = (pb.CompressRequest(model=model if i == 0 else "", images=chunk, resize=resize)
-                    for i, chunk in enumerate(chunks))
-        return self._stream(self.stub.CompressStream, requests, timeout,
+        """Images -> one latent code each, in order (streams when they exceed one message).
+
+        Arrays of one shape travel as one RawBatch per message; anything else (files,
+        PIL images of mixed sizes with ``resize``) as one Image each.
+        """
+        batch, items = _as_batch(images)
+        if batch is not None:
+            per = max(1, batch[0].nbytes) if len(batch) else 1
+            step = max(1, min(self.chunk_images, self.chunk_bytes // per))
+            requests = [pb.CompressRequest(model=model, batch=raw_batch(batch[i:i + step]))
+                        for i in range(0, max(len(batch), 1), step)]
+        else:
+            messages = [_image_message(im) for im in items]
+            requests = [pb.CompressRequest(model=model, images=chunk, resize=resize)
+                        for chunk in _chunks(messages, [m.ByteSize() for m in messages],
+                                             self.chunk_images, self.chunk_bytes)]
+        if len(requests) <= 1:
+            request = requests[0] if requests else pb.CompressRequest(model=model)
+            return list(self._call(self.stub.Compress, request, timeout).codes)
+        for r in requests[1:]:
+            r.model = ""  # the stream's first message names the model
+        return self._stream(self.stub.CompressStream, iter(requests), timeout,
                             lambda r: list(r.codes))
 
     def _stream(self, method: Any, requests: Iterator[Any], timeout: float | None,

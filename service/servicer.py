@@ -29,7 +29,7 @@ from .batching import BatcherSet, ComputePool, DynamicBatcher, Ticket
 from .catalog import ModelCatalog
 from .config import ServiceConfig
 from .metrics import BatchMetrics, ServiceMetrics
-from .wire import decode_request_image, encode_image, model_info
+from .wire import decode_batch, decode_request_image, encode_image, model_info
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 STREAM_WINDOW = 4  # stream messages decoded and queued ahead of the one being answered
@@ -161,13 +161,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     # -- compress ----------------------------------------------------------------------------
     def _submit_compress(self, request: pb.CompressRequest, entry: ModelEntry, scope: RpcScope,
                          where: str = "") -> Callable[[], pb.CompressResponse]:
-        self._check_request(request, len(request.images), "images", "CompressStream", where)
+        has_batch = request.HasField("batch")
+        if has_batch and request.images:
+            raise InvalidInput(f"{where}set images or batch, not both")
+        count = request.batch.count if has_batch else len(request.images)
+        self._check_request(request, count, "images", "CompressStream", where)
         shape = entry.manifest.image_shape
-        images = np.empty((len(request.images), *shape), np.uint8)
-        for i, msg in enumerate(request.images):
-            images[i] = decode_request_image(
-                msg, shape, resize=request.resize, max_pixels=self.config.max_pixels_per_image,
-                name=f"{where}images[{i}]")
+        limit = self.config.max_pixels_per_image
+        if has_batch:
+            images = decode_batch(request.batch, shape, max_pixels=limit, name=f"{where}batch")
+        else:
+            images = np.empty((count, *shape), np.uint8)
+            for i, msg in enumerate(request.images):
+                images[i] = decode_request_image(msg, shape, resize=request.resize,
+                                                 max_pixels=limit, name=f"{where}images[{i}]")
         ref = entry.manifest.ref
         ticket = self._submit(("compress", ref, None), images, scope)
         return lambda: pb.CompressResponse(model=ref, codes=scope.wait(ticket))

@@ -70,6 +70,32 @@ def decode_request_image(msg: pb.Image, shape: tuple[int, int, int], *, resize: 
     return image
 
 
+def raw_batch(images: np.ndarray) -> pb.RawBatch:
+    """uint8 (N, C, H, W) -> one RawBatch."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise InvalidInput(f"a batch must be uint8 (N, C, H, W), got {images.dtype} {images.shape}")
+    n, c, h, w = images.shape
+    return pb.RawBatch(data=np.ascontiguousarray(images).tobytes(), count=n, channels=c,
+                       height=h, width=w)
+
+
+def decode_batch(batch: pb.RawBatch, shape: tuple[int, int, int], *, max_pixels: int,
+                 name: str = "batch") -> np.ndarray:
+    """A request's RawBatch -> uint8 (N, C, H, W), which must match the model's ``shape``."""
+    n, got = batch.count, (batch.channels, batch.height, batch.width)
+    if got[1] * got[2] > max_pixels:
+        raise ResourceLimit(f"{name} images are {got[2]}x{got[1]} = {got[1] * got[2]} pixels; "
+                            f"the limit is {max_pixels}")
+    if got != shape:
+        raise InvalidInput(f"{name} holds {got[0]}x{got[1]}x{got[2]} (C x H x W) images; the "
+                           f"model takes {shape[0]}x{shape[1]}x{shape[2]}")
+    size = n * got[0] * got[1] * got[2]
+    if len(batch.data) != size:
+        raise InvalidInput(f"{name}: data holds {len(batch.data)} bytes; count x channels x "
+                           f"height x width = {n}x{got[0]}x{got[1]}x{got[2]} needs {size}")
+    return np.frombuffer(batch.data, np.uint8).reshape(n, *shape)
+
+
 def decode_reply_image(msg: pb.Image) -> np.ndarray:
     """A reply's Image (PNG or raw) -> uint8 (C, H, W)."""
     if msg.WhichOneof("pixels") == "raw":

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from latentserve.service.config import ServiceConfig
 from latentserve.service.server import Server, create_server
-from latentserve.service.wire import decode_reply_image, raw_image
+from latentserve.service.wire import decode_reply_image, raw_batch, raw_image
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
 from latentserve.worker.engine import EngineConfig
@@ -117,6 +117,13 @@ def test_png_in_and_png_out_agree_with_raw(stub: pb_grpc.InferenceStub,
     assert all(im.WhichOneof("pixels") == "encoded" for im in png)
     for a, b in zip(png, raw):
         np.testing.assert_array_equal(decode_reply_image(a), decode_reply_image(b))
+
+
+def test_a_raw_batch_compresses_like_separate_images(stub: pb_grpc.InferenceStub,
+                                                    digits: np.ndarray) -> None:
+    batch = pb.CompressRequest(model="tiny-vqvae", batch=raw_batch(digits[:7]))
+    assert list(stub.Compress(batch, timeout=TIMEOUT).codes) == \
+        list(stub.Compress(raw_request("tiny-vqvae", digits[:7]), timeout=TIMEOUT).codes)
 
 
 def test_codes_of_several_models_reconstruct_in_one_call(stub: pb_grpc.InferenceStub,

@@ -15,7 +15,7 @@ import pytest
 
 from latentserve.service.config import ServiceConfig
 from latentserve.service.server import Server, create_server
-from latentserve.service.wire import raw_image
+from latentserve.service.wire import raw_batch, raw_image
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
 from latentserve.worker.images import encode_png
@@ -87,6 +87,16 @@ def test_bad_images_are_invalid_arguments_naming_the_expected_shape(
             "32x32", "28x28", "resize")
     assert len(c(one(pb.Image(encoded=big_png), resize=True), timeout=TIMEOUT).codes) == 1
     refused(lambda: c(one(pb.Image()), timeout=TIMEOUT), C.INVALID_ARGUMENT, "images[0] is empty")
+    batch = raw_batch(mnist_images[:2])
+    refused(lambda: c(pb.CompressRequest(model="tiny-ae", batch=batch,
+                                         images=[raw_image(mnist_images[0])]), timeout=TIMEOUT),
+            C.INVALID_ARGUMENT, "images or batch, not both")
+    batch.count = 3
+    refused(lambda: c(pb.CompressRequest(model="tiny-ae", batch=batch), timeout=TIMEOUT),
+            C.INVALID_ARGUMENT, "batch: data holds 1568 bytes", "3x1x28x28 needs 2352")
+    refused(lambda: c(pb.CompressRequest(model="tiny-ae", batch=raw_batch(
+        np.zeros((1, 3, 28, 28), np.uint8))), timeout=TIMEOUT),
+            C.INVALID_ARGUMENT, "batch holds 3x28x28", "the model takes 1x28x28")
 
 
 def test_bad_parameters_are_invalid_arguments(stub: pb_grpc.InferenceStub,
