@@ -9,6 +9,7 @@ client gets INTERNAL with the exception's type, the server log gets the tracebac
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -65,7 +66,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     message = str(exc) or type(exc).__name__
     for kind, code in STATUS_OF:
         if isinstance(exc, kind):
-            if isinstance(exc, E.UnknownFormatVersion) and "support" not in message:
+            if isinstance(exc, E.UnknownFormatVersion) and not re.search(
+                    r"reads? version|supports? version", message):
                 versions = ", ".join(map(str, supported_format_versions()))
                 message += f" (this server reads code format versions: {versions})"
             return code, message

@@ -3,6 +3,7 @@ cancelled and expired calls drop their queued work; the server keeps serving."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,12 +13,15 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from latentserve.service.config import ServiceConfig
+from latentserve.service.errors import status_for
 from latentserve.service.server import Server, create_server
 from latentserve.service.wire import raw_batch, raw_image
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
+from latentserve.worker import errors as E
 from latentserve.worker.images import encode_png
 
 TIMEOUT = 60.0
@@ -294,3 +298,49 @@ def test_a_draining_server_answers_in_flight_calls_and_refuses_new_ones(
                 C.UNAVAILABLE)
         assert [len(f.result().codes) for f in futures] == [1, 1, 1, 1]
     assert stopped.wait(TIMEOUT)
+
+
+# -- the mapping itself, and a model that fails its digests ---------------------------------------
+
+@pytest.mark.parametrize(("exc", "code"), [
+    (E.InvalidInput("x"), C.INVALID_ARGUMENT), (E.ModelNotFound("x"), C.NOT_FOUND),
+    (E.JobNotFound("x"), C.NOT_FOUND), (E.CodeMismatch("x"), C.FAILED_PRECONDITION),
+    (E.NotExactlyDecodable("x"), C.FAILED_PRECONDITION),
+    (E.JobStateError("x"), C.FAILED_PRECONDITION), (E.CorruptCode("x"), C.DATA_LOSS),
+    (E.UnknownFormatVersion("x"), C.DATA_LOSS), (E.ResourceLimit("x"), C.RESOURCE_EXHAUSTED),
+    (E.Unavailable("x"), C.UNAVAILABLE), (E.ModelIntegrityError("x"), C.FAILED_PRECONDITION),
+    (KeyError("secret"), C.INTERNAL),
+])
+def test_every_error_type_has_its_status(exc: BaseException, code: grpc.StatusCode) -> None:
+    got, message = status_for(exc)
+    assert got == code
+    if code == C.INTERNAL:
+        assert "secret" not in message and "KeyError" in message
+    if isinstance(exc, E.UnknownFormatVersion):
+        assert "reads code format versions: 1" in message
+
+
+def test_a_tampered_model_is_refused_and_not_serving_while_the_others_serve(
+        tiny_repo: Path, tmp_path: Path, mnist_images: np.ndarray) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    with open(repo / "tiny-ae" / "1" / "decoder.onnx", "ab") as f:
+        f.write(b"\0")
+    srv = start(repo)
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            status = {name: health.Check(health_pb2.HealthCheckRequest(service=name),
+                                         timeout=TIMEOUT).status
+                      for name in ("", "tiny-ae", "tiny-ae:1", "tiny-vae")}
+            serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                                    health_pb2.HealthCheckResponse.NOT_SERVING)
+            assert status == {"": serving, "tiny-ae": not_serving, "tiny-ae:1": not_serving,
+                              "tiny-vae": serving}
+            s = pb_grpc.InferenceStub(ch)
+            refused(lambda: s.Compress(one(raw_image(mnist_images[0])), timeout=TIMEOUT),
+                    C.FAILED_PRECONDITION, "decoder.onnx has sha256", "re-export")
+            assert len(s.Compress(one(raw_image(mnist_images[0]), model="tiny-vae"),
+                                  timeout=TIMEOUT).codes) == 1
+    finally:
+        srv.stop(0).wait(TIMEOUT)
