@@ -96,12 +96,14 @@ def run_queue(store: Any, kind: Any, model: str, *, images: np.ndarray | None, c
     return seconds, digest(packed)
 
 
-def run_in_process(worker: Any, kind: Any, model: str, *, images: np.ndarray | None,
-                   count: int, chunk_size: int, seed: int, read_count: int) -> tuple[float, str]:
+def run_in_process(pipeline: Any, kind: Any, model: str, *, images: np.ndarray | None,
+                   count: int, chunk_size: int, seed: int, read_count: int,
+                   batch_items: int) -> tuple[float, str]:
     """The worker's loop on the same chunks, minus Redis: (seconds, digest)."""
-    from latentserve.worker.consumer import Held
-    from latentserve.worker.jobstore import ChunkTask, ImageFormat, JobKind
-    from latentserve.worker.packing import pack_images, pack_items, unpack
+    from latentserve.worker.chunkwork import Held, compute_batch, plan_batches
+    from latentserve.worker.jobtypes import ChunkTask, ImageFormat, JobKind
+    from latentserve.worker.chunkwork import pack_results
+    from latentserve.worker.packing import pack_images, unpack
 
     t0 = time.perf_counter()
     n = count if kind is JobKind.SAMPLE else len(images)  # type: ignore[arg-type]
@@ -117,10 +119,10 @@ def run_in_process(worker: Any, kind: Any, model: str, *, images: np.ndarray | N
     packed = []
     for i in range(0, len(chunks), read_count):  # as read from the stream
         group = chunks[i:i + read_count]
-        for batch in worker._plan(group):
-            for seg, out in zip(batch, worker._call(batch)):
+        for batch in plan_batches(group, batch_items):
+            for seg, out in zip(batch, compute_batch(pipeline, batch)):
                 seg.held.parts.append(out)
-        packed += [pack_items([b for part in h.parts for b in part]) for h in group]
+        packed += [pack_results(h) for h in group]
     return time.perf_counter() - t0, digest(packed)
 
 
@@ -156,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from latentserve.service.embedded_redis import start_embedded_redis
-    from latentserve.worker.config import QueueConfig, WorkerConfig
-    from latentserve.worker.consumer import Worker
+    from latentserve.worker.config import QueueConfig
     from latentserve.worker.engine import EngineConfig
     from latentserve.worker.images import read_idx
     from latentserve.worker.jobstore import JobKind, JobStore, connect
@@ -175,14 +176,12 @@ def main(argv: list[str] | None = None) -> int:
                         max_queued_chunks=100_000, max_chunk_bytes=1 << 30)
     store = JobStore(client, queue)
     pipeline = Pipeline(args.models, EngineConfig(intra_op_threads=1, max_batch=args.batch))
-    loop = Worker(WorkerConfig(redis_url=url, queue=queue, batch_items=args.batch,
-                               read_count=args.read_count), pipeline, client)
     jobs = {"compress": (JobKind.COMPRESS, args.compress_model, images, 0),
             "sample": (JobKind.SAMPLE, args.sample_model, None, args.items)}
     for kind, model, imgs, count in jobs.values():  # load models, warm caches
-        run_in_process(loop, kind, model, images=None if imgs is None else imgs[:512],
+        run_in_process(pipeline, kind, model, images=None if imgs is None else imgs[:512],
                        count=min(count, 512), chunk_size=args.chunk_size, seed=1,
-                       read_count=args.read_count)
+                       read_count=args.read_count, batch_items=args.batch)
 
     results: dict[str, Any] = {"items": args.items, "chunk_size": args.chunk_size,
                                "compress_model": args.compress_model,
@@ -201,9 +200,10 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeat):  # alternate the paths: load drifts over time
                 for name, (kind, model, imgs, count) in jobs.items():
                     if n == 1:  # the idle worker waits on XREADGROUP: it costs no CPU
-                        s, d = run_in_process(loop, kind, model, images=imgs, count=count,
-                                              chunk_size=args.chunk_size, seed=7,
-                                              read_count=args.read_count)
+                        s, d = run_in_process(pipeline, kind, model, images=imgs,
+                                              count=count, chunk_size=args.chunk_size, seed=7,
+                                              read_count=args.read_count,
+                                              batch_items=args.batch)
                         best(f"{name}_in_process_s", s)
                         digests[name].add(d)
                     s, d = run_queue(store, kind, model, images=imgs, count=count,

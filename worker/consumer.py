@@ -28,57 +28,21 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import redis
 
+from .chunkwork import Held, JobPipeline, compute_batch, pack_results, plan_batches
 from .config import WorkerConfig
 from .errors import CodeError, InvalidInput, LatentServeError, ResourceLimit
-from .images import encode_png
-from .jobstore import ChunkTask, ImageFormat, JobKind, JobStore, connect
-from .packing import pack_images, pack_items, unpack
+from .jobstore import JobKind, JobStore, connect
+from .packing import unpack
 
 log = logging.getLogger(__name__)
 
 # Errors of the job's own input: another delivery would fail the same way.
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (InvalidInput, CodeError, ResourceLimit)
-
-
-class JobPipeline(Protocol):
-    """What a worker calls (``latentserve.worker.pipeline.Pipeline`` implements it)."""
-
-    def compress(self, ref: str, images: np.ndarray) -> list[bytes]: ...
-
-    def reconstruct(self, codes: Sequence[bytes], ref: str | None = None) -> np.ndarray: ...
-
-    def sample(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
-               start: int = 0) -> np.ndarray: ...
-
-
-@dataclass(eq=False)
-class Held:
-    """A chunk this worker has read and owns until it is stored, dropped or released."""
-
-    pool: str
-    entry_id: str
-    job_id: str
-    chunk: int
-    n: int
-    deliveries: int
-    task: ChunkTask | None = None
-    inputs: Any = None                 # unpacked payload (images or codes), or None
-    done: int = 0                      # items computed so far
-    parts: list[Any] = field(default_factory=list)  # result pieces, in order
-
-
-@dataclass
-class Segment:
-    held: Held
-    lo: int   # item offset within the chunk
-    hi: int
 
 
 @dataclass
@@ -155,6 +119,15 @@ class Worker:
                     elif self.config.burst and self._queues_empty():
                         break
                     backoff = 0.05
+                except redis.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    # The stream or group vanished (a Redis without persistence restarted,
+                    # or a FLUSHDB): create them again and go on.
+                    log.warning("worker %s: %s; creating the consumer group again",
+                                self.consumer, exc)
+                    for pool in self.config.pools:
+                        self.store.ensure_group(pool)
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("worker %s: Redis unavailable (%s); retrying in %.2fs",
                                 self.consumer, exc, backoff)
@@ -301,42 +274,15 @@ class Worker:
                 self._fail_chunk(held, exc)
                 continue
             runnable.append(held)
-        for batch in self._plan(runnable):
-            if not self._checkpoint(runnable):
+        for i, batch in enumerate(plan_batches(runnable, self.config.batch_items)):
+            # Before the first call BEGIN has just read every job's state; after it, look
+            # again between calls (cancels, shutdown).
+            if i and not self._checkpoint(runnable):
                 break
             self._run_batch([s for s in batch if s.held.entry_id in self._held])
         for held in runnable:  # whatever the checkpoint stopped
             if held.entry_id in self._held:
                 self._release(held)
-
-    def _plan(self, chunks: list[Held]) -> list[list[Segment]]:
-        """Cut chunks into pipeline calls of <= batch_items items, merging compatible ones."""
-        groups: dict[tuple[Any, ...], list[Held]] = {}
-        for h in chunks:
-            t = h.task
-            assert t is not None
-            key: tuple[Any, ...] = (t.kind, t.model, t.image_format)
-            if t.kind is JobKind.SAMPLE:
-                key += (h.job_id, t.seed, t.temperature)
-            groups.setdefault(key, []).append(h)
-        limit = self.config.batch_items
-        batches: list[list[Segment]] = []
-        for members in groups.values():
-            batch: list[Segment] = []
-            room = limit
-            for h in sorted(members, key=lambda h: h.chunk):
-                lo = 0
-                while lo < h.n:
-                    take = min(room, h.n - lo)
-                    batch.append(Segment(h, lo, lo + take))
-                    lo += take
-                    room -= take
-                    if room == 0:
-                        batches.append(batch)
-                        batch, room = [], limit
-            if batch:
-                batches.append(batch)
-        return batches
 
     def _checkpoint(self, chunks: list[Held]) -> bool:
         """At a batch boundary: drop cancelled chunks; on shutdown, release what must go.
@@ -370,7 +316,7 @@ class Worker:
         if not batch:
             return
         try:
-            outputs = self._call(batch)
+            outputs = compute_batch(self.pipeline, batch)
         except Exception as exc:  # noqa: BLE001 - every failure is stored or retried
             if len({id(s.held) for s in batch}) > 1:
                 # A merged call failed: run each chunk alone so only the culprit fails.
@@ -387,46 +333,8 @@ class Worker:
             if h.done == h.n:
                 self._finish(h)
 
-    def _call(self, batch: list[Segment]) -> list[Any]:
-        """One pipeline call for the batch; returns each segment's results."""
-        task = batch[0].held.task
-        assert task is not None
-        sizes = [s.hi - s.lo for s in batch]
-        if task.kind is JobKind.COMPRESS:
-            images = np.concatenate([s.held.inputs[s.lo:s.hi] for s in batch])
-            codes = self.pipeline.compress(task.model, images)
-            return _split(codes, sizes)
-        if task.kind is JobKind.RECONSTRUCT:
-            codes = [c for s in batch for c in s.held.inputs[s.lo:s.hi]]
-            images = self.pipeline.reconstruct(codes, task.model or None)
-        else:
-            runs: list[np.ndarray] = []
-            i = 0
-            while i < len(batch):  # one call per run of contiguous global indices
-                start = _global(batch[i])
-                count = 0
-                j = i
-                while j < len(batch):
-                    s = batch[j]
-                    if _global(s) != start + count:
-                        break
-                    count += s.hi - s.lo
-                    j += 1
-                runs.append(self.pipeline.sample(task.model, count, seed=task.seed,
-                                                 temperature=task.temperature, start=start))
-                i = j
-            images = np.concatenate(runs)
-        pieces = _split(images, sizes)
-        if task.image_format is ImageFormat.PNG:
-            return [[encode_png(im) for im in piece] for piece in pieces]
-        return pieces
-
     def _finish(self, h: Held) -> None:
-        assert h.task is not None
-        if h.task.kind is not JobKind.COMPRESS and h.task.image_format is ImageFormat.RAW:
-            packed = pack_images(np.concatenate(h.parts))
-        else:
-            packed = pack_items([b for part in h.parts for b in part])
+        packed = pack_results(h)
         self._retry_redis(lambda: self.store.store_chunk(h.pool, h.job_id, h.chunk, h.n,
                                                          packed, h.entry_id))
         self.stats.chunks += 1
@@ -524,20 +432,6 @@ class Worker:
                     self.r.xgroup_delconsumer(stream, self.keys.group, self.consumer)
         except (redis.ConnectionError, redis.TimeoutError):
             pass
-
-
-def _global(seg: Segment) -> int:
-    """Global item index of a segment's first item (every chunk but the last is full)."""
-    assert seg.held.task is not None
-    return seg.held.chunk * seg.held.task.chunk_size + seg.lo
-
-
-def _split(items: Any, sizes: list[int]) -> list[Any]:
-    out, lo = [], 0
-    for n in sizes:
-        out.append(items[lo:lo + n])
-        lo += n
-    return out
 
 
 def _s(value: bytes | str | None) -> str:
