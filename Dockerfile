@@ -38,7 +38,7 @@ FROM ${PYTHON_IMAGE} AS service
 ARG UID
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-    LATENTSERVE_MODELS=/models LATENTSERVE_MODELS_DIR=/models
+    LATENTSERVE_MODELS=/models
 RUN groupadd --system --gid ${UID} latentserve \
  && useradd --system --uid ${UID} --gid latentserve --home-dir /app --shell /usr/sbin/nologin latentserve
 COPY docker/requirements-service.txt /tmp/requirements.txt
@@ -58,7 +58,7 @@ FROM ${CUDA_IMAGE} AS gpu-worker
 ARG UID
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PATH=/opt/venv/bin:$PATH \
-    LATENTSERVE_MODELS=/models LATENTSERVE_MODELS_DIR=/models LATENTSERVE_PROVIDER=cuda
+    LATENTSERVE_MODELS=/models LATENTSERVE_PROVIDER=cuda
 # Ubuntu 24.04's Python 3.12, the same minor version as the service image.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
