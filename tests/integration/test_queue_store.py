@@ -10,7 +10,8 @@ import redis
 
 from latentserve.worker.config import QueueConfig
 from latentserve.worker.errors import InvalidInput, JobNotFound, JobStateError, ResourceLimit
-from latentserve.worker.jobstore import JobKind, JobState, JobStore, pack_items, unpack
+from latentserve.worker.jobstore import (JobKind, JobState, JobStore, pack_images, pack_items,
+                                         unpack)
 
 pytestmark = pytest.mark.queue
 
@@ -159,3 +160,39 @@ def wait_for_expiry(client: redis.Redis, store: JobStore, timeout: float = 20.0)
         time.sleep(0.05)
     store.sweep()
     assert not client.exists(store.keys.jobs, store.keys.jobs_expiry)
+
+
+def test_worker_config_from_flags_over_env():
+    from latentserve.worker.config import WorkerConfig
+
+    env = {"REDIS_URL": "redis://queue:6379/0", "LATENTSERVE_CHUNK_SIZE": "64",
+           "LATENTSERVE_POOLS": "gpu,default", "LATENTSERVE_POOL_ROUTES": "mnist-vqvae=gpu",
+           "LATENTSERVE_CLAIM_IDLE_S": "8", "LATENTSERVE_BURST": "yes",
+           "LATENTSERVE_MODELS": "/models"}
+    cfg = WorkerConfig.from_env(env, chunk_size=32, grace_s=None)
+    assert (cfg.redis_url, cfg.queue.chunk_size, cfg.pools, cfg.models) == \
+        ("redis://queue:6379/0", 32, ("gpu", "default"), "/models")
+    assert cfg.claim_idle_s == 8 and cfg.heartbeat_s == 2 and cfg.burst and cfg.grace_s == 30
+    assert cfg.queue.pool_for("mnist-vqvae:2") == "gpu" and cfg.queue.pool_for("x") == "default"
+    assert cfg.keys.stream("gpu") == "latentserve:stream:gpu"
+    with pytest.raises(InvalidInput, match="LATENTSERVE_CHUNK_SIZE='many' is not a valid int"):
+        WorkerConfig.from_env({**env, "LATENTSERVE_CHUNK_SIZE": "many"})
+    with pytest.raises(InvalidInput, match="needs a Redis URL"):
+        WorkerConfig.from_env({})
+    with pytest.raises(InvalidInput, match=r"heartbeat_s \(9.0\) must be shorter"):
+        WorkerConfig.from_env(env, heartbeat_s=9.0)
+    with pytest.raises(InvalidInput, match="pool name 'a b'"):
+        WorkerConfig.from_env(env, pools=("a b",))
+    with pytest.raises(InvalidInput, match="must start with redis://"):
+        WorkerConfig(redis_url="http://x")
+
+
+def test_packing_round_trips_and_refuses_damage():
+    items = [b"", b"abc", bytes(range(256))]
+    assert unpack(pack_items(items)) == items
+    images = np.arange(2 * 3 * 4 * 5, dtype=np.uint8).reshape(2, 3, 4, 5)
+    assert np.array_equal(unpack(pack_images(images)), images)
+    with pytest.raises(InvalidInput, match="damaged"):
+        unpack(pack_items(items)[:-1])
+    with pytest.raises(InvalidInput, match="starts with b'Z'"):
+        unpack(b"Z123")
