@@ -24,6 +24,8 @@ ANCHOR_FAMILY = "webp"
 # The project's goal (../shared/RD-NOTES.md): at >= 28.7 dB, <= 48 bytes/image all included.
 TARGET_PSNR_DB = 28.7
 TARGET_BYTES = 48.0
+# Issue 8's sample-quality target for the VQ-VAE with its prior.
+SAMPLE_TARGET = {"family": "vqvae", "confident_share": 0.8, "class_entropy_bits": 3.2}
 
 FAMILY_NAMES = {"ae": "AE", "vae": "VAE", "vqvae": "VQ-VAE", "jpeg": "JPEG",
                 "webp": "WebP", "png": "PNG", "webp-lossless": "WebP lossless"}
@@ -154,6 +156,15 @@ def markdown(points: Sequence[RDPoint], *, samples: Sequence[SampleQuality] = ()
             lines.append(f"| {s.model} | {s.count} | {s.confident_share:.1%} | "
                          f"{s.class_entropy_bits:.3f} | {s.mean_confidence:.3f} | "
                          f"{s.samples_per_s:,.0f} | {s.grid} |")
+        t = SAMPLE_TARGET
+        for s in samples:
+            if s.family == t["family"]:
+                met = (s.confident_share >= t["confident_share"]
+                       and s.class_entropy_bits >= t["class_entropy_bits"])
+                lines.append(f"\nTarget for {family_name(s.family)} samples (>= "
+                             f"{t['confident_share']:.0%} confident, >= "
+                             f"{t['class_entropy_bits']} bits): {s.model} "
+                             f"{'meets' if met else 'misses'} it.")
     return "\n".join(lines) + "\n"
 
 
