@@ -9,7 +9,8 @@ dataclass fields, so the three can never drift apart.
 Threads, deliberately (the machine has ``os.cpu_count()`` cores):
 
 - gRPC handler threads (``grpc_threads``) mostly wait: they decode request images and
-  block on a batch's result. They need to outnumber concurrent calls, not cores.
+  block on a batch's result. They need to outnumber concurrent calls (and open
+  streams), not cores; past that, more threads only contend for the GIL.
 - Compute workers (``compute_workers``) run onnxruntime + the entropy coder on merged
   batches. Two by default, so one batch's Python-side coding overlaps the next
   batch's onnxruntime call.
@@ -62,7 +63,8 @@ class ServiceConfig:
         f"onnxruntime execution provider, one of {', '.join(PROVIDERS)}"))
     device_id: int = field(default=0, metadata=_help("GPU index for cuda / tensorrt"))
     grpc_threads: int = field(default=64, metadata=_help(
-        "gRPC handler threads (at least the number of concurrent calls you expect)"))
+        "gRPC handler threads: each call in flight (and each open stream) holds one, so "
+        "at least the concurrent calls you expect; fewer threads contend less for the GIL"))
     compute_workers: int = field(default=0, metadata=_help(
         "threads running merged batches through onnxruntime + the coder; "
         "0 = min(2, cores)"))
@@ -182,6 +184,8 @@ def _show(value: object) -> str:
 
 
 def _metavar(kind: Any) -> str:
+    if typing.get_origin(kind) is typing.Literal:
+        return "{" + ",".join(map(str, typing.get_args(kind))) + "}"
     base = _base_type(kind)
     if base is bool:
         return "{true,false}"
