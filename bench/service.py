@@ -13,9 +13,10 @@ the in-process baseline is the same Pipeline with the same engine settings:
     off (two server processes). Goal: throughput ratio >= 3; p50/p99 latency of both.
     Beside it, the ceiling: in-process images/s at 32 images per call vs 1 per call
     (what batching can save at most, when nothing else costs anything).
-(c) One client, one image per call: p50/p99 latency of Compress vs the in-process call.
+(c) One client, one image per call: p50/p99 latency of Compress vs the in-process call,
+    and the floor: a GetModel round trip, which does no work.
 
-Each of the 8 phases runs ``--seconds`` in all (at most ``--max-calls`` calls per round),
+Each of the 9 phases runs ``--seconds`` in all (at most ``--max-calls`` calls per round),
 split into ``--rounds`` interleaved rounds, after a warm-up: the machine is shared,
 so a drift in its load hits both sides of every ratio alike.
 """
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             "ceil_1": loops([lambda: pipeline.compress(model, one)] * inflight, 1),
             "c_grpc": single(lambda: client.compress(one, model=model)),
             "c_local": single(lambda: pipeline.compress(model, one)),
+            # What any call costs here: a round trip that does no work (GetModel).
+            "c_floor": single(lambda: client.model(model)),
         }
         # Interleave short rounds, so a change in the machine's load hits both sides.
         order = list(phases)
@@ -247,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
          f"{percentile_ms(local_lat, 99):.3f}",
          f"{percentile_ms(grpc_lat, 99) / percentile_ms(local_lat, 99):.2f}", ""),
     ]
+    rows.append(("(c) floor: GetModel round trip p50, ms", f"{P['c_floor'].ms(50):.3f}",
+                 "", "", ""))
     head = ("", "gRPC / on", "in process / off", "ratio", "goal")
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
     for r in (head, *rows):
@@ -259,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         b_on_p50_ms=percentile_ms(on_lat, 50), b_on_p99_ms=percentile_ms(on_lat, 99),
         b_off_p50_ms=percentile_ms(off_lat, 50), b_off_p99_ms=percentile_ms(off_lat, 99),
         c_grpc_p50_ms=percentile_ms(grpc_lat, 50), c_grpc_p99_ms=percentile_ms(grpc_lat, 99),
-        c_local_p50_ms=percentile_ms(local_lat, 50), c_local_p99_ms=percentile_ms(local_lat, 99))
+        c_local_p50_ms=percentile_ms(local_lat, 50), c_local_p99_ms=percentile_ms(local_lat, 99),
+        c_floor_p50_ms=P["c_floor"].ms(50))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
