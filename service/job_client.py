@@ -191,3 +191,23 @@ class JobsClient:
             for i, image in enumerate(msg.images):
                 yield msg.start + i, (image.encoded if image.WhichOneof("pixels") == "encoded"
                                       else decode_raw(image.raw, max_pixels=1 << 62))
+
+
+def run_demo_jobs(client: JobsClient, *, compress_model: str, images: np.ndarray,
+                  sample_model: str, count: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """A compress job and a sample job, each timed from submit to its last result fetched
+    (for ``latentserve demo``): one dict per job with kind, model, items, seconds, items/s."""
+    import time
+
+    rows = []
+    for kind, model, submit in (
+            ("compress", compress_model, lambda: client.submit_compress(compress_model, images)),
+            ("sample", sample_model, lambda: client.submit_sample(sample_model, count,
+                                                                  seed=seed))):
+        t0 = time.perf_counter()
+        job = submit()
+        items = sum(1 for _ in client.fetch(job.id))
+        seconds = time.perf_counter() - t0
+        rows.append({"job": kind, "model": model, "id": job.id, "items": items,
+                     "seconds": seconds, "items_per_s": items / seconds})
+    return rows

@@ -200,3 +200,18 @@ def test_serve_with_the_embedded_valkey_and_its_worker(tiny_repo, tmp_path, monk
             assert (again.state, again.items_done) == (pb.JOB_STATE_SUCCEEDED, 20)
     finally:
         assert srv.stop(1).wait(30)
+
+
+def test_demo_jobs_helper(client, make_worker, mnist_images):
+    from latentserve.service.job_client import run_demo_jobs
+
+    worker = make_worker(queue=QUEUE, burst=False)
+    thread = worker.start_thread()
+    try:
+        rows = run_demo_jobs(client, compress_model="tiny-ae", images=mnist_images[:40],
+                             sample_model="tiny-vae", count=30)
+    finally:
+        worker.request_stop()
+        thread.join(10)
+    assert [(r["job"], r["items"]) for r in rows] == [("compress", 40), ("sample", 30)]
+    assert all(r["items_per_s"] > 0 for r in rows)
