@@ -408,7 +408,8 @@ class Worker:
                   "started": self._started, "beat": time.time(), "chunks": self.stats.chunks,
                   "items": self.stats.items, "ready": self._ready,
                   "stopping": self._stop.is_set(),
-                  "holding": [f"{h.job_id}:{h.chunk}" for h in held]}
+                  "holding": [{"job": h.job_id, "chunk": h.chunk, "done": h.done, "n": h.n}
+                              for h in held]}
         self.r.set(self.keys.worker(self.consumer), json.dumps(record),
                    px=int(self.config.health_ttl_s * 1000))
 

@@ -66,11 +66,18 @@ def test_sigkill_mid_chunk_repeatedly_loses_and_duplicates_nothing(
     assert len(set(killed_holding)) == 3 and pending(redis_client, job_store) == []
 
 
+def mid_chunk(client: redis.Redis, consumer: str) -> bool:
+    """The worker's health record shows a chunk it holds partly computed."""
+    return any(0 < h["done"] < h["n"] for w in worker_health(client)
+               if w["consumer"] == consumer for h in w["holding"])
+
+
 def test_sigterm_finishes_the_current_chunk_within_the_grace(job_store, redis_client,
                                                              spawn_worker, wait_until):
     job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=240, chunk_size=120)
-    proc = spawn_worker("--consumer", "w", "--batch-items", "20", "--grace-s", "60")
-    wait_until(lambda: pending(redis_client, job_store, "w"), what="the worker to start")
+    proc = spawn_worker("--consumer", "w", "--batch-items", "10", "--grace-s", "60",
+                        "--heartbeat-s", "0.05")
+    wait_until(lambda: mid_chunk(redis_client, "w"), what="the worker to be mid-chunk")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
@@ -84,8 +91,9 @@ def test_sigterm_finishes_the_current_chunk_within_the_grace(job_store, redis_cl
 def test_sigterm_past_the_grace_releases_the_chunk_at_a_batch_boundary(
         job_store, redis_client, spawn_worker, wait_until):
     job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=200, chunk_size=200)
-    proc = spawn_worker("--consumer", "w", "--batch-items", "10", "--grace-s", "0.01")
-    wait_until(lambda: pending(redis_client, job_store, "w"), what="the worker to start")
+    proc = spawn_worker("--consumer", "w", "--batch-items", "10", "--grace-s", "0.01",
+                        "--heartbeat-s", "0.05")
+    wait_until(lambda: mid_chunk(redis_client, "w"), what="the worker to be mid-chunk")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out

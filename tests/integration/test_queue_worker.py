@@ -165,9 +165,9 @@ def test_a_cancel_survives_a_worker_restart(job_store, make_worker, tiny_pipelin
 
 
 def test_a_healthy_long_chunk_is_not_stolen(job_store, make_worker, redis_client, wait_until):
-    job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=160, chunk_size=160)
+    job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=320, chunk_size=320)
     stream = job_store.keys.stream("default")
-    busy = make_worker(burst=False, claim_idle_s=0.4, batch_items=160)
+    busy = make_worker(burst=False, claim_idle_s=0.4, batch_items=320)
     thread = busy.start_thread()
     wait_until(lambda: redis_client.xpending(stream, job_store.keys.group)["pending"],
                what="the first worker to take the chunk")
