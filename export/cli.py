@@ -4,21 +4,26 @@
     latentserve export runs/vq.pt --repo models --name mnist-vqvae --version 1
 
 For ``--family vqvae`` the same command trains the PixelCNN prior on the training codes
-right after the VQ-VAE, and the checkpoint holds both.
+right after the VQ-VAE, and the checkpoint holds both. ``--family prior --vqvae CKPT``
+(re)trains only the prior of an existing vqvae checkpoint and writes the result to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from typing import Any
+
+from latentserve.worker.errors import InvalidInput
 
 
 def register(sub: Any) -> None:
     """Add the ``train`` and ``export`` subcommands."""
     t = sub.add_parser("train", help="train an ae / vae / vqvae (+ prior) on images",
                        description="Train a model; the last --val-count images are held out.")
-    t.add_argument("--family", required=True, choices=("ae", "vae", "vqvae"))
-    t.add_argument("--data", required=True,
+    t.add_argument("--family", required=True, choices=("ae", "vae", "vqvae", "prior"))
+    t.add_argument("--vqvae", default=None, help="--family prior: the vqvae checkpoint")
+    t.add_argument("--data", default=None,
                    help="IDX(.gz) file, a folder of PNG/JPEG images, or a folder with an IDX file")
     t.add_argument("--out", required=True, help="checkpoint path to write")
     t.add_argument("--lambda", dest="lmbda", type=float, default=0.004,
@@ -59,7 +64,7 @@ def register(sub: Any) -> None:
     e.add_argument("--data", default=None,
                    help="the training data, if it moved since training (digest checked)")
     e.add_argument("--vae-step", type=float, default=None,
-                   help="vae: quantisation step of the posterior mean (default 0.5)")
+                   help="vae: quantisation step of the posterior mean (default 1.0)")
     e.add_argument("--gmm-components", type=int, default=10)
     e.add_argument("--overwrite", action="store_true",
                    help="replace an existing version (only before anyone depends on it)")
@@ -76,6 +81,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.family == "prior":
+        return _train_prior_only(args)
+    if not args.data:
+        raise InvalidInput("--data is required (an IDX file or a folder of images)")
     data = load_dataset(args.data, val_count=args.val_count, train_limit=args.train_limit)
     mc = ModelConfig(family=args.family, image_shape=data.image_shape, hidden=args.hidden,
                      res_blocks=args.res_blocks, latent_channels=args.latent_channels,
@@ -93,6 +102,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = ckpt["history"][-1]
     print(f"wrote {path}: {args.family}, {len(data.train)} training images, last step "
           + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
+    return 0
+
+
+def _train_prior_only(args: argparse.Namespace) -> int:
+    from .exporter import dataset_for
+    from .prior import PriorConfig
+    from .train import TrainConfig, load_checkpoint, save_checkpoint, seed_everything, train_prior
+
+    if not args.vqvae:
+        raise InvalidInput("--family prior needs --vqvae CKPT (a trained vqvae checkpoint)")
+    ckpt, model, _ = load_checkpoint(args.vqvae)
+    if ckpt["model_config"]["family"] != "vqvae":
+        raise InvalidInput(f"{args.vqvae} holds a {ckpt['model_config']['family']} model, "
+                           "not a vqvae")
+    data = dataset_for(ckpt, args.data)
+    tc = TrainConfig(batch_size=args.batch_size, seed=args.seed, prior_epochs=args.prior_epochs,
+                     prior_steps=args.prior_steps, prior_lr=args.lr,
+                     prior_shifts=args.prior_shifts, progress=not args.no_progress)
+    mc = model.config
+    pc = PriorConfig(num_codes=mc.num_codes, grid=mc.grid, embed_dim=args.prior_embed,
+                     hidden=args.prior_hidden, layers=args.prior_layers,
+                     dropout=args.prior_dropout)
+    prior, history = train_prior(model, tc, data, seed_everything(args.seed), pc)
+    ckpt.update(prior_config=pc.to_dict(), prior_state=prior.state_dict(),
+                prior_history=history, prior_train_config=asdict(tc))
+    path = save_checkpoint(ckpt, args.out)
+    print(f"wrote {path}: prior of {args.vqvae}, last step "
+          + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items()))
     return 0
 
 
