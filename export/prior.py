@@ -11,6 +11,7 @@ position p are a function of all earlier indices and of nothing else (``causal``
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,24 +42,34 @@ class PriorConfig:
         return cls(**d)  # type: ignore[arg-type]
 
 
-class MaskedConv2d(nn.Conv2d):
-    """A convolution whose kernel only sees earlier positions (``A``) or also the centre (``B``)."""
+class MaskedConv2d(nn.Module):
+    """A convolution that only sees earlier positions (``A``) or also the centre (``B``).
+
+    Only the causal half of a (kh, kw) kernel is stored: rows above the centre and the
+    centre row up to (A: excluding, B: including) the centre. The input is padded on
+    top, left and right only, so the lower half costs neither weights nor compute.
+    """
 
     def __init__(self, mask_type: str, in_ch: int, out_ch: int, kernel: tuple[int, int]) -> None:
+        super().__init__()
         if mask_type not in ("A", "B"):
             raise ValueError(f"mask type {mask_type!r} is not 'A' or 'B'")
         kh, kw = kernel
         if kh % 2 == 0 or kw % 2 == 0:
             raise ValueError(f"masked conv kernel {kernel} must have odd sizes")
-        super().__init__(in_ch, out_ch, kernel, padding=(kh // 2, kw // 2))
-        mask = torch.ones(kh, kw)
-        cy, cx = kh // 2, kw // 2
-        mask[cy, cx + (mask_type == "B"):] = 0
-        mask[cy + 1:] = 0
+        rows = kh // 2 + 1
+        self.pad = (kw // 2, kw // 2, kh // 2, 0)  # left, right, top, bottom
+        self.weight = nn.Parameter(torch.empty(out_ch, in_ch, rows, kw))
+        self.bias = nn.Parameter(torch.zeros(out_ch))
+        mask = torch.ones(rows, kw)
+        mask[-1, kw // 2 + (mask_type == "B"):] = 0
         self.register_buffer("mask", mask[None, None])
+        # Kaiming-uniform over the taps that are actually used.
+        bound = 1.0 / math.sqrt(in_ch * float(mask.sum()))
+        nn.init.uniform_(self.weight, -bound * math.sqrt(3), bound * math.sqrt(3))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
+        return F.conv2d(F.pad(x, self.pad), self.weight * self.mask, self.bias)
 
 
 class PixelCNNPrior(nn.Module):
