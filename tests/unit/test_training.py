@@ -61,3 +61,26 @@ def test_split_keeps_validation_out_of_training(mnist_images: np.ndarray) -> Non
     np.testing.assert_array_equal(data.val, mnist_images[70:100])
     with pytest.raises(InvalidInput, match="val_count"):
         split(mnist_images[:10], val_count=10)
+
+
+def test_prior_only_training_replaces_the_prior_of_a_vqvae_checkpoint(tmp_path: Path) -> None:
+    from fixtures_models import MNIST
+
+    from latentserve.cli import main
+
+    if not MNIST.is_file():
+        pytest.skip("needs ../shared/data/mnist")
+    common = ["--data", str(MNIST), "--train-limit", "64", "--no-progress", "--threads", "1"]
+    vq = tmp_path / "vq.pt"
+    assert main(["train", "--family", "vqvae", "--out", str(vq), "--steps", "2",
+                 "--hidden", "8", "--res-blocks", "0", "--num-codes", "16", "--code-dim", "4",
+                 "--prior-steps", "1", "--prior-hidden", "8", "--prior-embed", "4",
+                 "--prior-layers", "1", *common]) == 0
+    out = tmp_path / "vq-prior.pt"
+    assert main(["train", "--family", "prior", "--vqvae", str(vq), "--out", str(out),
+                 "--prior-steps", "2", "--prior-hidden", "12", "--prior-embed", "4",
+                 "--prior-layers", "2", "--no-progress"]) == 0
+    ckpt, model, prior = load_checkpoint(out)
+    assert prior is not None and prior.config.hidden == 12 and prior.config.num_codes == 16
+    assert len(ckpt["prior_history"]) == 2
+    assert main(["train", "--family", "prior", "--out", str(out), "--no-progress"]) == 1
