@@ -5,7 +5,9 @@
 
 For ``--family vqvae`` the same command trains the PixelCNN prior on the training codes
 right after the VQ-VAE, and the checkpoint holds both. ``--family prior --vqvae CKPT``
-(re)trains only the prior of an existing vqvae checkpoint and writes the result to --out.
+(re)trains only the prior of an existing vqvae checkpoint, and ``--family decoder --vqvae
+CKPT`` only its decoder on the frozen codes (a fresh one when --decoder-hidden or
+--decoder-res-blocks change it); either writes the updated checkpoint to --out.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ def register(sub: Any) -> None:
     """Add the ``train`` and ``export`` subcommands."""
     t = sub.add_parser("train", help="train an ae / vae / vqvae (+ prior) on images",
                        description="Train a model; the last --val-count images are held out.")
-    t.add_argument("--family", required=True, choices=("ae", "vae", "vqvae", "prior"))
-    t.add_argument("--vqvae", default=None, help="--family prior: the vqvae checkpoint")
+    t.add_argument("--family", required=True, choices=("ae", "vae", "vqvae", "prior", "decoder"))
+    t.add_argument("--vqvae", default=None,
+                   help="--family prior / decoder: the vqvae checkpoint to refine")
     t.add_argument("--data", default=None,
                    help="IDX(.gz) file, a folder of PNG/JPEG images, or a folder with an IDX file")
     t.add_argument("--out", required=True, help="checkpoint path to write")
@@ -37,6 +40,10 @@ def register(sub: Any) -> None:
                    help="vae: pixel noise std of the Gaussian likelihood")
     t.add_argument("--hidden", type=int, default=64)
     t.add_argument("--res-blocks", type=int, default=1)
+    t.add_argument("--decoder-hidden", type=int, default=0, help="0: same as --hidden")
+    t.add_argument("--decoder-res-blocks", type=int, default=-1, help="-1: same as --res-blocks")
+    t.add_argument("--decoder-epochs", type=int, default=0,
+                   help="vqvae: afterwards train the decoder alone on the frozen codes")
     t.add_argument("--latent-channels", type=int, default=12)
     t.add_argument("--num-codes", type=int, default=256)
     t.add_argument("--code-dim", type=int, default=32)
@@ -81,19 +88,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.family == "prior":
-        return _train_prior_only(args)
+    if args.family in ("prior", "decoder"):
+        return _refine_vqvae(args)
     if not args.data:
         raise InvalidInput("--data is required (an IDX file or a folder of images)")
     data = load_dataset(args.data, val_count=args.val_count, train_limit=args.train_limit)
     mc = ModelConfig(family=args.family, image_shape=data.image_shape, hidden=args.hidden,
-                     res_blocks=args.res_blocks, latent_channels=args.latent_channels,
+                     res_blocks=args.res_blocks, decoder_hidden=args.decoder_hidden,
+                     decoder_res_blocks=args.decoder_res_blocks, latent_channels=args.latent_channels,
                      num_codes=args.num_codes, code_dim=args.code_dim)
     tc = TrainConfig(lmbda=args.lmbda, vae_sigma=args.vae_sigma, epochs=args.epochs,
                      steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      prior_epochs=args.prior_epochs,
                      prior_steps=args.prior_steps, prior_shifts=args.prior_shifts,
-                     progress=not args.no_progress)
+                     decoder_epochs=args.decoder_epochs, progress=not args.no_progress)
     pc = PriorConfig(num_codes=args.num_codes, grid=mc.grid, embed_dim=args.prior_embed,
                      hidden=args.prior_hidden, layers=args.prior_layers,
                      dropout=args.prior_dropout) if args.family == "vqvae" else None
@@ -105,30 +113,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_prior_only(args: argparse.Namespace) -> int:
+def _refine_vqvae(args: argparse.Namespace) -> int:
+    """--family prior / decoder: retrain one part of a trained vqvae checkpoint."""
     from .exporter import dataset_for
+    from .models import ModelConfig, build_model
     from .prior import PriorConfig
-    from .train import TrainConfig, load_checkpoint, save_checkpoint, seed_everything, train_prior
+    from .train import (TrainConfig, load_checkpoint, save_checkpoint, seed_everything,
+                        train_decoder, train_prior)
 
     if not args.vqvae:
-        raise InvalidInput("--family prior needs --vqvae CKPT (a trained vqvae checkpoint)")
+        raise InvalidInput(f"--family {args.family} needs --vqvae CKPT (a trained vqvae)")
     ckpt, model, _ = load_checkpoint(args.vqvae)
     if ckpt["model_config"]["family"] != "vqvae":
         raise InvalidInput(f"{args.vqvae} holds a {ckpt['model_config']['family']} model, "
                            "not a vqvae")
     data = dataset_for(ckpt, args.data)
-    tc = TrainConfig(batch_size=args.batch_size, seed=args.seed, prior_epochs=args.prior_epochs,
-                     prior_steps=args.prior_steps, prior_lr=args.lr,
-                     prior_shifts=args.prior_shifts, progress=not args.no_progress)
-    mc = model.config
-    pc = PriorConfig(num_codes=mc.num_codes, grid=mc.grid, embed_dim=args.prior_embed,
-                     hidden=args.prior_hidden, layers=args.prior_layers,
-                     dropout=args.prior_dropout)
-    prior, history = train_prior(model, tc, data, seed_everything(args.seed), pc)
-    ckpt.update(prior_config=pc.to_dict(), prior_state=prior.state_dict(),
-                prior_history=history, prior_train_config=asdict(tc))
+    tc = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                     prior_epochs=args.prior_epochs, prior_steps=args.prior_steps,
+                     prior_lr=args.lr, prior_shifts=args.prior_shifts,
+                     decoder_epochs=args.decoder_epochs or args.epochs, decoder_steps=args.steps,
+                     progress=not args.no_progress)
+    gen = seed_everything(args.seed)
+    if args.family == "prior":
+        mc = model.config
+        pc = PriorConfig(num_codes=mc.num_codes, grid=mc.grid, embed_dim=args.prior_embed,
+                         hidden=args.prior_hidden, layers=args.prior_layers,
+                         dropout=args.prior_dropout)
+        prior, history = train_prior(model, tc, data, gen, pc)
+        ckpt.update(prior_config=pc.to_dict(), prior_state=prior.state_dict(),
+                    prior_history=history, prior_train_config=asdict(tc))
+    else:
+        mc = ModelConfig.from_dict({**ckpt["model_config"],
+                                    "decoder_hidden": args.decoder_hidden,
+                                    "decoder_res_blocks": args.decoder_res_blocks})
+        if (mc.dec_hidden, mc.dec_res_blocks) != (model.config.dec_hidden,
+                                                  model.config.dec_res_blocks):
+            fresh = build_model(mc)  # a new decoder; encoder and codebook carried over
+            keep = {k: v for k, v in model.state_dict().items() if not k.startswith("g_s.")}
+            fresh.load_state_dict(keep, strict=False)
+            model = fresh
+        else:
+            mc = model.config
+        history = train_decoder(model, tc, data, gen)
+        ckpt.update(model_config=mc.to_dict(), state_dict=model.state_dict(),
+                    decoder_history=history, decoder_train_config=asdict(tc))
     path = save_checkpoint(ckpt, args.out)
-    print(f"wrote {path}: prior of {args.vqvae}, last step "
+    print(f"wrote {path}: {args.family} of {args.vqvae}, last step "
           + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items()))
     return 0
 

@@ -44,6 +44,8 @@ class ModelConfig:
     image_shape: tuple[int, int, int] = (1, 28, 28)
     hidden: int = 64
     res_blocks: int = 1
+    decoder_hidden: int = 0      # 0: same as hidden
+    decoder_res_blocks: int = -1  # -1: same as res_blocks
     latent_channels: int = 12   # ae / vae
     num_codes: int = 256        # vqvae
     code_dim: int = 32          # vqvae
@@ -58,6 +60,14 @@ class ModelConfig:
         if c not in (1, 3) or h % 4 or w % 4 or h < 4 or w < 4:
             raise ValueError(f"image shape {self.image_shape} needs C in (1, 3) and H, W "
                              "positive multiples of 4")
+
+    @property
+    def dec_hidden(self) -> int:
+        return self.decoder_hidden or self.hidden
+
+    @property
+    def dec_res_blocks(self) -> int:
+        return self.res_blocks if self.decoder_res_blocks < 0 else self.decoder_res_blocks
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -144,7 +154,7 @@ class AutoEncoder(nn.Module):
         self.config = config
         c = config.image_shape[0]
         self.g_a = make_encoder(c, config.hidden, config.latent_channels, config.res_blocks)
-        self.g_s = make_decoder(config.latent_channels, config.hidden, c, config.res_blocks)
+        self.g_s = make_decoder(config.latent_channels, config.dec_hidden, c, config.dec_res_blocks)
         self.density = FactorizedDensity(config.latent_channels)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -182,7 +192,7 @@ class VariationalAutoEncoder(nn.Module):
         self.config = config
         c = config.image_shape[0]
         self.g_a = make_encoder(c, config.hidden, 2 * config.latent_channels, config.res_blocks)
-        self.g_s = make_decoder(config.latent_channels, config.hidden, c, config.res_blocks)
+        self.g_s = make_decoder(config.latent_channels, config.dec_hidden, c, config.dec_res_blocks)
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu, logvar = self.g_a(x).chunk(2, dim=1)
@@ -219,7 +229,7 @@ class VQVAE(nn.Module):
         self.config = config
         c = config.image_shape[0]
         self.g_a = make_encoder(c, config.hidden, config.code_dim, config.res_blocks)
-        self.g_s = make_decoder(config.code_dim, config.hidden, c, config.res_blocks)
+        self.g_s = make_decoder(config.code_dim, config.dec_hidden, c, config.dec_res_blocks)
         self.vq = VectorQuantizer(config.num_codes, config.code_dim, beta=config.beta,
                                   decay=config.ema_decay, dead_threshold=config.dead_threshold)
 

@@ -47,6 +47,8 @@ class TrainConfig:
     prior_steps: int | None = None
     prior_lr: float = 1e-3
     prior_shifts: int = 0       # prior data: also encode images shifted by up to this many px
+    decoder_epochs: int = 0     # vqvae: then train the decoder alone on the frozen codes
+    decoder_steps: int | None = None
     progress: bool = True
 
 
@@ -143,6 +145,9 @@ def train_model(model_config: ModelConfig, train_config: TrainConfig, data: Data
         lambda idx: loss_terms(model_config.family, model, to_float(x_all[idx]), train_config),
         _batches(n, bs, steps, gen), train_config.progress, model_config.family)
     model.eval()
+    if model_config.family == "vqvae" and (train_config.decoder_epochs or
+                                           train_config.decoder_steps):
+        history += train_decoder(model, train_config, data, gen)
     ckpt: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "model_config": model_config.to_dict(),
@@ -210,6 +215,37 @@ def train_prior(vqvae: nn.Module, cfg: TrainConfig, data: Dataset,
                          _batches(n, bs, steps, gen), cfg.progress, "prior")
     prior.eval()
     return prior, history
+
+
+def train_decoder(vqvae: nn.Module, cfg: TrainConfig, data: Dataset,
+                  gen: torch.Generator) -> list[dict[str, float]]:
+    """Train a vqvae's decoder alone on the frozen training codes (encoder and codebook fixed).
+
+    The codes, hence the prior and the bits, do not change; only the reconstruction does.
+    With ``prior_shifts`` the shifted copies (and their codes) are used as extra pairs.
+    """
+    images = shifted(data.train, cfg.prior_shifts)
+    codes = encode_indices(vqvae, images)
+    x_all = torch.as_tensor(images)
+    n = len(codes)
+    bs = min(cfg.batch_size, n)
+    steps = cfg.decoder_steps or cfg.decoder_epochs * max(1, n // bs)
+    g_s = vqvae.g_s  # type: ignore[attr-defined]
+    book = vqvae.vq.codebook  # type: ignore[attr-defined]
+    g_s.train()
+
+    def step(idx: Tensor) -> dict[str, Tensor]:
+        x = to_float(x_all[idx])
+        with torch.no_grad():
+            z_q = book.lookup(codes[idx]).permute(0, 3, 1, 2)
+        x_hat = g_s(z_q)
+        loss = F.mse_loss(x_hat, x)
+        return {"loss": loss, "psnr": psnr_db(x, x_hat.detach()).mean()}
+
+    history = _run_steps(list(g_s.parameters()), steps, cfg.lr, step,
+                         _batches(n, bs, steps, gen), cfg.progress, "decoder")
+    vqvae.eval()
+    return history
 
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:

@@ -84,3 +84,12 @@ def test_prior_only_training_replaces_the_prior_of_a_vqvae_checkpoint(tmp_path: 
     assert prior is not None and prior.config.hidden == 12 and prior.config.num_codes == 16
     assert len(ckpt["prior_history"]) == 2
     assert main(["train", "--family", "prior", "--out", str(out), "--no-progress"]) == 1
+    # A fresh, wider decoder on the frozen codes: the encoder, codebook and prior stay.
+    dec = tmp_path / "vq-dec.pt"
+    assert main(["train", "--family", "decoder", "--vqvae", str(out), "--out", str(dec),
+                 "--steps", "3", "--decoder-hidden", "12", "--no-progress"]) == 0
+    ckpt2, model2, prior2 = load_checkpoint(dec)
+    assert model2.config.dec_hidden == 12 and model2.g_s[0].out_channels == 12
+    torch.testing.assert_close(model2.vq.codebook.embed, model.vq.codebook.embed)
+    torch.testing.assert_close(model2.g_a[0].weight, model.g_a[0].weight)
+    assert prior2 is not None and len(ckpt2["decoder_history"]) == 3
