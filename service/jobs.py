@@ -312,7 +312,8 @@ def _nbytes(item: Any) -> int:
 class JobSettings:
     """Where the job queue is and how the server runs it (``serve`` flags)."""
 
-    redis_url: str | None = None   # None: LATENTSERVE_REDIS_URL / REDIS_URL, else embedded
+    # None: LATENTSERVE_REDIS_URL / REDIS_URL, else an embedded Valkey; "none": no job API.
+    redis_url: str | None = None
     state_dir: Path = Path(".state")
     queue: QueueConfig = field(default_factory=QueueConfig)
     # Run a worker inside the server: "auto" = only with the embedded Redis.
@@ -328,8 +329,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` flags of the job API."""
     g = parser.add_argument_group("job queue")
     g.add_argument("--redis", dest="redis_url", metavar="URL", default=None,
-                   help="Redis URL of the job queue [env LATENTSERVE_REDIS_URL or REDIS_URL; "
-                        "default: start an embedded Valkey with its data under --state-dir]")
+                   help="Redis URL of the job queue, or 'none' for no job API [env "
+                        "LATENTSERVE_REDIS_URL or REDIS_URL; default: start an embedded Valkey "
+                        "with its data under --state-dir]")
     g.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                    help="embedded Valkey's data (AOF) folder [env LATENTSERVE_STATE_DIR; "
                         "default .state]")
@@ -354,7 +356,8 @@ def job_settings(args: argparse.Namespace | None = None,
     queue = QueueConfig.from_env(env, **{k: getattr(a, k, None) for k in (
         "chunk_size", "max_queued_chunks", "max_job_items", "result_ttl_s")})
     state = getattr(a, "state_dir", None) or env.get("LATENTSERVE_STATE_DIR") or ".state"
-    return JobSettings(redis_url=getattr(a, "redis_url", None), state_dir=Path(state),
+    url = getattr(a, "redis_url", None) or env.get("LATENTSERVE_REDIS_URL") or None
+    return JobSettings(redis_url=url, state_dir=Path(state),
                        queue=queue,
                        embedded_worker=getattr(a, "embedded_worker", None)
                        or env.get("LATENTSERVE_EMBEDDED_WORKER", "auto"))
@@ -363,6 +366,9 @@ def job_settings(args: argparse.Namespace | None = None,
 def jobs_extension(settings: JobSettings) -> Callable[[Any], list[str]]:
     """The ``ServiceExtension`` adding the Jobs service (and, maybe, a worker) to a server."""
     def register(ctx: Any) -> list[str]:
+        if (settings.redis_url or "").lower() == "none":
+            log.info("job API off (--redis none)")
+            return []
         from latentserve.worker.config import WorkerConfig
         from latentserve.worker.consumer import create_worker
         from latentserve.worker.jobstore import connect

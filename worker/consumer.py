@@ -201,7 +201,12 @@ class Worker:
             stream = self.keys.stream(pool)
             reply = self.r.xautoclaim(stream, self.keys.group, self.consumer, idle_ms,
                                       start_id="0-0", count=self.config.read_count)
-            claimed = reply[1]
+            # Redis 6.2 returns entries deleted meanwhile (a cancelled job's) without
+            # fields; 7+ lists them apart and drops them from the pending list itself.
+            gone = [eid for eid, fields in reply[1] if not fields]
+            if gone:
+                self.r.xack(stream, self.keys.group, *gone)
+            claimed = [(eid, fields) for eid, fields in reply[1] if fields]
             if not claimed:
                 continue
             with self.r.pipeline(transaction=False) as p:

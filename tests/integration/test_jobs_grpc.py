@@ -215,3 +215,21 @@ def test_demo_jobs_helper(client, make_worker, mnist_images):
         thread.join(10)
     assert [(r["job"], r["items"]) for r in rows] == [("compress", 40), ("sample", 30)]
     assert all(r["items_per_s"] > 0 for r in rows)
+
+
+def test_redis_none_serves_no_job_api(tiny_repo):
+    from latentserve.service.config import ServiceConfig
+    from latentserve.service.jobs import JobSettings, jobs_extension
+    from latentserve.service.server import create_server
+
+    config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
+                           preload=False)
+    srv, _ = create_server(config, extra_services=[jobs_extension(JobSettings(redis_url="none"))])
+    srv.start()
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.JobsStub(channel).GetJob(pb.GetJobRequest(id="0" * 32), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        srv.stop(0).wait(30)
