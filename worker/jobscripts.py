@@ -88,7 +88,7 @@ if not h[1] or not active(h[1]) then
   redis.call('XDEL', KEYS[3], ARGV[2])
   return {'skip', h[1] or 'expired'}
 end
-if h[1] ~= 'running' and h[1] ~= 'receiving' then redis.call('HSET', KEYS[1], 'state', 'running') end
+if h[1] == 'queued' then redis.call('HSET', KEYS[1], 'state', 'running') end
 if not h[7] then redis.call('HSET', KEYS[1], 'started', ARGV[4]) end
 local payload = redis.call('HGET', KEYS[2], ARGV[1])
 return {'run', h[2], h[3], h[4], h[5], h[6], h[8], payload}

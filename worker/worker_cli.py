@@ -52,6 +52,9 @@ def register(sub: Any) -> None:
                    help="exit once no work is left (tests, one-shot runs)")
     p.add_argument("--no-preload", dest="preload", action="store_false", default=None,
                    help="load models on their first chunk instead of at start")
+    p.add_argument("--check-health", action="store_true",
+                   help="do not run: exit 0 if a worker on this host has a live health key "
+                        "in Redis (its heartbeat), else 1 (for container health checks)")
     p.add_argument("--log-level", default="INFO", help="logging level [INFO]")
     p.set_defaults(func=cmd_worker)
 
@@ -65,6 +68,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     overrides = {dest: getattr(args, dest) for _, dest, _, _ in _FLAGS}
     config = WorkerConfig.from_env(redis_url=args.redis_url, burst=args.burst,
                                    preload=args.preload, **overrides)
+    if args.check_health:
+        return check_health(config)
     worker = create_worker(config)
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -81,3 +86,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
     print(f"worker {config.consumer}: {stats.chunks} chunks, {stats.items} items, "
           f"{stats.released} released, {stats.dead_lettered} dead-lettered", file=sys.stderr)
     return 0
+
+
+def check_health(config: Any) -> int:
+    """0 if a worker on this host has a live health record (ready), else 1."""
+    import socket
+
+    from .consumer import worker_health
+    from .jobstore import connect
+
+    host = socket.gethostname()
+    try:
+        records = [w for w in worker_health(connect(config.redis_url), config)
+                   if w["host"] == host]
+    except Exception as exc:  # noqa: BLE001 - any failure means "not healthy"
+        print(f"unhealthy: cannot read worker health from Redis: {exc}", file=sys.stderr)
+        return 1
+    ready = [w for w in records if w.get("ready") and not w.get("stopping")]
+    for w in records:
+        print(f"{w['consumer']}: {'ready' if w in ready else 'starting or stopping'}, "
+              f"{w['chunks']} chunks, {w['items']} items, holding {len(w['holding'])}")
+    if not ready:
+        print(f"unhealthy: no ready worker on {host}", file=sys.stderr)
+    return 0 if ready else 1

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from latentserve.cli import main
 from latentserve.worker.config import QueueConfig
 from latentserve.worker.consumer import worker_health
 from latentserve.worker.jobstore import JobKind, JobState, JobStore, connect
@@ -72,16 +73,18 @@ def mid_chunk(client: redis.Redis, consumer: str) -> bool:
                if w["consumer"] == consumer for h in w["holding"])
 
 
-def test_sigterm_finishes_the_current_chunk_within_the_grace(job_store, redis_client,
+def test_sigterm_finishes_the_current_chunk_within_the_grace(job_store, redis_client, redis_url,
                                                              spawn_worker, wait_until):
     job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=240, chunk_size=120)
     proc = spawn_worker("--consumer", "w", "--batch-items", "10", "--grace-s", "60",
                         "--heartbeat-s", "0.05")
     wait_until(lambda: mid_chunk(redis_client, "w"), what="the worker to be mid-chunk")
+    assert main(["worker", "--check-health", "--redis", redis_url]) == 0
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "1 chunks, 120 items, 1 released" in out  # the unstarted chunk went back
+    assert main(["worker", "--check-health", "--redis", redis_url]) == 1
     info = job_store.get(job.id)
     assert info.items_done == 120 and info.state is JobState.RUNNING
     assert job_store.depth("default") == 1 and pending(redis_client, job_store) == []
