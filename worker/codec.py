@@ -17,6 +17,8 @@ import numpy as np
 
 from .engine import ModelRuntime
 from .entropy import (
+    OFFSET_PROBS,
+    PRIOR_OFFSETS,
     FactorizedTables,
     StaticTables,
     SymbolDecoder,
@@ -113,8 +115,8 @@ class LatentCodec:
     """One model's entropy coder: symbols (N, *latent_shape) <-> codes.
 
     Kinds: ``factorized`` (ae/vae); ``vq_static`` and ``vq_prior`` (vqvae). A vq_prior
-    model codes an image as ``vq_static`` when its prior logits sit within ``guard`` of a
-    rounding boundary (the header records the kind used).
+    model codes an image as ``vq_static`` when, for each of the 16 rounding offsets, some
+    prior logit sits within ``guard`` of a rounding boundary (the header records the kind).
     """
 
     def __init__(self, runtime: ModelRuntime) -> None:
@@ -152,42 +154,59 @@ class LatentCodec:
         assert self.static is not None
         if want == VQ_STATIC or len(symbols) == 0:
             return [(VQ_STATIC, self.static.encode(s)) for s in symbols]
-        probs, margin = self.prior_probs(symbols)
+        offsets, probs = self.prior_plan(symbols)
         out = []
-        for s, p, ok in zip(symbols, probs, margin.min(axis=1) >= self.prior.guard):  # type: ignore[union-attr]
-            if ok:
+        for s, j, p in zip(symbols, offsets, probs):
+            if j >= 0:
                 enc = SymbolEncoder()
+                enc.encode(np.array([j]), OFFSET_PROBS)
                 enc.encode(s.reshape(-1), p)
                 out.append((VQ_PRIOR, enc.payload()))
             else:  # float noise on another machine could change a table: use the static one
                 out.append((VQ_STATIC, self.static.encode(s)))
         return out
 
-    def prior_probs(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Teacher-forced prior tables: ((N, h*w, K) float64, margins (N, h*w)), one prior run."""
-        assert self.prior is not None
+    def prior_plan(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced kind-3 plan from one prior run: per image the rounding offset
+        (the first of 0..15 whose every table has margin >= guard; -1: none, code it as
+        kind 2) and its tables ((N, h*w, K) float64, zeros where the offset is -1)."""
+        spec = self.prior
+        assert spec is not None and self.static is not None
         logits = self.runtime.prior_logits(symbols)
         n, k = logits.shape[:2]
-        if k != self.static.num_codes:  # type: ignore[union-attr]
+        if k != self.static.num_codes:
             raise ModelIntegrityError(
                 f"{self.manifest.ref}: the prior gives {k} logits per position, the codebook "
-                f"has {self.static.num_codes} codes")  # type: ignore[union-attr]
+                f"has {self.static.num_codes} codes")
         flat = logits.reshape(n, k, -1).transpose(0, 2, 1)
-        return prior_tables(flat, self.prior)
+        offsets = np.full(n, -1, np.int64)
+        probs = np.zeros(flat.shape)
+        todo = np.arange(n)
+        for j in range(PRIOR_OFFSETS):
+            if len(todo) == 0:
+                break
+            p, margin = prior_tables(flat[todo], spec, j)
+            ok = margin.min(axis=1) >= spec.guard
+            offsets[todo[ok]] = j
+            probs[todo[ok]] = p[ok]
+            todo = todo[~ok]
+        return offsets, probs
 
     def cross_entropy_bits(self, symbols: np.ndarray, kinds: Sequence[int]) -> np.ndarray:
         """Per image, the cost of its symbols under the integer tables of the given kind."""
         symbols = self._check_symbols(symbols)
         out = np.zeros(len(symbols))
-        prior = (self.prior_probs(symbols)[0]
-                 if self.prior is not None and VQ_PRIOR in kinds else None)
+        plan = (self.prior_plan(symbols)
+                if self.prior is not None and VQ_PRIOR in kinds else None)
         for i, (s, k) in enumerate(zip(symbols, kinds)):
             if k == FACTORIZED:
                 out[i] = self.factorized.cross_entropy_bits(s)  # type: ignore[union-attr]
             elif k == VQ_STATIC:
                 out[i] = self.static.cross_entropy_bits(s)  # type: ignore[union-attr]
-            else:
-                out[i] = cross_entropy_bits(s.reshape(-1), prior[i])  # type: ignore[index]
+            else:  # the offset symbol, then the indices under the prior's tables
+                offsets, probs = plan  # type: ignore[misc]
+                out[i] = (cross_entropy_bits(offsets[i:i + 1], OFFSET_PROBS)
+                          + cross_entropy_bits(s.reshape(-1), probs[i]))
         return out
 
     # -- decode -----------------------------------------------------------------------
@@ -256,6 +275,12 @@ class LatentCodec:
         tables = np.zeros((n, h * w, k))  # kept for the re-encoding check
         floor = spec.guard * DECODER_MARGIN
         errors: list[CodeError | None] = [None] * n
+        offsets = np.zeros(n, np.int64)
+        for i, dec in enumerate(decoders):
+            try:
+                offsets[i] = dec.decode(OFFSET_PROBS)[0]
+            except CodeError as exc:
+                errors[i] = exc
         for pos in range(h * w):
             alive = [i for i in range(n) if errors[i] is None]
             if not alive:
@@ -266,7 +291,7 @@ class LatentCodec:
                 raise ModelIntegrityError(f"{self.manifest.ref}: the prior gives "
                                           f"{logits.shape[1]} logits per position, the "
                                           f"codebook has {k} codes")
-            probs, margin = prior_tables(logits, spec)
+            probs, margin = prior_tables(logits, spec, offsets[alive])
             for j, i in enumerate(alive):
                 if not margin[j] >= floor:
                     errors[i] = NotExactlyDecodable(
@@ -288,6 +313,7 @@ class LatentCodec:
                 out.append(errors[i])  # type: ignore[arg-type]
                 continue
             enc = SymbolEncoder()
+            enc.encode(offsets[i:i + 1], OFFSET_PROBS)
             enc.encode(grid[i].reshape(-1), tables[i])
             out.append(grid[i].astype(np.int32) if enc.payload() == payloads[i]
                        else not_canonical())

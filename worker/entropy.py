@@ -8,8 +8,9 @@ floats and gets bit-identical codes. Three table sources, one per code kind:
 1. ``FactorizedTables``: quantised ae/vae latents (C, h, w), one table per channel.
 2. ``StaticTables``: VQ indices (h, w), one table per grid position.
 3. ``prior_tables``: VQ indices under the autoregressive prior; logits become
-   integer weights ``lut[min(max(q) - q, len(lut) - 1)]`` with ``q = rint(logit * scale)``,
-   and ``prior_margin`` says how far the logits sit from a rounding boundary.
+   integer weights ``lut[min(max(q) - q, len(lut) - 1)]`` with
+   ``q = rint(logit * scale + offset / 16)``, and a margin that says how far the logits
+   sit from a rounding boundary (the codec picks a per-image offset that keeps it >= guard).
 
 A payload is the shortest big-endian byte string that constriction's decoder, which
 reads zeros past the end, decodes to the message (``shortest_payload``): the sealed
@@ -271,15 +272,28 @@ def check_prior_spec(spec: VQPriorSpec) -> None:
         raise ModelIntegrityError("vq_prior lut must be a non-empty list of integers >= 1")
 
 
-def prior_tables(logits: np.ndarray, spec: VQPriorSpec) -> tuple[np.ndarray, np.ndarray]:
+# Kind 3 rounds ``logit * logit_scale + j / PRIOR_OFFSETS`` with a per-image offset j, the
+# first one that keeps every table-shaping logit ``guard`` away from a rounding boundary.
+# j is the payload's first symbol, under OFFSET_FREQS (halving: j = 0 costs 1 bit).
+PRIOR_OFFSETS = 16
+OFFSET_FREQS = np.array([2 ** (PRIOR_OFFSETS - 1 - j) for j in range(PRIOR_OFFSETS - 1)] + [1],
+                        np.int64)
+OFFSET_PROBS = probabilities(OFFSET_FREQS)[None]
+
+
+def prior_tables(logits: np.ndarray, spec: VQPriorSpec,
+                 offset: np.ndarray | int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Logits (..., K) -> (float64 probabilities (..., K), margin (...)).
 
+    q = rint(logit * logit_scale + offset / PRIOR_OFFSETS) (``offset``: an int, or ints
+    shaped like ``logits.shape[:-1]``), d = max(q) - q, weight = lut[min(d, len(lut) - 1)].
     ``margin`` is, per table, the smallest distance (in logit units) of any logit that
-    shapes the table (``max(q) - q <= len(lut) - 1``) to a rounding boundary of
-    ``logit * logit_scale``. Float noise smaller than the margin cannot change the table:
-    such logits keep their q, the maximum keeps its q, and the others stay clamped.
+    shapes the table (d <= len(lut) - 1) to a rounding boundary. Float noise smaller than
+    the margin cannot change the table: those logits keep their q, the maximum keeps its
+    q, and the others stay clamped.
     """
-    x = np.asarray(logits, np.float64) * spec.logit_scale
+    shift = np.asarray(offset, np.float64) / PRIOR_OFFSETS  # exact: a dyadic fraction
+    x = np.asarray(logits, np.float64) * spec.logit_scale + shift[..., None]
     finite = np.isfinite(x).all(axis=-1)
     x = np.where(finite[..., None], x, 0.0)  # a table with a NaN/inf logit gets margin 0 below
     q = np.rint(x)

@@ -92,6 +92,6 @@ def test_forged_checksums_never_decode_to_garbage(ref: str) -> None:
         result = codec.decode_each([code])[0]
         if isinstance(result, CodeError):
             continue
-        again = codec.encode(result[None], kind="vq_static" if kind == 2 else None)[0]
-        if again[1] == kind:  # (kind 3 re-encodes as kind 2 when its margin is below guard)
+        if kind != 3:  # (kind 3's re-encoding keeps the code's own rounding offset)
+            again = codec.encode(result[None], kind="vq_static" if kind == 2 else None)[0]
             assert parse_header(again).payload == parse_header(code).payload

@@ -45,6 +45,11 @@ def golden() -> dict:  # type: ignore[type-arg]
 def test_golden_codes_cover_every_kind(golden: dict) -> None:  # type: ignore[type-arg]
     assert golden["format_version"] == FORMAT_VERSION == 1
     assert {c["kind"] for c in golden["codes"]} == {1, VQ_STATIC, VQ_PRIOR}
+    # Kind-3 codes with a rounding offset other than 0 are among them.
+    codec = Pipeline(FIXTURES / "golden_repo", ONE_THREAD).codec("golden-vqvae:1")
+    offsets, _ = codec.prior_plan(np.array([c["symbols"] for c in golden["codes"]
+                                            if c["kind"] == VQ_PRIOR]))
+    assert offsets.min() == 0 and offsets.max() > 0
 
 
 def test_golden_codes_decode_to_their_symbols_and_images(golden: dict) -> None:  # type: ignore[type-arg]
