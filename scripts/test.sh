@@ -4,11 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python -m pytest -q "$@"
-
+# Installed before the first pass: tests/e2e/test_compose.py needs both redis-server and
+# docker-compose (it skips without them).
 if ! command -v redis-server >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server docker-compose) >/dev/null
 fi
+
+python -m pytest -q "$@"
+
 if command -v redis-server >/dev/null; then
     state=$(mktemp -d)
     port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

@@ -357,7 +357,6 @@ def compose_stack(tiny_repo: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 
 @pytest.mark.slow
-@pytest.mark.queue
 def test_compose_services_run_jobs_as_local_processes(compose_stack: dict[str, Any],
                                                       tiny_repo: Path,
                                                       mnist_images: np.ndarray) -> None:
