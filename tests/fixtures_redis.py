@@ -102,20 +102,35 @@ def make_worker(redis_url: str, tiny_repo: Path, tiny_pipeline: Any,
     return make
 
 
+class WorkerProcess(subprocess.Popen):
+    """A ``latentserve worker`` process whose output goes to a file (never a pipe that
+    could fill up and block it); ``finish`` waits for the exit and returns the output."""
+
+    log_path: Path
+
+    def finish(self, timeout: float) -> str:
+        self.wait(timeout)
+        return self.log_path.read_text()
+
+
 @pytest.fixture
-def spawn_worker(redis_url: str, tiny_repo: Path) -> Iterator[Callable[..., subprocess.Popen]]:
-    """``spawn_worker(*flags, models=None, redis=None) -> Popen`` of ``latentserve worker``."""
-    procs: list[subprocess.Popen] = []
+def spawn_worker(redis_url: str, tiny_repo: Path,
+                 tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """``spawn_worker(*flags, models=None, redis=None) -> WorkerProcess``."""
+    procs: list[WorkerProcess] = []
 
     def spawn(*flags: str, models: Path | None = None, redis: str | None = None,
-              claim_idle_s: float = 1.0) -> subprocess.Popen:
+              claim_idle_s: float = 1.0) -> WorkerProcess:
         cmd = [sys.executable, "-m", "latentserve.cli", "worker",
                "--redis", redis or redis_url, "--models", str(models or tiny_repo),
                "--claim-idle-s", str(claim_idle_s), "--block-ms", "100",
                "--intra-op-threads", "1", "--log-level", "WARNING", *flags]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        log_path = tmp_path / f"worker-{len(procs)}.log"
+        with open(log_path, "w") as log:
+            proc = WorkerProcess(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 text=True)
+        proc.log_path = log_path
         procs.append(proc)
         return proc
 
@@ -123,7 +138,7 @@ def spawn_worker(redis_url: str, tiny_repo: Path) -> Iterator[Callable[..., subp
     for proc in procs:
         if proc.poll() is None:
             proc.kill()
-        proc.communicate(timeout=10)
+        proc.wait(10)
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02,

@@ -56,7 +56,7 @@ def test_sigkill_mid_chunk_repeatedly_loses_and_duplicates_nothing(
         killed_holding.append(held[0]["message_id"])
     assert job_store.get(job.id).state is JobState.RUNNING
     final = spawn_worker("--burst", "--max-deliveries", "10", claim_idle_s=0.5)
-    out, _ = final.communicate(timeout=120)
+    out = final.finish(timeout=120)
     assert final.returncode == 0, out
     info = job_store.get(job.id)
     assert info.state is JobState.SUCCEEDED, info.error
@@ -81,7 +81,7 @@ def test_sigterm_finishes_the_current_chunk_within_the_grace(job_store, redis_cl
     wait_until(lambda: mid_chunk(redis_client, "w"), what="the worker to be mid-chunk")
     assert main(["worker", "--check-health", "--redis", redis_url]) == 0
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    out = proc.finish(timeout=60)
     assert proc.returncode == 0, out
     assert "1 chunks, 120 items, 1 released" in out  # the unstarted chunk went back
     assert main(["worker", "--check-health", "--redis", redis_url]) == 1
@@ -98,7 +98,7 @@ def test_sigterm_past_the_grace_releases_the_chunk_at_a_batch_boundary(
                         "--heartbeat-s", "0.05")
     wait_until(lambda: mid_chunk(redis_client, "w"), what="the worker to be mid-chunk")
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    out = proc.finish(timeout=60)
     assert proc.returncode == 0, out
     assert "0 chunks, 0 items, 1 released" in out
     [(_, fields)] = redis_client.xrange(job_store.keys.stream("default"))
@@ -215,7 +215,7 @@ def test_sampling_is_identical_across_chunk_sizes_and_worker_counts(
     chunks_per_worker = []
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        out = proc.finish(timeout=30)
         assert proc.returncode == 0, out
         chunks_per_worker.append(int(out.rsplit(": ", 1)[1].split()[0]))
     assert sum(chunks_per_worker) == 9 + 4 and min(chunks_per_worker) >= 1, chunks_per_worker
