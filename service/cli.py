@@ -69,7 +69,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("demo", help="serve the shipped models in process and try each one",
                        description="Start the service on loopback, compress the example "
                                    "digits over gRPC with every model, reconstruct and "
-                                   "sample, print a table and write PNG grids.")
+                                   "sample, print a table and write PNG grids; then run a "
+                                   "compress job and a sample job through the job queue.")
     p.add_argument("--models", type=Path, default=None, metavar="DIR",
                    help="model repository [env LATENTSERVE_MODELS; default models]")
     p.add_argument("--examples", type=Path, default=None, metavar="DIR",
@@ -77,6 +78,9 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--out", type=Path, default=Path("demo-out"), metavar="DIR",
                    help="where the grids go [default demo-out]")
     p.add_argument("--limit", type=int, default=64, help="at most this many examples")
+    p.add_argument("--job-items", type=int, default=256, metavar="N",
+                   help="items in the demo's compress job and sample job through the "
+                        "queue; 0 skips the jobs [default 256]")
     p.set_defaults(func=cmd_demo)
 
 
@@ -328,5 +332,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     models = args.models or (Path(os.environ["LATENTSERVE_MODELS"])
                              if "LATENTSERVE_MODELS" in os.environ else default_path("models"))
     examples = args.examples or default_path("examples/digits")
-    run_demo(models=models, examples=examples, out=args.out, limit=args.limit)
+    run_demo(models=models, examples=examples, out=args.out, limit=args.limit,
+             job_samples=args.job_items)
     return 0

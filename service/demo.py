@@ -3,7 +3,9 @@
 Starts the gRPC service in this process on the model repository (loopback only,
 no metrics port), compresses the example digits over gRPC with every model,
 reconstructs and samples them, prints a table (model, bytes/image, PSNR, images/s)
-and writes PNG grids (originals above reconstructions; samples) into a folder.
+and writes PNG grids (originals above reconstructions; samples) into a folder. Then
+it runs a compress job and a sample job through the job queue (an embedded Valkey
+with an in-process worker, its data in a temporary folder) and prints their throughput.
 """
 
 from __future__ import annotations
@@ -76,10 +78,15 @@ class DemoRow:
 
 
 def run_demo(*, models: Path, examples: Path, out: Path, samples: int = 16, seed: int = 0,
-             limit: int = 64, print_fn=print) -> list[DemoRow]:  # type: ignore[no-untyped-def]
-    """Serve ``models`` on loopback, exercise every model over gRPC, write grids into ``out``."""
+             limit: int = 64, job_samples: int = 256,
+             print_fn=print) -> list[DemoRow]:  # type: ignore[no-untyped-def]
+    """Serve ``models`` on loopback, exercise every model over gRPC, write grids into ``out``,
+    then run a compress job and a sample job (``job_samples`` items; 0 = no jobs)."""
+    import tempfile
+
     from .client import LatentServeClient
     from .config import ServiceConfig
+    from .jobs import JobSettings, jobs_extension
     from .server import create_server
 
     files = list_image_files(examples)[:limit] if examples.is_dir() else []
@@ -88,9 +95,15 @@ def run_demo(*, models: Path, examples: Path, out: Path, samples: int = 16, seed
                            "(PNG/JPEG files of the models' size)")
     config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=models,
                            grace_s=1.0)
-    server, port = create_server(config)
+    state = tempfile.TemporaryDirectory(prefix="latentserve-demo-")
+    # The demo never touches a Redis the user may have configured: always embedded.
+    jobs = [jobs_extension(JobSettings(redis_url=None, state_dir=Path(state.name),
+                                       embedded_worker="yes"))] if job_samples else []
+    with _without_redis_env():
+        server, port = create_server(config, extra_services=jobs)
     server.start()
     rows: list[DemoRow] = []
+    job_rows: list[dict[str, object]] = []
     try:
         with LatentServeClient(f"127.0.0.1:{port}", timeout=300) as client:
             infos = [m for m in client.models() if m.newest]
@@ -117,11 +130,44 @@ def run_demo(*, models: Path, examples: Path, out: Path, samples: int = 16, seed
                 name = info.ref.replace(":", "-v")
                 save_grid(out / f"{name}-reconstructions.png", [list(originals), list(recon)])
                 save_grid(out / f"{name}-samples.png", [list(drawn)])
+        if job_samples and rows:
+            from .job_client import JobsClient, run_demo_jobs
+
+            # The most compact model, for both jobs: the queue's cost shows on it most.
+            best = min(rows, key=lambda r: r.bytes_per_image)
+            shape = next((m.channels, m.height, m.width) for m in infos if m.ref == best.model)
+            images = np.stack([read_image_file(f, shape, resize=True) for f in files])
+            reps = -(-job_samples // len(images))
+            with JobsClient(f"127.0.0.1:{port}", timeout=300) as jobs_client:
+                job_rows = run_demo_jobs(jobs_client, compress_model=best.model,
+                                         images=np.concatenate([images] * reps)[:job_samples],
+                                         sample_model=best.model, count=job_samples, seed=seed)
     finally:
         server.stop(1.0).wait()
+        state.cleanup()
     print_fn(format_table(rows))
+    for job in job_rows:
+        print_fn(f"job {job['job']:<8} {job['model']}: {job['items']} items in "
+                 f"{float(job['seconds']):.2f} s = {float(job['items_per_s']):.0f} items/s "
+                 "through the queue (submit to last result fetched)")
     print_fn(f"grids written to {out}/ (originals above reconstructions; samples)")
     return rows
+
+
+class _without_redis_env:
+    """Hide REDIS_URL / LATENTSERVE_REDIS_URL while the demo's server starts."""
+
+    KEYS = ("REDIS_URL", "LATENTSERVE_REDIS_URL")
+
+    def __enter__(self) -> None:
+        import os
+
+        self.saved = {k: os.environ.pop(k) for k in self.KEYS if k in os.environ}
+
+    def __exit__(self, *exc: object) -> None:
+        import os
+
+        os.environ.update(self.saved)
 
 
 def format_table(rows: Sequence[DemoRow]) -> str:
