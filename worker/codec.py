@@ -17,6 +17,8 @@ import numpy as np
 
 from .engine import ModelRuntime
 from .entropy import (
+    CHECK_BYTES,
+    CHECK_PROBS,
     OFFSET_PROBS,
     PRIOR_OFFSETS,
     FactorizedTables,
@@ -26,6 +28,7 @@ from .entropy import (
     check_indices,
     check_prior_spec,
     cross_entropy_bits,
+    prior_check,
     prior_tables,
 )
 from .errors import (
@@ -158,10 +161,7 @@ class LatentCodec:
         out = []
         for s, j, p in zip(symbols, offsets, probs):
             if j >= 0:
-                enc = SymbolEncoder()
-                enc.encode(np.array([j]), OFFSET_PROBS)
-                enc.encode(s.reshape(-1), p)
-                out.append((VQ_PRIOR, enc.payload()))
+                out.append((VQ_PRIOR, prior_payload(int(j), s, p)))
             else:  # float noise on another machine could change a table: use the static one
                 out.append((VQ_STATIC, self.static.encode(s)))
         return out
@@ -203,10 +203,10 @@ class LatentCodec:
                 out[i] = self.factorized.cross_entropy_bits(s)  # type: ignore[union-attr]
             elif k == VQ_STATIC:
                 out[i] = self.static.cross_entropy_bits(s)  # type: ignore[union-attr]
-            else:  # the offset symbol, then the indices under the prior's tables
+            else:  # the offset symbol, the indices under the prior's tables, the check
                 offsets, probs = plan  # type: ignore[misc]
                 out[i] = (cross_entropy_bits(offsets[i:i + 1], OFFSET_PROBS)
-                          + cross_entropy_bits(s.reshape(-1), probs[i]))
+                          + cross_entropy_bits(s.reshape(-1), probs[i]) + 8 * CHECK_BYTES)
         return out
 
     # -- decode -----------------------------------------------------------------------
@@ -309,14 +309,25 @@ class LatentCodec:
                 tables[i, pos] = probs[j]
         out: list[np.ndarray | CodeError] = []
         for i in range(n):
+            if errors[i] is None:
+                try:
+                    check = decoders[i].decode(CHECK_PROBS)
+                except CodeError as exc:
+                    errors[i] = exc
+                else:
+                    if not np.array_equal(check, prior_check(int(offsets[i]), grid[i])):
+                        errors[i] = NotExactlyDecodable(
+                            "the decoded VQ indices fail their check: this machine's prior "
+                            f"({self.runtime.provider}) gave other tables than the encoder's "
+                            "(float noise beyond the guard), so the code is refused rather "
+                            "than decoded inexactly; decode it where the prior computes like "
+                            "the encoder's (the CPU provider, the same onnxruntime)")
             if errors[i] is not None:
                 out.append(errors[i])  # type: ignore[arg-type]
-                continue
-            enc = SymbolEncoder()
-            enc.encode(offsets[i:i + 1], OFFSET_PROBS)
-            enc.encode(grid[i].reshape(-1), tables[i])
-            out.append(grid[i].astype(np.int32) if enc.payload() == payloads[i]
-                       else not_canonical())
+            elif prior_payload(int(offsets[i]), grid[i], tables[i]) != payloads[i]:
+                out.append(not_canonical())
+            else:
+                out.append(grid[i].astype(np.int32))
         return out
 
     # -- helpers ----------------------------------------------------------------------
@@ -340,6 +351,15 @@ class LatentCodec:
         else:
             check_indices(symbols, self.static.num_codes)  # type: ignore[union-attr]
         return symbols.astype(np.int32)
+
+
+def prior_payload(offset: int, symbols: np.ndarray, tables: np.ndarray) -> bytes:
+    """A kind-3 payload: the rounding offset, the indices under their tables, the check."""
+    enc = SymbolEncoder()
+    enc.encode(np.array([offset]), OFFSET_PROBS)
+    enc.encode(symbols.reshape(-1), tables)
+    enc.encode(prior_check(offset, symbols), CHECK_PROBS)
+    return enc.payload()
 
 
 def not_canonical() -> CorruptCode:

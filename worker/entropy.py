@@ -19,6 +19,7 @@ uint32 words cut to the fewest bytes that still point into the coder's final int
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import constriction
@@ -279,6 +280,17 @@ PRIOR_OFFSETS = 16
 OFFSET_FREQS = np.array([2 ** (PRIOR_OFFSETS - 1 - j) for j in range(PRIOR_OFFSETS - 1)] + [1],
                         np.int64)
 OFFSET_PROBS = probabilities(OFFSET_FREQS)[None]
+# After the indices, kind 3 carries CHECK_BYTES of a CRC32 of (offset, indices), coded as
+# uniform bytes: the decoder's proof that its float-derived tables were the encoder's
+# (a wrong table passes with probability 2**-16; the header's CRC covers only the bytes).
+CHECK_BYTES = 2
+CHECK_PROBS = probabilities(np.ones((CHECK_BYTES, 256), np.int64))
+
+
+def prior_check(offset: int, symbols: np.ndarray) -> np.ndarray:
+    """The check symbols kind 3 appends: low CHECK_BYTES bytes of CRC32(offset, indices)."""
+    crc = zlib.crc32(bytes([int(offset)]) + np.asarray(symbols, "<i4").tobytes())
+    return np.array([(crc >> (8 * i)) & 0xFF for i in range(CHECK_BYTES)], np.int32)
 
 
 def prior_tables(logits: np.ndarray, spec: VQPriorSpec,
@@ -287,10 +299,9 @@ def prior_tables(logits: np.ndarray, spec: VQPriorSpec,
 
     q = rint(logit * logit_scale + offset / PRIOR_OFFSETS) (``offset``: an int, or ints
     shaped like ``logits.shape[:-1]``), d = max(q) - q, weight = lut[min(d, len(lut) - 1)].
-    ``margin`` is, per table, the smallest distance (in logit units) of any logit that
-    shapes the table (d <= len(lut) - 1) to a rounding boundary. Float noise smaller than
-    the margin cannot change the table: those logits keep their q, the maximum keeps its
-    q, and the others stay clamped.
+    ``margin`` is, per table, the smallest distance (in logit units) from a logit to a
+    rounding boundary whose crossing would change a weight. Float noise smaller than the
+    margin cannot change the table.
     """
     shift = np.asarray(offset, np.float64) / PRIOR_OFFSETS  # exact: a dyadic fraction
     x = np.asarray(logits, np.float64) * spec.logit_scale + shift[..., None]
@@ -301,7 +312,13 @@ def prior_tables(logits: np.ndarray, spec: VQPriorSpec,
     last = len(spec.lut) - 1
     lut = np.array(spec.lut, np.int64)
     weights = lut[np.minimum(d, last)]
-    # Distance to the nearest half-integer of x, in logit units.
-    dist = (0.5 - np.abs(x - q)) / spec.logit_scale
-    margin = np.where(d <= last, dist, np.inf).min(axis=-1)
+    # Noise below the margin moves a logit across at most one boundary. Only crossings
+    # that change a weight count: any move of a maximal logit (d = 0: it shifts the
+    # others' d, or leaves a tie), and a move to d -/+ 1 whose lut entry differs (so a
+    # logit at d = len(lut) - 1 counts upwards only, and clamped ones not at all).
+    up = (d == 0) | (lut[np.minimum(np.maximum(d - 1, 0), last)] != weights)
+    down = (d == 0) | (lut[np.minimum(d + 1, last)] != weights)
+    frac = x - q  # in [-0.5, 0.5]: 0.5 - frac to the boundary above, 0.5 + frac below
+    dist = np.minimum(np.where(up, 0.5 - frac, np.inf), np.where(down, 0.5 + frac, np.inf))
+    margin = dist.min(axis=-1) / spec.logit_scale
     return probabilities(weights), np.where(finite, margin, 0.0)

@@ -109,6 +109,15 @@ def test_prior_margin_is_distance_to_rounding_boundary() -> None:
     probs, margin = prior_tables(np.array([[3.0, 2.6, 2.37, -5.0]]), spec)
     assert margin[0] == pytest.approx((0.5 - 0.26) / 2)
     assert probs[0].tolist() == (np.array([100, 50, 50, 1]) / 201).tolist()
+    # Only crossings that change a weight count. lut[3] is the last entry: d 3 <-> 4 is free.
+    base = [3.0, 2.6]  # x 6.0 (max) and 5.2: 0.3 / 2 = 0.15 to the nearest crossing
+    for extra, want in (
+            (1.74, 0.01),   # x 3.48: d 3, 0.02 below the crossing up to d 2: counts
+            (1.76, 0.01),   # x 3.52: d 2, 0.02 above the crossing down to d 3: counts
+            (1.26, 0.15),   # x 2.52: d 3, 0.02 above the crossing down to d 4: free
+            (1.24, 0.15)):  # x 2.48: d 4, 0.02 below the crossing up to d 3: free
+        _, margin = prior_tables(np.array([base + [extra]]), spec)
+        assert margin[0] == pytest.approx(want), extra
     # A NaN logit: margin 0 (never coded, refused on decode).
     _, margin = prior_tables(np.array([[np.nan, 1.0], [0.0, 1.0]]), spec)
     assert margin[0] == 0 and margin[1] > 0
