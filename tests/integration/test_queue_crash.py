@@ -73,6 +73,7 @@ def mid_chunk(client: redis.Redis, consumer: str) -> bool:
                if w["consumer"] == consumer for h in w["holding"])
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_current_chunk_within_the_grace(job_store, redis_client, redis_url,
                                                              spawn_worker, wait_until):
     job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=240, chunk_size=120)
@@ -163,6 +164,7 @@ def private_redis(tmp_path):
     server.kill()
 
 
+@pytest.mark.slow
 def test_jobs_survive_redis_killed_and_restarted_from_its_aof(
         private_redis, spawn_worker, tiny_pipeline, mnist_images, wait_until):
     store = JobStore(connect(private_redis.url), QueueConfig(chunk_size=20))

@@ -130,6 +130,7 @@ def test_list_and_watch(job_store, redis_client):
     assert [s.state for s in job_store.watch(a.id)] == [JobState.CANCELLED]
 
 
+@pytest.mark.slow
 def test_expired_jobs_leave_redis_at_its_baseline(redis_client, make_worker):
     """A scaled-down 10,000-job run: 300 jobs, a 1 s result TTL, then back to baseline."""
     config = QueueConfig(chunk_size=4, result_ttl_s=1.0, max_queued_chunks=1000)

@@ -164,6 +164,7 @@ def test_a_cancel_survives_a_worker_restart(job_store, make_worker, tiny_pipelin
                                  job_store.keys.group)["pending"] == 0
 
 
+@pytest.mark.slow
 def test_a_healthy_long_chunk_is_not_stolen(job_store, make_worker, redis_client, wait_until):
     job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=320, chunk_size=320)
     stream = job_store.keys.stream("default")
