@@ -79,6 +79,15 @@ def test_compress_reconstruct(tiny: Pipeline, mnist_images: np.ndarray, name: st
     assert tiny.identify(codes[0]).manifest.ref == f"{name}:1"
 
 
+def test_compress_with_a_forced_kind(tiny: Pipeline, mnist_images: np.ndarray) -> None:
+    images = mnist_images[:8]
+    codes = tiny.compress("tiny-vqvae", images, kind="vq_static")
+    assert {c[1] for c in codes} == {2}
+    assert np.array_equal(tiny.reconstruct(codes), tiny.reconstruct(tiny.compress("tiny-vqvae", images)))
+    with pytest.raises(InvalidInput, match="cannot write code kind 'vq_static'"):
+        tiny.compress("tiny-ae", images, kind="vq_static")
+
+
 def test_codes_of_several_models_are_grouped(tiny: Pipeline, mnist_images: np.ndarray) -> None:
     images = mnist_images[:12]
     per_model = {n: tiny.compress(n, images) for n in ("tiny-ae", "tiny-vae", "tiny-vqvae")}
