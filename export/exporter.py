@@ -30,6 +30,7 @@ from latentserve.worker.repository import REGISTRY_FILE, ModelRepository, read_r
 
 from . import tables
 from .data import Dataset, load_dataset
+from .prior_step import export_prior_step
 from .train import rebuild, to_float
 
 OPSET = 17
@@ -121,6 +122,8 @@ def _write_onnx(family: str, model: nn.Module, prior: nn.Module | None, folder: 
     if prior is not None:
         onnx_export(prior, z, folder / "prior.onnx", input_name="indices", output_name="logits")
         files["prior"] = "prior.onnx"
+        export_prior_step(prior, z, folder / "prior_step.onnx")
+        files["prior_step"] = "prior_step.onnx"
     return files
 
 
