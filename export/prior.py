@@ -68,6 +68,16 @@ class MaskedConv2d(nn.Module):
         bound = 1.0 / math.sqrt(in_ch * float(mask.sum()))
         nn.init.uniform_(self.weight, -bound * math.sqrt(3), bound * math.sqrt(3))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # Checkpoints from before the half kernel (runs/zoo v1) hold the full (kh, kw)
+        # kernel and mask; their lower rows are masked to zero, so keep the causal rows.
+        rows = self.weight.shape[2]
+        for key in (prefix + "weight", prefix + "mask"):
+            t = state_dict.get(key)
+            if t is not None and t.dim() == 4 and t.shape[2] == 2 * rows - 1:
+                state_dict[key] = t[:, :, :rows]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(F.pad(x, self.pad), self.weight * self.mask, self.bias)
 
