@@ -172,7 +172,9 @@ class LatentCodec:
         kind 2) and its tables ((N, h*w, K) float64, zeros where the offset is -1)."""
         spec = self.prior
         assert spec is not None and self.static is not None
-        logits = self.runtime.prior_logits(symbols)
+        # Teacher forcing through the same evaluation the decoder steps through (the
+        # step graph when the model has one, else full passes), so both see the same inputs.
+        logits = self.runtime.prior_stepper(len(symbols)).all_logits(symbols)
         n, k = logits.shape[:2]
         if k != self.static.num_codes:
             raise ModelIntegrityError(
@@ -276,6 +278,7 @@ class LatentCodec:
         floor = spec.guard * DECODER_MARGIN
         errors: list[CodeError | None] = [None] * n
         offsets = np.zeros(n, np.int64)
+        stepper = self.runtime.prior_stepper(n)  # whole batch: its caches cover every grid
         for i, dec in enumerate(decoders):
             try:
                 offsets[i] = dec.decode(OFFSET_PROBS)[0]
@@ -286,7 +289,8 @@ class LatentCodec:
             if not alive:
                 break
             y, x = divmod(pos, w)
-            logits = self.runtime.prior_logits(grid[alive])[:, :, y, x]
+            # Refused codes stay in the batch (their grids frozen): the caches need every row.
+            logits = stepper.logits(pos, grid)[alive]
             if logits.shape[1] != k:
                 raise ModelIntegrityError(f"{self.manifest.ref}: the prior gives "
                                           f"{logits.shape[1]} logits per position, the "

@@ -1,8 +1,9 @@
 """The onnxruntime engine: a loaded model's sessions and the tensor-level operations.
 
 ``ModelRuntime`` turns uint8 images into integer symbols (``encode``), symbols back
-into uint8 images (``decode``), evaluates the VQ prior (``prior_logits``) and draws
-samples (``sample``). It knows nothing of bytes on the wire: that is ``codec``.
+into uint8 images (``decode``), evaluates the VQ prior (``prior_logits``: one full pass;
+``prior_stepper``: position by position with caches) and draws samples (``sample``).
+It knows nothing of bytes on the wire: that is ``codec``.
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ class ModelRuntime:
         self.decoder = make_session(entry.file("decoder"), self.config)
         self.prior = (make_session(entry.file("prior"), self.config)
                       if "prior" in self.manifest.files else None)
+        # Optional (models exported before it existed lack it): the prior one position
+        # at a time, ~1 full pass per grid instead of h*w.
+        self.prior_step = (make_session(entry.file("prior_step"), self.config)
+                           if "prior_step" in self.manifest.files else None)
         self.provider = self.encoder.get_providers()[0]
 
     # -- shapes ---------------------------------------------------------------------
@@ -182,6 +187,10 @@ class ModelRuntime:
         feed = indices.astype(np.int64)
         return self._batched(lambda b: self.prior.run(None, {"indices": b})[0], feed)
 
+    def prior_stepper(self, n: int) -> PriorStepper:
+        """A fresh raster-order evaluator of the prior for a batch of ``n`` grids."""
+        return PriorStepper(self, n)
+
     # -- sampling ---------------------------------------------------------------------
     def sample(self, count: int, *, seed: int, temperature: float = 1.0,
                start: int = 0) -> np.ndarray:
@@ -224,9 +233,10 @@ class ModelRuntime:
         n = len(rngs)
         uniforms = np.stack([r.random(h * w) for r in rngs])
         grid = np.zeros((n, h, w), np.int64)
+        stepper = self.prior_stepper(n)
         for pos in range(h * w):
             y, x = divmod(pos, w)
-            logits = self.prior_logits(grid)[:, :, y, x].astype(np.float64) / temperature
+            logits = stepper.logits(pos, grid).astype(np.float64) / temperature
             logits -= logits.max(axis=1, keepdims=True)
             p = np.exp(logits)
             cdf = np.cumsum(p, axis=1)
@@ -234,3 +244,79 @@ class ModelRuntime:
             u = uniforms[:, pos:pos + 1]
             grid[:, y, x] = np.minimum((cdf < u).sum(axis=1), p.shape[1] - 1)
         return grid
+
+
+class PriorStepper:
+    """The VQ prior's logits position by position in raster order, for ``n`` grids.
+
+    With the model's ``prior_step`` graph, each call runs one step that reads per-layer
+    caches of the earlier positions (kept here, updated in place) and costs ~1/(h*w) of a
+    full pass; without it (older models) each call runs the full prior, as before. Either
+    way the logits at p depend only on ``indices`` at positions < p, so a teacher-forced
+    encoder (``all_logits``) and a decoder that fills the grid as it goes see the same
+    inputs. ``runtime`` is anything with ``prior_logits``, ``prior_step``, ``config`` and
+    ``manifest`` (a ``ModelRuntime``, or a test's wrapper around one).
+    """
+
+    def __init__(self, runtime: ModelRuntime, n: int) -> None:
+        if runtime.prior is None:  # type: ignore[truthy-function]
+            raise InvalidInput(f"model {runtime.manifest.ref} ({runtime.manifest.family}) "
+                               "has no prior")
+        self.runtime = runtime
+        self.n = n
+        self.grid = tuple(runtime.manifest.latent_shape)
+        self.session = runtime.prior_step
+        self.next = 0
+        self.caches: list[np.ndarray] = []
+        if self.session is not None:
+            h, w = self.grid
+            self.caches = [np.zeros((n, h * w, int(i.shape[2])), np.float32)
+                           for i in self.session.get_inputs()[2:]]
+
+    @property
+    def stepwise(self) -> bool:
+        """Whether this model has a step graph (else every call is a full pass)."""
+        return self.session is not None
+
+    def logits(self, position: int, indices: np.ndarray) -> np.ndarray:
+        """float32 logits (n, K) at ``position`` given ``indices`` (n, h, w) before it.
+
+        Positions must come in raster order, each once, starting at 0.
+        """
+        h, w = self.grid
+        if position != self.next or position >= h * w:
+            raise InvalidInput(f"prior steps go in raster order: expected position "
+                               f"{self.next} of {h * w}, got {position}")
+        if indices.shape != (self.n, h, w):
+            raise InvalidInput(f"prior stepper for {self.n} grids of {h}x{w} got indices "
+                               f"of shape {tuple(indices.shape)}")
+        self.next += 1
+        if self.session is None:
+            y, x = divmod(position, w)
+            return np.ascontiguousarray(self.runtime.prior_logits(indices)[:, :, y, x])
+        feed_idx = np.ascontiguousarray(indices, np.int64)
+        pos = np.array(position, np.int64)
+        step = self.runtime.config.max_batch
+        out = [np.zeros((0, int(self.session.get_outputs()[0].shape[1])), np.float32)]
+        for a in range(0, self.n, step):
+            b = min(a + step, self.n)
+            feed = {"indices": feed_idx[a:b], "position": pos}
+            feed.update({f"cache{i}": c[a:b] for i, c in enumerate(self.caches)})
+            logits, *feats = self.session.run(None, feed)
+            for c, f in zip(self.caches, feats):
+                c[a:b, position] = f
+            out.append(logits)
+        return out[1] if len(out) == 2 else np.concatenate(out)
+
+    def all_logits(self, indices: np.ndarray) -> np.ndarray:
+        """Teacher forcing: float32 logits (n, K, h, w) at every position given the whole
+        grid, computed exactly as a decoder stepping through ``logits`` computes them
+        (one full pass when the model has no step graph)."""
+        if self.next != 0:
+            raise InvalidInput("all_logits needs a fresh prior stepper")
+        h, w = self.grid
+        if self.session is None:
+            self.next = h * w
+            return self.runtime.prior_logits(indices)
+        per_pos = [self.logits(p, indices) for p in range(h * w)]
+        return np.stack(per_pos, axis=2).reshape(self.n, -1, h, w)

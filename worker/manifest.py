@@ -8,7 +8,8 @@ Layout (``models/<name>/<version>/manifest.json``), schema 1::
       "image":  {"channels": 1, "height": 28, "width": 28},   # uint8 NCHW in, x/255 in-graph
       "latent": {"shape": [C, h, w]},                       # vqvae: [h, w] index grid
       "files":  {"encoder": {"path": "encoder.onnx", "sha256": "..."},
-                 "decoder": {...}, "prior": {...} (vqvae only)},
+                 "decoder": {...}, "prior": {...} (vqvae only),
+                 "prior_step": {...} (vqvae, optional: newer exports)},
       "onnx":   {"opset": 17},
       "code":   {"kind": "factorized" | "vq_static" | "vq_prior", ...tables, see CodeSpec},
       "sampling": {"kind": "gmm" | "gaussian" | "prior", ...},
@@ -24,6 +25,10 @@ ONNX I/O contract (dynamic batch axis N everywhere):
   ``image`` float32 (N, C, H, W) in [0, 1].
 - prior (vqvae): ``indices`` int64 (N, h, w) -> ``logits`` float32 (N, K, h, w), causal
   in raster order (the logits at a position depend only on earlier positions).
+- prior_step (optional): ``indices`` int64 (N, h, w), ``position`` int64 scalar p,
+  ``cache0``.. float32 (N, h*w, C) -> ``logits`` float32 (N, K) at p and ``feat0``..
+  float32 (N, C), the layer activations at p, which the caller writes into row p of
+  its caches (export/prior_step.py). Reads only positions < p of indices and caches.
 """
 
 from __future__ import annotations

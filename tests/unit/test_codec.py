@@ -31,7 +31,7 @@ from latentserve.worker.errors import (
     NotExactlyDecodable,
     UnknownFormatVersion,
 )
-from latentserve.worker.engine import EngineConfig, ModelRuntime
+from latentserve.worker.engine import EngineConfig, ModelRuntime, PriorStepper
 from latentserve.worker.entropy import prior_tables
 from latentserve.worker.pipeline import Pipeline
 
@@ -77,6 +77,32 @@ class NoisyPrior:
         if self.transform is not None:
             return self.transform(logits)
         return logits + self.rng.uniform(-self.amp, self.amp, logits.shape)
+
+    def prior_stepper(self, n: int) -> PriorStepper:
+        # Evaluate through this wrapper: full passes (models without a step graph) call
+        # prior_logits above, steps run the noisy session below.
+        return PriorStepper(self, n)  # type: ignore[arg-type]
+
+    @property
+    def prior_step(self) -> Any:
+        return None if self._rt.prior_step is None else NoisySession(self._rt.prior_step, self)
+
+
+class NoisySession:
+    """The step graph's session; its logits get the owner's uniform noise (not transforms)."""
+
+    def __init__(self, session: Any, owner: NoisyPrior) -> None:
+        self._session, self.owner = session, owner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    def run(self, names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        assert self.owner.transform is None, "transforms need whole logit grids"
+        self.owner.calls += 1
+        logits, *feats = self._session.run(names, feed)
+        noise = self.owner.rng.uniform(-self.owner.amp, self.owner.amp, logits.shape)
+        return [logits + noise, *feats]
 
 
 # -- header -----------------------------------------------------------------------------
@@ -188,7 +214,8 @@ def test_kind3_decoding_batches_the_prior(tiny: Pipeline, mnist_images: np.ndarr
     codes = codec.encode(symbols)
     noisy = NoisyPrior(codec.runtime)
     assert np.array_equal(LatentCodec(noisy).decode(codes), symbols)  # type: ignore[arg-type]
-    # One prior run per grid position for the whole batch, not one per image.
+    # One prior run (a step, or a full pass for models without a step graph) per grid
+    # position for the whole batch, not one per image.
     assert noisy.calls == np.prod(codec.manifest.latent_shape)
 
 
