@@ -57,6 +57,29 @@ class Timed:
     def prior_logits(self, indices: np.ndarray) -> np.ndarray:
         return self._timed(self._rt.prior_logits, indices)
 
+    def prior_stepper(self, n: int) -> Any:
+        from latentserve.worker.engine import PriorStepper
+
+        return PriorStepper(self, n)  # type: ignore[arg-type]
+
+    @property
+    def prior_step(self) -> Any:
+        session = getattr(self._rt, "prior_step", None)
+        return None if session is None else TimedSession(session, self)
+
+
+class TimedSession:
+    """The prior's step graph, its runs counted in the owner's seconds."""
+
+    def __init__(self, session: Any, owner: Timed) -> None:
+        self._session, self.owner = session, owner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    def run(self, names: Any, feed: dict[str, np.ndarray]) -> Any:
+        return self.owner._timed(self._session.run, names, feed)
+
 
 def load_validation(data: str, limit: int) -> np.ndarray:
     from latentserve.worker.images import load_images, read_idx
@@ -74,7 +97,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def softmax_bits(codec: LatentCodec, symbols: np.ndarray) -> float:
     """Mean bits per image under the prior's float softmax: the ideal for kind 3."""
-    logits = codec.runtime.prior_logits(symbols).astype(np.float64)
+    logits = codec.runtime.prior_stepper(len(symbols)).all_logits(symbols).astype(np.float64)
     logits -= logits.max(1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     chosen = np.take_along_axis(logp, symbols[:, None].astype(np.int64), 1)[:, 0]
