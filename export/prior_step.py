@@ -10,11 +10,11 @@ per-layer caches of the residual stream at the positions before p::
          append x_l[p] -> ReLU -> matmul ("B") -> ReLU -> 1x1 -> x_{l+1}[p]
       -> ReLU -> 1x1 -> logits (N, K) at p;  outputs x_0[p] .. x_{L-1}[p] for the caches
 
-Caches are float32 (N, h*w, C): row q holds x_l at position q (the caller writes the
-returned ``feat<l>`` into row p). A tap outside the grid reads a clamped row and is
-replaced by an exact 0 (``where``), and only taps before p (plus x_l[p] itself) are
-read, so what the indices or the caches hold at positions >= p cannot reach the
-result: a teacher-forced encoder and a decoder feed bit-identical inputs at every step.
+Caches are float32 (N, h*w + 1, C): row q < h*w holds x_l at position q (the caller
+writes the returned ``feat<l>`` into row p); the last row stays zero. A tap outside the
+grid reads that zero row (and the embedding of a pseudo-code K, a zero row too), so no
+select is needed; only taps before p (plus x_l[p] itself) are read, so what the indices
+or the caches hold at positions >= p cannot reach the result: a teacher-forced encoder and a decoder feed bit-identical inputs at every step.
 Outputting the features at p instead of whole updated caches keeps a step's memory
 traffic at O(N*C) rather than O(N*C*h*w) (the caller updates its caches in place).
 """
@@ -53,7 +53,7 @@ def _tap_matrix(conv: MaskedConv2d, taps: list[tuple[int, int]]) -> Tensor:
 class PriorStep(nn.Module):
     """Logits at one position from caches of earlier positions; see the module docstring.
 
-    forward(indices (N, h, w) int64, position () int64, *caches (N, h*w, C) float32)
+    forward(indices (N, h, w) int64, position () int64, *caches (N, h*w + 1, C) float32)
       -> (logits (N, K), feat_0 (N, C), ..., feat_{L-1} (N, C))
     """
 
@@ -62,7 +62,9 @@ class PriorStep(nn.Module):
         h, w = prior.config.grid
         self.grid = (h, w)
         self.num_layers = len(prior.blocks)
-        self.register_buffer("embed", prior.embed.weight.detach().clone())
+        emb = prior.embed.weight.detach()
+        # Row K: the embedding of "outside the grid", exactly zero.
+        self.register_buffer("embed", torch.cat([emb, torch.zeros_like(emb[:1])]))
         first = _taps(prior.first)
         assert (0, 0) not in first, "the first layer must be a type-A mask"
         self._register_taps("first", first)
@@ -85,28 +87,25 @@ class PriorStep(nn.Module):
         self.register_buffer(f"{name}_dx", torch.tensor([t[1] for t in taps], dtype=torch.long))
 
     def _where(self, name: str, position: Tensor) -> tuple[Tensor, Tensor]:
-        """Flat rows of the taps around ``position`` (clamped into the grid) and their validity."""
+        """Flat rows of the taps around ``position``; taps outside the grid get row h*w."""
         h, w = self.grid
         y = torch.div(position, w, rounding_mode="floor")
         x = position - y * w
         ny = y + getattr(self, f"{name}_dy")
         nx = x + getattr(self, f"{name}_dx")
-        valid = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-        rows = ny.clamp(0, h - 1) * w + nx.clamp(0, w - 1)
-        return rows, valid
+        valid = ((ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)).to(torch.long)
+        inside = ny.clamp(0, h - 1) * w + nx.clamp(0, w - 1)
+        return inside * valid + (h * w) * (1 - valid)
 
     def forward(self, indices: Tensor, position: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
         n = indices.shape[0]
-        rows, valid = self._where("first", position)
-        codes = torch.index_select(indices.reshape(n, -1), 1, rows)  # (N, T)
-        emb = F.embedding(codes, self.embed)  # (N, T, E)
-        emb = torch.where(valid[None, :, None], emb, torch.zeros_like(emb))
-        x = emb.flatten(1) @ self.first_w + self.first_b  # (N, C)
+        outside = torch.full_like(indices[:, :1, 0], self.embed.shape[0] - 1)  # (N, 1): code K
+        flat = torch.cat([indices.reshape(n, -1), outside], dim=1)
+        codes = torch.index_select(flat, 1, self._where("first", position))  # (N, T)
+        x = F.embedding(codes, self.embed).flatten(1) @ self.first_w + self.first_b  # (N, C)
         feats = [x]
         for i in range(self.num_layers):
-            rows, valid = self._where(f"b{i}", position)
-            nb = torch.index_select(caches[i], 1, rows)  # (N, T, C)
-            nb = torch.where(valid[None, :, None], nb, torch.zeros_like(nb))
+            nb = torch.index_select(caches[i], 1, self._where(f"b{i}", position))  # (N, T, C)
             patch = F.relu(torch.cat([nb, x[:, None]], dim=1)).flatten(1)
             hid = F.relu(patch @ getattr(self, f"b{i}_w") + getattr(self, f"b{i}_b"))
             x = x + hid @ getattr(self, f"m{i}_w") + getattr(self, f"m{i}_b")
@@ -118,7 +117,7 @@ class PriorStep(nn.Module):
     def cache_shapes(self, n: int) -> list[tuple[int, int, int]]:
         """Shapes of the caches for a batch of ``n`` grids."""
         h, w = self.grid
-        return [(n, h * w, int(self.first_b.shape[0]))] * self.num_layers
+        return [(n, h * w + 1, int(self.first_b.shape[0]))] * self.num_layers
 
 
 @torch.no_grad()
@@ -178,7 +177,7 @@ def run_steps(sess: object, indices: np.ndarray) -> np.ndarray:
     """Teacher-forced logits (N, K, h, w) from an onnxruntime session of the step graph."""
     inputs = sess.get_inputs()  # type: ignore[attr-defined]
     n, h, w = indices.shape
-    caches = [np.zeros((n, h * w, int(i.shape[2])), np.float32) for i in inputs[2:]]
+    caches = [np.zeros((n, h * w + 1, int(i.shape[2])), np.float32) for i in inputs[2:]]
     out = []
     for p in range(h * w):
         feed = {"indices": indices.astype(np.int64), "position": np.array(p, np.int64)}

@@ -270,7 +270,8 @@ class PriorStepper:
         self.caches: list[np.ndarray] = []
         if self.session is not None:
             h, w = self.grid
-            self.caches = [np.zeros((n, h * w, int(i.shape[2])), np.float32)
+            # Row h*w stays zero: the step graph reads it for taps outside the grid.
+            self.caches = [np.zeros((n, h * w + 1, int(i.shape[2])), np.float32)
                            for i in self.session.get_inputs()[2:]]
 
     @property

@@ -26,9 +26,10 @@ ONNX I/O contract (dynamic batch axis N everywhere):
 - prior (vqvae): ``indices`` int64 (N, h, w) -> ``logits`` float32 (N, K, h, w), causal
   in raster order (the logits at a position depend only on earlier positions).
 - prior_step (optional): ``indices`` int64 (N, h, w), ``position`` int64 scalar p,
-  ``cache0``.. float32 (N, h*w, C) -> ``logits`` float32 (N, K) at p and ``feat0``..
-  float32 (N, C), the layer activations at p, which the caller writes into row p of
-  its caches (export/prior_step.py). Reads only positions < p of indices and caches.
+  ``cache0``.. float32 (N, h*w + 1, C) -> ``logits`` float32 (N, K) at p and
+  ``feat0``.. float32 (N, C), the layer activations at p, which the caller writes into
+  row p of its caches; row h*w stays zero (export/prior_step.py). Reads only positions
+  < p of indices and caches.
 """
 
 from __future__ import annotations

@@ -49,12 +49,14 @@ def test_positions_at_and_after_p_cannot_change_a_step() -> None:
     gen = torch.Generator().manual_seed(2)
     idx = torch.randint(0, 40, (4, 7, 7), generator=gen)
     caches = [torch.randn(s, generator=gen) for s in step.cache_shapes(4)]
+    for c in caches:
+        c[:, -1] = 0
     for p in (0, 1, 6, 7, 24, 48):
         other = idx.clone().reshape(4, -1)
         other[:, p:] = torch.randint(0, 40, other[:, p:].shape, generator=gen)
         garbled = [c.clone() for c in caches]
-        for c in garbled:
-            c[:, p:] = torch.randn(c[:, p:].shape, generator=gen) * 1e3
+        for c in garbled:  # the last row is the zero row of "outside the grid"
+            c[:, p:-1] = torch.randn(c[:, p:-1].shape, generator=gen) * 1e3
         pos = torch.tensor(p)
         with torch.no_grad():
             a = step(idx, pos, *caches)
