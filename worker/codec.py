@@ -29,7 +29,10 @@ from .entropy import (
     check_prior_spec,
     cross_entropy_bits,
     prior_check,
+    prior_margin,
+    prior_quantize,
     prior_tables,
+    probabilities,
 )
 from .errors import (
     CodeError,
@@ -169,7 +172,7 @@ class LatentCodec:
     def prior_plan(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Teacher-forced kind-3 plan from one prior run: per image the rounding offset
         (the first of 0..15 whose every table has margin >= guard; -1: none, code it as
-        kind 2) and its tables ((N, h*w, K) float64, zeros where the offset is -1)."""
+        kind 2) and its tables ((N, h*w, K) float64, uniform where the offset is -1)."""
         spec = self.prior
         assert spec is not None and self.static is not None
         # Teacher forcing through the same evaluation the decoder steps through (the
@@ -182,17 +185,18 @@ class LatentCodec:
                 f"has {self.static.num_codes} codes")
         flat = logits.reshape(n, k, -1).transpose(0, 2, 1)
         offsets = np.full(n, -1, np.int64)
-        probs = np.zeros(flat.shape)
+        weights = np.ones(flat.shape, np.int64)
         todo = np.arange(n)
+        lut = np.array(spec.lut + spec.lut[-1:], np.int64)  # indexed by min(d, len(lut))
         for j in range(PRIOR_OFFSETS):
             if len(todo) == 0:
                 break
-            p, margin = prior_tables(flat[todo], spec, j)
-            ok = margin.min(axis=1) >= spec.guard
+            c, frac, finite = prior_quantize(flat[todo], spec, j)
+            ok = prior_margin(c, frac, finite, spec, cap=spec.guard).min(axis=1) >= spec.guard
             offsets[todo[ok]] = j
-            probs[todo[ok]] = p[ok]
+            weights[todo[ok]] = lut[c[ok]]
             todo = todo[~ok]
-        return offsets, probs
+        return offsets, probabilities(weights)
 
     def cross_entropy_bits(self, symbols: np.ndarray, kinds: Sequence[int]) -> np.ndarray:
         """Per image, the cost of its symbols under the integer tables of the given kind."""

@@ -19,6 +19,7 @@ uint32 words cut to the fewest bytes that still point into the coder's final int
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Sequence
 
@@ -295,30 +296,71 @@ def prior_check(offset: int, symbols: np.ndarray) -> np.ndarray:
 
 def prior_tables(logits: np.ndarray, spec: VQPriorSpec,
                  offset: np.ndarray | int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (..., K) -> (float64 probabilities (..., K), margin (...)).
+    """Logits (..., K) -> (float64 probabilities (..., K), margin (...)); see prior_weights."""
+    weights, margin = prior_weights(logits, spec, offset)
+    return probabilities(weights), margin
+
+
+def prior_weights(logits: np.ndarray, spec: VQPriorSpec, offset: np.ndarray | int = 0, *,
+                  cap: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (..., K) -> (int64 weights (..., K), margin (...)).
 
     q = rint(logit * logit_scale + offset / PRIOR_OFFSETS) (``offset``: an int, or ints
     shaped like ``logits.shape[:-1]``), d = max(q) - q, weight = lut[min(d, len(lut) - 1)].
     ``margin`` is, per table, the smallest distance (in logit units) from a logit to a
-    rounding boundary whose crossing would change a weight. Float noise smaller than the
-    margin cannot change the table.
+    rounding boundary whose crossing would change a weight, or ``cap`` where that is
+    larger. Float noise smaller than the margin cannot change the table.
     """
+    c, frac, finite = prior_quantize(logits, spec, offset)
+    return _lut_tables(tuple(spec.lut))[0][c], prior_margin(c, frac, finite, spec, cap=cap)
+
+
+def prior_quantize(logits: np.ndarray, spec: VQPriorSpec,
+                   offset: np.ndarray | int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The integer part of ``prior_weights``: (c = min(d, len(lut)) as intp, the rounding
+    fractions x - q in [-0.5, 0.5], whether each table's logits are all finite)."""
     shift = np.asarray(offset, np.float64) / PRIOR_OFFSETS  # exact: a dyadic fraction
-    x = np.asarray(logits, np.float64) * spec.logit_scale + shift[..., None]
+    x = np.asarray(logits, np.float64) * spec.logit_scale
+    x += shift[..., None]
     finite = np.isfinite(x).all(axis=-1)
-    x = np.where(finite[..., None], x, 0.0)  # a table with a NaN/inf logit gets margin 0 below
+    if not finite.all():  # a table with a NaN/inf logit gets margin 0
+        x[~finite] = 0.0
     q = np.rint(x)
-    d = (q.max(axis=-1, keepdims=True) - q).astype(np.int64)
-    last = len(spec.lut) - 1
-    lut = np.array(spec.lut, np.int64)
-    weights = lut[np.minimum(d, last)]
-    # Noise below the margin moves a logit across at most one boundary. Only crossings
-    # that change a weight count: any move of a maximal logit (d = 0: it shifts the
-    # others' d, or leaves a tie), and a move to d -/+ 1 whose lut entry differs (so a
-    # logit at d = len(lut) - 1 counts upwards only, and clamped ones not at all).
-    up = (d == 0) | (lut[np.minimum(np.maximum(d - 1, 0), last)] != weights)
-    down = (d == 0) | (lut[np.minimum(d + 1, last)] != weights)
-    frac = x - q  # in [-0.5, 0.5]: 0.5 - frac to the boundary above, 0.5 + frac below
-    dist = np.minimum(np.where(up, 0.5 - frac, np.inf), np.where(down, 0.5 + frac, np.inf))
-    margin = dist.min(axis=-1) / spec.logit_scale
-    return probabilities(weights), np.where(finite, margin, 0.0)
+    d = q.max(axis=-1, keepdims=True) - q
+    np.minimum(d, len(spec.lut), out=d)
+    x -= q
+    return d.astype(np.intp), x, finite
+
+
+def prior_margin(c: np.ndarray, frac: np.ndarray, finite: np.ndarray, spec: VQPriorSpec, *,
+                 cap: float = np.inf) -> np.ndarray:
+    """Per table, min(cap, the margin) from ``prior_quantize``'s output (see prior_weights)."""
+    _, up_of, down_of = _lut_tables(tuple(spec.lut))
+    # Only tables with a logit within cap of a boundary need the exact (slower) rule.
+    near = (np.abs(frac) > 0.5 - cap * spec.logit_scale).any(axis=-1)
+    margin = np.full(near.shape, float(cap))
+    if near.any():
+        cn, fn = c[near], frac[near]
+        above = np.where(up_of[cn], 0.5 - fn, np.inf)  # 0.5 - frac to the boundary above
+        below = np.where(down_of[cn], 0.5 + fn, np.inf)  # 0.5 + frac to the one below
+        margin[near] = np.minimum(np.minimum(above, below).min(axis=-1) / spec.logit_scale,
+                                  cap)
+    return np.where(finite, margin, 0.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _lut_tables(lut: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indexed by c = min(d, len(lut)): the weight, and whether moving to d - 1 (up) or
+    d + 1 (down) changes it. Noise below the margin moves a logit across at most one
+    boundary; only moves that change a weight count: any move of a maximal logit (it
+    shifts the others' d, or leaves a tie), and a move to a neighbour whose weight differs
+    (so d = len(lut) - 1 counts upwards only, and the clamped tail not at all)."""
+    n = len(lut)
+    weight = np.array(lut + (lut[-1],), np.int64)  # c = n: clamped (d >= n)
+    up = np.ones(n + 1, bool)
+    down = np.ones(n + 1, bool)
+    up[1:] = weight[:-1] != weight[1:]
+    down[:-1] = weight[1:] != weight[:-1]
+    down[n] = False
+    up[0] = down[0] = True
+    return weight, up, down

@@ -19,6 +19,7 @@ from latentserve.worker.entropy import (
     check_prior_spec,
     cross_entropy_bits,
     prior_tables,
+    prior_weights,
     probabilities,
     words_to_bytes,
 )
@@ -96,6 +97,9 @@ def test_prior_tables_round_trip_and_noise_below_margin(seed: int, n: int, k: in
     enc.encode(symbols, probs)
     payload = enc.payload()
     assert np.array_equal(SymbolDecoder(payload).decode(probs), symbols)
+    # A capped margin is the exact one, capped (what the encoder's offset search uses).
+    _, capped = prior_weights(logits, spec, 3, cap=0.01)
+    assert np.array_equal(capped, np.minimum(prior_weights(logits, spec, 3)[1], 0.01))
     # Noise strictly below each table's margin never changes the table.
     noise = rng.uniform(-1, 1, logits.shape) * margin[:, None] * 0.999
     noise = np.where(np.isfinite(noise), noise, rng.uniform(-0.1, 0.1, logits.shape))
