@@ -81,10 +81,11 @@ class VQStaticSpec:
 class VQPriorSpec:
     """VQ indices coded under the autoregressive prior's logits, quantised to integers.
 
-    Per position: q = round(logit * logit_scale); d = max(q) - q;
-    weight = lut[min(d, len(lut) - 1)]. The encoder refuses an image (and falls back to
-    the static tables) when any logit with d < len(lut) - 1 lies within ``guard`` of a
-    rounding boundary, so float noise below ``guard`` cannot change a table.
+    Per position: q = round(logit * logit_scale + j / 16) with a per-image offset j;
+    d = max(q) - q; weight = lut[min(d, len(lut) - 1)]. The encoder picks the first j for
+    which no logit lies within ``guard`` of a rounding boundary whose crossing would
+    change a weight (else it falls back to the static tables), so float noise below
+    ``guard`` cannot change a table. Details: docs/code-format.md.
     """
 
     logit_scale: float
