@@ -166,7 +166,9 @@ def test_a_cancel_survives_a_worker_restart(job_store, make_worker, tiny_pipelin
 
 @pytest.mark.slow
 def test_a_healthy_long_chunk_is_not_stolen(job_store, make_worker, redis_client, wait_until):
-    job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=320, chunk_size=320)
+    # One chunk of many batches: it must outlast several claim-idle periods (sampling
+    # got 20x faster with the prior's step graph, so 320 items no longer did).
+    job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=2560, chunk_size=2560)
     stream = job_store.keys.stream("default")
     busy = make_worker(burst=False, claim_idle_s=0.4, batch_items=320)
     thread = busy.start_thread()
