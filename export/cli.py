@@ -71,7 +71,7 @@ def register(sub: Any) -> None:
     e.add_argument("--data", default=None,
                    help="the training data, if it moved since training (digest checked)")
     e.add_argument("--vae-step", type=float, default=None,
-                   help="vae: quantisation step of the posterior mean (default 1.0)")
+                   help="vae: quantisation step of the posterior mean (default 0.5)")
     e.add_argument("--gmm-components", type=int, default=10)
     e.add_argument("--overwrite", action="store_true",
                    help="replace an existing version (only before anyone depends on it)")

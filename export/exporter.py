@@ -36,7 +36,7 @@ from .train import rebuild, to_float
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH = 64
-DEFAULT_VAE_STEP = 1.0
+DEFAULT_VAE_STEP = 0.5
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
