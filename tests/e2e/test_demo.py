@@ -34,6 +34,10 @@ def test_demo_serves_compresses_reconstructs_samples_and_exits_zero(
     for r in rows:
         bytes_per_image, psnr, per_s = float(r[2]), float(r[3]), float(r[4])
         assert 8 < bytes_per_image < 784 and psnr > 0 and per_s > 0
+    # The queue part: a compress job and a sample job through the embedded Valkey.
+    jobs = {line.split()[1]: line for line in lines if line.startswith("job ")}
+    assert set(jobs) == {"compress", "sample"}, done.stdout
+    assert all(" 256 items in " in line for line in jobs.values()), done.stdout
     for name in ("tiny-ae-v1", "tiny-vae-v1", "tiny-vqvae-v1"):
         with Image.open(out / f"{name}-reconstructions.png") as g:
             assert g.size == (12 * 30 + 2, 2 * 30 + 2)  # originals above reconstructions
