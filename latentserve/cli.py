@@ -14,7 +14,7 @@ from collections.abc import Sequence
 # (module, what it adds) in the order ``--help`` lists them.
 AREAS = (
     "latentserve.export.cli",    # train, export
-    "latentserve.worker.cli",    # models
+    "latentserve.service.models_cli",  # models
     "latentserve.worker.worker_cli",  # worker (the Redis job consumer)
     "latentserve.service.cli",   # serve, compress, reconstruct, sample, demo
     "latentserve.service.job_cli",  # job submit|watch|fetch|cancel|list

@@ -1,7 +1,8 @@
-"""``latentserve models [--json] [--repo DIR]``: list a model repository.
+"""``latentserve models [--json] [--repo DIR | --target HOST:PORT]``: list models.
 
-Reads manifests only (no ONNX session is built, no file digest is checked), so it is
-instant even for a large repository.
+Locally it reads manifests only (no ONNX session is built, no file digest is checked),
+so it is instant even for a large repository; with ``--target`` it asks a server
+(ListModels), which also says which models are loaded and on which provider.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ def register(sub: Any) -> None:
                                    "fingerprint and validation figures.")
     p.add_argument("--repo", default=os.environ.get("LATENTSERVE_MODELS", "models"),
                    metavar="DIR", help="model repository [env LATENTSERVE_MODELS; default models]")
+    p.add_argument("--target", metavar="HOST:PORT", default=os.environ.get("LATENTSERVE_TARGET"),
+                   help="list what this server serves instead [env LATENTSERVE_TARGET]")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_models)
 
 
 def model_rows(repo: str) -> list[dict[str, Any]]:
     """One dict per model version of ``repo`` (what ``--json`` prints)."""
-    from .repository import ModelRepository
+    from latentserve.worker.repository import ModelRepository
 
     rows = []
     for e in ModelRepository(repo).entries():
@@ -41,13 +44,32 @@ def model_rows(repo: str) -> list[dict[str, Any]]:
     return rows
 
 
+def server_rows(target: str) -> list[dict[str, Any]]:
+    """The same dicts from a server's ListModels, plus ``loaded`` and ``provider``."""
+    from .client import LatentServeClient
+
+    with LatentServeClient(target, timeout=30) as client:
+        infos = client.models()
+    return [{
+        "name": m.name, "version": m.version, "ref": m.ref, "family": m.family,
+        "code_kind": m.code_kind, "image_shape": [m.channels, m.height, m.width],
+        "latent_shape": list(m.latent_shape),
+        "fingerprint": m.manifest_sha256[:4], "manifest_sha256": m.manifest_sha256,
+        "val_psnr_db": m.quality.get("val_psnr_db"),
+        "val_bits_per_image": m.quality.get("val_bits_per_image"),
+        "loaded": m.loaded, "provider": m.provider,
+    } for m in infos]
+
+
 def cmd_models(args: argparse.Namespace) -> int:
-    rows = model_rows(args.repo)
+    where = args.target or args.repo
+    rows = server_rows(args.target) if args.target else model_rows(args.repo)
     if args.json:
-        print(json.dumps({"repo": str(args.repo), "models": rows}, indent=1))
+        key = "target" if args.target else "repo"
+        print(json.dumps({key: str(where), "models": rows}, indent=1))
         return 0
     if not rows:
-        print(f"no models in {args.repo}")
+        print(f"no models in {where}")
         return 0
     head = ("MODEL", "FAMILY", "CODE", "IMAGE", "LATENT", "FP", "PSNR dB", "BYTES est")
     table = [head] + [(
