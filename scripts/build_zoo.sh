@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Rebuild the shipped model zoo (models/mnist-*/1) and examples/digits from scratch.
 #
-# Two training lanes run side by side, one torch thread each (2 free cores: ~35 min):
+# Two training lanes run side by side, one torch thread each (2 free cores: ~35 min, plus
+# ~8 min for the vqvae prior retraining in lane B):
 #   lane A: mnist-ae-mid, mnist-ae-lo, mnist-ae-hi (a lambda ladder), mnist-vae
-#   lane B: mnist-vqvae (VQ-VAE, its PixelCNN prior, then a wider decoder on frozen codes)
+#   lane B: mnist-vqvae (VQ-VAE, a wider decoder on its frozen codes, then a longer-trained
+#           PixelCNN prior on the same codes)
 # Checkpoints go to runs/zoo/ (git-ignored), logs to runs/zoo/*.log. Each model is
 # exported as version 1 (replacing an earlier build); models/registry.json only grows.
 set -euo pipefail
@@ -36,14 +38,17 @@ lane_a() {
         --lr 2e-3 --vae-sigma 0.1 --seed 1
 }
 lane_b() {
-    # VQ-VAE (K 512) and its PixelCNN prior on the codes of the training images and their
-    # 1-px shifts, then a fresh, wider decoder trained alone on the frozen codes (the
-    # codes, hence the prior and the bits, stay; the reconstructions improve).
+    # VQ-VAE (K 512) and a first PixelCNN prior on the codes of the training images and
+    # their 1-px shifts, then a fresh, wider decoder trained alone on the frozen codes (the
+    # codes stay; the reconstructions improve), then the shipped prior retrained on those
+    # same codes for longer at a higher peak lr (fewer bits, better samples).
     train mnist-vqvae-base --family vqvae --hidden 64 --res-blocks 1 --num-codes 512 \
         --code-dim 32 --epochs 8 --lr 2e-3 --seed 1 --prior-steps 1000 --prior-shifts 1 \
         --prior-embed 32 --prior-hidden 96 --prior-layers 3
-    train mnist-vqvae --family decoder --vqvae "$RUNS/mnist-vqvae-base.pt" --decoder-hidden 128 \
-        --decoder-res-blocks 2 --prior-shifts 1 --steps 2500 --lr 2e-3 --seed 2
+    train mnist-vqvae-dec --family decoder --vqvae "$RUNS/mnist-vqvae-base.pt" \
+        --decoder-hidden 128 --decoder-res-blocks 2 --prior-shifts 1 --steps 2500 --lr 2e-3 --seed 2
+    train mnist-vqvae --family prior --vqvae "$RUNS/mnist-vqvae-dec.pt" --prior-steps 1800 \
+        --prior-shifts 1 --prior-embed 32 --prior-hidden 96 --prior-layers 3 --lr 2e-3 --seed 1
 }
 
 lane_a & a=$!
