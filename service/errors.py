@@ -50,15 +50,10 @@ STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 
 
 def supported_format_versions() -> list[int]:
-    """The latent-code format versions this build reads (from the codec, when present)."""
-    try:
-        from latentserve.worker import codec
-    except ImportError:
-        return [1]
-    for name in ("SUPPORTED_VERSIONS", "READABLE_VERSIONS", "FORMAT_VERSIONS"):
-        if hasattr(codec, name):
-            return sorted(int(v) for v in getattr(codec, name))
-    return [int(getattr(codec, "FORMAT_VERSION", 1))]
+    """The latent-code format versions this build reads."""
+    from latentserve.worker.codec import FORMAT_VERSION
+
+    return [FORMAT_VERSION]
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
