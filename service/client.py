@@ -36,13 +36,15 @@ if TYPE_CHECKING:
 MIB = 1 << 20
 ImageLike = Any  # np.ndarray | PIL.Image.Image | bytes | str | Path
 
-_ERRORS: dict[grpc.StatusCode, type[E.LatentServeError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: E.InvalidInput,
-    grpc.StatusCode.NOT_FOUND: E.ModelNotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: E.CodeMismatch,
-    grpc.StatusCode.DATA_LOSS: E.CorruptCode,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: E.ResourceLimit,
-    grpc.StatusCode.UNAVAILABLE: E.Unavailable,
+# Each status maps to the exceptions a server raises with it (service/errors.py), so a
+# remote failure is catchable as any of them: NOT_FOUND as ModelNotFound or JobNotFound.
+_ERRORS: dict[grpc.StatusCode, tuple[type[E.LatentServeError], ...]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (E.InvalidInput,),
+    grpc.StatusCode.NOT_FOUND: (E.ModelNotFound, E.JobNotFound),
+    grpc.StatusCode.FAILED_PRECONDITION: (E.CodeMismatch, E.JobStateError),
+    grpc.StatusCode.DATA_LOSS: (E.CorruptCode,),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (E.ResourceLimit,),
+    grpc.StatusCode.UNAVAILABLE: (E.Unavailable,),
 }
 
 
@@ -53,10 +55,10 @@ class ServiceError(E.LatentServeError):
 
 
 def error_from(exc: grpc.RpcError, target: str) -> E.LatentServeError:
-    """The latentserve exception for a failed call (its type follows the status code)."""
+    """The latentserve exception for a failed call (its types follow the status code)."""
     code = exc.code()  # type: ignore[attr-defined]
-    base = _ERRORS.get(code, E.LatentServeError)
-    kind = type(f"Remote{base.__name__}", (ServiceError, base), {})
+    bases = _ERRORS.get(code, (E.LatentServeError,))
+    kind = type(f"Remote{bases[0].__name__}", (ServiceError, *bases), {})
     err = kind(f"{target}: {code.name}: {exc.details()}")  # type: ignore[attr-defined]
     err.code = code
     return err

@@ -21,36 +21,11 @@ from latentserve.v1 import jobs_pb2 as pb
 from latentserve.v1 import jobs_pb2_grpc as pb_grpc
 from latentserve.worker import errors as E
 
+from .client import error_from
 from .wire import decode_raw, raw_image
 
 MIB = 1 << 20
 TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
-_ERRORS: dict[grpc.StatusCode, type[E.LatentServeError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: E.InvalidInput,
-    grpc.StatusCode.NOT_FOUND: E.JobNotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: E.JobStateError,
-    grpc.StatusCode.DATA_LOSS: E.CorruptCode,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: E.ResourceLimit,
-    grpc.StatusCode.UNAVAILABLE: E.Unavailable,
-}
-
-
-class JobServiceError(E.LatentServeError):
-    """A job call failed on the server; ``code`` is its gRPC status code."""
-
-    code: grpc.StatusCode
-
-
-def job_error(exc: grpc.RpcError, target: str) -> E.LatentServeError:
-    """The latentserve exception for a failed call (its type follows the status code)."""
-    code = exc.code()  # type: ignore[attr-defined]
-    bases: tuple[type, ...] = (_ERRORS.get(code, E.LatentServeError),)
-    if code == grpc.StatusCode.NOT_FOUND:  # a job or a model: catchable as either
-        bases = (E.JobNotFound, E.ModelNotFound)
-    kind = type(f"Remote{bases[0].__name__}", (JobServiceError, *bases), {})
-    err = kind(f"{target}: {code.name}: {exc.details()}")  # type: ignore[attr-defined]
-    err.code = code
-    return err
 
 
 def state_name(state: int) -> str:
@@ -103,13 +78,13 @@ class JobsClient:
         try:
             return method(request, timeout=None if stream else self.timeout)
         except grpc.RpcError as exc:
-            raise job_error(exc, self.target) from None
+            raise error_from(exc, self.target) from None
 
     def _iterate(self, responses: Iterator[Any]) -> Iterator[Any]:
         try:
             yield from responses
         except grpc.RpcError as exc:
-            raise job_error(exc, self.target) from None
+            raise error_from(exc, self.target) from None
 
     # -- submitting -----------------------------------------------------------------------
     def _submit(self, spec: pb.JobSpec, items: Iterable[pb.JobItems] = ()) -> pb.Job:
