@@ -95,10 +95,6 @@ class ModelRepository:
         have = ", ".join(str(e.manifest.version) for e in versions)
         raise ModelNotFound(f"model {name!r} has no version {version}; versions: {have}")
 
-    def by_fingerprint(self, fingerprint: bytes) -> list[ModelEntry]:
-        """Every model whose manifest digest starts with ``fingerprint`` (usually one)."""
-        return [e for e in self.entries() if e.manifest.fingerprint == fingerprint]
-
     def load(self, ref: str) -> ModelEntry:
         """Resolve ``ref`` and verify every file's sha256 against the manifest."""
         entry = self.resolve(ref)
@@ -139,9 +135,3 @@ def read_registry(root: str | Path) -> list[dict[str, object]]:
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelIntegrityError(f"{path} is not a valid model registry: {exc}") from None
 
-
-def name_fingerprint(root: str | Path, fingerprint: bytes) -> list[str]:
-    """``name:version (sha256 ...)`` of every model ever exported with this fingerprint."""
-    return [f"{m['name']}:{m['version']} (manifest sha256 {str(m['manifest_sha256'])[:12]}...)"
-            for m in read_registry(root)
-            if bytes.fromhex(str(m["manifest_sha256"]))[:len(fingerprint)] == fingerprint]
