@@ -1,16 +1,14 @@
 """The served models: a repository listing cached for the hot path, and which are loaded.
 
-``ModelRepository.entries()`` re-reads every manifest (milliseconds, more than one
-small image takes to compress), and the pipeline resolves a name on every call.
-``CachedRepository`` keeps the listing until a manifest file changes (checked by
-stat, at most every ``check_s`` seconds, and at once when a name is not found), so a
-new model version is picked up without a restart.
+``ModelRepository.entries()`` globs and stats every manifest (re-parsing only changed
+ones), and the pipeline resolves a name on every call. ``CachedRepository`` looks at
+the files at most every ``check_s`` seconds (and at once when a name is not found), so
+a new model version is picked up without a restart and the hot path touches no disk.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,34 +22,21 @@ log = logging.getLogger(__name__)
 
 
 class CachedRepository(ModelRepository):
-    """A ModelRepository whose listing is re-read only when a manifest changed."""
+    """A ModelRepository whose listing is looked at again at most every ``check_s``."""
 
     def __init__(self, root: str | Path, *, check_s: float = 1.0) -> None:
         super().__init__(root)
         self.check_s = check_s
         self._lock = threading.Lock()
         self._entries: list[ModelEntry] | None = None
-        self._signature: tuple[tuple[str, int, int, int], ...] | None = None
         self._checked = 0.0
-
-    def _stat_manifests(self) -> tuple[tuple[str, int, int, int], ...]:
-        found = []
-        for path in self.root.glob("*/*/manifest.json"):
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            found.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(sorted(found))
 
     def entries(self) -> list[ModelEntry]:
         now = time.monotonic()
         with self._lock:
             if self._entries is None or now - self._checked >= self.check_s:
-                signature = self._stat_manifests()
-                if signature != self._signature or self._entries is None:
-                    self._entries = super().entries()
-                    self._signature = signature
+                # The base class re-parses only manifests whose stat changed.
+                self._entries = super().entries()
                 self._checked = now
             return list(self._entries)
 
