@@ -233,8 +233,6 @@ class ModelRuntime:
         normal = np.stack([r.standard_normal(dim) for r in rngs])
         if family == "vae":
             latent = normal * temperature
-            spec = self.manifest.factorized
-            assert spec is not None
             out = self._batched(
                 lambda b: self._run(self.decoder, "latent", b),
                 latent.reshape(count, *self.manifest.latent_shape).astype(np.float32))
@@ -248,8 +246,6 @@ class ModelRuntime:
         comp = np.array([min(int(np.searchsorted(cdf, r.random(), side="right")), len(cdf) - 1)
                          for r in rngs])
         latent = means[comp] + stds[comp] * normal * temperature
-        spec = self.manifest.factorized
-        assert spec is not None
         return self.decode(self.quantize(latent.reshape(count, *self.manifest.latent_shape)))
 
     def _sample_indices(self, rngs: list[np.random.Generator], temperature: float) -> np.ndarray:
