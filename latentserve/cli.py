@@ -18,6 +18,7 @@ AREAS = (
     "latentserve.worker.worker_cli",  # worker (the Redis job consumer)
     "latentserve.service.cli",   # serve, compress, reconstruct, sample, demo
     "latentserve.service.job_cli",  # job submit|watch|fetch|cancel|list
+    "latentserve.service.token_cli",  # token new|hash (bearer tokens for serve)
     "latentserve.eval.cli",      # eval
 )
 

@@ -17,6 +17,8 @@ from typing import Any
 
 from latentserve.worker.errors import InvalidInput
 
+from .client_config import add_client_arguments
+
 CODE_SUFFIX = ".lsc"
 BATCH_SUFFIX = ".lscb"
 
@@ -96,6 +98,7 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
                    help="images per call (default 256)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="deadline per call with --target (seconds)")
+    add_client_arguments(p)
 
 
 def _models_dir(args: argparse.Namespace) -> Path:
@@ -106,11 +109,13 @@ def _models_dir(args: argparse.Namespace) -> Path:
 
 def backend(args: argparse.Namespace) -> Any:
     """The Backend the flags ask for: --local, --target, or LATENTSERVE_TARGET."""
+    from .client_config import ClientSecurity
     from .client import LatentServeClient, LocalBackend, RemoteBackend
 
     target = args.target or (None if args.local else os.environ.get("LATENTSERVE_TARGET"))
     if target:
-        return RemoteBackend(LatentServeClient(target, timeout=args.timeout))
+        return RemoteBackend(LatentServeClient(target, timeout=args.timeout,
+                                               security=ClientSecurity.from_args(args)))
     if not args.local:
         raise InvalidInput("say where the models run: --local (in this process) or "
                            "--target HOST:PORT (a latentserve server; or set LATENTSERVE_TARGET)")
@@ -162,7 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     from .config import ServiceConfig
-    from .server import create_server
+    from .server import create_server, security_summary
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServiceConfig.from_sources(args)
@@ -177,8 +182,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     server.start()
     metrics = f", metrics on port {server.metrics_port}" if server.metrics_port else ""
-    print(f"latentserve: serving on {config.host}:{port}{metrics}; models from {config.models}",
-          flush=True)
+    print(f"latentserve: serving on {config.bind_host}:{port}{metrics}; models from "
+          f"{config.models}\nlatentserve: {security_summary(config)}", flush=True)
     while not server.wait_for_termination(timeout=3600):
         pass
     print("latentserve: stopped", flush=True)

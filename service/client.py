@@ -26,6 +26,8 @@ from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
 from latentserve.worker import errors as E
 
+from .channel import open_channel
+from .client_config import ClientSecurity
 from .wire import decode_reply_image, raw_batch, raw_image
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ _ERRORS: dict[grpc.StatusCode, tuple[type[E.LatentServeError], ...]] = {
     grpc.StatusCode.DATA_LOSS: (E.CorruptCode,),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (E.ResourceLimit,),
     grpc.StatusCode.UNAVAILABLE: (E.Unavailable,),
+    grpc.StatusCode.UNAUTHENTICATED: (E.Unauthenticated,),
 }
 
 
@@ -134,14 +137,16 @@ class LatentServeClient:
 
     def __init__(self, target: str, *, timeout: float | None = None,
                  max_message_bytes: int = 64 * MIB, chunk_images: int = 1024,
+                 security: ClientSecurity | None = None,
                  channel: grpc.Channel | None = None) -> None:
+        """``security``: TLS and bearer token (``ClientSecurity``); None = plaintext."""
         self.target = target
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         # Well under both server limits (64 MiB, 4096 images per message by default).
         self.chunk_images = chunk_images
         self.chunk_bytes = max_message_bytes // 4
-        self.channel = channel or grpc.insecure_channel(target, options=[
+        self.channel = channel or open_channel(target, security, options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes)])
         self.stub = pb_grpc.InferenceStub(self.channel)

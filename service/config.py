@@ -43,16 +43,18 @@ def _cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+def _help(text: str, metavar: str | None = None) -> dict[str, str]:
+    return {"help": text, **({"metavar": metavar} if metavar else {})}
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
     """Everything ``create_server`` needs. 0 / None mean "derive" where documented."""
 
-    host: str = field(default="0.0.0.0", metadata=_help(
-        "address to bind the gRPC port on (127.0.0.1 for loopback only)"))
+    host: str | None = field(default=None, metadata=_help(
+        "address to bind the gRPC and metrics ports on; default: 0.0.0.0 (all interfaces) "
+        "when callers must authenticate (--auth-tokens or --tls-client-ca), else 127.0.0.1 "
+        "(loopback only)"))
     port: int = field(default=50051, metadata=_help("gRPC port; 0 picks a free one"))
     metrics_port: int | None = field(default=9090, metadata=_help(
         "Prometheus /metrics HTTP port on the same host; 0 picks a free one, "
@@ -94,9 +96,29 @@ class ServiceConfig:
     grace_s: float = field(default=10.0, metadata=_help(
         "on SIGTERM: seconds to answer in-flight calls before exiting"))
     reflection: bool = field(default=True, metadata=_help("serve gRPC server reflection"))
+    tls_cert: Path | None = field(default=None, metadata=_help(
+        "serve TLS with this PEM certificate (chain); needs --tls-key", "FILE.pem"))
+    tls_key: Path | None = field(default=None, metadata=_help(
+        "the PEM private key of --tls-cert", "FILE.pem"))
+    tls_client_ca: Path | None = field(default=None, metadata=_help(
+        "mutual TLS: require client certificates signed by this PEM CA; a client's "
+        "identity is its certificate's common name", "FILE.pem"))
+    auth_tokens: Path | None = field(default=None, metadata=_help(
+        "require a bearer token listed in this file ('NAME sha256:HEX' lines, made by "
+        "`latentserve token new`); health checks stay open", "FILE"))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", Path(self.models))
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidInput("tls_cert and tls_key go together (a certificate and its "
+                               "private key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidInput("tls_client_ca (mutual TLS) needs tls_cert and tls_key too")
+        if not self.host:  # derived: listen beyond this machine only when callers authenticate
+            object.__setattr__(self, "host", "0.0.0.0" if self.authenticated else "127.0.0.1")
         if self.provider not in PROVIDERS:
             raise InvalidInput(f"provider {self.provider!r} is not one of {PROVIDERS}")
         for name in ("port", "device_id"):
@@ -114,6 +136,21 @@ class ServiceConfig:
 
     # -- derived ------------------------------------------------------------------
     @property
+    def authenticated(self) -> bool:
+        """Whether callers must prove who they are (a bearer token or a client cert)."""
+        return self.auth_tokens is not None or self.tls_client_ca is not None
+
+    @property
+    def loopback_only(self) -> bool:
+        return self.bind_host in ("127.0.0.1", "::1", "localhost") or \
+            self.bind_host.startswith("127.")
+
+    @property
+    def bind_host(self) -> str:
+        assert self.host is not None  # set in __post_init__
+        return self.host
+
+    @property
     def workers(self) -> int:
         """Compute workers in effect (``compute_workers`` or its derived default)."""
         return self.compute_workers or min(2, _cores())
@@ -125,7 +162,7 @@ class ServiceConfig:
 
     @property
     def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
         return f"{host}:{self.port}"
 
     def engine_config(self) -> EngineConfig:
@@ -174,7 +211,7 @@ class ServiceConfig:
             kind = hints[f.name]
             parser.add_argument(
                 flag, dest=f.name, default=argparse.SUPPRESS, help=help_text,
-                metavar=_metavar(kind),
+                metavar=f.metadata.get("metavar") or _metavar(kind),
                 type=lambda text, name=f.name, kind=kind, flag=flag: _parse_flag(
                     name, kind, text, flag))
 

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .client_config import add_client_arguments
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
@@ -84,6 +86,7 @@ def _target(p: argparse.ArgumentParser) -> None:
                    help=f"server [env LATENTSERVE_TARGET; default {DEFAULT_TARGET}]")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="deadline of each unary call (seconds) [60]")
+    add_client_arguments(p)
 
 
 def _submit_flags(p: argparse.ArgumentParser) -> None:
@@ -94,10 +97,12 @@ def _submit_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
+    from .client_config import ClientSecurity
     from .job_client import JobsClient
 
     target = args.target or os.environ.get("LATENTSERVE_TARGET") or DEFAULT_TARGET
-    with JobsClient(target, timeout=args.timeout) as client:
+    with JobsClient(target, timeout=args.timeout,
+                    security=ClientSecurity.from_args(args)) as client:
         handler = {"submit": _submit, "get": _get, "watch": _watch, "fetch": _fetch,
                    "cancel": _cancel, "list": _list}[args.job_command]
         return handler(client, args)

@@ -21,6 +21,8 @@ from latentserve.v1 import jobs_pb2 as pb
 from latentserve.v1 import jobs_pb2_grpc as pb_grpc
 from latentserve.worker import errors as E
 
+from .channel import open_channel
+from .client_config import ClientSecurity
 from .client import error_from
 from .wire import decode_raw, raw_image
 
@@ -55,11 +57,12 @@ class JobsClient:
     """Calls the Jobs service at ``target`` (HOST:PORT)."""
 
     def __init__(self, target: str, *, timeout: float | None = None, batch: int = 1024,
-                 max_message_bytes: int = 64 * MIB) -> None:
+                 max_message_bytes: int = 64 * MIB,
+                 security: ClientSecurity | None = None) -> None:
         self.target = target
         self.timeout = timeout
         self.batch = batch
-        self.channel = grpc.insecure_channel(target, options=[
+        self.channel = open_channel(target, security, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes)])
         self.stub = pb_grpc.JobsStub(self.channel)

@@ -33,9 +33,11 @@ from latentserve.v1 import jobs_pb2 as pb
 from latentserve.v1 import jobs_pb2_grpc as pb_grpc
 from latentserve.worker.config import QueueConfig
 from latentserve.worker.errors import InvalidInput, ResourceLimit, Unavailable
-from latentserve.worker.jobstore import ImageFormat, JobInfo, JobKind, JobState, JobStore
+from latentserve.worker.jobstore import (ImageFormat, JobInfo, JobKind, JobState, JobStore,
+                                         job_not_found)
 from latentserve.worker.packing import pack_images, pack_items
 
+from .auth import caller
 from .wire import decode_request_image, raw_image
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ def job_message(info: JobInfo) -> pb.Job:
         created_time=info.created, started_time=info.started, finished_time=info.finished,
         seed=info.seed if info.kind is JobKind.SAMPLE else 0,
         temperature=info.temperature if info.kind is JobKind.SAMPLE else 0.0,
-        format=FORMAT_PB[info.image_format], pool=info.pool)
+        format=FORMAT_PB[info.image_format], pool=info.pool, owner=info.owner)
 
 
 def redis_unavailable(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -140,7 +142,7 @@ class JobsServicer(pb_grpc.JobsServicer):
                 raise InvalidInput("a sample job takes no inputs: send the JobSpec only")
             info = self.store.submit(kind, model, count=spec.count, chunk_size=chunk_size,
                                      seed=spec.seed, temperature=temperature,
-                                     image_format=fmt)
+                                     image_format=fmt, owner=caller(context))
             return job_message(info)
         if spec.expected_items:
             self.store.check_size(spec.expected_items)
@@ -149,7 +151,8 @@ class JobsServicer(pb_grpc.JobsServicer):
         if depth >= self.queue.max_queued_chunks:
             raise ResourceLimit(f"the queue of pool {pool!r} holds {depth} chunks, its limit "
                                 f"is {self.queue.max_queued_chunks}: retry later")
-        job = self.store.create(kind, model, chunk_size=chunk_size, image_format=fmt)
+        job = self.store.create(kind, model, chunk_size=chunk_size, image_format=fmt,
+                                owner=caller(context))
         try:
             total, chunks = self._receive(job, kind, spec, request_iterator, context)
             if total == 0:
@@ -237,9 +240,17 @@ class JobsServicer(pb_grpc.JobsServicer):
         raise InvalidInput(f"image format {fmt} is not one of PNG (1) or RAW (2)")
 
     # -- reading ------------------------------------------------------------------------
+    def _own(self, job_id: str, context: grpc.ServicerContext) -> JobInfo:
+        """The caller's job ``job_id``; someone else's job answers exactly like an
+        unknown one, so ids leak nothing about other identities' jobs."""
+        info = self.store.get(job_id)
+        if info.owner != caller(context):
+            raise job_not_found(job_id)
+        return info
+
     @redis_unavailable
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
-        return job_message(self.store.get(request.id))
+        return job_message(self._own(request.id, context))
 
     @redis_unavailable
     def ListJobs(self, request: pb.ListJobsRequest,
@@ -251,13 +262,14 @@ class JobsServicer(pb_grpc.JobsServicer):
             states = [STATES[s] for s in request.states]
         except KeyError as exc:
             raise InvalidInput(f"job state {exc.args[0]} is not a JobState") from None
-        return pb.ListJobsResponse(jobs=[job_message(j)
-                                         for j in self.store.list(limit, states)])
+        mine = self.store.list(limit, states, owner=caller(context))
+        return pb.ListJobsResponse(jobs=[job_message(j) for j in mine])
 
     @redis_unavailable
     @streams
     def WatchJob(self, request: pb.WatchJobRequest,
                  context: grpc.ServicerContext) -> Iterator[pb.Job]:
+        self._own(request.id, context)
         for info in self.store.watch(request.id, wait_s=0.5):
             if not context.is_active():
                 return
@@ -265,13 +277,14 @@ class JobsServicer(pb_grpc.JobsServicer):
 
     @redis_unavailable
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        self._own(request.id, context)
         return job_message(self.store.cancel(request.id))
 
     @redis_unavailable
     @streams
     def FetchResults(self, request: pb.FetchResultsRequest,
                      context: grpc.ServicerContext) -> Iterator[pb.JobResults]:
-        info = self.store.get(request.id)
+        info = self._own(request.id, context)
         budget = max(self.limits.max_message_bytes // 2, 1 << 20)
         for lo, items in self.store.iter_chunks(request.id, request.start, wait_s=0.5):
             if not context.is_active():

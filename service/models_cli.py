@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any
 
+from .client_config import ClientSecurity, add_client_arguments
+
 
 def register(sub: Any) -> None:
     """Add the ``models`` subcommand."""
@@ -23,6 +25,7 @@ def register(sub: Any) -> None:
     p.add_argument("--target", metavar="HOST:PORT", default=os.environ.get("LATENTSERVE_TARGET"),
                    help="list what this server serves instead [env LATENTSERVE_TARGET]")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    add_client_arguments(p)
     p.set_defaults(func=cmd_models)
 
 
@@ -44,11 +47,11 @@ def model_rows(repo: str) -> list[dict[str, Any]]:
     return rows
 
 
-def server_rows(target: str) -> list[dict[str, Any]]:
+def server_rows(target: str, security: ClientSecurity | None = None) -> list[dict[str, Any]]:
     """The same dicts from a server's ListModels, plus ``loaded`` and ``provider``."""
     from .client import LatentServeClient
 
-    with LatentServeClient(target, timeout=30) as client:
+    with LatentServeClient(target, timeout=30, security=security) as client:
         infos = client.models()
     return [{
         "name": m.name, "version": m.version, "ref": m.ref, "family": m.family,
@@ -63,7 +66,8 @@ def server_rows(target: str) -> list[dict[str, Any]]:
 
 def cmd_models(args: argparse.Namespace) -> int:
     where = args.target or args.repo
-    rows = server_rows(args.target) if args.target else model_rows(args.repo)
+    rows = (server_rows(args.target, ClientSecurity.from_args(args)) if args.target
+            else model_rows(args.repo))
     if args.json:
         key = "target" if args.target else "repo"
         print(json.dumps({key: str(where), "models": rows}, indent=1))

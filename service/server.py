@@ -25,12 +25,14 @@ from latentserve.worker.errors import LatentServeError, Unavailable
 from latentserve.worker.pipeline import Pipeline
 from latentserve.worker.repository import ModelEntry
 
+from .auth import AuthInterceptor, TokenTable
 from .batching import ComputePool
 from .catalog import CachedRepository, ModelCatalog
 from .config import ServiceConfig
 from .errors import ErrorInterceptor
 from .metrics import MetricsHTTP, ServiceMetrics
 from .servicer import SERVICE_NAME, InferenceServicer
+from .tls import server_credentials
 
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -86,13 +88,18 @@ class Server:
     @property
     def target(self) -> str:
         """``host:port`` a client on this machine can dial."""
-        host = self.config.host
+        host = self.config.bind_host
         host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
         return f"{host}:{self.port}"
 
     def start(self) -> None:
         self.grpc_server.start()
-        log.info("serving latentserve.v1 on %s (metrics port %s)", self.target, self.metrics_port)
+        log.info("serving latentserve.v1 on %s (metrics port %s); %s", self.target,
+                 self.metrics_port, security_summary(self.config))
+        if not self.config.authenticated and not self.config.loopback_only:
+            log.warning("no authentication (no --auth-tokens, no --tls-client-ca) and "
+                        "listening on %s: anyone who can reach this port can use it",
+                        self.config.bind_host)
 
     def stop(self, grace: float | None = None) -> threading.Event:
         """Stop accepting calls, answer those in flight within ``grace`` s, then clean up.
@@ -137,6 +144,16 @@ class Server:
         self.stop(0).wait()
 
 
+def security_summary(config: ServiceConfig) -> str:
+    """One line on TLS, authentication and reach, for the start-up log and ``serve``."""
+    tls = ("mutual TLS" if config.tls_client_ca else "TLS") if config.tls_cert else "plaintext"
+    auth = ("bearer tokens" if config.auth_tokens else
+            "client certificates" if config.tls_client_ca else "auth off")
+    reach = ("loopback only: pass --host 0.0.0.0 to listen on all interfaces"
+             if config.loopback_only else f"listening on {config.bind_host}")
+    return f"{tls}, {auth}, {reach}"
+
+
 def grpc_options(config: ServiceConfig) -> list[tuple[str, int]]:
     """Message limits. gRPC itself refuses messages over twice the configured limit; between
     the limit and that, the servicer refuses with a message naming the stream RPC to use."""
@@ -162,9 +179,15 @@ def create_server(config: ServiceConfig, *, pipeline: Pipeline | None = None,
     catalog = ModelCatalog(pipeline, on_loaded=loaded, on_failed=failed)
     pool = ComputePool(config.workers)
     servicer = InferenceServicer(catalog, config, pool=pool, metrics=metrics)
+    # Read credentials before anything starts, so a bad file is a clear start-up error.
+    tokens = TokenTable(config.auth_tokens) if config.auth_tokens else None
+    credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+                   if config.tls_cert and config.tls_key else None)
+    # Outermost first: metrics count refused calls too; auth runs last, next to the servicer.
     grpc_server = grpc.server(
         ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="grpc"),
-        interceptors=[metrics.interceptor(), ErrorInterceptor()], options=grpc_options(config))
+        interceptors=[metrics.interceptor(), ErrorInterceptor(), AuthInterceptor(tokens)],
+        options=grpc_options(config))
     pb_grpc.add_InferenceServicer_to_server(servicer, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
 
@@ -198,7 +221,8 @@ def create_server(config: ServiceConfig, *, pipeline: Pipeline | None = None,
              reflection.SERVICE_NAME], grpc_server)
 
     try:
-        port = grpc_server.add_insecure_port(config.address)
+        port = (grpc_server.add_secure_port(config.address, credentials) if credentials
+                else grpc_server.add_insecure_port(config.address))
     except RuntimeError as exc:
         port, reason = 0, str(exc)
     else:
@@ -210,12 +234,12 @@ def create_server(config: ServiceConfig, *, pipeline: Pipeline | None = None,
     metrics_http = None
     if config.metrics_port is not None:
         try:
-            metrics_http = metrics.serve_http(config.host, config.metrics_port)
+            metrics_http = metrics.serve_http(config.bind_host, config.metrics_port)
         except OSError as exc:
             grpc_server.stop(0)
             servicer.close()
             pool.shutdown()
-            raise Unavailable(f"cannot serve metrics on {config.host}:{config.metrics_port}: "
+            raise Unavailable(f"cannot serve metrics on {config.bind_host}:{config.metrics_port}: "
                               f"{exc}") from None
     server = Server(grpc_server=grpc_server, port=port, config=config.replace(port=port),
                     servicer=servicer, pool=pool, metrics=metrics, metrics_http=metrics_http,

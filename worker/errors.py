@@ -47,6 +47,10 @@ class ResourceLimit(LatentServeError):
     """A configured limit was exceeded (images per request, pixels, queue depth, job size)."""
 
 
+class Unauthenticated(LatentServeError):
+    """The caller presented no valid credentials (a bearer token or client certificate)."""
+
+
 class Unavailable(LatentServeError):
     """The component is draining or shutting down; retry elsewhere or later."""
 

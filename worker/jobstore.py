@@ -17,8 +17,8 @@ too, so that every write to a job's keys lives in this one module.
 
 from __future__ import annotations
 
+import secrets
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -36,13 +36,44 @@ __all__ = ["ChunkTask", "ImageFormat", "JobInfo", "JobKind", "JobState", "JobSto
            "pack_images", "pack_items", "unpack"]
 
 
-def connect(url: str) -> redis.Redis:
-    """A client for ``url`` (binary replies) that retries briefly on a dropped connection."""
-    from redis.backoff import ExponentialBackoff
+def connect(url: str, *, check: bool = True) -> redis.Redis:
+    """A client for ``url`` (binary replies) that retries briefly on a dropped connection.
+
+    The URL carries everything (docs/redis.md): ``redis://:PASSWORD@HOST:PORT/DB``,
+    ``redis://USER:PASSWORD@...`` for an ACL user, ``rediss://`` for TLS with ``ssl_*``
+    query parameters (CA, client certificate and key), ``unix://PATH``. ``check``: send
+    one PING now, so that refused credentials or a failed TLS handshake stop start-up
+    with a message naming the URL (redacted) and why (Unavailable; a malformed URL is
+    InvalidInput); a server that is only unreachable is logged, as callers retry.
+    """
+    import logging
+
+    from redis.backoff import ExponentialBackoff, NoBackoff
     from redis.retry import Retry
 
+    from .config import check_redis_url, explain_redis_failure
+    from .errors import Unavailable
+
+    check_redis_url(url)
+    if check:  # a throwaway client without retries: one attempt, its error as it came
+        probe = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5,
+                                     retry=Retry(NoBackoff(), 0))
+        try:
+            probe.ping()
+        except redis.RedisError as exc:
+            permanent, message = explain_redis_failure(url, exc)
+            if permanent:
+                raise Unavailable(message) from None  # the message says all; no traceback
+            logging.getLogger(__name__).warning("%s; retrying when used", message)
+        finally:
+            probe.close()
     return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30,
                                 retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3))
+
+
+def job_not_found(job_id: str) -> JobNotFound:
+    """The one answer for a job that is unknown, expired, or not the caller's."""
+    return JobNotFound(f"no job {job_id} (unknown, or expired after its TTL)")
 
 
 def _s(value: bytes | str | None) -> str:
@@ -84,8 +115,12 @@ class JobStore:
     # -- submitting -------------------------------------------------------------------
     def create(self, kind: JobKind, model: str, *, chunk_size: int | None = None,
                image_format: ImageFormat = ImageFormat.PNG, seed: int = 0,
-               temperature: float = 1.0) -> JobInfo:
-        """A new job in RECEIVING state with no chunks yet; add them, then ``seal``."""
+               temperature: float = 1.0, owner: str = "") -> JobInfo:
+        """A new job in RECEIVING state with no chunks yet; add them, then ``seal``.
+
+        ``owner``: the identity that submitted it (``""`` = anonymous); the service shows
+        the job to that identity only.
+        """
         cs = chunk_size or self.config.chunk_size
         if not 1 <= cs <= self.config.max_job_items:
             raise InvalidInput(f"chunk size {cs} must be between 1 and "
@@ -94,13 +129,15 @@ class JobStore:
             raise InvalidInput(f"a {JobKind(kind).value} job needs a model reference "
                                "(NAME or NAME:VERSION)")
         pool = self.config.pool_for(model)
-        job_id = uuid.uuid4().hex
+        # 128 bits from the OS's CSPRNG: an id cannot be guessed, only handed over.
+        job_id = secrets.token_hex(16)
         now = time.time()
         k = self.keys
         fields = {"id": job_id, "kind": JobKind(kind).value, "model": model, "pool": pool,
                   "state": JobState.RECEIVING.value, "chunk_size": cs,
                   "image_format": ImageFormat(image_format).value, "seed": int(seed),
                   "temperature": repr(float(temperature)), "created": repr(now), "sealed": 0,
+                  "owner": owner,
                   "items_total": 0, "chunks_total": 0, "items_done": 0, "chunks_done": 0,
                   "chunks_queued": 0}
         ttl_ms = int(self.config.job_ttl_s * 1000)
@@ -164,7 +201,7 @@ class JobStore:
 
     def submit(self, kind: JobKind, model: str, *, items: Any = None, count: int = 0,
                chunk_size: int | None = None, seed: int = 0, temperature: float = 1.0,
-               image_format: ImageFormat = ImageFormat.PNG) -> JobInfo:
+               image_format: ImageFormat = ImageFormat.PNG, owner: str = "") -> JobInfo:
         """Create, fill and seal a whole job in one call (tests, benchmarks, the service).
 
         ``items``: uint8 (N, C, H, W) images for compress, a list of code bytes for
@@ -174,7 +211,7 @@ class JobStore:
         n = count if kind is JobKind.SAMPLE else len(items)
         self.check_size(n)
         job = self.create(kind, model, chunk_size=chunk_size, image_format=image_format,
-                          seed=seed, temperature=temperature)
+                          seed=seed, temperature=temperature, owner=owner)
         cs = job.chunk_size
         chunks = []
         for c, lo in enumerate(range(0, n, cs)):
@@ -215,11 +252,13 @@ class JobStore:
         check_job_id(job_id)
         h = self.r.hgetall(self.keys.job(job_id))
         if not h:
-            raise JobNotFound(f"no job {job_id} (unknown, or expired after its TTL)")
+            raise job_not_found(job_id)
         return JobInfo.from_hash(h)
 
-    def list(self, limit: int = 100, states: Sequence[JobState] = ()) -> list[JobInfo]:
-        """Newest jobs first, at most ``limit``, optionally only in ``states``."""
+    def list(self, limit: int = 100, states: Sequence[JobState] = (),
+             owner: str | None = None) -> list[JobInfo]:
+        """Newest jobs first, at most ``limit``, optionally only in ``states`` and only
+        ``owner``'s (None: everyone's)."""
         self.sweep()
         ids = [_s(i) for i in self.r.zrevrange(self.keys.jobs, 0, -1)]
         out: list[JobInfo] = []
@@ -230,7 +269,8 @@ class JobStore:
                 for h in p.execute():
                     if h:
                         info = JobInfo.from_hash(h)
-                        if not states or info.state in states:
+                        if (not states or info.state in states) and \
+                                (owner is None or info.owner == owner):
                             out.append(info)
             if len(out) >= limit:
                 break

@@ -60,6 +60,7 @@ class JobInfo:
     error: str
     seed: int
     temperature: float
+    owner: str = ""         # the identity that submitted it ("" = anonymous)
 
     @classmethod
     def from_hash(cls, h: dict[bytes, bytes]) -> JobInfo:
@@ -73,7 +74,7 @@ class JobInfo:
             chunks_queued=int(s.get("chunks_queued", 0)), created=float(s["created"]),
             started=float(s.get("started", 0)), finished=float(s.get("finished", 0)),
             error=s.get("error", ""), seed=int(s.get("seed", 0)),
-            temperature=float(s.get("temperature", 1.0)))
+            temperature=float(s.get("temperature", 1.0)), owner=s.get("owner", ""))
 
     @property
     def fraction(self) -> float:

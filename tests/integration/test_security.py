@@ -1,0 +1,307 @@
+"""TLS, mutual TLS, bearer tokens and job ownership on real loopback servers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from certs import CertificateAuthority
+from fixtures_redis import JOBS_QUEUE
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import generate_latest
+
+from latentserve.service.auth import AuthInterceptor, TokenTable, new_token, token_line
+from latentserve.service.client import LatentServeClient
+from latentserve.service.client_config import ClientSecurity
+from latentserve.service.config import ServiceConfig
+from latentserve.service.job_client import JobsClient
+from latentserve.service.jobs import JobSettings, jobs_extension
+from latentserve.service.server import Server, create_server
+from latentserve.worker import errors as E
+from latentserve.worker.config import QueueConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+QUEUE = QueueConfig(**JOBS_QUEUE)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("pki")
+    ca = CertificateAuthority(folder)
+    rogue = CertificateAuthority(folder / "rogue", "rogue CA")
+    return {"ca": ca.pem, "server": ca.issue("server", "localhost", server=True),
+            "alice": ca.issue("alice", "alice", server=False),
+            "mallory": rogue.issue("mallory", "mallory", server=False)}
+
+
+@pytest.fixture
+def tokens(tmp_path: Path) -> dict[str, Any]:
+    alice, bob = new_token(), new_token()
+    path = tmp_path / "tokens.txt"
+    path.write_text(f"# test tokens\n{token_line('alice', alice)}\n{token_line('bob', bob)}\n")
+    return {"path": path, "alice": alice, "bob": bob}
+
+
+@pytest.fixture
+def start(tiny_repo: Path) -> Iterator[Callable[..., Server]]:
+    """``start(jobs_redis=None, **config) -> Server`` on 127.0.0.1, stopped at the end."""
+    servers: list[Server] = []
+
+    def run(jobs_redis: str | None = None, **changes: Any) -> Server:
+        config = ServiceConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": None,
+                                  "models": tiny_repo, "intra_op_threads": 1,
+                                  "compute_workers": 1, "grpc_threads": 16, "preload": False,
+                                  **changes})
+        extra = ([jobs_extension(JobSettings(redis_url=jobs_redis, queue=QUEUE,
+                                             embedded_worker="no"))] if jobs_redis else [])
+        server, _ = create_server(config, extra_services=extra)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield run
+    for s in servers:
+        s.stop(0).wait(30)
+
+
+def _tls_target(server: Server) -> str:
+    return f"localhost:{server.port}"
+
+
+def _round_trip(client: LatentServeClient, images: np.ndarray) -> None:
+    codes = client.compress(images[:4], "tiny-ae")
+    assert len(codes) == 4
+    assert client.reconstruct(codes).shape == (4, 1, 28, 28)
+
+
+# -- TLS ---------------------------------------------------------------------------------
+def test_tls_serves_trusting_clients_and_refuses_plaintext(start, pki, mnist_images):
+    server = start(tls_cert=pki["server"].cert, tls_key=pki["server"].key)
+    with LatentServeClient(_tls_target(server), timeout=20,
+                           security=ClientSecurity(tls_ca=pki["ca"])) as client:
+        _round_trip(client, mnist_images)
+    with LatentServeClient(f"127.0.0.1:{server.port}", timeout=5) as plain:
+        with pytest.raises(E.Unavailable):
+            plain.models()
+    # A client that does not trust the server's CA (system roots) refuses the handshake.
+    with LatentServeClient(_tls_target(server), timeout=5,
+                           security=ClientSecurity(tls_server_name="localhost")) as untrusting:
+        with pytest.raises(E.Unavailable):
+            untrusting.models()
+
+
+def test_mutual_tls_needs_a_certificate_from_the_client_ca(start, pki, mnist_images):
+    server = start(tls_cert=pki["server"].cert, tls_key=pki["server"].key,
+                   tls_client_ca=pki["ca"])
+    assert server.config.authenticated and server.config.bind_host == "127.0.0.1"
+    alice = ClientSecurity(tls_ca=pki["ca"], tls_cert=pki["alice"].cert,
+                           tls_key=pki["alice"].key)
+    with LatentServeClient(_tls_target(server), timeout=20, security=alice) as client:
+        _round_trip(client, mnist_images)
+    for security in (ClientSecurity(tls_ca=pki["ca"]),  # no client certificate
+                     ClientSecurity(tls_ca=pki["ca"], tls_cert=pki["mallory"].cert,
+                                    tls_key=pki["mallory"].key)):  # signed by another CA
+        with LatentServeClient(_tls_target(server), timeout=5, security=security) as client:
+            with pytest.raises(E.Unavailable):
+                client.models()
+
+
+def test_bad_tls_files_are_clear_startup_errors(tmp_path, pki):
+    with pytest.raises(E.InvalidInput, match="tls_cert and tls_key go together"):
+        ServiceConfig(tls_cert=pki["server"].cert)
+    with pytest.raises(E.InvalidInput, match="needs tls_cert"):
+        ServiceConfig(tls_client_ca=pki["ca"])
+    not_pem = tmp_path / "cert.pem"
+    not_pem.write_text("hello")
+    with pytest.raises(E.InvalidInput, match="cert.pem is not a PEM file holding a certificate"):
+        create_server(ServiceConfig(host="127.0.0.1", port=0, metrics_port=None,
+                                    tls_cert=not_pem, tls_key=pki["server"].key, preload=False))
+    with pytest.raises(E.InvalidInput, match="cannot read the TLS private key"):
+        create_server(ServiceConfig(host="127.0.0.1", port=0, metrics_port=None,
+                                    tls_cert=pki["server"].cert, tls_key=tmp_path / "missing",
+                                    preload=False))
+
+
+# -- tokens ------------------------------------------------------------------------------
+def test_tokens_refuse_missing_and_wrong_and_accept_listed(start, tokens, mnist_images, caplog):
+    caplog.set_level(logging.DEBUG)
+    server = start(auth_tokens=tokens["path"])
+    target = server.target
+    with LatentServeClient(target, timeout=10) as anonymous:
+        with pytest.raises(E.Unauthenticated, match="no bearer token"):
+            anonymous.models()
+    wrong = new_token()
+    with LatentServeClient(target, timeout=10, security=ClientSecurity(token=wrong)) as client:
+        with pytest.raises(E.Unauthenticated, match="not valid"):
+            client.compress(mnist_images[:2], "tiny-ae")
+    with LatentServeClient(target, timeout=20,
+                           security=ClientSecurity(token=tokens["alice"])) as client:
+        _round_trip(client, mnist_images)
+        assert len(client.sample("tiny-vae", 3, seed=1)) == 3  # a streaming RPC too
+
+    # Health stays open for orchestrators; reflection does not.
+    channel = grpc.insecure_channel(target)
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                      timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            list_services="")]), timeout=5))
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    channel.close()
+
+    # Refusals are counted by status; no token ever reaches a log line or a metric.
+    metrics = generate_latest(server.metrics.registry).decode()
+    assert 'code="UNAUTHENTICATED"' in metrics
+    for secret in (tokens["alice"], wrong, tokens["bob"]):
+        assert secret not in metrics
+        assert secret not in caplog.text
+
+
+def test_a_revoked_token_is_refused_without_a_restart(start, tokens, monkeypatch):
+    monkeypatch.setattr(TokenTable, "RECHECK_S", 0.0)
+    server = start(auth_tokens=tokens["path"])
+    bob = ClientSecurity(token=tokens["bob"])
+    with LatentServeClient(server.target, timeout=10, security=bob) as client:
+        assert client.models()
+        tokens["path"].write_text(token_line("alice", tokens["alice"]) + "\n")
+        with pytest.raises(E.Unauthenticated):
+            client.models()
+    # A broken file keeps the last good table (alice still works) rather than lock all out.
+    tokens["path"].write_text("alice not-a-hash\n")
+    with LatentServeClient(server.target, timeout=10,
+                           security=ClientSecurity(token=tokens["alice"])) as client:
+        assert client.models()
+
+
+def test_tokens_file_errors_never_echo_a_line(tmp_path):
+    raw = new_token()
+    path = tmp_path / "tokens.txt"
+    path.write_text(f"alice {raw}\n")  # a raw token pasted by mistake
+    with pytest.raises(E.InvalidInput, match="line 1: expected 'NAME sha256") as info:
+        TokenTable(path)
+    assert raw not in str(info.value)
+    path.write_text(f"{token_line('a', raw)}\n{token_line('b', raw)}\n")
+    with pytest.raises(E.InvalidInput, match="line 2: the same token is listed twice"):
+        TokenTable(path)
+    with pytest.raises(E.InvalidInput, match="cannot read the tokens file"):
+        TokenTable(tmp_path / "missing.txt")
+
+
+def test_interceptor_counts_refusals_only_for_protected_methods(tokens):
+    interceptor = AuthInterceptor(TokenTable(tokens["path"]))
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+
+    class Details(grpc.HandlerCallDetails):
+        def __init__(self, method: str, metadata: tuple = ()) -> None:
+            self.method, self.invocation_metadata = method, metadata
+
+    assert interceptor.intercept_service(lambda d: handler, Details(
+        "/grpc.health.v1.Health/Check")) is handler
+    interceptor.intercept_service(lambda d: handler, Details("/latentserve.v1.Inference/Compress"))
+    interceptor.intercept_service(lambda d: handler, Details(
+        "/latentserve.v1.Inference/Compress", (("authorization", f"Bearer {tokens['bob']}"),)))
+    assert interceptor.refused == 1
+
+
+# -- defaults ----------------------------------------------------------------------------
+def test_without_auth_the_server_listens_on_loopback_only_and_says_so(tmp_path, tokens, pki,
+                                                                     tiny_repo, caplog):
+    assert ServiceConfig().bind_host == "127.0.0.1"
+    assert ServiceConfig(auth_tokens=tokens["path"]).bind_host == "0.0.0.0"
+    assert ServiceConfig(host="0.0.0.0").bind_host == "0.0.0.0"  # told otherwise
+    caplog.set_level(logging.INFO)
+    server, _ = create_server(ServiceConfig(port=0, metrics_port=None, models=tiny_repo,
+                                            preload=False))
+    with server:
+        assert server.target.startswith("127.0.0.1:")
+    assert "plaintext, auth off, loopback only" in caplog.text
+    caplog.clear()
+    server, _ = create_server(ServiceConfig(host="0.0.0.0", port=0, metrics_port=None,
+                                            models=tiny_repo, preload=False))
+    with server:
+        pass
+    assert "anyone who can reach this port can use it" in caplog.text
+
+
+# -- job ownership -------------------------------------------------------------------------
+@pytest.mark.queue
+def test_jobs_belong_to_the_identity_that_submitted_them(start, tokens, redis_url, make_worker):
+    server = start(jobs_redis=redis_url, auth_tokens=tokens["path"])
+
+    def jobs(who: str) -> JobsClient:
+        return JobsClient(server.target, timeout=20, security=ClientSecurity(token=tokens[who]))
+
+    with jobs("alice") as alice, jobs("bob") as bob:
+        job = alice.submit_sample("tiny-vae", 20, seed=3)
+        assert job.owner == "alice" and len(job.id) == 32
+        assert [j.id for j in alice.list()] [:1] == [job.id]
+        assert job.id not in [j.id for j in bob.list()]
+        unknown = "0" * 32
+        for call in (bob.get, bob.cancel, lambda i: list(bob.watch(i)),
+                     lambda i: list(bob.fetch(i))):
+            with pytest.raises(E.JobNotFound) as theirs:
+                call(job.id)
+            with pytest.raises(E.JobNotFound) as nobodys:
+                call(unknown)
+            # Someone else's job reads exactly like an unknown one.
+            assert str(theirs.value).replace(job.id, "ID") == \
+                str(nobodys.value).replace(unknown, "ID")
+        make_worker(queue=QUEUE).run()
+        assert len(list(alice.fetch(job.id))) == 20
+        assert alice.get(job.id).owner == "alice"
+
+
+@pytest.mark.queue
+def test_mtls_identity_owns_jobs(start, pki, redis_url):
+    server = start(jobs_redis=redis_url, tls_cert=pki["server"].cert,
+                   tls_key=pki["server"].key, tls_client_ca=pki["ca"])
+    alice = ClientSecurity(tls_ca=pki["ca"], tls_cert=pki["alice"].cert,
+                           tls_key=pki["alice"].key)
+    with JobsClient(_tls_target(server), timeout=20, security=alice) as client:
+        job = client.submit_sample("tiny-ae", 4)
+        assert job.owner == "alice"
+        assert client.get(job.id).id == job.id
+
+
+# -- CLI ---------------------------------------------------------------------------------
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "latentserve.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_with_tls_and_a_token_file(start, pki, tmp_path, tiny_repo):
+    tokens_file = tmp_path / "tokens.txt"
+    made = _cli("token", "new", "carol", "--tokens", str(tokens_file))
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert token.startswith("lst_") and token not in tokens_file.read_text()
+    assert oct(tokens_file.stat().st_mode & 0o777) == "0o600"
+    again = _cli("token", "new", "carol", "--tokens", str(tokens_file))
+    assert again.returncode == 1 and "already has a token named 'carol'" in again.stderr
+
+    server = start(auth_tokens=tokens_file, tls_cert=pki["server"].cert,
+                   tls_key=pki["server"].key)
+    (tmp_path / "token").write_text(token + "\n")
+    out = tmp_path / "samples"
+    ok = _cli("sample", "--target", _tls_target(server), "--model", "tiny-vae", "-n", "3",
+              "-o", str(out), "--tls-ca", str(pki["ca"]), "--token-file", str(tmp_path / "token"))
+    assert ok.returncode == 0, ok.stderr
+    assert len(list(out.glob("*.png"))) == 3
+    listed = _cli("models", "--target", _tls_target(server), "--json",
+                  env={"LATENTSERVE_TLS_CA": str(pki["ca"]), "LATENTSERVE_TOKEN": token})
+    assert listed.returncode == 0 and "tiny-vqvae" in listed.stdout, listed.stderr
+    refused = _cli("models", "--target", _tls_target(server), "--tls-ca", str(pki["ca"]))
+    assert refused.returncode == 1
+    assert "UNAUTHENTICATED: no bearer token" in refused.stderr
