@@ -67,6 +67,10 @@ class ServiceConfig:
     grpc_threads: int = field(default=64, metadata=_help(
         "gRPC handler threads: each call in flight (and each open stream) holds one, so "
         "at least the concurrent calls you expect; fewer threads contend less for the GIL"))
+    max_concurrent_rpcs: int = field(default=0, metadata=_help(
+        "calls accepted at once (running or waiting for a handler thread); beyond it gRPC "
+        "answers RESOURCE_EXHAUSTED at once, so overload costs no memory; "
+        "0 = 8 x grpc_threads"))
     compute_workers: int = field(default=0, metadata=_help(
         "threads running merged batches through onnxruntime + the coder; "
         "0 = min(2, cores)"))
@@ -128,7 +132,8 @@ class ServiceConfig:
         for name in ("grpc_threads", "max_batch_size", "max_queue_images",
                      "max_images_per_request", "max_pixels_per_image"):
             _check_range(name, getattr(self, name), 1, None)
-        for name in ("compute_workers", "intra_op_threads", "max_queue_delay_us"):
+        for name in ("compute_workers", "intra_op_threads", "max_queue_delay_us",
+                     "max_concurrent_rpcs"):
             _check_range(name, getattr(self, name), 0, None)
         _check_range("max_message_bytes", self.max_message_bytes, 4096, 2**31 - 1)
         if not self.grace_s >= 0:
@@ -154,6 +159,11 @@ class ServiceConfig:
     def workers(self) -> int:
         """Compute workers in effect (``compute_workers`` or its derived default)."""
         return self.compute_workers or min(2, _cores())
+
+    @property
+    def rpc_limit(self) -> int:
+        """Concurrent calls accepted in effect (``max_concurrent_rpcs`` or its default)."""
+        return self.max_concurrent_rpcs or 8 * self.grpc_threads
 
     @property
     def ort_threads(self) -> int:

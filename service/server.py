@@ -187,7 +187,7 @@ def create_server(config: ServiceConfig, *, pipeline: Pipeline | None = None,
     grpc_server = grpc.server(
         ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="grpc"),
         interceptors=[metrics.interceptor(), ErrorInterceptor(), AuthInterceptor(tokens)],
-        options=grpc_options(config))
+        options=grpc_options(config), maximum_concurrent_rpcs=config.rpc_limit)
     pb_grpc.add_InferenceServicer_to_server(servicer, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import os
 import subprocess
 import sys
@@ -305,3 +307,38 @@ def test_cli_with_tls_and_a_token_file(start, pki, tmp_path, tiny_repo):
     refused = _cli("models", "--target", _tls_target(server), "--tls-ca", str(pki["ca"]))
     assert refused.returncode == 1
     assert "UNAUTHENTICATED: no bearer token" in refused.stderr
+
+
+# -- overload ----------------------------------------------------------------------------
+def test_calls_beyond_the_rpc_limit_are_refused_at_once_and_the_server_recovers(start):
+    from latentserve.v1 import inference_pb2 as pb
+    from latentserve.v1 import inference_pb2_grpc as pb_grpc
+
+    server = start(grpc_threads=2, max_concurrent_rpcs=2)
+    release = threading.Event()
+
+    def held() -> Iterator[pb.CompressRequest]:
+        yield pb.CompressRequest(model="tiny-ae")
+        release.wait(30)  # a slow client: its stream stays open, holding a slot
+
+    channel = grpc.insecure_channel(server.target)
+    stub = pb_grpc.InferenceStub(channel)
+    streams = [stub.CompressStream(held(), timeout=30) for _ in range(2)]
+    try:
+        with LatentServeClient(server.target, timeout=10) as client:
+            deadline = time.monotonic() + 10
+            while True:  # the two streams take their slots asynchronously
+                try:
+                    client.models()
+                except E.ResourceLimit as exc:
+                    assert "Concurrent RPC limit exceeded" in str(exc)
+                    break
+                assert time.monotonic() < deadline, "the third call was never refused"
+                time.sleep(0.05)
+            release.set()
+            for s in streams:
+                list(s)
+            assert client.models()  # slots freed: served again
+    finally:
+        release.set()
+        channel.close()
