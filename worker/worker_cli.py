@@ -42,8 +42,10 @@ def register(sub: Any) -> None:
                        description="Consume chunk tasks of bulk jobs (compress, reconstruct, "
                                    "sample) from Redis and store their results.")
     p.add_argument("--redis", dest="redis_url", metavar="URL", default=None,
-                   help="Redis URL, e.g. redis://host:6379/0 [env LATENTSERVE_REDIS_URL "
-                        "or REDIS_URL]")
+                   help="Redis URL: redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... "
+                        "for TLS (?ssl_ca_certs=CA&ssl_certfile=CERT&ssl_keyfile=KEY), "
+                        "unix://PATH; see docs/redis.md [env LATENTSERVE_REDIS_URL or "
+                        "REDIS_URL, better for a password: a flag shows in the process list]")
     for flag, dest, kind, text in _FLAGS:
         metavar = {"models": "DIR", "provider": "NAME", "pools": "P1,P2", "consumer": "NAME",
                    "prefix": "TEXT"}.get(dest, "N" if kind is int else "S")
@@ -60,7 +62,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .config import WorkerConfig
+    from .config import WorkerConfig, redact_url
     from .consumer import create_worker
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -68,6 +70,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     overrides = {dest: getattr(args, dest) for _, dest, _, _ in _FLAGS}
     config = WorkerConfig.from_env(redis_url=args.redis_url, burst=args.burst,
                                    preload=args.preload, **overrides)
+    if args.redis_url and redact_url(args.redis_url) != args.redis_url:
+        logging.getLogger(__name__).warning(
+            "the --redis URL holds a password, which other users of this host can read in "
+            "the process list; set LATENTSERVE_REDIS_URL or REDIS_URL instead")
     if args.check_health:
         return check_health(config)
     worker = create_worker(config)
@@ -81,7 +87,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"worker {config.consumer}: pools {','.join(config.pools)}, models "
-          f"{config.models}, provider {config.provider}", file=sys.stderr, flush=True)
+          f"{config.models}, provider {config.provider}, Redis {redact_url(config.redis_url)}",
+          file=sys.stderr, flush=True)
     stats = worker.run()
     print(f"worker {config.consumer}: {stats.chunks} chunks, {stats.items} items, "
           f"{stats.released} released, {stats.dead_lettered} dead-lettered", file=sys.stderr)
