@@ -4,6 +4,9 @@
 TTLs, which pool serves which model); the service embeds it. ``WorkerConfig`` adds what
 one worker process needs. Both are built once at start-up from command-line flags and
 ``LATENTSERVE_*`` environment variables (flags win), validated, then passed down.
+The Redis URL, the one Redis setting (password, ACL user and TLS included), is checked
+here too (``check_redis_url``), hidden for logs (``redact_url``) and a failed first
+contact with it explained (``explain_redis_failure``).
 """
 
 from __future__ import annotations
