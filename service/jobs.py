@@ -382,7 +382,7 @@ def jobs_extension(settings: JobSettings) -> Callable[[Any], list[str]]:
         if (settings.redis_url or "").lower() == "none":
             log.info("job API off (--redis none)")
             return []
-        from latentserve.worker.config import WorkerConfig
+        from latentserve.worker.config import WorkerConfig, redact_url
         from latentserve.worker.consumer import create_worker
         from latentserve.worker.jobstore import connect
 
@@ -396,7 +396,8 @@ def jobs_extension(settings: JobSettings) -> Callable[[Any], list[str]]:
                            max_pixels_per_image=config.max_pixels_per_image,
                            max_message_bytes=config.max_message_bytes)
         pb_grpc.add_JobsServicer_to_server(JobsServicer(store, ctx.pipeline, limits), ctx.server)
-        where = f"embedded Valkey {url} (data in {embedded.data_dir})" if embedded else url
+        shown = redact_url(url)  # never log a password
+        where = f"embedded Valkey {shown} (data in {embedded.data_dir})" if embedded else shown
         log.info("job queue on %s", where)
         if settings.embedded_worker == "yes" or (settings.embedded_worker == "auto" and embedded):
             wcfg = WorkerConfig(redis_url=url, queue=settings.queue,

@@ -183,10 +183,11 @@ def create_server(config: ServiceConfig, *, pipeline: Pipeline | None = None,
     tokens = TokenTable(config.auth_tokens) if config.auth_tokens else None
     credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
                    if config.tls_cert and config.tls_key else None)
-    # Outermost first: metrics count refused calls too; auth runs last, next to the servicer.
+    # Outermost first: metrics count refused calls too; auth answers before anything looks
+    # at the request, so a caller without a token learns nothing but UNAUTHENTICATED.
     grpc_server = grpc.server(
         ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="grpc"),
-        interceptors=[metrics.interceptor(), ErrorInterceptor(), AuthInterceptor(tokens)],
+        interceptors=[metrics.interceptor(), AuthInterceptor(tokens), ErrorInterceptor()],
         options=grpc_options(config), maximum_concurrent_rpcs=config.rpc_limit)
     pb_grpc.add_InferenceServicer_to_server(servicer, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

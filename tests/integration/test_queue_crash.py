@@ -76,6 +76,9 @@ def mid_chunk(client: redis.Redis, consumer: str) -> bool:
 @pytest.mark.slow
 def test_sigterm_finishes_the_current_chunk_within_the_grace(job_store, redis_client, redis_url,
                                                              spawn_worker, wait_until):
+    # No worker yet: unhealthy. Also imports the CLI now, so the check below is quick
+    # enough to run while the worker is still inside its first chunk.
+    assert main(["worker", "--check-health", "--redis", redis_url]) == 1
     job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=240, chunk_size=120)
     proc = spawn_worker("--consumer", "w", "--batch-items", "10", "--grace-s", "60",
                         "--heartbeat-s", "0.05")

@@ -342,3 +342,17 @@ def test_calls_beyond_the_rpc_limit_are_refused_at_once_and_the_server_recovers(
     finally:
         release.set()
         channel.close()
+
+
+def test_unauthenticated_garbage_gets_unauthenticated(start, tokens):
+    server = start(auth_tokens=tokens["path"])
+    channel = grpc.insecure_channel(server.target)
+    compress = channel.unary_unary("/latentserve.v1.Inference/Compress")  # raw bytes
+    with pytest.raises(grpc.RpcError) as info:
+        compress(b"\xff\xff\xff not a protobuf", timeout=5)
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as info:
+        compress(b"\xff\xff\xff not a protobuf", timeout=5,
+                 metadata=(("authorization", f"Bearer {tokens['alice']}"),))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    channel.close()
