@@ -19,6 +19,7 @@ import argparse
 import functools
 import logging
 import os
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -376,6 +377,14 @@ def job_settings(args: argparse.Namespace | None = None,
                        or env.get("LATENTSERVE_EMBEDDED_WORKER", "auto"))
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by this user only (mode 0600 from the start)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+
+
 def jobs_extension(settings: JobSettings) -> Callable[[Any], list[str]]:
     """The ``ServiceExtension`` adding the Jobs service (and, maybe, a worker) to a server."""
     def register(ctx: Any) -> list[str]:
@@ -388,7 +397,13 @@ def jobs_extension(settings: JobSettings) -> Callable[[Any], list[str]]:
 
         from .embedded_redis import resolve_redis
 
-        url, embedded = resolve_redis(settings.redis_url, settings.state_dir)
+        # The embedded Valkey listens on loopback, where every local user could read and
+        # rewrite any job: it gets a fresh random password each start, and its URL goes
+        # to a file only this user can read, for extra local workers (--redis "$(cat ...)").
+        url, embedded = resolve_redis(settings.redis_url, settings.state_dir,
+                                      password=secrets.token_urlsafe(24))
+        if embedded is not None:
+            write_private(embedded.data_dir / "url", url + "\n")
         client = connect(url)
         store = JobStore(client, settings.queue)
         config = ctx.config
@@ -397,7 +412,8 @@ def jobs_extension(settings: JobSettings) -> Callable[[Any], list[str]]:
                            max_message_bytes=config.max_message_bytes)
         pb_grpc.add_JobsServicer_to_server(JobsServicer(store, ctx.pipeline, limits), ctx.server)
         shown = redact_url(url)  # never log a password
-        where = f"embedded Valkey {shown} (data in {embedded.data_dir})" if embedded else shown
+        where = (f"embedded Valkey {shown} (data in {embedded.data_dir}; its URL with the "
+                 f"password in {embedded.data_dir / 'url'})" if embedded else shown)
         log.info("job queue on %s", where)
         if settings.embedded_worker == "yes" or (settings.embedded_worker == "auto" and embedded):
             wcfg = WorkerConfig(redis_url=url, queue=settings.queue,

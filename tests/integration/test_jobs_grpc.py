@@ -189,6 +189,14 @@ def test_serve_with_the_embedded_valkey_and_its_worker(tiny_repo, tmp_path, monk
         assert c.wait(job.id).state == pb.JOB_STATE_SUCCEEDED
         got = [p for _, p in c.fetch(job.id)]
     assert got == [encode_png(im) for im in tiny_pipeline.sample("tiny-vae", 20, seed=2)]
+    # The embedded Valkey wants a password; its URL is in a file only we can read.
+    url_file = tmp_path / "state" / "valkey" / "url"
+    url = url_file.read_text().strip()
+    assert url_file.stat().st_mode & 0o777 == 0o600
+    import redis
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url(url.replace(url.split("@")[0] + "@", "redis://")).ping()
+    assert redis.Redis.from_url(url).ping()
     assert srv.stop(1).wait(30)
     assert (tmp_path / "state" / "valkey" / "appendonlydir").is_dir()
 
