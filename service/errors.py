@@ -85,8 +85,11 @@ Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
 
 def rewrap_handler(handler: grpc.RpcMethodHandler,
-                   around: Callable[[Behavior, bool], Behavior]) -> grpc.RpcMethodHandler:
-    """A copy of ``handler`` whose behavior is ``around(behavior, response_streaming)``."""
+                   around: Callable[[Behavior, bool], Behavior], *,
+                   request_deserializer: Callable[[bytes], Any] | None = None,
+                   ) -> grpc.RpcMethodHandler:
+    """A copy of ``handler`` whose behavior is ``around(behavior, response_streaming)``
+    (and whose request deserializer is ``request_deserializer``, when given)."""
     if handler.request_streaming and handler.response_streaming:
         make, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
     elif handler.request_streaming:
@@ -96,7 +99,7 @@ def rewrap_handler(handler: grpc.RpcMethodHandler,
     else:
         make, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
     return make(around(behavior, handler.response_streaming),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=request_deserializer or handler.request_deserializer,
                 response_serializer=handler.response_serializer)
 
 
@@ -118,12 +121,65 @@ def map_errors(behavior: Behavior, response_streaming: bool) -> Behavior:
     return unary
 
 
+class Undecodable:
+    """What request bytes that are not a message of the method's request type decode to."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserialize`` returning an ``Undecodable`` instead of raising: gRPC itself would
+    answer INTERNAL ("Exception deserializing request!") and log a traceback per bad
+    request; ``refuse_undecodable`` answers INVALID_ARGUMENT naming the expected type."""
+    if deserialize is None:
+        return None
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", "request")
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or any parser's
+            return Undecodable(f"the request bytes are not a valid {name} message ({exc}); "
+                               "send that message serialized by protobuf (proto/latentserve/v1)")
+    return decode
+
+
+def refuse_undecodable(request_streaming: bool) -> Callable[[Behavior, bool], Behavior]:
+    """Raise InvalidInput where the behavior would get an ``Undecodable`` request."""
+    def around(behavior: Behavior, response_streaming: bool) -> Behavior:
+        if request_streaming:
+            def checked(requests: Any, context: grpc.ServicerContext) -> Any:
+                return behavior(_decoded(requests), context)
+            return checked
+
+        def check(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, Undecodable):
+                raise E.InvalidInput(request.message)
+            return behavior(request, context)
+        return check
+    return around
+
+
+def _decoded(requests: Iterator[Any]) -> Iterator[Any]:
+    for request in requests:
+        if isinstance(request, Undecodable):
+            raise E.InvalidInput(request.message)
+        yield request
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps exceptions to statuses for every RPC the server has, whoever wrote it."""
+    """Maps exceptions to statuses for every RPC the server has, whoever wrote it; request
+    bytes that do not decode get INVALID_ARGUMENT too."""
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        return rewrap_handler(handler, map_errors)
+        checked = rewrap_handler(handler, refuse_undecodable(handler.request_streaming))
+        return rewrap_handler(checked, map_errors,
+                              request_deserializer=lenient(handler.request_deserializer))
