@@ -39,7 +39,7 @@ _JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 def check_pool(pool: str) -> str:
     """Return ``pool`` if it is a valid pool name, else raise InvalidInput."""
-    if not _POOL_RE.match(pool):
+    if not _POOL_RE.fullmatch(pool):  # "$" would let a trailing newline through
         raise InvalidInput(f"pool name {pool!r} must be 1-64 characters of letters, digits, "
                            "'.', '_' or '-', starting with a letter or digit")
     return pool
@@ -47,7 +47,7 @@ def check_pool(pool: str) -> str:
 
 def check_job_id(job_id: str) -> str:
     """Return ``job_id`` if it has the form of a job id (32 hex digits), else raise."""
-    if not _JOB_ID_RE.match(job_id):
+    if not _JOB_ID_RE.fullmatch(job_id):
         raise InvalidInput(f"job id {job_id!r} is not a job id (32 lowercase hex digits)")
     return job_id
 
