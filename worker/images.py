@@ -16,6 +16,10 @@ from PIL import Image
 from .errors import InvalidInput, ResourceLimit
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".webp")
+# The formats the API documents (PNG, JPEG, PGM/PPM, BMP, WebP), as Pillow names them.
+# Pillow reads some forty more, a few through little-tested parsers (and EPS through
+# Ghostscript): bytes of any other format are refused without being parsed.
+IMAGE_FORMATS = ("PNG", "JPEG", "PPM", "BMP", "WEBP")
 DEFAULT_MAX_PIXELS = 16_000_000
 
 
@@ -38,7 +42,7 @@ def decode_image(data: bytes, shape: tuple[int, int, int], *, resize: bool = Fal
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             if img.width * img.height > max_pixels:
                 raise ResourceLimit(
                     f"{name} is {img.width}x{img.height} = {img.width * img.height} pixels; "
@@ -48,8 +52,12 @@ def decode_image(data: bytes, shape: tuple[int, int, int], *, resize: bool = Fal
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ResourceLimit(f"{name}: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise InvalidInput(f"{name} is not a readable PNG/JPEG/PGM/PPM/BMP/WebP image: it "
+                           f"starts with {bytes(data[:8])!r}, the start of none of them") from None
     except Exception as exc:  # Pillow raises many types for bad bytes
-        raise InvalidInput(f"{name} is not a readable PNG/JPEG/PGM image ({exc})") from None
+        raise InvalidInput(f"{name} is not a readable PNG/JPEG/PGM/PPM/BMP/WebP image "
+                           f"({exc})") from None
     want_mode = _mode_for(channels)
     if img.mode != want_mode or img.size != (width, height):
         if not resize:
