@@ -229,10 +229,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                             where: str = "") -> Callable[[], pb.ReconstructResponse]:
         codes = list(request.codes)
         self._check_request(request, len(codes), "codes", "ReconstructStream", where)
-        if request.format not in (pb.IMAGE_FORMAT_UNSPECIFIED, pb.IMAGE_FORMAT_PNG,
-                                  pb.IMAGE_FORMAT_RAW):
-            raise InvalidInput(f"{where}format {request.format} is not one of "
-                               "IMAGE_FORMAT_PNG (1) or IMAGE_FORMAT_RAW (2)")
+        _check_format(request.format, where)
         wanted = self._entry(request.model, where).manifest.ref if request.model else None
         # One batcher per model fingerprint: a batch never mixes models.
         groups: dict[bytes, list[int]] = {}
@@ -295,6 +292,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         temperature = request.temperature if request.HasField("temperature") else 1.0
         if not (temperature > 0 and math.isfinite(temperature)):
             raise InvalidInput(f"temperature must be a positive number, got {temperature}")
+        _check_format(request.format, "")  # before any work, and for count 0 too
         ref = entry.manifest.ref
         if request.count == 0:
             return pb.SampleResponse(model=ref)
@@ -304,6 +302,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         reply = pb.SampleResponse(model=ref,
                                   images=[encode_image(im, request.format) for im in images])
         return self._check_reply(reply, "samples", "")
+
+
+def _check_format(fmt: int, where: str) -> None:
+    if fmt not in (pb.IMAGE_FORMAT_UNSPECIFIED, pb.IMAGE_FORMAT_PNG, pb.IMAGE_FORMAT_RAW):
+        raise InvalidInput(f"{where}format {fmt} is not one of IMAGE_FORMAT_PNG (1) or "
+                           "IMAGE_FORMAT_RAW (2)")
 
 
 _DONE = object()
