@@ -399,7 +399,7 @@ def jobs_extension(settings: JobSettings) -> Callable[[Any], list[str]]:
 
         # The embedded Valkey listens on loopback, where every local user could read and
         # rewrite any job: it gets a fresh random password each start, and its URL goes
-        # to a file only this user can read, for extra local workers (--redis "$(cat ...)").
+        # to a file only this user can read, for extra local workers (REDIS_URL="$(cat ...)").
         url, embedded = resolve_redis(settings.redis_url, settings.state_dir,
                                       password=secrets.token_urlsafe(24))
         if embedded is not None:
