@@ -33,7 +33,8 @@ from latentserve.v1 import inference_pb2 as ipb
 from latentserve.v1 import jobs_pb2 as pb
 from latentserve.v1 import jobs_pb2_grpc as pb_grpc
 from latentserve.worker.config import QueueConfig
-from latentserve.worker.errors import InvalidInput, ResourceLimit, Unavailable
+from latentserve.worker.errors import (InvalidInput, JobStateError, ResourceLimit,
+                                       Unavailable)
 from latentserve.worker.jobstore import (ImageFormat, JobInfo, JobKind, JobState, JobStore,
                                          job_not_found)
 from latentserve.worker.packing import pack_images, pack_items
@@ -161,6 +162,15 @@ class JobsServicer(pb_grpc.JobsServicer):
                                    f"JobItems.{'images' if kind is JobKind.COMPRESS else 'codes'}"
                                    " after the JobSpec")
             return job_message(self.store.seal(job, total, chunks))
+        except JobStateError:
+            info = self.store.get(job.id)
+            if not info.state.terminal:
+                self.store.delete(job.id)
+                raise
+            # A worker failed a chunk for good (or the job was cancelled) while inputs were
+            # still arriving: the job is over, and the client gets it like any ended job,
+            # its error saying why (not FAILED_PRECONDITION naming an id it never saw).
+            return job_message(info)
         except BaseException:
             # Never accepted (the client gets no id): leave nothing behind.
             self.store.delete(job.id)
