@@ -56,6 +56,34 @@ def supported_format_versions() -> list[int]:
     return [FORMAT_VERSION]
 
 
+# gRPC sends the message percent-encoded in the trailers, and a client drops trailers over
+# 8 KiB (at random between its soft and hard limits) for a RESOURCE_EXHAUSTED of its own:
+# messages that quote a client's value (a model name, a job id) are cut to fit.
+MAX_MESSAGE_BYTES = 2048
+
+
+def _wire_size(text: str) -> int:
+    return sum(1 if 0x20 <= b < 0x7F and b != 0x25 else 3 for b in text.encode())
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``message``, its middle cut if its encoded form is over ``limit`` bytes."""
+    if _wire_size(message) <= limit:
+        return message
+    budget = (limit - 40) // 2
+    head = tail = 0
+    size = 0
+    while size + _wire_size(message[head]) <= budget:
+        size += _wire_size(message[head])
+        head += 1
+    size = 0
+    while size + _wire_size(message[-1 - tail]) <= budget:
+        size += _wire_size(message[-1 - tail])
+        tail += 1
+    cut = len(message) - head - tail
+    return f"{message[:head]}...({cut} characters cut)...{message[len(message) - tail:]}"
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for ``exc``."""
     message = str(exc) or type(exc).__name__
@@ -65,7 +93,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
                     r"reads? version|supports? version", message):
                 versions = ", ".join(map(str, supported_format_versions()))
                 message += f" (this server reads code format versions: {versions})"
-            return code, message
+            return code, bounded(message)
     return grpc.StatusCode.INTERNAL, (
         f"internal error ({type(exc).__name__}); the server log has the details")
 
