@@ -9,7 +9,6 @@ passes (``RpcScope``).
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import time
@@ -23,6 +22,7 @@ from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
 from latentserve.worker.codec import parse_header, with_index
 from latentserve.worker.errors import CodeError, InvalidInput, LatentServeError, ResourceLimit
+from latentserve.worker.pipeline import check_temperature
 from latentserve.worker.repository import ModelEntry
 
 from .batching import BatcherSet, ComputePool, DynamicBatcher, Ticket
@@ -289,9 +289,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise ResourceLimit(f"count {request.count} is over the limit of {limit} samples "
                                 "per request: fetch them in pieces with start = 0, "
                                 f"{limit}, {2 * limit}, ...")
-        temperature = request.temperature if request.HasField("temperature") else 1.0
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise InvalidInput(f"temperature must be a positive number, got {temperature}")
+        temperature = check_temperature(
+            request.temperature if request.HasField("temperature") else 1.0)
         _check_format(request.format, "")  # before any work, and for count 0 too
         ref = entry.manifest.ref
         if request.count == 0:

@@ -81,6 +81,7 @@ class Pipeline:
     def sample(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
                start: int = 0) -> np.ndarray:
         """``count`` uint8 samples; sample ``start + j`` depends only on (seed, start + j)."""
+        check_temperature(temperature)
         return self.runtime(ref).sample(count, seed=seed, temperature=temperature, start=start)
 
     # -- reconstruct ------------------------------------------------------------------
@@ -180,6 +181,19 @@ class Pipeline:
             f"this code was made by a model with manifest fingerprint {fp.hex()}, which neither "
             f"{self.repository.root} nor its registry knows (available: {available}); "
             "decode it where that model is installed")
+
+
+# Past this a VAE's latents (normal draws times the temperature) overflow float32 near
+# the top (inf, then NaN pixels), and far earlier every decoder is saturated anyway.
+MAX_TEMPERATURE = 1000.0
+
+
+def check_temperature(temperature: float) -> float:
+    """``temperature`` if it is a number in (0, MAX_TEMPERATURE], else InvalidInput."""
+    if not 0 < temperature <= MAX_TEMPERATURE:  # False for NaN too
+        raise InvalidInput(f"temperature must be a positive number, got {temperature} (at "
+                           f"most {MAX_TEMPERATURE:g}: higher ones only saturate the decoder)")
+    return temperature
 
 
 def describe(entry: ModelEntry) -> str:
