@@ -93,8 +93,8 @@ EDGE_U64 = st.one_of(st.sampled_from([0, 1, 7, 2**32, 2**53 + 1, 2**63 - 1, 2**6
                      st.integers(0, 2**64 - 1))
 # Temperatures: NaN, infinities, signed zeros, subnormals, float32's extremes.
 EDGE_F32 = st.one_of(st.sampled_from([0.0, -0.0, -1.0, 1e-45, 1e-38, 1e-30, 1e-6, 0.01, 0.5, 1.0,
-                                      2.0, 100.0, 1e30, 3.4028235e38, float("inf"),
-                                      -float("inf"), float("nan")]),
+                                      2.0, 100.0, 1000.0, 1000.001, 1e30, 3.4028235e38,
+                                      float("inf"), -float("inf"), float("nan")]),
                      st.floats(width=32))
 INT32 = st.integers(-2**31, 2**31 - 1)
 FORMATS = usually(st.sampled_from([0, 1, 2]), INT32)  # proto3 enums are open: any int32
@@ -102,11 +102,23 @@ SEED = st.integers(0, 2**16)
 BOOL = st.booleans()
 
 
-def temperature_status(t: float | None) -> grpc.StatusCode:
+MAX_TEMPERATURE = 1000.0  # latentserve.worker.pipeline.MAX_TEMPERATURE
+
+
+def temperature_status(t: float | None) -> frozenset[grpc.StatusCode]:
+    """Sample's verdict on a temperature (a float32 on the wire; None: unset, 1.0)."""
     if t is None:
-        return OK
+        return one(OK)
     t32 = float(np.float32(t))
-    return OK if t32 > 0 and np.isfinite(t32) else INVALID
+    return one(OK) if 0 < t32 <= MAX_TEMPERATURE else one(INVALID)
+
+
+def job_temperature_status(t: float | None) -> frozenset[grpc.StatusCode]:
+    """SubmitJob's: it checks > 0 and finite only, and a worker refuses the job over the
+    maximum (the job fails); refusing it at submission would be right too."""
+    status = temperature_status(t)
+    t32 = float(np.float32(t if t is not None else 1.0))
+    return one(OK, INVALID) if status == {INVALID} and np.isfinite(t32) and t32 > 0 else status
 
 
 # -- model references ---------------------------------------------------------------------------
@@ -469,7 +481,7 @@ def _sample_cases(draw: st.DrawFn) -> Case:
                            start=draw(EDGE_U64), format=fmt)
     if temperature is not None:
         msg.temperature = temperature
-    parts = [one(INVALID) if ref.empty else one(ref.status), one(temperature_status(temperature)),
+    parts = [one(INVALID) if ref.empty else one(ref.status), temperature_status(temperature),
              one(OK) if fmt in (0, 1, 2) else one(INVALID),
              one(EXHAUSTED) if count > LIMITS.images else one(OK), size_status(msg)]
     return Case(msg.SerializeToString(), combine(parts),

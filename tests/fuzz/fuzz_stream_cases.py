@@ -20,7 +20,7 @@ from fuzz_cases import (
     BOOL, DATA_LOSS, EDGE_U32, EDGE_U64, EXHAUSTED, FORMATS, INT32, INVALID, LIMITS, MISMATCH,
     NOT_FOUND, OK, PROTOBUF_NOISE, REFS, TEMPERATURES, Allowed, Case, CodeCase, Codes, ImageCase,
     Ref, code_cases, combine, compress_parts, good_images, image_msgs, long_text, one,
-    reconstruct_cases, temperature_status, usually,
+    job_temperature_status, reconstruct_cases, usually,
 )
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import jobs_pb2 as jpb
@@ -144,7 +144,7 @@ def _job_specs(draw: st.DrawFn) -> tuple[jpb.JobSpec, list[Allowed], str | None,
     if spec.chunk_size > LIMITS.job_items:
         parts.append(one(INVALID))
     if kind == 3:
-        parts.append(one(temperature_status(temperature)))
+        parts.append(job_temperature_status(temperature))
         if spec.seed >= 2**63:
             parts.append(one(INVALID))
         if spec.count == 0:

@@ -167,3 +167,20 @@ def test_a_job_failing_while_its_inputs_arrive_is_returned_failed(
     assert job.state == jpb.JOB_STATE_FAILED, job
     assert "chunk 0" in job.error and "tiny-vae" in job.error, job.error
     assert jobs.GetJob(jpb.GetJobRequest(id=job.id), timeout=TIMEOUT).error == job.error
+
+
+def test_temperatures_past_the_maximum_are_invalid_arguments(stub: pb_grpc.InferenceStub,
+                                                            tiny_pipeline: Any) -> None:
+    """tiny-vae at temperature 3.4e38: its latents overflowed float32 (a RuntimeWarning, so
+    INTERNAL where warnings are errors, inf/NaN pixels elsewhere)."""
+    from latentserve.worker.pipeline import MAX_TEMPERATURE
+
+    for t in (3.4028235e38, 1e30, MAX_TEMPERATURE * 1.01):
+        request = pb.SampleRequest(model="tiny-vae", count=2, temperature=t)
+        err = refused(lambda request=request: stub.Sample(request, timeout=TIMEOUT))
+        assert err.code() is C.INVALID_ARGUMENT and "at most 1000" in err.details()
+        with pytest.raises(InvalidInput, match="temperature must be a positive number"):
+            tiny_pipeline.sample("tiny-vae", 1, seed=0, temperature=t)
+    reply = stub.Sample(pb.SampleRequest(model="tiny-vae", count=2, temperature=MAX_TEMPERATURE),
+                        timeout=TIMEOUT)
+    assert len(reply.images) == 2
