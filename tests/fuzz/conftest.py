@@ -5,7 +5,8 @@ total number of requests, shared among the case categories by ``WEIGHTS``. One s
 (Inference and Jobs, with the Jobs service on the session's Redis under its own key
 prefix, and a job worker in process) takes every case; ``test_after_fuzz.py`` runs
 last and checks that it still answers good requests exactly. The terminal summary
-prints the count tried and the status histogram, per code and per category.
+prints the count tried and the status histogram, per code and per category. The folder
+is a package so that the server (a package-scoped fixture) stops with its last test.
 
     pytest tests/fuzz                          # CI: 10,000 requests
     pytest tests/fuzz --fuzz-requests 100000   # a longer run
@@ -23,10 +24,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from fuzz_cases import LIMITS, Codes
-from fuzz_client import STATS, WEIGHTS, Fuzzer, Stats
-from fuzz_images import ImageCase, image_corpus
-from fuzz_stream_cases import KnownJob
+
+from .fuzz_cases import LIMITS, Codes
+from .fuzz_client import STATS, WEIGHTS, Fuzzer, Stats
+from .fuzz_images import ImageCase, image_corpus
+from .fuzz_stream_cases import KnownJob
 
 DEFAULT_REQUESTS = 10_000
 ENV_REQUESTS = "LATENTSERVE_FUZZ_REQUESTS"
@@ -149,7 +151,10 @@ def channel(fuzz_server: Any) -> Iterator[grpc.Channel]:
 
 
 @pytest.fixture(scope="package")
-def fuzzer(channel: grpc.Channel, pytestconfig: pytest.Config) -> Fuzzer:
+def fuzzer(channel: grpc.Channel, pytestconfig: pytest.Config,
+           known_jobs: tuple[KnownJob, ...]) -> Fuzzer:
+    """Calls the fuzz server; its worker runs from the start (after ``known_jobs``), so
+    that jobs any fuzz case gets accepted run instead of filling the queue."""
     return Fuzzer(channel, pytestconfig.stash[STATS], deadline_s=DEADLINE_S)
 
 

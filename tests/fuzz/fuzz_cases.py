@@ -21,10 +21,11 @@ from typing import Any
 
 import grpc
 import numpy as np
-from fuzz_images import ImageCase, one
 from hypothesis import strategies as st
 
 from latentserve.v1 import inference_pb2 as pb
+
+from .fuzz_images import ImageCase, one
 
 C = grpc.StatusCode
 OK, INVALID, NOT_FOUND, EXHAUSTED = C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.RESOURCE_EXHAUSTED

@@ -9,8 +9,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from fuzz_cases import MODELS
-from fuzz_client import STATS, WEIGHTS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from latentserve.service.wire import decode_reply_image, raw_batch
@@ -19,6 +17,9 @@ from latentserve.v1 import inference_pb2_grpc as pb_grpc
 from latentserve.v1 import jobs_pb2 as jpb
 from latentserve.v1 import jobs_pb2_grpc as jgrpc
 from latentserve.worker.images import encode_png
+
+from .fuzz_cases import MODELS
+from .fuzz_client import STATS, WEIGHTS
 
 TIMEOUT = 30.0
 

@@ -11,12 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from fuzz_cases import OK, Case, Codes, ImageCase
-from fuzz_client import JOBS, Fuzzer, fuzz_settings
-from fuzz_stream_cases import LIST_JOBS_CASES, KnownJob, job_id_cases, submit_cases
 from hypothesis import given
 
 from latentserve.v1 import jobs_pb2 as jpb
+
+from .fuzz_cases import OK, Case, Codes, ImageCase
+from .fuzz_client import JOBS, Fuzzer, fuzz_settings
+from .fuzz_stream_cases import LIST_JOBS_CASES, KnownJob, job_id_cases, submit_cases
 
 Budget = Callable[[str], int]
 pytestmark = [pytest.mark.slow, pytest.mark.queue]  # ~10 s each at the default count

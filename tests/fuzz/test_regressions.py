@@ -10,8 +10,6 @@ import grpc
 import numpy as np
 import pytest
 from fixtures_redis import wait_until
-from fuzz_cases import Codes
-from fuzz_client import INFERENCE, JOBS
 from PIL import Image
 
 from latentserve.service.errors import MAX_MESSAGE_BYTES, bounded
@@ -23,6 +21,9 @@ from latentserve.v1 import jobs_pb2_grpc as jgrpc
 from latentserve.worker.errors import InvalidInput
 from latentserve.worker.images import decode_image
 from latentserve.worker.keys import check_job_id, check_pool
+
+from .fuzz_cases import Codes
+from .fuzz_client import INFERENCE, JOBS
 
 C = grpc.StatusCode
 TIMEOUT = 10.0
@@ -136,7 +137,6 @@ def test_sample_checks_the_image_format_even_for_zero_images(
         request = pb.SampleRequest(model="tiny-ae", count=count, format=7)
         err = refused(lambda request=request: stub.Sample(request, timeout=TIMEOUT))
         assert err.code() is C.INVALID_ARGUMENT and "format 7" in err.details()
-
 
 
 def test_a_job_failing_while_its_inputs_arrive_is_returned_failed(
