@@ -6,6 +6,7 @@
 - ``job_store``: a ``JobStore`` on it with small, test-sized queue settings.
 - ``make_worker``: builds in-process burst-mode workers on ``tiny_repo``.
 - ``spawn_worker``: starts ``latentserve worker`` processes (killed at teardown).
+- ``start_server`` / ``jobs_server``: real gRPC servers on loopback (Jobs on ``redis_url``).
 - ``wait_until``: poll a condition with a deadline (for events Redis cannot push).
 """
 
@@ -163,21 +164,38 @@ JOBS_QUEUE: dict[str, Any] = {"chunk_size": 16, "max_queued_chunks": 40, "max_jo
 
 
 @pytest.fixture
-def jobs_server(tiny_repo: Path, redis_url: str) -> Iterator[Any]:
-    """A gRPC server on 127.0.0.1:0 with Inference and Jobs (no worker inside; tests run
-    burst workers with ``make_worker(queue=jobs_server.queue)``)."""
+def start_server(tiny_repo: Path) -> Iterator[Callable[..., Any]]:
+    """``start_server(jobs_redis=None, **config) -> Server``: a started gRPC server on
+    127.0.0.1:0 serving ``tiny_repo`` (with the Jobs API on ``jobs_redis``, no worker
+    inside), ``config`` overriding ServiceConfig fields; all stopped at teardown."""
     from latentserve.service.config import ServiceConfig
     from latentserve.service.jobs import JobSettings, jobs_extension
     from latentserve.service.server import create_server
     from latentserve.worker.config import QueueConfig
 
-    config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
-                           intra_op_threads=1, compute_workers=1, grpc_threads=16,
-                           preload=False)
-    queue = QueueConfig(**JOBS_QUEUE)
-    settings = JobSettings(redis_url=redis_url, queue=queue, embedded_worker="no")
-    server, _ = create_server(config, extra_services=[jobs_extension(settings)])
-    server.queue = queue  # type: ignore[attr-defined]
-    server.start()
-    yield server
-    server.stop(0).wait(30)
+    servers: list[Any] = []
+
+    def start(jobs_redis: str | None = None, **changes: Any) -> Any:
+        config = ServiceConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": None,
+                                  "models": tiny_repo, "intra_op_threads": 1,
+                                  "compute_workers": 1, "grpc_threads": 16, "preload": False,
+                                  **changes})
+        queue = QueueConfig(**JOBS_QUEUE)
+        extra = ([jobs_extension(JobSettings(redis_url=jobs_redis, queue=queue,
+                                             embedded_worker="no"))] if jobs_redis else [])
+        server, _ = create_server(config, extra_services=extra)
+        server.queue = queue
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(0).wait(30)
+
+
+@pytest.fixture
+def jobs_server(start_server: Callable[..., Any], redis_url: str) -> Any:
+    """A gRPC server on 127.0.0.1:0 with Inference and Jobs (no worker inside; tests run
+    burst workers with ``make_worker(queue=jobs_server.queue)``)."""
+    return start_server(jobs_redis=redis_url)

@@ -10,8 +10,6 @@ worker`` process, or an in-process one).
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import shutil
 import socket
@@ -25,6 +23,7 @@ from urllib.parse import quote
 
 import pytest
 import redis
+from certs import CertificateAuthority
 from fixtures_redis import JOBS_QUEUE, ROOT, wait_until
 
 from latentserve.service.job_client import JobsClient
@@ -118,50 +117,11 @@ class Certs:
 
 def make_certs(folder: Path) -> Certs:
     """A CA, a server certificate for 127.0.0.1 / localhost and a client certificate."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def builder(subject: str, issuer: x509.Name, key: Any) -> x509.CertificateBuilder:
-        return (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(issuer)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=1)))
-
-    def write(stem: str, key: Any, cert: x509.Certificate) -> tuple[Path, Path]:
-        (folder / f"{stem}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        (folder / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return folder / f"{stem}.crt", folder / f"{stem}.key"
-
-    def ca(stem: str) -> tuple[Any, x509.Certificate, Path]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (builder(f"latentserve test {stem}", name(f"latentserve test {stem}"), key)
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(key, hashes.SHA256()))
-        return key, cert, write(stem, key, cert)[0]
-
-    ca_key, ca_cert, ca_path = ca("ca")
-    other = ca("other-ca")[2]
-    leaf: dict[str, tuple[Path, Path]] = {}
-    for stem, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH),
-                        ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
-        key = ec.generate_private_key(ec.SECP256R1())
-        b = builder(stem, ca_cert.subject, key).add_extension(
-            x509.ExtendedKeyUsage([usage]), critical=False)
-        if stem == "server":
-            b = b.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-        leaf[stem] = write(stem, key, b.sign(ca_key, hashes.SHA256()))
-    return Certs(ca_path, *leaf["server"], *leaf["client"], other)
+    ca = CertificateAuthority(folder, "ca")
+    server = ca.issue("server", "localhost", server=True)
+    client = ca.issue("client", "client", server=False)
+    return Certs(ca.pem, server.cert, server.key, client.cert, client.key,
+                 CertificateAuthority(folder / "other", "other-ca").pem)
 
 
 @pytest.fixture(scope="module")
@@ -190,27 +150,9 @@ def tls_query(certs: Certs, *, ca: Path | None = None, client: bool = True) -> s
 
 # -- the job path: gRPC server with Jobs + a worker -------------------------------------------
 @pytest.fixture
-def jobs_server_on(tiny_repo: Path) -> Iterator[Callable[[str], Any]]:
+def jobs_server_on(start_server: Callable[..., Any]) -> Callable[[str], Any]:
     """``jobs_server_on(url)``: a started gRPC server (127.0.0.1:0) whose Jobs use ``url``."""
-    from latentserve.service.config import ServiceConfig
-    from latentserve.service.jobs import JobSettings, jobs_extension
-    from latentserve.service.server import create_server
-
-    servers: list[Any] = []
-
-    def start(url: str) -> Any:
-        config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
-                               intra_op_threads=1, compute_workers=1, grpc_threads=8,
-                               preload=False)
-        settings = JobSettings(redis_url=url, queue=QUEUE, embedded_worker="no")
-        server, _ = create_server(config, extra_services=[jobs_extension(settings)])
-        server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop(0).wait(30)
+    return lambda url: start_server(jobs_redis=url, grpc_threads=8)
 
 
 def run_in_process_worker(url: str, tiny_repo: Path, pipeline: Any) -> Any:

@@ -16,7 +16,6 @@ import grpc
 import numpy as np
 import pytest
 from certs import CertificateAuthority
-from fixtures_redis import JOBS_QUEUE
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 
@@ -25,13 +24,10 @@ from latentserve.service.client import LatentServeClient
 from latentserve.service.client_config import ClientSecurity
 from latentserve.service.config import ServiceConfig
 from latentserve.service.job_client import JobsClient
-from latentserve.service.jobs import JobSettings, jobs_extension
 from latentserve.service.server import Server, create_server
 from latentserve.worker import errors as E
-from latentserve.worker.config import QueueConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-QUEUE = QueueConfig(**JOBS_QUEUE)
 
 
 @pytest.fixture(scope="module")
@@ -53,25 +49,9 @@ def tokens(tmp_path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture
-def start(tiny_repo: Path) -> Iterator[Callable[..., Server]]:
-    """``start(jobs_redis=None, **config) -> Server`` on 127.0.0.1, stopped at the end."""
-    servers: list[Server] = []
-
-    def run(jobs_redis: str | None = None, **changes: Any) -> Server:
-        config = ServiceConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": None,
-                                  "models": tiny_repo, "intra_op_threads": 1,
-                                  "compute_workers": 1, "grpc_threads": 16, "preload": False,
-                                  **changes})
-        extra = ([jobs_extension(JobSettings(redis_url=jobs_redis, queue=QUEUE,
-                                             embedded_worker="no"))] if jobs_redis else [])
-        server, _ = create_server(config, extra_services=extra)
-        server.start()
-        servers.append(server)
-        return server
-
-    yield run
-    for s in servers:
-        s.stop(0).wait(30)
+def start(start_server: Callable[..., Server]) -> Callable[..., Server]:
+    """``start(jobs_redis=None, **config)``: see fixtures_redis.start_server."""
+    return start_server
 
 
 def _tls_target(server: Server) -> str:
@@ -259,7 +239,7 @@ def test_jobs_belong_to_the_identity_that_submitted_them(start, tokens, redis_ur
             # Someone else's job reads exactly like an unknown one.
             assert str(theirs.value).replace(job.id, "ID") == \
                 str(nobodys.value).replace(unknown, "ID")
-        make_worker(queue=QUEUE).run()
+        make_worker(queue=server.queue).run()
         assert len(list(alice.fetch(job.id))) == 20
         assert alice.get(job.id).owner == "alice"
 
