@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from fixtures_redis import wait_until
 
 from .fuzz_cases import LIMITS, Codes
 from .fuzz_client import STATS, WEIGHTS, Fuzzer, Stats
@@ -230,3 +231,18 @@ def known_jobs(channel: grpc.Channel, cancelled_job: KnownJob,
     # The worker may fail the bad job before SubmitJob seals it (then items_total is 0).
     return (cancelled_job, KnownJob(good.id, "succeeded", 3, 2),
             KnownJob(bad.id, "failed", bad.items_total, LIMITS.chunk_size))
+
+
+@pytest.fixture
+def idle_queue(channel: grpc.Channel, fuzz_worker: Any) -> None:
+    """Wait until the worker has run every job the fuzz cases got accepted (the queue
+    holds only a couple of dozen chunks: a test's own job would be refused)."""
+    from latentserve.v1 import jobs_pb2 as jpb
+
+    busy = [jpb.JOB_STATE_QUEUED, jpb.JOB_STATE_RUNNING]
+
+    def idle() -> bool:
+        request = jpb.ListJobsRequest(limit=1, states=busy)
+        return not _jobs(channel).ListJobs(request, timeout=30).jobs
+
+    wait_until(idle, timeout=180, interval=0.2, what="the fuzz jobs to finish")

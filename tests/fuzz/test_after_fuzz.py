@@ -54,7 +54,7 @@ def test_good_requests_get_the_pipelines_answers(channel: grpc.Channel, tiny_pip
                                                         start=3)), model
 
 
-def test_the_job_queue_still_works(channel: grpc.Channel, fuzz_worker: Any,
+def test_the_job_queue_still_works(channel: grpc.Channel, idle_queue: None,
                                    tiny_pipeline: Any, images: np.ndarray) -> None:
     stub = jgrpc.JobsStub(channel)
     spec = jpb.JobSpec(kind=jpb.JOB_KIND_COMPRESS, model="tiny-vqvae", chunk_size=4)

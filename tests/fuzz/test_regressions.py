@@ -140,7 +140,7 @@ def test_sample_checks_the_image_format_even_for_zero_images(
 
 
 def test_a_job_failing_while_its_inputs_arrive_is_returned_failed(
-        channel: grpc.Channel, fuzz_worker: Any, codes: Codes) -> None:
+        channel: grpc.Channel, idle_queue: None, codes: Codes) -> None:
     """A worker failed chunk 0 for good before the upload ended: SubmitJob answered
     FAILED_PRECONDITION "job <id> is failed; it takes no more inputs" (an id the client
     never got) and deleted the job and its error; or OK, had the worker been slower."""
