@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from latentserve.worker.engine import process_memory
 from latentserve.worker.errors import LatentServeError, ModelNotFound
 from latentserve.worker.pipeline import Pipeline
 from latentserve.worker.repository import ModelEntry, ModelRepository, parse_ref
@@ -59,6 +60,9 @@ class ModelCatalog:
     def __init__(self, pipeline: Pipeline, *,
                  on_loaded: Callable[[ModelEntry, str], None] | None = None,
                  on_failed: Callable[[ModelEntry, LatentServeError], None] | None = None) -> None:
+        # Before the gRPC server starts its threads: glibc's arena limit binds only
+        # arenas created after it is set.
+        process_memory()
         self.pipeline = pipeline
         self._on_loaded = on_loaded
         self._on_failed = on_failed

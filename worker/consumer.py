@@ -462,6 +462,9 @@ def create_worker(config: WorkerConfig, pipeline: JobPipeline | None = None,
                   client: redis.Redis | None = None) -> Worker:
     """Build a worker (nothing runs until ``run()``); the pipeline defaults to the
     model repository at ``config.models`` on ``config.provider``."""
+    from .engine import process_memory
+
+    process_memory()  # before any thread: glibc's arena limit binds only later arenas
     if pipeline is None:
         from .engine import EngineConfig
         from .pipeline import Pipeline
