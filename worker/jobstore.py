@@ -192,8 +192,12 @@ class JobStore:
         if code == -2:
             raise JobNotFound(f"job {job.id} does not exist (it may have expired)")
         if code == -3:
-            raise JobStateError(f"job {job.id} is {self.get(job.id).state.value}; "
-                                "it cannot be sealed")
+            info = self.get(job.id)
+            if info.state in (JobState.FAILED, JobState.CANCELLED):
+                # It ended before its inputs were all in (a worker failed a chunk for
+                # good, or a cancel): sealing is moot, the caller gets the ended job.
+                return info
+            raise JobStateError(f"job {job.id} is {info.state.value}; it cannot be sealed")
         if code == -4:
             raise InvalidInput(f"job {job.id}: sealed with {chunks_total} chunks but "
                                f"{self.get(job.id).chunks_queued} were queued")
