@@ -103,7 +103,8 @@ def fuzz_budget(pytestconfig: pytest.Config) -> Callable[[str], int]:
 def fuzz_server(tiny_repo: Path, redis_server_url: str) -> Iterator[Any]:
     """A server with small limits: Inference, and Jobs under the prefix latentserve-fuzz:.
 
-    Its own key prefix keeps it apart from the other tests' queues on the same Redis.
+    Its own key prefix keeps it apart from the other tests' queues on the same Redis;
+    its keys are deleted at the end.
     A job worker joins after ``known_jobs`` has made a job to cancel while queued.
     """
     from latentserve.service.config import ServiceConfig
@@ -115,15 +116,26 @@ def fuzz_server(tiny_repo: Path, redis_server_url: str) -> Iterator[Any]:
         host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo, intra_op_threads=1,
         compute_workers=1, grpc_threads=16, max_images_per_request=LIMITS.images,
         max_message_bytes=LIMITS.message_bytes, max_pixels_per_image=LIMITS.pixels)
+    # TTLs longer than any run (a 100,000-request run takes ~25 min): the known jobs must
+    # not expire mid-run. The keys are deleted at the end.
     queue = QueueConfig(prefix="latentserve-fuzz:", chunk_size=LIMITS.chunk_size,
                         max_queued_chunks=LIMITS.queued_chunks,
-                        max_job_items=LIMITS.job_items, result_ttl_s=900, job_ttl_s=900)
+                        max_job_items=LIMITS.job_items, result_ttl_s=86400, job_ttl_s=86400)
     settings = JobSettings(redis_url=redis_server_url, queue=queue, embedded_worker="no")
     server, _ = create_server(config, extra_services=[jobs_extension(settings)])
     server.queue = queue  # type: ignore[attr-defined]
     server.start()
     yield server
     server.stop(0).wait(30)
+    from latentserve.worker.jobstore import connect
+
+    client = connect(redis_server_url)
+    try:
+        keys = list(client.scan_iter(match=queue.keys.all_pattern(), count=1000))
+        for at in range(0, len(keys), 500):
+            client.delete(*keys[at:at + 500])
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="package")

@@ -184,3 +184,23 @@ def test_temperatures_past_the_maximum_are_invalid_arguments(stub: pb_grpc.Infer
     reply = stub.Sample(pb.SampleRequest(model="tiny-vae", count=2, temperature=MAX_TEMPERATURE),
                         timeout=TIMEOUT)
     assert len(reply.images) == 2
+
+
+def test_sealing_a_job_that_already_ended_returns_it(fuzz_server: Any,
+                                                    redis_server_url: str) -> None:
+    """A sample job at temperature 1.8e16: the worker failed its only chunk for good
+    between JobStore.submit's enqueue and seal, and SubmitJob answered FAILED_PRECONDITION
+    "job <id> is failed; it cannot be sealed" (an id the client never got)."""
+    from latentserve.worker.jobstore import JobKind, JobState, JobStore, connect
+
+    client = connect(redis_server_url)
+    try:
+        store = JobStore(client, fuzz_server.queue)
+        for end in (store.fail, lambda job_id, _: store.cancel(job_id)):
+            job = store.create(JobKind.SAMPLE, "tiny-vae")
+            end(job.id, "chunk 0 failed for good")
+            info = store.seal(job, 3, 0)
+            assert info.id == job.id and info.state in (JobState.FAILED, JobState.CANCELLED)
+            assert not info.sealed
+    finally:
+        client.close()
