@@ -89,10 +89,25 @@ def rss_bytes(pid: int) -> int:
     return int(proc_status(pid)["VmRSS"].split()[0]) * 1024
 
 
-def settled(pid: int, settle_s: float) -> tuple[int, int]:
-    """(VmRSS, threads) of an idle process, ``settle_s`` after its load stopped: a process
-    that runs models hands its free heap back once idle for ``TRIM_IDLE_S``."""
-    time.sleep(settle_s)  # a delay in another process: there is no event to wait on
+def cpu_ticks(pid: int) -> int:
+    """User + system CPU time of a process so far, in clock ticks (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def settled(pid: int, settle_s: float, timeout: float = 30.0) -> tuple[int, int]:
+    """(VmRSS, threads) of a process once idle: first its CPU time stops growing (calls
+    cancelled by their clients, or chunks, may still be computing), then ``settle_s`` more,
+    in which a process that runs models hands its free heap back (``TRIM_IDLE_S``)."""
+    end = time.monotonic() + timeout
+    last = cpu_ticks(pid)
+    while time.monotonic() < end:
+        time.sleep(0.5)  # another process's state: there is no event to wait on
+        now = cpu_ticks(pid)
+        if now - last <= 2:  # at most 2 ticks (20 ms at 100 Hz) in 0.5 s: idle
+            break
+        last = now
+    time.sleep(settle_s)
     status = proc_status(pid)
     return int(status["VmRSS"].split()[0]) * 1024, int(status["Threads"])
 

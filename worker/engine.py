@@ -396,6 +396,10 @@ class PriorStepper:
         self.grid = tuple(runtime.manifest.latent_shape)
         self.session = runtime.prior_step
         self.memory = process_memory()
+        # onnxruntime's own session takes the run options (the shared arena shrinks after
+        # each step); a wrapper around it (a test's, bench/codec.py's) takes names and feed.
+        self._run_options = ((self.memory.run_options,)
+                             if isinstance(self.session, ort.InferenceSession) else ())
         self.next = 0
         self.caches: list[np.ndarray] = []
         if self.session is not None:
@@ -434,7 +438,7 @@ class PriorStepper:
             feed = {"indices": feed_idx[a:b], "position": pos}
             feed.update({f"cache{i}": c[a:b] for i, c in enumerate(self.caches)})
             self.memory.runs += 1
-            logits, *feats = self.session.run(None, feed, self.memory.run_options)
+            logits, *feats = self.session.run(None, feed, *self._run_options)
             for c, f in zip(self.caches, feats):
                 c[a:b, position] = f
             out.append(logits)
