@@ -5,10 +5,10 @@ into uint8 images (``decode``), evaluates the VQ prior (``prior_logits``: one fu
 ``prior_stepper``: position by position with caches) and draws samples (``sample``).
 It knows nothing of bytes on the wire: that is ``codec``.
 
-A process that runs models keeps its memory flat (``process_memory``, set up with its
-first session): every session draws from one shared onnxruntime CPU arena, glibc gets
-a few malloc arenas instead of eight per core, and free C heap is handed back to the
-OS once the models have been idle for a moment (bench/memory.py measures it).
+A process that runs models keeps its memory flat (``process_memory``): every session
+draws from one shared onnxruntime CPU arena, glibc keeps one malloc arena instead of up
+to eight per core (operators may set MALLOC_ARENA_MAX themselves), and free C heap goes
+back to the OS once the models have been idle for a moment (bench/memory.py measures it).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def make_session(path: str | os.PathLike[str], config: EngineConfig) -> ort.Infe
 # batch it had run (20 sessions on the zoo), and each of glibc's malloc arenas (up to 8
 # per core) kept its own fragmented free memory. One shared arena shrunk after each run,
 # one malloc arena (malloc_trim cannot release the top of another arena's heap: with 2
-# the run still grew 32%) and a trim once idle keep it at 131 -> 135 MiB.
+# the run still grew 32%) and a trim once idle keep it at 130 -> 134 MiB.
 MALLOC_ARENA_MAX = 1    # glibc arenas unless MALLOC_ARENA_MAX / GLIBC_TUNABLES say otherwise
 TRIM_IDLE_S = 1.0       # free C heap goes back to the OS after this long with no model run
 TRIM_EVERY_S = 30.0     # ... and at least this often while runs never pause
@@ -200,7 +200,8 @@ _process_memory_lock = threading.Lock()
 
 
 def process_memory() -> ProcessMemory:
-    """This process's ``ProcessMemory``, set up on first use (by the first session)."""
+    """This process's ``ProcessMemory``, set up on first use: by the server's catalog or
+    ``create_worker`` before they start threads, else by the first session."""
     global _process_memory
     with _process_memory_lock:
         if _process_memory is None:
