@@ -38,6 +38,7 @@ from latentserve.worker.errors import (InvalidInput, JobStateError, ResourceLimi
 from latentserve.worker.jobstore import (ImageFormat, JobInfo, JobKind, JobState, JobStore,
                                          job_not_found)
 from latentserve.worker.packing import pack_images, pack_items
+from latentserve.worker.pipeline import check_temperature
 
 from .auth import caller
 from .wire import decode_request_image, raw_image
@@ -135,9 +136,9 @@ class JobsServicer(pb_grpc.JobsServicer):
                                f"{self.queue.max_job_items}")
         chunk_size = spec.chunk_size or None
         if kind is JobKind.SAMPLE:
-            temperature = spec.temperature if spec.HasField("temperature") else 1.0
-            if not (temperature > 0 and np.isfinite(temperature)):
-                raise InvalidInput(f"temperature must be a positive number, got {temperature}")
+            # Refused now, not by a worker later: the same (0, 1000] as the Sample RPC.
+            temperature = check_temperature(
+                spec.temperature if spec.HasField("temperature") else 1.0)
             if spec.seed >= 2**63:
                 raise InvalidInput(f"seed {spec.seed} must be below 2**63")
             if next(request_iterator, None) is not None:
