@@ -55,14 +55,20 @@ NOISE_CALLS = st.one_of(*(
     for m, kind in sorted(METHODS.items())))
 
 
-def test_random_bytes_to_every_method(fuzzer: Fuzzer, fuzz_budget: Budget) -> None:
-    @fuzz_settings(fuzz_budget("wire-random"))
-    @given(call=NOISE_CALLS)
+def _fuzz_wire(fuzzer: Fuzzer, fuzz_budget: Budget, category: str,
+               calls: st.SearchStrategy[tuple[str, Any]]) -> None:
+    """Send ``calls`` ((method, raw bytes)) as ``category``; any definite status will do."""
+    @fuzz_settings(fuzz_budget(category))
+    @given(call=calls)
     def one_call(call: tuple[str, Any]) -> None:
-        method, payload = call
-        fuzzer.check(fuzzer.call("wire-random", method, payload), None, call)
+        method, data = call
+        fuzzer.check(fuzzer.call(category, method, data), None, call)
 
     one_call()
+
+
+def test_random_bytes_to_every_method(fuzzer: Fuzzer, fuzz_budget: Budget) -> None:
+    _fuzz_wire(fuzzer, fuzz_budget, "wire-random", NOISE_CALLS)
 
 
 def _damage_one(messages: tuple[bytes, ...], at: int, changes: Any) -> tuple[bytes, ...]:
@@ -95,14 +101,7 @@ def test_damaged_messages_to_every_method(fuzzer: Fuzzer, fuzz_budget: Budget,
             negative_field, unary["Sample"], st.sampled_from([2, 3, 5, 6]), negatives)),
         st.tuples(st.just(JOBS + "ListJobs"), st.builds(
             negative_field, payload(LIST_JOBS_CASES), st.sampled_from([1, 2]), negatives)))
-
-    @fuzz_settings(fuzz_budget("wire-damaged"))
-    @given(call=calls)
-    def one_call(call: tuple[str, Any]) -> None:
-        method, data = call
-        fuzzer.check(fuzzer.call("wire-damaged", method, data), None, call)
-
-    one_call()
+    _fuzz_wire(fuzzer, fuzz_budget, "wire-damaged", calls)
 
 
 # -- Compress -----------------------------------------------------------------------------------
