@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
+from .addresses import is_loopback_target
 from .client_config import ClientSecurity
 from .tls import channel_credentials
 
@@ -43,18 +43,6 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         return continuation(self._details(details), requests)
 
 
-def is_loopback(target: str) -> bool:
-    """Whether ``host:port`` names this machine."""
-    host = target.rsplit(":", 1)[0].strip("[]") if ":" in target else target
-    host = host.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def open_channel(target: str, security: ClientSecurity | None = None,
                  options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
     """A channel to ``target`` with ``security``'s TLS and token."""
@@ -66,7 +54,7 @@ def open_channel(target: str, security: ClientSecurity | None = None,
         creds = channel_credentials(security.tls_ca, security.tls_cert, security.tls_key)
         channel = grpc.secure_channel(target, creds, options=opts)
     else:
-        if security.token and not is_loopback(target):
+        if security.token and not is_loopback_target(target):
             log.warning("sending a bearer token to %s without TLS: anyone on the path can "
                         "read it (pass --tls-ca)", target)
         channel = grpc.insecure_channel(target, options=opts)

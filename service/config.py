@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from latentserve.service.addresses import is_loopback_host
 from latentserve.worker.engine import PROVIDERS, EngineConfig, Provider
 from latentserve.worker.errors import InvalidInput
 
@@ -99,6 +100,11 @@ class ServiceConfig:
         "load and verify the newest version of every model at startup"))
     grace_s: float = field(default=10.0, metadata=_help(
         "on SIGTERM: seconds to answer in-flight calls before exiting"))
+    stream_idle_timeout_s: float = field(default=60.0, metadata=_help(
+        "end a request stream (CompressStream, ReconstructStream, SubmitJob) whose client "
+        "sends nothing for this long while the server waits for its next message, with "
+        "DEADLINE_EXCEEDED: an idle stream holds a handler thread and a call slot; "
+        "0 = never"))
     reflection: bool = field(default=True, metadata=_help("serve gRPC server reflection"))
     tls_cert: Path | None = field(default=None, metadata=_help(
         "serve TLS with this PEM certificate (chain); needs --tls-key", "FILE.pem"))
@@ -138,6 +144,9 @@ class ServiceConfig:
         _check_range("max_message_bytes", self.max_message_bytes, 4096, 2**31 - 1)
         if not self.grace_s >= 0:
             raise InvalidInput(f"grace_s must be >= 0 seconds, got {self.grace_s}")
+        if not self.stream_idle_timeout_s >= 0:
+            raise InvalidInput("stream_idle_timeout_s must be >= 0 seconds (0 = never), "
+                               f"got {self.stream_idle_timeout_s}")
 
     # -- derived ------------------------------------------------------------------
     @property
@@ -147,8 +156,8 @@ class ServiceConfig:
 
     @property
     def loopback_only(self) -> bool:
-        return self.bind_host in ("127.0.0.1", "::1", "localhost") or \
-            self.bind_host.startswith("127.")
+        """Whether the bind address is reachable from this machine only."""
+        return is_loopback_host(self.bind_host)
 
     @property
     def bind_host(self) -> str:
