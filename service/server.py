@@ -30,6 +30,7 @@ from .batching import ComputePool
 from .catalog import CachedRepository, ModelCatalog
 from .config import ServiceConfig
 from .errors import ErrorInterceptor
+from .stream_idle import StreamIdleInterceptor
 from .metrics import MetricsHTTP, ServiceMetrics
 from .servicer import SERVICE_NAME, InferenceServicer
 from .tls import server_credentials
@@ -185,9 +186,12 @@ def create_server(config: ServiceConfig, *, pipeline: Pipeline | None = None,
                    if config.tls_cert and config.tls_key else None)
     # Outermost first: metrics count refused calls too; auth answers before anything looks
     # at the request, so a caller without a token learns nothing but UNAUTHENTICATED.
+    interceptors = [metrics.interceptor(), AuthInterceptor(tokens), ErrorInterceptor()]
+    if config.stream_idle_timeout_s:
+        interceptors.append(StreamIdleInterceptor(config.stream_idle_timeout_s))
     grpc_server = grpc.server(
         ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="grpc"),
-        interceptors=[metrics.interceptor(), AuthInterceptor(tokens), ErrorInterceptor()],
+        interceptors=interceptors,
         options=grpc_options(config), maximum_concurrent_rpcs=config.rpc_limit)
     pb_grpc.add_InferenceServicer_to_server(servicer, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

@@ -324,6 +324,68 @@ def test_calls_beyond_the_rpc_limit_are_refused_at_once_and_the_server_recovers(
         channel.close()
 
 
+def test_idle_streams_are_ended_and_their_slots_freed(start):
+    from latentserve.v1 import inference_pb2 as pb
+    from latentserve.v1 import inference_pb2_grpc as pb_grpc
+
+    server = start(grpc_threads=2, max_concurrent_rpcs=2, stream_idle_timeout_s=1)
+    release = threading.Event()
+
+    def forgotten() -> Iterator[pb.CompressRequest]:
+        yield pb.CompressRequest(model="tiny-ae")
+        release.wait(60)  # never closed: without the idle limit it would hold its slot
+
+    channel = grpc.insecure_channel(server.target)
+    stub = pb_grpc.InferenceStub(channel)
+    try:
+        streams = [stub.CompressStream(forgotten(), timeout=60) for _ in range(2)]
+        for s in streams:
+            started = time.monotonic()
+            assert list(next(s).codes) == []  # answered, then the client falls silent
+            with pytest.raises(grpc.RpcError) as info:
+                next(s)
+            assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "no message on this stream for 1 s" in info.value.details()
+            assert time.monotonic() - started < 30
+        with LatentServeClient(server.target, timeout=10) as client:
+            assert client.models()  # both slots are free again
+
+        def slow_but_steady() -> Iterator[pb.CompressRequest]:
+            for i in range(3):
+                yield pb.CompressRequest(model="tiny-ae" if i == 0 else "")
+                time.sleep(0.3)
+
+        assert len(list(stub.CompressStream(slow_but_steady(), timeout=30))) == 3
+    finally:
+        release.set()
+        channel.close()
+
+
+@pytest.mark.queue
+def test_an_idle_job_upload_is_ended_and_leaves_no_job(start, redis_url):
+    from latentserve.v1 import jobs_pb2, jobs_pb2_grpc
+
+    server = start(jobs_redis=redis_url, stream_idle_timeout_s=1)
+    release = threading.Event()
+
+    def stalled_upload() -> Iterator[jobs_pb2.SubmitJobRequest]:
+        yield jobs_pb2.SubmitJobRequest(spec=jobs_pb2.JobSpec(
+            kind=jobs_pb2.JOB_KIND_COMPRESS, model="tiny-ae"))
+        release.wait(60)
+
+    channel = grpc.insecure_channel(server.target)
+    try:
+        jobs = jobs_pb2_grpc.JobsStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            jobs.SubmitJob(stalled_upload(), timeout=60)
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "no message on this stream" in info.value.details()
+        assert list(jobs.ListJobs(jobs_pb2.ListJobsRequest(), timeout=10).jobs) == []
+    finally:
+        release.set()
+        channel.close()
+
+
 def test_unauthenticated_garbage_gets_unauthenticated(start, tokens):
     server = start(auth_tokens=tokens["path"])
     channel = grpc.insecure_channel(server.target)
