@@ -328,7 +328,7 @@ def test_idle_streams_are_ended_and_their_slots_freed(start):
     from latentserve.v1 import inference_pb2 as pb
     from latentserve.v1 import inference_pb2_grpc as pb_grpc
 
-    server = start(grpc_threads=2, max_concurrent_rpcs=2, stream_idle_timeout_s=1)
+    server = start(grpc_threads=2, max_concurrent_rpcs=2, stream_idle_timeout_s=2)
     release = threading.Event()
 
     def forgotten() -> Iterator[pb.CompressRequest]:
@@ -345,7 +345,7 @@ def test_idle_streams_are_ended_and_their_slots_freed(start):
             with pytest.raises(grpc.RpcError) as info:
                 next(s)
             assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-            assert "no message on this stream for 1 s" in info.value.details()
+            assert "no message on this stream for 2 s" in info.value.details()
             assert time.monotonic() - started < 30
         with LatentServeClient(server.target, timeout=10) as client:
             assert client.models()  # both slots are free again
@@ -353,7 +353,7 @@ def test_idle_streams_are_ended_and_their_slots_freed(start):
         def slow_but_steady() -> Iterator[pb.CompressRequest]:
             for i in range(3):
                 yield pb.CompressRequest(model="tiny-ae" if i == 0 else "")
-                time.sleep(0.3)
+                time.sleep(0.2)  # well inside the limit, even on a loaded box
 
         assert len(list(stub.CompressStream(slow_but_steady(), timeout=30))) == 3
     finally:
