@@ -30,9 +30,9 @@ from .batching import ComputePool
 from .catalog import CachedRepository, ModelCatalog
 from .config import ServiceConfig
 from .errors import ErrorInterceptor
-from .stream_idle import StreamIdleInterceptor
 from .metrics import MetricsHTTP, ServiceMetrics
 from .servicer import SERVICE_NAME, InferenceServicer
+from .stream_idle import StreamIdleInterceptor
 from .tls import server_credentials
 
 log = logging.getLogger(__name__)
