@@ -350,8 +350,12 @@ class JobStore:
         return self._finish(job_id, JobState.CANCELLED, "cancelled by request")
 
     def fail(self, job_id: str, reason: str) -> JobInfo:
-        """Fail a job with ``reason`` (an aborted upload, a permanent chunk error)."""
-        return self._finish(job_id, JobState.FAILED, reason)
+        """Fail a job with ``reason`` (an aborted upload, a permanent chunk error).
+
+        The reason is cut to 2,000 characters, as chunk errors are, so that a Job message
+        (and a ListJobs reply of up to 1,000 of them) stays small whatever a worker raised.
+        """
+        return self._finish(job_id, JobState.FAILED, reason[:2000])
 
     def _finish(self, job_id: str, state: JobState, reason: str) -> JobInfo:
         info = self.get(job_id)

@@ -91,6 +91,13 @@ def test_cancel_of_a_queued_job_empties_its_queue(job_store, redis_client):
     assert fields["job"] == other.id
 
 
+def test_a_failure_reason_is_kept_short_whatever_was_raised(job_store):
+    job = job_store.submit(JobKind.SAMPLE, "m", count=4, chunk_size=4)
+    info = job_store.fail(job.id, "worker said: " + "x" * 100_000)
+    assert info.state is JobState.FAILED
+    assert info.error.startswith("worker said: x") and len(info.error) == 2000
+
+
 def test_a_chunk_of_a_cancelled_job_is_skipped(job_store, redis_client):
     job = job_store.submit(JobKind.SAMPLE, "m", count=8, chunk_size=4)
     eid, _ = read_one(redis_client, job_store)   # a worker holds chunk 0 ...
