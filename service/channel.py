@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -43,11 +42,13 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         return continuation(self._details(details), requests)
 
 
-def open_channel(target: str, security: ClientSecurity | None = None,
-                 options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
-    """A channel to ``target`` with ``security``'s TLS and token."""
+def open_channel(target: str, security: ClientSecurity | None = None, *,
+                 max_message_bytes: int) -> grpc.Channel:
+    """A channel to ``target`` with ``security``'s TLS and token, sending and receiving
+    messages up to ``max_message_bytes``."""
     security = security or ClientSecurity()
-    opts = list(options)
+    opts: list[tuple[str, Any]] = [("grpc.max_send_message_length", max_message_bytes),
+                                   ("grpc.max_receive_message_length", max_message_bytes)]
     if security.tls:
         if security.tls_server_name:
             opts.append(("grpc.ssl_target_name_override", security.tls_server_name))

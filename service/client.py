@@ -146,9 +146,8 @@ class LatentServeClient:
         # Well under both server limits (64 MiB, 4096 images per message by default).
         self.chunk_images = chunk_images
         self.chunk_bytes = max_message_bytes // 4
-        self.channel = channel or open_channel(target, security, options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)])
+        self.channel = channel or open_channel(target, security,
+                                               max_message_bytes=max_message_bytes)
         self.stub = pb_grpc.InferenceStub(self.channel)
 
     def close(self) -> None:

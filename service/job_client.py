@@ -62,9 +62,7 @@ class JobsClient:
         self.target = target
         self.timeout = timeout
         self.batch = batch
-        self.channel = open_channel(target, security, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)])
+        self.channel = open_channel(target, security, max_message_bytes=max_message_bytes)
         self.stub = pb_grpc.JobsStub(self.channel)
 
     def close(self) -> None:
