@@ -71,6 +71,11 @@ def connect(url: str, *, check: bool = True) -> redis.Redis:
                                 retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3))
 
 
+# Errors a job keeps (its failure reason, a chunk's last error) are cut to this, so a Job
+# message, and a ListJobs reply of up to 1,000 of them, stays small whatever was raised.
+MAX_ERROR_CHARS = 2000
+
+
 def job_not_found(job_id: str) -> JobNotFound:
     """The one answer for a job that is unknown, expired, or not the caller's."""
     return JobNotFound(f"no job {job_id} (unknown, or expired after its TTL)")
@@ -350,12 +355,9 @@ class JobStore:
         return self._finish(job_id, JobState.CANCELLED, "cancelled by request")
 
     def fail(self, job_id: str, reason: str) -> JobInfo:
-        """Fail a job with ``reason`` (an aborted upload, a permanent chunk error).
-
-        The reason is cut to 2,000 characters, as chunk errors are, so that a Job message
-        (and a ListJobs reply of up to 1,000 of them) stays small whatever a worker raised.
-        """
-        return self._finish(job_id, JobState.FAILED, reason[:2000])
+        """Fail a job with ``reason`` (an aborted upload, a permanent chunk error), cut to
+        MAX_ERROR_CHARS."""
+        return self._finish(job_id, JobState.FAILED, reason[:MAX_ERROR_CHARS])
 
     def _finish(self, job_id: str, state: JobState, reason: str) -> JobInfo:
         info = self.get(job_id)
@@ -405,7 +407,7 @@ class JobStore:
 
     def note_chunk_error(self, job_id: str, chunk: int, error: str) -> None:
         """Remember a retryable chunk error; the dead letter quotes the last one."""
-        self.r.hset(self.keys.job(job_id), f"err:{chunk}", error[:2000])
+        self.r.hset(self.keys.job(job_id), f"err:{chunk}", error[:MAX_ERROR_CHARS])
 
     def chunk_error(self, job_id: str, chunk: int) -> str:
         return _s(self.r.hget(self.keys.job(job_id), f"err:{chunk}"))
