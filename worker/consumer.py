@@ -33,7 +33,7 @@ from typing import Any
 
 import redis
 
-from .chunkwork import Held, JobPipeline, compute_batch, pack_results, plan_batches
+from .chunkwork import Held, JobPipeline, Segment, compute_batch, pack_results, plan_batches
 from .config import WorkerConfig
 from .errors import CodeError, InvalidInput, LatentServeError, ResourceLimit
 from .jobstore import JobKind, JobStore, connect
