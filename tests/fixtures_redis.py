@@ -117,12 +117,15 @@ class WorkerProcess(subprocess.Popen):
 @pytest.fixture
 def spawn_worker(redis_url: str, tiny_repo: Path,
                  tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """``spawn_worker(*flags, models=None, redis=None) -> WorkerProcess``."""
+    """``spawn_worker(*flags, models=None, redis=None, gate=None) -> WorkerProcess``."""
     procs: list[WorkerProcess] = []
 
     def spawn(*flags: str, models: Path | None = None, redis: str | None = None,
-              claim_idle_s: float = 1.0) -> WorkerProcess:
-        cmd = [sys.executable, "-m", "latentserve.cli", "worker",
+              claim_idle_s: float = 1.0, gate: str | None = None) -> WorkerProcess:
+        # gate: the name of a tests/gate.py Gate (on redis_url) its pipeline calls wait at.
+        entry = ([str(ROOT / "tests" / "gated_worker.py"), redis_url, gate] if gate
+                 else ["-m", "latentserve.cli"])
+        cmd = [sys.executable, *entry, "worker",
                "--redis", redis or redis_url, "--models", str(models or tiny_repo),
                "--claim-idle-s", str(claim_idle_s), "--block-ms", "100",
                "--intra-op-threads", "1", "--log-level", "WARNING", *flags]
@@ -140,6 +143,14 @@ def spawn_worker(redis_url: str, tiny_repo: Path,
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+@pytest.fixture
+def make_gate(redis_client: Any) -> Callable[[str], Any]:
+    """``make_gate(name) -> Gate`` (tests/gate.py) on the test's Redis."""
+    from gate import Gate
+
+    return lambda name: Gate(redis_client, name)
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02,

@@ -214,6 +214,18 @@ def image_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index])))
 
 
+def canonical_temperature(temperature: float) -> float:
+    """The temperature a sample is drawn with: the nearest float32.
+
+    The wire (``SampleRequest.temperature``, ``JobSpec.temperature``) carries a float32,
+    so a server sees 0.800000011920929 where a caller in process passed 0.8; scaling
+    float64 normals by the two differs in the last bit and can move a pixel by a grey
+    level. Every path rounds here, so one (seed, temperature, index) is one image.
+    """
+    with np.errstate(over="ignore"):  # past float32's range: inf, refused by the callers
+        return float(np.float32(temperature))
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """Decoder output in [0, 1] (float) to uint8 pixels."""
     return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
@@ -331,8 +343,10 @@ class ModelRuntime:
         """Draw ``count`` uint8 images; sample ``start + j`` depends only on (seed, start + j)."""
         if count < 0:
             raise InvalidInput(f"sample count must be >= 0, got {count}")
-        if not (temperature > 0 and np.isfinite(temperature)):
+        used = canonical_temperature(temperature)
+        if not (used > 0 and np.isfinite(used)):
             raise InvalidInput(f"temperature must be a positive number, got {temperature}")
+        temperature = used
         rngs = [image_rng(seed, start + j) for j in range(count)]
         if count == 0:
             return np.zeros((0, *self.manifest.image_shape), np.uint8)

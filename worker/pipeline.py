@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .codec import Header, LatentCodec, parse_header, with_index
-from .engine import EngineConfig, ModelRuntime
+from .engine import EngineConfig, ModelRuntime, canonical_temperature
 from .errors import CodeError, CodeMismatch, CorruptCode, InvalidInput
 from .repository import ModelEntry, ModelRepository, read_registry, verify_files
 
@@ -189,11 +189,14 @@ MAX_TEMPERATURE = 1000.0
 
 
 def check_temperature(temperature: float) -> float:
-    """``temperature`` if it is a number in (0, MAX_TEMPERATURE], else InvalidInput."""
-    if not 0 < temperature <= MAX_TEMPERATURE:  # False for NaN too
+    """``temperature`` as the engine uses it (``canonical_temperature``) if that is a
+    number in (0, MAX_TEMPERATURE], else InvalidInput."""
+    used = canonical_temperature(temperature)
+    if not 0 < used <= MAX_TEMPERATURE:  # False for NaN too, and for what float32 makes 0
         raise InvalidInput(f"temperature must be a positive number, got {temperature} (at "
-                           f"most {MAX_TEMPERATURE:g}: higher ones only saturate the decoder)")
-    return temperature
+                           f"most {MAX_TEMPERATURE:g}: higher ones only saturate the decoder; "
+                           "at least float32's smallest, 1.4e-45)")
+    return used
 
 
 def describe(entry: ModelEntry) -> str:

@@ -38,19 +38,22 @@ def digest(items) -> str:
 
 @pytest.mark.slow
 def test_sigkill_mid_chunk_repeatedly_loses_and_duplicates_nothing(
-        job_store, redis_client, spawn_worker, tiny_pipeline, mnist_images, wait_until):
+        job_store, redis_client, spawn_worker, tiny_pipeline, mnist_images, make_gate,
+        wait_until):
     images = mnist_images[:400]
     job = job_store.submit(JobKind.COMPRESS, "tiny-vqvae", items=images, chunk_size=25)
     killed_holding = []
     for round_ in range(3):
         name = f"doomed-{round_}"
         before = job_store.get(job.id).items_done
+        gate = make_gate(name)
+        gate.allow(1)  # one chunk (one call: --read-count 1), then it waits holding the next
         proc = spawn_worker("--consumer", name, "--max-deliveries", "10", "--read-count", "1",
-                            claim_idle_s=0.5)
-        # Kill it once it has stored a chunk and holds the next one, unacked.
-        held = wait_until(lambda: job_store.get(job.id).items_done > before
+                            claim_idle_s=0.5, gate=name)
+        held = wait_until(lambda: gate.passed() == 1 and gate.waiting()
                           and pending(redis_client, job_store, name),
                           timeout=60, what=f"worker {name} to be mid-chunk")
+        assert job_store.get(job.id).items_done == before + 25
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(10) == -signal.SIGKILL
         killed_holding.append(held[0]["message_id"])
@@ -73,18 +76,29 @@ def mid_chunk(client: redis.Redis, consumer: str) -> bool:
                if w["consumer"] == consumer for h in w["holding"])
 
 
+def took_sigterm(client: redis.Redis, wait_until) -> None:
+    """Wait until the worker's health record says it is stopping (the signal landed)."""
+    wait_until(lambda: any(w["stopping"] for w in worker_health(client)),
+               timeout=30, what="the worker to take the SIGTERM")
+
+
 @pytest.mark.slow
 def test_sigterm_finishes_the_current_chunk_within_the_grace(job_store, redis_client, redis_url,
-                                                             spawn_worker, wait_until):
-    # No worker yet: unhealthy. Also imports the CLI now, so the check below is quick
-    # enough to run while the worker is still inside its first chunk.
+                                                             spawn_worker, make_gate,
+                                                             wait_until):
+    # No worker yet: unhealthy.
     assert main(["worker", "--check-health", "--redis", redis_url]) == 1
     job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=240, chunk_size=120)
+    gate = make_gate("w")
+    gate.allow(1)  # one batch of 10, then it waits inside the first chunk
     proc = spawn_worker("--consumer", "w", "--batch-items", "10", "--grace-s", "60",
-                        "--heartbeat-s", "0.05")
-    wait_until(lambda: mid_chunk(redis_client, "w"), what="the worker to be mid-chunk")
+                        "--heartbeat-s", "0.05", gate="w")
+    wait_until(lambda: gate.waiting() and mid_chunk(redis_client, "w"),
+               timeout=60, what="the worker to be mid-chunk")
     assert main(["worker", "--check-health", "--redis", redis_url]) == 0
     proc.send_signal(signal.SIGTERM)
+    took_sigterm(redis_client, wait_until)
+    gate.open()
     out = proc.finish(timeout=60)
     assert proc.returncode == 0, out
     assert "1 chunks, 120 items, 1 released" in out  # the unstarted chunk went back
@@ -96,15 +110,21 @@ def test_sigterm_finishes_the_current_chunk_within_the_grace(job_store, redis_cl
 
 
 def test_sigterm_past_the_grace_releases_the_chunk_at_a_batch_boundary(
-        job_store, redis_client, spawn_worker, wait_until):
+        job_store, redis_client, spawn_worker, make_gate, wait_until):
     job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=200, chunk_size=200)
+    gate = make_gate("w")
+    gate.allow(1)
     proc = spawn_worker("--consumer", "w", "--batch-items", "10", "--grace-s", "0.01",
-                        "--heartbeat-s", "0.05")
-    wait_until(lambda: mid_chunk(redis_client, "w"), what="the worker to be mid-chunk")
+                        "--heartbeat-s", "0.05", gate="w")
+    wait_until(lambda: gate.waiting() and mid_chunk(redis_client, "w"),
+               timeout=60, what="the worker to be mid-chunk")
     proc.send_signal(signal.SIGTERM)
+    took_sigterm(redis_client, wait_until)  # then the checkpoint after this batch is
+    gate.open()                             # past the 0.01 s grace
     out = proc.finish(timeout=60)
     assert proc.returncode == 0, out
     assert "0 chunks, 0 items, 1 released" in out
+    assert gate.passed() == 2  # the batch it had done, the one it was in; no third
     [(_, fields)] = redis_client.xrange(job_store.keys.stream("default"))
     assert fields[b"job"] == job.id.encode() and fields[b"prior"] == b"1"
     assert pending(redis_client, job_store) == []
@@ -169,19 +189,23 @@ def private_redis(tmp_path):
 
 @pytest.mark.slow
 def test_jobs_survive_redis_killed_and_restarted_from_its_aof(
-        private_redis, spawn_worker, tiny_pipeline, mnist_images, wait_until):
+        private_redis, spawn_worker, tiny_pipeline, mnist_images, make_gate, wait_until):
     store = JobStore(connect(private_redis.url), QueueConfig(chunk_size=20))
     images = mnist_images[:320]
     first = store.submit(JobKind.COMPRESS, "tiny-vqvae", items=images)
-    worker = spawn_worker("--max-deliveries", "10", redis=private_redis.url)
-    wait_until(lambda: store.get(first.id).items_done >= 60, timeout=60,
-               what="the job to make progress")
+    gate = make_gate("aof")
+    gate.allow(3)  # three chunks of 20 (one a call), then the worker waits mid-job
+    worker = spawn_worker("--max-deliveries", "10", "--read-count", "1",
+                          redis=private_redis.url, gate="aof")
+    wait_until(lambda: gate.passed() == 3 and store.get(first.id).items_done == 60,
+               timeout=60, what="the job to make progress")
     second = store.submit(JobKind.SAMPLE, "tiny-vae", count=50, seed=11)  # accepted ...
     private_redis.kill()                                                   # ... then lost?
     with pytest.raises(redis.ConnectionError):
         store.get(first.id)
     private_redis.start()
     assert store.get(second.id).items_total == 50
+    gate.open()
     done = wait_until(lambda: all(store.get(j.id).state.terminal for j in (first, second)),
                       timeout=120, what="both jobs to finish after the restart")
     assert done
@@ -200,7 +224,7 @@ def test_jobs_survive_redis_killed_and_restarted_from_its_aof(
 
 @pytest.mark.slow
 def test_sampling_is_identical_across_chunk_sizes_and_worker_counts(
-        redis_client, make_worker, spawn_worker, queue_config, wait_until):
+        redis_client, make_worker, spawn_worker, queue_config, make_gate, wait_until):
     """The same job with 1 and 3 workers and chunk sizes 7 and 16: the same bytes."""
     store = JobStore(redis_client, queue_config)
     seen = {}
@@ -209,12 +233,21 @@ def test_sampling_is_identical_across_chunk_sizes_and_worker_counts(
                            chunk_size=chunk_size)
         make_worker(read_count=1).run()
         seen[(1, chunk_size)] = [p for _, p in store.iter_results(job.id)]
-    procs = [spawn_worker("--read-count", "1", "--consumer", f"w{i}") for i in range(3)]
-    wait_until(lambda: len(worker_health(redis_client)) == 3, timeout=60,
-               what="three workers to report healthy")
+    gates = [make_gate(f"w{i}") for i in range(3)]
+    procs = [spawn_worker("--read-count", "1", "--consumer", f"w{i}", gate=f"w{i}")
+             for i in range(3)]
+    for gate in gates:
+        gate.allow(1)
     for chunk_size in (7, 16):
         job = store.submit(JobKind.SAMPLE, "tiny-vqvae", count=60, seed=5, temperature=0.8,
                            chunk_size=chunk_size)
+        if chunk_size == 7:
+            # Each worker computes one chunk, then waits holding the next: all three
+            # share the job whichever is fastest.
+            wait_until(lambda: all(g.passed() == 1 for g in gates), timeout=60,
+                       what="each of the three workers to compute a chunk")
+            for gate in gates:
+                gate.open()
         results = [p for _, p in store.iter_results(job.id)]  # waits for every chunk
         seen[(3, chunk_size)] = results
     chunks_per_worker = []

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
+from gate import GatedPipeline
 
 from latentserve.worker.jobstore import ImageFormat, JobKind, JobState, unpack
 from latentserve.worker.images import encode_png
@@ -164,22 +167,39 @@ def test_a_cancel_survives_a_worker_restart(job_store, make_worker, tiny_pipelin
                                  job_store.keys.group)["pending"] == 0
 
 
-@pytest.mark.slow
-def test_a_healthy_long_chunk_is_not_stolen(job_store, make_worker, redis_client, wait_until):
-    # One chunk of many batches: it must outlast several claim-idle periods (sampling
-    # got 20x faster with the prior's step graph, so 320 items no longer did).
-    job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=2560, chunk_size=2560)
+def test_a_healthy_long_chunk_is_not_stolen(job_store, make_worker, tiny_pipeline, make_gate,
+                                           redis_client, wait_until):
+    # The chunk lasts as long as the test holds its first batch at the gate: five
+    # claim-idle periods, on a fast machine or a slow one, while a second worker looks
+    # for idle entries to reclaim every claim_idle_s / 4.
+    claim_idle_s, held_s = 0.4, 2.0
+    job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=64, chunk_size=64)
     stream = job_store.keys.stream("default")
-    busy = make_worker(burst=False, claim_idle_s=0.4, batch_items=320)
-    thread = busy.start_thread()
-    wait_until(lambda: redis_client.xpending(stream, job_store.keys.group)["pending"],
-               what="the first worker to take the chunk")
-    idle = make_worker(claim_idle_s=0.4)
-    idle_stats = idle.run()  # burst: returns once the busy worker has acked the chunk
-    busy.request_stop()
-    thread.join(10)
+    gate = make_gate("long-chunk")
+    busy = make_worker(pipeline=GatedPipeline(tiny_pipeline, gate), burst=False,
+                       claim_idle_s=claim_idle_s, batch_items=16)
+    idle = make_worker(burst=False, claim_idle_s=claim_idle_s)
+    threads = [busy.start_thread()]
+    try:
+        wait_until(gate.waiting, what="the first worker to start the chunk")
+        assert redis_client.xpending(stream, job_store.keys.group)["pending"] == 1
+        threads.append(idle.start_thread())
+        time.sleep(held_s)  # the gate holds the chunk; the idle worker keeps looking
+        assert job_store.get(job.id).state is JobState.RUNNING
+        gate.open()
+        wait_until(lambda: job_store.get(job.id).state.terminal, timeout=60,
+                   what="the chunk to finish")
+    finally:
+        gate.open()
+        busy.request_stop()
+        idle.request_stop()
+        for t in threads:
+            t.join(10)
     info = job_store.get(job.id)
     assert info.state is JobState.SUCCEEDED
-    assert info.finished - info.started > 2 * 0.4, "the chunk ran too fast to prove anything"
-    assert idle_stats.retried == 0 and idle_stats.chunks == 0
-    assert busy.stats.chunks == 1
+    assert info.finished - info.started >= held_s
+    assert gate.passed() == 4  # 64 items in batches of 16, all by the busy worker
+    assert idle.stats.retried == 0 and idle.stats.chunks == 0
+    assert busy.stats.chunks == 1 and busy.stats.retried == 0
+    assert all_results(job_store, job.id) == [
+        encode_png(im) for im in tiny_pipeline.sample("tiny-vqvae", 64, seed=0)]

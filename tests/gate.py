@@ -1,0 +1,77 @@
+"""A gate the test holds on a worker's pipeline calls, so a test decides how far a job
+gets instead of hoping the machine is slow (or fast) enough.
+
+``GatedPipeline(inner, gate)`` is the real pipeline whose compress / reconstruct /
+sample calls each wait for one pass of ``gate``. ``Gate`` keeps its count in Redis, so a
+test drives a worker in another process too (``tests/gated_worker.py``):
+``allow(n)`` lets n more calls through, ``open()`` lets every call through, ``passed()``
+says how many went through, ``waiting()`` whether a call is waiting at the gate.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+OPEN = 1 << 40
+
+
+class Gate:
+    """A counter of allowed calls in Redis under ``test-gate:<name>:*``."""
+
+    def __init__(self, client: redis.Redis, name: str) -> None:
+        self.r = client
+        self.allowed_key = f"test-gate:{name}:allowed"
+        self.passed_key = f"test-gate:{name}:passed"
+        self.waiting_key = f"test-gate:{name}:waiting"
+
+    def allow(self, n: int = 1) -> None:
+        self.r.incrby(self.allowed_key, n)
+
+    def open(self) -> None:
+        self.r.set(self.allowed_key, OPEN)
+
+    def passed(self) -> int:
+        return int(self.r.get(self.passed_key) or 0)
+
+    def waiting(self) -> bool:
+        return bool(int(self.r.get(self.waiting_key) or 0))
+
+    def pass_through(self, timeout_s: float = 120.0) -> None:
+        """Block until the test allows one more call (the worker's side)."""
+        end = time.monotonic() + timeout_s
+        self.r.set(self.waiting_key, 1)
+        try:
+            while int(self.r.get(self.allowed_key) or 0) <= self.passed():
+                if time.monotonic() > end:
+                    raise TimeoutError(f"{self.allowed_key}: no call allowed in {timeout_s}s")
+                time.sleep(0.005)
+            self.r.incr(self.passed_key)
+        finally:
+            self.r.set(self.waiting_key, 0)
+
+
+class GatedPipeline:
+    """The real pipeline; each compress / reconstruct / sample call passes the gate first."""
+
+    def __init__(self, inner: Any, gate: Gate) -> None:
+        self.inner = inner
+        self.gate = gate
+
+    def compress(self, ref: str, images: Any) -> Any:
+        self.gate.pass_through()
+        return self.inner.compress(ref, images)
+
+    def reconstruct(self, codes: Any, ref: str | None = None) -> Any:
+        self.gate.pass_through()
+        return self.inner.reconstruct(codes, ref)
+
+    def sample(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
+               start: int = 0) -> Any:
+        self.gate.pass_through()
+        return self.inner.sample(ref, count, seed=seed, temperature=temperature, start=start)
+
+    def __getattr__(self, name: str) -> Any:  # models(), runtime(): not gated
+        return getattr(self.inner, name)
