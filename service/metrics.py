@@ -8,6 +8,16 @@ Names (all prefixed ``latentserve_``):
 - ``batch_size_images{model, op}``, ``images_total{model, op}`` (rate() = images/s),
   ``queued_images{model, op}``, ``dropped_images_total{model, op, reason}``
 - ``models_loaded``, ``model_provider_info{model, provider}`` (1 per loaded model)
+
+What counts what: ``images_total`` and the batch metrics above cover the unary and
+streaming Inference RPCs only (Compress / Reconstruct / Sample), never job work. Jobs
+are counted where they run, by ``latentserve_worker_*`` (``worker/worker_metrics.py``:
+``items_total{model, op}``, ``chunks_total``, ``chunk_seconds``, retries, reclaims,
+dead letters): on each ``latentserve worker --metrics-port``, and here too for the
+worker the server runs in process (``--embedded-worker``). With the Jobs API on, this
+registry also carries the queue gauges ``latentserve_queue_*`` (``worker/queue_stats.py``:
+stream length, lag, pending, oldest pending age, dead letters per pool). So the
+service's whole output is ``images_total`` (unary) + the workers' ``items_total`` (jobs).
 """
 
 from __future__ import annotations
@@ -60,10 +70,12 @@ class ServiceMetrics:
                               ["model", "provider"], registry=r)
 
     # -- hooks used by the batcher ------------------------------------------------------
-    def observe_batch(self, model: str, op: str, size: int, seconds: float) -> None:
+    def observe_batch(self, model: str, op: str, size: int, seconds: float, *,
+                      count_images: bool = True) -> None:
         self.batch_size.labels(model, op).observe(size)
         self.compute.labels(model, op).observe(seconds)
-        self.images.labels(model, op).inc(size)
+        if count_images:
+            self.images.labels(model, op).inc(size)
 
     def observe_wait(self, model: str, op: str, seconds: float, count: int) -> None:
         hist = self.queue_wait.labels(model, op)
@@ -163,11 +175,16 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 class BatchMetrics:
     """A batcher's observer (see batching.BatchObserver) feeding one (model, op) series."""
 
-    def __init__(self, metrics: ServiceMetrics, model: str, op: str) -> None:
+    def __init__(self, metrics: ServiceMetrics, model: str, op: str, *,
+                 count_images: bool = True) -> None:
+        # count_images False: the batch function counts the images it really made
+        # (a reconstruct batch can hold refused codes).
         self.metrics, self.model, self.op = metrics, model, op
+        self.count_images = count_images
 
     def on_batch(self, size: int, seconds: float) -> None:
-        self.metrics.observe_batch(self.model, self.op, size, seconds)
+        self.metrics.observe_batch(self.model, self.op, size, seconds,
+                                   count_images=self.count_images)
 
     def on_wait(self, seconds: float, count: int) -> None:
         self.metrics.observe_wait(self.model, self.op, seconds, count)

@@ -20,7 +20,7 @@ import numpy as np
 
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
-from latentserve.worker.codec import parse_header, with_index
+from latentserve.worker.codec import with_index
 from latentserve.worker.errors import CodeError, InvalidInput, LatentServeError, ResourceLimit
 from latentserve.worker.pipeline import check_temperature
 from latentserve.worker.repository import ModelEntry
@@ -97,7 +97,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if op == "compress":
             fn = lambda images: self.pipeline.compress(model, images)  # noqa: E731
         elif op == "reconstruct":
-            fn = lambda codes: self._reconstruct_batch(codes, arg)  # noqa: E731
+            fn = lambda codes: self._reconstruct_batch(codes, model, arg)  # noqa: E731
         else:
             fn = lambda items: self._sample_batch(model, items)  # noqa: E731
         return DynamicBatcher(
@@ -107,7 +107,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             # random streams), so merging them would only make one wait for another.
             batching=c.batching and op != "sample",
             dispatch_when_idle=c.dispatch_when_idle, max_queue_items=c.max_queue_images,
-            observer=BatchMetrics(self.metrics, model, op), name=f"{op} {model}")
+            observer=BatchMetrics(self.metrics, model, op,
+                                  count_images=op != "reconstruct"),
+            name=f"{op} {model}")
 
     def _submit(self, key: tuple[str, str, Any], items: Any, scope: RpcScope) -> Ticket:
         return scope.track(self.batchers.get(key).submit(items, deadline=scope.deadline))
@@ -207,23 +209,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         yield from pipelined(request_iterator, submit, scope)
 
     # -- reconstruct ---------------------------------------------------------------------------
-    def _maker(self, code: bytes) -> ModelEntry | None:
-        """The model that made a (successfully decoded) code, from the cached listing."""
-        header = parse_header(code)
-        for e in self.catalog.entries():
-            if e.manifest.fingerprint == header.fingerprint and header.made_by(e.manifest.digest):
-                return e
-        return None
-
-    def _reconstruct_batch(self, codes: list[bytes], wanted: str | None) -> list[Any]:
+    def _reconstruct_batch(self, codes: list[bytes], ref: str,
+                           wanted: str | None) -> list[Any]:
+        """One batcher's batch: every code here was identified as ``ref``'s."""
         results = self.pipeline.reconstruct_each(codes, wanted)
-        out: list[Any] = []
-        for code, r in zip(codes, results):
-            entry = None if isinstance(r, CodeError) else self._maker(code)
-            if entry is not None:
-                self.catalog.ensure_loaded(entry)
-            out.append((r, entry.manifest.ref if entry else ""))
-        return out
+        done = sum(not isinstance(r, CodeError) for r in results)
+        # Refused codes are not images done (the batcher's own count would include them).
+        self.metrics.images.labels(ref, "reconstruct").inc(done)
+        return [(r, "" if isinstance(r, CodeError) else ref) for r in results]
 
     def _submit_reconstruct(self, request: pb.ReconstructRequest, scope: RpcScope,
                             where: str = "") -> Callable[[], pb.ReconstructResponse]:
@@ -231,17 +224,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._check_request(request, len(codes), "codes", "ReconstructStream", where)
         _check_format(request.format, where)
         wanted = self._entry(request.model, where).manifest.ref if request.model else None
-        # One batcher per model fingerprint: a batch never mixes models.
-        groups: dict[bytes, list[int]] = {}
-        for i, code in enumerate(codes):
-            groups.setdefault(bytes(code[2:4]) if len(code) >= 7 else b"", []).append(i)
-        pending = [(idx, self._submit(("reconstruct", fp.hex() or "-", wanted),
+        # Batchers are keyed by a model that is served, found from each code's header
+        # and checksum: keyed by the bytes as sent, every made-up fingerprint would
+        # start a batcher (a thread, a metric series) that never goes away.
+        results: list[Any] = [None] * len(codes)
+        groups: dict[str, list[int]] = {}
+        for i, found in enumerate(self.pipeline.identify_each(codes)):
+            if isinstance(found, CodeError):
+                results[i] = (found, "")
+            else:
+                self.catalog.ensure_loaded(found)
+                groups.setdefault(found.manifest.ref, []).append(i)
+        # The reply is the first refusal by index: codes after it need no decoding.
+        first_refused = next((i for i, r in enumerate(results) if r is not None), len(codes))
+        pending = [(idx, self._submit(("reconstruct", ref, wanted),
                                       [codes[i] for i in idx], scope))
-                   for fp, idx in groups.items()]
+                   for ref, idx in groups.items() if idx[0] < first_refused]
         fmt = request.format
 
         def finish() -> pb.ReconstructResponse:
-            results: list[Any] = [None] * len(codes)
             for idx, ticket in pending:
                 for i, r in zip(idx, scope.wait(ticket)):
                     results[i] = r

@@ -90,6 +90,19 @@ class Pipeline:
         return self._identify(parse_header(code), self.models(),
                               _LazyRegistry(self.repository.root))
 
+    def identify_each(self, codes: Sequence[bytes]) -> list[ModelEntry | CodeError]:
+        """Per code, the model here that made it, or the CodeError that names why not
+        (one listing and at most one registry read for the whole batch)."""
+        entries = self.models()
+        registry = _LazyRegistry(self.repository.root)
+        out: list[ModelEntry | CodeError] = []
+        for code in codes:
+            try:
+                out.append(self._identify(parse_header(code), entries, registry))
+            except CodeError as exc:
+                out.append(exc)
+        return out
+
     def reconstruct(self, codes: Sequence[bytes], ref: str | None = None) -> np.ndarray:
         """Codes -> uint8 images (N, C, H, W); raises the first refusal, naming its index."""
         results = self.reconstruct_each(codes, ref)
