@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
 from latentserve.worker.errors import LatentServeError, Unavailable
@@ -30,14 +29,14 @@ from .batching import ComputePool
 from .catalog import CachedRepository, ModelCatalog
 from .config import ServiceConfig
 from .errors import ErrorInterceptor
+from .health import NOT_SERVING, SERVING, HealthServicer
 from .metrics import MetricsHTTP, ServiceMetrics
+from .reflection import enable_reflection
 from .servicer import SERVICE_NAME, InferenceServicer
 from .stream_idle import StreamIdleInterceptor
 from .tls import server_credentials
 
 log = logging.getLogger(__name__)
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass
@@ -48,7 +47,7 @@ class ExtensionContext:
     config: ServiceConfig
     pipeline: Pipeline
     metrics: ServiceMetrics
-    health: health.HealthServicer
+    health: HealthServicer
     stop_hooks: list[Callable[[], None]] = field(default_factory=list)
 
     def on_stop(self, hook: Callable[[], None]) -> None:
@@ -66,7 +65,7 @@ class Server:
 
     def __init__(self, *, grpc_server: grpc.Server, port: int, config: ServiceConfig,
                  servicer: InferenceServicer, pool: ComputePool, metrics: ServiceMetrics,
-                 metrics_http: MetricsHTTP | None, health_servicer: health.HealthServicer,
+                 metrics_http: MetricsHTTP | None, health_servicer: HealthServicer,
                  stop_hooks: list[Callable[[], None]]) -> None:
         self.grpc_server = grpc_server
         self.port = port
@@ -168,7 +167,7 @@ def create_server(config: ServiceConfig, *, pipeline: Pipeline | None = None,
     """Build (bind, load models) a server for ``config``; returns it and its gRPC port."""
     metrics = ServiceMetrics()
     pipeline = pipeline or Pipeline(CachedRepository(config.models), config.engine_config())
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = HealthServicer()
 
     def loaded(entry: ModelEntry, provider: str) -> None:
         metrics.model_loaded(entry.manifest.ref, provider)
@@ -221,9 +220,8 @@ def create_server(config: ServiceConfig, *, pipeline: Pipeline | None = None,
     for name in ("", *names):
         health_servicer.set(name, SERVING)
     if config.reflection:
-        reflection.enable_server_reflection(
-            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME], grpc_server)
+        enable_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
+                          grpc_server)
 
     try:
         port = (grpc_server.add_secure_port(config.address, credentials) if credentials
