@@ -99,13 +99,18 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def abort_for(exc: BaseException, context: grpc.ServicerContext) -> None:
-    """Abort the RPC with the status of ``exc`` (re-raises if the RPC already ended)."""
-    if context.code() is not None or not context.is_active():
-        # Already aborted by the servicer, or the client is gone: nothing to tell.
-        raise exc
+    """Abort the RPC with the status of ``exc`` (re-raises if the servicer aborted it)."""
+    if context.code() is not None:
+        raise exc  # context.abort's own exception: gRPC ends the call quietly
     code, message = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("unexpected error in an RPC", exc_info=exc)
+    if not context.is_active():
+        # The client left (cancelled, deadline, connection gone) before the error: there
+        # is nobody to tell. Aborting still marks the call ended, where re-raising made
+        # gRPC log "Exception calling application" with a traceback for a handled case.
+        log.debug("client gone before its %s: %s", code.name, message)
+        context.abort(grpc.StatusCode.CANCELLED, "the client cancelled the call")
     context.abort(code, message)
 
 
