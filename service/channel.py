@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -43,12 +44,14 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
 
 def open_channel(target: str, security: ClientSecurity | None = None, *,
-                 max_message_bytes: int) -> grpc.Channel:
+                 max_message_bytes: int,
+                 extra_options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
     """A channel to ``target`` with ``security``'s TLS and token, sending and receiving
-    messages up to ``max_message_bytes``."""
+    messages up to ``max_message_bytes``; ``extra_options``: more gRPC channel arguments."""
     security = security or ClientSecurity()
     opts: list[tuple[str, Any]] = [("grpc.max_send_message_length", max_message_bytes),
-                                   ("grpc.max_receive_message_length", max_message_bytes)]
+                                   ("grpc.max_receive_message_length", max_message_bytes),
+                                   *extra_options]
     if security.tls:
         if security.tls_server_name:
             opts.append(("grpc.ssl_target_name_override", security.tls_server_name))

@@ -4,13 +4,22 @@
     latentserve job submit reconstruct CODES... [--model NAME] [--format png|raw]
     latentserve job submit sample --model NAME -n COUNT [--seed S] [--temperature T]
     latentserve job watch ID          # progress bar until the job ends
-    latentserve job fetch ID -o DIR [--start N]
+    latentserve job fetch ID -o DIR [--start N]   # exit 0, or 3 if some items failed
     latentserve job cancel ID
     latentserve job list [--state running] [--limit N] [--json]
 
 Every command takes ``--target HOST:PORT`` (env LATENTSERVE_TARGET, default
 127.0.0.1:50051). ``submit`` prints the job id on stdout (so ``ID=$(latentserve job
-submit ...)`` works) and details on stderr.
+submit ...)`` works) and details on stderr. ``get``, ``list``, ``watch`` and ``fetch``
+retry through a server restart or Redis outage (UNAVAILABLE) for up to
+``--retry-deadline-s`` (default 60; 0 = fail at once), resuming where they stopped.
+
+Bad inputs (``submit --on-item-error``, default ``per-item``): a bad image or code
+fails only its own item. ``fetch`` then writes ``NNNNNNN.error.json`` (index, status
+code, message) in that item's place and a line per item on stderr, and its exit status
+is the rule: 0 when DIR holds every item's result, 3 when it holds every item but some
+are ``.error.json`` files (the job succeeded, those items failed), 1 on any other error
+(the job failed or was cancelled, the server cannot be reached, ...).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .client_config import add_client_arguments
+from .retry import DEFAULT_DEADLINE_S
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -43,6 +53,7 @@ def register(sub: Any) -> None:
     p.add_argument("--model", required=True, metavar="NAME[:VERSION]")
     p.add_argument("--resize", action="store_true",
                    help="convert and resize images of another size or mode")
+    _item_error_flag(p)
     _submit_flags(p)
     p = kinds.add_parser("reconstruct", help="latent codes -> images")
     p.add_argument("inputs", nargs="+", metavar="CODES",
@@ -50,6 +61,7 @@ def register(sub: Any) -> None:
     p.add_argument("--model", default="", metavar="NAME[:VERSION]",
                    help="refuse codes made by any other model (default: each code's own)")
     p.add_argument("--format", choices=("png", "raw"), default="png")
+    _item_error_flag(p)
     _submit_flags(p)
     p = kinds.add_parser("sample", help="draw images from a model's prior")
     p.add_argument("--model", required=True, metavar="NAME[:VERSION]")
@@ -86,7 +98,17 @@ def _target(p: argparse.ArgumentParser) -> None:
                    help=f"server [env LATENTSERVE_TARGET; default {DEFAULT_TARGET}]")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="deadline of each unary call (seconds) [60]")
+    p.add_argument("--retry-deadline-s", type=float, default=DEFAULT_DEADLINE_S, metavar="S",
+                   help="get, list, watch and fetch retry an unavailable server or queue "
+                        "for up to S seconds from the first failure, with backoff, then "
+                        f"resume; 0 = fail at once [{DEFAULT_DEADLINE_S:g}]")
     add_client_arguments(p)
+
+
+def _item_error_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--on-item-error", choices=("per-item", "fail-fast"), default="per-item",
+                   help="a bad input fails only its item (per-item: the job still succeeds, "
+                        "fetch reports the item) or the whole job (fail-fast) [per-item]")
 
 
 def _submit_flags(p: argparse.ArgumentParser) -> None:
@@ -101,7 +123,7 @@ def cmd_job(args: argparse.Namespace) -> int:
     from .job_client import JobsClient
 
     target = args.target or os.environ.get("LATENTSERVE_TARGET") or DEFAULT_TARGET
-    with JobsClient(target, timeout=args.timeout,
+    with JobsClient(target, timeout=args.timeout, retry_deadline_s=args.retry_deadline_s,
                     security=ClientSecurity.from_args(args)) as client:
         handler = {"submit": _submit, "get": _get, "watch": _watch, "fetch": _fetch,
                    "cancel": _cancel, "list": _list}[args.job_command]
@@ -112,10 +134,12 @@ def cmd_job(args: argparse.Namespace) -> int:
 def _submit(client: Any, args: argparse.Namespace) -> int:
     if args.kind == "compress":
         job = client.submit_compress(args.model, _images(args.inputs), chunk_size=args.chunk_size,
-                                     resize=args.resize)
+                                     resize=args.resize,
+                                     on_item_error=args.on_item_error.replace("-", "_"))
     elif args.kind == "reconstruct":
         job = client.submit_reconstruct(_codes(args.inputs), model=args.model,
-                                        chunk_size=args.chunk_size, fmt=args.format)
+                                        chunk_size=args.chunk_size, fmt=args.format,
+                                        on_item_error=args.on_item_error.replace("-", "_"))
     else:
         job = client.submit_sample(args.model, args.count, seed=args.seed,
                                    temperature=args.temperature, chunk_size=args.chunk_size,
@@ -168,28 +192,44 @@ def _fetch(client: Any, args: argparse.Namespace) -> int:
     job = client.get(args.id)
     suffix = ".lsc" if _kind(job.kind) == "compress" else ".png"
     start = args.start if args.start is not None else _present(out, suffix)
-    written = 0
+    written = failed = 0
     from tqdm import tqdm
+
+    from .job_client import ItemFailed
 
     with tqdm(total=job.items_total or None, initial=start, unit="item",
               desc=f"fetch {job.id[:8]}", file=sys.stderr, disable=None) as bar:
         for index, result in client.fetch(args.id, start):
-            data = encode_png(result) if isinstance(result, np.ndarray) else result
-            path = out / f"{index:07d}{suffix}"
-            tmp = path.with_suffix(suffix + ".part")
+            if isinstance(result, ItemFailed):
+                bar.write(f"item {index}: {result.code}: {result.message}", file=sys.stderr)
+                text = json.dumps({"index": index, "code": result.code,
+                                   "message": result.message})
+                path, data = out / f"{index:07d}{ERROR_SUFFIX}", (text + "\n").encode()
+                failed += 1
+            else:
+                path = out / f"{index:07d}{suffix}"
+                data = encode_png(result) if isinstance(result, np.ndarray) else result
+                written += 1
+            tmp = path.with_name(path.name + ".part")
             tmp.write_bytes(data)
             tmp.replace(path)  # a file is complete or absent, so a resumed fetch trusts it
-            written += 1
             bar.update(1)
-    print(f"job {job.id}: wrote {written} files to {out} (from index {start})",
-          file=sys.stderr)
-    return 0
+    errors = sum(1 for _ in out.glob(f"*{ERROR_SUFFIX}"))
+    print(f"job {job.id}: wrote {written} files to {out} (from index {start})"
+          + (f"; {errors} items failed, each with a {ERROR_SUFFIX} file there saying why"
+             if errors else ""), file=sys.stderr)
+    return 3 if errors else 0
+
+
+# What ``fetch`` writes in place of a failed item's result (status code and message).
+ERROR_SUFFIX = ".error.json"
 
 
 def _present(out: Path, suffix: str) -> int:
-    """How many results 0, 1, 2, ... are already in ``out`` (where to resume)."""
+    """How many items 0, 1, 2, ... are already in ``out``, as a result or an error
+    (where to resume)."""
     n = 0
-    while (out / f"{n:07d}{suffix}").is_file():
+    while (out / f"{n:07d}{suffix}").is_file() or (out / f"{n:07d}{ERROR_SUFFIX}").is_file():
         n += 1
     return n
 
@@ -207,8 +247,10 @@ def _show_progress(client: Any, job_id: str) -> int:
             bar.set_postfix_str(f"{_state(job.state)}, {job.chunks_done}/{job.chunks_total} "
                                 f"chunks, {job.items_per_second:.0f} items/s")
     assert last is not None
-    print(f"job {job_id}: {_state(last.state)}{': ' + last.error if last.error else ''}",
-          file=sys.stderr)
+    failed = (f" ({last.items_failed} of {last.items_total} items failed; fetch lists them)"
+              if last.items_failed else "")
+    print(f"job {job_id}: {_state(last.state)}{': ' + last.error if last.error else ''}"
+          f"{failed}", file=sys.stderr)
     return 0 if _state(last.state) == "succeeded" else 1
 
 
@@ -265,7 +307,11 @@ def job_dict(job: Any) -> dict[str, Any]:
 
     d = MessageToDict(job, preserving_proto_field_name=True,
                       always_print_fields_with_no_presence=True)
+    from latentserve.v1 import jobs_pb2 as pb
+
     d["kind"], d["state"] = _kind(job.kind), _state(job.state)
-    for key in ("items_total", "items_done", "seed"):  # uint64 come out as strings
+    d["on_item_error"] = pb.OnItemError.Name(job.on_item_error).removeprefix(
+        "ON_ITEM_ERROR_").lower()
+    for key in ("items_total", "items_done", "items_failed", "seed"):  # uint64: strings
         d[key] = int(d[key])
     return d

@@ -7,6 +7,15 @@ waiting or running per pool (beyond it RESOURCE_EXHAUSTED, naming the depth) and
 most ``max_job_items`` items per job. The servicer raises ``latentserve.worker.errors``
 exceptions only; ``service.errors.ErrorInterceptor`` maps them to status codes.
 
+Under OnItemError PER_ITEM (the default) an input refused on arrival becomes an item
+error in its chunk, and FetchResults returns item errors in their slots (``job_items``).
+Each message of an upload keeps its job alive; one silent for ``receiving_timeout_s``
+is failed, here by ``job_sweeper`` as by the workers.
+
+WatchJob and FetchResults wait for the job, each holding a handler thread meanwhile:
+``stream_slots.StreamSlots`` bounds how many may be open (RESOURCE_EXHAUSTED beyond),
+and each ends within one wait (0.5 s) of its client going away, moving job or not.
+
 ``jobs_extension(settings)`` is the ``server.ServiceExtension`` for ``create_server``:
 it connects to Redis (or starts the embedded Valkey when no URL is given), registers
 the servicer and, with the embedded Redis, runs a worker in process so one command
@@ -20,6 +29,7 @@ import functools
 import logging
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +47,13 @@ from latentserve.worker.errors import (InvalidInput, JobStateError, ResourceLimi
                                        Unavailable)
 from latentserve.worker.jobstore import (ImageFormat, JobInfo, JobKind, JobState, JobStore,
                                          job_not_found)
-from latentserve.worker.packing import pack_images, pack_items
+from latentserve.worker.jobtypes import ITEM_ERRORS, ItemFailure, OnItemError
 from latentserve.worker.pipeline import check_temperature
 
 from .auth import caller
+from .job_items import POLICY_PB, chunk_payload, policy_of, with_item_errors
+from .stream_slots import (StreamSlots, add_stream_arguments, client_gone,
+                           default_stream_limit, stream_limits)
 from .wire import decode_request_image, raw_image
 
 log = logging.getLogger(__name__)
@@ -66,7 +79,8 @@ def job_message(info: JobInfo) -> pb.Job:
         created_time=info.created, started_time=info.started, finished_time=info.finished,
         seed=info.seed if info.kind is JobKind.SAMPLE else 0,
         temperature=info.temperature if info.kind is JobKind.SAMPLE else 0.0,
-        format=FORMAT_PB[info.image_format], pool=info.pool, owner=info.owner)
+        format=FORMAT_PB[info.image_format], pool=info.pool, owner=info.owner,
+        items_failed=info.items_failed, on_item_error=POLICY_PB[info.on_item_error])
 
 
 def redis_unavailable(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -110,11 +124,14 @@ class JobLimits:
 class JobsServicer(pb_grpc.JobsServicer):
     """SubmitJob, GetJob, ListJobs, WatchJob, CancelJob, FetchResults over a JobStore."""
 
-    def __init__(self, store: JobStore, pipeline: Any, limits: JobLimits = JobLimits()) -> None:
+    def __init__(self, store: JobStore, pipeline: Any, limits: JobLimits = JobLimits(),
+                 slots: StreamSlots | None = None) -> None:
         self.store = store
         self.pipeline = pipeline
         self.limits = limits
         self.queue = store.config
+        # The default fits the server's default 64 handler threads.
+        self.slots = slots or StreamSlots(default_stream_limit(64))
 
     # -- SubmitJob ----------------------------------------------------------------------
     @redis_unavailable
@@ -130,6 +147,7 @@ class JobsServicer(pb_grpc.JobsServicer):
             raise InvalidInput(f"JobSpec.kind {spec.kind} is not one of COMPRESS (1), "
                                "RECONSTRUCT (2), SAMPLE (3)")
         fmt = self._format(spec.format)
+        policy = policy_of(spec)
         model = self._model(spec.model, kind)
         if spec.chunk_size > self.queue.max_job_items:
             raise InvalidInput(f"chunk_size {spec.chunk_size} is over the maximum job size "
@@ -155,7 +173,7 @@ class JobsServicer(pb_grpc.JobsServicer):
             raise ResourceLimit(f"the queue of pool {pool!r} holds {depth} chunks, its limit "
                                 f"is {self.queue.max_queued_chunks}: retry later")
         job = self.store.create(kind, model, chunk_size=chunk_size, image_format=fmt,
-                                owner=caller(context))
+                                owner=caller(context), on_item_error=policy)
         try:
             total, chunks = self._receive(job, kind, spec, request_iterator, context)
             if total == 0:
@@ -185,16 +203,18 @@ class JobsServicer(pb_grpc.JobsServicer):
                  if kind is JobKind.COMPRESS else None)
         pending: list[Any] = []
         total = chunks = 0
+        # A message that fills no chunk still shows the upload alive (receiving_timeout_s).
+        touch_every = min(1.0, self.queue.receiving_timeout_s / 4)
+        progress = time.monotonic()
 
         def flush(final: bool) -> None:
-            nonlocal chunks, pending
+            nonlocal chunks, pending, progress
             cs = job.chunk_size
             while len(pending) >= cs or (final and pending):
                 part, pending = pending[:cs], pending[cs:]
-                payload = (pack_images(np.stack(part)) if kind is JobKind.COMPRESS
-                           else pack_items(part))
-                self.store.enqueue(job, [(chunks, len(part), payload)])
+                self.store.enqueue(job, [(chunks, len(part), chunk_payload(kind, part, shape))])
                 chunks += 1
+                progress = time.monotonic()
 
         for req in requests:
             if req.WhichOneof("part") != "items":
@@ -213,27 +233,38 @@ class JobsServicer(pb_grpc.JobsServicer):
                 raise ResourceLimit(f"the job has more than {self.queue.max_job_items} items, "
                                     "the maximum job size; split it into several jobs")
             for i, item in enumerate(got):
-                pending.append(self._input(kind, item, total + i, shape, spec.resize))
+                pending.append(self._input(kind, item, total + i, shape, spec.resize,
+                                           job.on_item_error))
             total += len(got)
             flush(final=False)
+            if time.monotonic() - progress >= touch_every:
+                self.store.touch(job.id)
+                progress = time.monotonic()
         if not context.is_active():
             raise InvalidInput("the SubmitJob stream was cancelled by the client")
         flush(final=True)
         return total, chunks
 
-    def _input(self, kind: JobKind, item: Any, index: int, shape: Any, resize: bool) -> Any:
-        if kind is JobKind.COMPRESS:
-            return decode_request_image(item, shape, resize=resize,
-                                        max_pixels=self.limits.max_pixels_per_image,
-                                        name=f"image {index}")
+    def _input(self, kind: JobKind, item: Any, index: int, shape: Any, resize: bool,
+               policy: OnItemError) -> Any:
+        """One input checked: an image array or code bytes, or (PER_ITEM) the
+        ItemFailure that refused it, its message the unary RPC's for that item alone."""
         from latentserve.worker.codec import parse_header
         from latentserve.worker.errors import CodeError
 
         try:
+            if kind is JobKind.COMPRESS:
+                return decode_request_image(item, shape, resize=resize,
+                                            max_pixels=self.limits.max_pixels_per_image,
+                                            name=f"image {index}")
             parse_header(item)  # cheap: magic, version, length (the worker checks the rest)
-        except CodeError as exc:
-            raise type(exc)(f"code {index}: {exc}") from None
-        return bytes(item)
+            return bytes(item)
+        except ITEM_ERRORS as exc:
+            if policy is OnItemError.PER_ITEM:
+                return ItemFailure.of(exc)
+            if isinstance(exc, CodeError):
+                raise type(exc)(f"code {index}: {exc}") from None
+            raise
 
     def _model(self, model: str, kind: JobKind) -> str:
         if not model:
@@ -282,10 +313,12 @@ class JobsServicer(pb_grpc.JobsServicer):
     def WatchJob(self, request: pb.WatchJobRequest,
                  context: grpc.ServicerContext) -> Iterator[pb.Job]:
         self._own(request.id, context)
-        for info in self.store.watch(request.id, wait_s=0.5):
-            if not context.is_active():
-                return
-            yield job_message(info)
+        with self.slots.hold(caller(context), "WatchJob"):
+            for info in self.store.watch(request.id, wait_s=0.5,
+                                         should_stop=client_gone(context)):
+                if not context.is_active():
+                    return
+                yield job_message(info)
 
     @redis_unavailable
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
@@ -298,12 +331,15 @@ class JobsServicer(pb_grpc.JobsServicer):
                      context: grpc.ServicerContext) -> Iterator[pb.JobResults]:
         info = self._own(request.id, context)
         budget = max(self.limits.max_message_bytes // 2, 1 << 20)
-        for lo, items in self.store.iter_chunks(request.id, request.start, wait_s=0.5):
-            if not context.is_active():
-                return
-            info = self.store.get(request.id) if not info.sealed else info
-            total = info.items_total if info.sealed else 0
-            yield from _results_messages(info.kind, lo, items, total, budget)
+        with self.slots.hold(caller(context), "FetchResults"):
+            for lo, items, failed in self.store.iter_chunk_results(
+                    request.id, request.start, wait_s=0.5, should_stop=client_gone(context)):
+                if not context.is_active():
+                    return
+                info = self.store.get(request.id) if not info.sealed else info
+                total = info.items_total if info.sealed else 0
+                for msg in _results_messages(info.kind, lo, items, total, budget):
+                    yield with_item_errors(msg, failed)
 
 
 def _results_messages(kind: JobKind, lo: int, items: Any, total: int,
@@ -343,11 +379,24 @@ class JobSettings:
     queue: QueueConfig = field(default_factory=QueueConfig)
     # Run a worker inside the server: "auto" = only with the embedded Redis.
     embedded_worker: str = "auto"
+    # WatchJob + FetchResults streams open at once (0: default_stream_limit(grpc_threads)),
+    # and of those, per caller identity (0: no tighter limit).
+    max_streams: int = 0
+    max_streams_per_caller: int = 0
 
     def __post_init__(self) -> None:
         if self.embedded_worker not in ("auto", "yes", "no"):
             raise InvalidInput(f"embedded worker {self.embedded_worker!r} must be auto, yes "
                                "or no")
+        for name in ("max_streams", "max_streams_per_caller"):
+            if getattr(self, name) < 0:
+                raise InvalidInput(f"{name} must be >= 0 (0 = the default), got "
+                                   f"{getattr(self, name)}")
+
+    def stream_slots(self, grpc_threads: int) -> StreamSlots:
+        """The admission of waiting job streams for a server of ``grpc_threads``."""
+        return StreamSlots(self.max_streams or default_stream_limit(grpc_threads),
+                           self.max_streams_per_caller)
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -368,9 +417,14 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                    help="most items in one job [1000000]")
     g.add_argument("--result-ttl-s", type=float, default=None, metavar="S",
                    help="how long a finished job and its results are kept [86400]")
+    g.add_argument("--receiving-timeout-s", type=float, default=None, metavar="S",
+                   help="fail a job whose SubmitJob upload sends nothing for this long "
+                        "before its end (a client or server that died mid-upload), "
+                        "dropping its chunks [env LATENTSERVE_RECEIVING_TIMEOUT_S; 300]")
     g.add_argument("--embedded-worker", choices=("auto", "yes", "no"), default=None,
                    help="run a job worker in the server process [auto: only with the "
                         "embedded Valkey]")
+    add_stream_arguments(g)
 
 
 def job_settings(args: argparse.Namespace | None = None,
@@ -379,13 +433,15 @@ def job_settings(args: argparse.Namespace | None = None,
     env = dict(os.environ) if env is None else env
     a = args or argparse.Namespace()
     queue = QueueConfig.from_env(env, **{k: getattr(a, k, None) for k in (
-        "chunk_size", "max_queued_chunks", "max_job_items", "result_ttl_s")})
+        "chunk_size", "max_queued_chunks", "max_job_items", "result_ttl_s",
+        "receiving_timeout_s")})
     state = getattr(a, "state_dir", None) or env.get("LATENTSERVE_STATE_DIR") or ".state"
     url = getattr(a, "redis_url", None) or env.get("LATENTSERVE_REDIS_URL") or None
     return JobSettings(redis_url=url, state_dir=Path(state),
                        queue=queue,
                        embedded_worker=getattr(a, "embedded_worker", None)
-                       or env.get("LATENTSERVE_EMBEDDED_WORKER", "auto"))
+                       or env.get("LATENTSERVE_EMBEDDED_WORKER", "auto"),
+                       **stream_limits(a, env))
 
 
 def write_private(path: Path, text: str) -> None:
@@ -417,21 +473,37 @@ def jobs_extension(settings: JobSettings) -> Callable[[Any], list[str]]:
             write_private(embedded.data_dir / "url", url + "\n")
         client = connect(url)
         store = JobStore(client, settings.queue)
+        from latentserve.worker.queue_stats import QueueCollector, known_pools
+
+        # The queue's gauges (depth, lag, pending, dead letters) on the service's
+        # /metrics too, read from Redis at each scrape.
+        ctx.metrics.registry.register(QueueCollector(client, settings.queue.keys,
+                                                     known_pools(settings.queue)))
         config = ctx.config
         limits = JobLimits(max_items_per_message=config.max_images_per_request,
                            max_pixels_per_image=config.max_pixels_per_image,
                            max_message_bytes=config.max_message_bytes)
-        pb_grpc.add_JobsServicer_to_server(JobsServicer(store, ctx.pipeline, limits), ctx.server)
+        slots = settings.stream_slots(config.grpc_threads)
+        pb_grpc.add_JobsServicer_to_server(JobsServicer(store, ctx.pipeline, limits, slots),
+                                           ctx.server)
+        from .job_sweeper import start_sweeper
+
+        ctx.on_stop(start_sweeper(store))  # silent uploads end even with no worker running
         shown = redact_url(url)  # never log a password
         where = (f"embedded Valkey {shown} (data in {embedded.data_dir}; its URL with the "
                  f"password in {embedded.data_dir / 'url'})" if embedded else shown)
-        log.info("job queue on %s", where)
+        log.info("job queue on %s; at most %d WatchJob/FetchResults streams open",
+                 where, slots.total)
         if settings.embedded_worker == "yes" or (settings.embedded_worker == "auto" and embedded):
             wcfg = WorkerConfig(redis_url=url, queue=settings.queue,
                                 models=str(config.models), provider=config.provider,
                                 intra_op_threads=config.ort_threads,
                                 batch_items=config.max_batch_size, grace_s=config.grace_s)
-            worker = create_worker(wcfg, ctx.pipeline, client)
+            from latentserve.worker.worker_metrics import WorkerMetrics
+
+            # Its job counts go on the service's /metrics (latentserve_worker_*).
+            worker = create_worker(wcfg, ctx.pipeline, client,
+                                   WorkerMetrics(ctx.metrics.registry))
             thread = worker.start_thread()
 
             def stop_worker() -> None:

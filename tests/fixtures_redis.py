@@ -8,13 +8,19 @@
 - ``spawn_worker``: starts ``latentserve worker`` processes (killed at teardown).
 - ``start_server`` / ``jobs_server``: real gRPC servers on loopback (Jobs on ``redis_url``).
 - ``wait_until``: poll a condition with a deadline (for events Redis cannot push).
+- ``Background(fn)``: a thread running a client call, its result or error kept for the test.
+- ``private_redis``: a ``RedisProcess`` of this test's own on a fixed port, to kill and
+  restart (from its AOF) under a client.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -166,6 +172,30 @@ def wait_until(condition: Callable[[], Any], timeout: float = 20.0, interval: fl
         time.sleep(interval)
 
 
+class Background(threading.Thread):
+    """Runs ``fn`` and keeps its result or exception for the test to check."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self.fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            self.error = exc
+
+    def outcome(self, timeout: float = 120) -> Any:
+        self.join(timeout)
+        assert not self.is_alive(), "still running"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 @pytest.fixture(name="wait_until")
 def wait_until_fixture() -> Callable[..., Any]:
     return wait_until
@@ -176,9 +206,10 @@ JOBS_QUEUE: dict[str, Any] = {"chunk_size": 16, "max_queued_chunks": 40, "max_jo
 
 @pytest.fixture
 def start_server(tiny_repo: Path) -> Iterator[Callable[..., Any]]:
-    """``start_server(jobs_redis=None, **config) -> Server``: a started gRPC server on
-    127.0.0.1:0 serving ``tiny_repo`` (with the Jobs API on ``jobs_redis``, no worker
-    inside), ``config`` overriding ServiceConfig fields; all stopped at teardown."""
+    """``start_server(jobs_redis=None, queue_changes=None, **config) -> Server``: a started
+    gRPC server on 127.0.0.1:0 serving ``tiny_repo`` (with the Jobs API on ``jobs_redis``,
+    no worker inside), ``config`` overriding ServiceConfig fields and ``queue_changes``
+    QueueConfig ones (over JOBS_QUEUE); all stopped at teardown."""
     from latentserve.service.config import ServiceConfig
     from latentserve.service.jobs import JobSettings, jobs_extension
     from latentserve.service.server import create_server
@@ -186,12 +217,13 @@ def start_server(tiny_repo: Path) -> Iterator[Callable[..., Any]]:
 
     servers: list[Any] = []
 
-    def start(jobs_redis: str | None = None, **changes: Any) -> Any:
+    def start(jobs_redis: str | None = None, queue_changes: dict[str, Any] | None = None,
+              **changes: Any) -> Any:
         config = ServiceConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": None,
                                   "models": tiny_repo, "intra_op_threads": 1,
                                   "compute_workers": 1, "grpc_threads": 16, "preload": False,
                                   **changes})
-        queue = QueueConfig(**JOBS_QUEUE)
+        queue = QueueConfig(**{**JOBS_QUEUE, **(queue_changes or {})})
         extra = ([jobs_extension(JobSettings(redis_url=jobs_redis, queue=queue,
                                              embedded_worker="no"))] if jobs_redis else [])
         server, _ = create_server(config, extra_services=extra)
@@ -210,3 +242,60 @@ def jobs_server(start_server: Callable[..., Any], redis_url: str) -> Any:
     """A gRPC server on 127.0.0.1:0 with Inference and Jobs (no worker inside; tests run
     burst workers with ``make_worker(queue=jobs_server.queue)``)."""
     return start_server(jobs_redis=redis_url)
+
+
+class RedisProcess:
+    """A private Redis-compatible server with AOF on a fixed port, to kill and restart:
+    redis-server when the suite runs against REDIS_URL and it is installed, else valkey."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.binary = shutil.which("redis-server") if os.environ.get("REDIS_URL") else None
+        self.proc: subprocess.Popen | None = None
+        self.embedded: Any = None
+
+    def start(self) -> None:
+        if self.binary:
+            data = self.root / "redis"
+            data.mkdir(exist_ok=True)
+            self.proc = subprocess.Popen(
+                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(data),
+                 "--appendonly", "yes", "--save", ""],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            from latentserve.service.embedded_redis import start_embedded_redis
+
+            self.embedded = start_embedded_redis(self.root, port=self.port)
+        client = redis.Redis.from_url(self.url)
+        end = time.monotonic() + 20
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.ConnectionError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook, no final fsync."""
+        if self.embedded is not None:
+            self.embedded.server.terminate()
+            self.embedded = None
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path)
+    server.start()
+    yield server
+    server.kill()

@@ -54,7 +54,8 @@ class Gate:
 
 
 class GatedPipeline:
-    """The real pipeline; each compress / reconstruct / sample call passes the gate first."""
+    """The real pipeline; each compress / reconstruct(_each) / sample call passes the gate
+    first."""
 
     def __init__(self, inner: Any, gate: Gate) -> None:
         self.inner = inner
@@ -67,6 +68,10 @@ class GatedPipeline:
     def reconstruct(self, codes: Any, ref: str | None = None) -> Any:
         self.gate.pass_through()
         return self.inner.reconstruct(codes, ref)
+
+    def reconstruct_each(self, codes: Any, ref: str | None = None) -> Any:
+        self.gate.pass_through()  # what a per-item reconstruct job's worker calls
+        return self.inner.reconstruct_each(codes, ref)
 
     def sample(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
                start: int = 0) -> Any:

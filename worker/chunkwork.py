@@ -5,6 +5,11 @@ merging small chunks of one model (and contiguous sample chunks of one job) into
 call; ``compute_batch`` runs one call and splits its output per chunk (PNG-encoding
 images when the job asks for PNG); ``pack_results`` packs a finished chunk for Redis.
 The worker loop (``consumer``) and the benchmark's in-process baseline both use them.
+
+Bad items (OnItemError PER_ITEM): a chunk's inputs may arrive with items already failed
+(refused by SubmitJob; ``Held.failures``), and a reconstruct call decodes code by code
+(``reconstruct_each``), so a code that cannot be decoded becomes an ``ItemFailure`` in
+its slot instead of failing the chunk. FAIL_FAST chunks keep the all-or-nothing call.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .errors import CodeError, InvalidInput
 from .images import encode_png
-from .jobtypes import ChunkTask, ImageFormat, JobKind
-from .packing import pack_images, pack_items
+from .jobtypes import ChunkTask, ImageFormat, ItemFailure, JobKind, OnItemError
+from .packing import pack_failures, pack_images, pack_items
 
 
 class JobPipeline(Protocol):
@@ -26,6 +32,9 @@ class JobPipeline(Protocol):
     def compress(self, ref: str, images: np.ndarray) -> list[bytes]: ...
 
     def reconstruct(self, codes: Sequence[bytes], ref: str | None = None) -> np.ndarray: ...
+
+    def reconstruct_each(self, codes: Sequence[bytes],
+                         ref: str | None = None) -> list[np.ndarray | CodeError]: ...
 
     def sample(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
                start: int = 0) -> np.ndarray: ...
@@ -43,6 +52,8 @@ class Held:
     deliveries: int
     task: ChunkTask | None = None
     inputs: Any = None                 # unpacked payload (images or codes), or None
+    # Items refused on arrival (index in the chunk -> why); their inputs are placeholders.
+    failures: dict[int, ItemFailure] = field(default_factory=dict)
     done: int = 0                      # items computed so far
     parts: list[Any] = field(default_factory=list)  # result pieces, in order
 
@@ -61,6 +72,8 @@ def plan_batches(chunks: list[Held], limit: int) -> list[list[Segment]]:
         t = h.task
         assert t is not None
         key: tuple[Any, ...] = (t.kind, t.model, t.image_format)
+        if t.kind is JobKind.RECONSTRUCT:
+            key += (t.on_item_error,)  # one call decodes all or nothing, the other each
         if t.kind is JobKind.SAMPLE:
             key += (h.job_id, t.seed, t.temperature)
         groups.setdefault(key, []).append(h)
@@ -92,6 +105,12 @@ def compute_batch(pipeline: JobPipeline, batch: list[Segment]) -> list[Any]:
         images = np.concatenate([s.held.inputs[s.lo:s.hi] for s in batch])
         codes = pipeline.compress(task.model, images)
         return _split(codes, sizes)
+    if task.kind is JobKind.RECONSTRUCT and task.on_item_error is OnItemError.PER_ITEM:
+        codes = [c for s in batch for c in s.held.inputs[s.lo:s.hi]]
+        each = pipeline.reconstruct_each(codes, task.model or None)
+        png = task.image_format is ImageFormat.PNG
+        return _split([ItemFailure.of(r) if isinstance(r, CodeError) else
+                       encode_png(r) if png else r for r in each], sizes)
     if task.kind is JobKind.RECONSTRUCT:
         codes = [c for s in batch for c in s.held.inputs[s.lo:s.hi]]
         images = pipeline.reconstruct(codes, task.model or None)
@@ -118,12 +137,41 @@ def compute_batch(pipeline: JobPipeline, batch: list[Segment]) -> list[Any]:
     return pieces
 
 
+def chunk_failures(h: Held) -> dict[int, ItemFailure]:
+    """A finished chunk's failed items (index in the chunk -> why): refused on arrival,
+    or by the worker."""
+    found = {i: x for i, x in enumerate(x for part in h.parts for x in part)
+             if isinstance(x, ItemFailure)}
+    return found | h.failures
+
+
 def pack_results(h: Held) -> bytes:
-    """A finished chunk's results as one Redis value (raw images stay an array)."""
+    """A finished chunk's results as one Redis value (raw images stay an array); failed
+    items keep their slots, as placeholders, and are listed (``packing.pack_failures``)."""
     assert h.task is not None
-    if h.task.kind is not JobKind.COMPRESS and h.task.image_format is ImageFormat.RAW:
-        return pack_images(np.concatenate(h.parts))
-    return pack_items([b for part in h.parts for b in part])
+    raw = h.task.kind is not JobKind.COMPRESS and h.task.image_format is ImageFormat.RAW
+    failures = chunk_failures(h)
+    if not failures and not raw:
+        return pack_items([b for part in h.parts for b in part])
+    if not failures and all(isinstance(part, np.ndarray) for part in h.parts):
+        return pack_images(np.concatenate(h.parts))  # one all-or-nothing call's arrays
+    # A chunk whose every input was refused on arrival is not computed: no parts.
+    items = [x for part in h.parts for x in part] or [b""] * h.n
+    good = [x for i, x in enumerate(items) if i not in failures]
+    if raw and good:
+        if len({im.shape for im in good}) > 1:
+            raise InvalidInput(f"the codes of chunk {h.chunk} decode to images of different "
+                               f"shapes {sorted({im.shape for im in good})}; RAW results "
+                               "need one shape per chunk: use PNG, or one job per model")
+        array = np.zeros((h.n, *good[0].shape), np.uint8)
+        for i, x in enumerate(items):
+            if i not in failures:
+                array[i] = x
+        inner = pack_images(array)
+    else:  # PNG files, codes, or raw images of which none succeeded
+        inner = pack_items([b"" if i in failures or not isinstance(x, bytes) else x
+                            for i, x in enumerate(items)])
+    return pack_failures(inner, failures)
 
 
 def _global(seg: Segment) -> int:

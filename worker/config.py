@@ -26,6 +26,7 @@ from .errors import InvalidInput
 from .keys import DEFAULT_POOL, DEFAULT_PREFIX, Keys, check_pool
 
 ENV_PREFIX = "LATENTSERVE_"
+MAX_DEFAULT_HEARTBEAT_S = 2.0
 T = TypeVar("T")
 
 
@@ -51,13 +52,16 @@ class QueueConfig:
     max_chunk_bytes: int = 64 << 20  # packed inputs of one chunk
     job_ttl_s: float = 7 * 86400     # keys of an unfinished job expire after this
     result_ttl_s: float = 86400      # a finished job and its results live this long
+    # A job still receiving inputs that gets no SubmitJob message for this long is failed
+    # (its client or server died mid-upload, or Redis lost its seal) and its chunks dropped.
+    receiving_timeout_s: float = 300.0
     dead_letter_maxlen: int = 10_000
     pool_routes: tuple[tuple[str, str], ...] = ()  # model name -> pool; others: default
 
     def __post_init__(self) -> None:
         Keys(self.prefix)  # validates the prefix
         _positive(self, "chunk_size", "max_queued_chunks", "max_job_items", "max_chunk_bytes",
-                  "job_ttl_s", "result_ttl_s", "dead_letter_maxlen")
+                  "job_ttl_s", "result_ttl_s", "receiving_timeout_s", "dead_letter_maxlen")
         for _, pool in self.pool_routes:
             check_pool(pool)
 
@@ -99,11 +103,14 @@ class WorkerConfig:
     read_count: int = 4          # entries taken per XREADGROUP
     block_ms: int = 1000         # how long one XREADGROUP waits for new entries
     claim_idle_s: float = 30.0   # a pending entry idle this long is reclaimed (XAUTOCLAIM)
-    heartbeat_s: float = 0.0     # claim extension + health key period; 0 = claim_idle_s / 4
+    # Claim extension + health key period; 0 = min(claim_idle_s / 4, MAX_DEFAULT_HEARTBEAT_S).
+    heartbeat_s: float = 0.0
     max_deliveries: int = 3      # a chunk delivered more often than this is dead-lettered
     grace_s: float = 30.0        # SIGTERM: finish the current chunk within this, else release
     burst: bool = False          # exit once no work is left (tests, one-shot runs)
     preload: bool = True         # load every model's newest version before taking work
+    metrics_port: int | None = None  # Prometheus /metrics; None = off, 0 = a free port
+    metrics_host: str = "127.0.0.1"  # address the metrics endpoint binds (0.0.0.0: all)
 
     def __post_init__(self) -> None:
         check_redis_url(self.redis_url)
@@ -118,8 +125,16 @@ class WorkerConfig:
         if self.intra_op_threads < 0 or self.heartbeat_s < 0:
             raise InvalidInput("intra_op_threads and heartbeat_s must be >= 0, got "
                                f"{self.intra_op_threads} and {self.heartbeat_s}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise InvalidInput(f"metrics_port must be between 0 and 65535 (0 = a free port), "
+                               f"got {self.metrics_port}")
         if self.heartbeat_s == 0:
-            object.__setattr__(self, "heartbeat_s", self.claim_idle_s / 4)
+            # The health key outlives 3 heartbeats, and a consumer without one is taken
+            # for dead (its chunks reclaimed at once): a short beat finds a killed worker
+            # within seconds, whatever claim_idle_s is. A live worker stalled that long
+            # loses its chunks too: they are computed twice, never lost or stored twice.
+            object.__setattr__(self, "heartbeat_s",
+                               min(self.claim_idle_s / 4, MAX_DEFAULT_HEARTBEAT_S))
         if self.heartbeat_s >= self.claim_idle_s:
             raise InvalidInput(f"heartbeat_s ({self.heartbeat_s}) must be shorter than "
                                f"claim_idle_s ({self.claim_idle_s}), or a healthy worker's "
@@ -309,6 +324,8 @@ def _positive(obj: object, *names: str) -> None:
 
 def _convert(name: str, text: str, kind: Any) -> Any:
     try:
+        if kind == "int | None":
+            return None if text.strip().lower() in ("", "none", "off") else int(text)
         if kind in (int, "int"):
             return int(text)
         if kind in (float, "float"):

@@ -3,11 +3,14 @@
 One consumer group (``workers``) on one task stream per model pool; each worker is a
 consumer. The loop:
 
-1. Reclaim (XAUTOCLAIM) entries that sat pending longer than ``claim_idle_s``: their
-   worker died or hung. A chunk delivered more than ``max_deliveries`` times goes to
-   the dead-letter stream and its job fails with the reason; other jobs keep flowing.
+1. Reclaim the entries of dead consumers (no health key: ``recovery``) at once, and
+   (XAUTOCLAIM) entries that sat pending longer than ``claim_idle_s``, which no live
+   worker extends (a failed chunk's retry). A chunk delivered more than
+   ``max_deliveries`` times goes to the dead-letter stream and its job fails with the
+   reason; other jobs keep flowing.
 2. Otherwise read new entries (XREADGROUP, blocking up to ``block_ms``).
-3. Begin each chunk (skips chunks of cancelled, failed or expired jobs), cut the work
+3. Begin each chunk (skips chunks of cancelled, failed or expired jobs, and fails a job
+   whose upload went silent past ``receiving_timeout_s``), cut the work
    into pipeline calls of at most ``batch_items`` items, merging small chunks of one
    model (and contiguous sample chunks of one job) into one call.
 4. Between calls: stop chunks whose job was cancelled; on shutdown past the grace
@@ -16,8 +19,10 @@ consumer. The loop:
 
 A heartbeat thread extends this worker's claims (XCLAIM ... JUSTID) so a healthy long
 chunk is never reclaimed, refreshes the worker's TTL'd health key and sweeps expired
-job ids. Errors of the input (InvalidInput, CodeError, ResourceLimit) fail the job at
-once; anything else is retried by redelivery until the delivery cap.
+job ids and abandoned uploads. An item's own bad input is an ItemFailure in its slot
+(OnItemError PER_ITEM, ``chunkwork``); other errors of the input (InvalidInput,
+CodeError, ResourceLimit) fail the job at once; anything else is retried by redelivery
+until the delivery cap.
 """
 
 from __future__ import annotations
@@ -33,11 +38,14 @@ from typing import Any
 
 import redis
 
-from .chunkwork import Held, JobPipeline, Segment, compute_batch, pack_results, plan_batches
+from .chunkwork import (Held, JobPipeline, Segment, chunk_failures, compute_batch, pack_results,
+                        plan_batches)
 from .config import WorkerConfig
 from .errors import CodeError, InvalidInput, LatentServeError, ResourceLimit
 from .jobstore import JobKind, JobStore, connect
-from .packing import unpack
+from .packing import unpack_failures
+from .recovery import Recovery
+from .worker_metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +67,8 @@ class Worker:
     """A consumer of the task streams; ``run()`` blocks until stopped (or idle, in burst)."""
 
     def __init__(self, config: WorkerConfig, pipeline: JobPipeline,
-                 client: redis.Redis | None = None) -> None:
+                 client: redis.Redis | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.config = config
         self.pipeline = pipeline
         self.r = client or connect(config.redis_url)
@@ -73,6 +82,11 @@ class Worker:
         self._held: dict[str, Held] = {}
         self._held_lock = threading.Lock()
         self._last_reclaim = 0.0
+        self._last_dead_check = 0.0
+        self._backlog = False  # the last reclaim pass took a full batch: more may wait
+        self.recovery = Recovery(self.r, self.keys, self.consumer)
+        self.metrics = metrics or WorkerMetrics()
+        self.metrics.watch(self.stats, lambda: len(self._held))
         self._started = time.time()
         self._ready = False  # models preloaded, taking work
 
@@ -103,10 +117,14 @@ class Worker:
         """Consume until ``request_stop`` (or, in burst mode, until the queues are empty)."""
         for pool in self.config.pools:
             self._retry_redis(lambda pool=pool: self.store.ensure_group(pool))
+        # The health key exists before the first read: other workers take a consumer
+        # that holds entries without one for dead and claim its entries at once.
+        self._retry_redis(self._heartbeat)
         beat = threading.Thread(target=self._heartbeat_loop, daemon=True,
                                 name=f"heartbeat-{self.consumer}")
         beat.start()
         backoff = 0.05
+        down_since: float | None = None  # when Redis stopped answering the loop
         try:
             if self.config.preload:
                 self._preload()
@@ -119,6 +137,10 @@ class Worker:
                     elif self.config.burst and self._queues_empty():
                         break
                     backoff = 0.05
+                    if down_since is not None:
+                        log.info("worker %s: Redis reachable again after %.1fs",
+                                 self.consumer, time.monotonic() - down_since)
+                        down_since = None
                 except redis.ResponseError as exc:
                     if "NOGROUP" not in str(exc):
                         raise
@@ -131,7 +153,10 @@ class Worker:
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("worker %s: Redis unavailable (%s); retrying in %.2fs",
                                 self.consumer, exc, backoff)
+                    down_since = down_since or time.monotonic()
                     with self._held_lock:
+                        for eid in self._held:
+                            self.metrics.forget(eid)
                         # Stop extending what we read: those entries stay pending in
                         # Redis and are reclaimed after claim_idle_s (by us or another).
                         self._held.clear()
@@ -159,22 +184,34 @@ class Worker:
             if self._stop.is_set():
                 return
             try:
-                self.pipeline.runtime(ref)  # type: ignore[attr-defined]
+                start = time.monotonic()
+                runtime = self.pipeline.runtime(ref)  # type: ignore[attr-defined]
+                self.metrics.model_loaded(runtime, time.monotonic() - start)
             except Exception as exc:  # noqa: BLE001 - one bad model must not stop the rest
                 log.error("worker %s: cannot load %s: %s", self.consumer, ref, exc)
 
     def _retry_redis(self, fn: Any, limit_s: float = 60.0) -> Any:
         """Call ``fn`` until Redis answers (it may be restarting), up to ``limit_s``."""
-        end = time.monotonic() + limit_s
+        start = time.monotonic()
         delay = 0.05
+        failed = False
         while True:
             try:
-                return fn()
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() > end:
+                result = fn()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() > start + limit_s:
                     raise
+                if not failed:
+                    log.warning("worker %s: Redis unavailable (%s); retrying for up to %.0fs",
+                                self.consumer, exc, limit_s)
+                failed = True
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+                continue
+            if failed:
+                log.info("worker %s: Redis reachable again after %.1fs", self.consumer,
+                         time.monotonic() - start)
+            return result
 
     # -- taking work ------------------------------------------------------------------
     def _read(self) -> list[Held]:
@@ -190,11 +227,49 @@ class Worker:
         return out
 
     def _reclaim(self) -> list[Held]:
-        """Take over entries idle past ``claim_idle_s``; dead-letter those over the cap."""
+        """Take over entries of dead consumers, else entries idle past ``claim_idle_s``;
+        dead-letter those over the delivery cap.
+
+        Dead consumers are looked for every heartbeat, idle entries every claim_idle_s / 4.
+        A pass takes at most ``read_count`` entries; after a full one (a backlog, such as
+        several killed workers' chunks) the next pass runs at once.
+        """
         now = time.monotonic()
-        if now - self._last_reclaim < max(self.config.claim_idle_s / 4, 0.05):
-            return []
-        self._last_reclaim = now
+        backlog, self._backlog = self._backlog, False
+        out: list[Held] = []
+        if backlog or now - self._last_dead_check >= self.config.heartbeat_s:
+            self._last_dead_check = now
+            out = self._reclaim_dead()
+        if not out and (backlog or now - self._last_reclaim >= max(self.config.claim_idle_s / 4,
+                                                                    0.05)):
+            self._last_reclaim = now
+            out = self._reclaim_idle()
+        return out
+
+    def _reclaim_dead(self) -> list[Held]:
+        """Claim the entries of consumers whose health key is gone (killed workers)."""
+        out: list[Held] = []
+        room = self.config.read_count
+        for pool in self.config.pools:
+            for consumer, pending in self.recovery.dead_consumers(pool):
+                if room <= 0:
+                    self._backlog = True
+                    return out
+                claim = self.recovery.claim(pool, consumer, room)
+                if claim.left < 0:  # its health key came back between the two reads
+                    continue
+                log.info("worker %s: consumer %s is dead (no health key) holding %d entries "
+                         "on pool %s; reclaimed %d now", self.consumer, consumer, pending,
+                         pool, len(claim.entries))
+                room -= len(claim.entries)
+                self._backlog = self._backlog or claim.left > 0
+                self.metrics.reclaimed("dead", len(claim.entries))
+                out += self._adopt(pool, [(e.entry_id, e.fields, e.delivered)
+                                          for e in claim.entries])
+        return out
+
+    def _reclaim_idle(self) -> list[Held]:
+        """XAUTOCLAIM entries pending longer than ``claim_idle_s`` (nobody extends them)."""
         idle_ms = int(self.config.claim_idle_s * 1000)
         out: list[Held] = []
         for pool in self.config.pools:
@@ -209,18 +284,30 @@ class Worker:
             claimed = [(eid, fields) for eid, fields in reply[1] if fields]
             if not claimed:
                 continue
+            log.info("worker %s: reclaimed %d entries idle over %.1fs on pool %s",
+                     self.consumer, len(claimed), self.config.claim_idle_s, pool)
+            self._backlog = self._backlog or len(reply[1]) >= self.config.read_count
+            self.metrics.reclaimed("idle", len(claimed))
             with self.r.pipeline(transaction=False) as p:
                 for eid, _ in claimed:
                     p.xpending_range(stream, self.keys.group, min=eid, max=eid, count=1)
                 counts = p.execute()
-            for (eid, fields), pending in zip(claimed, counts):
-                times = int(pending[0]["times_delivered"]) if pending else 1
-                held = self._hold(pool, _s(eid), fields, delivered=times)
-                if held.deliveries > self.config.max_deliveries:
-                    self._dead_letter(held)
-                else:
-                    self.stats.retried += 1
-                    out.append(held)
+            out += self._adopt(pool, [
+                (_s(eid), fields, int(pending[0]["times_delivered"]) if pending else 1)
+                for (eid, fields), pending in zip(claimed, counts)])
+        return out
+
+    def _adopt(self, pool: str, claimed: list[tuple[str, dict[bytes, bytes], int]]) -> list[Held]:
+        """Hold reclaimed entries (id, fields, times delivered); dead-letter those over
+        ``max_deliveries``."""
+        out = []
+        for eid, fields, times in claimed:
+            held = self._hold(pool, eid, fields, delivered=times)
+            if held.deliveries > self.config.max_deliveries:
+                self._dead_letter(held)
+            else:
+                self.stats.retried += 1
+                out.append(held)
         return out
 
     def _hold(self, pool: str, eid: str, fields: dict[bytes, bytes], *, delivered: int) -> Held:
@@ -229,11 +316,13 @@ class Worker:
                     n=int(f["n"]), deliveries=delivered + int(f.get("prior", 0)))
         with self._held_lock:
             self._held[eid] = held
+        self.metrics.taken(eid)
         return held
 
     def _drop(self, held: Held) -> None:
         with self._held_lock:
             self._held.pop(held.entry_id, None)
+        self.metrics.forget(held.entry_id)
 
     def _dead_letter(self, held: Held) -> None:
         last = self.store.chunk_error(held.job_id, held.chunk)
@@ -271,12 +360,15 @@ class Worker:
                     if task.payload is None:
                         raise InvalidInput(f"job {held.job_id} chunk {held.chunk}: its inputs "
                                            "are missing from Redis (expired?)")
-                    held.inputs = unpack(task.payload)
+                    held.inputs, held.failures = unpack_failures(task.payload)
                     if len(held.inputs) != held.n:
                         raise InvalidInput(f"job {held.job_id} chunk {held.chunk} holds "
                                            f"{len(held.inputs)} items, its task says {held.n}")
             except InvalidInput as exc:
                 self._fail_chunk(held, exc)
+                continue
+            if len(held.failures) == held.n:  # every input refused on arrival: nothing to run
+                self._finish(held)
                 continue
             runnable.append(held)
         for i, batch in enumerate(plan_batches(runnable, self.config.batch_items)):
@@ -339,11 +431,18 @@ class Worker:
                 self._finish(h)
 
     def _finish(self, h: Held) -> None:
-        packed = pack_results(h)
+        try:
+            packed = pack_results(h)
+        except InvalidInput as exc:  # per-item images of several shapes in one RAW chunk
+            self._fail_chunk(h, exc)
+            return
+        failed = len(chunk_failures(h))
         self._retry_redis(lambda: self.store.store_chunk(h.pool, h.job_id, h.chunk, h.n,
-                                                         packed, h.entry_id))
+                                                         packed, h.entry_id, failed))
         self.stats.chunks += 1
         self.stats.items += h.n
+        if h.task is not None:
+            self.metrics.stored(h.entry_id, h.task, h.n, self.pipeline, h.inputs)
         self._drop(h)
 
     def _fail_chunk(self, h: Held, exc: BaseException) -> None:
@@ -387,7 +486,8 @@ class Worker:
         while not self._done.is_set():
             try:
                 self._heartbeat()
-                if time.monotonic() - last_sweep > min(60.0, self.config.queue.result_ttl_s):
+                if time.monotonic() - last_sweep > min(60.0, self.config.queue.result_ttl_s,
+                                                       self.config.queue.receiving_timeout_s / 2):
                     last_sweep = time.monotonic()
                     self.store.sweep()
                     self._forget_dead_consumers()
@@ -412,7 +512,7 @@ class Worker:
                   "pools": list(self.config.pools), "provider": self.config.provider,
                   "started": self._started, "beat": time.time(), "chunks": self.stats.chunks,
                   "items": self.stats.items, "ready": self._ready,
-                  "stopping": self._stop.is_set(),
+                  "stopping": self._stop.is_set(), "metrics_port": self.metrics.port,
                   "holding": [{"job": h.job_id, "chunk": h.chunk, "done": h.done, "n": h.n}
                               for h in held]}
         self.r.set(self.keys.worker(self.consumer), json.dumps(record),
@@ -459,9 +559,11 @@ def worker_health(client: redis.Redis, config: WorkerConfig | None = None, *,
 
 
 def create_worker(config: WorkerConfig, pipeline: JobPipeline | None = None,
-                  client: redis.Redis | None = None) -> Worker:
+                  client: redis.Redis | None = None,
+                  metrics: WorkerMetrics | None = None) -> Worker:
     """Build a worker (nothing runs until ``run()``); the pipeline defaults to the
-    model repository at ``config.models`` on ``config.provider``."""
+    model repository at ``config.models`` on ``config.provider``, the metrics to a
+    registry of its own (pass ``WorkerMetrics(registry)`` to report into another)."""
     from .engine import process_memory
 
     process_memory()  # before any thread: glibc's arena limit binds only later arenas
@@ -473,4 +575,4 @@ def create_worker(config: WorkerConfig, pipeline: JobPipeline | None = None,
                             EngineConfig(provider=config.provider,  # type: ignore[arg-type]
                                          intra_op_threads=config.intra_op_threads,
                                          max_batch=config.batch_items))
-    return Worker(config, pipeline, client)
+    return Worker(config, pipeline, client, metrics)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -27,13 +27,16 @@ import redis
 from .config import QueueConfig
 from .errors import InvalidInput, JobNotFound, JobStateError, ResourceLimit
 from .keys import Keys, check_job_id
-from .jobscripts import (BEGIN, DEAD_LETTER, END, ENQUEUE, EXTEND, RELEASE, SEAL, STORE,
-                         SWEEP)
-from .jobtypes import ChunkTask, ImageFormat, JobInfo, JobKind, JobState
-from .packing import pack_images, pack_items, unpack
+from .jobscripts import (ABANDON, BEGIN, DEAD_LETTER, END, ENQUEUE, EXTEND, RELEASE, SEAL,
+                         STORE, SWEEP, TOUCH)
+from .jobtypes import (MAX_ERROR_CHARS, ChunkResults, ChunkTask, ImageFormat, ItemFailure,
+                       JobInfo, JobKind, JobState, OnItemError)
+from .packing import pack_images, pack_items, unpack, unpack_failures
+from .progress import ProgressWaiter
 
-__all__ = ["ChunkTask", "ImageFormat", "JobInfo", "JobKind", "JobState", "JobStore", "connect",
-           "pack_images", "pack_items", "unpack"]
+__all__ = ["MAX_ERROR_CHARS", "ChunkResults", "ChunkTask", "ImageFormat", "ItemFailure",
+           "JobInfo", "JobKind", "JobState", "JobStore", "OnItemError", "connect", "pack_images",
+           "pack_items", "unpack"]
 
 
 def connect(url: str, *, check: bool = True) -> redis.Redis:
@@ -71,11 +74,6 @@ def connect(url: str, *, check: bool = True) -> redis.Redis:
                                 retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3))
 
 
-# Errors a job keeps (its failure reason, a chunk's last error) are cut to this, so a Job
-# message, and a ListJobs reply of up to 1,000 of them, stays small whatever was raised.
-MAX_ERROR_CHARS = 2000
-
-
 def job_not_found(job_id: str) -> JobNotFound:
     """The one answer for a job that is unknown, expired, or not the caller's."""
     return JobNotFound(f"no job {job_id} (unknown, or expired after its TTL)")
@@ -101,13 +99,15 @@ class JobStore:
         self._release = client.register_script(RELEASE)
         self._extend = client.register_script(EXTEND)
         self._sweep = client.register_script(SWEEP)
+        self._touch = client.register_script(TOUCH)
+        self._abandon = client.register_script(ABANDON)
         self._last_sweep = 0.0
 
     # -- key sets ---------------------------------------------------------------------
     def _job_keys(self, job_id: str, pool: str) -> list[str]:
         k = self.keys
         return [k.job(job_id), k.job_inputs(job_id), k.job_results(job_id), k.job_tasks(job_id),
-                k.stream(pool), k.jobs_expiry]
+                k.stream(pool), k.jobs_expiry, k.jobs_receiving]
 
     def ensure_group(self, pool: str) -> None:
         """Create the pool's stream and consumer group if missing (idempotent)."""
@@ -120,11 +120,13 @@ class JobStore:
     # -- submitting -------------------------------------------------------------------
     def create(self, kind: JobKind, model: str, *, chunk_size: int | None = None,
                image_format: ImageFormat = ImageFormat.PNG, seed: int = 0,
-               temperature: float = 1.0, owner: str = "") -> JobInfo:
+               temperature: float = 1.0, owner: str = "",
+               on_item_error: OnItemError = OnItemError.PER_ITEM) -> JobInfo:
         """A new job in RECEIVING state with no chunks yet; add them, then ``seal``.
 
         ``owner``: the identity that submitted it (``""`` = anonymous); the service shows
-        the job to that identity only.
+        the job to that identity only. Until sealed the job must make progress (``enqueue``,
+        ``touch``) at least every ``receiving_timeout_s``, or it is failed as abandoned.
         """
         cs = chunk_size or self.config.chunk_size
         if not 1 <= cs <= self.config.max_job_items:
@@ -142,9 +144,9 @@ class JobStore:
                   "state": JobState.RECEIVING.value, "chunk_size": cs,
                   "image_format": ImageFormat(image_format).value, "seed": int(seed),
                   "temperature": repr(float(temperature)), "created": repr(now), "sealed": 0,
-                  "owner": owner,
+                  "owner": owner, "on_item_error": OnItemError(on_item_error).value,
                   "items_total": 0, "chunks_total": 0, "items_done": 0, "chunks_done": 0,
-                  "chunks_queued": 0}
+                  "items_failed": 0, "chunks_submitted": 0, "upload_seen": repr(now)}
         ttl_ms = int(self.config.job_ttl_s * 1000)
         with self.r.pipeline(transaction=True) as p:  # one round trip
             p.xgroup_create(k.stream(pool), k.group, id="0", mkstream=True)
@@ -152,6 +154,7 @@ class JobStore:
             p.pexpire(k.job(job_id), ttl_ms)
             p.zadd(k.jobs, {job_id: now})
             p.zadd(k.jobs_expiry, {job_id: now + self.config.job_ttl_s})
+            p.zadd(k.jobs_receiving, {job_id: now})
             for reply in p.execute(raise_on_error=False):
                 if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
                     raise reply
@@ -168,7 +171,7 @@ class JobStore:
         """
         if not chunks:
             return self.depth(job.pool)
-        argv: list[Any] = [job.id, self.config.max_queued_chunks]
+        argv: list[Any] = [job.id, self.config.max_queued_chunks, repr(time.time())]
         for chunk, n, payload in chunks:
             if len(payload) > self.config.max_chunk_bytes:
                 raise ResourceLimit(f"chunk {chunk} of job {job.id} packs {len(payload)} bytes; "
@@ -177,7 +180,8 @@ class JobStore:
             argv += [chunk, n, payload]
         k = self.keys
         code, info = self._enqueue(keys=[k.job(job.id), k.job_inputs(job.id),
-                                         k.job_tasks(job.id), k.stream(job.pool)], args=argv)
+                                         k.job_tasks(job.id), k.stream(job.pool),
+                                         k.jobs_receiving], args=argv)
         if code == -1:
             raise ResourceLimit(
                 f"the queue of pool {job.pool!r} holds {info} chunks; adding {len(chunks)} "
@@ -187,6 +191,18 @@ class JobStore:
         if code == -3:
             raise JobStateError(f"job {job.id} is {_s(info)}; it takes no more inputs")
         return int(code)
+
+    def touch(self, job_id: str) -> None:
+        """Record that a receiving job's upload made progress (a message arrived that
+        queued no chunk), so it is not failed as abandoned; JobStateError if the job
+        ended meanwhile (e.g. failed as abandoned after a long stall), JobNotFound if
+        it expired."""
+        state = _s(self._touch(keys=[self.keys.job(job_id), self.keys.jobs_receiving],
+                               args=[job_id, repr(time.time())]))
+        if state == "expired":
+            raise JobNotFound(f"job {job_id} does not exist (it may have expired)")
+        if JobState(state).terminal:
+            raise JobStateError(f"job {job_id} is {state}; it takes no more inputs")
 
     def seal(self, job: JobInfo, items_total: int, chunks_total: int) -> JobInfo:
         """Mark every input received; the job succeeds once all its chunks are stored."""
@@ -205,12 +221,13 @@ class JobStore:
             raise JobStateError(f"job {job.id} is {info.state.value}; it cannot be sealed")
         if code == -4:
             raise InvalidInput(f"job {job.id}: sealed with {chunks_total} chunks but "
-                               f"{self.get(job.id).chunks_queued} were queued")
+                               f"{self.get(job.id).chunks_submitted} were submitted")
         return self.get(job.id)
 
     def submit(self, kind: JobKind, model: str, *, items: Any = None, count: int = 0,
                chunk_size: int | None = None, seed: int = 0, temperature: float = 1.0,
-               image_format: ImageFormat = ImageFormat.PNG, owner: str = "") -> JobInfo:
+               image_format: ImageFormat = ImageFormat.PNG, owner: str = "",
+               on_item_error: OnItemError = OnItemError.PER_ITEM) -> JobInfo:
         """Create, fill and seal a whole job in one call (tests, benchmarks, the service).
 
         ``items``: uint8 (N, C, H, W) images for compress, a list of code bytes for
@@ -220,7 +237,8 @@ class JobStore:
         n = count if kind is JobKind.SAMPLE else len(items)
         self.check_size(n)
         job = self.create(kind, model, chunk_size=chunk_size, image_format=image_format,
-                          seed=seed, temperature=temperature, owner=owner)
+                          seed=seed, temperature=temperature, owner=owner,
+                          on_item_error=on_item_error)
         cs = job.chunk_size
         chunks = []
         for c, lo in enumerate(range(0, n, cs)):
@@ -254,6 +272,7 @@ class JobStore:
                       k.job_tasks(job_id))
         self.r.zrem(k.jobs, job_id)
         self.r.zrem(k.jobs_expiry, job_id)
+        self.r.zrem(k.jobs_receiving, job_id)
 
     # -- reading ----------------------------------------------------------------------
     def get(self, job_id: str) -> JobInfo:
@@ -292,12 +311,25 @@ class JobStore:
     def chunk_results(self, job_id: str, chunk: int) -> bytes | None:
         return self.r.hget(self.keys.job_results(job_id), str(chunk))
 
-    def iter_chunks(self, job_id: str, start: int = 0,
-                    wait_s: float = 1.0) -> Iterator[tuple[int, list[bytes] | Any]]:
+    def iter_chunks(self, job_id: str, start: int = 0, wait_s: float = 1.0,
+                    should_stop: Callable[[], bool] | None = None,
+                    ) -> Iterator[tuple[int, list[bytes] | Any]]:
         """(index of the first item, results) per chunk, in input order from item ``start``,
-        waiting for chunks not stored yet.
+        waiting for chunks not stored yet (see ``iter_chunk_results``). The slots of
+        failed items hold placeholders: ``iter_chunk_results`` says which they are."""
+        for part in self.iter_chunk_results(job_id, start, wait_s, should_stop):
+            yield part.start, part.items
 
-        Raises JobStateError at the first missing result of a failed or cancelled job.
+    def iter_chunk_results(self, job_id: str, start: int = 0, wait_s: float = 1.0,
+                           should_stop: Callable[[], bool] | None = None,
+                           ) -> Iterator[ChunkResults]:
+        """Per chunk, in input order from item ``start``, its results and the ItemFailures
+        of its failed items, waiting for chunks not stored yet.
+
+        Raises JobStateError at the first missing result of a failed or cancelled job
+        (a job whose upload went silent is failed here first: see ``abandon_if_silent``).
+        ``should_stop`` (asked after every wait) ends the iteration early, e.g. once an
+        RPC's client has gone: a job that never moves would otherwise keep it waiting.
         """
         info = self.get(job_id)
         if start < 0 or (info.sealed and start > info.items_total):
@@ -310,6 +342,8 @@ class JobStore:
                 if info.sealed and chunk >= info.chunks_total:
                     return
                 data = self.chunk_results(job_id, chunk)
+                if data is None and self.abandon_if_silent(info):
+                    continue
                 if data is None:
                     if info.state in (JobState.FAILED, JobState.CANCELLED):
                         raise JobStateError(
@@ -317,21 +351,27 @@ class JobStore:
                             f"{': ' + info.error if info.error else ''}; results from index "
                             f"{chunk * info.chunk_size} on were not produced")
                     waiter.wait(wait_s)
+                    if should_stop is not None and should_stop():
+                        return
                     continue
                 lo = chunk * info.chunk_size
                 skip = max(start - lo, 0)
-                yield lo + skip, unpack(data)[skip:]
+                items, failures = unpack_failures(data)
+                yield ChunkResults(lo + skip, items[skip:],
+                                   {lo + i: f for i, f in failures.items() if i >= skip})
                 chunk += 1
 
     def iter_results(self, job_id: str, start: int = 0,
                      wait_s: float = 1.0) -> Iterator[tuple[int, bytes | Any]]:
-        """(index, result) in input order from ``start`` (see ``iter_chunks``)."""
-        for lo, items in self.iter_chunks(job_id, start, wait_s):
-            for i, item in enumerate(items):
-                yield lo + i, item
+        """(index, result or ItemFailure) in input order from ``start``."""
+        for part in self.iter_chunk_results(job_id, start, wait_s):
+            for i, item in enumerate(part.items, part.start):
+                yield i, part.failures.get(i, item)
 
-    def watch(self, job_id: str, wait_s: float = 1.0) -> Iterator[JobInfo]:
-        """Snapshots of the job each time it changes, ending with its terminal state."""
+    def watch(self, job_id: str, wait_s: float = 1.0,
+              should_stop: Callable[[], bool] | None = None) -> Iterator[JobInfo]:
+        """Snapshots of the job each time it changes, ending with its terminal state
+        (or early, once ``should_stop()``, asked after every wait, is true)."""
         last = None
         with ProgressWaiter(self, job_id) as waiter:
             while True:
@@ -342,7 +382,11 @@ class JobStore:
                     yield info
                 if info.state.terminal:
                     return
+                if self.abandon_if_silent(info):
+                    continue
                 waiter.wait(wait_s)
+                if should_stop is not None and should_stop():
+                    return
 
     def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
         """Newest dead-letter entries (job, chunk, deliveries, reason, consumer, time)."""
@@ -371,31 +415,76 @@ class JobStore:
         return self.get(job_id)
 
     def sweep(self, now: float | None = None, limit: int = 1000) -> int:
-        """Drop ids of expired jobs from the two job indexes; returns how many."""
-        return int(self._sweep(keys=[self.keys.jobs, self.keys.jobs_expiry],
-                               args=[repr(time.time() if now is None else now), limit]))
+        """Drop ids of expired jobs from the job indexes, and fail jobs whose upload went
+        silent past ``receiving_timeout_s`` (``abandon_if_silent``); returns how many
+        ids were dropped. Workers (heartbeat) and servers call it: no client is needed."""
+        now = time.time() if now is None else now
+        k = self.keys
+        dropped = int(self._sweep(keys=[k.jobs, k.jobs_expiry, k.jobs_receiving],
+                                  args=[repr(now), limit]))
+        cutoff = now - self.config.receiving_timeout_s
+        for job_id in self.r.zrangebyscore(k.jobs_receiving, "-inf", repr(cutoff), start=0,
+                                           num=limit):
+            pool = self.r.hget(k.job(_s(job_id)), "pool")
+            if pool is None:  # expired meanwhile
+                self.r.zrem(k.jobs_receiving, job_id)
+            else:
+                self._abandon_now(_s(job_id), _s(pool), now)
+        return dropped
+
+    def abandon_if_silent(self, info: JobInfo) -> bool:
+        """Fail ``info``'s job if it is an upload silent past ``receiving_timeout_s``
+        (never sealed: the client or the server died mid-upload, or Redis lost the
+        seal), dropping its queued chunks unrun; True if it was failed now."""
+        now = time.time()
+        if info.state is not JobState.RECEIVING or info.sealed or not info.upload_seen or \
+                info.upload_seen >= now - self.config.receiving_timeout_s:
+            return False  # the snapshot says no: spare the round trip
+        return self._abandon_now(info.id, info.pool, now)
+
+    def _abandon_now(self, job_id: str, pool: str, now: float) -> bool:
+        return bool(self._abandon(keys=self._job_keys(job_id, pool),
+                                  args=[job_id, *self._abandon_args(job_id, now)]))
+
+    def _abandon_args(self, job_id: str, now: float) -> list[Any]:
+        """ARGV cutoff, reason, now, ttl_ms, channel of the scripts that fail silent uploads."""
+        t = self.config.receiving_timeout_s
+        reason = (f"upload never finished: no SubmitJob message for over {t:g} s and the "
+                  "job was never sealed (the client or the server died mid-upload, or Redis "
+                  "lost the seal); resubmit it")
+        return [repr(now - t), reason, repr(now), int(self.config.result_ttl_s * 1000),
+                self.keys.job_progress(job_id)]
 
     # -- worker side ------------------------------------------------------------------
     def begin_chunk(self, pool: str, job_id: str, chunk: int, entry_id: str) -> ChunkTask | str:
-        """Mark the job running and fetch the chunk's inputs, or say why to skip it."""
-        k = self.keys
-        res = self._begin(keys=[k.job(job_id), k.job_inputs(job_id), k.stream(pool)],
-                          args=[chunk, entry_id, k.group, repr(time.time())])
+        """Mark the job running and fetch the chunk's inputs, or say why to skip it.
+
+        A job whose upload went silent past ``receiving_timeout_s`` is failed here
+        instead (``abandon_if_silent``), so no chunk of it is computed for nothing.
+        """
+        now = time.time()
+        res = self._begin(keys=self._job_keys(job_id, pool),
+                          args=[chunk, entry_id, self.keys.group, repr(now), job_id,
+                                *self._abandon_args(job_id, now)])
         if _s(res[0]) == "skip":
             return _s(res[1])
-        _, kind, model, seed, temp, fmt, size, payload = res
+        _, kind, model, seed, temp, fmt, size, payload, policy = res
         return ChunkTask(kind=JobKind(_s(kind)), model=_s(model), chunk_size=int(size),
                          seed=int(seed),
                          temperature=float(temp), image_format=ImageFormat(_s(fmt)),
-                         payload=payload or None)
+                         payload=payload or None,
+                         # Jobs from before the policy existed were all fail-fast.
+                         on_item_error=OnItemError(_s(policy) or OnItemError.FAIL_FAST.value))
 
     def store_chunk(self, pool: str, job_id: str, chunk: int, n: int, result: bytes,
-                    entry_id: str) -> bool:
-        """Store a chunk's packed results once, advance progress, XACK; True if new."""
+                    entry_id: str, failed: int = 0) -> bool:
+        """Store a chunk's packed results once, advance progress (``failed`` of its ``n``
+        items are ItemFailures), XACK; True if new."""
         return bool(self._store(
             keys=self._job_keys(job_id, pool),
             args=[job_id, chunk, n, result, entry_id, self.keys.group, repr(time.time()),
-                  int(self.config.result_ttl_s * 1000), self.keys.job_progress(job_id)]))
+                  int(self.config.result_ttl_s * 1000), self.keys.job_progress(job_id),
+                  failed]))
 
     def ack(self, pool: str, entry_id: str) -> None:
         """Acknowledge and delete an entry without storing anything (a stopped chunk)."""
@@ -444,50 +533,3 @@ class JobStore:
                               args=[self.keys.group, consumer, *entry_ids])
         return dict(zip(entry_ids, (_s(x) for x in status)))
 
-
-class ProgressWaiter:
-    """Wait for a job's next progress message (pub/sub), re-subscribing after a reconnect.
-
-    Callers re-read the job after subscribing and after every wake-up, so a message
-    that arrives between a read and a wait is never missed; ``wait`` returns at the
-    latest after its timeout as a safety net.
-    """
-
-    def __init__(self, store: JobStore, job_id: str) -> None:
-        self.store = store
-        self.channel = store.keys.job_progress(job_id)
-        self.pubsub: Any = None
-
-    def __enter__(self) -> ProgressWaiter:
-        self._subscribe()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self.pubsub is not None:
-            try:
-                self.pubsub.close()
-            finally:
-                self.pubsub = None
-
-    def _subscribe(self) -> None:
-        self.pubsub = self.store.r.pubsub(ignore_subscribe_messages=True)
-        self.pubsub.subscribe(self.channel)
-
-    def wait(self, timeout: float) -> bool:
-        """True if a message arrived within ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        try:
-            if self.pubsub is None:
-                self._subscribe()
-            while (left := deadline - time.monotonic()) > 0:
-                if self.pubsub.get_message(timeout=left) is not None:
-                    return True
-        except (redis.ConnectionError, redis.TimeoutError):
-            # Redis went away: drop the subscription, wait out the timeout, and let the
-            # next wait subscribe again (the caller re-reads the job in between).
-            self._close()
-            time.sleep(max(deadline - time.monotonic(), 0))
-        return False

@@ -1,7 +1,8 @@
 """The job queue's value types: job states and kinds, a job snapshot, a chunk task.
 
 ``JobState`` is the one set of states shared by the store, the workers and the API
-(``jobs.proto`` mirrors it); a ``JobInfo`` is parsed from a job hash.
+(``jobs.proto`` mirrors it); a ``JobInfo`` is parsed from a job hash; an
+``ItemFailure`` is what a bad input item leaves in its result slot.
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any, NamedTuple
+
+from . import errors
+from .errors import CodeError, InvalidInput, ResourceLimit
 
 
 class JobState(str, Enum):
@@ -37,6 +42,43 @@ class ImageFormat(str, Enum):
     RAW = "raw"  # uint8 (C, H, W) bytes per image
 
 
+class OnItemError(str, Enum):
+    """What a bad input item (an error of its own input) does to its job."""
+
+    PER_ITEM = "per_item"    # the item gets an ItemFailure; the rest of the job runs
+    FAIL_FAST = "fail_fast"  # the first bad item fails the whole job
+
+
+# Errors a job keeps (its failure reason, a chunk's last error, an item's error) are cut
+# to this, so a Job message, and a ListJobs reply of up to 1,000 of them, stays small
+# whatever was raised.
+MAX_ERROR_CHARS = 2000
+
+# Errors of one item's own input; anything else (the model, the runtime) is the chunk's.
+ITEM_ERRORS: tuple[type[Exception], ...] = (InvalidInput, CodeError, ResourceLimit)
+
+
+@dataclass(frozen=True)
+class ItemFailure:
+    """Why one item has no result: the ``latentserve.worker.errors`` class that refused
+    it, by name (the service maps it to a status code), and its message."""
+
+    error: str
+    message: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> ItemFailure:
+        """The failure ``exc`` (an ITEM_ERRORS instance) stands for, its message cut."""
+        return cls(type(exc).__name__, str(exc)[:MAX_ERROR_CHARS])
+
+    def exception(self) -> Exception:
+        """The refusal as an exception of its class again (LatentServeError if unknown)."""
+        kind = getattr(errors, self.error, None)
+        if not (isinstance(kind, type) and issubclass(kind, errors.LatentServeError)):
+            kind = errors.LatentServeError
+        return kind(self.message)
+
+
 @dataclass(frozen=True)
 class JobInfo:
     """A snapshot of a job hash."""
@@ -51,9 +93,9 @@ class JobInfo:
     sealed: bool            # every input received: items_total and chunks_total are final
     items_total: int
     chunks_total: int
-    items_done: int
+    items_done: int          # items whose result or ItemFailure is stored
     chunks_done: int
-    chunks_queued: int
+    chunks_submitted: int    # chunks the upload has added so far (a running total)
     created: float
     started: float          # 0 until a worker begins its first chunk
     finished: float         # 0 until the job reaches a terminal state
@@ -61,6 +103,9 @@ class JobInfo:
     seed: int
     temperature: float
     owner: str = ""         # the identity that submitted it ("" = anonymous)
+    items_failed: int = 0   # items of items_done that got an ItemFailure
+    on_item_error: OnItemError = OnItemError.PER_ITEM
+    upload_seen: float = 0  # RECEIVING: when the upload last made progress (0 = unknown)
 
     @classmethod
     def from_hash(cls, h: dict[bytes, bytes]) -> JobInfo:
@@ -71,10 +116,16 @@ class JobInfo:
             image_format=ImageFormat(s["image_format"]), sealed=s.get("sealed") == "1",
             items_total=int(s.get("items_total", 0)), chunks_total=int(s.get("chunks_total", 0)),
             items_done=int(s.get("items_done", 0)), chunks_done=int(s.get("chunks_done", 0)),
-            chunks_queued=int(s.get("chunks_queued", 0)), created=float(s["created"]),
+            # Hashes written before the rename hold the count as "chunks_queued".
+            chunks_submitted=int(s.get("chunks_submitted", 0)) + int(s.get("chunks_queued", 0)),
+            created=float(s["created"]),
             started=float(s.get("started", 0)), finished=float(s.get("finished", 0)),
             error=s.get("error", ""), seed=int(s.get("seed", 0)),
-            temperature=float(s.get("temperature", 1.0)), owner=s.get("owner", ""))
+            temperature=float(s.get("temperature", 1.0)), owner=s.get("owner", ""),
+            items_failed=int(s.get("items_failed", 0)),
+            # Jobs from before the policy existed were all fail-fast.
+            on_item_error=OnItemError(s.get("on_item_error", OnItemError.FAIL_FAST.value)),
+            upload_seen=float(s.get("upload_seen", 0)))
 
     @property
     def fraction(self) -> float:
@@ -108,3 +159,12 @@ class ChunkTask:
     temperature: float
     image_format: ImageFormat
     payload: bytes | None
+    on_item_error: OnItemError = OnItemError.FAIL_FAST
+
+
+class ChunkResults(NamedTuple):
+    """One stored chunk's results as a reader gets them (``JobStore.iter_chunk_results``)."""
+
+    start: int   # global index of the first item in ``items``
+    items: Any   # list of bytes, or uint8 (N, C, H, W); failed slots hold placeholders
+    failures: dict[int, ItemFailure]  # global index -> why that item has no result

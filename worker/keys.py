@@ -10,6 +10,9 @@ benchmarks all build names through :class:`Keys`. With the default prefix
     latentserve:dead                   dead-letter stream (capped with MAXLEN ~)
     latentserve:jobs                   sorted set: job id -> created (for ListJobs)
     latentserve:jobs:expiry            sorted set: job id -> when its keys expire (sweeper)
+    latentserve:jobs:receiving         sorted set: id of a job still receiving inputs ->
+                                       when its upload last made progress (the sweep
+                                       fails those silent past receiving_timeout_s)
     latentserve:job:<id>               hash: the job's spec, state and progress (TTL)
     latentserve:job:<id>:in            hash: chunk index -> packed inputs (TTL; a field
                                        is deleted once its chunk's results are stored)
@@ -88,6 +91,12 @@ class Keys:
     def jobs_expiry(self) -> str:
         """Sorted set of job ids scored by the time their keys expire."""
         return f"{self.prefix}jobs:expiry"
+
+    @property
+    def jobs_receiving(self) -> str:
+        """Sorted set of ids of jobs still receiving inputs, scored by their last upload
+        progress."""
+        return f"{self.prefix}jobs:receiving"
 
     # -- per job ----------------------------------------------------------------------
     def job(self, job_id: str) -> str:

@@ -26,13 +26,23 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--read-count", "read_count", int, "stream entries taken per read [4]"),
     ("--block-ms", "block_ms", int, "how long a read waits for new entries [1000]"),
     ("--claim-idle-s", "claim_idle_s", float,
-     "reclaim chunks pending longer than this from dead workers [30]"),
-    ("--heartbeat-s", "heartbeat_s", float, "claim extension period [claim-idle-s / 4]"),
+     "reclaim chunks no live worker extends after this long (a failed chunk's retry); a "
+     "killed worker's go once its health key expires [30]"),
+    ("--heartbeat-s", "heartbeat_s", float,
+     "claim extension and health key period; a worker silent for 3 is taken for dead and "
+     "its chunks reclaimed at once [claim-idle-s / 4, at most 2]"),
     ("--max-deliveries", "max_deliveries", int,
      "dead-letter a chunk delivered more often than this [3]"),
     ("--grace-s", "grace_s", float, "on SIGTERM, finish the current chunk within this [30]"),
     ("--prefix", "prefix", str, "Redis key prefix [latentserve:]"),
     ("--result-ttl-s", "result_ttl_s", float, "how long finished jobs are kept [86400]"),
+    ("--receiving-timeout-s", "receiving_timeout_s", float,
+     "fail a job whose upload sent nothing for this long, unsealed; run none of its chunks "
+     "[300]"),
+    ("--metrics-port", "metrics_port", int,
+     "serve Prometheus /metrics (worker counters, queue gauges) on this port; 0 = a free "
+     "one (in the health record) [default: off]"),
+    ("--metrics-host", "metrics_host", str, "address the metrics port binds [127.0.0.1; 0.0.0.0 for all]"),
 )
 
 
@@ -48,7 +58,8 @@ def register(sub: Any) -> None:
                         "REDIS_URL, better for a password: a flag shows in the process list]")
     for flag, dest, kind, text in _FLAGS:
         metavar = {"models": "DIR", "provider": "NAME", "pools": "P1,P2", "consumer": "NAME",
-                   "prefix": "TEXT"}.get(dest, "N" if kind is int else "S")
+                   "prefix": "TEXT", "metrics_host": "ADDR"}.get(dest,
+                                                                 "N" if kind is int else "S")
         p.add_argument(flag, dest=dest, type=kind, default=None, metavar=metavar, help=text)
     p.add_argument("--burst", action="store_true", default=None,
                    help="exit once no work is left (tests, one-shot runs)")
@@ -77,6 +88,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.check_health:
         return check_health(config)
     worker = create_worker(config)
+    metrics = serve_metrics(worker, config) if config.metrics_port is not None else None
 
     def on_signal(signum: int, _frame: Any) -> None:
         logging.getLogger(__name__).info("worker %s: %s, stopping (grace %.1fs)",
@@ -86,13 +98,31 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    where = (f", metrics on {config.metrics_host}:{metrics.port}" if metrics else "")
     print(f"worker {config.consumer}: pools {','.join(config.pools)}, models "
-          f"{config.models}, provider {config.provider}, Redis {redact_url(config.redis_url)}",
-          file=sys.stderr, flush=True)
-    stats = worker.run()
+          f"{config.models}, provider {config.provider}, Redis {redact_url(config.redis_url)}"
+          f"{where}", file=sys.stderr, flush=True)
+    try:
+        stats = worker.run()
+    finally:
+        if metrics is not None:
+            metrics.stop()
     print(f"worker {config.consumer}: {stats.chunks} chunks, {stats.items} items, "
           f"{stats.released} released, {stats.dead_lettered} dead-lettered", file=sys.stderr)
     return 0
+
+
+def serve_metrics(worker: Any, config: Any) -> Any:
+    """Serve the worker's metrics and its pools' queue gauges; returns the server."""
+    from .errors import Unavailable
+    from .queue_stats import QueueCollector
+
+    worker.metrics.registry.register(QueueCollector(worker.r, config.keys, config.pools))
+    try:
+        return worker.metrics.serve_http(config.metrics_host, config.metrics_port)
+    except OSError as exc:
+        raise Unavailable(f"cannot serve metrics on {config.metrics_host}:"
+                          f"{config.metrics_port}: {exc}") from None
 
 
 def check_health(config: Any) -> int:

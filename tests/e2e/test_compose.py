@@ -163,6 +163,9 @@ def test_compose_promises() -> None:
 
 
 # -- 3. the services as local processes ---------------------------------------------------
+WORKER_METRICS = 9091  # the workers' metrics port in docker-compose.yml
+
+
 def free_port() -> int:
     import socket
 
@@ -326,7 +329,11 @@ def compose_stack(tiny_repo: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
     try:
         for name in ("redis", "service", "worker", "worker-cpu"):
             svc = services[name]
-            local = Localizer(ports, mounts_of(svc, volumes))
+            # Each worker replica has a container of its own; here they share a host, so
+            # each gets its own port for the metrics port the compose file exposes.
+            own = {**ports, WORKER_METRICS: free_port()} if name.startswith("worker") else ports
+            info[f"{name}-ports"] = own
+            local = Localizer(own, mounts_of(svc, volumes))
             cmd = [local(c) for c in svc["command"]]
             env = process_env({k: local(v) for k, v in env_of(svc).items()})
             if name == "redis":  # loopback only (the container listens on its own network)
@@ -360,7 +367,10 @@ def compose_stack(tiny_repo: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
 def test_compose_services_run_jobs_as_local_processes(compose_stack: dict[str, Any],
                                                       tiny_repo: Path,
                                                       mnist_images: np.ndarray) -> None:
+    import urllib.request
+
     import redis
+    from prometheus_client.parser import text_string_to_metric_families
 
     from latentserve.service.job_client import JobsClient
     from latentserve.worker.pipeline import Pipeline
@@ -385,6 +395,17 @@ def test_compose_services_run_jobs_as_local_processes(compose_stack: dict[str, A
         assert state_name(done.state) == "succeeded" and done.items_done == 24, done
         samples = np.stack([im for _, im in sorted(client.fetch(job.id), key=lambda r: r[0])])
         np.testing.assert_array_equal(samples, local.sample("tiny-vqvae:1", 24, seed=7))
+
+    # the job work is on the workers' /metrics, whichever replica did it
+    items: dict[str, float] = {"compress": 0, "sample": 0}
+    for name in ("worker", "worker-cpu"):
+        port = compose_stack[f"{name}-ports"][WORKER_METRICS]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        for family in text_string_to_metric_families(text.decode()):
+            for s in family.samples:
+                if s.name == "latentserve_worker_items_total":
+                    items[s.labels["op"]] += s.value
+    assert items == {"compress": 64, "sample": 24}, items
 
     # both worker processes joined the queue (their health keys carry their pids), and the
     # service ran no worker of its own

@@ -236,9 +236,12 @@ def known_jobs(channel: grpc.Channel, cancelled_job: KnownJob,
     good = finished(_submit(channel, jpb.JobSpec(kind=jpb.JOB_KIND_SAMPLE, model="tiny-ae",
                                                  count=3, chunk_size=2)))
     assert good.state == jpb.JOB_STATE_SUCCEEDED, good
-    # A v1 header (so SubmitJob takes it) on bytes no model made: the worker refuses it.
+    # A v1 header (so SubmitJob takes it) on bytes no model made: the worker refuses it,
+    # failing the job (FAIL_FAST; per item it would succeed with one item error).
     not_a_code = jpb.JobItems(codes=[b"\xa1\x01" + bytes(12)])
-    bad = finished(_submit(channel, jpb.JobSpec(kind=jpb.JOB_KIND_RECONSTRUCT), not_a_code))
+    bad = finished(_submit(channel, jpb.JobSpec(kind=jpb.JOB_KIND_RECONSTRUCT,
+                                                on_item_error=jpb.ON_ITEM_ERROR_FAIL_FAST),
+                           not_a_code))
     assert bad.state == jpb.JOB_STATE_FAILED, bad
     # The worker may fail the bad job before SubmitJob seals it (then items_total is 0).
     return (cancelled_job, KnownJob(good.id, "succeeded", 3, 2),

@@ -106,8 +106,8 @@ def grpc_size_status(msg: Any) -> frozenset[grpc.StatusCode]:
 # Which part of a job submission a case breaks: none in one case of seven (the
 # job is accepted and a worker runs it), one field, the inputs, the messages, or several.
 BROKEN = st.sampled_from([None] * 2 + ["kind", "model", "format", "chunk_size", "count", "seed",
-                                       "temperature", "expected", "items", "messages",
-                                       "several"])
+                                       "temperature", "expected", "policy", "items",
+                                       "messages", "several"])
 GOOD_REFS = st.sampled_from(["tiny-ae", "tiny-vae", "tiny-vqvae:1"]).map(lambda t: Ref(
     t, OK, t.partition(":")[0]))
 FIELDS = {  # name: (good values, any values)
@@ -119,7 +119,18 @@ FIELDS = {  # name: (good values, any values)
     "seed": (st.integers(0, 100), EDGE_U64),
     "temperature": (st.one_of(st.none(), st.sampled_from([0.5, 1.0, 2.0])), TEMPERATURES),
     "expected": (st.just(0), st.one_of(st.integers(0, LIMITS.job_items + 2), EDGE_U64)),
+    # OnItemError: unset and PER_ITEM make a bad input an item error, FAIL_FAST a refusal.
+    "policy": (st.sampled_from([0, 1, 2]), st.one_of(st.sampled_from([0, 1, 2, 3]), INT32)),
 }
+PER_ITEM_POLICIES = (0, 1)
+# What SubmitJob refuses a bad input with under FAIL_FAST; under PER_ITEM they are the
+# item's status (FetchResults), and the submission passes.
+ITEM_STATUSES = frozenset({OK, INVALID, EXHAUSTED, DATA_LOSS})
+
+
+def item_status(allowed: Allowed, per_item: bool) -> Allowed:
+    """A bad input's effect on SubmitJob: its own refusal, or none under PER_ITEM."""
+    return one(OK) if per_item and allowed is not None and allowed <= ITEM_STATUSES else allowed
 
 
 @st.composite
@@ -130,13 +141,16 @@ def _job_specs(draw: st.DrawFn) -> tuple[jpb.JobSpec, list[Allowed], str | None,
     kind, ref, temperature = v["kind"], v["model"], v["temperature"]
     spec = jpb.JobSpec(kind=kind, model=ref.text, format=v["format"],
                        chunk_size=v["chunk_size"], count=v["count"], seed=v["seed"],
-                       resize=draw(BOOL), expected_items=v["expected"])
+                       resize=draw(BOOL), expected_items=v["expected"],
+                       on_item_error=v["policy"])
     if temperature is not None:
         spec.temperature = temperature
     parts: list[Allowed] = [grpc_size_status(spec)]
     if kind not in (1, 2, 3):
         parts.append(one(INVALID))
     if spec.format not in (0, 1, 2):
+        parts.append(one(INVALID))
+    if spec.on_item_error not in (0, 1, 2):
         parts.append(one(INVALID))
     if ref.empty:
         parts.append(one(OK) if kind == 2 else one(INVALID))
@@ -156,7 +170,8 @@ def _job_specs(draw: st.DrawFn) -> tuple[jpb.JobSpec, list[Allowed], str | None,
         parts.append(one(EXHAUSTED))
     label = (f"spec kind={kind} model={ref.text[:30]!r} format={spec.format} "
              f"chunk={spec.chunk_size} count={spec.count} seed={spec.seed} "
-             f"temperature={temperature} expected={spec.expected_items}")
+             f"temperature={temperature} expected={spec.expected_items} "
+             f"on_item_error={spec.on_item_error}")
     return spec, parts, broken, label
 
 
@@ -168,9 +183,10 @@ ANY_ITEM_COUNTS = st.integers(0, LIMITS.images + 1)
 @st.composite
 def _job_items(draw: st.DrawFn, kind: int, resize: bool, broken: bool,
                corpus: tuple[ImageCase, ...], codes: Codes,
-               foreign: tuple[bytes, ...]) -> tuple[jpb.SubmitJobRequest, list[Allowed], int,
-                                                    str]:
-    """One JobItems message: the inputs ``kind`` takes, or (``broken``) anything."""
+               foreign: tuple[bytes, ...], per_item: bool = False,
+               ) -> tuple[jpb.SubmitJobRequest, list[Allowed], int, str]:
+    """One JobItems message: the inputs ``kind`` takes, or (``broken``) anything;
+    ``per_item``: the job's bad inputs are item errors (OnItemError PER_ITEM)."""
     counts = ANY_ITEM_COUNTS if broken else ITEM_COUNTS
     images: list[Any] = []
     items: list[CodeCase] = []
@@ -191,9 +207,9 @@ def _job_items(draw: st.DrawFn, kind: int, resize: bool, broken: bool,
     if len(got) > LIMITS.images:
         parts.append(one(EXHAUSTED))
     if kind == 1:
-        parts += [i.allowed(resize) for i in images]
+        parts += [item_status(i.allowed(resize), per_item) for i in images]
     elif kind == 2:
-        parts += [header_status(c.code) for c in items]
+        parts += [item_status(header_status(c.code), per_item) for c in items]
     label = f"items ({len(images)} images, {len(items)} codes)"
     return msg, parts, len(got), label
 
@@ -240,7 +256,8 @@ def _submit_cases(draw: st.DrawFn, corpus: tuple[ImageCase, ...], codes: Codes,
             labels.append("noise")
         else:
             msg, item_parts, n, label = draw(_job_items(
-                kind, spec.resize, broken in ("items", "several"), corpus, codes, foreign))
+                kind, spec.resize, broken in ("items", "several"), corpus, codes, foreign,
+                spec.on_item_error in PER_ITEM_POLICIES))
             payload.append(msg.SerializeToString())
             parts += item_parts
             total += n

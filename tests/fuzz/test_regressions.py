@@ -153,8 +153,10 @@ def test_a_job_failing_while_its_inputs_arrive_is_returned_failed(
 
     before = failed_ids()
     vae_code = next(c for m, c in codes if m == "tiny-vae")
-    # Codes of tiny-vae in a job for tiny-ae: the worker refuses the first chunk for good.
-    spec = jpb.JobSpec(kind=jpb.JOB_KIND_RECONSTRUCT, model="tiny-ae", chunk_size=1)
+    # Codes of tiny-vae in a job for tiny-ae: the worker refuses the first chunk for good
+    # (FAIL_FAST; per item each code would just be an item error).
+    spec = jpb.JobSpec(kind=jpb.JOB_KIND_RECONSTRUCT, model="tiny-ae", chunk_size=1,
+                       on_item_error=jpb.ON_ITEM_ERROR_FAIL_FAST)
     items = jpb.SubmitJobRequest(items=jpb.JobItems(codes=[vae_code]))
 
     def messages() -> Any:

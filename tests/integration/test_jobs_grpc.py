@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -125,12 +124,13 @@ def test_cancel_and_errors(client, make_worker, tiny_pipeline, mnist_images):
         client.submit_sample("no-such-model", 3)
     with pytest.raises(E.InvalidInput, match="temperature must be a positive number"):
         client.submit_sample("tiny-ae", 3, temperature=-1)
+    # Bad inputs refuse the whole job under FAIL_FAST only (per item: test_jobs_item_errors).
     with pytest.raises(E.InvalidInput, match=r"image 3 is raw 1x20x20"):
         client.submit_compress("tiny-ae", list(mnist_images[:3]) + [
-            np.zeros((1, 20, 20), np.uint8)])
+            np.zeros((1, 20, 20), np.uint8)], on_item_error="fail_fast")
     good = tiny_pipeline.compress("tiny-ae", mnist_images[:1])[0]
     with pytest.raises(E.CorruptCode, match="code 1: .*truncated"):
-        client.submit_reconstruct([good, good[:3]])
+        client.submit_reconstruct([good, good[:3]], on_item_error="fail_fast")
     assert [state_name(j.state) for j in client.list()] == ["cancelled"]  # refused: no trace
 
 

@@ -4,13 +4,7 @@ shutdown, a Redis server killed and restarted from its AOF, reproducible samplin
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import signal
-import socket
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 import redis
@@ -128,63 +122,6 @@ def test_sigterm_past_the_grace_releases_the_chunk_at_a_batch_boundary(
     [(_, fields)] = redis_client.xrange(job_store.keys.stream("default"))
     assert fields[b"job"] == job.id.encode() and fields[b"prior"] == b"1"
     assert pending(redis_client, job_store) == []
-
-
-class RedisProcess:
-    """A private Redis-compatible server with AOF on a fixed port, to kill and restart:
-    redis-server when the suite runs against REDIS_URL and it is installed, else valkey."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.binary = shutil.which("redis-server") if os.environ.get("REDIS_URL") else None
-        self.proc: subprocess.Popen | None = None
-        self.embedded = None
-
-    def start(self) -> None:
-        if self.binary:
-            data = self.root / "redis"
-            data.mkdir(exist_ok=True)
-            self.proc = subprocess.Popen(
-                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(data),
-                 "--appendonly", "yes", "--save", ""],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        else:
-            from latentserve.service.embedded_redis import start_embedded_redis
-
-            self.embedded = start_embedded_redis(self.root, port=self.port)
-        client = redis.Redis.from_url(self.url)
-        end = time.monotonic() + 20
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
-                if time.monotonic() > end:
-                    raise
-                time.sleep(0.05)
-        client.close()
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown hook, no final fsync."""
-        if self.embedded is not None:
-            self.embedded.server.terminate()
-            self.embedded = None
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-
-@pytest.fixture
-def private_redis(tmp_path):
-    server = RedisProcess(tmp_path)
-    server.start()
-    yield server
-    server.kill()
 
 
 @pytest.mark.slow

@@ -10,8 +10,9 @@ import redis
 
 from latentserve.worker.config import QueueConfig
 from latentserve.worker.errors import InvalidInput, JobNotFound, JobStateError, ResourceLimit
-from latentserve.worker.jobstore import (JobKind, JobState, JobStore, pack_images, pack_items,
-                                         unpack)
+from latentserve.worker.jobstore import (ItemFailure, JobKind, JobState, JobStore, pack_images,
+                                         pack_items, unpack)
+from latentserve.worker.packing import pack_failures, unpack_failures
 
 pytestmark = pytest.mark.queue
 
@@ -38,6 +39,36 @@ def test_a_duplicate_store_changes_nothing(job_store, redis_client):
     assert (info.items_done, info.chunks_done, info.state) == (16, 1, JobState.RUNNING)
     assert job_store.chunk_results(job.id, 0) == first
     assert job_store.depth("default") == 1  # the acked entry was deleted
+
+
+def test_item_failures_are_stored_once_and_read_in_their_slots(job_store, redis_client):
+    job = job_store.submit(JobKind.RECONSTRUCT, "m", items=[b"a", b"b", b"c"], chunk_size=3)
+    eid, _ = read_one(redis_client, job_store)
+    job_store.begin_chunk("default", job.id, 0, eid)
+    why = ItemFailure("CorruptCode", "checksum mismatch")
+    value = pack_failures(pack_items([b"1", b"", b"3"]), {1: why})
+    assert job_store.store_chunk("default", job.id, 0, 3, value, eid, failed=1) is True
+    assert job_store.store_chunk("default", job.id, 0, 3, value, eid, failed=1) is False
+    info = job_store.get(job.id)
+    assert (info.state, info.items_done, info.items_failed) == (JobState.SUCCEEDED, 3, 1)
+    assert [r for _, r in job_store.iter_results(job.id)] == [b"1", why, b"3"]
+    [part] = job_store.iter_chunk_results(job.id, start=1)
+    assert (part.start, part.items, part.failures) == (1, [b"", b"3"], {1: why})
+
+
+def test_a_hash_from_before_the_rename_still_seals(job_store, redis_client):
+    job = job_store.create(JobKind.RECONSTRUCT, "m", chunk_size=2)
+    job_store.enqueue(job, [(0, 2, pack_items([b"x", b"y"]))])
+    key = job_store.keys.job(job.id)  # as an older release wrote it
+    redis_client.hset(key, "chunks_queued", redis_client.hget(key, "chunks_submitted"))
+    redis_client.hdel(key, "chunks_submitted")
+    assert job_store.get(job.id).chunks_submitted == 1
+    job_store.enqueue(job, [(1, 1, pack_items([b"z"]))])
+    assert job_store.seal(job, 3, 2).chunks_total == 2
+    other = job_store.create(JobKind.RECONSTRUCT, "m", chunk_size=2)
+    job_store.enqueue(other, [(0, 2, pack_items([b"x", b"y"])), (1, 1, pack_items([b"z"]))])
+    with pytest.raises(InvalidInput, match="sealed with 3 chunks but 2 were submitted"):
+        job_store.seal(other, 3, 3)
 
 
 def test_the_job_succeeds_only_when_the_last_chunk_is_stored(job_store, redis_client):
@@ -204,3 +235,11 @@ def test_packing_round_trips_and_refuses_damage():
         unpack(pack_items(items)[:-1])
     with pytest.raises(InvalidInput, match="starts with b'Z'"):
         unpack(b"Z123")
+    failed = {1: ItemFailure("CorruptCode", "bad bytes \u2014 truncated")}
+    packed = pack_failures(pack_images(images), failed)
+    got, failures = unpack_failures(packed)
+    assert np.array_equal(got, images) and failures == failed
+    assert np.array_equal(unpack(packed), images)  # the items alone, placeholders and all
+    assert pack_failures(pack_items(items), {}) == pack_items(items)
+    with pytest.raises(InvalidInput, match="item failures do not parse"):
+        unpack_failures(packed[:9] + b"{" + packed[10:])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from gate import GatedPipeline
 
-from latentserve.worker.jobstore import ImageFormat, JobKind, JobState, unpack
+from latentserve.worker.jobstore import ImageFormat, ItemFailure, JobKind, JobState, OnItemError
 from latentserve.worker.images import encode_png
 
 pytestmark = pytest.mark.queue
@@ -100,7 +100,8 @@ def test_a_bad_input_fails_its_job_and_no_other(job_store, make_worker, tiny_pip
     codes = tiny_pipeline.compress("tiny-vae", mnist_images[:16])
     bad = list(codes)
     bad[6] = bad[6][:-1] + bytes([bad[6][-1] ^ 0xFF])  # one corrupted code, in chunk 1
-    broken = job_store.submit(JobKind.RECONSTRUCT, "tiny-vae", items=bad, chunk_size=4)
+    broken = job_store.submit(JobKind.RECONSTRUCT, "tiny-vae", items=bad, chunk_size=4,
+                              on_item_error=OnItemError.FAIL_FAST)
     good = job_store.submit(JobKind.RECONSTRUCT, "tiny-vae", items=codes, chunk_size=4)
     stats = make_worker(read_count=16, batch_items=64).run()
     failed = job_store.get(broken.id)
@@ -112,6 +113,33 @@ def test_a_bad_input_fails_its_job_and_no_other(job_store, make_worker, tiny_pip
     assert job_store.get(good.id).state is JobState.SUCCEEDED
     assert all_results(job_store, good.id) == [
         encode_png(im) for im in tiny_pipeline.reconstruct(codes)]
+
+
+def test_a_bad_code_fails_only_its_item_by_default(job_store, make_worker, tiny_pipeline,
+                                                   mnist_images):
+    codes = tiny_pipeline.compress("tiny-vae", mnist_images[:16])
+    bad = list(codes)
+    bad[6] = bad[6][:-1] + bytes([bad[6][-1] ^ 0xFF])
+    raw = job_store.submit(JobKind.RECONSTRUCT, "tiny-vae", items=bad, chunk_size=4,
+                           image_format=ImageFormat.RAW)
+    png = job_store.submit(JobKind.RECONSTRUCT, "", items=bad, chunk_size=4)
+    # In the same reads as the per-item jobs: merged calls must keep each policy.
+    strict = job_store.submit(JobKind.RECONSTRUCT, "tiny-vae", items=bad, chunk_size=4,
+                              on_item_error=OnItemError.FAIL_FAST)
+    stats = make_worker(read_count=16, batch_items=64).run()
+    assert job_store.get(strict.id).state is JobState.FAILED
+    assert stats.dead_lettered == 1  # the FAIL_FAST job's chunk only
+    [refusal] = [r for r in tiny_pipeline.reconstruct_each(bad) if not isinstance(r, np.ndarray)]
+    want = tiny_pipeline.reconstruct(codes)
+    for job in (raw, png):
+        info = job_store.get(job.id)
+        assert (info.state, info.items_done, info.items_failed) == (JobState.SUCCEEDED, 16, 1)
+        results = all_results(job_store, job.id)
+        assert results[6] == ItemFailure("CorruptCode", str(refusal))
+        good = [r for i, r in enumerate(results) if i != 6]
+        expect = [im if job is raw else encode_png(im) for i, im in enumerate(want) if i != 6]
+        assert all(np.array_equal(a, b) if job is raw else a == b
+                   for a, b in zip(good, expect, strict=True))
 
 
 def test_a_chunk_that_always_fails_is_dead_lettered_after_n_deliveries(
