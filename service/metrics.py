@@ -27,7 +27,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from latentserve.worker.metrics_http import MetricsHTTP, serve_metrics
 
 from .errors import Behavior, rewrap_handler
 
@@ -98,24 +100,10 @@ class ServiceMetrics:
     # -- HTTP -----------------------------------------------------------------------------
     def serve_http(self, host: str, port: int) -> MetricsHTTP:
         """Start ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread."""
-        httpd, thread = start_http_server(port, addr=host, registry=self.registry)
-        return MetricsHTTP(httpd, thread)
+        return serve_metrics(self.registry, host, port)
 
     def interceptor(self) -> MetricsInterceptor:
         return MetricsInterceptor(self)
-
-
-class MetricsHTTP:
-    """A running metrics endpoint; ``port`` is the bound port."""
-
-    def __init__(self, httpd: Any, thread: Any) -> None:
-        self.httpd = httpd
-        self.thread = thread
-        self.port = int(httpd.server_port)
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def _final_code(context: grpc.ServicerContext, failed: bool) -> str:

@@ -25,10 +25,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .jobtypes import ChunkTask, JobKind
+from .metrics_http import MetricsHTTP, serve_metrics
 
 PREFIX = "latentserve_worker_"
 MAX_MODEL_LABELS = 64
@@ -121,25 +122,11 @@ class WorkerMetrics:
             return ref
 
     # -- HTTP -------------------------------------------------------------------------
-    def serve_http(self, host: str, port: int) -> MetricsServer:
+    def serve_http(self, host: str, port: int) -> MetricsHTTP:
         """Start ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread."""
-        httpd, thread = start_http_server(port, addr=host, registry=self.registry)
-        server = MetricsServer(httpd, thread)
+        server = serve_metrics(self.registry, host, port)
         self.port = server.port
         return server
-
-
-class MetricsServer:
-    """A running metrics endpoint; ``port`` is the bound port."""
-
-    def __init__(self, httpd: Any, thread: Any) -> None:
-        self.httpd = httpd
-        self.thread = thread
-        self.port = int(httpd.server_port)
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 class _StatsCollector:
