@@ -196,6 +196,23 @@ class Background(threading.Thread):
         return self.result
 
 
+def pending(client: redis.Redis, store: Any, consumer: str | None = None) -> list[Any]:
+    """Entries pending in the default pool's group (of ``consumer``, or of anyone)."""
+    return client.xpending_range(store.keys.stream("default"), store.keys.group, "-", "+",
+                                 100, consumername=consumer)
+
+
+def digest(items: Any) -> str:
+    """One sha256 over a sequence of byte strings (lengths included)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for item in items:
+        h.update(len(item).to_bytes(4, "little"))
+        h.update(item)
+    return h.hexdigest()
+
+
 @pytest.fixture(name="wait_until")
 def wait_until_fixture() -> Callable[..., Any]:
     return wait_until
@@ -204,33 +221,39 @@ def wait_until_fixture() -> Callable[..., Any]:
 JOBS_QUEUE: dict[str, Any] = {"chunk_size": 16, "max_queued_chunks": 40, "max_job_items": 2000}
 
 
-@pytest.fixture
-def start_server(tiny_repo: Path) -> Iterator[Callable[..., Any]]:
-    """``start_server(jobs_redis=None, queue_changes=None, **config) -> Server``: a started
-    gRPC server on 127.0.0.1:0 serving ``tiny_repo`` (with the Jobs API on ``jobs_redis``,
-    no worker inside), ``config`` overriding ServiceConfig fields and ``queue_changes``
-    QueueConfig ones (over JOBS_QUEUE); all stopped at teardown."""
+def serve_tiny(tiny_repo: Path, jobs_redis: str | None = None,
+               queue_changes: dict[str, Any] | None = None, **changes: Any) -> Any:
+    """A started gRPC server on 127.0.0.1:0 serving ``tiny_repo`` (with the Jobs API on
+    ``jobs_redis``, no worker inside), ``changes`` overriding ServiceConfig fields and
+    ``queue_changes`` QueueConfig ones (over JOBS_QUEUE). The caller stops it."""
     from latentserve.service.config import ServiceConfig
     from latentserve.service.jobs import JobSettings, jobs_extension
     from latentserve.service.server import create_server
     from latentserve.worker.config import QueueConfig
 
+    config = ServiceConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": None,
+                              "models": tiny_repo, "intra_op_threads": 1,
+                              "compute_workers": 1, "grpc_threads": 16, "preload": False,
+                              **changes})
+    queue = QueueConfig(**{**JOBS_QUEUE, **(queue_changes or {})})
+    extra = ([jobs_extension(JobSettings(redis_url=jobs_redis, queue=queue,
+                                         embedded_worker="no"))] if jobs_redis else [])
+    server, _ = create_server(config, extra_services=extra)
+    server.queue = queue
+    server.start()
+    return server
+
+
+@pytest.fixture
+def start_server(tiny_repo: Path) -> Iterator[Callable[..., Any]]:
+    """``start_server(jobs_redis=None, queue_changes=None, **config) -> Server``:
+    ``serve_tiny`` on ``tiny_repo``; all stopped at teardown."""
     servers: list[Any] = []
 
     def start(jobs_redis: str | None = None, queue_changes: dict[str, Any] | None = None,
               **changes: Any) -> Any:
-        config = ServiceConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": None,
-                                  "models": tiny_repo, "intra_op_threads": 1,
-                                  "compute_workers": 1, "grpc_threads": 16, "preload": False,
-                                  **changes})
-        queue = QueueConfig(**{**JOBS_QUEUE, **(queue_changes or {})})
-        extra = ([jobs_extension(JobSettings(redis_url=jobs_redis, queue=queue,
-                                             embedded_worker="no"))] if jobs_redis else [])
-        server, _ = create_server(config, extra_services=extra)
-        server.queue = queue
-        server.start()
-        servers.append(server)
-        return server
+        servers.append(serve_tiny(tiny_repo, jobs_redis, queue_changes, **changes))
+        return servers[-1]
 
     yield start
     for server in servers:

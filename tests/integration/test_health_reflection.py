@@ -10,12 +10,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from fixtures_redis import serve_tiny
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2 as alpha_pb2
 
-from latentserve.service.config import ServiceConfig
-from latentserve.service.server import Server, create_server
+from latentserve.service.server import Server
 from latentserve.v1 import grpc_reflection_v1_pb2 as v1_pb2
 from latentserve.v1 import grpc_reflection_v1_pb2_grpc as v1_grpc
 
@@ -25,10 +25,7 @@ H = health_pb2.HealthCheckResponse
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path) -> Iterator[Server]:
-    config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
-                           intra_op_threads=1, compute_workers=1, grpc_threads=8)
-    srv, _ = create_server(config)
-    srv.start()
+    srv = serve_tiny(tiny_repo, grpc_threads=8, preload=True)
     yield srv
     srv.stop(0).wait(TIMEOUT)
 

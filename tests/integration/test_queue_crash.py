@@ -3,11 +3,11 @@ shutdown, a Redis server killed and restarted from its AOF, reproducible samplin
 
 from __future__ import annotations
 
-import hashlib
 import signal
 
 import pytest
 import redis
+from fixtures_redis import digest, pending
 
 from latentserve.cli import main
 from latentserve.worker.config import QueueConfig
@@ -15,19 +15,6 @@ from latentserve.worker.consumer import worker_health
 from latentserve.worker.jobstore import JobKind, JobState, JobStore, connect
 
 pytestmark = pytest.mark.queue
-
-
-def pending(client: redis.Redis, store: JobStore, consumer: str | None = None) -> list:
-    return client.xpending_range(store.keys.stream("default"), store.keys.group, "-", "+",
-                                 100, consumername=consumer)
-
-
-def digest(items) -> str:
-    h = hashlib.sha256()
-    for item in items:
-        h.update(len(item).to_bytes(4, "little"))
-        h.update(item)
-    return h.hexdigest()
 
 
 @pytest.mark.slow

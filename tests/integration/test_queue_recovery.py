@@ -4,29 +4,17 @@ claim_idle_s, logs it, and the job's results are complete and correct."""
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import time
 
 import pytest
 
+from fixtures_redis import digest, pending
+
 from latentserve.worker.jobstore import JobKind, JobState
 from latentserve.worker.recovery import Recovery
 
 pytestmark = pytest.mark.queue
-
-
-def pending(client, store, consumer=None) -> list:
-    return client.xpending_range(store.keys.stream("default"), store.keys.group, "-", "+",
-                                 100, consumername=consumer)
-
-
-def digest(items) -> str:
-    h = hashlib.sha256()
-    for item in items:
-        h.update(len(item).to_bytes(4, "little"))
-        h.update(item)
-    return h.hexdigest()
 
 
 @pytest.mark.slow

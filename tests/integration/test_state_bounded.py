@@ -12,9 +12,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from fixtures_redis import serve_tiny
 
-from latentserve.service.config import ServiceConfig
-from latentserve.service.server import Server, create_server
+from latentserve.service.server import Server
 from latentserve.service.wire import raw_image
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
@@ -26,10 +26,7 @@ C = grpc.StatusCode
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path) -> Iterator[Server]:
-    config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
-                           intra_op_threads=1, compute_workers=1, grpc_threads=16)
-    srv, _ = create_server(config)
-    srv.start()
+    srv = serve_tiny(tiny_repo, grpc_threads=16, preload=True)
     yield srv
     srv.stop(0).wait(TIMEOUT)
 
