@@ -9,25 +9,31 @@ code is its own model's, and refuses anything it cannot decode exactly.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from .coderpool import CoderPool, TableSpec
 from .engine import ModelRuntime
 from .entropy import (
     CHECK_BYTES,
     CHECK_PROBS,
+    FAMILY,
     OFFSET_PROBS,
     PRIOR_OFFSETS,
     FactorizedTables,
+    RangeEncoder,
     StaticTables,
     SymbolDecoder,
-    SymbolEncoder,
     check_indices,
     check_prior_spec,
     cross_entropy_bits,
+    finish,
+    fixed_model,
+    not_canonical,
     prior_check,
     prior_margin,
     prior_quantize,
@@ -58,16 +64,22 @@ FACTORIZED, VQ_STATIC, VQ_PRIOR = (CODE_KIND_IDS[k] for k in ("factorized", "vq_
 
 # -- header ---------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=256)
+def _digest_state(manifest_digest: str) -> tuple[bytes, int]:
+    """(fingerprint, CRC32 of the raw digest): what every code of that model starts from."""
+    raw = bytes.fromhex(manifest_digest)
+    return raw[:2], zlib.crc32(raw)
+
+
 def checksum(manifest_digest: str, head: bytes, payload: bytes) -> int:
     """Low 24 bits of CRC32(sha256(manifest) as 32 raw bytes, header bytes 0..3, payload)."""
-    crc = zlib.crc32(bytes.fromhex(manifest_digest))
-    crc = zlib.crc32(head, crc)
+    crc = zlib.crc32(head, _digest_state(manifest_digest)[1])
     return zlib.crc32(payload, crc) & 0xFFFFFF
 
 
 def pack(manifest_digest: str, kind: int, payload: bytes) -> bytes:
     """Build a version-1 code: header (7 bytes) + payload."""
-    head = bytes([(MAGIC << 4) | FORMAT_VERSION, kind]) + bytes.fromhex(manifest_digest)[:2]
+    head = bytes([(MAGIC << 4) | FORMAT_VERSION, kind]) + _digest_state(manifest_digest)[0]
     return head + checksum(manifest_digest, head, payload).to_bytes(3, "big") + payload
 
 
@@ -88,7 +100,7 @@ class Header:
 
     def made_by(self, manifest_digest: str) -> bool:
         """Whether the checksum binds this code to the manifest with that sha256 (hex)."""
-        return (bytes.fromhex(manifest_digest)[:2] == self.fingerprint
+        return (_digest_state(manifest_digest)[0] == self.fingerprint
                 and checksum(manifest_digest, self.head, self.payload) == self.checksum)
 
 
@@ -125,8 +137,10 @@ class LatentCodec:
     prior logit sits within ``guard`` of a rounding boundary (the header records the kind).
     """
 
-    def __init__(self, runtime: ModelRuntime) -> None:
+    def __init__(self, runtime: ModelRuntime, *, pool: CoderPool | None = None) -> None:
         self.runtime = runtime
+        # Large batches of kinds 1 and 2 are coded in the pool's processes (every core).
+        self.pool = pool
         m = runtime.manifest
         self.manifest = m
         self.kind = CODE_KIND_IDS[m.code_kind]
@@ -138,6 +152,10 @@ class LatentCodec:
             check_prior_spec(self.prior)
         self.kinds = ({FACTORIZED} if m.family != "vqvae"
                       else {VQ_STATIC} | ({VQ_PRIOR} if self.prior else set()))
+        shape = tuple(m.latent_shape)
+        self._specs = {k: TableSpec(f"{m.digest}:{k}", spec, shape)
+                       for k, spec in ((FACTORIZED, m.factorized), (VQ_STATIC, m.vq_static))
+                       if spec is not None and k in self.kinds}
 
     # -- encode -----------------------------------------------------------------------
     def encode(self, symbols: np.ndarray, *, kind: str | None = None) -> list[bytes]:
@@ -155,11 +173,10 @@ class LatentCodec:
         symbols = self._check_symbols(symbols)
         want = self._kind_id(kind)
         if want == FACTORIZED:
-            assert self.factorized is not None
-            return [(FACTORIZED, self.factorized.encode(s)) for s in symbols]
+            return [(FACTORIZED, p) for p in self._encode_fixed(FACTORIZED, symbols)]
         assert self.static is not None
         if want == VQ_STATIC or len(symbols) == 0:
-            return [(VQ_STATIC, self.static.encode(s)) for s in symbols]
+            return [(VQ_STATIC, p) for p in self._encode_fixed(VQ_STATIC, symbols)]
         offsets, probs = self.prior_plan(symbols)
         out = []
         for s, j, p in zip(symbols, offsets, probs):
@@ -231,26 +248,57 @@ class LatentCodec:
 
         Kind-3 codes are decoded together: one prior run per grid position for all of them.
         """
-        results: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(codes)
-        prior_jobs: list[tuple[int, bytes]] = []
-        for i, code in enumerate(codes):
+        headers: list[Header | CodeError] = []
+        for code in codes:
             try:
-                header = self.check(code)
-                if header.kind == VQ_PRIOR:
-                    prior_jobs.append((i, header.payload))
-                    continue
-                tables = self.factorized if header.kind == FACTORIZED else self.static
-                assert tables is not None
-                symbols = tables.decode(header.payload)
-                if tables.encode(symbols) != header.payload:
-                    raise not_canonical()
-                results[i] = symbols
+                headers.append(self.check(code))
             except CodeError as exc:
-                results[i] = exc
+                headers.append(exc)
+        return self.decode_headers(headers)
+
+    def decode_headers(self, headers: Sequence[Header | CodeError]) -> list[np.ndarray | CodeError]:
+        """``decode_each`` for codes already parsed and bound to this model (their
+        checksum matched its digest, as ``check`` or ``Pipeline.identify`` require); a
+        CodeError in the list is passed through. The kind is still checked here."""
+        results: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(headers)
+        prior_jobs: list[tuple[int, bytes]] = []
+        fixed: dict[int, list[tuple[int, bytes]]] = {FACTORIZED: [], VQ_STATIC: []}
+        for i, header in enumerate(headers):
+            if isinstance(header, CodeError):
+                results[i] = header
+            elif header.kind not in self.kinds:
+                results[i] = self._foreign_kind(header)
+            else:
+                (prior_jobs if header.kind == VQ_PRIOR else fixed[header.kind]).append(
+                    (i, header.payload))
+        for kind, jobs in fixed.items():
+            if jobs:
+                for i, r in zip((i for i, _ in jobs), self._decode_fixed(kind, jobs)):
+                    results[i] = r
         if prior_jobs:
-            for (i, _), r in zip(prior_jobs, self._decode_prior([p for _, p in prior_jobs])):
-                results[i] = r
+            decoded = self._decode_prior([p for _, p in prior_jobs])
+            for (i, _), d in zip(prior_jobs, decoded):
+                results[i] = d
         return results
+
+    def _decode_fixed(self, kind: int,
+                      jobs: list[tuple[int, bytes]]) -> list[np.ndarray | CorruptCode]:
+        """Kinds 1 and 2: decode, then require the payload the encoder writes for the
+        symbols (decode, re-encode, compare: the canonical form, docs/code-format.md)."""
+        payloads = [p for _, p in jobs]
+        if self.pool is not None and self.pool.wants(len(payloads)):
+            return self.pool.decode(self._specs[kind], payloads, canonical=True)
+        tables = self.factorized if kind == FACTORIZED else self.static
+        assert tables is not None
+        return tables.decode_batch(payloads, canonical=True)
+
+    def _encode_fixed(self, kind: int, symbols: np.ndarray) -> list[bytes]:
+        """Kinds 1 and 2, checked symbols -> payloads (in the pool for large batches)."""
+        if self.pool is not None and self.pool.wants(len(symbols)):
+            return self.pool.encode(self._specs[kind], symbols)
+        tables = self.factorized if kind == FACTORIZED else self.static
+        assert tables is not None
+        return tables.encode_batch(symbols)
 
     def check(self, code: bytes) -> Header:
         """Parse a code and require that this model made it with a kind it writes."""
@@ -266,9 +314,12 @@ class LatentCodec:
                 f"checksum mismatch for a code of {m.ref}: the bytes were changed or truncated "
                 "(or another model with the same 2-byte fingerprint made it)")
         if header.kind not in self.kinds:
-            raise CorruptCode(f"{m.ref} does not write codes of kind {header.kind} "
-                              f"({header.kind_name}); it writes {sorted(self.kinds)}")
+            raise self._foreign_kind(header)
         return header
+
+    def _foreign_kind(self, header: Header) -> CorruptCode:
+        return CorruptCode(f"{self.manifest.ref} does not write codes of kind {header.kind} "
+                           f"({header.kind_name}); it writes {sorted(self.kinds)}")
 
     def _decode_prior(self, payloads: list[bytes]) -> list[np.ndarray | CodeError]:
         """Decode kind-3 payloads position by position, the prior batched over the images."""
@@ -354,25 +405,25 @@ class LatentCodec:
             raise InvalidInput(f"symbols must be integers, got {symbols.dtype}")
         symbols = self.runtime.check_symbols(symbols)
         if self.factorized is not None and self.manifest.family != "vqvae":
-            for s in symbols:
-                self.factorized.check(s)
+            self.factorized.check(symbols)
         else:
             check_indices(symbols, self.static.num_codes)  # type: ignore[union-attr]
         return symbols.astype(np.int32)
 
 
+# The offset and check tables are fixed: one model each, built once.
+OFFSET_MODEL = fixed_model(OFFSET_PROBS[0])
+CHECK_MODEL = fixed_model(CHECK_PROBS[0])
+
+
 def prior_payload(offset: int, symbols: np.ndarray, tables: np.ndarray) -> bytes:
     """A kind-3 payload: the rounding offset, the indices under their tables, the check."""
-    enc = SymbolEncoder()
-    enc.encode(np.array([offset]), OFFSET_PROBS)
-    enc.encode(symbols.reshape(-1), tables)
-    enc.encode(prior_check(offset, symbols), CHECK_PROBS)
-    return enc.payload()
-
-
-def not_canonical() -> CorruptCode:
-    return CorruptCode("the payload is not the one the encoder writes for the symbols it "
-                       "decodes to: the bytes were changed (extended, truncated or corrupted)")
+    coder = RangeEncoder()
+    coder.encode(int(offset), OFFSET_MODEL)
+    coder.encode(np.ascontiguousarray(symbols, np.int32).reshape(-1), FAMILY,
+                 np.ascontiguousarray(tables, np.float64))
+    coder.encode(prior_check(offset, symbols), CHECK_MODEL)
+    return finish(coder)
 
 
 def with_index(exc: CodeError, index: int, total: int) -> CodeError:

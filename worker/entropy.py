@@ -31,7 +31,7 @@ from .manifest import FactorizedSpec, VQPriorSpec, VQStaticSpec
 
 # perfect=False: fast table construction; encoder and decoder must agree on it, and it
 # is part of the code format (changing it changes every payload).
-_FAMILY = constriction.stream.model.Categorical(perfect=False)
+FAMILY = constriction.stream.model.Categorical(perfect=False)
 # constriction's submodules live inside its extension module: not importable by path.
 RangeEncoder = constriction.stream.queue.RangeEncoder
 RangeDecoder = constriction.stream.queue.RangeDecoder
@@ -62,8 +62,11 @@ def words_to_bytes(words: np.ndarray) -> bytes:
 
 def bytes_to_words(payload: bytes) -> np.ndarray:
     """Inverse of ``words_to_bytes``: zero-pad to whole words, read big-endian."""
-    padded = payload + b"\0" * (-len(payload) % 4)
+    padded = payload + _ZEROS[-len(payload) % 4]
     return np.frombuffer(padded, ">u4").astype(np.uint32)
+
+
+_ZEROS = (b"", b"\0", b"\0\0", b"\0\0\0")
 
 
 # -- coding under per-symbol tables ---------------------------------------------------
@@ -73,7 +76,6 @@ class SymbolEncoder:
 
     def __init__(self) -> None:
         self._coder = RangeEncoder()
-        self._parts: list[tuple[np.ndarray, np.ndarray]] = []
 
     def encode(self, symbols: np.ndarray, probs: np.ndarray) -> None:
         """Code ``symbols[i]`` (in [0, K)) under ``probs[i]`` (shape (n, K), float64)."""
@@ -84,26 +86,27 @@ class SymbolEncoder:
         if k == 1:  # a one-symbol alphabet carries no information (and constriction refuses it)
             return
         probs = np.ascontiguousarray(probs, np.float64)
-        self._coder.encode(symbols, _FAMILY, probs)
-        self._parts.append((symbols, probs))
+        self._coder.encode(symbols, FAMILY, probs)
 
     def payload(self) -> bytes:
         """The shortest bytes that decode to the message (see ``shortest_payload``)."""
-        if self._coder.is_empty():
-            return b""
-        short = shortest_payload(self._coder)
-        if short is not None and self._decodes_to_message(short):
-            return short
-        # Not expected to happen; the sealed words are always right, and the choice is
-        # still a deterministic function of the symbols (so decoding stays canonical).
-        return words_to_bytes(self._coder.get_compressed())
+        return finish(self._coder)
 
-    def _decodes_to_message(self, payload: bytes) -> bool:
-        decoder = SymbolDecoder(payload)
-        try:
-            return all(np.array_equal(decoder.decode(p), s) for s, p in self._parts)
-        except CorruptCode:
-            return False
+
+def finish(coder: RangeEncoder) -> bytes:
+    """A finished coder's payload: the shortest bytes in its final interval.
+
+    Not checked by decoding: every point of the final interval decodes to the message
+    (the decoder recomputes the encoder's nested sub-intervals from the same integer
+    state; a point in the last one lies in all of them), and the zero-padded payload is
+    such a point by construction. Tests decode every payload of the reference path
+    (``entropy_reference``) to confirm it. The sealed words, used when the closed form
+    does not apply, always decode (tested).
+    """
+    if coder.is_empty():
+        return b""
+    short = shortest_payload(coder)
+    return short if short is not None else words_to_bytes(coder.get_compressed())
 
 
 def shortest_payload(coder: RangeEncoder) -> bytes | None:
@@ -115,36 +118,34 @@ def shortest_payload(coder: RangeEncoder) -> bytes | None:
     it keeps pending carries out of the arithmetic: the interval is [X - d, X - d + range)
     in units of the last state bit, d = (X's last 64 bits - lower) mod 2**64. Returns None
     when the sealed stream does not fit that picture (the caller then keeps the words).
+    Closed form; ``entropy_reference.shortest_payload_bisect`` is the bisection it replaced.
     """
     position, (lower, width) = coder.pos()
     words = coder.get_compressed()
     n = position + 2  # the state window spans two words after the emitted ones
-    if len(words) > n:
+    pad = n - len(words)
+    if pad < 0:
         return None
-    x = int.from_bytes(np.asarray(words, np.uint32).astype(">u4").tobytes(), "big")
-    x <<= 32 * (n - len(words))
-    d = (x - lower) % (1 << 64)
+    bits = 32 * n
+    x = int.from_bytes(words.astype(">u4").tobytes(), "big") << (32 * pad)
+    d = ((x & _LOW64) - lower) & _LOW64  # only X's last 64 bits meet the state
     if d >= width:
         return None
-    lo, end = x - d, min(x - d + width, 1 << (32 * n))
+    lo = x - d
+    if lo == 0:
+        return b""  # the empty payload reads as zeros, the interval's own start
+    top = lo + width - 1  # the interval's last integer, clipped to the window below
+    if top.bit_length() > bits:
+        top = (1 << bits) - 1
+    # A multiple of 2**s lies in [lo, top] iff (lo - 1) >> s != top >> s, i.e. iff s is
+    # below the bit length of (lo - 1) ^ top: drop the most whole bytes that allows
+    # (fewer than 4n, since 0 < lo <= top < 2**(32n)), then round lo up at that byte.
+    dropped = (((lo - 1) ^ top).bit_length() - 1) >> 3
+    m = -(-lo >> (8 * dropped))
+    return m.to_bytes(4 * n - dropped, "big").rstrip(b"\0")
 
-    def point(length: int) -> int | None:
-        """The smallest multiple of 256**-length in [lo, end), as an integer, or None."""
-        shift = 8 * (4 * n - length)
-        m = -(-lo >> shift)  # ceil(lo / 2**shift)
-        return m if m << shift < end else None
 
-    # A point that fits at some length fits at every longer one: bisect the shortest.
-    short, long_ = -1, 4 * n  # point(4n) is x itself
-    while long_ - short > 1:
-        mid = (short + long_) // 2
-        if point(mid) is None:
-            short = mid
-        else:
-            long_ = mid
-    m = point(long_)
-    assert m is not None
-    return m.to_bytes(long_, "big").rstrip(b"\0") if long_ else b""
+_LOW64 = (1 << 64) - 1
 
 
 class SymbolDecoder:
@@ -159,13 +160,9 @@ class SymbolDecoder:
         if n == 0 or k == 1:
             return np.zeros(n, np.int32)
         try:
-            out = self._coder.decode(_FAMILY, np.ascontiguousarray(probs, np.float64))
+            out = self._coder.decode(FAMILY, np.ascontiguousarray(probs, np.float64))
         except BaseException as exc:
-            # Invalid data raises AssertionError; a Rust panic would surface as pyo3's
-            # PanicException, a BaseException: neither may take the process down.
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            raise CorruptCode(f"the payload does not decode ({type(exc).__name__}: {exc})") from None
+            raise decode_error(exc) from None
         return np.asarray(out, np.int32)
 
 
@@ -176,10 +173,38 @@ def cross_entropy_bits(symbols: np.ndarray, probs: np.ndarray) -> float:
     return float(-np.log2(p).sum())
 
 
+# -- fixed tables: one constriction model per table, built once ------------------------
+
+def fixed_model(probs: np.ndarray) -> constriction.stream.model.Categorical | None:
+    """The model constriction builds from one table row (None for a one-entry table,
+    which carries no information). Same quantisation as the per-symbol family call
+    (both use Categorical(perfect=False) on the same float64s): the same bytes (tested)."""
+    return None if len(probs) == 1 else constriction.stream.model.Categorical(probs, perfect=False)
+
+
+def not_canonical() -> CorruptCode:
+    """The refusal of a payload that decodes but is not what the encoder writes."""
+    return CorruptCode("the payload is not the one the encoder writes for the symbols it "
+                       "decodes to: the bytes were changed (extended, truncated or corrupted)")
+
+
+def decode_error(exc: BaseException) -> CorruptCode:
+    """The CodeError for whatever constriction raised on invalid data."""
+    # Invalid data raises AssertionError; a Rust panic would surface as pyo3's
+    # PanicException, a BaseException: neither may take the process down.
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        raise exc
+    return CorruptCode(f"the payload does not decode ({type(exc).__name__}: {exc})")
+
+
 # -- kind 1: factorized ---------------------------------------------------------------
 
 class FactorizedTables:
-    """Per-channel integer tables for quantised latents of shape (C, h, w)."""
+    """Per-channel integer tables for quantised latents of shape (C, h, w).
+
+    Each channel's symbols are i.i.d. under one fixed model (built once), so an image
+    costs one coder call per channel; ``entropy_reference`` keeps the per-symbol path.
+    """
 
     def __init__(self, spec: FactorizedSpec, latent_shape: Sequence[int]) -> None:
         if len(latent_shape) != 3:
@@ -189,43 +214,94 @@ class FactorizedTables:
         self.offsets = np.array(spec.offsets, np.int64)
         self.sizes = np.array([len(f) for f in spec.freqs], np.int64)
         self.probs = [probabilities(np.array(f, np.int64)) for f in spec.freqs]
-        hw = self.shape[1] * self.shape[2]
-        # One (h*w, K_c) table per channel, built once: constriction takes a row per symbol.
-        self._rows = [np.ascontiguousarray(np.broadcast_to(p, (hw, len(p)))) for p in self.probs]
+        self._all_models = [fixed_model(p) for p in self.probs]
+        self._coded = [(c, m) for c, m in enumerate(self._all_models) if m is not None]
+        self._offsets32 = self.offsets.astype(np.int32).reshape(1, -1, 1)
 
     def check(self, symbols: np.ndarray) -> None:
-        """Raise InvalidInput unless every symbol lies on its channel's table support."""
+        """Raise InvalidInput unless every symbol lies on its channel's table support
+        (``symbols``: one image (C, h, w) or a batch (N, C, h, w))."""
         rel = symbols.astype(np.int64) - self.offsets.reshape(-1, 1, 1)
         bad = (rel < 0) | (rel >= self.sizes.reshape(-1, 1, 1))
         if bad.any():
-            c = int(np.argwhere(bad)[0][0])
+            c = int(np.argwhere(bad)[0][-3])
             lo, hi = int(self.offsets[c]), int(self.offsets[c] + self.sizes[c] - 1)
+            values = symbols[..., c, :, :][bad[..., c, :, :]]
             raise InvalidInput(f"factorized symbols of channel {c} must lie in [{lo}, {hi}]; "
-                               f"got values {sorted(set(symbols[c][bad[c]].tolist()))[:5]}")
+                               f"got values {sorted(set(values.tolist()))[:5]}")
 
     def encode(self, symbols: np.ndarray) -> bytes:
         """One image's symbols (C, h, w) -> payload; channels in order, raster within each."""
-        enc = SymbolEncoder()
-        for c, rows in enumerate(self._rows):
-            enc.encode(symbols[c].reshape(-1) - self.offsets[c], rows)
-        return enc.payload()
+        return self.encode_batch(symbols[None])[0]
+
+    def encode_batch(self, symbols: np.ndarray) -> list[bytes]:
+        """Images (N, C, h, w), checked -> one payload each."""
+        n, c = len(symbols), self.shape[0]
+        rel = np.ascontiguousarray(symbols.reshape(n, c, self.shape[1] * self.shape[2])
+                                  - self._offsets32, np.int32)
+        coded = self._coded
+        out = []
+        for image in rel:
+            coder = RangeEncoder()
+            for ch, model in coded:
+                coder.encode(image[ch], model)
+            out.append(finish(coder))
+        return out
 
     def decode(self, payload: bytes) -> np.ndarray:
-        dec = SymbolDecoder(payload)
-        out = np.empty(self.shape, np.int32)
-        for c, rows in enumerate(self._rows):
-            out[c] = (dec.decode(rows) + self.offsets[c]).reshape(self.shape[1:])
+        """Payload -> symbols (C, h, w); CorruptCode when it does not decode."""
+        out = self.decode_batch([payload])[0]
+        if isinstance(out, CorruptCode):
+            raise out
+        return out
+
+    def decode_batch(self, payloads: Sequence[bytes], *,
+                     canonical: bool = False) -> list[np.ndarray | CorruptCode]:
+        """Per payload its symbols (C, h, w), or the CorruptCode that refused it.
+
+        ``canonical``: also refuse a payload that is not the one ``encode`` writes for
+        the symbols it decodes to (re-encoded from the decoded parts as they come).
+        """
+        hw = self.shape[1] * self.shape[2]
+        base = np.repeat(self.offsets.astype(np.int32), hw)
+        zero = np.zeros(hw, np.int32)
+        models = self._all_models
+        coded = [(k, m) for k, m in enumerate(models) if m is not None]
+        out: list[np.ndarray | CorruptCode] = []
+        for payload in payloads:
+            coder = RangeDecoder(bytes_to_words(payload))
+            try:
+                parts = [zero if m is None else coder.decode(m, hw) for m in models]
+            except BaseException as exc:
+                out.append(decode_error(exc))
+                continue
+            if canonical:
+                again = RangeEncoder()
+                for k, m in coded:
+                    again.encode(parts[k], m)
+                if finish(again) != payload:
+                    out.append(not_canonical())
+                    continue
+            symbols = np.concatenate(parts)
+            symbols += base
+            out.append(symbols.reshape(self.shape))
         return out
 
     def cross_entropy_bits(self, symbols: np.ndarray) -> float:
-        return sum(cross_entropy_bits(symbols[c].reshape(-1) - self.offsets[c], rows)
-                   for c, rows in enumerate(self._rows))
+        hw = self.shape[1] * self.shape[2]
+        return sum(cross_entropy_bits(symbols[c].reshape(-1) - self.offsets[c],
+                                      np.broadcast_to(p, (hw, len(p))))
+                   for c, p in enumerate(self.probs))
 
 
 # -- kind 2: vq_static ----------------------------------------------------------------
 
 class StaticTables:
-    """One integer table per grid position for VQ indices of shape (h, w)."""
+    """One integer table per grid position for VQ indices of shape (h, w).
+
+    One fixed model per position, built once; a symbol is one coder call under its
+    position's model (far cheaper than rebuilding a K-entry model per symbol).
+    """
 
     def __init__(self, spec: VQStaticSpec, latent_shape: Sequence[int]) -> None:
         self.shape = tuple(int(s) for s in latent_shape)
@@ -236,17 +312,61 @@ class StaticTables:
                 f"(one per grid position {self.shape}); got {len(spec.freqs)} rows")
         self.num_codes = spec.num_codes
         self.probs = probabilities(np.array(spec.freqs, np.int64))
+        self._models = [fixed_model(p) for p in self.probs]
 
     def check(self, symbols: np.ndarray) -> None:
         check_indices(symbols, self.num_codes)
 
     def encode(self, symbols: np.ndarray) -> bytes:
-        enc = SymbolEncoder()
-        enc.encode(symbols.reshape(-1), self.probs)
-        return enc.payload()
+        """One image's indices (h, w) -> payload, raster order."""
+        return self.encode_batch(symbols[None])[0]
+
+    def encode_batch(self, symbols: np.ndarray) -> list[bytes]:
+        """Indices (N, h, w), checked -> one payload each."""
+        models = self._models
+        if models and models[0] is None:  # a one-code codebook: nothing to code
+            return [b""] * len(symbols)
+        out = []
+        for row in symbols.reshape(len(symbols), len(models)).tolist():
+            coder = RangeEncoder()
+            for s, model in zip(row, models):
+                coder.encode(s, model)
+            out.append(finish(coder))
+        return out
 
     def decode(self, payload: bytes) -> np.ndarray:
-        return SymbolDecoder(payload).decode(self.probs).reshape(self.shape)
+        """Payload -> indices (h, w); CorruptCode when it does not decode."""
+        out = self.decode_batch([payload])[0]
+        if isinstance(out, CorruptCode):
+            raise out
+        return out
+
+    def decode_batch(self, payloads: Sequence[bytes], *,
+                     canonical: bool = False) -> list[np.ndarray | CorruptCode]:
+        """Per payload its indices (h, w), or the CorruptCode that refused it
+        (``canonical``: as in ``FactorizedTables.decode_batch``)."""
+        models = self._models
+        out: list[np.ndarray | CorruptCode] = []
+        for payload in payloads:
+            if models and models[0] is None:
+                out.append(np.zeros(self.shape, np.int32) if not (canonical and payload)
+                           else not_canonical())
+                continue
+            coder = RangeDecoder(bytes_to_words(payload))
+            try:
+                row = [coder.decode(model) for model in models]
+            except BaseException as exc:
+                out.append(decode_error(exc))
+                continue
+            if canonical:
+                again = RangeEncoder()
+                for s, model in zip(row, models):
+                    again.encode(s, model)
+                if finish(again) != payload:
+                    out.append(not_canonical())
+                    continue
+            out.append(np.array(row, np.int32).reshape(self.shape))
+        return out
 
     def cross_entropy_bits(self, symbols: np.ndarray) -> float:
         return cross_entropy_bits(symbols.reshape(-1), self.probs)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .codec import Header, LatentCodec, parse_header, with_index
+from .coderpool import CoderPool
 from .engine import EngineConfig, ModelRuntime, canonical_temperature
 from .errors import CodeError, CodeMismatch, CorruptCode, InvalidInput
 from .repository import ModelEntry, ModelRepository, read_registry, verify_files
@@ -34,10 +35,14 @@ class Pipeline:
     """Compress, reconstruct and sample with the models of one repository."""
 
     def __init__(self, repository: ModelRepository | str | Path,
-                 engine_config: EngineConfig | None = None) -> None:
+                 engine_config: EngineConfig | None = None, *,
+                 coder_pool: CoderPool | None = None) -> None:
         self.repository = (repository if isinstance(repository, ModelRepository)
                            else ModelRepository(repository))
         self.engine_config = engine_config or EngineConfig()
+        # Optional: large batches of kinds 1 and 2 coded in its processes (the caller
+        # owns and closes it); without it every batch is coded in the calling thread.
+        self.coder_pool = coder_pool
         self._lock = threading.Lock()
         # Keyed by manifest digest: a re-exported model (new digest) gets a new runtime.
         self._codecs: dict[str, LatentCodec] = {}
@@ -64,9 +69,16 @@ class Pipeline:
             codec = self._codecs.get(key)
             if codec is None:
                 verify_files(entry)
-                codec = LatentCodec(ModelRuntime(entry, self.engine_config))
+                codec = LatentCodec(ModelRuntime(entry, self.engine_config),
+                                    pool=self.coder_pool)
                 self._codecs[key] = codec
         return codec
+
+    def evict(self, digest: str) -> bool:
+        """Drop the cached runtime of the model version with manifest ``digest`` (it was
+        removed or unloaded); calls already holding it finish with it. True if cached."""
+        with self._lock:
+            return self._codecs.pop(digest, None) is not None
 
     # -- compress / sample ------------------------------------------------------------
     def compress(self, ref: str, images: np.ndarray, *, kind: str | None = None) -> list[bytes]:
@@ -87,13 +99,13 @@ class Pipeline:
     # -- reconstruct ------------------------------------------------------------------
     def identify(self, code: bytes) -> ModelEntry:
         """The model that made ``code``; CodeError (a subclass) when it cannot be decoded here."""
-        return self._identify(parse_header(code), self.models(),
+        return self._identify(parse_header(code), _Entries(self.models()),
                               _LazyRegistry(self.repository.root))
 
     def identify_each(self, codes: Sequence[bytes]) -> list[ModelEntry | CodeError]:
         """Per code, the model here that made it, or the CodeError that names why not
         (one listing and at most one registry read for the whole batch)."""
-        entries = self.models()
+        entries = _Entries(self.models())
         registry = _LazyRegistry(self.repository.root)
         out: list[ModelEntry | CodeError] = []
         for code in codes:
@@ -130,13 +142,15 @@ class Pipeline:
         a code made by any other model is refused with CodeMismatch.
         """
         wanted = self.repository.resolve(ref) if ref is not None else None
-        entries = self.models()
+        entries = _Entries(self.models())
         registry = _LazyRegistry(self.repository.root)
         results: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(codes)
         groups: dict[str, tuple[ModelEntry, list[int]]] = {}
+        headers: list[Header | None] = [None] * len(codes)
         for i, code in enumerate(codes):
             try:
-                entry = self._identify(parse_header(code), entries, registry)
+                headers[i] = header = parse_header(code)
+                entry = self._identify(header, entries, registry)
                 if wanted is not None and entry.manifest.digest != wanted.manifest.digest:
                     raise CodeMismatch(
                         f"this code was made by {describe(entry)}, not by the requested "
@@ -147,7 +161,8 @@ class Pipeline:
                 results[i] = exc
         for entry, idx in groups.values():
             codec = self._codec_for(entry)
-            decoded = codec.decode_each([codes[i] for i in idx])
+            # _identify bound each header to this model's digest: no second parse.
+            decoded = codec.decode_headers([headers[i] for i in idx])  # type: ignore[misc]
             ok = [(i, s) for i, s in zip(idx, decoded) if not isinstance(s, CodeError)]
             for i, s in zip(idx, decoded):
                 if isinstance(s, CodeError):
@@ -158,7 +173,7 @@ class Pipeline:
                     results[i] = image
         return results
 
-    def _identify(self, header: Header, entries: list[ModelEntry],
+    def _identify(self, header: Header, entries: _Entries,
                   registry: _LazyRegistry) -> ModelEntry:
         """Find the model whose full manifest digest the code's checksum matches.
 
@@ -166,7 +181,7 @@ class Pipeline:
         to name the model that made them.
         """
         fp = header.fingerprint
-        here = [e for e in entries if e.manifest.fingerprint == fp]
+        here = entries.by_fingerprint.get(fp, [])
         for e in here:
             if header.made_by(e.manifest.digest):
                 return e
@@ -174,7 +189,7 @@ class Pipeline:
                  if str(m.get("manifest_sha256", ""))[:4] == fp.hex()]
         for m in known:
             if header.made_by(str(m["manifest_sha256"])):
-                same_name = [e.manifest.ref for e in entries if e.manifest.name == m["name"]]
+                same_name = [e.manifest.ref for e in entries.all if e.manifest.name == m["name"]]
                 has = (f"the repository has {', '.join(same_name)}" if same_name
                        else f"the repository has no model named {m['name']!r}")
                 raise CodeMismatch(
@@ -189,7 +204,7 @@ class Pipeline:
             raise CorruptCode(
                 f"checksum mismatch: the code's fingerprint {fp.hex()} names {names}, but its "
                 "checksum matches none of them: the bytes were changed or truncated")
-        available = ", ".join(e.manifest.ref for e in entries) or "none"
+        available = ", ".join(e.manifest.ref for e in entries.all) or "none"
         raise CodeMismatch(
             f"this code was made by a model with manifest fingerprint {fp.hex()}, which neither "
             f"{self.repository.root} nor its registry knows (available: {available}); "
@@ -215,6 +230,16 @@ def check_temperature(temperature: float) -> float:
 def describe(entry: ModelEntry) -> str:
     """``name:version (manifest sha256 abcdef012345...)``."""
     return f"{entry.manifest.ref} (manifest sha256 {entry.manifest.digest[:12]}...)"
+
+
+class _Entries:
+    """One listing of the repository, indexed by fingerprint once per call."""
+
+    def __init__(self, entries: list[ModelEntry]) -> None:
+        self.all = entries
+        self.by_fingerprint: dict[bytes, list[ModelEntry]] = {}
+        for e in entries:
+            self.by_fingerprint.setdefault(e.manifest.fingerprint, []).append(e)
 
 
 class _LazyRegistry:
