@@ -12,9 +12,7 @@ Every export is appended to ``<repo>/registry.json``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -26,29 +24,24 @@ import torch
 from torch import nn
 
 from latentserve.worker.errors import InvalidInput, ModelIntegrityError
-from latentserve.worker.repository import REGISTRY_FILE, ModelRepository, read_registry, sha256_file
+from latentserve.worker.repository import ModelRepository, sha256_file
 
 from . import tables
 from .data import Dataset, load_dataset
 from .prior_step import export_prior_step
 from .train import rebuild, to_float
+from .writer import NAME_RE, psnr_per_image
+from .writer import append_registry as _append_registry
+from .writer import dumps as _dumps
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH = 64
 DEFAULT_VAE_STEP = 0.5
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 class ExportParityError(ModelIntegrityError):
     """onnxruntime and torch disagree beyond the tolerance: the ONNX graph is not the model."""
-
-
-def _dumps(obj: Any) -> str:
-    """Indented JSON with innermost number lists on one line (tables stay readable)."""
-    text = json.dumps(obj, indent=1)
-    return re.sub(r"\[[^\[\]{}\"]*\]",
-                  lambda m: json.dumps(json.loads(m.group(0)), separators=(",", ":")), text) + "\n"
 
 
 def onnx_export(module: nn.Module, example: torch.Tensor, path: Path, *, input_name: str,
@@ -72,13 +65,6 @@ def onnx_export(module: nn.Module, example: torch.Tensor, path: Path, *, input_n
 @torch.no_grad()
 def _batched(fn, x: np.ndarray, batch: int = 500) -> np.ndarray:  # type: ignore[no-untyped-def]
     return np.concatenate([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
-
-
-def psnr_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """PSNR (dB) of uint8 images, per image, MSE floored at 1e-10."""
-    d = a.astype(np.float64) - b.astype(np.float64)
-    mse = np.maximum((d ** 2).reshape(len(a), -1).mean(1), 1e-10)
-    return 10 * np.log10(255.0 ** 2 / mse)
 
 
 def _code_and_sampling(family: str, model: nn.Module, prior: nn.Module | None,
@@ -186,14 +172,6 @@ def _quality(family: str, runtime: Any, code: dict[str, Any], val: np.ndarray) -
     return q
 
 
-def _append_registry(repo: Path, name: str, version: int, digest: str) -> None:
-    models = read_registry(repo)
-    models.append({"name": name, "version": version, "manifest_sha256": digest})
-    tmp = repo / (REGISTRY_FILE + ".tmp")
-    tmp.write_text(json.dumps({"models": models}, indent=1) + "\n")
-    os.replace(tmp, repo / REGISTRY_FILE)
-
-
 def dataset_for(ckpt: dict[str, Any], data: str | Path | None = None) -> Dataset:
     """Re-read the checkpoint's data (or ``data``) and check it is what it was trained on."""
     info = ckpt["data"]
@@ -209,7 +187,9 @@ def export_checkpoint(ckpt: dict[str, Any], *, repo: str | Path, name: str, vers
                       data: Dataset | None = None, vae_step: float = DEFAULT_VAE_STEP,
                       gmm_components: int = 10, overwrite: bool = False) -> Path:
     """Write ``<repo>/<name>/<version>/`` from a checkpoint dict; returns that folder."""
+    from latentserve.worker.codec import LatentCodec
     from latentserve.worker.engine import ModelRuntime
+    from latentserve.worker.model_check import CHECK_FILE, CHECK_ROLE, make_record
 
     if not NAME_RE.match(name):
         raise InvalidInput(f"model name {name!r} must match {NAME_RE.pattern}")
@@ -260,6 +240,10 @@ def export_checkpoint(ckpt: dict[str, Any], *, repo: str | Path, name: str, vers
         quality = _quality(family, runtime, code, data.val)
         quality["onnx_max_abs_diff"] = max_diff
         manifest["quality"] = quality
+        # What `latentserve models check` and the server's load compare against later.
+        (folder / CHECK_FILE).write_bytes(make_record(runtime, LatentCodec(runtime), data.val))
+        manifest["files"][CHECK_ROLE] = {"path": CHECK_FILE,
+                                         "sha256": sha256_file(folder / CHECK_FILE)}
         text = _dumps(manifest)
         (folder / "manifest.json").write_text(text)
         del runtime

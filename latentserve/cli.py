@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # (module, what it adds) in the order ``--help`` lists them.
 AREAS = (
     "latentserve.export.cli",    # train, export
+    "latentserve.export.import_cli",  # import (ONNX graphs made elsewhere)
     "latentserve.service.models_cli",  # models
     "latentserve.worker.worker_cli",  # worker (the Redis job consumer)
     "latentserve.service.cli",   # serve, compress, reconstruct, sample, demo

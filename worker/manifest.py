@@ -9,7 +9,8 @@ Layout (``models/<name>/<version>/manifest.json``), schema 1::
       "latent": {"shape": [C, h, w]},                       # vqvae: [h, w] index grid
       "files":  {"encoder": {"path": "encoder.onnx", "sha256": "..."},
                  "decoder": {...}, "prior": {...} (vqvae only),
-                 "prior_step": {...} (vqvae, optional: newer exports)},
+                 "prior_step": {...} (vqvae, optional: newer exports),
+                 "check": {...} (optional: values recorded at export, worker/model_check.py)},
       "onnx":   {"opset": 17},
       "code":   {"kind": "factorized" | "vq_static" | "vq_prior", ...tables, see CodeSpec},
       "sampling": {"kind": "gmm" | "gaussian" | "prior", ...},
