@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from latentserve.service.catalog import CachedRepository
+    from latentserve.service.model_versions import CachedRepository
     from latentserve.service.client import LatentServeClient
     from latentserve.service.config import ServiceConfig
     from latentserve.worker.images import read_idx

@@ -387,6 +387,14 @@ class BatcherSet:
                 batcher = self._batchers[key] = self._factory(key)
             return batcher
 
+    def retire(self, which: Callable[[Hashable], bool]) -> None:
+        """Close (draining) the batchers whose key ``which`` picks; the next ``get`` of
+        such a key builds a new one (a model unloaded, or its settings changed)."""
+        with self._lock:
+            gone = [self._batchers.pop(k) for k in list(self._batchers) if which(k)]
+        for b in gone:
+            b.close(drain=True)
+
     def close(self, *, drain: bool = True) -> None:
         with self._lock:
             self._closed = True

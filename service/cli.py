@@ -169,8 +169,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .config import ServiceConfig
     from .server import create_server, security_summary
 
+    from .request_log import configure_logging
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServiceConfig.from_sources(args)
+    configure_logging(config.log_format, config.log_level)
+    if config.tracing:
+        from .tracing import configure_exporter
+
+        configure_exporter()
     server, port = create_server(config, extra_services=service_extensions(config, args))
 
     def on_signal(signum: int, frame: object) -> None:

@@ -37,6 +37,10 @@ from latentserve.worker.engine import PROVIDERS, EngineConfig, Provider
 from latentserve.worker.errors import InvalidInput
 
 ENV_PREFIX = "LATENTSERVE_"
+LogFormat = typing.Literal["text", "json"]
+LogLevel = typing.Literal["debug", "info", "warning", "error"]
+LOG_FORMATS = typing.get_args(LogFormat)
+LOG_LEVELS = typing.get_args(LogLevel)
 MIB = 1 << 20
 
 
@@ -98,6 +102,24 @@ class ServiceConfig:
         "largest image accepted, in pixels, checked before decoding (decompression bombs)"))
     preload: bool = field(default=True, metadata=_help(
         "load and verify the newest version of every model at startup"))
+    warmup: bool = field(default=True, metadata=_help(
+        "run one batch through each model as it loads, so its first request does not pay "
+        "for onnxruntime's first-run setup; a model that cannot run it is refused"))
+    repository_poll_s: float = field(default=2.0, metadata=_help(
+        "look at the model repository this often (seconds): a new version is loaded, "
+        "warmed up, then served (NAME moves to it), a removed one drains; 0 = explicit "
+        "mode, only `latentserve models load|unload|reload` changes what is served"))
+    model_drain_s: float = field(default=5.0, metadata=_help(
+        "a removed or unloaded version keeps answering calls naming it exactly for this "
+        "long (seconds), so calls in flight finish, before its sessions are freed"))
+    log_format: LogFormat = field(default="text", metadata=_help(
+        "log lines as 'text' or as 'json' objects (one per line, with the request id)"))
+    log_level: LogLevel = field(default="info", metadata=_help(
+        "least severe log level written; 'debug' adds one line per request"))
+    tracing: bool = field(default=False, metadata=_help(
+        "OpenTelemetry tracing (pip install 'latentserve[tracing]'): a span per RPC, "
+        "carried into job workers; the exporter is set by the standard OTEL_* variables "
+        "(OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ...)"))
     grace_s: float = field(default=10.0, metadata=_help(
         "on SIGTERM: seconds to answer in-flight calls before exiting"))
     stream_idle_timeout_s: float = field(default=60.0, metadata=_help(
@@ -142,6 +164,13 @@ class ServiceConfig:
                      "max_concurrent_rpcs"):
             _check_range(name, getattr(self, name), 0, None)
         _check_range("max_message_bytes", self.max_message_bytes, 4096, 2**31 - 1)
+        if self.log_format not in LOG_FORMATS:
+            raise InvalidInput(f"log_format {self.log_format!r} is not one of {LOG_FORMATS}")
+        if self.log_level not in LOG_LEVELS:
+            raise InvalidInput(f"log_level {self.log_level!r} is not one of {LOG_LEVELS}")
+        for name in ("repository_poll_s", "model_drain_s"):
+            if not getattr(self, name) >= 0:
+                raise InvalidInput(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
         if not self.grace_s >= 0:
             raise InvalidInput(f"grace_s must be >= 0 seconds, got {self.grace_s}")
         if not self.stream_idle_timeout_s >= 0:

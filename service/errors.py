@@ -100,9 +100,12 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def abort_for(exc: BaseException, context: grpc.ServicerContext) -> None:
     """Abort the RPC with the status of ``exc`` (re-raises if the servicer aborted it)."""
+    from .request_log import with_request_id  # request_log builds on this module
+
     if context.code() is not None:
         raise exc  # context.abort's own exception: gRPC ends the call quietly
     code, message = status_for(exc)
+    message = with_request_id(message)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("unexpected error in an RPC", exc_info=exc)
     if not context.is_active():

@@ -40,6 +40,18 @@ class HealthServicer(health.HealthServicer):
             name: health_pb2.HealthCheckResponse(status=status)
             for name, status in statuses.items()})
 
+    def clear(self, service: str) -> None:
+        """Forget ``service``'s status (a model version removed from the repository):
+        Check answers NOT_FOUND and List leaves it out, as for a name never served;
+        a watcher sees SERVICE_UNKNOWN."""
+        with self._lock:
+            if self._gracefully_shutting_down or service not in self._server_status:
+                return
+            del self._server_status[service]
+            for send in self._send_response_callbacks.get(service, ()):
+                send(health_pb2.HealthCheckResponse(
+                    status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN))
+
     def _on_close_callback(self, send_response_callback: Any, service: str) -> Any:
         def callback() -> None:
             with self._lock:

@@ -49,6 +49,7 @@ from latentserve.worker.jobstore import (ImageFormat, JobInfo, JobKind, JobState
                                          job_not_found)
 from latentserve.worker.jobtypes import ITEM_ERRORS, ItemFailure, OnItemError
 from latentserve.worker.pipeline import check_temperature
+from latentserve.worker.tracing import current_traceparent
 
 from .auth import caller
 from .job_items import POLICY_PB, chunk_payload, policy_of, with_item_errors
@@ -163,7 +164,8 @@ class JobsServicer(pb_grpc.JobsServicer):
                 raise InvalidInput("a sample job takes no inputs: send the JobSpec only")
             info = self.store.submit(kind, model, count=spec.count, chunk_size=chunk_size,
                                      seed=spec.seed, temperature=temperature,
-                                     image_format=fmt, owner=caller(context))
+                                     image_format=fmt, owner=caller(context),
+                                     traceparent=current_traceparent())
             return job_message(info)
         if spec.expected_items:
             self.store.check_size(spec.expected_items)
@@ -173,7 +175,8 @@ class JobsServicer(pb_grpc.JobsServicer):
             raise ResourceLimit(f"the queue of pool {pool!r} holds {depth} chunks, its limit "
                                 f"is {self.queue.max_queued_chunks}: retry later")
         job = self.store.create(kind, model, chunk_size=chunk_size, image_format=fmt,
-                                owner=caller(context), on_item_error=policy)
+                                owner=caller(context), on_item_error=policy,
+                                traceparent=current_traceparent())
         try:
             total, chunks = self._receive(job, kind, spec, request_iterator, context)
             if total == 0:

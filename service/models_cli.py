@@ -1,4 +1,5 @@
-"""``latentserve models [--json] [--repo DIR | --target HOST:PORT]``: list models.
+"""``latentserve models [--json] [--repo DIR | --target HOST:PORT]``: list models;
+``latentserve models check NAME[:VERSION] [--images DIR]``: check one before serving it.
 
 Locally it reads manifests only (no ONNX session is built, no file digest is checked),
 so it is instant even for a large repository; with ``--target`` it asks a server
@@ -27,6 +28,55 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     add_client_arguments(p)
     p.set_defaults(func=cmd_models)
+    actions = p.add_subparsers(dest="models_command", metavar="ACTION")
+    c = actions.add_parser(
+        "check", help="check a model before serving it (one verdict per check)",
+        description="Digests, ONNX parity against the values recorded at export, a round "
+                    "trip, batch-size invariance of the codes, code sizes against the "
+                    "entropy estimate, and images/s. Exit status 1 if any check fails.")
+    c.add_argument("model", metavar="NAME[:VERSION]")
+    c.add_argument("--repo", default=os.environ.get("LATENTSERVE_MODELS", "models"),
+                   metavar="DIR", help="model repository [env LATENTSERVE_MODELS; default models]")
+    c.add_argument("--images", default=None, metavar="PATH",
+                   help="images for the round trip (folder, file or IDX); default: those "
+                        "recorded at export, else the model's own samples")
+    c.add_argument("--limit", type=int, default=64, help="use at most this many images")
+    c.add_argument("--provider", default="cpu", help="onnxruntime provider (cpu, cuda, ...)")
+    c.add_argument("--json", action="store_true", help="print one JSON document")
+    c.set_defaults(func=cmd_check)
+    from .model_control_cli import register_actions  # load / unload / reload, after check
+
+    register_actions(p)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Run every check of one model and print a verdict per check."""
+    from latentserve.worker.engine import EngineConfig
+    from latentserve.worker.images import load_images
+    from latentserve.worker.model_check import check_model
+    from latentserve.worker.repository import ModelRepository
+
+    repo = ModelRepository(args.repo)
+    entry = repo.resolve(args.model)
+    images = None
+    if args.images:
+        images = load_images(args.images, entry.manifest.image_shape)[:max(1, args.limit)]
+    verdicts = check_model(repo, entry.manifest.ref, images=images,
+                           engine_config=EngineConfig(provider=args.provider))
+    failed = any(v.status == "FAIL" for v in verdicts)
+    if args.json:
+        print(json.dumps({"model": entry.manifest.ref, "ok": not failed, "checks": [
+            {"check": v.check, "status": v.status, "detail": v.detail, "figures": v.figures}
+            for v in verdicts]}, indent=1))
+    else:
+        print(f"{entry.manifest.ref} ({entry.manifest.family}, {entry.manifest.code_kind}, "
+              f"{entry.path})")
+        width = max(len(v.check) for v in verdicts)
+        for v in verdicts:
+            print(f"  {v.status:<4}  {v.check:<{width}}  {v.detail}")
+        print(f"{'FAIL' if failed else 'OK'}: {sum(v.status == 'PASS' for v in verdicts)} of "
+              f"{len(verdicts)} checks pass")
+    return 1 if failed else 0
 
 
 def model_rows(repo: str) -> list[dict[str, Any]]:

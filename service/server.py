@@ -20,21 +20,25 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
-from latentserve.worker.errors import LatentServeError, Unavailable
+from latentserve.worker.errors import Unavailable
 from latentserve.worker.pipeline import Pipeline
 from latentserve.worker.repository import ModelEntry
 
 from .auth import AuthInterceptor, TokenTable
 from .batching import ComputePool
-from .catalog import CachedRepository, ModelCatalog
+from .catalog import ModelCatalog, RepositoryWatcher
 from .config import ServiceConfig
 from .errors import ErrorInterceptor
-from .health import NOT_SERVING, SERVING, HealthServicer
+from .health import SERVING, HealthServicer
 from .metrics import MetricsHTTP, ServiceMetrics
+from .model_control import add_model_control
+from .model_versions import CachedRepository
 from .reflection import enable_reflection
+from .request_log import RequestLogInterceptor
 from .servicer import SERVICE_NAME, InferenceServicer
 from .stream_idle import StreamIdleInterceptor
 from .tls import server_credentials
+from .tracing import server_interceptor
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,8 @@ class Server:
     def __init__(self, *, grpc_server: grpc.Server, port: int, config: ServiceConfig,
                  servicer: InferenceServicer, pool: ComputePool, metrics: ServiceMetrics,
                  metrics_http: MetricsHTTP | None, health_servicer: HealthServicer,
-                 stop_hooks: list[Callable[[], None]]) -> None:
+                 stop_hooks: list[Callable[[], None]],
+                 watcher: RepositoryWatcher | None = None) -> None:
         self.grpc_server = grpc_server
         self.port = port
         self.config = config
@@ -77,6 +82,8 @@ class Server:
         self.metrics_http = metrics_http
         self.health = health_servicer
         self._stop_hooks = stop_hooks
+        self.watcher = watcher
+        self.catalog = servicer.catalog
         self._lock = threading.Lock()
         self._stopping = False
         self._stopped = threading.Event()
@@ -94,6 +101,8 @@ class Server:
 
     def start(self) -> None:
         self.grpc_server.start()
+        if self.watcher is not None:
+            self.watcher.start()
         log.info("serving latentserve.v1 on %s (metrics port %s); %s", self.target,
                  self.metrics_port, security_summary(self.config))
         if not self.config.authenticated and not self.config.loopback_only:
@@ -116,6 +125,8 @@ class Server:
         def finish() -> None:
             grpc_done.wait()
             try:
+                if self.watcher is not None:
+                    self.watcher.stop()
                 self.servicer.close()
                 self.pool.shutdown()
                 for hook in self._stop_hooks:
@@ -171,12 +182,12 @@ def create_server(config: ServiceConfig, *, pipeline: Pipeline | None = None,
 
     def loaded(entry: ModelEntry, provider: str) -> None:
         metrics.model_loaded(entry.manifest.ref, provider)
-        health_servicer.set(entry.manifest.ref, SERVING)
 
-    def failed(entry: ModelEntry, exc: LatentServeError) -> None:
-        health_servicer.set(entry.manifest.ref, NOT_SERVING)
-
-    catalog = ModelCatalog(pipeline, on_loaded=loaded, on_failed=failed)
+    # The catalog keeps each version's health ("NAME:VERSION", and "NAME" for the
+    # version NAME resolves to) as versions load, fail, drain and go.
+    catalog = ModelCatalog(pipeline, on_loaded=loaded, health=health_servicer,
+                           eager=config.preload, warmup=config.warmup,
+                           drain_s=config.model_drain_s, watch=config.repository_poll_s > 0)
     pool = ComputePool(config.workers)
     servicer = InferenceServicer(catalog, config, pool=pool, metrics=metrics)
     # Read credentials before anything starts, so a bad file is a clear start-up error.
@@ -185,7 +196,11 @@ def create_server(config: ServiceConfig, *, pipeline: Pipeline | None = None,
                    if config.tls_cert and config.tls_key else None)
     # Outermost first: metrics count refused calls too; auth answers before anything looks
     # at the request, so a caller without a token learns nothing but UNAUTHENTICATED.
-    interceptors = [metrics.interceptor(), AuthInterceptor(tokens), ErrorInterceptor()]
+    # Tracing outermost, so its span covers everything; the request id before auth, so a
+    # refused call has one too.
+    interceptors: list[grpc.ServerInterceptor] = [
+        *([server_interceptor()] if config.tracing else []), metrics.interceptor(),
+        RequestLogInterceptor(), AuthInterceptor(tokens), ErrorInterceptor()]
     if config.stream_idle_timeout_s:
         interceptors.append(StreamIdleInterceptor(config.stream_idle_timeout_s))
     grpc_server = grpc.server(
@@ -195,24 +210,17 @@ def create_server(config: ServiceConfig, *, pipeline: Pipeline | None = None,
     pb_grpc.add_InferenceServicer_to_server(servicer, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
 
-    # Models: every version answers health SERVING until a load fails; the newest
-    # version of each name is loaded now (config.preload) so first calls are fast.
-    entries = catalog.entries()
-    newest = catalog.newest_refs()
-    for e in entries:
-        health_servicer.set(e.manifest.ref, SERVING)
-    if config.preload:
-        catalog.preload()
-    for e in entries:
-        if e.manifest.ref in newest:  # "NAME" follows its newest version
-            status = (NOT_SERVING if config.preload and catalog.provider(e) is None
-                      else SERVING)
-            health_servicer.set(e.manifest.name, status)
+    # Models: the newest version of each name is loaded and warmed up now
+    # (config.preload) so first calls are fast; the others load on first use.
+    catalog.sync()
+    # Drains end on the watcher's beat, so it runs in explicit mode too (without looking
+    # at the repository).
+    watcher = RepositoryWatcher(catalog, config.repository_poll_s or 1.0)
 
     # ---- Hook for the job API (issue 6) and any other service sharing this server ----
     ctx = ExtensionContext(server=grpc_server, config=config, pipeline=pipeline,
                            metrics=metrics, health=health_servicer)
-    names = [SERVICE_NAME]
+    names = [SERVICE_NAME, add_model_control(catalog, grpc_server)]
     for extension in extra_services:
         names.extend(extension(ctx))
     # ------------------------------------------------------------------------------------
@@ -246,5 +254,6 @@ def create_server(config: ServiceConfig, *, pipeline: Pipeline | None = None,
                               f"{exc}") from None
     server = Server(grpc_server=grpc_server, port=port, config=config.replace(port=port),
                     servicer=servicer, pool=pool, metrics=metrics, metrics_http=metrics_http,
-                    health_servicer=health_servicer, stop_hooks=ctx.stop_hooks)
+                    health_servicer=health_servicer, stop_hooks=ctx.stop_hooks,
+                    watcher=watcher)
     return server, port

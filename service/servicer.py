@@ -21,7 +21,13 @@ import numpy as np
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
 from latentserve.worker.codec import with_index
-from latentserve.worker.errors import CodeError, InvalidInput, LatentServeError, ResourceLimit
+from latentserve.worker.errors import (
+    CodeError,
+    InvalidInput,
+    LatentServeError,
+    ResourceLimit,
+    Unavailable,
+)
 from latentserve.worker.pipeline import check_temperature
 from latentserve.worker.repository import ModelEntry
 
@@ -29,10 +35,12 @@ from .batching import BatcherSet, ComputePool, DynamicBatcher, Ticket
 from .catalog import ModelCatalog
 from .config import ServiceConfig
 from .metrics import BatchMetrics, ServiceMetrics
+from .tracing import annotate
 from .wire import decode_batch, decode_request_image, encode_image, model_info
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 STREAM_WINDOW = 4  # stream messages decoded and queued ahead of the one being answered
+RETIRE_RETRIES = 4  # a call racing reloads: each retry finds the batcher built after one
 
 
 class RpcScope:
@@ -84,15 +92,42 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.pool = pool
         self.metrics = metrics
         self.batchers = BatcherSet(self._make_batcher)
+        # Models with compute_lanes in their settings run on a pool of their own.
+        self._lanes: dict[str, ComputePool] = {}
+        self._lanes_lock = threading.Lock()
+        catalog.on_retire = self.retire_model
 
     def close(self) -> None:
         """Finish queued work and stop the batchers' threads (after the server stopped)."""
         self.batchers.close(drain=True)
+        with self._lanes_lock:
+            pools, self._lanes = list(self._lanes.values()), {}
+        for pool in pools:
+            pool.shutdown()
+
+    def retire_model(self, ref: str) -> None:
+        """Drain and drop ``ref``'s batchers (and lanes); the next call builds new ones
+        with the settings then in force."""
+        with self._lanes_lock:
+            pool = self._lanes.pop(ref, None)
+        self.batchers.retire(lambda key: ref in key[1:])  # type: ignore[index]
+        if pool is not None:
+            pool.shutdown()
 
     # -- batchers ------------------------------------------------------------------------
+    def _pool_for(self, ref: str, lanes: int | None) -> ComputePool:
+        if not lanes:
+            return self.pool
+        with self._lanes_lock:
+            pool = self._lanes.get(ref)
+            if pool is None:
+                pool = self._lanes[ref] = ComputePool(lanes, name=f"lanes-{ref}")
+            return pool
+
     def _make_batcher(self, key: Hashable) -> DynamicBatcher:
         op, model, arg = key  # type: ignore[misc]
         c = self.config
+        settings = self.catalog.settings(model)
         fn: Callable[[Any], Any]
         if op == "compress":
             fn = lambda images: self.pipeline.compress(model, images)  # noqa: E731
@@ -101,8 +136,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         else:
             fn = lambda items: self._sample_batch(model, items)  # noqa: E731
         return DynamicBatcher(
-            fn, pool=self.pool, max_batch_size=c.max_batch_size,
-            max_queue_delay_us=c.max_queue_delay_us,
+            fn, pool=self._pool_for(model, settings.compute_lanes),
+            max_batch_size=settings.batch_size(c.max_batch_size),
+            max_queue_delay_us=settings.queue_delay_us(c.max_queue_delay_us),
             # Samples of different requests cannot share a network run (each has its own
             # random streams), so merging them would only make one wait for another.
             batching=c.batching and op != "sample",
@@ -112,7 +148,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             name=f"{op} {model}")
 
     def _submit(self, key: tuple[str, str, Any], items: Any, scope: RpcScope) -> Ticket:
-        return scope.track(self.batchers.get(key).submit(items, deadline=scope.deadline))
+        for _ in range(RETIRE_RETRIES):
+            batcher = self.batchers.get(key)
+            annotate({"latentserve.model": key[1], "latentserve.op": key[0],
+                      "latentserve.items": len(items),
+                      "latentserve.batch.max_size": batcher.max_batch_size,
+                      "latentserve.batch.max_queue_delay_us": round(batcher.delay_s * 1e6),
+                      "latentserve.batch.lanes": batcher.pool.workers})
+            try:
+                return scope.track(batcher.submit(items, deadline=scope.deadline))
+            except Unavailable:
+                # Retired between get and submit (a reload): its successor takes the call.
+                if self.batchers.get(key) is batcher:
+                    raise
+        raise Unavailable(f"the batcher of {key[1]} was replaced {RETIRE_RETRIES} times "
+                          "during this call; retry")
 
     # -- checks ------------------------------------------------------------------------------
     def _check_request(self, request: Any, count: int, what: str, stream: str,

@@ -111,6 +111,7 @@ class WorkerConfig:
     preload: bool = True         # load every model's newest version before taking work
     metrics_port: int | None = None  # Prometheus /metrics; None = off, 0 = a free port
     metrics_host: str = "127.0.0.1"  # address the metrics endpoint binds (0.0.0.0: all)
+    tracing: bool = False        # OpenTelemetry chunk spans exported over OTLP (OTEL_* env)
 
     def __post_init__(self) -> None:
         check_redis_url(self.redis_url)

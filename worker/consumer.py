@@ -45,6 +45,7 @@ from .errors import CodeError, InvalidInput, LatentServeError, ResourceLimit
 from .jobstore import JobKind, JobStore, connect
 from .packing import unpack_failures
 from .recovery import Recovery
+from .tracing import chunk_spans
 from .worker_metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -413,7 +414,10 @@ class Worker:
         if not batch:
             return
         try:
-            outputs = compute_batch(self.pipeline, batch)
+            task = batch[0].held.task
+            model, op = (task.model, task.kind.value) if task else ("", "")
+            with chunk_spans(self.store, [s.held for s in batch], model=model, op=op):
+                outputs = compute_batch(self.pipeline, batch)
         except Exception as exc:  # noqa: BLE001 - every failure is stored or retried
             if len({id(s.held) for s in batch}) > 1:
                 # A merged call failed: run each chunk alone so only the culprit fails.

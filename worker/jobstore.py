@@ -121,7 +121,8 @@ class JobStore:
     def create(self, kind: JobKind, model: str, *, chunk_size: int | None = None,
                image_format: ImageFormat = ImageFormat.PNG, seed: int = 0,
                temperature: float = 1.0, owner: str = "",
-               on_item_error: OnItemError = OnItemError.PER_ITEM) -> JobInfo:
+               on_item_error: OnItemError = OnItemError.PER_ITEM,
+               traceparent: str = "") -> JobInfo:
         """A new job in RECEIVING state with no chunks yet; add them, then ``seal``.
 
         ``owner``: the identity that submitted it (``""`` = anonymous); the service shows
@@ -147,6 +148,8 @@ class JobStore:
                   "owner": owner, "on_item_error": OnItemError(on_item_error).value,
                   "items_total": 0, "chunks_total": 0, "items_done": 0, "chunks_done": 0,
                   "items_failed": 0, "chunks_submitted": 0, "upload_seen": repr(now)}
+        if traceparent:  # W3C trace context of SubmitJob: workers parent chunk spans on it
+            fields["traceparent"] = traceparent
         ttl_ms = int(self.config.job_ttl_s * 1000)
         with self.r.pipeline(transaction=True) as p:  # one round trip
             p.xgroup_create(k.stream(pool), k.group, id="0", mkstream=True)
@@ -162,6 +165,10 @@ class JobStore:
             self._last_sweep = now
             self.sweep(now)
         return JobInfo.from_hash({a.encode(): str(b).encode() for a, b in fields.items()})
+
+    def traceparent(self, job_id: str) -> str:
+        """The W3C ``traceparent`` the job was submitted under ("" when none)."""
+        return _s(self.r.hget(self.keys.job(job_id), "traceparent") or b"")
 
     def enqueue(self, job: JobInfo, chunks: Sequence[tuple[int, int, bytes]]) -> int:
         """Add ``(chunk index, item count, packed payload)`` tasks; returns the new depth.
@@ -227,7 +234,8 @@ class JobStore:
     def submit(self, kind: JobKind, model: str, *, items: Any = None, count: int = 0,
                chunk_size: int | None = None, seed: int = 0, temperature: float = 1.0,
                image_format: ImageFormat = ImageFormat.PNG, owner: str = "",
-               on_item_error: OnItemError = OnItemError.PER_ITEM) -> JobInfo:
+               on_item_error: OnItemError = OnItemError.PER_ITEM,
+               traceparent: str = "") -> JobInfo:
         """Create, fill and seal a whole job in one call (tests, benchmarks, the service).
 
         ``items``: uint8 (N, C, H, W) images for compress, a list of code bytes for
@@ -238,7 +246,7 @@ class JobStore:
         self.check_size(n)
         job = self.create(kind, model, chunk_size=chunk_size, image_format=image_format,
                           seed=seed, temperature=temperature, owner=owner,
-                          on_item_error=on_item_error)
+                          on_item_error=on_item_error, traceparent=traceparent)
         cs = job.chunk_size
         chunks = []
         for c, lo in enumerate(range(0, n, cs)):

@@ -106,6 +106,7 @@ class JobInfo:
     items_failed: int = 0   # items of items_done that got an ItemFailure
     on_item_error: OnItemError = OnItemError.PER_ITEM
     upload_seen: float = 0  # RECEIVING: when the upload last made progress (0 = unknown)
+    traceparent: str = ""   # W3C trace context of SubmitJob's span ("" = not traced)
 
     @classmethod
     def from_hash(cls, h: dict[bytes, bytes]) -> JobInfo:
@@ -125,7 +126,7 @@ class JobInfo:
             items_failed=int(s.get("items_failed", 0)),
             # Jobs from before the policy existed were all fail-fast.
             on_item_error=OnItemError(s.get("on_item_error", OnItemError.FAIL_FAST.value)),
-            upload_seen=float(s.get("upload_seen", 0)))
+            upload_seen=float(s.get("upload_seen", 0)), traceparent=s.get("traceparent", ""))
 
     @property
     def fraction(self) -> float:

@@ -59,23 +59,29 @@ class ModelRepository:
 
     def entries(self) -> list[ModelEntry]:
         """Every model version with a readable manifest, sorted by name then version."""
-        found = []
-        for mpath in sorted(self.root.glob("*/*/manifest.json")):
-            st = mpath.stat()
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-            cached = self._parsed.get(mpath)
-            if cached is not None and cached[0] == stamp:
-                found.append(cached[1])
-                continue
-            manifest = parse_manifest(mpath.read_bytes(), where=str(mpath))
-            if mpath.parent.name != str(manifest.version) or mpath.parent.parent.name != manifest.name:
-                raise ModelIntegrityError(
-                    f"{mpath} names {manifest.ref}, but sits in "
-                    f"{mpath.parent.parent.name}/{mpath.parent.name}")
-            entry = ModelEntry(manifest=manifest, path=mpath.parent)
-            self._parsed[mpath] = (stamp, entry)
-            found.append(entry)
+        found = [self.read_entry(mpath) for mpath in self.manifest_paths()]
         return sorted(found, key=lambda e: (e.manifest.name, e.manifest.version))
+
+    def manifest_paths(self) -> list[Path]:
+        """Every ``<name>/<version>/manifest.json`` under the root, sorted."""
+        return sorted(self.root.glob("*/*/manifest.json"))
+
+    def read_entry(self, mpath: Path) -> ModelEntry:
+        """The entry of one manifest, parsed again only when its stat changed;
+        ModelIntegrityError when it does not parse or sits in the wrong folder."""
+        st = mpath.stat()
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        cached = self._parsed.get(mpath)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        manifest = parse_manifest(mpath.read_bytes(), where=str(mpath))
+        if mpath.parent.name != str(manifest.version) or mpath.parent.parent.name != manifest.name:
+            raise ModelIntegrityError(
+                f"{mpath} names {manifest.ref}, but sits in "
+                f"{mpath.parent.parent.name}/{mpath.parent.name}")
+        entry = ModelEntry(manifest=manifest, path=mpath.parent)
+        self._parsed[mpath] = (stamp, entry)
+        return entry
 
     def names(self) -> list[str]:
         return sorted({e.manifest.name for e in self.entries()})

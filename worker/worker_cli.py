@@ -65,6 +65,10 @@ def register(sub: Any) -> None:
                    help="exit once no work is left (tests, one-shot runs)")
     p.add_argument("--no-preload", dest="preload", action="store_false", default=None,
                    help="load models on their first chunk instead of at start")
+    p.add_argument("--tracing", action="store_true", default=None,
+                   help="OpenTelemetry: a span per chunk, child of its job's SubmitJob span, "
+                        "exported over OTLP as the OTEL_* variables say (pip install "
+                        "'latentserve[tracing]') [env LATENTSERVE_TRACING]")
     p.add_argument("--check-health", action="store_true",
                    help="do not run: exit 0 if a worker on this host has a live health key "
                         "in Redis (its heartbeat), else 1 (for container health checks)")
@@ -80,13 +84,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {dest: getattr(args, dest) for _, dest, _, _ in _FLAGS}
     config = WorkerConfig.from_env(redis_url=args.redis_url, burst=args.burst,
-                                   preload=args.preload, **overrides)
+                                   preload=args.preload, tracing=args.tracing, **overrides)
     if args.redis_url and redact_url(args.redis_url) != args.redis_url:
         logging.getLogger(__name__).warning(
             "the --redis URL holds a password, which other users of this host can read in "
             "the process list; set LATENTSERVE_REDIS_URL or REDIS_URL instead")
     if args.check_health:
         return check_health(config)
+    if config.tracing:
+        from .tracing import configure_exporter
+
+        configure_exporter("latentserve-worker")
     worker = create_worker(config)
     metrics = serve_metrics(worker, config) if config.metrics_port is not None else None
 
