@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="only the lanes figures: 1 vs 2 compute lanes, inline vs CoderPool")
     args = p.parse_args(argv)
     if args.lanes:
-        print_lanes(args.repo, load_validation(args.data, args.limit), args.models)
+        print_lanes(args.repo, load_validation(args.data, args.limit), args.models,
+                    rounds=args.repeat)
         return 0
     images = load_validation(args.data, args.limit)
     pipe = Pipeline(args.repo, EngineConfig(provider="cpu", intra_op_threads=1))
@@ -265,10 +266,15 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- lanes: coding on every core --------------------------------------------------------
 
-def lanes_figures(repo: str, images: np.ndarray, name: str, *, batch: int = 512,
-                  rounds: int = 4, processes: int = 2) -> dict[str, float]:
-    """Codec-stage images/s (encode + decode of kinds 1/2, networks excluded: the symbols
-    are computed once) for 1 and 2 compute lanes (threads), inline and with a CoderPool."""
+LANE_SETUPS = ("inline_1", "inline_2", "pool_1", "pool_2")
+
+
+def lanes_rounds(repo: str, images: np.ndarray, name: str, *, batch: int, total: int,
+                 rounds: int, processes: int = 2) -> list[dict[str, float]]:
+    """Per round, codec-stage images/s (encode + decode of kinds 1/2, networks excluded:
+    the symbols are computed once, tiled to ``total`` images) of 1 and 2 compute lanes
+    (threads), inline and with a CoderPool of ``processes``. A round runs every setup
+    once, one after the other, so a round's ratios share the machine's load."""
     import threading
 
     from latentserve.worker.coderpool import CoderPool
@@ -276,34 +282,53 @@ def lanes_figures(repo: str, images: np.ndarray, name: str, *, batch: int = 512,
     engine = EngineConfig(provider="cpu", intra_op_threads=1)
     inline = Pipeline(repo, engine)
     symbols = inline.codec(name).runtime.encode(images)
+    symbols = np.concatenate([symbols] * -(-total // len(symbols)))[:total]
     kind = "vq_static" if inline.codec(name).static is not None else None
     batches = [symbols[i:i + batch] for i in range(0, len(symbols), batch)]
 
-    def stage(codec: LatentCodec, lanes: int) -> float:
+    def stage(codec: LatentCodec, lanes: int, row: dict[str, float], setup: str) -> None:
         def lane(k: int) -> None:
-            for _ in range(rounds):
-                for b in batches[k::lanes] if lanes <= len(batches) else batches:
-                    codec.decode(codec.encode(b, kind=kind))
+            for b in batches[k::lanes]:
+                codec.decode(codec.encode(b, kind=kind))
         threads = [threading.Thread(target=lane, args=(k,)) for k in range(lanes)]
+        pids = codec.pool.pids() if codec.pool is not None else []
+        cpu = time.process_time(), children_cpu(pids)
         t = time.perf_counter()
         for th in threads:
             th.start()
         for th in threads:
             th.join()
-        return rounds * len(symbols) / (time.perf_counter() - t)
+        wall = time.perf_counter() - t
+        row[setup] = len(symbols) / wall
+        # CPU seconds per 1000 images, in this process and in the coder processes: what
+        # a setup costs whatever the load (the wall figures depend on free cores).
+        row[setup + "_cpu"] = (time.process_time() - cpu[0]) * 1000 / len(symbols)
+        row[setup + "_child_cpu"] = (children_cpu(pids) - cpu[1]) * 1000 / len(symbols)
 
-    out: dict[str, float] = {}
+    out = []
     with CoderPool(processes, min_batch=64) as pool:
         pooled = Pipeline(repo, engine, coder_pool=pool)
-        pool.pids()  # start the processes outside the clock
-        stage(pooled.codec(name), 1)  # warm: every process builds its tables
-        for _ in range(2):
-            out.setdefault("inline_1", 0.0)
-            out["inline_1"] = max(out["inline_1"], stage(inline.codec(name), 1))
-            out["inline_2"] = max(out.get("inline_2", 0.0), stage(inline.codec(name), 2))
-            out["pool_1"] = max(out.get("pool_1", 0.0), stage(pooled.codec(name), 1))
-            out["pool_2"] = max(out.get("pool_2", 0.0), stage(pooled.codec(name), 2))
+        stage(pooled.codec(name), 2, {}, "warm")  # every process builds its tables
+        for _ in range(rounds):
+            row: dict[str, float] = {}
+            stage(inline.codec(name), 1, row, "inline_1")
+            stage(inline.codec(name), 2, row, "inline_2")
+            stage(pooled.codec(name), 1, row, "pool_1")
+            stage(pooled.codec(name), 2, row, "pool_2")
+            out.append(row)
     return out
+
+
+def children_cpu(pids: list[int]) -> float:
+    """CPU seconds the given processes have used so far (Linux /proc; 0 elsewhere)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _burn(n: int) -> int:
@@ -313,31 +338,47 @@ def _burn(n: int) -> int:
     return total
 
 
-def machine_ceiling(n: int = 5_000_000) -> float:
-    """How much faster 2 processes burn pure Python than 1 right now (the cores are
-    shared: this, not 2.0, is what any 2-lane figure can reach)."""
+def machine_ceiling(n: int = 3_000_000) -> float:
+    """How much faster 2 processes burn pure Python than 1 right now, both timed in
+    worker processes (the cores are shared: this, not 2.0, is what any 2-lane figure can
+    reach)."""
     import multiprocessing
 
-    t = time.perf_counter()
-    _burn(n)
-    one = time.perf_counter() - t
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         pool.map(_burn, [10, 10])
         t = time.perf_counter()
-        pool.map(_burn, [n, n])
+        pool.apply(_burn, (n,))
+        one = time.perf_counter() - t
+        t = time.perf_counter()
+        pool.map(_burn, [n, n], chunksize=1)
         two = time.perf_counter() - t
     return 2 * one / two
 
 
-def print_lanes(repo: str, images: np.ndarray, names: list[str]) -> None:
-    print(f"codec stage (encode + decode, kinds 1/2, batch 512), {os.cpu_count()} cores, best of 2; "
-          f"machine ceiling now: 2 processes = {machine_ceiling():.2f}x one")
+def print_lanes(repo: str, images: np.ndarray, names: list[str], *,
+                batches: tuple[int, ...] = (256, 512, 1024), total: int = 4096,
+                rounds: int = 5) -> None:
+    """The lanes table: per model and batch size, each setup's images/s and its ratio to
+    1 lane inline in the same round (median [min..max] over ``rounds``)."""
+    print(f"codec stage (encode + decode, kinds 1/2, {total} images per setup and round), "
+          f"{os.cpu_count()} cores, {rounds} rounds; ratio = setup / 1 lane inline, same round, "
+          "median [min..max]")
+    print(f"machine ceiling before: 2 processes = {machine_ceiling():.2f}x one")
     for name in names:
-        f = lanes_figures(repo, images, name)
-        print(f"  {name}: 1 lane inline {f['inline_1']:.0f}  2 lanes inline {f['inline_2']:.0f} "
-              f"({f['inline_2'] / f['inline_1']:.2f}x)  1 lane + 2 coder processes "
-              f"{f['pool_1']:.0f} ({f['pool_1'] / f['inline_1']:.2f}x)  2 lanes + 2 coder "
-              f"processes {f['pool_2']:.0f} ({f['pool_2'] / f['inline_1']:.2f}x of 1 lane)")
+        for batch in batches:
+            rs = lanes_rounds(repo, images, name, batch=batch, total=total, rounds=rounds)
+            cells = []
+            for setup in LANE_SETUPS:
+                speed = statistics.median(r[setup] for r in rs)
+                ratios = [r[setup] / r["inline_1"] for r in rs]
+                cells.append(f"{setup} {speed:>6.0f}/s {statistics.median(ratios):.2f}x "
+                             f"[{min(ratios):.2f}..{max(ratios):.2f}]")
+            print(f"  {name} batch {batch}: " + "  ".join(cells))
+            cpu = {k: statistics.median(r[k + "_cpu"] for r in rs) for k in LANE_SETUPS}
+            kid = {k: statistics.median(r[k + "_child_cpu"] for r in rs) for k in LANE_SETUPS}
+            print("    CPU s per 1000 images (this process + coder processes): "
+                  + "  ".join(f"{k} {cpu[k]:.3f}+{kid[k]:.3f}" for k in LANE_SETUPS))
+    print(f"machine ceiling after: 2 processes = {machine_ceiling():.2f}x one")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Each sample is a new process (onnxruntime's first-run costs are per process): bu
 start a server on 127.0.0.1:0, open a channel (ListModels), then time the first and the
 next few Compress calls of one image.
 
-    python scripts/first_compress_latency.py --model mnist-ae-mid --runs 5
+    python bench/first_compress.py --model mnist-ae-mid --runs 5
 """
 
 from __future__ import annotations

@@ -4,23 +4,36 @@ constriction keeps the GIL while it codes (two threads coding at once run at 0.8
 one), so compute threads alone code on one core. ``CoderPool(processes)`` keeps that many
 processes, each holding the fixed tables (``entropy.FactorizedTables`` /
 ``StaticTables``) of the models it has been sent, built once per process. A batch is
-cut into one slice per process and the results are put back in request order; a batch
-smaller than ``min_batch`` is coded inline, since a process hop (~0.2 ms) would cost a
+cut into one slice per idle process and the results are put back in request order; a
+batch smaller than ``min_batch`` is coded inline, since a process hop would cost a
 one-image request more than its coding. A crashed process is replaced and every slice it
 had not returned is coded again (``retries`` times), so no work is lost or doubled: the
 caller only ever sees one result per item. kind 3 stays in the calling process: its
 tables come from the prior network, which releases the GIL anyway.
+
+Why not ``concurrent.futures.ProcessPoolExecutor`` (measured, bench/codec_speed.py
+--lanes): its calls cross two helper threads in the parent (queue management, queue
+feeder), each needing the GIL, so a no-op call took 0.33 ms against 0.03 ms for one
+pipe round trip, and much longer while another lane ran Python; slices of one call
+could land on one process; and every call pickled the model's tables spec again. Here
+the calling thread writes to and reads from each process's own socket (waiting
+releases the GIL), a process gets a model's spec once, and symbols cross as the
+narrowest integer type their tables allow (4x fewer bytes for ae/vae latents).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import multiprocessing
-import os
+import pickle
+import signal
+import socket
 import threading
-from collections.abc import Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +41,10 @@ from .entropy import FactorizedTables, StaticTables
 from .errors import CorruptCode, Unavailable
 from .manifest import FactorizedSpec, VQStaticSpec
 
-if TYPE_CHECKING:
-    from concurrent.futures import ProcessPoolExecutor
+# Big enough for a few thousand images' symbols in one write: every write that blocks
+# on a full socket buffer must take the GIL back before the next, which costs up to
+# the switch interval (5 ms) while another lane runs Python. The kernel caps it.
+SOCKET_BUFFER = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -46,29 +61,34 @@ class TableSpec:
             return FactorizedTables(self.spec, self.latent_shape)
         return StaticTables(self.spec, self.latent_shape)
 
+    @functools.cached_property
+    def wire_dtype(self) -> np.dtype:  # type: ignore[type-arg]
+        """The narrowest integer type that holds every symbol the tables allow."""
+        if isinstance(self.spec, FactorizedSpec):
+            lo = min(self.spec.offsets, default=0)
+            hi = max((o + len(f) - 1 for o, f in zip(self.spec.offsets, self.spec.freqs)),
+                     default=0)
+        else:
+            lo, hi = 0, self.spec.num_codes - 1
+        for dtype in (np.int8, np.int16):
+            info = np.iinfo(dtype)
+            if info.min <= lo and hi <= info.max:
+                return np.dtype(dtype)
+        return np.dtype(np.int32)
 
-# Per worker process: its tables by key (lives and dies with the process).
-_TABLES: dict[str, FactorizedTables | StaticTables] = {}
+
+# -- the worker process side ------------------------------------------------------------
+
+def _encode(tables: FactorizedTables | StaticTables, symbols: np.ndarray) -> list[bytes]:
+    return tables.encode_batch(symbols)
 
 
-def _tables(spec: TableSpec) -> FactorizedTables | StaticTables:
-    tables = _TABLES.get(spec.key)
-    if tables is None:
-        tables = _TABLES[spec.key] = spec.build()
-    return tables
-
-
-def _encode_slice(spec: TableSpec, symbols: np.ndarray) -> list[bytes]:
-    return _tables(spec).encode_batch(symbols)
-
-
-def _decode_slice(spec: TableSpec, payloads: list[bytes],
-                  canonical: bool) -> tuple[np.ndarray, dict[int, CorruptCode]]:
+def _decode(tables: FactorizedTables | StaticTables, payloads: list[bytes], canonical: bool,
+            dtype: np.dtype) -> tuple[np.ndarray, dict[int, CorruptCode]]:  # type: ignore[type-arg]
     """One stacked array back (rows of refused payloads zero) and the refusals by index:
-    pickling one array instead of one per image keeps the hop cheap."""
-    tables = _tables(spec)
+    one narrow array instead of one int32 array per image keeps the hop cheap."""
     results = tables.decode_batch(payloads, canonical=canonical)
-    out = np.zeros((len(payloads), *tables.shape), np.int32)
+    out = np.zeros((len(payloads), *tables.shape), dtype)
     errors: dict[int, CorruptCode] = {}
     for i, r in enumerate(results):
         if isinstance(r, CorruptCode):
@@ -78,110 +98,236 @@ def _decode_slice(spec: TableSpec, payloads: list[bytes],
     return out, errors
 
 
-def _broken_pool() -> type[Exception]:
-    """concurrent.futures' BrokenProcessPool, imported lazily (see ``_new_executor``)."""
-    from concurrent.futures.process import BrokenProcessPool
-
-    return BrokenProcessPool
+_OPS: dict[str, Callable[..., Any]] = {"encode": _encode, "decode": _decode}
 
 
-def _pid() -> int:
-    return os.getpid()
+def _serve(conn: Any) -> None:
+    """A coding process: (op, key, spec or None, args) in, ("ok", result) or ("err", exc)
+    out, until the parent says stop or goes away."""
+    # Ctrl-C reaches the whole process group: the parent decides when this one stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tables: dict[str, FactorizedTables | StaticTables] = {}
+    while True:
+        try:
+            op, key, spec, args = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        if op == "stop":
+            return
+        try:
+            if key not in tables:
+                tables[key] = spec.build()
+            reply: tuple[str, Any] = ("ok", _OPS[op](tables[key], *args))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, who raises it
+            reply = ("err", exc)
+        try:
+            data = pickle.dumps(reply, protocol=5)
+        except Exception as exc:  # noqa: BLE001 - it does not pickle: keep its words
+            data = pickle.dumps(("err", RuntimeError(f"{type(exc).__name__}: {reply[1]!r}")))
+        conn.send_bytes(data)
+
+
+# -- the parent side --------------------------------------------------------------------
+
+@dataclass(eq=False)
+class _Worker:
+    process: Any
+    conn: Any
+    known: set[str] = field(default_factory=set)  # keys whose spec this process has
+    awaited: bool = False  # sent a slice, reply not read yet
+    # Replace before the next use: the socket failed, or a call ended before reading a
+    # reply (which would otherwise answer the next call).
+    broken: bool = False
+
+
+class _Crashed(Exception):
+    """The process died (or its socket broke) before it answered."""
 
 
 class CoderPool:
-    """Worker processes that code kinds 1 and 2; thread-safe, results in request order."""
+    """Worker processes that code kinds 1 and 2; thread-safe, results in request order.
 
-    def __init__(self, processes: int, *, min_batch: int = 64, retries: int = 3,
-                 start_method: str = "spawn") -> None:
+    ``min_batch``: smaller batches are coded inline (``wants``); ``min_slice``: a batch
+    is cut into at most ``n // min_slice`` slices, one per process idle at the time.
+    """
+
+    def __init__(self, processes: int, *, min_batch: int = 64, min_slice: int = 16,
+                 retries: int = 3, start_method: str = "spawn") -> None:
         if processes < 1:
             raise ValueError(f"a coder pool needs >= 1 process, got {processes}")
         self.processes = processes
         self.min_batch = min_batch
+        self.min_slice = max(1, min_slice)
         self.retries = retries
         # spawn: the service and the worker run threads (gRPC, Redis); forking them is unsafe.
-        self._context = multiprocessing.get_context(start_method)
-        self._lock = threading.Lock()
-        self._executor = self._new_executor()
-        self.replaced = 0  # how many times a broken pool was replaced (for tests, metrics)
+        self._context: Any = multiprocessing.get_context(start_method)
+        self._idle_changed = threading.Condition()
+        self._closed = False
+        self.replaced = 0  # how many crashed processes were replaced (for tests, metrics)
+        self._idle = [self._start() for _ in range(processes)]
+        self._all = list(self._idle)
 
-    def _new_executor(self) -> ProcessPoolExecutor:
-        # Imported here: importing the codec must not pull in multiprocessing (whose
-        # ``from queue import ...`` a script's own queue.py, as in bench/, would shadow).
-        from concurrent.futures import ProcessPoolExecutor
-
-        return ProcessPoolExecutor(self.processes, mp_context=self._context)
+    def _start(self) -> _Worker:
+        parent, child = self._context.Pipe(duplex=True)
+        for conn in (parent, child):
+            _widen(conn)
+        process = self._context.Process(target=_serve, args=(child,), daemon=True,
+                                        name="latentserve-coder")
+        process.start()
+        child.close()
+        return _Worker(process, parent)
 
     def wants(self, n: int) -> bool:
         """Whether a batch of ``n`` items is worth the process hop."""
         return n >= self.min_batch
 
     def pids(self) -> list[int]:
-        """The current processes' ids (starting them if needed)."""
-        executor = self._executor
-        futures = [executor.submit(_pid) for _ in range(self.processes)]
-        [f.result() for f in futures]
-        return sorted(executor._processes)  # type: ignore[attr-defined]
+        """The current processes' ids."""
+        with self._idle_changed:
+            return sorted(w.process.pid for w in self._all)
 
     def encode(self, spec: TableSpec, symbols: np.ndarray) -> list[bytes]:
         """Checked symbols (N, *latent_shape) -> one payload each, in order."""
-        cuts = self._cuts(len(symbols))
-        parts = self._run([(_encode_slice, (spec, symbols[a:b])) for a, b in cuts])
+        wire = symbols.astype(spec.wire_dtype, copy=False)
+        parts = self._run(spec, "encode", len(symbols), lambda a, b: (wire[a:b],))
         return [p for part in parts for p in part]
 
     def decode(self, spec: TableSpec, payloads: Sequence[bytes], *,
                canonical: bool = True) -> list[np.ndarray | CorruptCode]:
         """Payloads -> per payload its symbols or the CorruptCode that refused it, in order."""
-        cuts = self._cuts(len(payloads))
-        parts = self._run([(_decode_slice, (spec, list(payloads[a:b]), canonical))
-                           for a, b in cuts])
+        dtype = spec.wire_dtype
+        parts = self._run(spec, "decode", len(payloads),
+                          lambda a, b: (list(payloads[a:b]), canonical, dtype))
         out: list[np.ndarray | CorruptCode] = []
         for symbols, errors in parts:
-            out += [errors.get(i, row) for i, row in enumerate(symbols)]  # type: ignore[misc]
+            rows = symbols.astype(np.int32)
+            out += [errors.get(i, row) for i, row in enumerate(rows)]  # type: ignore[misc]
         return out
 
-    def _cuts(self, n: int) -> list[tuple[int, int]]:
-        k = max(1, min(self.processes, n))
-        edges = [n * i // k for i in range(k + 1)]
-        return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+    # -- running slices -----------------------------------------------------------------
+    def _run(self, spec: TableSpec, op: str, n: int, args_of: Any) -> list[Any]:
+        """Every slice's result, in order; slices lost to a crashed process run again."""
+        workers = self._checkout(max(1, min(self.processes, n // self.min_slice)))
+        try:
+            edges = [n * i // len(workers) for i in range(len(workers) + 1)]
+            slices = [args_of(a, b) for a, b in itertools.pairwise(edges)]
+            sent: list[bool] = []
+            for w, args in zip(workers, slices):  # every process starts before any is read
+                sent.append(self._send(w, spec, op, args))
+            results: list[tuple[str, Any]] = []
+            for i, args in enumerate(slices):
+                results.append(self._answer(workers, i, spec, op, args, sent[i]))
+        finally:
+            self._checkin(workers)
+        for status, value in results:
+            if status == "err":
+                raise value
+        return [value for _, value in results]
 
-    def _run(self, jobs: list[tuple[object, tuple[object, ...]]]) -> list:  # type: ignore[type-arg]
-        """Every job's result, in order; jobs lost to a crashed process are run again."""
-        results: list[list | None] = [None] * len(jobs)  # type: ignore[type-arg]
-        broken_pool = _broken_pool()
+    def _answer(self, workers: list[_Worker], i: int, spec: TableSpec, op: str,
+                args: tuple[Any, ...], sent: bool) -> tuple[str, Any]:
+        """Slice ``i``'s reply, replacing its process and sending it again after a crash."""
         for _ in range(self.retries + 1):
-            executor = self._executor
-            todo = [i for i, r in enumerate(results) if r is None]
-            futures: dict[int, Future] = {}  # type: ignore[type-arg]
+            if not sent:
+                workers[i] = self._replace(workers[i])
+                sent = self._send(workers[i], spec, op, args)
+                if not sent:
+                    continue
             try:
-                for i in todo:
-                    fn, args = jobs[i]
-                    futures[i] = executor.submit(fn, *args)  # type: ignore[arg-type]
-                for i, f in futures.items():
-                    results[i] = f.result()
-                return results  # type: ignore[return-value]
-            except broken_pool:
-                # Keep what finished; replace the pool once (other threads may race here).
-                for i, f in futures.items():
-                    if f.done() and not f.cancelled() and f.exception() is None:
-                        results[i] = f.result()
-                self._replace(executor)
+                return self._receive(workers[i])
+            except _Crashed:
+                sent = False
         raise Unavailable(f"the coder processes crashed {self.retries + 1} times in a row; "
                           "giving up on this batch")
 
-    def _replace(self, broken: ProcessPoolExecutor) -> None:
-        with self._lock:
-            if self._executor is broken:
-                broken.shutdown(wait=False, cancel_futures=True)
-                self._executor = self._new_executor()
-                self.replaced += 1
+    def _send(self, w: _Worker, spec: TableSpec, op: str, args: tuple[Any, ...]) -> bool:
+        """Hand a slice to a process; False if it is already gone."""
+        first = spec.key not in w.known
+        data = pickle.dumps((op, spec.key, spec if first else None, args), protocol=5)
+        try:
+            w.conn.send_bytes(data)
+        except OSError:
+            w.broken = True
+            return False
+        w.known.add(spec.key)  # its reply, or its crash (a fresh process), comes first
+        w.awaited = True
+        return True
+
+    @staticmethod
+    def _receive(w: _Worker) -> tuple[str, Any]:
+        try:
+            data = w.conn.recv_bytes()
+        except (EOFError, OSError) as exc:
+            w.broken = True
+            raise _Crashed from exc
+        w.awaited = False
+        return pickle.loads(data)  # type: ignore[no-any-return]
+
+    # -- the processes ------------------------------------------------------------------
+    def _checkout(self, want: int) -> list[_Worker]:
+        """At least one process, up to ``want`` of those idle now; dead ones replaced."""
+        with self._idle_changed:
+            while not self._idle:
+                if self._closed:
+                    raise Unavailable("the coder pool is closed")
+                self._idle_changed.wait()
+            if self._closed:
+                raise Unavailable("the coder pool is closed")
+            taken, self._idle = self._idle[:want], self._idle[want:]
+        return [self._replace(w) if w.broken or not w.process.is_alive() else w
+                for w in taken]
+
+    def _checkin(self, workers: list[_Worker]) -> None:
+        for w in workers:
+            w.broken = w.broken or w.awaited
+        with self._idle_changed:
+            self._idle += workers
+            self._idle_changed.notify_all()
+
+    def _replace(self, dead: _Worker) -> _Worker:
+        """A fresh process in place of one that crashed (the caller holds it checked out)."""
+        _stop(dead, wait_s=0.0)
+        fresh = self._start()
+        with self._idle_changed:
+            self._all = [fresh if w is dead else w for w in self._all]
+            self.replaced += 1
+        return fresh
 
     def close(self) -> None:
-        """Stop the processes (waits for running slices)."""
-        self._executor.shutdown(wait=True)
+        """Stop the processes once the calls running now have finished."""
+        with self._idle_changed:
+            self._closed = True
+            while len(self._idle) < len(self._all):
+                self._idle_changed.wait()
+            workers, self._idle = self._all, []
+        for w in workers:
+            with contextlib.suppress(OSError):
+                w.conn.send_bytes(pickle.dumps(("stop", "", None, ())))
+        for w in workers:
+            _stop(w, wait_s=5.0)
 
     def __enter__(self) -> CoderPool:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stop(w: _Worker, *, wait_s: float) -> None:
+    """Join a process (killing it if it outlives ``wait_s``) and close its socket."""
+    w.process.join(wait_s)
+    if w.process.is_alive():
+        w.process.kill()
+        w.process.join()
+    w.conn.close()
+
+
+def _widen(conn: Any) -> None:
+    """Ask for big socket buffers on a Pipe end (best effort: the kernel may cap them)."""
+    with contextlib.suppress(OSError, ValueError):
+        sock = socket.socket(fileno=conn.fileno())
+        try:
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        finally:
+            sock.detach()  # the fd stays the connection's

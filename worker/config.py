@@ -27,6 +27,7 @@ from .keys import DEFAULT_POOL, DEFAULT_PREFIX, Keys, check_pool
 
 ENV_PREFIX = "LATENTSERVE_"
 MAX_DEFAULT_HEARTBEAT_S = 2.0
+MAX_CODER_PROCESSES = 64
 T = TypeVar("T")
 
 
@@ -112,6 +113,9 @@ class WorkerConfig:
     metrics_port: int | None = None  # Prometheus /metrics; None = off, 0 = a free port
     metrics_host: str = "127.0.0.1"  # address the metrics endpoint binds (0.0.0.0: all)
     tracing: bool = False        # OpenTelemetry chunk spans exported over OTLP (OTEL_* env)
+    # Processes that code kinds 1/2 of a call of >= 64 items (worker/coderpool.py); 0 = code
+    # in the worker's own thread. Pays from about 512 items per call (bench/codec_speed.py).
+    coder_processes: int = 0
 
     def __post_init__(self) -> None:
         check_redis_url(self.redis_url)
@@ -126,6 +130,9 @@ class WorkerConfig:
         if self.intra_op_threads < 0 or self.heartbeat_s < 0:
             raise InvalidInput("intra_op_threads and heartbeat_s must be >= 0, got "
                                f"{self.intra_op_threads} and {self.heartbeat_s}")
+        if not 0 <= self.coder_processes <= MAX_CODER_PROCESSES:
+            raise InvalidInput(f"coder_processes must be between 0 (off) and "
+                               f"{MAX_CODER_PROCESSES}, got {self.coder_processes}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise InvalidInput(f"metrics_port must be between 0 and 65535 (0 = a free port), "
                                f"got {self.metrics_port}")

@@ -33,8 +33,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
@@ -54,6 +55,10 @@ log = logging.getLogger(__name__)
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (InvalidInput, CodeError, ResourceLimit)
 
 
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
 @dataclass
 class WorkerStats:
     chunks: int = 0
@@ -69,9 +74,13 @@ class Worker:
 
     def __init__(self, config: WorkerConfig, pipeline: JobPipeline,
                  client: redis.Redis | None = None,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, *,
+                 owned: Sequence[Closeable] = ()) -> None:
         self.config = config
         self.pipeline = pipeline
+        # What create_worker built for this worker alone (its coder pool): closed when
+        # run() returns.
+        self._owned = tuple(owned)
         self.r = client or connect(config.redis_url)
         self.store = JobStore(self.r, config.queue)
         self.keys = config.keys
@@ -169,7 +178,14 @@ class Worker:
             self._done.set()
             beat.join(timeout=5)
             self._goodbye()
+            self.close()
         return self.stats
+
+    def close(self) -> None:
+        """Release what this worker owns (its coder processes); run() does it on return."""
+        owned, self._owned = self._owned, ()
+        for thing in owned:
+            thing.close()
 
     def _preload(self) -> None:
         """Load the newest version of every model now, so no chunk waits for a load.
@@ -571,12 +587,18 @@ def create_worker(config: WorkerConfig, pipeline: JobPipeline | None = None,
     from .engine import process_memory
 
     process_memory()  # before any thread: glibc's arena limit binds only later arenas
+    owned: list[Closeable] = []
     if pipeline is None:
+        from .coderpool import CoderPool
         from .engine import EngineConfig
         from .pipeline import Pipeline
 
+        pool = CoderPool(config.coder_processes) if config.coder_processes else None
+        if pool is not None:
+            owned.append(pool)
         pipeline = Pipeline(config.models,
                             EngineConfig(provider=config.provider,  # type: ignore[arg-type]
                                          intra_op_threads=config.intra_op_threads,
-                                         max_batch=config.batch_items))
-    return Worker(config, pipeline, client, metrics)
+                                         max_batch=config.batch_items),
+                            coder_pool=pool)
+    return Worker(config, pipeline, client, metrics, owned=owned)

@@ -23,6 +23,9 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
      "comma-separated pools to consume [default: default]"),
     ("--consumer", "consumer", str, "consumer name [default host-pid-random]"),
     ("--batch-items", "batch_items", int, "max items in one pipeline call [256]"),
+    ("--coder-processes", "coder_processes", int,
+     "processes that entropy-code calls of >= 64 items, so coding uses every core; pays "
+     "from about 512 items per call (--batch-items) [0 = off: code in the worker thread]"),
     ("--read-count", "read_count", int, "stream entries taken per read [4]"),
     ("--block-ms", "block_ms", int, "how long a read waits for new entries [1000]"),
     ("--claim-idle-s", "claim_idle_s", float,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 import pytest
+from fixtures_redis import WORKER_DEFAULTS
 from gate import GatedPipeline
 
 from latentserve.worker.jobstore import ImageFormat, ItemFailure, JobKind, JobState, OnItemError
@@ -231,3 +233,39 @@ def test_a_healthy_long_chunk_is_not_stolen(job_store, make_worker, tiny_pipelin
     assert busy.stats.chunks == 1 and busy.stats.retried == 0
     assert all_results(job_store, job.id) == [
         encode_png(im) for im in tiny_pipeline.sample("tiny-vqvae", 64, seed=0)]
+
+
+def test_a_worker_with_coder_processes_stores_merged_chunks_exactly_once(
+        job_store, redis_url, tiny_repo, queue_config, tiny_pipeline, mnist_images):
+    from latentserve.worker.config import WorkerConfig
+    from latentserve.worker.consumer import create_worker
+
+    images = mnist_images[:100]
+    codes = tiny_pipeline.compress("tiny-vae", images[:90])
+    codes[41] = codes[41][:-1]  # one bad code: its slot fails, nothing else does
+    comp = job_store.submit(JobKind.COMPRESS, "tiny-ae", items=images, chunk_size=8)
+    rec = job_store.submit(JobKind.RECONSTRUCT, "tiny-vae", items=codes, chunk_size=8,
+                           image_format=ImageFormat.RAW)
+    # Chunks of 8 merged into calls of up to 128: past the pool's min_batch (64).
+    config = WorkerConfig(redis_url=redis_url, models=str(tiny_repo), queue=queue_config,
+                          **{**WORKER_DEFAULTS, "read_count": 32, "batch_items": 128,
+                             "coder_processes": 2})
+    worker = create_worker(config)
+    pool = worker.pipeline.coder_pool
+    assert pool is not None and pool.processes == 2
+    pids = pool.pids()
+    stats = worker.run()
+    assert stats.chunks == 13 + 12 and stats.items == 190
+    for job, n in ((comp, 100), (rec, 90)):
+        info = job_store.get(job.id)
+        assert info.state is JobState.SUCCEEDED
+        assert (info.items_done, info.chunks_done) == (n, -(-n // 8))
+    assert all_results(job_store, comp.id) == tiny_pipeline.compress("tiny-ae", images)
+    got = all_results(job_store, rec.id)
+    want = tiny_pipeline.reconstruct_each(codes)
+    assert isinstance(got[41], ItemFailure) and job_store.get(rec.id).items_failed == 1
+    assert all(np.array_equal(g, w) for i, (g, w) in enumerate(zip(got, want)) if i != 41)
+    time.sleep(0.1)
+    for pid in pids:  # run() closed the pool it was built with
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

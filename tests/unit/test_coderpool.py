@@ -24,8 +24,9 @@ GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden_repo"
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[CoderPool]:
-    # min_batch=1: every batch goes through the processes, however small.
-    with CoderPool(2, min_batch=1) as p:
+    # min_batch=1, min_slice=1: every batch goes through the processes, however small,
+    # cut into one slice per process from two items on.
+    with CoderPool(2, min_batch=1, min_slice=1) as p:
         yield p
 
 
@@ -81,6 +82,85 @@ def test_pool_reports_a_bad_code_by_its_index(inline: Pipeline, pooled: Pipeline
     images = pooled.reconstruct_each(codes)
     assert isinstance(images[6], CorruptCode) and all(
         isinstance(im, np.ndarray) for i, im in enumerate(images) if i != 6)
+
+
+@pytest.mark.parametrize(("model", "kind"), [("golden-ae:1", None),
+                                             ("golden-vqvae:1", "vq_static")])
+def test_a_slice_per_process_and_a_bad_code_in_the_second_slice(
+        inline: Pipeline, pooled: Pipeline, model: str, kind: str | None) -> None:
+    from latentserve.worker.codec import pack, parse_header
+
+    codec = pooled.codec(model)
+    symbols = symbols_for(codec, 101, seed=11)
+    codes = codec.encode(symbols, kind=kind)
+    assert codes == inline.codec(model).encode(symbols, kind=kind)
+    p = parse_header(codes[77])
+    codes[77] = pack(codec.manifest.digest, p.kind, p.payload + b"\x01")
+    each = codec.decode_each(codes)
+    assert [i for i, r in enumerate(each) if isinstance(r, CodeError)] == [77]
+    good = [i for i in range(101) if i != 77]
+    assert np.array_equal(np.stack([each[i] for i in good]), symbols[good])  # type: ignore[misc]
+
+
+def test_threads_sharing_a_pool_get_their_own_codes(inline: Pipeline, pooled: Pipeline) -> None:
+    import threading
+
+    codec = pooled.codec("golden-ae:1")
+    inputs = [symbols_for(codec, 30 + k, seed=100 + k) for k in range(4)]
+    want = [inline.codec("golden-ae:1").encode(s) for s in inputs]
+    got: dict[int, list[bytes]] = {}
+
+    def lane(k: int) -> None:
+        for _ in range(5):
+            got[k] = codec.encode(inputs[k])
+            assert np.array_equal(codec.decode(got[k]), inputs[k])
+
+    threads = [threading.Thread(target=lane, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[k] for k in range(4)] == want
+
+
+def test_a_process_killed_while_coding_is_replaced_and_its_slice_redone(
+        inline: Pipeline) -> None:
+    import threading
+
+    with CoderPool(1, min_batch=1) as pool:
+        pipe = Pipeline(GOLDEN, ONE_THREAD, coder_pool=pool)
+        codec = pipe.codec("golden-ae:1")
+        symbols = symbols_for(codec, 20_000, seed=3)
+        want = inline.codec("golden-ae:1").encode(symbols)
+        assert codec.encode(symbols[:2]) == want[:2]  # the process holds the tables now
+        victim = pool.pids()[0]
+        got: list[list[bytes]] = []
+        t = threading.Thread(target=lambda: got.append(codec.encode(symbols)))
+        t.start()
+        time.sleep(0.05)  # most likely mid-slice; a kill before or after it ends the same
+        os.kill(victim, signal.SIGKILL)
+        t.join()
+        assert got == [want]
+        assert codec.encode(symbols[:3]) == want[:3]
+        assert pool.replaced == 1 and victim not in pool.pids()
+
+
+def test_a_closed_pool_refuses_work() -> None:
+    from latentserve.worker.errors import Unavailable
+
+    pool = CoderPool(1, min_batch=1)
+    pipe = Pipeline(GOLDEN, ONE_THREAD, coder_pool=pool)
+    codec = pipe.codec("golden-ae:1")
+    symbols = symbols_for(codec, 4, seed=1)
+    codec.encode(symbols)
+    pids = pool.pids()
+    pool.close()
+    with pytest.raises(Unavailable, match="closed"):
+        codec.encode(symbols)
+    time.sleep(0.1)
+    for pid in pids:  # stopped and reaped: no such process any more
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_a_killed_process_is_replaced_and_its_work_redone(pooled: Pipeline,
