@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from latentserve.worker.codec import HEADER_SIZE, VQ_PRIOR, LatentCodec
 from latentserve.worker.engine import EngineConfig, ModelRuntime
 from latentserve.worker.pipeline import Pipeline
+from latentserve.worker.quality import mean_psnr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,11 +90,6 @@ def load_validation(data: str, limit: int) -> np.ndarray:
     return load_images(ROOT / "examples" / "digits")[:limit]
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
-    return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
-
-
 def softmax_bits(codec: LatentCodec, symbols: np.ndarray) -> float:
     """Mean bits per image under the prior's float softmax: the ideal for kind 3."""
     logits = codec.runtime.prior_stepper(len(symbols)).all_logits(symbols).astype(np.float64)
@@ -136,7 +131,7 @@ def bench_model(pipe: Pipeline, ref: str, images: np.ndarray, *, batch: int,
         "ce": float(ce_bytes.mean()), "ratio": float(payload.mean() / ce_bytes.mean()),
         "goal_ok": bool(payload.mean() <= 1.01 * ce_bytes.mean() + 3),
         "over": float((payload - ce_bytes).mean()),
-        "psnr": psnr(images, out),
+        "psnr": mean_psnr(images, out),
         "enc_ips": len(images) / enc_total, "dec_ips": len(images) / dec_total,
         "enc_net": enc_net / enc_total, "dec_net": dec_net / dec_total,
     }

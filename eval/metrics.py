@@ -1,8 +1,8 @@
 """Distortion metrics on uint8 image batches: PSNR and SSIM, one value per image.
 
-PSNR is computed on 0-255 values with the MSE floored at 1e-10 (so a lossless image
-scores a finite 148.1 dB instead of infinity), and a set of images is summarised by the
-mean of its per-image PSNRs, as in ``../shared/RD-NOTES.md``.
+PSNR is ``latentserve.worker.quality.psnr`` (the project's one definition: 0-255
+values, MSE floored at 1e-10, so a lossless image scores a finite 148.1 dB; a set is
+summarised by the mean of its per-image PSNRs, as in ``../shared/RD-NOTES.md``).
 
 Why SSIM and not MS-SSIM: MS-SSIM (Wang, Simoncelli, Bovik 2003) halves the image four
 times and applies an 11 x 11 Gaussian window at each of its five scales; a 28 x 28 image
@@ -20,41 +20,19 @@ from __future__ import annotations
 import numpy as np
 
 from latentserve.worker.errors import InvalidInput
+from latentserve.worker.quality import PEAK, check_pair, mse, psnr
 
-MSE_FLOOR = 1e-10
-PEAK = 255.0
+__all__ = ["mse", "psnr", "ssim"]
+
 # Wang et al. 2004: Gaussian window, sigma 1.5 (scikit-image truncates at 3.5 sigma -> 11 x 11).
 SSIM_SIGMA = 1.5
-
-
-def _check_pair(reference: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if reference.shape != test.shape:
-        raise InvalidInput(f"metric needs equal shapes, got {reference.shape} and {test.shape}")
-    if reference.ndim != 4:
-        raise InvalidInput(f"metric takes image batches (N, C, H, W), got shape {reference.shape}")
-    for name, a in (("reference", reference), ("test", test)):
-        if a.dtype != np.uint8:
-            raise InvalidInput(f"metric takes uint8 images; {name} is {a.dtype}")
-    return reference, test
-
-
-def mse(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
-    """Per-image mean squared error on 0-255 values, shape (N,)."""
-    reference, test = _check_pair(reference, test)
-    diff = reference.astype(np.float64) - test.astype(np.float64)
-    return (diff * diff).reshape(len(diff), -1).mean(axis=1)
-
-
-def psnr(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
-    """Per-image PSNR in dB (N,), MSE floored at 1e-10."""
-    return 10.0 * np.log10(PEAK * PEAK / np.maximum(mse(reference, test), MSE_FLOOR))
 
 
 def ssim(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
     """Per-image SSIM (N,) with Wang et al.'s standard parameters (see the module doc)."""
     from skimage.metrics import structural_similarity
 
-    reference, test = _check_pair(reference, test)
+    reference, test = check_pair(reference, test)
     _, channels, height, width = reference.shape
     if min(height, width) < 11:
         raise InvalidInput(f"SSIM's 11 x 11 window needs images of at least 11 x 11 pixels, "

@@ -24,13 +24,14 @@ import torch
 from torch import nn
 
 from latentserve.worker.errors import InvalidInput, ModelIntegrityError
+from latentserve.worker.quality import mean_psnr
 from latentserve.worker.repository import ModelRepository, sha256_file
 
 from . import tables
 from .data import Dataset, load_dataset
 from .prior_step import export_prior_step
 from .train import rebuild, to_float
-from .writer import NAME_RE, psnr_per_image
+from .writer import NAME_RE
 from .writer import append_registry as _append_registry
 from .writer import dumps as _dumps
 
@@ -151,7 +152,7 @@ def _quality(family: str, runtime: Any, code: dict[str, Any], val: np.ndarray) -
     symbols = runtime.encode(val)
     recon = runtime.decode(symbols)
     q: dict[str, Any] = {"val_images": int(len(val)),
-                         "val_psnr_db": round(float(psnr_per_image(val, recon).mean()), 3)}
+                         "val_psnr_db": round(float(mean_psnr(val, recon)), 3)}
     if family == "vqvae":
         idx = symbols.astype(np.int64)
         logits = runtime.prior_logits(idx)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from latentserve.worker.errors import InvalidInput
+from latentserve.worker.quality import mean_psnr
 from latentserve.worker.repository import REGISTRY_FILE, ModelRepository, read_registry, sha256_file
 
 from . import contract, tables
@@ -56,13 +57,6 @@ def append_registry(repo: Path, name: str, version: int, digest: str) -> None:
     tmp = repo / (REGISTRY_FILE + ".tmp")
     tmp.write_text(json.dumps({"models": models}, indent=1) + "\n")
     os.replace(tmp, repo / REGISTRY_FILE)
-
-
-def psnr_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """PSNR (dB) of uint8 images, per image, MSE floored at 1e-10."""
-    d = a.astype(np.float64) - b.astype(np.float64)
-    mse = np.maximum((d ** 2).reshape(len(a), -1).mean(1), 1e-10)
-    return 10 * np.log10(255.0 ** 2 / mse)
 
 
 def check_target(repo: Path, name: str, version: int, overwrite: bool) -> Path:
@@ -142,7 +136,7 @@ def measure_quality(runtime: Any, codec: Any, images: np.ndarray) -> dict[str, A
     recon = runtime.decode(codec.decode(codes))
     bits = codec.cross_entropy_bits(symbols, [parse_header(c).kind for c in codes])
     return {"val_images": int(len(images)),
-            "val_psnr_db": round(float(psnr_per_image(images, recon).mean()), 3),
+            "val_psnr_db": round(float(mean_psnr(images, recon)), 3),
             "val_bits_per_image": round(float(bits.mean()), 2),
             "val_bytes_per_image_estimate": round(float(bits.mean()) / 8, 2),
             "val_code_bytes_per_image": round(float(np.mean([len(c) for c in codes])), 2)}

@@ -28,6 +28,7 @@ from latentserve.worker import errors as E
 
 from .channel import open_channel
 from .client_config import ClientSecurity
+from .errors import exceptions_for
 from .wire import decode_reply_image, raw_batch, raw_image
 
 if TYPE_CHECKING:
@@ -38,19 +39,6 @@ if TYPE_CHECKING:
 MIB = 1 << 20
 ImageLike = Any  # np.ndarray | PIL.Image.Image | bytes | str | Path
 
-# Each status maps to the exceptions a server raises with it (service/errors.py), so a
-# remote failure is catchable as any of them: NOT_FOUND as ModelNotFound or JobNotFound.
-_ERRORS: dict[grpc.StatusCode, tuple[type[E.LatentServeError], ...]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (E.InvalidInput,),
-    grpc.StatusCode.NOT_FOUND: (E.ModelNotFound, E.JobNotFound),
-    grpc.StatusCode.FAILED_PRECONDITION: (E.CodeMismatch, E.JobStateError),
-    grpc.StatusCode.DATA_LOSS: (E.CorruptCode,),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (E.ResourceLimit,),
-    grpc.StatusCode.UNAVAILABLE: (E.Unavailable,),
-    grpc.StatusCode.UNAUTHENTICATED: (E.Unauthenticated,),
-}
-
-
 class ServiceError(E.LatentServeError):
     """A call failed on the server; ``code`` is the gRPC status code."""
 
@@ -60,7 +48,7 @@ class ServiceError(E.LatentServeError):
 def error_from(exc: grpc.RpcError, target: str) -> E.LatentServeError:
     """The latentserve exception for a failed call (its types follow the status code)."""
     code = exc.code()  # type: ignore[attr-defined]
-    bases = _ERRORS.get(code, (E.LatentServeError,))
+    bases = exceptions_for(code) or (E.LatentServeError,)
     kind = type(f"Remote{bases[0].__name__}", (ServiceError, *bases), {})
     err = kind(f"{target}: {code.name}: {exc.details()}")  # type: ignore[attr-defined]
     err.code = code

@@ -19,6 +19,7 @@ import numpy as np
 
 from latentserve.worker.errors import InvalidInput
 from latentserve.worker.images import encode_png, list_image_files, read_image_file
+from latentserve.worker.quality import mean_psnr
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,13 +59,6 @@ def save_grid(path: str | Path, rows: Sequence[Sequence[np.ndarray]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(encode_png(grid(rows)))
     return path
-
-
-def psnr(reference: np.ndarray, test: np.ndarray) -> float:
-    """Mean per-image PSNR in dB (uint8 peak 255; identical images count as 100 dB)."""
-    diff = reference.astype(np.float64) - test.astype(np.float64)
-    mse = (diff ** 2).reshape(len(diff), -1).mean(axis=1)
-    return float(np.mean(np.where(mse == 0, 100.0, 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12)))))
 
 
 @dataclass(frozen=True)
@@ -124,7 +118,7 @@ def run_demo(*, models: Path, examples: Path, out: Path, samples: int = 16, seed
                 rows.append(DemoRow(
                     model=info.ref, family=info.family,
                     bytes_per_image=float(np.mean([len(c) for c in codes])),
-                    psnr_db=psnr(originals, recon),
+                    psnr_db=mean_psnr(originals, recon),
                     compress_per_s=len(codes) / max(t1 - t0, 1e-9),
                     reconstruct_per_s=len(codes) / max(t2 - t1, 1e-9)))
                 name = info.ref.replace(":", "-v")

@@ -44,9 +44,19 @@ STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (E.ProviderUnavailable, grpc.StatusCode.UNAVAILABLE),
     # A model whose files fail their digests cannot be served by this server.
     (E.ModelIntegrityError, grpc.StatusCode.FAILED_PRECONDITION),
+    (E.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (RequestCancelled, grpc.StatusCode.CANCELLED),
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
+
+
+def exceptions_for(code: grpc.StatusCode) -> tuple[type[E.LatentServeError], ...]:
+    """STATUS_OF read backwards: the ``latentserve.worker.errors`` exceptions a server
+    answers with ``code``, most specific first (the client raises a type of all of them,
+    so a remote NOT_FOUND is catchable as ModelNotFound or JobNotFound)."""
+    return tuple(kind for kind, c in STATUS_OF
+                 if c == code and issubclass(kind, E.LatentServeError)
+                 and kind.__module__ == E.__name__)
 
 
 def supported_format_versions() -> list[int]:

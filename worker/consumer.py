@@ -44,6 +44,7 @@ from .chunkwork import (Held, JobPipeline, Segment, chunk_failures, compute_batc
 from .config import WorkerConfig
 from .errors import CodeError, InvalidInput, LatentServeError, ResourceLimit
 from .jobstore import JobKind, JobStore, connect
+from .keys import as_text as _s
 from .packing import unpack_failures
 from .recovery import Recovery
 from .tracing import chunk_spans
@@ -558,10 +559,6 @@ class Worker:
                     self.r.xgroup_delconsumer(stream, self.keys.group, self.consumer)
         except (redis.ConnectionError, redis.TimeoutError):
             pass
-
-
-def _s(value: bytes | str | None) -> str:
-    return value.decode() if isinstance(value, bytes) else (value or "")
 
 
 def worker_health(client: redis.Redis, config: WorkerConfig | None = None, *,

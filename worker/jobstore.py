@@ -27,6 +27,7 @@ import redis
 from .config import QueueConfig
 from .errors import InvalidInput, JobNotFound, JobStateError, ResourceLimit
 from .keys import Keys, check_job_id
+from .keys import as_text as _s
 from .jobscripts import (ABANDON, BEGIN, DEAD_LETTER, END, ENQUEUE, EXTEND, RELEASE, SEAL,
                          STORE, SWEEP, TOUCH)
 from .jobtypes import (MAX_ERROR_CHARS, ChunkResults, ChunkTask, ImageFormat, ItemFailure,
@@ -77,10 +78,6 @@ def connect(url: str, *, check: bool = True) -> redis.Redis:
 def job_not_found(job_id: str) -> JobNotFound:
     """The one answer for a job that is unknown, expired, or not the caller's."""
     return JobNotFound(f"no job {job_id} (unknown, or expired after its TTL)")
-
-
-def _s(value: bytes | str | None) -> str:
-    return value.decode() if isinstance(value, bytes) else (value or "")
 
 
 class JobStore:
@@ -540,4 +537,3 @@ class JobStore:
         status = self._extend(keys=[self.keys.stream(pool)],
                               args=[self.keys.group, consumer, *entry_ids])
         return dict(zip(entry_ids, (_s(x) for x in status)))
-

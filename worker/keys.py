@@ -125,3 +125,8 @@ class Keys:
     def all_pattern(self) -> str:
         """SCAN pattern matching every key under the prefix (tests, cleanup)."""
         return f"{self.prefix}*"
+
+
+def as_text(value: bytes | str | None) -> str:
+    """A Redis reply (bytes, str or None) as text; None is ""."""
+    return value.decode() if isinstance(value, bytes) else (value or "")

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import LatentServeError, ModelIntegrityError
+from .quality import mean_psnr
 from .repository import ModelEntry, ModelRepository, verify_files
 
 CHECK_ROLE = "check"
@@ -183,12 +184,6 @@ def check_at_load(runtime: Any) -> None:
 
 # -- the full check ---------------------------------------------------------------------------
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    d = a.astype(np.float64) - b.astype(np.float64)
-    mse = np.maximum((d ** 2).reshape(len(a), -1).mean(1), 1e-10)
-    return float((10 * np.log10(255.0 ** 2 / mse)).mean())
-
-
 def _timed(fn: Any, budget_s: float) -> tuple[float, int]:
     """(seconds per call, calls) of ``fn`` run until ``budget_s`` is spent (at least once)."""
     calls, start = 0, time.perf_counter()
@@ -247,7 +242,7 @@ def check_model(repository: ModelRepository, ref: str, *, images: np.ndarray | N
     codes = codec.encode(symbols)
     back = codec.decode(codes)
     recon = runtime.decode(back)
-    psnr = _psnr(images, recon)
+    psnr = mean_psnr(images, recon)
     fig = {"images": len(images), "psnr_db": round(psnr, 3),
            "bytes_per_image": round(float(np.mean([len(c) for c in codes])), 2)}
     val = m.quality.get("val_psnr_db")

@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 
 from .config import QueueConfig
 from .keys import DEFAULT_POOL, Keys
+from .keys import as_text as _s
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +117,6 @@ def _pool_stats(pool: str, group: str, now_ms: int, length: Any, groups: Any,
 def _missing(exc: Exception) -> bool:
     text = str(exc).lower()
     return "no such key" in text or "nogroup" in text
-
-
-def _s(value: bytes | str | None) -> str:
-    return value.decode() if isinstance(value, bytes) else (value or "")
 
 
 # (gauge name, help, PoolStats field) of the per-pool gauges.

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import redis
 
 from .keys import Keys
+from .keys import as_text as _s
 
 # KEYS: stream, the consumer's health key. ARGV: group, dead consumer, claimer, count.
 # -> {entries still pending on the dead consumer, {id, fields, times delivered}...,
@@ -100,7 +101,3 @@ class Recovery:
                          fields=dict(zip(flat[::2], flat[1::2])))
             for eid, flat, times in claimed)
         return DeadClaim(consumer=consumer, entries=entries, gone=len(gone), left=int(left))
-
-
-def _s(value: bytes | str | None) -> str:
-    return value.decode() if isinstance(value, bytes) else (value or "")

@@ -16,7 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from latentserve.service.config import ServiceConfig
-from latentserve.service.errors import status_for
+from latentserve.service.client import error_from
+from latentserve.service.errors import STATUS_OF, status_for
 from latentserve.service.server import Server, create_server
 from latentserve.service.wire import raw_batch, raw_image
 from latentserve.v1 import inference_pb2 as pb
@@ -318,6 +319,24 @@ def test_every_error_type_has_its_status(exc: BaseException, code: grpc.StatusCo
         assert "secret" not in message and "KeyError" in message
     if isinstance(exc, E.UnknownFormatVersion):
         assert "reads code format versions: 1" in message
+
+
+@pytest.mark.parametrize("kind", [k for k, _ in STATUS_OF if k.__module__ == E.__name__],
+                         ids=lambda k: k.__name__)
+def test_the_client_raises_what_the_server_raised(kind: type) -> None:
+    """Both directions from one table: the status a server gives an error comes back on
+    the client as an exception that is an instance of that error's type."""
+    code, _ = status_for(kind("x"))
+
+    class Failed(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return code
+
+        def details(self) -> str:
+            return "x"
+
+    err = error_from(Failed(), "host:1")
+    assert isinstance(err, kind) and err.code == code
 
 
 def test_a_tampered_model_is_refused_and_not_serving_while_the_others_serve(
