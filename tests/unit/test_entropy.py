@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from random_tables import SETTINGS, random_freqs, sample
 
 from latentserve.worker.entropy import (
     FactorizedTables,
@@ -25,20 +26,6 @@ from latentserve.worker.entropy import (
 )
 from latentserve.worker.errors import CorruptCode, InvalidInput, ModelIntegrityError
 from latentserve.worker.manifest import FactorizedSpec, VQPriorSpec, VQStaticSpec
-
-SETTINGS = settings(max_examples=150, deadline=None)
-
-
-def random_freqs(rng: np.random.Generator, k: int) -> list[int]:
-    """Skewed integer tables: some huge, some 1, like real exported tables."""
-    return [int(x) for x in np.maximum(1, (rng.pareto(0.7, k) * 50).astype(np.int64))]
-
-
-def sample(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
-    cdf = np.cumsum(probs, axis=-1)
-    u = rng.random(probs.shape[:-1])[..., None] * cdf[..., -1:]
-    return np.minimum((cdf < u).sum(-1), probs.shape[-1] - 1)
-
 
 def test_probabilities_are_exact_quotients() -> None:
     freqs = np.array([[1, 2, 3, 65530], [7, 7, 7, 7]], np.int64)

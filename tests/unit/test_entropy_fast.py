@@ -1,5 +1,5 @@
 """The fast coder (fixed models, closed-form payload, no decode check) writes exactly the
-bytes of the reference coder (worker/entropy_reference.py, the path before issue 17),
+bytes of the reference coder (worker/entropy_reference.py, the earlier path),
 on random symbols and tables of every kind, and refuses exactly what it refuses."""
 
 from __future__ import annotations
@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from random_tables import SETTINGS, random_freqs, sample
+
 from latentserve.worker import entropy_reference as ref
 from latentserve.worker.codec import prior_payload
 from latentserve.worker.entropy import (
@@ -21,20 +23,6 @@ from latentserve.worker.entropy import (
 )
 from latentserve.worker.errors import CorruptCode
 from latentserve.worker.manifest import FactorizedSpec, VQStaticSpec
-
-SETTINGS = settings(max_examples=150, deadline=None)
-
-
-def random_freqs(rng: np.random.Generator, k: int) -> list[int]:
-    """Skewed integer tables: some huge, some 1, like real exported tables."""
-    return [int(x) for x in np.maximum(1, (rng.pareto(0.7, k) * 50).astype(np.int64))]
-
-
-def sample(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
-    cdf = np.cumsum(probs, axis=-1)
-    u = rng.random(probs.shape[:-1])[..., None] * cdf[..., -1:]
-    return np.minimum((cdf < u).sum(-1), probs.shape[-1] - 1)
-
 
 def factorized(rng: np.random.Generator, c: int, h: int, w: int,
                kmax: int) -> tuple[FactorizedTables, np.ndarray]:
