@@ -11,9 +11,6 @@ Every export is appended to ``<repo>/registry.json``.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,15 +22,13 @@ from torch import nn
 
 from latentserve.worker.errors import InvalidInput, ModelIntegrityError
 from latentserve.worker.quality import mean_psnr
-from latentserve.worker.repository import ModelRepository, sha256_file
+from latentserve.worker.repository import ModelRepository
 
 from . import tables
 from .data import Dataset, load_dataset
 from .prior_step import export_prior_step
 from .train import rebuild, to_float
-from .writer import NAME_RE
-from .writer import append_registry as _append_registry
-from .writer import dumps as _dumps
+from .writer import NAME_RE, append_registry, dumps, manifest_head, seal_and_move
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -190,7 +185,7 @@ def export_checkpoint(ckpt: dict[str, Any], *, repo: str | Path, name: str, vers
     """Write ``<repo>/<name>/<version>/`` from a checkpoint dict; returns that folder."""
     from latentserve.worker.codec import LatentCodec
     from latentserve.worker.engine import ModelRuntime
-    from latentserve.worker.model_check import CHECK_FILE, CHECK_ROLE, make_record
+    from latentserve.worker.model_check import make_record
 
     if not NAME_RE.match(name):
         raise InvalidInput(f"model name {name!r} must match {NAME_RE.pattern}")
@@ -216,41 +211,26 @@ def export_checkpoint(ckpt: dict[str, Any], *, repo: str | Path, name: str, vers
         folder = Path(tmp) / name / str(version)
         folder.mkdir(parents=True)
         files = _write_onnx(family, model, prior, folder, data.val[:2])
-        manifest: dict[str, Any] = {
-            "schema": 1, "name": name, "version": version, "family": family,
-            "image": {"channels": mc.image_shape[0], "height": mc.image_shape[1],
-                      "width": mc.image_shape[2], "dtype": "uint8",
-                      "normalization": "x / 255 inside the encoder; decoder output in [0, 1]"},
-            "latent": {"shape": latent_shape},
-            "files": {role: {"path": f, "sha256": sha256_file(folder / f)}
-                      for role, f in files.items()},
-            "onnx": {"opset": OPSET, "dynamic_axes": {"batch": 0},
-                     "producer": f"torch {torch.__version__}"},
-            "code": code,
-            "sampling": sampling,
-            "quality": {},
-            "training": {"data_sha256": ckpt["data"]["sha256"], "data_source":
-                         Path(str(ckpt["data"]["source"])).name,
-                         "num_train": int(ckpt["data"]["num_train"]), "seed": seed,
-                         "config": {"model": ckpt["model_config"], "train": ckpt["train_config"],
-                                    "prior": ckpt.get("prior_config")}},
-        }
-        (folder / "manifest.json").write_text(_dumps(manifest))
+        manifest = manifest_head(name=name, version=version, family=family,
+                                 image_shape=mc.image_shape, latent_shape=latent_shape,
+                                 folder=folder, files=files, opset=OPSET,
+                                 producer=f"torch {torch.__version__}", code=code,
+                                 sampling=sampling)
+        manifest["training"] = {
+            "data_sha256": ckpt["data"]["sha256"],
+            "data_source": Path(str(ckpt["data"]["source"])).name,
+            "num_train": int(ckpt["data"]["num_train"]), "seed": seed,
+            "config": {"model": ckpt["model_config"], "train": ckpt["train_config"],
+                       "prior": ckpt.get("prior_config")}}
+        (folder / "manifest.json").write_text(dumps(manifest))
         runtime = ModelRuntime(ModelRepository(tmp).load(f"{name}:{version}"))
         max_diff = _parity(family, model, prior, runtime, data.val[:PARITY_BATCH])
         quality = _quality(family, runtime, code, data.val)
         quality["onnx_max_abs_diff"] = max_diff
         manifest["quality"] = quality
         # What `latentserve models check` and the server's load compare against later.
-        (folder / CHECK_FILE).write_bytes(make_record(runtime, LatentCodec(runtime), data.val))
-        manifest["files"][CHECK_ROLE] = {"path": CHECK_FILE,
-                                         "sha256": sha256_file(folder / CHECK_FILE)}
-        text = _dumps(manifest)
-        (folder / "manifest.json").write_text(text)
+        record = make_record(runtime, LatentCodec(runtime), data.val)
         del runtime
-        if target.exists():
-            shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(folder, target)
-    _append_registry(repo, name, version, hashlib.sha256(text.encode()).hexdigest())
+        digest = seal_and_move(folder, target, manifest, record)
+    append_registry(repo, name, version, digest)
     return target

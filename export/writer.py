@@ -58,6 +58,40 @@ def append_registry(repo: Path, name: str, version: int, digest: str) -> None:
     tmp.write_text(json.dumps({"models": models}, indent=1) + "\n")
     os.replace(tmp, repo / REGISTRY_FILE)
 
+def manifest_head(*, name: str, version: int, family: str, image_shape: Any,
+                  latent_shape: list[int], folder: Path, files: dict[str, str], opset: int,
+                  producer: str, code: dict[str, Any], sampling: dict[str, Any]) -> dict[str, Any]:
+    """The manifest fields every export writes; the caller adds its provenance
+    (``training``, ``source``) and, once measured, ``quality``."""
+    return {
+        "schema": 1, "name": name, "version": version, "family": family,
+        "image": {"channels": image_shape[0], "height": image_shape[1],
+                  "width": image_shape[2], "dtype": "uint8",
+                  "normalization": "x / 255 inside the encoder; decoder output in [0, 1]"},
+        "latent": {"shape": latent_shape},
+        "files": {role: {"path": f, "sha256": sha256_file(folder / f)}
+                  for role, f in files.items()},
+        "onnx": {"opset": opset, "dynamic_axes": {"batch": 0}, "producer": producer},
+        "code": code, "sampling": sampling, "quality": {},
+    }
+
+
+def seal_and_move(folder: Path, target: Path, manifest: dict[str, Any], record: bytes) -> str:
+    """Write the check record (``check.npz``, listed in the manifest's files) and the final
+    manifest into ``folder``, then move the folder to ``target``, replacing what is there.
+    Returns the manifest's sha256, for ``append_registry`` once the temporary folder is gone."""
+    from latentserve.worker.model_check import CHECK_FILE, CHECK_ROLE
+
+    (folder / CHECK_FILE).write_bytes(record)
+    manifest["files"][CHECK_ROLE] = {"path": CHECK_FILE, "sha256": sha256_file(folder / CHECK_FILE)}
+    text = dumps(manifest)
+    (folder / "manifest.json").write_text(text)
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(folder, target)
+    return hashlib.sha256(text.encode()).hexdigest()
+
 
 def check_target(repo: Path, name: str, version: int, overwrite: bool) -> Path:
     """The version's folder, refusing a bad name or version or an existing folder."""
@@ -157,7 +191,7 @@ def write_version(*, repo: str | Path, name: str, version: int, family: str,
     """
     from latentserve.worker.codec import LatentCodec
     from latentserve.worker.engine import EngineConfig, ModelRuntime
-    from latentserve.worker.model_check import CHECK_FILE, CHECK_ROLE, make_record
+    from latentserve.worker.model_check import make_record
 
     if family not in ("ae", "vae", "vqvae"):
         raise InvalidInput(f"family {family!r} is not one of ae, vae, vqvae")
@@ -195,20 +229,13 @@ def write_version(*, repo: str | Path, name: str, version: int, family: str,
         contract.check_decoder(_runner(_session(folder / files["decoder"])), feed, image_shape)
         max_diff = parity(folder) if parity is not None else None
 
-        manifest: dict[str, Any] = {
-            "schema": 1, "name": name, "version": version, "family": family,
-            "image": {"channels": image_shape[0], "height": image_shape[1],
-                      "width": image_shape[2], "dtype": "uint8",
-                      "normalization": "x / 255 inside the encoder; decoder output in [0, 1]"},
-            "latent": {"shape": latent_shape},
-            "files": {role: {"path": f, "sha256": sha256_file(folder / f)}
-                      for role, f in files.items()},
-            "onnx": {"opset": opset, "dynamic_axes": {"batch": 0}, "producer": producer},
-            "code": code, "sampling": sampling, "quality": {},
-            "source": source,
-            "training": {"data_sha256": images_sha256(images), "num_train": int(len(images)),
-                         "seed": seed},
-        }
+        manifest = manifest_head(name=name, version=version, family=family,
+                                 image_shape=image_shape, latent_shape=latent_shape,
+                                 folder=folder, files=files, opset=opset, producer=producer,
+                                 code=code, sampling=sampling)
+        manifest["source"] = source
+        manifest["training"] = {"data_sha256": images_sha256(images),
+                                "num_train": int(len(images)), "seed": seed}
         (folder / "manifest.json").write_text(dumps(manifest))
         ref = f"{name}:{version}"
         runtime = ModelRuntime(ModelRepository(tmp).load(ref), EngineConfig(intra_op_threads=1))
@@ -216,16 +243,9 @@ def write_version(*, repo: str | Path, name: str, version: int, family: str,
         quality = measure_quality(runtime, codec, images if val_images is None else val_images)
         if max_diff is not None:
             quality["onnx_max_abs_diff"] = max_diff
-        (folder / CHECK_FILE).write_bytes(make_record(runtime, codec, images))
-        manifest["files"][CHECK_ROLE] = {"path": CHECK_FILE,
-                                         "sha256": sha256_file(folder / CHECK_FILE)}
         manifest["quality"] = quality
-        text = dumps(manifest)
-        (folder / "manifest.json").write_text(text)
+        record = make_record(runtime, codec, images)
         del runtime, codec
-        if target.exists():
-            shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(folder, target)
-    append_registry(repo, name, version, hashlib.sha256(text.encode()).hexdigest())
+        digest = seal_and_move(folder, target, manifest, record)
+    append_registry(repo, name, version, digest)
     return target
