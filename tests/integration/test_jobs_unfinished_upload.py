@@ -10,11 +10,8 @@ Every wait is on an event or a deadline past the timeout, never on machine speed
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 from fixtures_redis import JOBS_QUEUE, Background, wait_until
+from serve_process import start_serve
 
 from latentserve.service.job_client import JobsClient, state_name
 from latentserve.service.wire import raw_image
@@ -41,17 +39,9 @@ REASON = "upload never finished: no SubmitJob message for over 0.5 s"
 def serve(tiny_repo: Path, redis_url: str) -> tuple[subprocess.Popen[str], str]:
     """A ``latentserve serve`` process on the test's Redis (default receiving timeout, so
     it never ends the upload itself) and its target."""
-    cmd = [sys.executable, "-m", "latentserve.cli", "serve", "--host", "127.0.0.1",
-           "--port", "0", "--metrics-port", "0", "--models", str(tiny_repo),
-           "--intra-op-threads", "1", "--redis", redis_url, "--embedded-worker", "no",
-           "--job-chunk-size", "4"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
-    assert match, f"unexpected first line {line!r}"
-    return proc, f"127.0.0.1:{match[1]}"
+    served = start_serve(tiny_repo, "--metrics-port", "0", "--redis", redis_url,
+                         "--embedded-worker", "no", "--job-chunk-size", "4", merge_logs=False)
+    return served.proc, served.target
 
 
 def past_the_timeout(info: JobInfo) -> None:

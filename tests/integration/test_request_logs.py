@@ -6,10 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from serve_process import start_serve
+
 from latentserve.service.request_log import JsonFormatter, RequestIdFilter
 from latentserve.service.wire import raw_image
 
@@ -96,19 +95,12 @@ def test_a_missing_or_unusable_id_is_replaced_and_messages_stay_as_they_were(
 
 
 def test_serve_writes_json_log_lines(tiny_repo: Path, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "latentserve.cli", "serve", "--models", str(tiny_repo),
-           "--host", "127.0.0.1", "--port", "0", "--metrics-port", "none", "--redis", "none",
-           "--intra-op-threads", "1", "--log-format", "json", "--preload", "false",
-           "--state-dir", str(tmp_path / "state")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    served = start_serve(tiny_repo, "--metrics-port", "none", "--redis", "none",
+                         "--log-format", "json", "--preload", "false",
+                         "--state-dir", str(tmp_path / "state"))
+    proc = served.proc
     try:
-        assert proc.stdout is not None
-        head = []
-        for line in proc.stdout:  # log lines, then "latentserve: serving on ..."
-            if line.startswith("latentserve: serving on"):
-                break
-            head.append(line)
+        head = served.head[:-1]  # log lines, then "latentserve: serving on ..."
         logged = [json.loads(line) for line in head]
         assert any("serving latentserve.v1" in r["message"] for r in logged), head
         assert all({"time", "level", "logger", "message", "request_id"} <= set(r)

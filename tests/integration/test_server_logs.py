@@ -4,15 +4,12 @@ business, and an operator reading the log should see only what needs a look."""
 from __future__ import annotations
 
 import logging
-import os
-import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 import pytest
+from serve_process import start_serve
 
 from latentserve.v1 import jobs_pb2 as jpb
 from latentserve.v1 import jobs_pb2_grpc as jgrpc
@@ -46,23 +43,13 @@ def test_fetching_a_cancelled_job_is_one_status_and_no_traceback(
 
 
 def test_a_server_stopped_by_sigterm_logs_no_traceback(tiny_repo: Path, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "latentserve.cli", "serve", "--models", str(tiny_repo),
-           "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--redis", "none",
-           "--intra-op-threads", "1", "--state-dir", str(tmp_path / "state")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    served = start_serve(tiny_repo, "--metrics-port", "0", "--redis", "none",
+                         "--state-dir", str(tmp_path / "state"))
+    proc = served.proc
     try:
-        assert proc.stdout is not None
-        head = []
-        for line in proc.stdout:  # log lines, then "serving on ..."
-            head.append(line)
-            if re.search(r"serving on 127\.0\.0\.1:\d+", line):
-                break
-        else:
-            pytest.fail("the server exited before serving: " + "".join(head))
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
-        out = "".join(head) + rest
+        out = "".join(served.head) + rest
     finally:
         if proc.poll() is None:
             proc.kill()
