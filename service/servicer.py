@@ -278,18 +278,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         # and checksum: keyed by the bytes as sent, every made-up fingerprint would
         # start a batcher (a thread, a metric series) that never goes away.
         results: list[Any] = [None] * len(codes)
-        groups: dict[str, list[int]] = {}
+        groups: dict[str, tuple[ModelEntry, list[int]]] = {}
         for i, found in enumerate(self.pipeline.identify_each(codes)):
             if isinstance(found, CodeError):
                 results[i] = (found, "")
             else:
-                self.catalog.ensure_loaded(found)
-                groups.setdefault(found.manifest.ref, []).append(i)
+                groups.setdefault(found.manifest.ref, (found, []))[1].append(i)
         # The reply is the first refusal by index: codes after it need no decoding.
         first_refused = next((i for i, r in enumerate(results) if r is not None), len(codes))
-        pending = [(idx, self._submit(("reconstruct", ref, wanted),
-                                      [codes[i] for i in idx], scope))
-                   for ref, idx in groups.items() if idx[0] < first_refused]
+        pending = []
+        for ref, (entry, idx) in groups.items():
+            if idx[0] < first_refused:
+                self.catalog.ensure_loaded(entry)  # once per model, not per code
+                pending.append((idx, self._submit(("reconstruct", ref, wanted),
+                                                  [codes[i] for i in idx], scope)))
         fmt = request.format
 
         def finish() -> pb.ReconstructResponse:
