@@ -73,7 +73,7 @@ COPY --from=wheel /wheels/ /tmp/wheels/
 # fulfils under another distribution name. Check what matters instead: the CUDA provider
 # is built in, and the worker imports.
 RUN pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels /tmp/requirements-*.txt \
- && python -c "import onnxruntime as ort, latentserve.worker.consumer; \
+ && python -c "import onnxruntime as ort, latentserve.worker.jobqueue.consumer; \
 assert 'CUDAExecutionProvider' in ort.get_available_providers(), ort.get_available_providers()"
 COPY --chown=latentserve:latentserve models /models
 WORKDIR /app

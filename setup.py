@@ -29,7 +29,8 @@ def generate_stubs() -> None:
     args += [str(p) for p in protos]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed on " + ", ".join(map(str, protos)))
-    (out / "__init__.py").write_text('"""Generated gRPC stubs (built from proto/, never edited)."""\n')
+    (out / "__init__.py").write_text(
+        '"""Generated gRPC stubs (built from proto/, never edited)."""\n')
     for p in protos:  # ship the contract beside its stubs, for reflection and other languages
         shutil.copy(p, out / p.name)
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from latentserve.worker.codec import HEADER_SIZE, VQ_PRIOR, LatentCodec
-from latentserve.worker.engine import EngineConfig, ModelRuntime
-from latentserve.worker.pipeline import Pipeline
-from latentserve.worker.quality import mean_psnr
+from latentserve.worker.codec.codes import HEADER_SIZE, VQ_PRIOR, LatentCodec
+from latentserve.worker.runtime.engine import EngineConfig, ModelRuntime
+from latentserve.worker.runtime.pipeline import Pipeline
+from latentserve.worker.runtime.quality import mean_psnr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ class Timed:
         return self._timed(self._rt.prior_logits, indices)
 
     def prior_stepper(self, n: int) -> Any:
-        from latentserve.worker.engine import PriorStepper
+        from latentserve.worker.runtime.engine import PriorStepper
 
         return PriorStepper(self, n)  # type: ignore[arg-type]
 
@@ -82,7 +82,7 @@ class TimedSession:
 
 
 def load_validation(data: str, limit: int) -> np.ndarray:
-    from latentserve.worker.images import load_images, read_idx
+    from latentserve.worker.runtime.images import load_images, read_idx
 
     idx = Path(data) / "images-idx3-ubyte.gz" if Path(data).is_dir() else Path(data)
     if idx.is_file():
@@ -138,7 +138,8 @@ def bench_model(pipe: Pipeline, ref: str, images: np.ndarray, *, batch: int,
     if codec.prior is not None:
         row["fallback"] = 1.0 - kinds.count(VQ_PRIOR) / len(kinds)
         row["softmax_bytes"] = softmax_bits(codec, symbols) / 8
-        row["static_bytes"] = float(codec.cross_entropy_bits(symbols, [2] * len(symbols)).mean() / 8)
+        static_bits = codec.cross_entropy_bits(symbols, [2] * len(symbols))
+        row["static_bytes"] = float(static_bits.mean() / 8)
     return row
 
 
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     widths = [max(len(str(t[i])) for t in table) for i in range(len(head))]
     for t in table:
         print("  ".join(str(v).rjust(w) if i > 1 else str(v).ljust(w)
-                        for i, (v, w) in enumerate(zip(t, widths))))
+                        for i, (v, w) in enumerate(zip(t, widths, strict=True))))
     print("goal: payload <= 1.01 x cross-entropy + 3 bytes; net% = share of time in "
           "onnxruntime (encoder/decoder/prior), the rest is the coder")
     for r in rows:

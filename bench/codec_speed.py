@@ -7,7 +7,7 @@ Per model and kind (factorized; vq_static; vq_prior), on the same symbols, image
 - ``raw``: constriction itself, one RangeEncoder (RangeDecoder) per image, each table a
   model built once (per channel / per grid position); vq_prior: one per-symbol family
   call under the same float64 tables. The library's own per-image speed.
-- ``old``: the reference coder (``worker/entropy_reference.py``: per-image float64
+- ``old``: the reference coder (``worker/codec/entropy_reference.py``: per-image float64
   tables, the payload bisected and checked by decoding), with the header and checks.
 - ``new``: ``Pipeline.compress`` / ``Pipeline.reconstruct`` minus the time inside their
   networks (the encoder / decoder; vq_prior: the prior is counted apart as ``prior s``).
@@ -41,8 +41,9 @@ bench_codec = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_codec)
 Timed, load_validation = bench_codec.Timed, bench_codec.load_validation
 
-from latentserve.worker import entropy_reference as ref
-from latentserve.worker.codec import (
+from latentserve.errors import CodeError
+from latentserve.worker.codec import entropy_reference as ref
+from latentserve.worker.codec.codes import (
     FACTORIZED,
     VQ_PRIOR,
     VQ_STATIC,
@@ -50,15 +51,14 @@ from latentserve.worker.codec import (
     not_canonical,
     pack,
 )
-from latentserve.worker.engine import EngineConfig
-from latentserve.worker.entropy import (
+from latentserve.worker.codec.entropy import (
     FAMILY,
     RangeDecoder,
     RangeEncoder,
     fixed_model,
 )
-from latentserve.worker.errors import CodeError
-from latentserve.worker.pipeline import Pipeline
+from latentserve.worker.runtime.engine import EngineConfig
+from latentserve.worker.runtime.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def raw_encode(models: list[Any], rows: list[np.ndarray]) -> list[np.ndarray]:
     out = []
     for parts in rows:
         coder = RangeEncoder()
-        for model, s in zip(models, parts):
+        for model, s in zip(models, parts, strict=True):
             coder.encode(s, model)
         out.append(coder.get_compressed())
     return out
@@ -79,7 +79,7 @@ def raw_encode(models: list[Any], rows: list[np.ndarray]) -> list[np.ndarray]:
 def raw_decode(models: list[Any], words: list[np.ndarray], amounts: list[int]) -> None:
     for w in words:
         coder = RangeDecoder(w)
-        for model, amount in zip(models, amounts):
+        for model, amount in zip(models, amounts, strict=True):
             coder.decode(model, amount) if amount > 1 else coder.decode(model)
 
 
@@ -118,7 +118,7 @@ def old_encode(codec: LatentCodec, symbols: np.ndarray, kind: int,
     offsets, probs = plan if plan is not None else codec.prior_plan(symbols)
     return [pack(digest, VQ_PRIOR, ref.prior_payload(int(j), s, p)) if j >= 0
             else pack(digest, VQ_STATIC, ref.static_encode(codec.static, s))
-            for s, j, p in zip(symbols, offsets, probs)]
+            for s, j, p in zip(symbols, offsets, probs, strict=True)]
 
 
 def old_decode(codec: LatentCodec, codes: list[bytes]) -> list[np.ndarray | CodeError]:
@@ -173,7 +173,8 @@ def bench_kind(pipe: Pipeline, ref_name: str, images: np.ndarray, kind: int,
 
             coded = np.flatnonzero(mask)
 
-            def raw_prior() -> None:
+            def raw_prior(coded: np.ndarray = coded, flat: np.ndarray = flat,
+                          probs: np.ndarray = probs) -> None:
                 for i in coded:
                     coder = RangeEncoder()
                     coder.encode(flat[i], FAMILY, probs[i])
@@ -190,24 +191,29 @@ def bench_kind(pipe: Pipeline, ref_name: str, images: np.ndarray, kind: int,
             r["prior_enc"] = timed.seconds
             codes = pipe.compress(ref_name, images)
             timed.seconds = 0.0
-            t = clock(lambda: pipe.reconstruct(codes))
+            t = clock(lambda codes=codes: pipe.reconstruct(codes))
             r["new_dec"], r["prior_dec"] = t - timed.seconds, timed.seconds
             rounds.append(r)
             continue
         models, rows, amounts = raw_parts(codec, symbols, kind)
         words: list[np.ndarray] = []
-        r["raw_enc"] = clock(lambda: words.extend(raw_encode(models, rows)))
-        r["raw_dec"] = clock(lambda: raw_decode(models, words, amounts))
+        # The lambdas run at once, in this round: the defaults only bind this round's values.
+        r["raw_enc"] = clock(lambda words=words, models=models, rows=rows:
+                             words.extend(raw_encode(models, rows)))
+        r["raw_dec"] = clock(lambda models=models, words=words, amounts=amounts:
+                             raw_decode(models, words, amounts))
         old_codes: list[bytes] = []
-        r["old_enc"] = clock(lambda: old_codes.extend(old_encode(codec, symbols, kind)))
-        r["old_dec"] = clock(lambda: old_decode(codec, old_codes))
+        r["old_enc"] = clock(lambda old_codes=old_codes:
+                             old_codes.extend(old_encode(codec, symbols, kind)))
+        r["old_dec"] = clock(lambda old_codes=old_codes: old_decode(codec, old_codes))
         timed.seconds = 0.0
         codes: list[bytes] = []
-        t = clock(lambda: codes.extend(pipe.compress(ref_name, images, kind=kind_arg)))
+        t = clock(lambda codes=codes:
+                  codes.extend(pipe.compress(ref_name, images, kind=kind_arg)))
         r["new_enc"] = t - timed.seconds
         assert codes == old_codes, "the new coder must write the old bytes"
         timed.seconds = 0.0
-        t = clock(lambda: pipe.reconstruct(codes))
+        t = clock(lambda codes=codes: pipe.reconstruct(codes))
         r["new_dec"] = t - timed.seconds
         rounds.append(r)
     pipe._codecs[codec.manifest.digest] = codec
@@ -215,7 +221,8 @@ def bench_kind(pipe: Pipeline, ref_name: str, images: np.ndarray, kind: int,
                                                        3: "vq_prior"}[kind]}
     for key in rounds[0]:
         row[key] = n / max(best_of(rounds, key), 1e-12)
-        row[key + "_range"] = (n / max(r[key] for r in rounds), n / max(min(r[key] for r in rounds), 1e-12))
+        row[key + "_range"] = (n / max(r[key] for r in rounds),
+                               n / max(min(r[key] for r in rounds), 1e-12))
     return row
 
 
@@ -244,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in kinds:
             r = bench_kind(pipe, name, images, kind, args.repeat)
 
-            def fig(key: str) -> str:
+            def fig(key: str, r: dict[str, Any] = r) -> str:
                 lo, hi = r[key + "_range"]
                 return f"{r[key]:>9.0f} [{lo:.0f}..{hi:.0f}]"
             print(f"{r['model']} {r['kind']}")
@@ -277,7 +284,7 @@ def lanes_rounds(repo: str, images: np.ndarray, name: str, *, batch: int, total:
     once, one after the other, so a round's ratios share the machine's load."""
     import threading
 
-    from latentserve.worker.coderpool import CoderPool
+    from latentserve.worker.codec.coderpool import CoderPool
 
     engine = EngineConfig(provider="cpu", intra_op_threads=1)
     inline = Pipeline(repo, engine)

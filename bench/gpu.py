@@ -102,7 +102,7 @@ def torch_runner(checkpoint: Path | None, device_id: int) -> tuple[Any, Any, str
     try:
         import torch
 
-        from latentserve.export.train import load_checkpoint
+        from latentserve.export.training.train import load_checkpoint
     except ImportError as exc:
         return None, None, f"torch / latentserve.export not importable ({exc})"
     if not torch.cuda.is_available():
@@ -185,7 +185,7 @@ def throughput(runtime: Any, codec: Any, images: np.ndarray, batches: list[int],
     ``encode_net`` / ``decode_net`` replace the runtime's own session calls (IO binding,
     torch); quantisation, entropy coding and the uint8 conversion stay the runtime's.
     """
-    from latentserve.worker.engine import to_uint8
+    from latentserve.worker.runtime.engine import to_uint8
 
     m = runtime.manifest
     family = m.family
@@ -206,11 +206,13 @@ def throughput(runtime: Any, codec: Any, images: np.ndarray, batches: list[int],
     for n in batches:
         x = tile(images, n)
         codes = codec.encode(symbols_of(x))
-        t_net = median_time(lambda: enc(x), repeats)
-        t_enc = median_time(lambda: codec.encode(symbols_of(x)), repeats)
-        t_dec = median_time(lambda: to_uint8(dec(feed_of(codec.decode(codes)))), repeats)
+        # Timed at once, in this iteration: the defaults only bind this batch's values.
+        t_net = median_time(lambda x=x: enc(x), repeats)
+        t_enc = median_time(lambda x=x: codec.encode(symbols_of(x)), repeats)
+        t_dec = median_time(lambda codes=codes: to_uint8(dec(feed_of(codec.decode(codes)))),
+                            repeats)
         sym = codec.decode(codes)
-        t_dec_net = median_time(lambda: dec(feed_of(sym)), repeats)
+        t_dec_net = median_time(lambda sym=sym: dec(feed_of(sym)), repeats)
         rows.append({"batch": n, "encode_net_ips": n / t_net, "encode_code_ips": n / t_enc,
                      "decode_net_ips": n / t_dec_net, "decode_ips": n / t_dec})
     return rows
@@ -245,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     gpu_provider = "cpu" if args.dry_run_cpu else "cuda"
 
-    from latentserve.worker.engine import EngineConfig
-    from latentserve.worker.images import load_images
-    from latentserve.worker.pipeline import Pipeline
+    from latentserve.worker.runtime.engine import EngineConfig
+    from latentserve.worker.runtime.images import load_images
+    from latentserve.worker.runtime.pipeline import Pipeline
 
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     images = load_images(args.images)[-args.codes:]

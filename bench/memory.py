@@ -113,7 +113,7 @@ def settled(pid: int, settle_s: float, timeout: float = 30.0) -> tuple[int, int]
 
 
 def default_settle_s() -> float:
-    from latentserve.worker.engine import TRIM_IDLE_S
+    from latentserve.worker.runtime.engine import TRIM_IDLE_S
 
     return 2 * TRIM_IDLE_S + 0.5
 
@@ -223,9 +223,9 @@ def measure_worker(url: str, models: Path, *, chunks: int, chunk_size: int, warm
                    images: np.ndarray | None, batch_items: int = 64, seed: int = 0,
                    max_seconds: float = 900.0, settle_s: float | None = None) -> Measurement:
     """One ``latentserve worker`` process on the Redis at ``url`` over ``chunks`` chunks."""
-    from latentserve.worker.config import QueueConfig
-    from latentserve.worker.jobstore import JobStore, connect
-    from latentserve.worker.repository import ModelRepository
+    from latentserve.worker.jobqueue.config import QueueConfig
+    from latentserve.worker.jobqueue.store import JobStore, connect
+    from latentserve.worker.runtime.repository import ModelRepository
 
     bench_queue = load_bench("queue")
     entries = ModelRepository(models).entries()
@@ -295,12 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from latentserve.worker.images import read_idx
+    from latentserve.worker.runtime.images import read_idx
 
     if args.malloc_arena_max is not None:  # the children inherit it
         os.environ["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
     images = read_idx(args.images) if args.images.is_file() else None
-    from latentserve.worker.engine import MALLOC_ARENA_MAX
+    from latentserve.worker.runtime.engine import MALLOC_ARENA_MAX
 
     arenas = os.environ.get("MALLOC_ARENA_MAX", f"unset (so {MALLOC_ARENA_MAX})")
     print(f"bench/memory.py: models {args.models}, {os.cpu_count()} CPUs, MALLOC_ARENA_MAX "
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{m.report(args.limit)}", flush=True)
         results.append(m)
     if args.only in (None, "worker"):
-        from latentserve.service.embedded_redis import start_embedded_redis
+        from latentserve.service.server.embedded_redis import start_embedded_redis
 
         with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
             embedded = None if args.redis else start_embedded_redis(tmp, persist=False)

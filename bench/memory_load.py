@@ -45,7 +45,7 @@ class CallMix:
                  max_codes: int, max_samples: int, timeout: float, kinds: list[str]) -> None:
         import grpc
 
-        from latentserve.service.job_client import JobsClient
+        from latentserve.service.client.jobs import JobsClient
         from latentserve.v1 import inference_pb2 as pb
         from latentserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -250,10 +250,10 @@ def load_models(target: str, images: np.ndarray | None, timeout: float) -> list[
     """Every newest model of the server, 256 images of its shape each and 64 codes."""
     import grpc
 
+    from latentserve.service.wire import raw_batch
     from latentserve.v1 import inference_pb2 as pb
     from latentserve.v1 import inference_pb2_grpc as pb_grpc
-    from latentserve.service.wire import raw_batch
-    from latentserve.worker.images import encode_png
+    from latentserve.worker.runtime.images import encode_png
 
     rng = np.random.default_rng(0)
     out = []
@@ -343,7 +343,7 @@ class JobRounds:
 
     def round(self) -> None:
         """Submit one job of each kind (and sometimes one to cancel), read all back."""
-        from latentserve.worker.jobtypes import ImageFormat, JobKind
+        from latentserve.worker.jobqueue.records import ImageFormat, JobKind
 
         s, rng = self.store, self.rng
         fmt = ImageFormat.PNG if rng.random() < 0.5 else ImageFormat.RAW

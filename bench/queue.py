@@ -74,7 +74,7 @@ def workers(n: int, url: str, models: Path, batch: int) -> Iterator[list[subproc
 
 
 def wait_healthy(client: Any, n: int, timeout: float = 60.0) -> None:
-    from latentserve.worker.consumer import worker_health
+    from latentserve.worker.jobqueue.consumer import worker_health
 
     end = time.monotonic() + timeout  # ready: every model loaded (the worker preloads)
     while sum(bool(w.get("ready")) for w in worker_health(client)) < n:
@@ -86,7 +86,7 @@ def wait_healthy(client: Any, n: int, timeout: float = 60.0) -> None:
 def run_queue(store: Any, kind: Any, model: str, *, images: np.ndarray | None, count: int,
               chunk_size: int, seed: int) -> tuple[float, str]:
     """Submit, then read every chunk back; returns (seconds, digest of the packed results)."""
-    from latentserve.worker.packing import pack_items
+    from latentserve.worker.jobqueue.packing import pack_items
 
     t0 = time.perf_counter()
     job = store.submit(kind, model, items=images, count=count, chunk_size=chunk_size, seed=seed)
@@ -100,10 +100,14 @@ def run_in_process(pipeline: Any, kind: Any, model: str, *, images: np.ndarray |
                    count: int, chunk_size: int, seed: int, read_count: int,
                    batch_items: int) -> tuple[float, str]:
     """The worker's loop on the same chunks, minus Redis: (seconds, digest)."""
-    from latentserve.worker.chunkwork import Held, compute_batch, plan_batches
-    from latentserve.worker.jobtypes import ChunkTask, ImageFormat, JobKind
-    from latentserve.worker.chunkwork import pack_results
-    from latentserve.worker.packing import pack_images, unpack
+    from latentserve.worker.jobqueue.chunkwork import (
+        Held,
+        compute_batch,
+        pack_results,
+        plan_batches,
+    )
+    from latentserve.worker.jobqueue.packing import pack_images, unpack
+    from latentserve.worker.jobqueue.records import ChunkTask, ImageFormat, JobKind
 
     t0 = time.perf_counter()
     n = count if kind is JobKind.SAMPLE else len(images)  # type: ignore[arg-type]
@@ -120,7 +124,7 @@ def run_in_process(pipeline: Any, kind: Any, model: str, *, images: np.ndarray |
     for i in range(0, len(chunks), read_count):  # as read from the stream
         group = chunks[i:i + read_count]
         for batch in plan_batches(group, batch_items):
-            for seg, out in zip(batch, compute_batch(pipeline, batch)):
+            for seg, out in zip(batch, compute_batch(pipeline, batch), strict=True):
                 seg.held.parts.append(out)
         packed += [pack_results(h) for h in group]
     return time.perf_counter() - t0, digest(packed)
@@ -128,7 +132,7 @@ def run_in_process(pipeline: Any, kind: Any, model: str, *, images: np.ndarray |
 
 def latency(store: Any, model: str, images: np.ndarray, runs: int) -> list[float]:
     """Submit-to-first-result seconds of one-chunk compress jobs, an idle worker waiting."""
-    from latentserve.worker.jobstore import JobKind
+    from latentserve.worker.jobqueue.store import JobKind
 
     out = []
     for _ in range(runs):
@@ -157,12 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from latentserve.service.embedded_redis import start_embedded_redis
-    from latentserve.worker.config import QueueConfig
-    from latentserve.worker.engine import EngineConfig
-    from latentserve.worker.images import read_idx
-    from latentserve.worker.jobstore import JobKind, JobStore, connect
-    from latentserve.worker.pipeline import Pipeline
+    from latentserve.service.server.embedded_redis import start_embedded_redis
+    from latentserve.worker.jobqueue.config import QueueConfig
+    from latentserve.worker.jobqueue.store import JobKind, JobStore, connect
+    from latentserve.worker.runtime.engine import EngineConfig
+    from latentserve.worker.runtime.images import read_idx
+    from latentserve.worker.runtime.pipeline import Pipeline
 
     found = read_idx(args.images)
     # Fewer images than items (MNIST here has 9000): repeat them to fill the job.
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in (1, 2):
         with workers(n, url, args.models, args.batch):
             wait_healthy(client, n)
-            for name, (kind, model, imgs, count) in jobs.items():  # warm each worker up
+            for kind, model, imgs, count in jobs.values():  # warm each worker up
                 run_queue(store, kind, model, images=None if imgs is None else imgs[:n * 512],
                           count=min(count, n * 512), chunk_size=args.chunk_size, seed=1)
             for _ in range(args.repeat):  # alternate the paths: load drifts over time

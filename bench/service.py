@@ -56,11 +56,11 @@ def serve(models: Path, *extra: str) -> Iterator[str]:
     The job API shares the process: its embedded Valkey gets a temporary folder and no
     in-process job worker runs, so only the Inference service does work.
     """
-    with tempfile.TemporaryDirectory(prefix="bench-service-") as state:
+    with (tempfile.TemporaryDirectory(prefix="bench-service-") as state,
+          open(Path(state) / "stderr.log", "w+") as log):
         cmd = [sys.executable, "-m", "latentserve.cli", "serve", "--host", "127.0.0.1",
                "--port", "0", "--metrics-port", "none", "--models", str(models),
                "--grace-s", "2", "--state-dir", state, "--embedded-worker", "no", *extra]
-        log = open(Path(state) / "stderr.log", "w+")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
@@ -75,7 +75,6 @@ def serve(models: Path, *extra: str) -> Iterator[str]:
             proc.terminate()
             proc.wait(30)
             proc.stdout.close()  # type: ignore[union-attr]
-            log.close()
 
 
 def timed_loop(fn: Callable[[], Any], seconds: float, max_calls: int) -> list[float]:
@@ -143,7 +142,8 @@ class Phase:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, default=ROOT / "models")
-    parser.add_argument("--model", default=None, help="default: the first vae, else the first model")
+    parser.add_argument("--model", default=None,
+                        help="default: the first vae, else the first model")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--seconds", type=float, default=4.0, help="per measured phase")
     parser.add_argument("--rounds", type=int, default=4,
@@ -153,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from latentserve.service.model_versions import CachedRepository
-    from latentserve.service.client import LatentServeClient
-    from latentserve.service.config import ServiceConfig
-    from latentserve.worker.images import read_idx
-    from latentserve.worker.pipeline import Pipeline
+    from latentserve.service.client.inference import LatentServeClient
+    from latentserve.service.models.versions import CachedRepository
+    from latentserve.service.server.config import ServiceConfig
+    from latentserve.worker.runtime.images import read_idx
+    from latentserve.worker.runtime.pipeline import Pipeline
 
     served = ServiceConfig.from_env({}, models=args.models)
     # In process: the server's engine settings and cached repository listing, and as
@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = images[:256]
     one = images[:1]
     cores = os.cpu_count()
-    inflight = served.workers
-    print(f"bench/service.py: model {model}, {cores} cores; {served.workers} compute workers x "
+    inflight = served.compute_threads
+    print(f"bench/service.py: model {model}, {cores} cores; {served.compute_threads} compute workers x "
           f"{served.ort_threads} onnxruntime threads (server and in process alike), max batch "
           f"{served.max_batch_size}, max queue delay {served.max_queue_delay_us} us; "
           f"{args.seconds:g} s per phase")
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     head = ("", "gRPC / on", "in process / off", "ratio", "goal")
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
     for r in (head, *rows):
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     results.update(
         a_grpc_images_per_s=grpc_tput, a_local_images_per_s=local_tput,
         a_ratio=grpc_tput / local_tput,

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from latentserve.worker.errors import InvalidInput
+from latentserve.errors import InvalidInput
 
 
 class BDRateUndefined(InvalidInput):

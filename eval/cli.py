@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from latentserve.worker.runtime.settings import RuntimeSettings
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
@@ -18,11 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                     "write rd.json, rd.png and rd.md into -o DIR and print the table.")
     p.add_argument("--images", required=True, metavar="PATH",
                    help="an IDX(.gz) file, a folder of images, or one image")
-    p.add_argument("--models", nargs="*", metavar="NAME", default=None,
-                   help="model refs (name or name:version); default every model in --repo; "
-                        "pass --models with no names for codecs only")
-    p.add_argument("--repo", default=os.environ.get("LATENTSERVE_MODELS", "models"),
-                   metavar="DIR", help="model repository [env LATENTSERVE_MODELS; default models]")
+    p.add_argument("--only", nargs="*", metavar="NAME", default=None,
+                   help="model refs (name or name:version); default every model in --models; "
+                        "pass --only with no names for codecs only")
+    RuntimeSettings.add_arguments(p, only=("models",))
     p.add_argument("--codecs", default="jpeg,webp,png", metavar="LIST",
                    help="comma-separated classic codecs: jpeg, webp, png; '' for none "
                         "[default jpeg,webp,png]")
@@ -45,15 +46,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentserve.worker.engine import EngineConfig
-    from latentserve.worker.errors import InvalidInput
-    from latentserve.worker.images import load_images
-    from latentserve.worker.pipeline import Pipeline
-
-    from .codecs import codec_settings, parse_codecs
-    from .rd import run_rd
-    from .report import markdown, write_report
-    from .samples import CLASSIFIER_SUBPATH, Classifier, evaluate_samples
+    from latentserve.errors import InvalidInput
+    from latentserve.eval.classic_codecs import codec_settings, parse_codecs
+    from latentserve.eval.rd import run_rd
+    from latentserve.eval.report import markdown, write_report
+    from latentserve.eval.samples import CLASSIFIER_SUBPATH, Classifier, evaluate_samples
+    from latentserve.worker.runtime.engine import EngineConfig
+    from latentserve.worker.runtime.images import load_images
+    from latentserve.worker.runtime.pipeline import Pipeline
 
     for name in ("limit", "samples"):
         if getattr(args, name) < 0:
@@ -68,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
     codecs = codec_settings(parse_codecs(args.codecs))
     pipeline = None
     refs: list[str] = []
-    if args.models is None or args.models or args.samples:
-        pipeline = Pipeline(args.repo, EngineConfig(intra_op_threads=args.threads))
-        refs = list(args.models) if args.models else sorted(
+    repo = RuntimeSettings.from_sources(args).models
+    if args.only is None or args.only or args.samples:
+        pipeline = Pipeline(repo, EngineConfig(intra_op_threads=args.threads))
+        refs = list(args.only) if args.only else sorted(
             {e.manifest.name for e in pipeline.models()})
         # one point per version asked for; a bare name means its newest version
         refs = [pipeline.repository.resolve(r).manifest.ref for r in refs]
@@ -87,13 +88,13 @@ def run(args: argparse.Namespace) -> int:
     samples = []
     classifier_info = None
     if args.samples:
-        clf_dir = Path(args.classifier) if args.classifier else Path(args.repo) / CLASSIFIER_SUBPATH
+        clf_dir = Path(args.classifier) if args.classifier else Path(repo) / CLASSIFIER_SUBPATH
         clf = Classifier.load(clf_dir)
         classifier_info = {"path": str(clf_dir), "val_accuracy": clf.val_accuracy}
         samples = evaluate_samples(pipeline, refs, clf, count=args.samples, out_dir=out,
                                    seed=args.seed)
     meta = {"images": int(len(images)), "source": str(args.images), "offset": args.offset,
-            "limit": args.limit, "repo": str(args.repo), "models": refs,
+            "limit": args.limit, "repo": str(repo), "models": refs,
             "codecs": [c.label for c in codecs], "threads": args.threads,
             "seed": args.seed, "classifier": classifier_info}
     paths = write_report(out, points, samples=samples, meta=meta)

@@ -1,6 +1,6 @@
 """Distortion metrics on uint8 image batches: PSNR and SSIM, one value per image.
 
-PSNR is ``latentserve.worker.quality.psnr`` (the project's one definition: 0-255
+PSNR is ``latentserve.worker.runtime.quality.psnr`` (the project's one definition: 0-255
 values, MSE floored at 1e-10, so a lossless image scores a finite 148.1 dB; a set is
 summarised by the mean of its per-image PSNRs, as in ``../shared/RD-NOTES.md``).
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from latentserve.worker.errors import InvalidInput
-from latentserve.worker.quality import PEAK, check_pair, mse, psnr
+from latentserve.errors import InvalidInput
+from latentserve.worker.runtime.quality import PEAK, check_pair, mse, psnr
 
 __all__ = ["mse", "psnr", "ssim"]
 
@@ -38,7 +38,7 @@ def ssim(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
         raise InvalidInput(f"SSIM's 11 x 11 window needs images of at least 11 x 11 pixels, "
                            f"got {height} x {width}")
     out = np.empty(len(reference), np.float64)
-    for i, (a, b) in enumerate(zip(reference, test)):
+    for i, (a, b) in enumerate(zip(reference, test, strict=True)):
         out[i] = structural_similarity(
             a[0] if channels == 1 else a, b[0] if channels == 1 else b,
             data_range=PEAK, gaussian_weights=True, sigma=SSIM_SIGMA,

@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from latentserve.worker.errors import InvalidInput
-
-from .codecs import CodecSetting
-from .metrics import psnr, ssim
+from latentserve.errors import InvalidInput
+from latentserve.eval.classic_codecs import CodecSetting
+from latentserve.eval.metrics import psnr, ssim
 
 WARMUP_IMAGES = 8
 

@@ -12,20 +12,27 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
-from .bdrate import BDRateUndefined, bd_rate
-from .rd import RDPoint, curves
-from .samples import SampleQuality
+from latentserve.eval.bdrate import BDRateUndefined, bd_rate
+from latentserve.eval.rd import RDPoint, curves
+from latentserve.eval.samples import SampleQuality
 
 ANCHOR_FAMILY = "webp"
 # The project's goal (../shared/RD-NOTES.md): at >= 28.7 dB, <= 48 bytes/image all included.
 TARGET_PSNR_DB = 28.7
 TARGET_BYTES = 48.0
-# Issue 8's sample-quality target for the VQ-VAE with its prior.
-SAMPLE_TARGET = {"family": "vqvae", "confident_share": 0.8, "class_entropy_bits": 3.2}
+# The sample-quality target for the VQ-VAE with its prior.
+class SampleTarget(TypedDict):
+    family: str
+    confident_share: float
+    class_entropy_bits: float
+
+
+SAMPLE_TARGET: SampleTarget = {"family": "vqvae", "confident_share": 0.8,
+                               "class_entropy_bits": 3.2}
 
 FAMILY_NAMES = {"ae": "AE", "vae": "VAE", "vqvae": "VQ-VAE", "jpeg": "JPEG",
                 "webp": "WebP", "png": "PNG", "webp-lossless": "WebP lossless"}

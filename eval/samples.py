@@ -9,7 +9,7 @@ Two numbers per model, from the classifier's softmax over 10 digit classes:
   sampler collapses onto one digit).
 
 Plus a grid PNG of the first 100 samples. The classifier is an ONNX file with a small
-manifest (``models/classifiers/mnist-classifier/1/``, made by ``export/classifier.py``),
+manifest (``models/classifiers/mnist-classifier/1/``, made by ``export/nets/classifier.py``),
 run on onnxruntime's CPU provider like everything else on the serving side.
 """
 
@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from latentserve.worker.errors import InvalidInput, ModelIntegrityError, ModelNotFound
-from latentserve.worker.repository import sha256_file
+from latentserve.errors import InvalidInput, ModelIntegrityError, ModelNotFound
+from latentserve.worker.runtime.manifest import sha256_file
 
 CONFIDENCE = 0.9
 NUM_CLASSES = 10
@@ -90,7 +90,8 @@ class Classifier:
             for i in range(0, len(images), 1024)]).astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
-        return p / p.sum(axis=1, keepdims=True)
+        probs: np.ndarray = p / p.sum(axis=1, keepdims=True)
+        return probs
 
 
 @dataclass

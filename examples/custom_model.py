@@ -6,7 +6,7 @@
 2. Defines a model of its own: a three-stride encoder to an 8 x 8 grid of 8 channels, a
    decoder with sub-pixel (PixelShuffle) upsampling, and latentserve's learned
    factorised density as the entropy model; trains it for a few steps (rate + distortion).
-3. Exports it with ``latentserve.export.custom.export_model`` (contract checks, ONNX,
+3. Exports it with ``latentserve.export.publish.custom.export_model`` (contract checks, ONNX,
    parity, integer tables, a repository version with digests).
 4. Starts a real gRPC server on 127.0.0.1 (port 0), compresses the held-out images over
    gRPC, reconstructs them from the codes, and prints bytes per image and PSNR.
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentserve.export.custom import Factorized, export_model
-from latentserve.export.entropy_model import FactorizedDensity
+from latentserve.export.nets.entropy_model import FactorizedDensity
+from latentserve.export.publish.custom import Factorized, export_model
 
 SHAPE = (3, 64, 64)
 LATENT = 8
@@ -109,11 +109,12 @@ def train(images: np.ndarray, *, steps: int, lmbda: float = 0.01, seed: int = 0,
 
 def serve_round_trip(repo: Path, ref: str, images: np.ndarray) -> tuple[list[bytes], np.ndarray]:
     """Compress and reconstruct ``images`` over gRPC against a server on 127.0.0.1:0."""
-    from latentserve.service.client import LatentServeClient
-    from latentserve.service.config import ServiceConfig
-    from latentserve.service.server import create_server
+    from latentserve.service.client.inference import LatentServeClient
+    from latentserve.service.server.assemble import create_server
+    from latentserve.service.server.config import ServiceConfig
+    from latentserve.service.jobs.settings import JobSettings
 
-    config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=repo,
+    config = ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=None, models=repo,
                            intra_op_threads=1, compute_workers=1, grpc_threads=8)
     server, _ = create_server(config)
     server.start()

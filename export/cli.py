@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 
-from latentserve.worker.errors import InvalidInput
+from latentserve.errors import InvalidInput
+from latentserve.worker.runtime.settings import RuntimeSettings
 
 
 def register(sub: Any) -> None:
@@ -65,7 +66,7 @@ def register(sub: Any) -> None:
     e = sub.add_parser("export", help="export a checkpoint into a model repository",
                        description="Write <repo>/<name>/<version>/ with ONNX files and manifest.")
     e.add_argument("checkpoint")
-    e.add_argument("--repo", default="models")
+    RuntimeSettings.add_arguments(e, only=("models",))  # the repository written into
     e.add_argument("--name", required=True)
     e.add_argument("--version", type=int, required=True)
     e.add_argument("--data", default=None,
@@ -81,10 +82,10 @@ def register(sub: Any) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import load_dataset
-    from .models import ModelConfig
-    from .prior import PriorConfig
-    from .train import TrainConfig, save_checkpoint, train_model
+    from latentserve.export.nets.models import ModelConfig
+    from latentserve.export.nets.prior import PriorConfig
+    from latentserve.export.training.data import load_dataset
+    from latentserve.export.training.train import TrainConfig, save_checkpoint, train_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,8 +96,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = load_dataset(args.data, val_count=args.val_count, train_limit=args.train_limit)
     mc = ModelConfig(family=args.family, image_shape=data.image_shape, hidden=args.hidden,
                      res_blocks=args.res_blocks, decoder_hidden=args.decoder_hidden,
-                     decoder_res_blocks=args.decoder_res_blocks, latent_channels=args.latent_channels,
-                     num_codes=args.num_codes, code_dim=args.code_dim)
+                     decoder_res_blocks=args.decoder_res_blocks,
+                     latent_channels=args.latent_channels, num_codes=args.num_codes,
+                     code_dim=args.code_dim)
     tc = TrainConfig(lmbda=args.lmbda, vae_sigma=args.vae_sigma, epochs=args.epochs,
                      steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      prior_epochs=args.prior_epochs,
@@ -115,11 +117,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _refine_vqvae(args: argparse.Namespace) -> int:
     """--family prior / decoder: retrain one part of a trained vqvae checkpoint."""
-    from .exporter import dataset_for
-    from .models import ModelConfig, build_model
-    from .prior import PriorConfig
-    from .train import (TrainConfig, load_checkpoint, save_checkpoint, seed_everything,
-                        train_decoder, train_prior)
+    from latentserve.export.nets.models import VQVAE, ModelConfig, build_model
+    from latentserve.export.nets.prior import PriorConfig
+    from latentserve.export.publish.exporter import dataset_for
+    from latentserve.export.training.train import (
+        TrainConfig,
+        load_checkpoint,
+        save_checkpoint,
+        seed_everything,
+        train_decoder,
+        train_prior,
+    )
 
     if not args.vqvae:
         raise InvalidInput(f"--family {args.family} needs --vqvae CKPT (a trained vqvae)")
@@ -139,7 +147,7 @@ def _refine_vqvae(args: argparse.Namespace) -> int:
         pc = PriorConfig(num_codes=mc.num_codes, grid=mc.grid, embed_dim=args.prior_embed,
                          hidden=args.prior_hidden, layers=args.prior_layers,
                          dropout=args.prior_dropout)
-        prior, history = train_prior(model, tc, data, gen, pc)
+        prior, history = train_prior(cast(VQVAE, model), tc, data, gen, pc)  # family checked
         ckpt.update(prior_config=pc.to_dict(), prior_state=prior.state_dict(),
                     prior_history=history, prior_train_config=asdict(tc))
     else:
@@ -154,7 +162,7 @@ def _refine_vqvae(args: argparse.Namespace) -> int:
             model = fresh
         else:
             mc = model.config
-        history = train_decoder(model, tc, data, gen)
+        history = train_decoder(cast(VQVAE, model), tc, data, gen)  # a vqvae, as checked
         ckpt.update(model_config=mc.to_dict(), state_dict=model.state_dict(),
                     decoder_history=history, decoder_train_config=asdict(tc))
     path = save_checkpoint(ckpt, args.out)
@@ -164,12 +172,12 @@ def _refine_vqvae(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .exporter import DEFAULT_VAE_STEP, dataset_for, export_checkpoint
-    from .train import load_checkpoint
+    from latentserve.export.publish.exporter import DEFAULT_VAE_STEP, dataset_for, export_checkpoint
+    from latentserve.export.training.train import load_checkpoint
 
     ckpt, _, _ = load_checkpoint(args.checkpoint)
     data = dataset_for(ckpt, args.data)
-    folder = export_checkpoint(ckpt, repo=args.repo, name=args.name, version=args.version,
+    folder = export_checkpoint(ckpt, repo=RuntimeSettings.from_sources(args).models, name=args.name, version=args.version,
                                data=data, vae_step=args.vae_step or DEFAULT_VAE_STEP,
                                gmm_components=args.gmm_components, overwrite=args.overwrite)
     import json

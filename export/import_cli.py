@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from latentserve.worker.runtime.settings import RuntimeSettings
+
 
 def register(sub: Any) -> None:
     """Add the ``import`` subcommand."""
@@ -30,7 +32,7 @@ def register(sub: Any) -> None:
                         "indices are coded under static tables fitted on --images")
     p.add_argument("--images", required=True, type=Path,
                    help="sample images: a folder of PNG/JPEG, one image or an IDX file")
-    p.add_argument("--repo", required=True, type=Path, help="model repository to write into")
+    RuntimeSettings.add_arguments(p, only=("models",))  # the repository written into
     p.add_argument("--name", required=True)
     p.add_argument("--version", required=True, type=int)
     p.add_argument("--step", type=float, default=None,
@@ -50,14 +52,13 @@ def register(sub: Any) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from latentserve.worker.images import load_images
-
-    from .onnx_import import graph_image_shape, import_onnx
+    from latentserve.export.publish.onnx_import import graph_image_shape, import_onnx
+    from latentserve.worker.runtime.images import load_images
 
     shape = graph_image_shape(args.encoder)
     images = load_images(args.images, shape, resize=args.resize)
     folder = import_onnx(family=args.family, encoder=args.encoder, decoder=args.decoder,
-                         prior=args.prior, images=images, repo=args.repo, name=args.name,
+                         prior=args.prior, images=images, repo=RuntimeSettings.from_sources(args).models, name=args.name,
                          version=args.version, step=args.step, num_codes=args.num_codes,
                          encoder_output=args.encoder_output, input_range=args.input_range,
                          output_range=args.output_range, overwrite=args.overwrite)

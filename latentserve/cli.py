@@ -15,11 +15,11 @@ from collections.abc import Sequence
 AREAS = (
     "latentserve.export.cli",    # train, export
     "latentserve.export.import_cli",  # import (ONNX graphs made elsewhere)
-    "latentserve.service.models_cli",  # models
-    "latentserve.worker.worker_cli",  # worker (the Redis job consumer)
-    "latentserve.service.cli",   # serve, compress, reconstruct, sample, demo
-    "latentserve.service.job_cli",  # job submit|watch|fetch|cancel|list
-    "latentserve.service.token_cli",  # token new|hash (bearer tokens for serve)
+    "latentserve.service.cli.models",  # models
+    "latentserve.worker.cli",  # worker (the Redis job consumer)
+    "latentserve.service.cli.inference",   # serve, compress, reconstruct, sample, demo
+    "latentserve.service.cli.jobs",  # job submit|watch|fetch|cancel|list
+    "latentserve.service.cli.tokens",  # token new|hash (bearer tokens for serve)
     "latentserve.eval.cli",      # eval
 )
 
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from latentserve.worker.errors import LatentServeError
+    from latentserve.errors import LatentServeError
 
     try:
         return int(args.func(args) or 0)

@@ -61,7 +61,7 @@ wait "$b" || status=1
 for name in mnist-ae-lo mnist-ae-mid mnist-ae-hi mnist-vae mnist-vqvae; do
     latentserve export "$RUNS/$name.pt" --repo "$REPO" --name "$name" --version 1 --overwrite
 done
-python -m latentserve.export.examples --data "$DATA" --out examples/digits --count 64
+python -m latentserve.export.publish.examples --data "$DATA" --out examples/digits --count 64
 # The sample-quality classifier of `latentserve eval` (outside the servable listing).
 python scripts/train_classifier.py --data "$DATA" --out "$REPO/classifiers/mnist-classifier/1"
 du -ch "$REPO"/mnist-*/1/* | tail -n 1

@@ -11,6 +11,14 @@ if ! command -v redis-server >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-
         || echo "== apt-get could not install redis-server and docker-compose: their tests will skip"
 fi
 
+# The lint and type gates first (seconds): a finding fails the run before any test starts.
+# ruff reads [tool.ruff] (it skips .gitignore'd paths: .venv, the generated latentserve/v1);
+# mypy reads [tool.mypy] (strict, over the latentserve package).
+echo "== ruff check ."
+python -m ruff check .
+echo "== mypy (strict, package latentserve)"
+python -m mypy
+
 python -m pytest -q "$@"
 
 if command -v redis-server >/dev/null; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the MNIST sample-quality classifier and ship it as ONNX (issue 8).
+"""Train the MNIST sample-quality classifier and ship it as ONNX.
 
     python scripts/train_classifier.py [--data ../shared/data/mnist] [--out DIR]
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from latentserve.export.classifier import ClassifierConfig, build
+    from latentserve.export.nets.classifier import ClassifierConfig, build
 
     torch.set_num_threads(args.threads)
     data = Path(args.data)

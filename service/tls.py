@@ -6,7 +6,7 @@ from pathlib import Path
 
 import grpc
 
-from latentserve.worker.errors import InvalidInput
+from latentserve.errors import InvalidInput
 
 
 def read_pem(path: Path, what: str, *, marker: bytes) -> bytes:

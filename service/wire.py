@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from latentserve.errors import InvalidInput, ResourceLimit
 from latentserve.v1 import inference_pb2 as pb
-from latentserve.worker.errors import InvalidInput, ResourceLimit
-from latentserve.worker.images import DEFAULT_MAX_PIXELS, decode_image, encode_png
-from latentserve.worker.manifest import Manifest
+from latentserve.worker.runtime.images import DEFAULT_MAX_PIXELS, decode_image, encode_png
+from latentserve.worker.runtime.manifest import Manifest
 
 FORMATS = {"png": pb.IMAGE_FORMAT_PNG, "raw": pb.IMAGE_FORMAT_RAW}
 
@@ -44,7 +44,8 @@ def decode_raw(raw: pb.RawImage, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     """A RawImage -> uint8 (C, H, W), checking that the bytes match the stated shape."""
     c, h, w = raw.channels, raw.height, raw.width
     if h * w > max_pixels:
-        raise ResourceLimit(f"{name} is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+        raise ResourceLimit(f"{name} is {w}x{h} = {w * h} pixels; the limit is {max_pixels}",
+                            limit="max_pixels_per_image")
     if c not in (1, 3) or h < 1 or w < 1:
         raise InvalidInput(f"{name}: raw shape (channels={c}, height={h}, width={w}) is not "
                            "an image; channels must be 1 or 3, height and width >= 1")
@@ -85,7 +86,7 @@ def decode_batch(batch: pb.RawBatch, shape: tuple[int, int, int], *, max_pixels:
     n, got = batch.count, (batch.channels, batch.height, batch.width)
     if got[1] * got[2] > max_pixels:
         raise ResourceLimit(f"{name} images are {got[2]}x{got[1]} = {got[1] * got[2]} pixels; "
-                            f"the limit is {max_pixels}")
+                            f"the limit is {max_pixels}", limit="max_pixels_per_image")
     if got != shape:
         raise InvalidInput(f"{name} holds {got[0]}x{got[1]}x{got[2]} (C x H x W) images; the "
                            f"model takes {shape[0]}x{shape[1]}x{shape[2]}")

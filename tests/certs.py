@@ -24,7 +24,8 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _write(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Pair:
+def _write(folder: Path, stem: str, cert: x509.Certificate,
+           key: ec.EllipticCurvePrivateKey) -> Pair:
     folder.mkdir(parents=True, exist_ok=True)
     pair = Pair(folder / f"{stem}.crt", folder / f"{stem}.key")
     pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -41,7 +42,7 @@ class CertificateAuthority:
         self.folder = folder
         self.key = ec.generate_private_key(ec.SECP256R1())
         self.name = _name(name)
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         self.cert = (x509.CertificateBuilder().subject_name(self.name).issuer_name(self.name)
                      .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
                      .not_valid_before(now - dt.timedelta(minutes=5))
@@ -58,7 +59,7 @@ class CertificateAuthority:
 
     def issue(self, stem: str, common_name: str, *, server: bool) -> Pair:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         builder = (x509.CertificateBuilder().subject_name(_name(common_name))
                    .issuer_name(self.name).public_key(key.public_key())
                    .serial_number(x509.random_serial_number())

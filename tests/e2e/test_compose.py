@@ -241,7 +241,7 @@ def wait_worker_ready(name: str, proc: subprocess.Popen, redis_port: int,
     """The worker's own health record in Redis (``ready`` once its models are loaded)."""
     import redis
 
-    from latentserve.worker.consumer import worker_health
+    from latentserve.worker.jobqueue.consumer import worker_health
 
     client = redis.Redis(host="127.0.0.1", port=redis_port)
     deadline = time.monotonic() + budget_s
@@ -264,7 +264,7 @@ def wait_job(client: Any, job_id: str, procs: Mapping[str, subprocess.Popen],
     import queue
     import threading
 
-    from latentserve.service.job_client import state_name
+    from latentserve.service.client.jobs import state_name
 
     updates: queue.Queue[Any] = queue.Queue()
 
@@ -324,7 +324,6 @@ def compose_stack(tiny_repo: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
     (tmp_path / "redis-data").mkdir()
     volumes = {"models": str(tiny_repo), "redis-data": str(tmp_path / "redis-data")}
     procs: list[tuple[str, subprocess.Popen, float]] = []
-    logs = []
     info: dict[str, Any] = {"ports": ports, "services": services}
     try:
         for name in ("redis", "service", "worker", "worker-cpu"):
@@ -338,10 +337,9 @@ def compose_stack(tiny_repo: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
             env = process_env({k: local(v) for k, v in env_of(svc).items()})
             if name == "redis":  # loopback only (the container listens on its own network)
                 cmd += ["--bind", "127.0.0.1"]
-            log = open(tmp_path / f"{name}.log", "wb")
-            logs.append(log)
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=tmp_path)
+            with open(tmp_path / f"{name}.log", "wb") as log:  # the process holds its own copy
+                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        cwd=tmp_path)
             grace = seconds(svc.get("stop_grace_period", "10s"))
             procs.append((name, proc, grace))
             info[name] = proc
@@ -355,8 +353,6 @@ def compose_stack(tiny_repo: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
         assert not late, late
     finally:
         stop_all(procs)
-        for log in logs:
-            log.close()
         # pytest shows this only when something failed
         for name, *_ in procs:
             sys.stderr.write(f"--- {name}.log\n"
@@ -372,10 +368,8 @@ def test_compose_services_run_jobs_as_local_processes(compose_stack: dict[str, A
     import redis
     from prometheus_client.parser import text_string_to_metric_families
 
-    from latentserve.service.job_client import JobsClient
-    from latentserve.worker.pipeline import Pipeline
-
-    from latentserve.service.job_client import state_name
+    from latentserve.service.client.jobs import JobsClient, state_name
+    from latentserve.worker.runtime.pipeline import Pipeline
 
     ports = compose_stack["ports"]
     procs = {n: compose_stack[n] for n in ("redis", "service", "worker", "worker-cpu")}

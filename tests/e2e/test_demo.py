@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from latentserve.worker.images import encode_png
+from latentserve.worker.runtime.images import encode_png
 
 TIMEOUT = 240
 

@@ -1,4 +1,4 @@
-"""The fuzz suite (issue 9): malformed requests at volume through one real gRPC server.
+"""The fuzz suite: malformed requests at volume through one real gRPC server.
 
 ``--fuzz-requests N`` (or env ``LATENTSERVE_FUZZ_REQUESTS``; default 10,000) is the
 total number of requests, shared among the case categories by ``WEIGHTS``. One server
@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
 from fixtures_redis import wait_until
 
 from .fuzz_cases import LIMITS, Codes
@@ -107,27 +108,28 @@ def fuzz_server(tiny_repo: Path, redis_server_url: str) -> Iterator[Any]:
     its keys are deleted at the end.
     A job worker joins after ``known_jobs`` has made a job to cancel while queued.
     """
-    from latentserve.service.config import ServiceConfig
-    from latentserve.service.jobs import JobSettings, jobs_extension
-    from latentserve.service.server import create_server
-    from latentserve.worker.config import QueueConfig
+    from latentserve.service.jobs.settings import JobSettings
+    from latentserve.service.server.assemble import create_server
+    from latentserve.service.server.config import ServiceConfig
+    from latentserve.worker.jobqueue.config import QueueConfig
 
-    config = ServiceConfig(
-        host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo, intra_op_threads=1,
-        compute_workers=1, grpc_threads=16, max_images_per_request=LIMITS.images,
-        max_message_bytes=LIMITS.message_bytes, max_pixels_per_image=LIMITS.pixels)
     # TTLs longer than any run (a 100,000-request run takes ~25 min): the known jobs must
     # not expire mid-run. The keys are deleted at the end.
     queue = QueueConfig(prefix="latentserve-fuzz:", chunk_size=LIMITS.chunk_size,
                         max_queued_chunks=LIMITS.queued_chunks,
                         max_job_items=LIMITS.job_items, result_ttl_s=86400, job_ttl_s=86400)
     settings = JobSettings(redis_url=redis_server_url, queue=queue, embedded_worker="no")
-    server, _ = create_server(config, extra_services=[jobs_extension(settings)])
+    config = ServiceConfig(
+        host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo, intra_op_threads=1,
+        compute_workers=1, grpc_threads=16, max_images_per_request=LIMITS.images,
+        max_message_bytes=LIMITS.message_bytes, max_pixels_per_image=LIMITS.pixels,
+        jobs=settings)
+    server, _ = create_server(config)
     server.queue = queue  # type: ignore[attr-defined]
     server.start()
     yield server
     server.stop(0).wait(30)
-    from latentserve.worker.jobstore import connect
+    from latentserve.worker.jobqueue.store import connect
 
     client = connect(redis_server_url)
     try:
@@ -144,7 +146,7 @@ def fuzz_worker(fuzz_server: Any, tiny_repo: Path, redis_server_url: str,
     """A job worker thread on the fuzz server's queue (claims and retries kept short),
     started once ``cancelled_job`` was cancelled while still queued."""
     from latentserve.worker.config import WorkerConfig
-    from latentserve.worker.consumer import create_worker
+    from latentserve.worker.jobqueue.consumer import create_worker
 
     config = WorkerConfig(redis_url=redis_server_url, queue=fuzz_server.queue,
                           models=str(tiny_repo), intra_op_threads=1, block_ms=100,

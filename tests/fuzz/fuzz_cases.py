@@ -103,7 +103,7 @@ SEED = st.integers(0, 2**16)
 BOOL = st.booleans()
 
 
-MAX_TEMPERATURE = 1000.0  # latentserve.worker.pipeline.MAX_TEMPERATURE
+MAX_TEMPERATURE = 1000.0  # latentserve.worker.runtime.pipeline.MAX_TEMPERATURE
 
 
 def temperature_status(t: float | None) -> frozenset[grpc.StatusCode]:

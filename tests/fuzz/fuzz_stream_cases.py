@@ -16,16 +16,43 @@ from typing import Any
 import grpc
 from hypothesis import strategies as st
 
+from latentserve.errors import CodeError
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import jobs_pb2 as jpb
-from latentserve.worker.codec import parse_header
-from latentserve.worker.errors import CodeError
+from latentserve.worker.codec.codes import parse_header
 
 from .fuzz_cases import (
-    BOOL, DATA_LOSS, EDGE_U32, EDGE_U64, EXHAUSTED, FORMATS, INT32, INVALID, LIMITS, MISMATCH,
-    NOT_FOUND, OK, PROTOBUF_NOISE, REFS, TEMPERATURES, Allowed, Case, CodeCase, Codes, ImageCase,
-    Ref, code_cases, combine, compress_parts, good_images, image_msgs, long_text, one,
-    job_temperature_status, reconstruct_cases, usually,
+    BOOL,
+    DATA_LOSS,
+    EDGE_U32,
+    EDGE_U64,
+    EXHAUSTED,
+    FORMATS,
+    INT32,
+    INVALID,
+    LIMITS,
+    MISMATCH,
+    NOT_FOUND,
+    OK,
+    PROTOBUF_NOISE,
+    REFS,
+    TEMPERATURES,
+    Allowed,
+    Case,
+    CodeCase,
+    Codes,
+    ImageCase,
+    Ref,
+    code_cases,
+    combine,
+    compress_parts,
+    good_images,
+    image_msgs,
+    job_temperature_status,
+    long_text,
+    one,
+    reconstruct_cases,
+    usually,
 )
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")

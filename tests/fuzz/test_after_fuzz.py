@@ -16,7 +16,7 @@ from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
 from latentserve.v1 import jobs_pb2 as jpb
 from latentserve.v1 import jobs_pb2_grpc as jgrpc
-from latentserve.worker.images import encode_png
+from latentserve.worker.runtime.images import encode_png
 
 from .fuzz_cases import MODELS
 from .fuzz_client import STATS, WEIGHTS

@@ -1,4 +1,4 @@
-"""``.lscb`` batch containers (worker/container.py), read by the CLIs from client files:
+"""``.lscb`` batch containers (worker/codec/container.py), read by the CLIs from client files:
 any byte string is refused with a CodeError or read as codes that are exactly the bytes
 between its index and its checksum; nothing else is raised.
 
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from latentserve.worker.container import pack_container, unpack_container
-from latentserve.worker.errors import CodeError
+from latentserve.errors import CodeError
+from latentserve.worker.codec.container import pack_container, unpack_container
 
 from .fuzz_cases import MUTATIONS, mutate
 from .fuzz_client import fuzz_settings

@@ -17,13 +17,32 @@ from hypothesis import strategies as st
 from latentserve.v1 import inference_pb2 as pb
 
 from .fuzz_cases import (
-    LIMITS, MODEL_CASES, MODELS, MUTATIONS, OK, PROTOBUF_NOISE, SAMPLE_CASES, Case, Codes,
-    ImageCase, combine, compress_case, compress_parts, damaged, encoded_images, mutate,
-    negative_field, reconstruct_cases, size_status,
+    LIMITS,
+    MODEL_CASES,
+    MODELS,
+    MUTATIONS,
+    OK,
+    PROTOBUF_NOISE,
+    SAMPLE_CASES,
+    Case,
+    Codes,
+    ImageCase,
+    combine,
+    compress_case,
+    compress_parts,
+    damaged,
+    encoded_images,
+    mutate,
+    negative_field,
+    reconstruct_cases,
+    size_status,
 )
 from .fuzz_client import INFERENCE, JOBS, METHODS, Fuzzer, fuzz_settings
 from .fuzz_stream_cases import (
-    LIST_JOBS_CASES, compress_streams, reconstruct_streams, submit_cases,
+    LIST_JOBS_CASES,
+    compress_streams,
+    reconstruct_streams,
+    submit_cases,
 )
 
 Budget = Callable[[str], int]

@@ -9,18 +9,18 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from fixtures_redis import wait_until
 from PIL import Image
 
-from latentserve.service.errors import MAX_MESSAGE_BYTES, bounded
+from fixtures_redis import wait_until
+from latentserve.errors import InvalidInput
+from latentserve.service.server.errors import MAX_MESSAGE_BYTES, bounded
 from latentserve.service.wire import raw_image
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
 from latentserve.v1 import jobs_pb2 as jpb
 from latentserve.v1 import jobs_pb2_grpc as jgrpc
-from latentserve.worker.errors import InvalidInput
-from latentserve.worker.images import decode_image
-from latentserve.worker.keys import check_job_id, check_pool
+from latentserve.worker.jobqueue.keys import check_job_id, check_pool
+from latentserve.worker.runtime.images import decode_image
 
 from .fuzz_cases import Codes
 from .fuzz_client import INFERENCE, JOBS
@@ -175,7 +175,7 @@ def test_temperatures_past_the_maximum_are_invalid_arguments(stub: pb_grpc.Infer
                                                             tiny_pipeline: Any) -> None:
     """tiny-vae at temperature 3.4e38: its latents overflowed float32 (a RuntimeWarning, so
     INTERNAL where warnings are errors, inf/NaN pixels elsewhere)."""
-    from latentserve.worker.pipeline import MAX_TEMPERATURE
+    from latentserve.worker.runtime.pipeline import MAX_TEMPERATURE
 
     for t in (3.4028235e38, 1e30, MAX_TEMPERATURE * 1.01):
         request = pb.SampleRequest(model="tiny-vae", count=2, temperature=t)
@@ -193,7 +193,7 @@ def test_sealing_a_job_that_already_ended_returns_it(fuzz_server: Any,
     """A sample job at temperature 1.8e16: the worker failed its only chunk for good
     between JobStore.submit's enqueue and seal, and SubmitJob answered FAILED_PRECONDITION
     "job <id> is failed; it cannot be sealed" (an id the client never got)."""
-    from latentserve.worker.jobstore import JobKind, JobState, JobStore, connect
+    from latentserve.worker.jobqueue.store import JobKind, JobState, JobStore, connect
 
     client = connect(redis_server_url)
     try:

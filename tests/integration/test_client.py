@@ -10,20 +10,21 @@ import pytest
 from PIL import Image
 
 from latentserve.cli import main
-from latentserve.service.client import LatentServeClient, ServiceError
-from latentserve.service.config import ServiceConfig
-from latentserve.service.server import Server, create_server
-from latentserve.worker.engine import EngineConfig
-from latentserve.worker.errors import CodeMismatch, InvalidInput, ModelNotFound
-from latentserve.worker.images import encode_png, read_image_file
-from latentserve.worker.pipeline import Pipeline
+from latentserve.errors import CodeMismatch, InvalidInput, ModelNotFound
+from latentserve.service.client.inference import LatentServeClient, ServiceError
+from latentserve.service.server.assemble import Server, create_server
+from latentserve.service.server.config import ServiceConfig
+from latentserve.service.jobs.settings import JobSettings
+from latentserve.worker.runtime.engine import EngineConfig
+from latentserve.worker.runtime.images import encode_png, read_image_file
+from latentserve.worker.runtime.pipeline import Pipeline
 
 TIMEOUT = 60.0
 
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path) -> Iterator[Server]:
-    config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
+    config = ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
                            intra_op_threads=1, compute_workers=1, grpc_threads=16)
     srv, _ = create_server(config)
     srv.start()
@@ -173,8 +174,10 @@ def test_cli_sample_writes_files_and_a_grid_identical_both_ways(
 
 def test_cli_errors_are_clear_exit_codes(tmp_path: Path, digit_files: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # No target (flag or LATENTSERVE_TARGET): the models run in this process, from the
+    # default repository, which has no tiny-ae.
     assert main(["compress", str(digit_files), "--model", "tiny-ae", "-o", str(tmp_path)]) == 1
-    assert "--local" in capsys.readouterr().err
+    assert "no model named 'tiny-ae' in models" in capsys.readouterr().err
     assert main(["reconstruct", str(tmp_path / "missing.lsc"), "-o", str(tmp_path),
                  "--local"]) == 1
     assert "does not exist" in capsys.readouterr().err

@@ -15,17 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from latentserve.cli import main
-from latentserve.export.onnx_import import import_onnx
-from latentserve.service.client import LatentServeClient, ServiceError
-from latentserve.service.config import ServiceConfig
-from latentserve.service.server import Server, create_server
-from latentserve.worker.errors import ModelIntegrityError
-from latentserve.worker.model_check import check_at_load, check_model
-from latentserve.worker.pipeline import Pipeline
-from latentserve.worker.repository import ModelRepository, sha256_file
-
 from custom_graphs import VQDec, VQEnc, block_decoder, pool_encoder, samples, torch_onnx
+from latentserve.cli import main
+from latentserve.errors import ModelIntegrityError
+from latentserve.export.publish.onnx_import import import_onnx
+from latentserve.service.client.inference import LatentServeClient, ServiceError
+from latentserve.service.server.assemble import Server, create_server
+from latentserve.service.server.config import ServiceConfig
+from latentserve.service.jobs.settings import JobSettings
+from latentserve.worker.runtime.model_check import check_at_load, check_model
+from latentserve.worker.runtime.pipeline import Pipeline
+from latentserve.worker.runtime.manifest import sha256_file
+from latentserve.worker.runtime.repository import ModelRepository
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 60.0
@@ -33,7 +34,7 @@ torch.set_num_threads(1)
 
 
 def serve(repo: Path) -> Server:
-    config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=repo,
+    config = ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=None, models=repo,
                            intra_op_threads=1, compute_workers=1, grpc_threads=8)
     server, _ = create_server(config)
     server.start()
@@ -78,7 +79,7 @@ def test_imported_codes_decode_after_a_restart_and_in_another_process(imported: 
     blob = tmp_path / "codes.json"
     blob.write_text(json.dumps({k: [c.hex() for c in v] for k, v in codes.items()}))
     script = ("import json, sys, numpy as np\n"
-              "from latentserve.worker.pipeline import Pipeline\n"
+              "from latentserve.worker.runtime.pipeline import Pipeline\n"
               "codes = json.load(open(sys.argv[2]))\n"
               "p = Pipeline(sys.argv[1])\n"
               "out = {k: p.reconstruct([bytes.fromhex(c) for c in v]) for k, v in codes.items()}\n"
@@ -151,7 +152,8 @@ def test_zoo_export_records_values_that_check_passes(tiny_repo: Path) -> None:
 
 
 def test_custom_model_example_runs(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("custom_model", ROOT / "examples" / "custom_model.py")
+    spec = importlib.util.spec_from_file_location("custom_model",
+                                                  ROOT / "examples" / "custom_model.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from fixtures_redis import serve_tiny
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2 as alpha_pb2
 
-from latentserve.service.server import Server
+from fixtures_redis import serve_tiny
+from latentserve.service.server.assemble import Server
 from latentserve.v1 import grpc_reflection_v1_pb2 as v1_pb2
 from latentserve.v1 import grpc_reflection_v1_pb2_grpc as v1_grpc
 

@@ -1,4 +1,4 @@
-"""Issue 18, bug 6: WatchJob / FetchResults streams whose client went away, and more open
+"""WatchJob / FetchResults streams whose client went away, and more open
 job streams than the server has handler threads, must not lock everyone else out."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from typing import Any
 
 import grpc
 import pytest
-from fixtures_redis import Background, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from latentserve.service.job_client import JobsClient
+from fixtures_redis import Background, wait_until
+from latentserve.service.client.jobs import JobsClient
 from latentserve.v1 import jobs_pb2 as pb
 from latentserve.v1 import jobs_pb2_grpc as pb_grpc
 
@@ -76,7 +76,7 @@ def test_abandoned_and_surplus_job_streams_leave_the_server_answering(
         assert states[-1].state == pb.JOB_STATE_SUCCEEDED and states[-1].items_done == 40
         assert states[0].state == pb.JOB_STATE_QUEUED
         assert [i for i, _ in results] == list(range(40))
-        from latentserve.worker.images import encode_png
+        from latentserve.worker.runtime.images import encode_png
 
         assert [r for _, r in results] == [encode_png(im) for im in
                                            tiny_pipeline.sample("tiny-vae", 40, seed=5)]

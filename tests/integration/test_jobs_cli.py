@@ -7,8 +7,8 @@ import json
 import pytest
 
 from latentserve.cli import main
-from latentserve.worker.container import pack_container
-from latentserve.worker.images import encode_png
+from latentserve.worker.codec.container import pack_container
+from latentserve.worker.runtime.images import encode_png
 
 pytestmark = pytest.mark.queue
 

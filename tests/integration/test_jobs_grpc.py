@@ -8,16 +8,16 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from fixtures_redis import JOBS_QUEUE, wait_until
 
-from latentserve.service.job_client import JobsClient, state_name
-from latentserve.service.server import Server
+from fixtures_redis import JOBS_QUEUE, wait_until
+from latentserve import errors as E
+from latentserve.service.client.jobs import JobsClient, state_name
+from latentserve.service.server.assemble import Server
 from latentserve.v1 import jobs_pb2 as pb
 from latentserve.v1 import jobs_pb2_grpc as pb_grpc
-from latentserve.worker import errors as E
-from latentserve.worker.config import QueueConfig
-from latentserve.worker.images import encode_png
-from latentserve.worker.jobstore import JobStore, connect
+from latentserve.worker.jobqueue.config import QueueConfig
+from latentserve.worker.jobqueue.store import JobStore, connect
+from latentserve.worker.runtime.images import encode_png
 
 pytestmark = pytest.mark.queue
 QUEUE = QueueConfig(**JOBS_QUEUE)
@@ -160,9 +160,8 @@ def test_a_broken_submission_leaves_nothing(server, redis_url, mnist_images):
                                                             for i in mnist_images[:9]]))
         raise RuntimeError("client crashed mid-upload")
 
-    with grpc.insecure_channel(server.target) as channel:
-        with pytest.raises(grpc.RpcError):
-            pb_grpc.JobsStub(channel).SubmitJob(requests(), timeout=30)
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError):
+        pb_grpc.JobsStub(channel).SubmitJob(requests(), timeout=30)
     store = JobStore(connect(redis_url), QUEUE)
     wait_until(lambda: not store.list() and store.depth("default") == 0, timeout=10,
                what="the half-submitted job to be removed")
@@ -172,17 +171,18 @@ def test_serve_with_the_embedded_valkey_and_its_worker(tiny_repo, tmp_path, monk
                                                        tiny_pipeline):
     """No Redis URL: the server starts valkey with AOF under the state folder and runs a
     worker in process; a restart of the server finds the job again."""
-    from latentserve.service.config import ServiceConfig
-    from latentserve.service.jobs import JobSettings, jobs_extension
-    from latentserve.service.server import create_server
+    from latentserve.service.jobs.settings import JobSettings
+    from latentserve.service.server.assemble import create_server
+    from latentserve.service.server.config import ServiceConfig
 
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.delenv("LATENTSERVE_REDIS_URL", raising=False)
-    config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
-                           intra_op_threads=1, compute_workers=1, preload=False, grace_s=5)
     settings = JobSettings(state_dir=tmp_path / "state", queue=QueueConfig(chunk_size=8))
+    config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
+                           intra_op_threads=1, compute_workers=1, preload=False, grace_s=5,
+                           jobs=settings)
 
-    srv, _ = create_server(config, extra_services=[jobs_extension(settings)])
+    srv, _ = create_server(config)
     srv.start()
     with JobsClient(srv.target, timeout=30) as c:
         job = c.submit_sample("tiny-vae", 20, seed=2)
@@ -200,7 +200,7 @@ def test_serve_with_the_embedded_valkey_and_its_worker(tiny_repo, tmp_path, monk
     assert srv.stop(1).wait(30)
     assert (tmp_path / "state" / "valkey" / "appendonlydir").is_dir()
 
-    srv, _ = create_server(config, extra_services=[jobs_extension(settings)])
+    srv, _ = create_server(config)
     srv.start()
     try:
         with JobsClient(srv.target, timeout=30) as c:
@@ -211,7 +211,7 @@ def test_serve_with_the_embedded_valkey_and_its_worker(tiny_repo, tmp_path, monk
 
 
 def test_demo_jobs_helper(client, make_worker, mnist_images):
-    from latentserve.service.job_client import run_demo_jobs
+    from latentserve.service.client.jobs import run_demo_jobs
 
     worker = make_worker(queue=QUEUE, burst=False)
     thread = worker.start_thread()
@@ -226,18 +226,18 @@ def test_demo_jobs_helper(client, make_worker, mnist_images):
 
 
 def test_redis_none_serves_no_job_api(tiny_repo):
-    from latentserve.service.config import ServiceConfig
-    from latentserve.service.jobs import JobSettings, jobs_extension
-    from latentserve.service.server import create_server
+    from latentserve.service.jobs.settings import JobSettings
+    from latentserve.service.server.assemble import create_server
+    from latentserve.service.server.config import ServiceConfig
 
     config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
-                           preload=False)
-    srv, _ = create_server(config, extra_services=[jobs_extension(JobSettings(redis_url="none"))])
+                           preload=False, jobs=JobSettings(redis_url="none"))
+    srv, _ = create_server(config)
     srv.start()
     try:
-        with grpc.insecure_channel(srv.target) as channel:
-            with pytest.raises(grpc.RpcError) as info:
-                pb_grpc.JobsStub(channel).GetJob(pb.GetJobRequest(id="0" * 32), timeout=10)
+        with (grpc.insecure_channel(srv.target) as channel,
+              pytest.raises(grpc.RpcError) as info):
+            pb_grpc.JobsStub(channel).GetJob(pb.GetJobRequest(id="0" * 32), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         srv.stop(0).wait(30)

@@ -1,4 +1,4 @@
-"""Issue 18, bug 5: one bad item must not fail a whole bulk job.
+"""One bad item must not fail a whole bulk job.
 
 Through a real gRPC server and a real worker: by default (PER_ITEM) a job with bad
 items among good ones SUCCEEDS, counts ``items_failed``, and FetchResults gives every
@@ -14,15 +14,15 @@ import grpc
 import numpy as np
 import pytest
 
+from latentserve import errors as E
 from latentserve.cli import main
-from latentserve.service.job_client import ItemFailed, JobsClient, state_name
+from latentserve.service.client.jobs import ItemFailed, JobsClient, state_name
 from latentserve.service.wire import raw_image
 from latentserve.v1 import inference_pb2 as ipb
 from latentserve.v1 import inference_pb2_grpc as ipb_grpc
 from latentserve.v1 import jobs_pb2 as pb
 from latentserve.v1 import jobs_pb2_grpc as pb_grpc
-from latentserve.worker import errors as E
-from latentserve.worker.images import encode_png
+from latentserve.worker.runtime.images import encode_png
 
 pytestmark = pytest.mark.queue
 NOBODYS_CODE = b"\xa1\x01" + bytes(12)  # a v1 header on bytes no model made
@@ -133,10 +133,9 @@ def test_fail_fast_keeps_the_whole_job_failing(client, jobs_server, make_worker,
     with pytest.raises(E.InvalidInput, match="image 1 is not a readable"):
         client.submit_compress("tiny-ae", [mnist_images[0], b"nope"], on_item_error="fail_fast")
     spec = pb.JobSpec(kind=pb.JOB_KIND_SAMPLE, model="tiny-ae", count=1, on_item_error=7)
-    with grpc.insecure_channel(jobs_server.target) as channel:
-        with pytest.raises(grpc.RpcError) as refused:
-            pb_grpc.JobsStub(channel).SubmitJob(iter([pb.SubmitJobRequest(spec=spec)]),
-                                                timeout=30)
+    with (grpc.insecure_channel(jobs_server.target) as channel,
+          pytest.raises(grpc.RpcError) as refused):
+        pb_grpc.JobsStub(channel).SubmitJob(iter([pb.SubmitJobRequest(spec=spec)]), timeout=30)
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "on_item_error 7 is not one of" in refused.value.details()
     assert [j.id for j in client.list()] == [job.id]

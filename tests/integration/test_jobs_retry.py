@@ -1,4 +1,4 @@
-"""Issue 18, bug 9: watch and fetch ride out a Redis restart and a server restart.
+"""Watch and fetch ride out a Redis restart and a server restart.
 
 Real processes: a private Redis killed and restarted under the server, a server stopped
 and started again on the same port, a ``latentserve worker`` process held at a gate and
@@ -7,18 +7,19 @@ a ``latentserve job watch`` process; the clients must end with the whole, right 
 
 from __future__ import annotations
 
+import itertools
 import signal
 import subprocess
 import sys
 from typing import Any
 
 import pytest
-from fixtures_redis import ROOT, Background, wait_until
 
-from latentserve.service.job_client import JobsClient
+from fixtures_redis import ROOT, Background, wait_until
+from latentserve import errors as E
+from latentserve.service.client.jobs import JobsClient
 from latentserve.v1 import jobs_pb2 as pb
-from latentserve.worker import errors as E
-from latentserve.worker.images import encode_png
+from latentserve.worker.runtime.images import encode_png
 
 pytestmark = pytest.mark.queue
 WATCH, FETCH = "latentserve.v1.Jobs/WatchJob", "latentserve.v1.Jobs/FetchResults"
@@ -31,7 +32,7 @@ def metric(server: Any, name: str, **labels: str) -> float:
 def check_states(states: list[pb.Job], items: int) -> None:
     """A watch that resumed: no state twice in a row, never backwards, ending done."""
     keys = [(s.state, s.items_done, s.chunks_done, s.items_total) for s in states]
-    assert all(a != b for a, b in zip(keys, keys[1:])), keys
+    assert all(a != b for a, b in itertools.pairwise(keys)), keys
     assert [s.items_done for s in states] == sorted(s.items_done for s in states), keys
     assert states[-1].state == pb.JOB_STATE_SUCCEEDED and states[-1].items_done == items
 
@@ -109,7 +110,7 @@ def test_answers_are_not_retried_and_an_outage_ends_at_the_deadline(start_server
             list(client.watch("0" * 32))
         target = server.target
     assert server.stop(0).wait(30)
-    with JobsClient(target, timeout=5, retry_deadline_s=0.5) as client:
-        with pytest.raises(E.Unavailable, match=r"gave up on the fetch of job 0+ after \d+ "
-                                                r"attempts over 0.5 s \(retry deadline 0.5 s"):
-            list(client.fetch("0" * 32))
+    with (JobsClient(target, timeout=5, retry_deadline_s=0.5) as client,
+          pytest.raises(E.Unavailable, match=r"gave up on the fetch of job 0+ after \d+ "
+                                             r"attempts over 0.5 s \(retry deadline 0.5 s")):
+        list(client.fetch("0" * 32))

@@ -1,4 +1,4 @@
-"""Issue 18, bug 7: a job whose upload never finished must end, not sit in RECEIVING.
+"""A job whose upload never finished must end, not sit in RECEIVING.
 
 A real ``latentserve serve`` is SIGKILLed in the middle of a SubmitJob upload (the
 client holds its stream open at a known point, so no timing is guessed), and a seal is
@@ -19,17 +19,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-from fixtures_redis import JOBS_QUEUE, Background, wait_until
-from serve_process import start_serve
 
-from latentserve.service.job_client import JobsClient, state_name
+from fixtures_redis import JOBS_QUEUE, Background, wait_until
+from latentserve import errors as E
+from latentserve.service.client.jobs import JobsClient, state_name
 from latentserve.service.wire import raw_image
 from latentserve.v1 import jobs_pb2 as pb
 from latentserve.v1 import jobs_pb2_grpc as pb_grpc
-from latentserve.worker import errors as E
-from latentserve.worker.config import QueueConfig
-from latentserve.worker.jobstore import JobInfo, JobKind, JobState, JobStore, connect
-from latentserve.worker.packing import pack_images
+from latentserve.worker.jobqueue.config import QueueConfig
+from latentserve.worker.jobqueue.packing import pack_images
+from latentserve.worker.jobqueue.store import JobInfo, JobKind, JobState, JobStore, connect
+from serve_process import start_serve
 
 pytestmark = pytest.mark.queue
 SHORT = 0.5  # the receiving timeout of the parts that must end the job

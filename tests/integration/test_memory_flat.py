@@ -1,4 +1,4 @@
-"""Memory stays flat (issue 9): bench/memory.py's measurement at CI size.
+"""Memory stays flat: bench/memory.py's measurement at CI size.
 
 A real ``latentserve serve`` process (with its job API and a worker inside) takes 2,000
 mixed calls on ``tiny_repo`` (compress, reconstruct, sample, their streams, bad requests,

@@ -17,10 +17,11 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from latentserve.service.config import ServiceConfig
-from latentserve.service.server import Server, create_server
-from latentserve.service.wire import raw_image
 
+from latentserve.service.server.assemble import Server, create_server
+from latentserve.service.server.config import ServiceConfig
+from latentserve.service.jobs.settings import JobSettings
+from latentserve.service.wire import raw_image
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
 from latentserve.v1 import model_control_pb2 as cpb
@@ -73,7 +74,7 @@ def serve(repo: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
     def start(**changes: Any) -> Server:
-        config = ServiceConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": None,
+        config = ServiceConfig(jobs=JobSettings.off(), **{"host": "127.0.0.1", "port": 0, "metrics_port": None,
                                   "models": repo, "intra_op_threads": 1,
                                   "compute_workers": 1, "grpc_threads": 16,
                                   "repository_poll_s": 0.05, "model_drain_s": 0.2,
@@ -149,7 +150,7 @@ def test_a_broken_version_is_refused_and_the_previous_one_keeps_serving(
         client: Client, repo: Path, image: pb.Image, breakage: str,
         caplog: pytest.LogCaptureFixture) -> None:
     stage = repo.parent / "stage"
-    with caplog.at_level(logging.ERROR, logger="latentserve.service.catalog"):
+    with caplog.at_level(logging.ERROR, logger="latentserve.service.models.catalog"):
         if breakage == "manifest":
             bad = repo / "tiny-ae" / "2"
             bad.mkdir()
@@ -233,8 +234,8 @@ def test_per_model_settings_are_honoured_by_the_batcher(
     vae = srv.servicer.batchers.get(("compress", "tiny-vae:1", None))
     ae = srv.servicer.batchers.get(("compress", "tiny-ae:1", None))
     assert (vae.max_batch_size, round(vae.delay_s * 1e6)) == (2, 7)
-    assert vae.pool is not srv.pool and vae.pool.workers == 1  # a lane of its own
-    assert (ae.max_batch_size, ae.pool) == (64, srv.pool)  # no file: server defaults
+    assert vae.lanes is not srv.lanes and vae.lanes.count == 1  # a lane of its own
+    assert (ae.max_batch_size, ae.lanes) == (64, srv.lanes)  # no file: server defaults
     # Five images through a batch limit of two: three network runs (2 + 2 + 1).
     name = "latentserve_batch_size_images"
     assert metric(srv, f"{name}_count", model="tiny-vae:1", op="compress") == 3
@@ -257,7 +258,7 @@ def test_bad_settings_refuse_the_load_and_a_bad_change_keeps_the_old_ones(
         settings.write_text(json.dumps({"schema": 1, "max_batch_size": 4}))
         wait_for(lambda: client.states()["tiny-vae:1"] == "ready", "the fixed settings load")
         assert client.compress_model("tiny-vae", image) == "tiny-vae:1"
-        with caplog.at_level(logging.ERROR, logger="latentserve.service.catalog"):
+        with caplog.at_level(logging.ERROR, logger="latentserve.service.models.catalog"):
             settings.write_text(json.dumps({"schema": 1, "max_batch_size": 4, "lanes": 2}))
             wait_for(lambda: any("unknown key(s) lanes" in r.getMessage()
                                  for r in caplog.records), "the bad change logged")
@@ -312,9 +313,8 @@ def test_the_models_cli_drives_model_control(repo: Path, serve: Callable[..., Se
 
 def test_model_control_is_authorized_like_every_other_rpc(
         repo: Path, serve: Callable[..., Server], tmp_path: Path) -> None:
-    from latentserve.service.auth import new_token, token_line
-
     from latentserve.cli import main
+    from latentserve.service.server.auth import new_token, token_line
 
     token = new_token()
     (tmp_path / "tokens").write_text(token_line("ops", token) + "\n")

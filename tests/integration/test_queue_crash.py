@@ -7,12 +7,12 @@ import signal
 
 import pytest
 import redis
-from fixtures_redis import digest, pending
 
+from fixtures_redis import digest, pending
 from latentserve.cli import main
-from latentserve.worker.config import QueueConfig
-from latentserve.worker.consumer import worker_health
-from latentserve.worker.jobstore import JobKind, JobState, JobStore, connect
+from latentserve.worker.jobqueue.config import QueueConfig
+from latentserve.worker.jobqueue.consumer import worker_health
+from latentserve.worker.jobqueue.store import JobKind, JobState, JobStore, connect
 
 pytestmark = pytest.mark.queue
 
@@ -31,7 +31,8 @@ def test_sigkill_mid_chunk_repeatedly_loses_and_duplicates_nothing(
         gate.allow(1)  # one chunk (one call: --read-count 1), then it waits holding the next
         proc = spawn_worker("--consumer", name, "--max-deliveries", "10", "--read-count", "1",
                             claim_idle_s=0.5, gate=name)
-        held = wait_until(lambda: gate.passed() == 1 and gate.waiting()
+        # wait_until polls the lambda now, in this round: the defaults bind this round's gate.
+        held = wait_until(lambda gate=gate, name=name: gate.passed() == 1 and gate.waiting()
                           and pending(redis_client, job_store, name),
                           timeout=60, what=f"worker {name} to be mid-chunk")
         assert job_store.get(job.id).items_done == before + 25
@@ -138,7 +139,7 @@ def test_jobs_survive_redis_killed_and_restarted_from_its_aof(
         assert info.state is JobState.SUCCEEDED, info.error
     codes = [c for _, c in store.iter_results(first.id)]
     assert digest(codes) == digest(tiny_pipeline.compress("tiny-vqvae", images))
-    from latentserve.worker.images import encode_png
+    from latentserve.worker.runtime.images import encode_png
 
     samples = [p for _, p in store.iter_results(second.id)]
     assert samples == [encode_png(im) for im in tiny_pipeline.sample("tiny-vae", 50, seed=11)]

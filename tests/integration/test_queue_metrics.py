@@ -1,4 +1,4 @@
-"""Job work on Prometheus (issue 18): a worker's /metrics counts chunks and items by
+"""Job work on Prometheus: a worker's /metrics counts chunks and items by
 model and op, the queue gauges read a known state right (a worker held at the gate),
 the service's /metrics carries the queue gauges and its embedded worker's counts, and
 no input can grow the number of series."""
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from latentserve.worker.jobstore import JobKind, JobState
+from latentserve.worker.jobqueue.store import JobKind, JobState
 
 pytestmark = pytest.mark.queue
 
@@ -125,16 +125,15 @@ def test_a_workers_metrics_count_job_work_and_the_queue_gauges_read_a_known_stat
 
 def test_the_services_metrics_count_its_embedded_workers_jobs_apart_from_unary_calls(
         redis_url, tiny_repo, job_store, queue_config, wait_until):
-    from latentserve.service.client import LatentServeClient
-    from latentserve.service.config import ServiceConfig
-    from latentserve.service.jobs import JobSettings, jobs_extension
-    from latentserve.service.server import create_server
+    from latentserve.service.client.inference import LatentServeClient
+    from latentserve.service.jobs.settings import JobSettings
+    from latentserve.service.server.assemble import create_server
+    from latentserve.service.server.config import ServiceConfig
 
+    jobs = JobSettings(redis_url=redis_url, queue=queue_config, embedded_worker="yes")
     config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=0, models=tiny_repo,
-                           intra_op_threads=1, compute_workers=1, preload=False)
-    jobs = jobs_extension(JobSettings(redis_url=redis_url, queue=queue_config,
-                                      embedded_worker="yes"))
-    server, port = create_server(config, extra_services=[jobs])
+                           intra_op_threads=1, compute_workers=1, preload=False, jobs=jobs)
+    server, port = create_server(config)
     server.start()
     try:
         with LatentServeClient(f"127.0.0.1:{port}", timeout=30) as client:
@@ -158,8 +157,8 @@ def test_the_services_metrics_count_its_embedded_workers_jobs_apart_from_unary_c
 def test_no_input_grows_the_number_of_series(job_store, redis_url, tiny_repo, tiny_pipeline,
                                             queue_config, mnist_images):
     from latentserve.worker.config import WorkerConfig
-    from latentserve.worker.consumer import create_worker
-    from latentserve.worker.worker_metrics import WorkerMetrics
+    from latentserve.worker.jobqueue.consumer import create_worker
+    from latentserve.worker.metrics import WorkerMetrics
 
     def flood(n: int) -> Samples:
         """Run n compress jobs, each naming tiny-ae:1 its own way (a version's leading

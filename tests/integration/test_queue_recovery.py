@@ -1,4 +1,4 @@
-"""Dead workers' chunks are taken over at once (issue 18): a SIGKILLed worker's consumer
+"""Dead workers' chunks are taken over at once: a SIGKILLed worker's consumer
 holds pending entries and has no health key, so a survivor claims them long before
 claim_idle_s, logs it, and the job's results are complete and correct."""
 
@@ -10,9 +10,8 @@ import time
 import pytest
 
 from fixtures_redis import digest, pending
-
-from latentserve.worker.jobstore import JobKind, JobState
-from latentserve.worker.recovery import Recovery
+from latentserve.worker.jobqueue.recovery import Recovery
+from latentserve.worker.jobqueue.store import JobKind, JobState
 
 pytestmark = pytest.mark.queue
 

@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 import redis
 
-from latentserve.worker.config import QueueConfig
-from latentserve.worker.errors import InvalidInput, JobNotFound, JobStateError, ResourceLimit
-from latentserve.worker.jobstore import (ItemFailure, JobKind, JobState, JobStore, pack_images,
-                                         pack_items, unpack)
-from latentserve.worker.packing import pack_failures, unpack_failures
+from latentserve.errors import InvalidInput, JobNotFound, JobStateError, ResourceLimit
+from latentserve.worker.jobqueue.config import QueueConfig
+from latentserve.worker.jobqueue.packing import pack_failures, unpack_failures
+from latentserve.worker.jobqueue.store import (
+    ItemFailure,
+    JobKind,
+    JobState,
+    JobStore,
+    pack_images,
+    pack_items,
+    unpack,
+)
 
 pytestmark = pytest.mark.queue
 
@@ -208,13 +215,13 @@ def test_worker_config_from_flags_over_env():
            "LATENTSERVE_POOLS": "gpu,default", "LATENTSERVE_POOL_ROUTES": "mnist-vqvae=gpu",
            "LATENTSERVE_CLAIM_IDLE_S": "8", "LATENTSERVE_BURST": "yes",
            "LATENTSERVE_MODELS": "/models"}
-    cfg = WorkerConfig.from_env(env, chunk_size=32, grace_s=None)
+    cfg = WorkerConfig.from_env(env, chunk_size=32)
     assert (cfg.redis_url, cfg.queue.chunk_size, cfg.pools, cfg.models) == \
         ("redis://queue:6379/0", 32, ("gpu", "default"), "/models")
     assert cfg.claim_idle_s == 8 and cfg.heartbeat_s == 2 and cfg.burst and cfg.grace_s == 30
     assert cfg.queue.pool_for("mnist-vqvae:2") == "gpu" and cfg.queue.pool_for("x") == "default"
     assert cfg.keys.stream("gpu") == "latentserve:stream:gpu"
-    with pytest.raises(InvalidInput, match="LATENTSERVE_CHUNK_SIZE='many' is not a valid int"):
+    with pytest.raises(InvalidInput, match="LATENTSERVE_CHUNK_SIZE='many': chunk_size must be an integer"):
         WorkerConfig.from_env({**env, "LATENTSERVE_CHUNK_SIZE": "many"})
     with pytest.raises(InvalidInput, match="needs a Redis URL"):
         WorkerConfig.from_env({})

@@ -7,11 +7,17 @@ import time
 
 import numpy as np
 import pytest
+
 from fixtures_redis import WORKER_DEFAULTS
 from gate import GatedPipeline
-
-from latentserve.worker.jobstore import ImageFormat, ItemFailure, JobKind, JobState, OnItemError
-from latentserve.worker.images import encode_png
+from latentserve.worker.jobqueue.store import (
+    ImageFormat,
+    ItemFailure,
+    JobKind,
+    JobState,
+    OnItemError,
+)
+from latentserve.worker.runtime.images import encode_png
 
 pytestmark = pytest.mark.queue
 
@@ -148,8 +154,8 @@ def test_a_chunk_that_always_fails_is_dead_lettered_after_n_deliveries(
         job_store, make_worker, tiny_repo, mnist_images, tmp_path):
     import shutil
 
-    from latentserve.worker.engine import EngineConfig
-    from latentserve.worker.pipeline import Pipeline
+    from latentserve.worker.runtime.engine import EngineConfig
+    from latentserve.worker.runtime.pipeline import Pipeline
 
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo)
@@ -238,7 +244,7 @@ def test_a_healthy_long_chunk_is_not_stolen(job_store, make_worker, tiny_pipelin
 def test_a_worker_with_coder_processes_stores_merged_chunks_exactly_once(
         job_store, redis_url, tiny_repo, queue_config, tiny_pipeline, mnist_images):
     from latentserve.worker.config import WorkerConfig
-    from latentserve.worker.consumer import create_worker
+    from latentserve.worker.jobqueue.consumer import create_worker
 
     images = mnist_images[:100]
     codes = tiny_pipeline.compress("tiny-vae", images[:90])
@@ -264,7 +270,8 @@ def test_a_worker_with_coder_processes_stores_merged_chunks_exactly_once(
     got = all_results(job_store, rec.id)
     want = tiny_pipeline.reconstruct_each(codes)
     assert isinstance(got[41], ItemFailure) and job_store.get(rec.id).items_failed == 1
-    assert all(np.array_equal(g, w) for i, (g, w) in enumerate(zip(got, want)) if i != 41)
+    assert all(np.array_equal(g, w)
+               for i, (g, w) in enumerate(zip(got, want, strict=True)) if i != 41)
     time.sleep(0.1)
     for pid in pids:  # run() closed the pool it was built with
         with pytest.raises(ProcessLookupError):

@@ -23,13 +23,14 @@ from urllib.parse import quote
 
 import pytest
 import redis
+
 from certs import CertificateAuthority
 from fixtures_redis import JOBS_QUEUE, ROOT, wait_until
-
-from latentserve.service.job_client import JobsClient
-from latentserve.worker.config import QueueConfig, check_redis_url, redact_url
-from latentserve.worker.errors import InvalidInput, Unavailable
-from latentserve.worker.jobstore import connect
+from latentserve.errors import InvalidInput, Unavailable
+from latentserve.service.client.jobs import JobsClient
+from latentserve.worker.jobqueue.config import QueueConfig
+from latentserve.worker.jobqueue.redis_url import check_redis_url, redact_url
+from latentserve.worker.jobqueue.store import connect
 
 REDIS_SERVER = shutil.which("redis-server") or ("/usr/bin/redis-server"
                                                 if os.path.exists("/usr/bin/redis-server")
@@ -157,7 +158,7 @@ def jobs_server_on(start_server: Callable[..., Any]) -> Callable[[str], Any]:
 
 def run_in_process_worker(url: str, tiny_repo: Path, pipeline: Any) -> Any:
     from latentserve.worker.config import WorkerConfig
-    from latentserve.worker.consumer import create_worker
+    from latentserve.worker.jobqueue.consumer import create_worker
 
     config = WorkerConfig(redis_url=url, models=str(tiny_repo), queue=QUEUE, burst=True,
                           claim_idle_s=1.0, block_ms=100, grace_s=5.0, intra_op_threads=1)
@@ -268,7 +269,7 @@ def test_tls_failures_are_named(tls_server, caplog):
         connect(server.url(pw, f"{tls_query(certs, client=False)}&ssl_certfile=/nowhere/c.pem"))
     # Plain redis:// to a TLS-only port: maybe a restart, so only a warning, with the hint.
     plain = f"redis://{pw}@127.0.0.1:{server.port}/0"
-    with caplog.at_level("WARNING", logger="latentserve.worker.jobstore"):
+    with caplog.at_level("WARNING", logger="latentserve.worker.jobqueue.store"):
         client = connect(plain)
     client.close()
     assert "if that port speaks TLS, use rediss://" in caplog.text
@@ -277,7 +278,7 @@ def test_tls_failures_are_named(tls_server, caplog):
 
 # -- the embedded server ------------------------------------------------------------------------
 def test_embedded_valkey_with_a_password(tmp_path):
-    from latentserve.service.embedded_redis import start_embedded_redis
+    from latentserve.service.server.embedded_redis import start_embedded_redis
 
     embedded = start_embedded_redis(tmp_path, persist=False, password="em b@dded")
     try:
@@ -330,7 +331,7 @@ def test_check_redis_url_refuses_what_redis_py_would_misread(tmp_path):
 @pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli is not installed")
 def test_the_embedded_url_works_with_the_stock_redis_cli(tmp_path):
     # redis-cli 7.0 sent an empty user name with a URL that had none: WRONGPASS.
-    from latentserve.service.embedded_redis import start_embedded_redis
+    from latentserve.service.server.embedded_redis import start_embedded_redis
 
     embedded = start_embedded_redis(tmp_path, persist=False, password="cli pass/word")
     try:

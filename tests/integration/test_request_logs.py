@@ -14,13 +14,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from serve_process import start_serve
 
-from latentserve.service.request_log import JsonFormatter, RequestIdFilter
+from latentserve.service.server.request_log import JsonFormatter, RequestIdFilter
 from latentserve.service.wire import raw_image
-
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
+from serve_process import start_serve
 
 TIMEOUT = 60.0
 

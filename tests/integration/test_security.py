@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,17 +15,18 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from certs import CertificateAuthority
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 
-from latentserve.service.auth import AuthInterceptor, TokenTable, new_token, token_line
-from latentserve.service.client import LatentServeClient
-from latentserve.service.client_config import ClientSecurity
-from latentserve.service.config import ServiceConfig
-from latentserve.service.job_client import JobsClient
-from latentserve.service.server import Server, create_server
-from latentserve.worker import errors as E
+from certs import CertificateAuthority
+from latentserve import errors as E
+from latentserve.service.client.inference import LatentServeClient
+from latentserve.service.client.jobs import JobsClient
+from latentserve.service.client.settings import ClientSecurity
+from latentserve.service.server.assemble import Server, create_server
+from latentserve.service.server.auth import AuthInterceptor, TokenTable, new_token, token_line
+from latentserve.service.server.config import ServiceConfig
+from latentserve.service.jobs.settings import JobSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,14 +71,14 @@ def test_tls_serves_trusting_clients_and_refuses_plaintext(start, pki, mnist_ima
     with LatentServeClient(_tls_target(server), timeout=20,
                            security=ClientSecurity(tls_ca=pki["ca"])) as client:
         _round_trip(client, mnist_images)
-    with LatentServeClient(f"127.0.0.1:{server.port}", timeout=5) as plain:
-        with pytest.raises(E.Unavailable):
-            plain.models()
+    with (LatentServeClient(f"127.0.0.1:{server.port}", timeout=5) as plain,
+          pytest.raises(E.Unavailable)):
+        plain.models()
     # A client that does not trust the server's CA (system roots) refuses the handshake.
-    with LatentServeClient(_tls_target(server), timeout=5,
-                           security=ClientSecurity(tls_server_name="localhost")) as untrusting:
-        with pytest.raises(E.Unavailable):
-            untrusting.models()
+    with (LatentServeClient(_tls_target(server), timeout=5,
+                            security=ClientSecurity(tls_server_name="localhost")) as untrusting,
+          pytest.raises(E.Unavailable)):
+        untrusting.models()
 
 
 def test_mutual_tls_needs_a_certificate_from_the_client_ca(start, pki, mnist_images):
@@ -91,23 +92,23 @@ def test_mutual_tls_needs_a_certificate_from_the_client_ca(start, pki, mnist_ima
     for security in (ClientSecurity(tls_ca=pki["ca"]),  # no client certificate
                      ClientSecurity(tls_ca=pki["ca"], tls_cert=pki["mallory"].cert,
                                     tls_key=pki["mallory"].key)):  # signed by another CA
-        with LatentServeClient(_tls_target(server), timeout=5, security=security) as client:
-            with pytest.raises(E.Unavailable):
-                client.models()
+        with (LatentServeClient(_tls_target(server), timeout=5, security=security) as client,
+              pytest.raises(E.Unavailable)):
+            client.models()
 
 
 def test_bad_tls_files_are_clear_startup_errors(tmp_path, pki):
     with pytest.raises(E.InvalidInput, match="tls_cert and tls_key go together"):
-        ServiceConfig(tls_cert=pki["server"].cert)
+        ServiceConfig(jobs=JobSettings.off(), tls_cert=pki["server"].cert)
     with pytest.raises(E.InvalidInput, match="needs tls_cert"):
-        ServiceConfig(tls_client_ca=pki["ca"])
+        ServiceConfig(jobs=JobSettings.off(), tls_client_ca=pki["ca"])
     not_pem = tmp_path / "cert.pem"
     not_pem.write_text("hello")
     with pytest.raises(E.InvalidInput, match="cert.pem is not a PEM file holding a certificate"):
-        create_server(ServiceConfig(host="127.0.0.1", port=0, metrics_port=None,
+        create_server(ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=None,
                                     tls_cert=not_pem, tls_key=pki["server"].key, preload=False))
     with pytest.raises(E.InvalidInput, match="cannot read the TLS private key"):
-        create_server(ServiceConfig(host="127.0.0.1", port=0, metrics_port=None,
+        create_server(ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=None,
                                     tls_cert=pki["server"].cert, tls_key=tmp_path / "missing",
                                     preload=False))
 
@@ -117,13 +118,13 @@ def test_tokens_refuse_missing_and_wrong_and_accept_listed(start, tokens, mnist_
     caplog.set_level(logging.DEBUG)
     server = start(auth_tokens=tokens["path"])
     target = server.target
-    with LatentServeClient(target, timeout=10) as anonymous:
-        with pytest.raises(E.Unauthenticated, match="no bearer token"):
-            anonymous.models()
+    with (LatentServeClient(target, timeout=10) as anonymous,
+          pytest.raises(E.Unauthenticated, match="no bearer token")):
+        anonymous.models()
     wrong = new_token()
-    with LatentServeClient(target, timeout=10, security=ClientSecurity(token=wrong)) as client:
-        with pytest.raises(E.Unauthenticated, match="not valid"):
-            client.compress(mnist_images[:2], "tiny-ae")
+    with (LatentServeClient(target, timeout=10, security=ClientSecurity(token=wrong)) as client,
+          pytest.raises(E.Unauthenticated, match="not valid")):
+        client.compress(mnist_images[:2], "tiny-ae")
     with LatentServeClient(target, timeout=20,
                            security=ClientSecurity(token=tokens["alice"])) as client:
         _round_trip(client, mnist_images)
@@ -199,17 +200,17 @@ def test_interceptor_counts_refusals_only_for_protected_methods(tokens):
 # -- defaults ----------------------------------------------------------------------------
 def test_without_auth_the_server_listens_on_loopback_only_and_says_so(tmp_path, tokens, pki,
                                                                      tiny_repo, caplog):
-    assert ServiceConfig().bind_host == "127.0.0.1"
-    assert ServiceConfig(auth_tokens=tokens["path"]).bind_host == "0.0.0.0"
-    assert ServiceConfig(host="0.0.0.0").bind_host == "0.0.0.0"  # told otherwise
+    assert ServiceConfig(jobs=JobSettings.off()).bind_host == "127.0.0.1"
+    assert ServiceConfig(jobs=JobSettings.off(), auth_tokens=tokens["path"]).bind_host == "0.0.0.0"
+    assert ServiceConfig(jobs=JobSettings.off(), host="0.0.0.0").bind_host == "0.0.0.0"  # told otherwise
     caplog.set_level(logging.INFO)
-    server, _ = create_server(ServiceConfig(port=0, metrics_port=None, models=tiny_repo,
+    server, _ = create_server(ServiceConfig(jobs=JobSettings.off(), port=0, metrics_port=None, models=tiny_repo,
                                             preload=False))
     with server:
         assert server.target.startswith("127.0.0.1:")
     assert "plaintext, auth off, loopback only" in caplog.text
     caplog.clear()
-    server, _ = create_server(ServiceConfig(host="0.0.0.0", port=0, metrics_port=None,
+    server, _ = create_server(ServiceConfig(jobs=JobSettings.off(), host="0.0.0.0", port=0, metrics_port=None,
                                             models=tiny_repo, preload=False))
     with server:
         pass

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from serve_process import start_serve
 
 from latentserve.v1 import jobs_pb2 as jpb
 from latentserve.v1 import jobs_pb2_grpc as jgrpc
+from serve_process import start_serve
 
 TIMEOUT = 30.0
 
@@ -66,8 +66,8 @@ def test_an_error_raised_after_the_client_left_logs_no_traceback(
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from latentserve.service.errors import ErrorInterceptor
-    from latentserve.worker.errors import JobStateError
+    from latentserve.errors import JobStateError
+    from latentserve.service.server.errors import ErrorInterceptor
 
     started, left, raised = threading.Event(), threading.Event(), threading.Event()
 

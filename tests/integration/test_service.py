@@ -15,14 +15,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from latentserve.service.config import ServiceConfig
-from latentserve.service.server import Server, create_server
+from latentserve.service.server.assemble import Server, create_server
+from latentserve.service.server.config import ServiceConfig
+from latentserve.service.jobs.settings import JobSettings
 from latentserve.service.wire import decode_reply_image, raw_batch, raw_image
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
-from latentserve.worker.engine import EngineConfig
-from latentserve.worker.images import encode_png
-from latentserve.worker.pipeline import Pipeline
+from latentserve.worker.runtime.engine import EngineConfig
+from latentserve.worker.runtime.images import encode_png
+from latentserve.worker.runtime.pipeline import Pipeline
 
 MODELS = ("tiny-ae", "tiny-vae", "tiny-vqvae")
 TIMEOUT = 60.0
@@ -30,7 +31,7 @@ TIMEOUT = 60.0
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path) -> Iterator[Server]:
-    config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=0, models=tiny_repo,
+    config = ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=0, models=tiny_repo,
                            intra_op_threads=1, compute_workers=2, grpc_threads=32)
     srv, _ = create_server(config)
     srv.start()
@@ -110,12 +111,13 @@ def test_png_in_and_png_out_agree_with_raw(stub: pb_grpc.InferenceStub,
     as_png = pb.CompressRequest(model="tiny-vae", images=[pb.Image(encoded=encode_png(im))
                                                           for im in images])
     codes = stub.Compress(as_png, timeout=TIMEOUT).codes
-    assert list(codes) == list(stub.Compress(raw_request("tiny-vae", images), timeout=TIMEOUT).codes)
+    again = stub.Compress(raw_request("tiny-vae", images), timeout=TIMEOUT)
+    assert list(codes) == list(again.codes)
     png = stub.Reconstruct(pb.ReconstructRequest(codes=codes), timeout=TIMEOUT).images
     raw = stub.Reconstruct(pb.ReconstructRequest(codes=codes, format=pb.IMAGE_FORMAT_RAW),
                            timeout=TIMEOUT).images
     assert all(im.WhichOneof("pixels") == "encoded" for im in png)
-    for a, b in zip(png, raw):
+    for a, b in zip(png, raw, strict=True):
         np.testing.assert_array_equal(decode_reply_image(a), decode_reply_image(b))
 
 

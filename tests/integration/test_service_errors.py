@@ -15,22 +15,24 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from latentserve.service.config import ServiceConfig
-from latentserve.service.client import error_from
-from latentserve.service.errors import STATUS_OF, status_for
-from latentserve.service.server import Server, create_server
+from latentserve import errors as E
+from latentserve.service.client.inference import error_from
+from latentserve.service.server.assemble import Server, create_server
+from latentserve.service.server.config import ServiceConfig
+from latentserve.service.jobs.settings import JobSettings
+from latentserve.service.server.errors import status_for
+from latentserve.service.status import STATUS_OF
 from latentserve.service.wire import raw_batch, raw_image
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
-from latentserve.worker import errors as E
-from latentserve.worker.images import encode_png
+from latentserve.worker.runtime.images import encode_png
 
 TIMEOUT = 60.0
 C = grpc.StatusCode
 
 
 def start(tiny_repo: Path, **overrides: Any) -> Server:
-    config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
+    config = ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
                            intra_op_threads=1, compute_workers=1, grpc_threads=16, **overrides)
     srv, _ = create_server(config)
     srv.start()
@@ -132,7 +134,7 @@ def test_stream_rules_are_invalid_arguments_naming_the_message(
             C.INVALID_ARGUMENT, "message 1: images[0]")
 
 
-# -- NOT_FOUND / FAILED_PRECONDITION / DATA_LOSS ------------------------------------------------------
+# -- NOT_FOUND / FAILED_PRECONDITION / DATA_LOSS -----------------------------------------------
 
 def test_unknown_models_are_not_found_listing_what_exists(stub: pb_grpc.InferenceStub,
                                                           mnist_images: np.ndarray) -> None:
@@ -221,7 +223,7 @@ def test_the_server_keeps_serving_after_every_refusal(stub: pb_grpc.InferenceStu
     assert len(reply.codes) == 1
 
 
-# -- deadlines, cancellation, draining ---------------------------------------------------------------
+# -- deadlines, cancellation, draining ---------------------------------------------------------
 
 def wait_for(predicate: Callable[[], bool], what: str) -> None:
     """Wait on a condition the server exposes (its metrics), not for a fixed time."""
@@ -265,7 +267,8 @@ def test_a_cancelled_stream_frees_its_queued_work(slow_server: Server,
     hold = threading.Event()
 
     def requests() -> Iterator[pb.CompressRequest]:
-        yield pb.CompressRequest(model="tiny-vae", images=[raw_image(im) for im in mnist_images[:5]])
+        yield pb.CompressRequest(model="tiny-vae",
+                                 images=[raw_image(im) for im in mnist_images[:5]])
         yield pb.CompressRequest(images=[raw_image(im) for im in mnist_images[5:8]])
         hold.wait(TIMEOUT)  # keep the stream open until the test is done
 

@@ -48,7 +48,8 @@ def test_sigterm_answers_every_call_in_flight_then_exits_zero(
         assert proc.stdout is not None
         line = proc.stdout.readline()
         match = re.search(r"serving on 127\.0\.0\.1:(\d+), metrics on port (\d+)", line)
-        assert match, f"unexpected first line {line!r}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
+        assert match, (f"unexpected first line {line!r}; stderr: "
+                       f"{proc.stderr.read() if proc.poll() is not None else ''}")
         port, metrics_port = int(match[1]), int(match[2])
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.InferenceStub(channel)

@@ -12,9 +12,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from fixtures_redis import serve_tiny
 
-from latentserve.service.server import Server
+from fixtures_redis import serve_tiny
+from latentserve.service.server.assemble import Server
 from latentserve.service.wire import raw_image
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc

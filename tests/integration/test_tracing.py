@@ -10,13 +10,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from fixtures_redis import JOBS_QUEUE
-from latentserve.service.job_client import JobsClient
-from latentserve.service.wire import raw_image
-from latentserve.worker.config import QueueConfig
 
+from fixtures_redis import JOBS_QUEUE
+from latentserve.service.client.jobs import JobsClient
+from latentserve.service.wire import raw_image
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
+from latentserve.worker.jobqueue.config import QueueConfig
 
 pytest.importorskip("opentelemetry.sdk")
 pytest.importorskip("opentelemetry.instrumentation.grpc")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from latentserve.service.addresses import is_loopback_host, is_loopback_target
-from latentserve.service.config import ServiceConfig
+from latentserve.service.server.config import ServiceConfig
 
 
 @pytest.mark.parametrize("host, loopback", [

@@ -9,9 +9,15 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from latentserve.service.batching import BatcherSet, ComputePool, DynamicBatcher, Ticket, concat
-from latentserve.service.errors import DeadlineExpired, RequestCancelled
-from latentserve.worker.errors import ResourceLimit, Unavailable
+from latentserve.errors import ResourceLimit, Unavailable
+from latentserve.service.server.batching import (
+    BatcherSet,
+    ComputeLanes,
+    DynamicBatcher,
+    Ticket,
+    concat,
+)
+from latentserve.service.status import DeadlineExpired, RequestCancelled
 
 WAIT = 10.0  # seconds: only ever reached when a test fails
 
@@ -62,16 +68,16 @@ class Events:
 
 
 @pytest.fixture
-def pool() -> Iterator[ComputePool]:
-    p = ComputePool(1)
+def lanes() -> Iterator[ComputeLanes]:
+    p = ComputeLanes(1)
     yield p
     p.shutdown()
 
 
-def make(fn, pool: ComputePool, **kw) -> DynamicBatcher:  # type: ignore[no-untyped-def]
+def make(fn, lanes: ComputeLanes, **kw) -> DynamicBatcher:  # type: ignore[no-untyped-def]
     opts = dict(max_batch_size=64, max_queue_delay_us=60_000_000, name="test")
     opts.update(kw)
-    return DynamicBatcher(fn, pool=pool, **opts)  # type: ignore[arg-type]
+    return DynamicBatcher(fn, lanes=lanes, **opts)  # type: ignore[arg-type]
 
 
 def arr(*values: int) -> np.ndarray:
@@ -91,14 +97,14 @@ class Background:
         return self.ticket[0].result(timeout)
 
 
-def test_a_lone_request_runs_at_once_in_the_callers_thread(pool: ComputePool) -> None:
+def test_a_lone_request_runs_at_once_in_the_callers_thread(lanes: ComputeLanes) -> None:
     threads = []
 
     def fn(items: np.ndarray) -> np.ndarray:
         threads.append(threading.current_thread())
         return items * 10
 
-    b = make(fn, pool)
+    b = make(fn, lanes)
     try:
         ticket = b.submit(arr(1, 2, 3))
         assert ticket.finished and ticket.result(0).tolist() == [10, 20, 30]
@@ -107,9 +113,9 @@ def test_a_lone_request_runs_at_once_in_the_callers_thread(pool: ComputePool) ->
         b.close()
 
 
-def test_requests_arriving_during_a_batch_are_merged_into_the_next(pool: ComputePool) -> None:
+def test_requests_arriving_during_a_batch_are_merged_into_the_next(lanes: ComputeLanes) -> None:
     rec = Recorder(hold_first=True)
-    b = make(rec, pool)
+    b = make(rec, lanes)
     try:
         first = Background(b, arr(1))
         assert rec.entered.wait(WAIT)
@@ -123,9 +129,9 @@ def test_requests_arriving_during_a_batch_are_merged_into_the_next(pool: Compute
         b.close()
 
 
-def test_a_large_request_is_cut_into_max_size_batches_in_order(pool: ComputePool) -> None:
+def test_a_large_request_is_cut_into_max_size_batches_in_order(lanes: ComputeLanes) -> None:
     rec = Recorder()
-    b = make(rec, pool, max_batch_size=4)
+    b = make(rec, lanes, max_batch_size=4)
     try:
         out = b.submit(np.arange(10)).result(WAIT)
         assert out.tolist() == [10 * i for i in range(10)]
@@ -134,9 +140,9 @@ def test_a_large_request_is_cut_into_max_size_batches_in_order(pool: ComputePool
         b.close()
 
 
-def test_a_full_batch_starts_without_waiting_for_the_delay(pool: ComputePool) -> None:
+def test_a_full_batch_starts_without_waiting_for_the_delay(lanes: ComputeLanes) -> None:
     rec = Recorder()
-    b = make(rec, pool, max_batch_size=3, dispatch_when_idle=False)  # delay 60 s
+    b = make(rec, lanes, max_batch_size=3, dispatch_when_idle=False)  # delay 60 s
     try:
         tickets = [b.submit(arr(i)) for i in range(3)]
         assert [t.result(WAIT).tolist() for t in tickets] == [[0], [10], [20]]
@@ -145,9 +151,9 @@ def test_a_full_batch_starts_without_waiting_for_the_delay(pool: ComputePool) ->
         b.close()
 
 
-def test_the_queue_delay_gathers_requests_then_fires(pool: ComputePool) -> None:
+def test_the_queue_delay_gathers_requests_then_fires(lanes: ComputeLanes) -> None:
     rec = Recorder()
-    b = make(rec, pool, max_queue_delay_us=300_000, dispatch_when_idle=False)
+    b = make(rec, lanes, max_queue_delay_us=300_000, dispatch_when_idle=False)
     try:
         start = time.monotonic()
         tickets = [b.submit(arr(i)) for i in range(3)]
@@ -158,9 +164,9 @@ def test_the_queue_delay_gathers_requests_then_fires(pool: ComputePool) -> None:
         b.close()
 
 
-def test_batching_off_runs_every_request_alone(pool: ComputePool) -> None:
+def test_batching_off_runs_every_request_alone(lanes: ComputeLanes) -> None:
     rec = Recorder(hold_first=True)
-    b = make(rec, pool, batching=False, max_batch_size=2)
+    b = make(rec, lanes, batching=False, max_batch_size=2)
     try:
         first = Background(b, arr(1))
         assert rec.entered.wait(WAIT)
@@ -172,10 +178,10 @@ def test_batching_off_runs_every_request_alone(pool: ComputePool) -> None:
         b.close()
 
 
-def test_a_cancelled_request_is_dropped_from_the_queue(pool: ComputePool) -> None:
+def test_a_cancelled_request_is_dropped_from_the_queue(lanes: ComputeLanes) -> None:
     rec = Recorder()
     events = Events()
-    b = make(rec, pool, dispatch_when_idle=False, observer=events)
+    b = make(rec, lanes, dispatch_when_idle=False, observer=events)
     try:
         t = b.submit(arr(1, 2))
         t.cancel()
@@ -188,10 +194,10 @@ def test_a_cancelled_request_is_dropped_from_the_queue(pool: ComputePool) -> Non
         b.close()
 
 
-def test_a_request_past_its_deadline_is_dropped_with_a_clear_error(pool: ComputePool) -> None:
+def test_a_request_past_its_deadline_is_dropped_with_a_clear_error(lanes: ComputeLanes) -> None:
     rec = Recorder()
     events = Events()
-    b = make(rec, pool, dispatch_when_idle=False, observer=events)
+    b = make(rec, lanes, dispatch_when_idle=False, observer=events)
     try:
         t = b.submit(arr(1), deadline=time.monotonic() + 0.05)
         with pytest.raises(DeadlineExpired, match="deadline passed"):
@@ -202,9 +208,9 @@ def test_a_request_past_its_deadline_is_dropped_with_a_clear_error(pool: Compute
         b.close()
 
 
-def test_cancelling_a_large_request_stops_its_remaining_batches(pool: ComputePool) -> None:
+def test_cancelling_a_large_request_stops_its_remaining_batches(lanes: ComputeLanes) -> None:
     rec = Recorder(hold_first=True)
-    b = make(rec, pool, max_batch_size=2)
+    b = make(rec, lanes, max_batch_size=2)
     try:
         t = b.submit(np.arange(10))
         assert rec.entered.wait(WAIT)
@@ -218,9 +224,9 @@ def test_cancelling_a_large_request_stops_its_remaining_batches(pool: ComputePoo
         b.close()
 
 
-def test_one_bad_request_in_a_merged_batch_fails_only_itself(pool: ComputePool) -> None:
+def test_one_bad_request_in_a_merged_batch_fails_only_itself(lanes: ComputeLanes) -> None:
     rec = Recorder(hold_first=True)
-    b = make(rec, pool)
+    b = make(rec, lanes)
     try:
         first = Background(b, arr(1))
         assert rec.entered.wait(WAIT)
@@ -235,9 +241,9 @@ def test_one_bad_request_in_a_merged_batch_fails_only_itself(pool: ComputePool) 
         b.close()
 
 
-def test_a_full_queue_refuses_with_its_depth_and_limit(pool: ComputePool) -> None:
+def test_a_full_queue_refuses_with_its_depth_and_limit(lanes: ComputeLanes) -> None:
     rec = Recorder(hold_first=True)
-    b = make(rec, pool, max_queue_items=3)
+    b = make(rec, lanes, max_queue_items=3)
     try:
         first = Background(b, arr(1))
         assert rec.entered.wait(WAIT)
@@ -251,9 +257,9 @@ def test_a_full_queue_refuses_with_its_depth_and_limit(pool: ComputePool) -> Non
         b.close()
 
 
-def test_close_answers_what_is_queued_then_refuses(pool: ComputePool) -> None:
+def test_close_answers_what_is_queued_then_refuses(lanes: ComputeLanes) -> None:
     rec = Recorder(hold_first=True)
-    b = make(rec, pool)
+    b = make(rec, lanes)
     first = Background(b, arr(1))
     assert rec.entered.wait(WAIT)
     queued = b.submit(arr(2))
@@ -268,22 +274,22 @@ def test_close_answers_what_is_queued_then_refuses(pool: ComputePool) -> None:
 
 
 def test_lists_batch_like_arrays() -> None:
-    pool = ComputePool(2)
-    b = DynamicBatcher(lambda items: [x.upper() for x in items], pool=pool, max_batch_size=2,
+    lanes = ComputeLanes(2)
+    b = DynamicBatcher(lambda items: [x.upper() for x in items], lanes=lanes, max_batch_size=2,
                        max_queue_delay_us=0, name="lists")
     try:
         assert b.submit([b"ab", b"cd", b"ef"]).result(WAIT) == [b"AB", b"CD", b"EF"]
         assert b.submit([]).result(WAIT) == []
     finally:
         b.close()
-        pool.shutdown()
+        lanes.shutdown()
     assert concat([[1], [2, 3]]) == [1, 2, 3]
 
 
 def test_concurrent_submitters_each_get_exactly_their_own_results() -> None:
-    pool = ComputePool(2)
+    lanes = ComputeLanes(2)
     seen: list[int] = []
-    b = DynamicBatcher(lambda x: (seen.append(len(x)), x * 3)[1], pool=pool, max_batch_size=8,
+    b = DynamicBatcher(lambda x: (seen.append(len(x)), x * 3)[1], lanes=lanes, max_batch_size=8,
                        max_queue_delay_us=1000, name="many")
     results: dict[int, list[int]] = {}
     go = threading.Barrier(16)
@@ -304,18 +310,18 @@ def test_concurrent_submitters_each_get_exactly_their_own_results() -> None:
         assert max(seen) <= 8
     finally:
         b.close()
-        pool.shutdown()
+        lanes.shutdown()
 
 
 def test_a_batcher_set_keeps_keys_apart() -> None:
-    pool = ComputePool(1)
+    lanes = ComputeLanes(1)
     batches: list[tuple[str, list[str]]] = []
 
     def factory(key: object) -> DynamicBatcher:
         def fn(items: list[str]) -> list[str]:
             batches.append((str(key), list(items)))
             return [f"{key}:{x}" for x in items]
-        return DynamicBatcher(fn, pool=pool, max_batch_size=16, max_queue_delay_us=1000,
+        return DynamicBatcher(fn, lanes=lanes, max_batch_size=16, max_queue_delay_us=1000,
                               name=str(key))
 
     s = BatcherSet(factory)
@@ -328,6 +334,6 @@ def test_a_batcher_set_keeps_keys_apart() -> None:
             assert all((x in "12") == (key == "a") for x in items)
     finally:
         s.close()
-        pool.shutdown()
+        lanes.shutdown()
     with pytest.raises(Unavailable):
         s.get("a")

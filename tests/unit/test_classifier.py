@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latentserve.worker.images import read_idx
+from latentserve.worker.runtime.images import read_idx
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "models" / "classifiers" / "mnist-classifier" / "1"
@@ -48,7 +48,7 @@ def test_shipped_classifier_accuracy_on_validation_split(
 
 
 def test_classifier_is_not_listed_as_a_servable_model(tmp_path: Path) -> None:
-    from latentserve.worker.repository import ModelRepository
+    from latentserve.worker.runtime.repository import ModelRepository
 
     # the repository lists models/*/*/manifest.json; the classifier sits one level deeper
     names = ModelRepository(ROOT / "models").names()
@@ -60,8 +60,12 @@ def test_train_and_export_round_trip(tmp_path: Path,
                                      validation: tuple[np.ndarray, np.ndarray]) -> None:
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
-    from latentserve.export.classifier import (ClassifierConfig, onnx_logits, train_classifier,
-                                               write_classifier)
+    from latentserve.export.nets.classifier import (
+        ClassifierConfig,
+        onnx_logits,
+        train_classifier,
+        write_classifier,
+    )
 
     images, labels = validation
     config = ClassifierConfig(epochs=3, batch_size=32)

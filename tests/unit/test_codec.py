@@ -1,4 +1,4 @@
-"""worker/codec.py: header layout, round trips of every kind, and every refusal.
+"""worker/codec/codes.py: header layout, round trips of every kind, and every refusal.
 
 Uses the checked-in golden models (tests/fixtures/golden_repo: hand-built ONNX graphs run
 by onnxruntime) and the tiny trained models of ``tiny_repo`` for the real prior.
@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from latentserve.worker.codec import (
+from latentserve.errors import (
+    CodeMismatch,
+    CorruptCode,
+    InvalidInput,
+    NotExactlyDecodable,
+    UnknownFormatVersion,
+)
+from latentserve.worker.codec.codes import (
     FORMAT_VERSION,
     HEADER_SIZE,
     VQ_PRIOR,
@@ -24,16 +31,9 @@ from latentserve.worker.codec import (
     pack,
     parse_header,
 )
-from latentserve.worker.errors import (
-    CodeMismatch,
-    CorruptCode,
-    InvalidInput,
-    NotExactlyDecodable,
-    UnknownFormatVersion,
-)
-from latentserve.worker.engine import EngineConfig, ModelRuntime, PriorStepper
-from latentserve.worker.entropy import prior_tables
-from latentserve.worker.pipeline import Pipeline
+from latentserve.worker.codec.entropy import prior_tables
+from latentserve.worker.runtime.engine import EngineConfig, ModelRuntime, PriorStepper
+from latentserve.worker.runtime.pipeline import Pipeline
 
 # The machine's cores are shared: one onnxruntime thread per session in tests.
 ONE_THREAD = EngineConfig(intra_op_threads=1)
@@ -113,9 +113,11 @@ def test_header_layout() -> None:
     assert len(code) == HEADER_SIZE + 2
     assert code[0] == 0xA1 and code[1] == 3 and code[2:4] == b"\xab\xab"
     crc = zlib.crc32(bytes.fromhex(digest) + code[:4] + b"\x12\x34") & 0xFFFFFF
-    assert code[4:7] == crc.to_bytes(3, "big") == checksum(digest, code[:4], b"\x12\x34").to_bytes(3, "big")
+    assert (code[4:7] == crc.to_bytes(3, "big")
+            == checksum(digest, code[:4], b"\x12\x34").to_bytes(3, "big"))
     h = parse_header(code)
-    assert (h.version, h.kind, h.fingerprint, h.payload) == (FORMAT_VERSION, 3, b"\xab\xab", b"\x12\x34")
+    assert ((h.version, h.kind, h.fingerprint, h.payload)
+            == (FORMAT_VERSION, 3, b"\xab\xab", b"\x12\x34"))
     assert h.made_by(digest) and not h.made_by("ab" * 31 + "ac")
 
 
@@ -242,7 +244,7 @@ def test_logits_on_a_rounding_boundary_are_refused(golden: Pipeline) -> None:
     # the decoder cannot trust its tables.
     edgy = NoisyPrior(codec.runtime, transform=on_every_offsets_boundary(scale))
     results = LatentCodec(edgy).decode_each(codes)  # type: ignore[arg-type]
-    for code, r in zip(codes, results):
+    for code, r in zip(codes, results, strict=True):
         if code[1] == VQ_PRIOR:
             assert isinstance(r, NotExactlyDecodable)
             assert re.search(r"grid position [01] .*rounding boundary", str(r))
@@ -259,7 +261,7 @@ def test_wrong_tables_never_decode_silently(golden: Pipeline) -> None:
     refused = 0
     for amp in (3e-4, 3e-3, 0.6):
         wrong = LatentCodec(NoisyPrior(codec.runtime, amp=amp, seed=1))  # type: ignore[arg-type]
-        for i, r in zip(prior, wrong.decode_each([codes[i] for i in prior])):
+        for i, r in zip(prior, wrong.decode_each([codes[i] for i in prior]), strict=True):
             if isinstance(r, np.ndarray):  # the noise changed no table this code used
                 assert np.array_equal(r, symbols[i])
             else:

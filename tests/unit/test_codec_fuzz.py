@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latentserve.worker.codec import HEADER_SIZE, LatentCodec, pack, parse_header
-from latentserve.worker.errors import CodeError
-from latentserve.worker.engine import EngineConfig
-from latentserve.worker.pipeline import Pipeline
+from latentserve.errors import CodeError
+from latentserve.worker.codec.codes import HEADER_SIZE, LatentCodec, pack, parse_header
+from latentserve.worker.runtime.engine import EngineConfig
+from latentserve.worker.runtime.pipeline import Pipeline
 
 # The machine's cores are shared: one onnxruntime thread per session in tests.
 ONE_THREAD = EngineConfig(intra_op_threads=1)

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latentserve.worker.codec import FORMAT_VERSION, VQ_PRIOR, VQ_STATIC
-from latentserve.worker.errors import CodeMismatch
-from latentserve.worker.engine import EngineConfig
-from latentserve.worker.pipeline import Pipeline
+from latentserve.errors import CodeMismatch
+from latentserve.worker.codec.codes import FORMAT_VERSION, VQ_PRIOR, VQ_STATIC
+from latentserve.worker.runtime.engine import EngineConfig
+from latentserve.worker.runtime.pipeline import Pipeline
 
 # The machine's cores are shared: one onnxruntime thread per session in tests.
 ONE_THREAD = EngineConfig(intra_op_threads=1)
@@ -55,7 +55,7 @@ def test_golden_codes_cover_every_kind(golden: dict) -> None:  # type: ignore[ty
 def test_golden_codes_decode_to_their_symbols_and_images(golden: dict) -> None:  # type: ignore[type-arg]
     pipe = Pipeline(FIXTURES / "golden_repo", ONE_THREAD)
     codes = [bytes.fromhex(c["code"]) for c in golden["codes"]]
-    for entry, code in zip(golden["codes"], codes):
+    for entry, code in zip(golden["codes"], codes, strict=True):
         assert pipe.identify(code).manifest.ref == entry["model"]
         symbols = pipe.codec(entry["model"]).decode([code])[0]
         assert symbols.tolist() == entry["symbols"]
@@ -79,7 +79,7 @@ def test_golden_encoder_still_writes_the_same_bytes(golden: dict) -> None:  # ty
 
 def test_code_of_a_deleted_model_names_it() -> None:
     """golden-gone:1 is only in registry.json: its codes are refused by name."""
-    from latentserve.worker.codec import pack
+    from latentserve.worker.codec.codes import pack
 
     make = load_golden_module()
     code = pack(make.GONE["manifest_sha256"], VQ_STATIC, b"\x01\x02")

@@ -1,4 +1,4 @@
-"""worker/coderpool.py: codes in worker processes come back in request order, exactly the
+"""worker/codec/coderpool.py: codes in worker processes come back in request order, exactly the
 in-process bytes; a bad code is reported by its index; a killed process is replaced and
 its work redone, each item's result given once."""
 
@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from latentserve.worker.codec import LatentCodec
-from latentserve.worker.coderpool import CoderPool
-from latentserve.worker.engine import EngineConfig
-from latentserve.worker.errors import CodeError, CorruptCode
-from latentserve.worker.pipeline import Pipeline
+
+from latentserve.errors import CodeError, CorruptCode
+from latentserve.worker.codec.coderpool import CoderPool
+from latentserve.worker.codec.codes import LatentCodec
+from latentserve.worker.runtime.engine import EngineConfig
+from latentserve.worker.runtime.pipeline import Pipeline
 
 ONE_THREAD = EngineConfig(intra_op_threads=1)
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden_repo"
@@ -68,7 +69,7 @@ def test_pool_reports_a_bad_code_by_its_index(inline: Pipeline, pooled: Pipeline
     codes = codec.encode(symbols)
     # A payload the encoder would not write (one byte appended), checksum made valid:
     # only the pool's canonical re-encode can refuse it.
-    from latentserve.worker.codec import pack, parse_header
+    from latentserve.worker.codec.codes import pack, parse_header
 
     bad = pack(codec.manifest.digest, codes[6][1], parse_header(codes[6]).payload + b"\x07")
     codes[6] = bad
@@ -88,7 +89,7 @@ def test_pool_reports_a_bad_code_by_its_index(inline: Pipeline, pooled: Pipeline
                                              ("golden-vqvae:1", "vq_static")])
 def test_a_slice_per_process_and_a_bad_code_in_the_second_slice(
         inline: Pipeline, pooled: Pipeline, model: str, kind: str | None) -> None:
-    from latentserve.worker.codec import pack, parse_header
+    from latentserve.worker.codec.codes import pack, parse_header
 
     codec = pooled.codec(model)
     symbols = symbols_for(codec, 101, seed=11)
@@ -146,7 +147,7 @@ def test_a_process_killed_while_coding_is_replaced_and_its_slice_redone(
 
 
 def test_a_closed_pool_refuses_work() -> None:
-    from latentserve.worker.errors import Unavailable
+    from latentserve.errors import Unavailable
 
     pool = CoderPool(1, min_batch=1)
     pipe = Pipeline(GOLDEN, ONE_THREAD, coder_pool=pool)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from latentserve.service.config import ServiceConfig
-from latentserve.worker.errors import InvalidInput
+from latentserve.errors import InvalidInput
+from latentserve.service.server.config import ServiceConfig
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,7 +46,8 @@ def test_flags_win_over_env_and_absent_flags_do_not() -> None:
 
 def test_a_flag_can_turn_an_optional_setting_off() -> None:
     args = parser().parse_args(["--metrics-port", "none"])
-    assert ServiceConfig.from_sources(args, {"LATENTSERVE_METRICS_PORT": "9100"}).metrics_port is None
+    config = ServiceConfig.from_sources(args, {"LATENTSERVE_METRICS_PORT": "9100"})
+    assert config.metrics_port is None
     assert ServiceConfig.from_sources(parser().parse_args([]), {}).metrics_port == 9090
 
 
@@ -68,8 +69,8 @@ def test_bad_values_name_the_setting_and_what_is_allowed() -> None:
 def test_threads_fill_the_cores_without_oversubscribing() -> None:
     cores = os.cpu_count() or 1
     c = ServiceConfig.from_env({})
-    assert c.workers == min(2, cores)
-    assert c.workers * c.ort_threads <= max(cores, c.workers)
+    assert c.compute_threads == min(2, cores)
+    assert c.compute_threads * c.ort_threads <= max(cores, c.compute_threads)
     e = ServiceConfig(compute_workers=3, intra_op_threads=2).engine_config()
     assert e.intra_op_threads == 2 and e.provider == "cpu"
 

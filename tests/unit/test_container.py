@@ -1,4 +1,4 @@
-"""worker/container.py: the .lscb batch container."""
+"""worker/codec/container.py: the .lscb batch container."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from latentserve.worker.container import (
+from latentserve.errors import CorruptCode, UnknownFormatVersion
+from latentserve.worker.codec.container import (
     pack_container,
     read_container,
     unpack_container,
     write_container,
 )
-from latentserve.worker.errors import CorruptCode, UnknownFormatVersion
 
 
 @settings(max_examples=200, deadline=None)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from latentserve.export.custom import Factorized, VQCodebook, export_model
-from latentserve.export.prior import PixelCNNPrior, PriorConfig
-from latentserve.worker.errors import InvalidInput
-from latentserve.worker.model_check import check_model
-from latentserve.worker.pipeline import Pipeline
-from latentserve.worker.repository import ModelRepository
+from latentserve.errors import InvalidInput
+from latentserve.export.nets.prior import PixelCNNPrior, PriorConfig
+from latentserve.export.publish.custom import Factorized, VQCodebook, export_model
+from latentserve.worker.runtime.model_check import check_model
+from latentserve.worker.runtime.pipeline import Pipeline
+from latentserve.worker.runtime.repository import ModelRepository
 
 torch.set_num_threads(1)
 
@@ -211,7 +211,8 @@ class NonCausal(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         total = idx.float().flatten(1).sum(1)[:, None, None, None]
-        return total.expand(-1, self.k, *idx.shape[1:]) * torch.linspace(0, 1, self.k)[None, :, None, None]
+        ramp = torch.linspace(0, 1, self.k)[None, :, None, None]
+        return total.expand(-1, self.k, *idx.shape[1:]) * ramp
 
 
 class Crash(nn.Module):

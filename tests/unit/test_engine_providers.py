@@ -8,9 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from latentserve.worker.engine import EngineConfig, ModelRuntime
-from latentserve.worker.errors import InvalidInput, ProviderUnavailable
-from latentserve.worker.repository import ModelRepository
+from latentserve.errors import InvalidInput, ProviderUnavailable
+from latentserve.worker.runtime.engine import EngineConfig, ModelRuntime
+from latentserve.worker.runtime.repository import ModelRepository
 
 
 @pytest.mark.parametrize("model", ["tiny-ae", "tiny-vae", "tiny-vqvae"])

@@ -1,4 +1,4 @@
-"""worker/entropy.py: exact round trips over random integer tables and shapes (hypothesis)."""
+"""worker/codec/entropy.py: exact round trips over random integer tables and shapes (hypothesis)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from random_tables import SETTINGS, random_freqs, sample
 
-from latentserve.worker.entropy import (
+from latentserve.errors import CorruptCode, InvalidInput, ModelIntegrityError
+from latentserve.worker.codec.entropy import (
     FactorizedTables,
     StaticTables,
     SymbolDecoder,
@@ -24,8 +24,9 @@ from latentserve.worker.entropy import (
     probabilities,
     words_to_bytes,
 )
-from latentserve.worker.errors import CorruptCode, InvalidInput, ModelIntegrityError
-from latentserve.worker.manifest import FactorizedSpec, VQPriorSpec, VQStaticSpec
+from latentserve.worker.runtime.manifest import FactorizedSpec, VQPriorSpec, VQStaticSpec
+from random_tables import SETTINGS, random_freqs, sample
+
 
 def test_probabilities_are_exact_quotients() -> None:
     freqs = np.array([[1, 2, 3, 65530], [7, 7, 7, 7]], np.int64)

@@ -1,5 +1,5 @@
 """The fast coder (fixed models, closed-form payload, no decode check) writes exactly the
-bytes of the reference coder (worker/entropy_reference.py, the earlier path),
+bytes of the reference coder (worker/codec/entropy_reference.py, the earlier path),
 on random symbols and tables of every kind, and refuses exactly what it refuses."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from random_tables import SETTINGS, random_freqs, sample
 
-from latentserve.worker import entropy_reference as ref
-from latentserve.worker.codec import prior_payload
-from latentserve.worker.entropy import (
+from latentserve.errors import CorruptCode
+from latentserve.worker.codec import entropy_reference as ref
+from latentserve.worker.codec.codes import prior_payload
+from latentserve.worker.codec.entropy import (
     FAMILY,
     FactorizedTables,
     RangeEncoder,
@@ -21,8 +21,9 @@ from latentserve.worker.entropy import (
     probabilities,
     shortest_payload,
 )
-from latentserve.worker.errors import CorruptCode
-from latentserve.worker.manifest import FactorizedSpec, VQStaticSpec
+from latentserve.worker.runtime.manifest import FactorizedSpec, VQStaticSpec
+from random_tables import SETTINGS, random_freqs, sample
+
 
 def factorized(rng: np.random.Generator, c: int, h: int, w: int,
                kmax: int) -> tuple[FactorizedTables, np.ndarray]:
@@ -64,7 +65,7 @@ def test_factorized_fast_equals_reference(seed: int, c: int, h: int, w: int, kma
     fast = tables.encode_batch(symbols)
     assert fast == [ref.factorized_encode(tables, s) for s in symbols]
     decoded = tables.decode_batch(fast, canonical=True)
-    for s, d in zip(symbols, decoded):
+    for s, d in zip(symbols, decoded, strict=True):
         assert isinstance(d, np.ndarray) and d.dtype == np.int32 and np.array_equal(d, s)
     for payload in fast:
         for bad in mutations(payload, rng):
@@ -88,7 +89,7 @@ def test_static_fast_equals_reference(seed: int, h: int, w: int, k: int, n: int)
     symbols = symbols.reshape(n, h, w).astype(np.int32)
     fast = tables.encode_batch(symbols)
     assert fast == [ref.static_encode(tables, s) for s in symbols]
-    for s, d in zip(symbols, tables.decode_batch(fast, canonical=True)):
+    for s, d in zip(symbols, tables.decode_batch(fast, canonical=True), strict=True):
         assert isinstance(d, np.ndarray) and np.array_equal(d, s)
     for payload in fast:
         for bad in mutations(payload, rng):

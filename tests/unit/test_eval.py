@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from latentserve.cli import main
-from latentserve.eval.codecs import CodecSetting, codec_settings, parse_codecs
+from latentserve.errors import InvalidInput
+from latentserve.eval.classic_codecs import CodecSetting, codec_settings, parse_codecs
 from latentserve.eval.rd import RDPoint, measure_codec
 from latentserve.eval.report import bd_rates, headline, interpolate_bytes
 from latentserve.eval.samples import class_entropy_bits, save_grid, score
-from latentserve.worker.errors import InvalidInput
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSIFIER = ROOT / "models" / "classifiers" / "mnist-classifier" / "1"
@@ -33,7 +33,7 @@ def test_eval_on_20_images_writes_all_three_files(
         tiny_repo: Path, mnist_images: np.ndarray, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     from latentserve.eval.metrics import psnr
-    from latentserve.worker.pipeline import Pipeline
+    from latentserve.worker.runtime.pipeline import Pipeline
 
     images = mnist_images[:20]
     src = write_idx(tmp_path / "val-idx3-ubyte.gz", images)
@@ -77,14 +77,14 @@ def test_eval_on_20_images_writes_all_three_files(
 def test_eval_codecs_only_and_bad_arguments(mnist_images: np.ndarray, tmp_path: Path) -> None:
     src = write_idx(tmp_path / "x-idx3-ubyte.gz", mnist_images[:6])
     out = tmp_path / "o"
-    assert main(["eval", "--images", str(src), "--models", "--codecs", "webp", "--quiet",
+    assert main(["eval", "--images", str(src), "--only", "--codecs", "webp", "--quiet",
                  "--limit", "4", "-o", str(out)]) == 0
     report = json.loads((out / "rd.json").read_text())
     assert report["meta"]["images"] == 4
     assert [p["label"] for p in report["points"]][-1] == "webp-lossless"
-    assert main(["eval", "--images", str(src), "--models", "--codecs", "gif", "-o",
+    assert main(["eval", "--images", str(src), "--only", "--codecs", "gif", "-o",
                  str(out)]) == 1
-    assert main(["eval", "--images", str(src), "--models", "--codecs", "", "-o", str(out)]) == 1
+    assert main(["eval", "--images", str(src), "--only", "--codecs", "", "-o", str(out)]) == 1
 
 
 def test_codec_settings_and_lossless_round_trip(mnist_images: np.ndarray) -> None:

@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from latentserve.export import tables
-from latentserve.export.data import split
-from latentserve.export.exporter import ExportParityError, _parity, export_checkpoint
-from latentserve.export.train import rebuild, train_model
-from latentserve.worker.engine import ModelRuntime
-from latentserve.worker.errors import InvalidInput
-from latentserve.worker.repository import ModelRepository
-
 from fixtures_models import MNIST, tiny_configs
+from latentserve.errors import InvalidInput
+from latentserve.export.publish import tables
+from latentserve.export.publish.exporter import ExportParityError, _parity, export_checkpoint
+from latentserve.export.training.data import split
+from latentserve.export.training.train import rebuild, train_model
+from latentserve.worker.runtime.engine import ModelRuntime
+from latentserve.worker.runtime.repository import ModelRepository
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from latentserve.export.divergences import discrete_kl, gaussian_kl
+from latentserve.export.nets.divergences import discrete_kl, gaussian_kl
 
 
 def test_closed_form_gaussian_kl_matches_monte_carlo() -> None:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio
 
+from latentserve.errors import InvalidInput
 from latentserve.eval.metrics import psnr, ssim
-from latentserve.worker.errors import InvalidInput
 
 
 def _pair(seed: int = 0, n: int = 4, shape: tuple[int, int, int] = (1, 28, 28)):
@@ -43,7 +43,7 @@ def _ssim_reference(a: np.ndarray, b: np.ndarray) -> float:
 def test_psnr_matches_skimage_per_image() -> None:
     ref, test = _pair()
     got = psnr(ref, test)
-    want = [peak_signal_noise_ratio(r, t, data_range=255) for r, t in zip(ref, test)]
+    want = [peak_signal_noise_ratio(r, t, data_range=255) for r, t in zip(ref, test, strict=True)]
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
@@ -60,7 +60,7 @@ def test_psnr_known_values_and_floor() -> None:
 def test_ssim_matches_written_out_reference() -> None:
     ref, test = _pair(seed=1, n=3)
     got = ssim(ref, test)
-    want = [_ssim_reference(r[0], t[0]) for r, t in zip(ref, test)]
+    want = [_ssim_reference(r[0], t[0]) for r, t in zip(ref, test, strict=True)]
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
     assert np.all(got < 0.99)
 

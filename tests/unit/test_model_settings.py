@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from latentserve.service.model_settings import (
+
+from latentserve.errors import ModelIntegrityError
+from latentserve.service.models.settings import (
     ModelSettings,
     parse_settings,
     read_settings,
     settings_stamp,
 )
-from latentserve.worker.errors import ModelIntegrityError
 
 
 def test_absent_file_and_absent_keys_take_the_server_defaults(tmp_path: Path) -> None:

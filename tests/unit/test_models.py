@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentserve.export.models import MODELS, ModelConfig, build_model
-from latentserve.export.prior import MaskedConv2d, PixelCNNPrior, PriorConfig
-from latentserve.export.quantizer import Codebook, VectorQuantizer
+from latentserve.export.nets.models import MODELS, ModelConfig, build_model
+from latentserve.export.nets.prior import MaskedConv2d, PixelCNNPrior, PriorConfig
+from latentserve.export.nets.quantizer import Codebook, VectorQuantizer
 
 torch.set_num_threads(1)
 

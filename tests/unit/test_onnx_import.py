@@ -12,13 +12,20 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
+from custom_graphs import (
+    VQDec,
+    VQEnc,
+    block_decoder,
+    helper_model,
+    pool_encoder,
+    samples,
+    torch_onnx,
+)
 from latentserve.cli import main
-from latentserve.export.onnx_import import import_onnx
-from latentserve.worker.errors import InvalidInput
-from latentserve.worker.images import encode_png
-from latentserve.worker.pipeline import Pipeline
-
-from custom_graphs import VQDec, VQEnc, block_decoder, helper_model, pool_encoder, samples, torch_onnx
+from latentserve.errors import InvalidInput
+from latentserve.export.publish.onnx_import import import_onnx
+from latentserve.worker.runtime.images import encode_png
+from latentserve.worker.runtime.pipeline import Pipeline
 
 torch.set_num_threads(1)
 
@@ -50,7 +57,8 @@ def test_helper_vqvae_static_and_cli_import_then_check(tmp_path: Path) -> None:
         helper.make_node("Round", ["q"], ["r"]),
         helper.make_node("Squeeze", ["r", "axis1"], ["s"]),
         helper.make_node("Cast", ["s"], ["codes"], to=TensorProto.INT32)]
-    enc = helper_model(enc_nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 1, 16, 16])],
+    enc = helper_model(enc_nodes,
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 1, 16, 16])],
                        [helper.make_tensor_value_info("codes", TensorProto.INT32, ["b", 4, 4])],
                        [numpy_helper.from_array(np.array(1.0 / 3.0, np.float32), "step"),
                         numpy_helper.from_array(np.array([1], np.int64), "axis1")])
@@ -58,7 +66,8 @@ def test_helper_vqvae_static_and_cli_import_then_check(tmp_path: Path) -> None:
         helper.make_node("Cast", ["i"], ["f"], to=TensorProto.FLOAT),
         helper.make_node("Unsqueeze", ["f", "axis1"], ["u"]),
         helper.make_node("ConvTranspose", ["u", "w"], ["img"], strides=[4, 4])]
-    dec = helper_model(dec_nodes, [helper.make_tensor_value_info("i", TensorProto.INT32, ["b", 4, 4])],
+    dec = helper_model(dec_nodes,
+                       [helper.make_tensor_value_info("i", TensorProto.INT32, ["b", 4, 4])],
                        [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["b", 1, 16, 16])],
                        [numpy_helper.from_array(np.array([1], np.int64), "axis1"),
                         numpy_helper.from_array(np.full((1, 1, 4, 4), 1 / 3, np.float32), "w")])
@@ -110,7 +119,8 @@ class Prior(nn.Module):
 def test_torch_vae_two_outputs_float_input(tmp_path: Path) -> None:
     torch.manual_seed(0)
     x = samples((3, 16, 16))
-    enc = torch_onnx(VAEEnc(), torch.zeros(2, 3, 16, 16), tmp_path / "e.onnx", ["x"], ["mu", "logvar"])
+    enc = torch_onnx(VAEEnc(), torch.zeros(2, 3, 16, 16), tmp_path / "e.onnx", ["x"],
+                     ["mu", "logvar"])
     dec = torch_onnx(nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 4), nn.Sigmoid()),
                      torch.zeros(2, 4, 4, 4), tmp_path / "d.onnx", ["z"], ["image"])
     folder = import_onnx(family="vae", encoder=enc, decoder=dec, images=x, repo=tmp_path / "m",
@@ -135,7 +145,8 @@ def test_torch_vqvae_int32_with_prior_and_255_output(tmp_path: Path) -> None:
     folder = import_onnx(family="vqvae", encoder=enc, decoder=dec, prior=prior, images=x,
                          repo=tmp_path / "m", name="their-vq", version=1, output_range=255.0)
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["code"]["kind"] == "vq_prior" and manifest["code"]["vq_static"]["num_codes"] == 8
+    assert manifest["code"]["kind"] == "vq_prior"
+    assert manifest["code"]["vq_static"]["num_codes"] == 8
     pipe = Pipeline(tmp_path / "m")
     codes = pipe.compress("their-vq", x)
     assert pipe.reconstruct(codes).shape == x.shape
@@ -166,7 +177,8 @@ def _wrong(tmp_path: Path, case: str) -> dict[str, object]:
 WRONG = {
     "two-inputs": "the encoder has 2 inputs ('pixels', 'other')",
     "fixed-batch": "encoder input 'pixels' has a fixed batch size 1",
-    "vq-float": "encoder output 'code' is float; a vqvae encoder must give integer codebook indices",
+    "vq-float": ("encoder output 'code' is float; a vqvae encoder must give integer codebook "
+                 "indices"),
     "ae-int-latent": "encoder output 'code' is int64; an ae encoder must give a float latent",
     "decoder-size": "decoder output 'image' is float32 (8, 1, 32, 32); expected float images "
                     "(8, 1, 16, 16)",

@@ -1,4 +1,4 @@
-"""worker/pipeline.py: compress / reconstruct / sample / identify over real ONNX models."""
+"""worker/runtime/pipeline.py: compress / reconstruct / sample / identify over real ONNX models."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latentserve.worker.codec import pack
-from latentserve.worker.errors import (
+from latentserve.errors import (
     CodeError,
     CodeMismatch,
     CorruptCode,
@@ -20,8 +19,9 @@ from latentserve.worker.errors import (
     ModelIntegrityError,
     ModelNotFound,
 )
-from latentserve.worker.engine import EngineConfig
-from latentserve.worker.pipeline import Pipeline
+from latentserve.worker.codec.codes import pack
+from latentserve.worker.runtime.engine import EngineConfig
+from latentserve.worker.runtime.pipeline import Pipeline
 
 # The machine's cores are shared: one onnxruntime thread per session in tests.
 ONE_THREAD = EngineConfig(intra_op_threads=1)
@@ -83,7 +83,8 @@ def test_compress_with_a_forced_kind(tiny: Pipeline, mnist_images: np.ndarray) -
     images = mnist_images[:8]
     codes = tiny.compress("tiny-vqvae", images, kind="vq_static")
     assert {c[1] for c in codes} == {2}
-    assert np.array_equal(tiny.reconstruct(codes), tiny.reconstruct(tiny.compress("tiny-vqvae", images)))
+    assert np.array_equal(tiny.reconstruct(codes),
+                          tiny.reconstruct(tiny.compress("tiny-vqvae", images)))
     with pytest.raises(InvalidInput, match="cannot write code kind 'vq_static'"):
         tiny.compress("tiny-ae", images, kind="vq_static")
 

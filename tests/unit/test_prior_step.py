@@ -1,4 +1,4 @@
-"""export/prior_step.py and the engine's PriorStepper: the prior one position at a time."""
+"""export/nets/prior_step.py and the engine's PriorStepper: the prior one position at a time."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from latentserve.export.prior import PixelCNNPrior, PriorConfig
-from latentserve.export.prior_step import PriorStep, export_prior_step, run_steps, step_all
-from latentserve.worker.engine import EngineConfig, ModelRuntime, image_rng
-from latentserve.worker.errors import InvalidInput
-from latentserve.worker.repository import ModelRepository
+from latentserve.errors import InvalidInput
+from latentserve.export.nets.prior import PixelCNNPrior, PriorConfig
+from latentserve.export.nets.prior_step import PriorStep, export_prior_step, run_steps, step_all
+from latentserve.worker.runtime.engine import EngineConfig, ModelRuntime, image_rng
+from latentserve.worker.runtime.repository import ModelRepository
 
 torch.set_num_threads(1)
 ONE_THREAD = EngineConfig(intra_op_threads=1)
@@ -61,7 +61,7 @@ def test_positions_at_and_after_p_cannot_change_a_step() -> None:
         with torch.no_grad():
             a = step(idx, pos, *caches)
             b = step(other.reshape(4, 7, 7), pos, *garbled)
-        assert all(torch.equal(x, y) for x, y in zip(a, b)), p
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), p
 
 
 def test_onnx_step_graph_matches_torch(tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_onnx_step_graph_matches_torch(tmp_path: Path) -> None:
 
 
 def test_export_refuses_a_step_graph_that_is_not_the_prior(tmp_path: Path) -> None:
-    from latentserve.worker.errors import ModelIntegrityError
+    from latentserve.errors import ModelIntegrityError
 
     prior = small_prior((7, 7))
     idx = torch.randint(0, 40, (2, 7, 7))

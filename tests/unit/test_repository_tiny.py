@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latentserve.worker.engine import ModelRuntime
-from latentserve.worker.errors import ModelIntegrityError
-from latentserve.worker.repository import ModelRepository, read_registry
+from latentserve.errors import ModelIntegrityError
+from latentserve.worker.runtime.engine import ModelRuntime
+from latentserve.worker.runtime.repository import ModelRepository, read_registry
 
 
 @pytest.mark.parametrize("name", ["tiny-ae", "tiny-vae", "tiny-vqvae"])

@@ -12,11 +12,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from latentserve.errors import InvalidInput
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import jobs_pb2 as jpb
-from latentserve.worker.engine import EngineConfig, canonical_temperature, image_rng, to_uint8
-from latentserve.worker.errors import InvalidInput
-from latentserve.worker.pipeline import Pipeline, check_temperature
+from latentserve.worker.runtime.engine import (
+    EngineConfig,
+    canonical_temperature,
+    image_rng,
+    to_uint8,
+)
+from latentserve.worker.runtime.pipeline import Pipeline, check_temperature
 
 MODELS = ("tiny-ae", "tiny-vae", "tiny-vqvae")
 COUNT = 24

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from latentserve.service.stream_idle import StreamIdle, idle_bounded
+from latentserve.service.server.stream_idle import StreamIdle, idle_bounded
 
 
 def readers() -> int:

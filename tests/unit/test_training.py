@@ -8,12 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from latentserve.export.data import split
-from latentserve.export.train import (
-    TrainConfig, load_checkpoint, loss_terms, save_checkpoint, to_float, train_model)
-from latentserve.worker.errors import InvalidInput
-
 from fixtures_models import tiny_configs
+from latentserve.errors import InvalidInput
+from latentserve.export.training.data import split
+from latentserve.export.training.train import (
+    TrainConfig,
+    load_checkpoint,
+    loss_terms,
+    save_checkpoint,
+    to_float,
+    train_model,
+)
 
 torch.set_num_threads(1)
 
@@ -65,7 +70,6 @@ def test_split_keeps_validation_out_of_training(mnist_images: np.ndarray) -> Non
 
 def test_prior_only_training_replaces_the_prior_of_a_vqvae_checkpoint(tmp_path: Path) -> None:
     from fixtures_models import MNIST
-
     from latentserve.cli import main
 
     if not MNIST.is_file():

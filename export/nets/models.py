@@ -1,0 +1,276 @@
+"""The model zoo's three families, registered by name: ``ae``, ``vae``, ``vqvae``.
+
+Every model takes float images in [0, 1] of shape (N, C, H, W) (H and W divisible by
+4; nothing assumes 28) and ``forward`` returns a dict of named tensors, always with
+``x_hat``. ``onnx_encoder()`` / ``onnx_decoder()`` give the modules that the exporter
+turns into ONNX graphs with the I/O contract of ``latentserve.worker.runtime.manifest``.
+
+Shared trunk (h = H/4, w = W/4):
+
+    encoder: x -> conv5 s2 -> ReLU -> conv5 s2 -> [res]*R -> ReLU -> conv3 -> (N, C', h, w)
+    decoder: (N, C', h, w) -> conv3 -> [res]*R -> ReLU -> deconv4 s2 -> ReLU -> deconv4 s2
+             -> (N, C, H, W)   (clamped to [0, 1] in the ONNX decoder)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from latentserve.export.nets.divergences import gaussian_kl
+from latentserve.export.nets.entropy_model import FactorizedDensity
+from latentserve.export.nets.quantizer import VectorQuantizer
+
+FAMILIES = ("ae", "vae", "vqvae")
+MODELS: dict[str, type[LatentModel]] = {}
+M = TypeVar("M", bound="LatentModel")
+
+
+def register_model(name: str) -> Callable[[type[M]], type[M]]:
+    """Class decorator: make a model buildable by family name."""
+    def deco(cls: type[M]) -> type[M]:
+        MODELS[name] = cls
+        return cls
+    return deco
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes a model's shapes; stored in checkpoints and manifests."""
+
+    family: str
+    image_shape: tuple[int, int, int] = (1, 28, 28)
+    hidden: int = 64
+    res_blocks: int = 1
+    decoder_hidden: int = 0      # 0: same as hidden
+    decoder_res_blocks: int = -1  # -1: same as res_blocks
+    latent_channels: int = 12   # ae / vae
+    num_codes: int = 256        # vqvae
+    code_dim: int = 32          # vqvae
+    beta: float = 0.25          # vqvae commitment weight
+    ema_decay: float = 0.99     # vqvae codebook EMA
+    dead_threshold: float = 1.0  # vqvae: EMA usage below this restarts a code
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r} is not one of {FAMILIES}")
+        c, h, w = self.image_shape
+        if c not in (1, 3) or h % 4 or w % 4 or h < 4 or w < 4:
+            raise ValueError(f"image shape {self.image_shape} needs C in (1, 3) and H, W "
+                             "positive multiples of 4")
+
+    @property
+    def dec_hidden(self) -> int:
+        return self.decoder_hidden or self.hidden
+
+    @property
+    def dec_res_blocks(self) -> int:
+        return self.res_blocks if self.decoder_res_blocks < 0 else self.decoder_res_blocks
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Latent grid (h, w)."""
+        return self.image_shape[1] // 4, self.image_shape[2] // 4
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["image_shape"] = list(self.image_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> ModelConfig:
+        d = dict(d)
+        d["image_shape"] = tuple(d["image_shape"])  # type: ignore[arg-type]
+        return cls(**d)  # type: ignore[arg-type]
+
+
+class LatentModel(nn.Module):
+    """What every registered model has: the config that built it and its two ONNX halves
+    (uint8 images -> latent or indices, and back to images in [0, 1])."""
+
+    config: ModelConfig
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def onnx_encoder(self) -> nn.Module:
+        raise NotImplementedError
+
+    def onnx_decoder(self) -> nn.Module:
+        raise NotImplementedError
+
+
+def build_model(config: ModelConfig) -> LatentModel:
+    """Instantiate the registered model of ``config.family``."""
+    return MODELS[config.family](config)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = x + self.body(x)
+        return out
+
+
+def make_encoder(c_in: int, hidden: int, c_out: int, res_blocks: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, hidden, 5, stride=2, padding=2), nn.ReLU(),
+        nn.Conv2d(hidden, hidden, 5, stride=2, padding=2),
+        *[ResBlock(hidden) for _ in range(res_blocks)], nn.ReLU(),
+        nn.Conv2d(hidden, c_out, 3, padding=1))
+
+
+def make_decoder(c_in: int, hidden: int, c_out: int, res_blocks: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, hidden, 3, padding=1),
+        *[ResBlock(hidden) for _ in range(res_blocks)], nn.ReLU(),
+        nn.ConvTranspose2d(hidden, hidden, 4, stride=2, padding=1), nn.ReLU(),
+        # Linear output (clamped to [0, 1] only in the exported graph): a sigmoid here
+        # saturates early on MNIST's black background and training stalls.
+        nn.ConvTranspose2d(hidden, c_out, 4, stride=2, padding=1))
+
+
+class _FromUint8(nn.Module):
+    """ONNX encoder: uint8 image -> x / 255 -> the model's encode step."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], owner: nn.Module) -> None:
+        super().__init__()
+        self.owner = owner
+        self.fn = fn
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.fn(image.float() / 255.0)
+
+
+class _Decode(nn.Module):
+    def __init__(self, fn: Callable[[Tensor], Tensor], owner: nn.Module) -> None:
+        super().__init__()
+        self.owner = owner
+        self.fn = fn
+
+    def forward(self, latent: Tensor) -> Tensor:
+        return self.fn(latent)
+
+
+@register_model("ae")
+class AutoEncoder(LatentModel):
+    """Compression autoencoder with a learned factorised entropy model.
+
+        x -> g_a -> y -> round (train: noise for R, straight-through for D) -> y_hat -> g_s -> x_hat
+                          \\-> FactorizedDensity -> likelihoods -> R = -sum log2
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        c = config.image_shape[0]
+        self.g_a = make_encoder(c, config.hidden, config.latent_channels, config.res_blocks)
+        self.g_s = make_decoder(config.latent_channels, config.dec_hidden, c, config.dec_res_blocks)
+        self.density = FactorizedDensity(config.latent_channels)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        y = self.g_a(x)
+        _, likelihoods = self.density(y)
+        y_hat = y + (torch.round(y) - y).detach()  # straight-through rounding for the decoder
+        x_hat = self.g_s(y_hat)
+        bits = -torch.log2(likelihoods).flatten(1).sum(1)
+        return {"x_hat": x_hat, "y": y, "y_hat": y_hat, "likelihoods": likelihoods,
+                "bits": bits}
+
+    def encode_latent(self, x: Tensor) -> Tensor:
+        y: Tensor = self.g_a(x)
+        return y
+
+    def onnx_encoder(self) -> nn.Module:
+        return _FromUint8(self.g_a, self)
+
+    def onnx_decoder(self) -> nn.Module:
+        return _Decode(lambda z: self.g_s(z).clamp(0.0, 1.0), self)
+
+
+@register_model("vae")
+class VariationalAutoEncoder(LatentModel):
+    """Gaussian VAE: q(z|x) = N(mu, diag exp(logvar)), prior N(0, I).
+
+        x -> g_a -> (mu, logvar) -> z = mu + eps * exp(logvar / 2) -> g_s -> x_hat
+        KL(q || p) = 0.5 * sum(mu^2 + exp(logvar) - logvar - 1)      (nats per image)
+
+    At inference the encoder's output is ``mu``; compression codes mu quantised with a
+    step (see ``export.tables.vae_tables``).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        c = config.image_shape[0]
+        self.g_a = make_encoder(c, config.hidden, 2 * config.latent_channels, config.res_blocks)
+        self.g_s = make_decoder(config.latent_channels, config.dec_hidden, c, config.dec_res_blocks)
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.g_a(x).chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        mu, logvar = self.posterior(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        x_hat = self.g_s(z)
+        return {"x_hat": x_hat, "mu": mu, "logvar": logvar, "z": z,
+                "kl": gaussian_kl(mu, logvar).flatten(1).sum(1)}
+
+    def encode_latent(self, x: Tensor) -> Tensor:
+        return self.posterior(x)[0]
+
+    def onnx_encoder(self) -> nn.Module:
+        return _FromUint8(self.encode_latent, self)
+
+    def onnx_decoder(self) -> nn.Module:
+        return _Decode(lambda z: self.g_s(z).clamp(0.0, 1.0), self)
+
+
+@register_model("vqvae")
+class VQVAE(LatentModel):
+    """VQ-VAE with an EMA codebook (see ``export.quantizer``).
+
+        x -> g_a -> z_e (N, D, h, w) -> nearest code -> indices (N, h, w)
+                                     -> z_q (straight-through) -> g_s -> x_hat
+        loss = D(x, x_hat) + beta * ||z_e - sg[e]||^2    (codebook: EMA, no loss term)
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        c = config.image_shape[0]
+        self.g_a = make_encoder(c, config.hidden, config.code_dim, config.res_blocks)
+        self.g_s = make_decoder(config.code_dim, config.dec_hidden, c, config.dec_res_blocks)
+        self.vq = VectorQuantizer(config.num_codes, config.code_dim, beta=config.beta,
+                                  decay=config.ema_decay, dead_threshold=config.dead_threshold)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        z_e = self.g_a(x)
+        q = self.vq(z_e)
+        return {"x_hat": self.g_s(q["z_q"]), "z_e": z_e, **q}
+
+    def encode_indices(self, x: Tensor) -> Tensor:
+        """Float images -> indices (N, h, w) int64."""
+        z_e = self.g_a(x)
+        n, d, h, w = z_e.shape
+        flat = z_e.permute(0, 2, 3, 1).reshape(-1, d)
+        return self.vq.codebook.nearest(flat).reshape(n, h, w)
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        """Indices (N, h, w) -> images in [0, 1]."""
+        z_q = self.vq.codebook.lookup(indices).permute(0, 3, 1, 2)
+        x_hat: Tensor = self.g_s(z_q)
+        return x_hat.clamp(0.0, 1.0)
+
+    def onnx_encoder(self) -> nn.Module:
+        return _FromUint8(self.encode_indices, self)
+
+    def onnx_decoder(self) -> nn.Module:
+        return _Decode(self.decode_indices, self)

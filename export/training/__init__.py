@@ -1,0 +1,1 @@
+"""Training on the shipped data sets: data loading and the training loops."""

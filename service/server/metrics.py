@@ -1,0 +1,185 @@
+"""Prometheus metrics of the service, in their own registry, served over HTTP.
+
+Names (all prefixed ``latentserve_``):
+
+- ``rpc_requests_total{rpc, code}``, ``rpc_latency_seconds{rpc}``, ``rpc_in_flight{rpc}``
+- ``queue_wait_seconds{model, op}`` (enqueue to batch start) vs
+  ``batch_compute_seconds{model, op}`` (one merged batch through onnxruntime + coder)
+- ``batch_size_images{model, op}``, ``images_total{model, op}`` (rate() = images/s),
+  ``queued_images{model, op}``, ``dropped_images_total{model, op, reason}``
+- ``models_loaded``, ``model_provider_info{model, provider}`` (1 per loaded model)
+
+What counts what: ``images_total`` and the batch metrics above cover the unary and
+streaming Inference RPCs only (Compress / Reconstruct / Sample), never job work. Jobs
+are counted where they run, by ``latentserve_worker_*`` (``worker/metrics.py``:
+``items_total{model, op}``, ``chunks_total``, ``chunk_seconds``, retries, reclaims,
+dead letters): on each ``latentserve worker --metrics-port``, and here too for the
+worker the server runs in process (``--embedded-worker``). With the Jobs API on, this
+registry also carries the queue gauges ``latentserve_queue_*`` (``worker/jobqueue/stats.py``:
+stream length, lag, pending, oldest pending age, dead letters per pool). So the
+service's whole output is ``images_total`` (unary) + the workers' ``items_total`` (jobs).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from latentserve.metrics_http import MetricsHTTP, serve_metrics
+from latentserve.service.server.errors import Behavior, rewrap_handler
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+                   5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+class ServiceMetrics:
+    """The service's metric families, registered in a private registry (one per server)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        p = "latentserve_"
+        self.requests = Counter(p + "rpc_requests", "RPCs finished, by method and status code",
+                                ["rpc", "code"], registry=r)
+        self.latency = Histogram(p + "rpc_latency_seconds", "RPC wall time in the server",
+                                 ["rpc"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge(p + "rpc_in_flight", "RPCs being served now", ["rpc"], registry=r)
+        self.queue_wait = Histogram(p + "queue_wait_seconds",
+                                    "time an image waited in the batching queue",
+                                    ["model", "op"], buckets=LATENCY_BUCKETS, registry=r)
+        self.compute = Histogram(p + "batch_compute_seconds",
+                                 "time one merged batch spent in onnxruntime + the coder",
+                                 ["model", "op"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram(p + "batch_size_images", "images per merged batch",
+                                    ["model", "op"], buckets=BATCH_BUCKETS, registry=r)
+        self.images = Counter(p + "images", "images processed (rate() gives images/s)",
+                              ["model", "op"], registry=r)
+        self.queued = Gauge(p + "queued_images", "images waiting for a batch",
+                            ["model", "op"], registry=r)
+        self.dropped = Counter(p + "dropped_images",
+                               "queued images dropped before computing (cancelled, deadline)",
+                               ["model", "op", "reason"], registry=r)
+        self.models_loaded = Gauge(p + "models_loaded", "models with loaded sessions",
+                                   registry=r)
+        self.provider = Gauge(p + "model_provider_info",
+                              "1 for the execution provider running each loaded model",
+                              ["model", "provider"], registry=r)
+
+    # -- hooks used by the batcher ------------------------------------------------------
+    def observe_batch(self, model: str, op: str, size: int, seconds: float, *,
+                      count_images: bool = True) -> None:
+        self.batch_size.labels(model, op).observe(size)
+        self.compute.labels(model, op).observe(seconds)
+        if count_images:
+            self.images.labels(model, op).inc(size)
+
+    def observe_wait(self, model: str, op: str, seconds: float, count: int) -> None:
+        hist = self.queue_wait.labels(model, op)
+        for _ in range(min(count, 64)):  # per image, capped: a huge request is one wait
+            hist.observe(seconds)
+
+    def set_queued(self, model: str, op: str, images: int) -> None:
+        self.queued.labels(model, op).set(images)
+
+    def observe_dropped(self, model: str, op: str, reason: str, images: int) -> None:
+        self.dropped.labels(model, op, reason).inc(images)
+
+    def model_loaded(self, model: str, provider: str) -> None:
+        self.provider.labels(model, provider).set(1)
+        self.models_loaded.set(len({s.labels["model"] for s in self._provider_samples()}))
+
+    def _provider_samples(self) -> list[Any]:
+        return [s for m in self.provider.collect() for s in m.samples if s.value == 1]
+
+    # -- HTTP -----------------------------------------------------------------------------
+    def serve_http(self, host: str, port: int) -> MetricsHTTP:
+        """Start ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread."""
+        return serve_metrics(self.registry, host, port)
+
+    def interceptor(self) -> MetricsInterceptor:
+        return MetricsInterceptor(self)
+
+
+def _final_code(context: grpc.ServicerContext, failed: bool) -> str:
+    # grpcio's server context has code() (None until the handler sets one); types-grpcio
+    # leaves it out of ServicerContext.
+    code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
+    if code is not None:
+        return code.name
+    if not context.is_active() and failed:
+        return grpc.StatusCode.CANCELLED.name
+    return grpc.StatusCode.UNKNOWN.name if failed else grpc.StatusCode.OK.name
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts and times every RPC; outermost, so it sees the status errors map to."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        rpc = handler_call_details.method.lstrip("/")
+        m = self.metrics
+
+        def around(behavior: Behavior, response_streaming: bool) -> Behavior:
+            def finish(context: grpc.ServicerContext, start: float, failed: bool) -> None:
+                m.in_flight.labels(rpc).dec()
+                m.latency.labels(rpc).observe(time.perf_counter() - start)
+                m.requests.labels(rpc, _final_code(context, failed)).inc()
+
+            if response_streaming:
+                def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                    m.in_flight.labels(rpc).inc()
+                    start, failed = time.perf_counter(), True
+                    try:
+                        yield from behavior(request, context)
+                        failed = False
+                    finally:
+                        finish(context, start, failed)
+                return stream
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                m.in_flight.labels(rpc).inc()
+                start, failed = time.perf_counter(), True
+                try:
+                    out = behavior(request, context)
+                    failed = False
+                    return out
+                finally:
+                    finish(context, start, failed)
+            return unary
+
+        return rewrap_handler(handler, around)
+
+
+class BatchMetrics:
+    """A batcher's observer (see batching.BatchObserver) feeding one (model, op) series."""
+
+    def __init__(self, metrics: ServiceMetrics, model: str, op: str, *,
+                 count_images: bool = True) -> None:
+        # count_images False: the batch function counts the images it really made
+        # (a reconstruct batch can hold refused codes).
+        self.metrics, self.model, self.op = metrics, model, op
+        self.count_images = count_images
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        self.metrics.observe_batch(self.model, self.op, size, seconds,
+                                   count_images=self.count_images)
+
+    def on_wait(self, seconds: float, count: int) -> None:
+        self.metrics.observe_wait(self.model, self.op, seconds, count)
+
+    def on_queued(self, count: int) -> None:
+        self.metrics.set_queued(self.model, self.op, count)
+
+    def on_dropped(self, reason: str, count: int) -> None:
+        self.metrics.observe_dropped(self.model, self.op, reason, count)

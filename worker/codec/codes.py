@@ -1,0 +1,438 @@
+"""Latent codes: symbols <-> self-describing byte strings (layout in docs/code-format.md).
+
+``LatentCodec(runtime)`` codes one model's symbols: ``encode(symbols) -> list[bytes]``
+and ``decode(codes) -> symbols``; ``decode_each`` reports a refusal per code instead
+of raising, so one bad code in a batch does not sink the others. Which model made a
+code is the pipeline's question (``Pipeline.identify``); the codec only checks that a
+code is its own model's, and refuses anything it cannot decode exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from latentserve.errors import (
+    CodeError,
+    CodeMismatch,
+    CorruptCode,
+    InvalidInput,
+    ModelIntegrityError,
+    NotExactlyDecodable,
+    UnknownFormatVersion,
+)
+from latentserve.worker.codec.coderpool import CoderPool, TableSpec
+from latentserve.worker.codec.entropy import (
+    CHECK_BYTES,
+    CHECK_PROBS,
+    FAMILY,
+    OFFSET_PROBS,
+    PRIOR_OFFSETS,
+    FactorizedTables,
+    RangeEncoder,
+    StaticTables,
+    SymbolDecoder,
+    check_indices,
+    check_prior_spec,
+    cross_entropy_bits,
+    finish,
+    fixed_model,
+    not_canonical,
+    prior_check,
+    prior_margin,
+    prior_quantize,
+    prior_tables,
+    probabilities,
+)
+from latentserve.worker.runtime.engine import ModelRuntime
+from latentserve.worker.runtime.manifest import CODE_KIND_IDS
+
+FORMAT_VERSION = 1
+MAGIC = 0xA  # high nibble of byte 0
+HEADER_SIZE = 7
+KIND_NAMES = {v: k for k, v in CODE_KIND_IDS.items()}
+# The encoder codes kind 3 only when every table-shaping logit lies >= guard from a
+# rounding boundary, so decoder-side noise below guard cannot change a table. A decoder
+# that sees a logit closer than guard/4 knows its noise exceeds 3/4 guard and refuses.
+DECODER_MARGIN = 0.25
+FACTORIZED, VQ_STATIC, VQ_PRIOR = (CODE_KIND_IDS[k]
+                                   for k in ("factorized", "vq_static", "vq_prior"))
+
+
+# -- header ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=256)
+def _digest_state(manifest_digest: str) -> tuple[bytes, int]:
+    """(fingerprint, CRC32 of the raw digest): what every code of that model starts from."""
+    raw = bytes.fromhex(manifest_digest)
+    return raw[:2], zlib.crc32(raw)
+
+
+def checksum(manifest_digest: str, head: bytes, payload: bytes) -> int:
+    """Low 24 bits of CRC32(sha256(manifest) as 32 raw bytes, header bytes 0..3, payload)."""
+    crc = zlib.crc32(head, _digest_state(manifest_digest)[1])
+    return zlib.crc32(payload, crc) & 0xFFFFFF
+
+
+def pack(manifest_digest: str, kind: int, payload: bytes) -> bytes:
+    """Build a version-1 code: header (7 bytes) + payload."""
+    head = bytes([(MAGIC << 4) | FORMAT_VERSION, kind]) + _digest_state(manifest_digest)[0]
+    return head + checksum(manifest_digest, head, payload).to_bytes(3, "big") + payload
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed code: format version, kind id, model fingerprint, checksum and payload."""
+
+    version: int
+    kind: int
+    fingerprint: bytes
+    checksum: int
+    payload: bytes
+    head: bytes  # bytes 0..3, which the checksum covers
+
+    @property
+    def kind_name(self) -> str:
+        return KIND_NAMES[self.kind]
+
+    def made_by(self, manifest_digest: str) -> bool:
+        """Whether the checksum binds this code to the manifest with that sha256 (hex)."""
+        return (_digest_state(manifest_digest)[0] == self.fingerprint
+                and checksum(manifest_digest, self.head, self.payload) == self.checksum)
+
+
+def parse_header(code: bytes) -> Header:
+    """Split a code into its fields; CorruptCode / UnknownFormatVersion for what cannot be read."""
+    if not isinstance(code, (bytes, bytearray, memoryview)):
+        raise CorruptCode(f"a latent code must be bytes, got {type(code).__name__}")
+    code = bytes(code)
+    if len(code) < HEADER_SIZE:
+        raise CorruptCode(f"a latent code is at least {HEADER_SIZE} bytes (the header); "
+                          f"got {len(code)}: truncated")
+    if code[0] >> 4 != MAGIC:
+        raise CorruptCode(f"not a latentserve code: first byte 0x{code[0]:02x}, expected 0xA1 "
+                          "(magic 0xA, then the format version)")
+    version = code[0] & 0xF
+    if version != FORMAT_VERSION:
+        raise UnknownFormatVersion(
+            f"the code is in format version {version}; this build reads version "
+            f"{FORMAT_VERSION} only: decode it with a latentserve that knows version {version}",
+            format_version=version)
+    if code[1] not in KIND_NAMES:
+        raise CorruptCode(f"code kind {code[1]} is not one of {sorted(KIND_NAMES)} "
+                          f"({', '.join(f'{k} {n}' for k, n in sorted(KIND_NAMES.items()))})")
+    return Header(version=version, kind=code[1], fingerprint=code[2:4],
+                  checksum=int.from_bytes(code[4:7], "big"), payload=code[7:], head=code[:4])
+
+
+# -- the codec ------------------------------------------------------------------------
+
+class LatentCodec:
+    """One model's entropy coder: symbols (N, *latent_shape) <-> codes.
+
+    Kinds: ``factorized`` (ae/vae); ``vq_static`` and ``vq_prior`` (vqvae). A vq_prior
+    model codes an image as ``vq_static`` when, for each of the 16 rounding offsets, some
+    prior logit sits within ``guard`` of a rounding boundary (the header records the kind).
+    """
+
+    def __init__(self, runtime: ModelRuntime, *, pool: CoderPool | None = None) -> None:
+        self.runtime = runtime
+        # Large batches of kinds 1 and 2 are coded in the pool's processes (every core).
+        self.pool = pool
+        m = runtime.manifest
+        self.manifest = m
+        self.kind = CODE_KIND_IDS[m.code_kind]
+        self.factorized = FactorizedTables(m.factorized, m.latent_shape) if m.factorized else None
+        self.static = (StaticTables(m.vq_static, m.latent_shape)
+                       if m.family == "vqvae" and m.vq_static else None)
+        self.prior = m.vq_prior if m.family == "vqvae" and m.code_kind == "vq_prior" else None
+        if self.prior is not None:
+            check_prior_spec(self.prior)
+        self.kinds = ({FACTORIZED} if m.family != "vqvae"
+                      else {VQ_STATIC} | ({VQ_PRIOR} if self.prior else set()))
+        shape = tuple(m.latent_shape)
+        self._specs = {k: TableSpec(f"{m.digest}:{k}", spec, shape)
+                       for k, spec in ((FACTORIZED, m.factorized), (VQ_STATIC, m.vq_static))
+                       if spec is not None and k in self.kinds}
+
+    # -- encode -----------------------------------------------------------------------
+    def encode(self, symbols: np.ndarray, *, kind: str | None = None) -> list[bytes]:
+        """Symbols (N, *latent_shape) -> one code per image.
+
+        ``kind`` forces a kind (``vq_static`` on a vq_prior model skips the prior);
+        default: the manifest's kind, with the guard's fallback to vq_static.
+        """
+        return [pack(self.manifest.digest, k, p)
+                for k, p in self.encode_payloads(symbols, kind=kind)]
+
+    def encode_payloads(self, symbols: np.ndarray, *,
+                        kind: str | None = None) -> list[tuple[int, bytes]]:
+        """Like ``encode`` but returns (kind id, payload) pairs, without headers."""
+        symbols = self._check_symbols(symbols)
+        want = self._kind_id(kind)
+        if want == FACTORIZED:
+            return [(FACTORIZED, p) for p in self._encode_fixed(FACTORIZED, symbols)]
+        assert self.static is not None
+        if want == VQ_STATIC or len(symbols) == 0:
+            return [(VQ_STATIC, p) for p in self._encode_fixed(VQ_STATIC, symbols)]
+        offsets, probs = self.prior_plan(symbols)
+        out = []
+        for s, j, p in zip(symbols, offsets, probs, strict=True):
+            if j >= 0:
+                out.append((VQ_PRIOR, prior_payload(int(j), s, p)))
+            else:  # float noise on another machine could change a table: use the static one
+                out.append((VQ_STATIC, self.static.encode(s)))
+        return out
+
+    def prior_plan(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced kind-3 plan from one prior run: per image the rounding offset
+        (the first of 0..15 whose every table has margin >= guard; -1: none, code it as
+        kind 2) and its tables ((N, h*w, K) float64, uniform where the offset is -1)."""
+        spec = self.prior
+        assert spec is not None and self.static is not None
+        # Teacher forcing through the same evaluation the decoder steps through (the
+        # step graph when the model has one, else full passes), so both see the same inputs.
+        logits = self.runtime.prior_stepper(len(symbols)).all_logits(symbols)
+        n, k = logits.shape[:2]
+        if k != self.static.num_codes:
+            raise ModelIntegrityError(
+                f"{self.manifest.ref}: the prior gives {k} logits per position, the codebook "
+                f"has {self.static.num_codes} codes")
+        flat = logits.reshape(n, k, -1).transpose(0, 2, 1)
+        offsets = np.full(n, -1, np.int64)
+        weights = np.ones(flat.shape, np.int64)
+        todo = np.arange(n)
+        lut = np.array(spec.lut + spec.lut[-1:], np.int64)  # indexed by min(d, len(lut))
+        for j in range(PRIOR_OFFSETS):
+            if len(todo) == 0:
+                break
+            c, frac, finite = prior_quantize(flat[todo], spec, j)
+            ok = prior_margin(c, frac, finite, spec, cap=spec.guard).min(axis=1) >= spec.guard
+            offsets[todo[ok]] = j
+            weights[todo[ok]] = lut[c[ok]]
+            todo = todo[~ok]
+        return offsets, probabilities(weights)
+
+    def cross_entropy_bits(self, symbols: np.ndarray, kinds: Sequence[int]) -> np.ndarray:
+        """Per image, the cost of its symbols under the integer tables of the given kind."""
+        symbols = self._check_symbols(symbols)
+        out = np.zeros(len(symbols))
+        plan = (self.prior_plan(symbols)
+                if self.prior is not None and VQ_PRIOR in kinds else None)
+        for i, (s, k) in enumerate(zip(symbols, kinds, strict=True)):
+            if k == FACTORIZED:
+                out[i] = self.factorized.cross_entropy_bits(s)  # type: ignore[union-attr]
+            elif k == VQ_STATIC:
+                out[i] = self.static.cross_entropy_bits(s)  # type: ignore[union-attr]
+            else:  # the offset symbol, the indices under the prior's tables, the check
+                offsets, probs = plan  # type: ignore[misc]
+                out[i] = (cross_entropy_bits(offsets[i:i + 1], OFFSET_PROBS)
+                          + cross_entropy_bits(s.reshape(-1), probs[i]) + 8 * CHECK_BYTES)
+        return out
+
+    # -- decode -----------------------------------------------------------------------
+    def decode(self, codes: Sequence[bytes]) -> np.ndarray:
+        """Codes -> int32 symbols (N, *latent_shape); raises the first refusal (naming its
+        index)."""
+        results = self.decode_each(codes)
+        for i, r in enumerate(results):
+            if isinstance(r, CodeError):
+                raise with_index(r, i, len(results))
+        if not results:
+            return np.zeros((0, *self.manifest.latent_shape), np.int32)
+        return np.stack(results)  # type: ignore[arg-type]
+
+    def decode_each(self, codes: Sequence[bytes]) -> list[np.ndarray | CodeError]:
+        """Decode every code on its own terms: symbols, or the CodeError that refused it.
+
+        Kind-3 codes are decoded together: one prior run per grid position for all of them.
+        """
+        headers: list[Header | CodeError] = []
+        for code in codes:
+            try:
+                headers.append(self.check(code))
+            except CodeError as exc:
+                headers.append(exc)
+        return self.decode_headers(headers)
+
+    def decode_headers(self, headers: Sequence[Header | CodeError]) -> list[np.ndarray | CodeError]:
+        """``decode_each`` for codes already parsed and bound to this model (their
+        checksum matched its digest, as ``check`` or ``Pipeline.identify`` require); a
+        CodeError in the list is passed through. The kind is still checked here."""
+        results: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(headers)
+        prior_jobs: list[tuple[int, bytes]] = []
+        fixed: dict[int, list[tuple[int, bytes]]] = {FACTORIZED: [], VQ_STATIC: []}
+        for i, header in enumerate(headers):
+            if isinstance(header, CodeError):
+                results[i] = header
+            elif header.kind not in self.kinds:
+                results[i] = self._foreign_kind(header)
+            else:
+                (prior_jobs if header.kind == VQ_PRIOR else fixed[header.kind]).append(
+                    (i, header.payload))
+        for kind, jobs in fixed.items():
+            if jobs:
+                for i, r in zip((i for i, _ in jobs), self._decode_fixed(kind, jobs), strict=True):
+                    results[i] = r
+        if prior_jobs:
+            decoded = self._decode_prior([p for _, p in prior_jobs])
+            for (i, _), d in zip(prior_jobs, decoded, strict=True):
+                results[i] = d
+        return results
+
+    def _decode_fixed(self, kind: int,
+                      jobs: list[tuple[int, bytes]]) -> list[np.ndarray | CorruptCode]:
+        """Kinds 1 and 2: decode, then require the payload the encoder writes for the
+        symbols (decode, re-encode, compare: the canonical form, docs/code-format.md)."""
+        payloads = [p for _, p in jobs]
+        if self.pool is not None and self.pool.wants(len(payloads)):
+            return self.pool.decode(self._specs[kind], payloads, canonical=True)
+        tables = self.factorized if kind == FACTORIZED else self.static
+        assert tables is not None
+        return tables.decode_batch(payloads, canonical=True)
+
+    def _encode_fixed(self, kind: int, symbols: np.ndarray) -> list[bytes]:
+        """Kinds 1 and 2, checked symbols -> payloads (in the pool for large batches)."""
+        if self.pool is not None and self.pool.wants(len(symbols)):
+            return self.pool.encode(self._specs[kind], symbols)
+        tables = self.factorized if kind == FACTORIZED else self.static
+        assert tables is not None
+        return tables.encode_batch(symbols)
+
+    def check(self, code: bytes) -> Header:
+        """Parse a code and require that this model made it with a kind it writes."""
+        header = parse_header(code)
+        m = self.manifest
+        if header.fingerprint != m.fingerprint:
+            raise CodeMismatch(
+                f"this code was made by the model with manifest fingerprint "
+                f"{header.fingerprint.hex()}, not by {m.ref} (fingerprint {m.fingerprint.hex()}); "
+                "decode it with the model that made it", fingerprint=header.fingerprint.hex())
+        if not header.made_by(m.digest):
+            raise CorruptCode(
+                f"checksum mismatch for a code of {m.ref}: the bytes were changed or truncated "
+                "(or another model with the same 2-byte fingerprint made it)")
+        if header.kind not in self.kinds:
+            raise self._foreign_kind(header)
+        return header
+
+    def _foreign_kind(self, header: Header) -> CorruptCode:
+        return CorruptCode(f"{self.manifest.ref} does not write codes of kind {header.kind} "
+                           f"({header.kind_name}); it writes {sorted(self.kinds)}")
+
+    def _decode_prior(self, payloads: list[bytes]) -> list[np.ndarray | CodeError]:
+        """Decode kind-3 payloads position by position, the prior batched over the images."""
+        spec = self.prior
+        assert spec is not None
+        h, w = self.manifest.latent_shape
+        n, k = len(payloads), self.static.num_codes  # type: ignore[union-attr]
+        grid = np.zeros((n, h, w), np.int64)
+        decoders = [SymbolDecoder(p) for p in payloads]
+        tables = np.zeros((n, h * w, k))  # kept for the re-encoding check
+        floor = spec.guard * DECODER_MARGIN
+        errors: list[CodeError | None] = [None] * n
+        offsets = np.zeros(n, np.int64)
+        stepper = self.runtime.prior_stepper(n)  # whole batch: its caches cover every grid
+        for i, dec in enumerate(decoders):
+            try:
+                offsets[i] = dec.decode(OFFSET_PROBS)[0]
+            except CodeError as exc:
+                errors[i] = exc
+        for pos in range(h * w):
+            alive = [i for i in range(n) if errors[i] is None]
+            if not alive:
+                break
+            y, x = divmod(pos, w)
+            # Refused codes stay in the batch (their grids frozen): the caches need every row.
+            logits = stepper.logits(pos, grid)[alive]
+            if logits.shape[1] != k:
+                raise ModelIntegrityError(f"{self.manifest.ref}: the prior gives "
+                                          f"{logits.shape[1]} logits per position, the "
+                                          f"codebook has {k} codes")
+            probs, margin = prior_tables(logits, spec, offsets[alive])
+            for j, i in enumerate(alive):
+                if not margin[j] >= floor:
+                    errors[i] = NotExactlyDecodable(
+                        f"at grid position {pos} the prior's logits on this machine "
+                        f"({self.runtime.provider}) lie {float(margin[j]):.2g} from a rounding "
+                        f"boundary, less than guard/4 = {floor:.2g}: its tables may differ from "
+                        "the encoder's, so the code is refused rather than decoded inexactly; "
+                        "decode it where the prior computes like the encoder's (the CPU "
+                        "provider, the same onnxruntime)")
+                    continue
+                try:
+                    grid[i, y, x] = decoders[i].decode(probs[j:j + 1])[0]
+                except CodeError as exc:
+                    errors[i] = exc
+                tables[i, pos] = probs[j]
+        out: list[np.ndarray | CodeError] = []
+        for i in range(n):
+            if errors[i] is None:
+                try:
+                    check = decoders[i].decode(CHECK_PROBS)
+                except CodeError as exc:
+                    errors[i] = exc
+                else:
+                    if not np.array_equal(check, prior_check(int(offsets[i]), grid[i])):
+                        errors[i] = NotExactlyDecodable(
+                            "the decoded VQ indices fail their check: this machine's prior "
+                            f"({self.runtime.provider}) gave other tables than the encoder's "
+                            "(float noise beyond the guard), so the code is refused rather "
+                            "than decoded inexactly; decode it where the prior computes like "
+                            "the encoder's (the CPU provider, the same onnxruntime)")
+            if errors[i] is not None:
+                out.append(errors[i])  # type: ignore[arg-type]
+            elif prior_payload(int(offsets[i]), grid[i], tables[i]) != payloads[i]:
+                out.append(not_canonical())
+            else:
+                out.append(grid[i].astype(np.int32))
+        return out
+
+    # -- helpers ----------------------------------------------------------------------
+    def _kind_id(self, kind: str | None) -> int:
+        if kind is None:
+            return self.kind
+        if kind not in CODE_KIND_IDS or CODE_KIND_IDS[kind] not in self.kinds:
+            allowed = [KIND_NAMES[k] for k in sorted(self.kinds)]
+            raise InvalidInput(f"{self.manifest.ref} cannot write code kind {kind!r}; "
+                               f"it writes {allowed}")
+        return CODE_KIND_IDS[kind]
+
+    def _check_symbols(self, symbols: np.ndarray) -> np.ndarray:
+        symbols = np.asarray(symbols)
+        if symbols.dtype.kind not in "iu":
+            raise InvalidInput(f"symbols must be integers, got {symbols.dtype}")
+        symbols = self.runtime.check_symbols(symbols)
+        if self.factorized is not None and self.manifest.family != "vqvae":
+            self.factorized.check(symbols)
+        else:
+            check_indices(symbols, self.static.num_codes)  # type: ignore[union-attr]
+        return symbols.astype(np.int32)
+
+
+# The offset and check tables are fixed: one model each, built once.
+OFFSET_MODEL = fixed_model(OFFSET_PROBS[0])
+CHECK_MODEL = fixed_model(CHECK_PROBS[0])
+
+
+def prior_payload(offset: int, symbols: np.ndarray, tables: np.ndarray) -> bytes:
+    """A kind-3 payload: the rounding offset, the indices under their tables, the check."""
+    coder = RangeEncoder()
+    coder.encode(int(offset), OFFSET_MODEL)
+    coder.encode(np.ascontiguousarray(symbols, np.int32).reshape(-1), FAMILY,
+                 np.ascontiguousarray(tables, np.float64))
+    coder.encode(prior_check(offset, symbols), CHECK_MODEL)
+    return finish(coder)
+
+
+def with_index(exc: CodeError, index: int, total: int) -> CodeError:
+    """The same refusal, its message prefixed with the code's position in the batch."""
+    if total <= 1:
+        return exc
+    new = type(exc)(f"code {index} of {total}: {exc}")
+    new.__cause__ = exc.__cause__
+    return new

@@ -1,0 +1,194 @@
+"""What a worker computes for the chunks it holds, free of Redis.
+
+``plan_batches`` cuts chunks into pipeline calls of at most ``batch_items`` items,
+merging small chunks of one model (and contiguous sample chunks of one job) into one
+call; ``compute_batch`` runs one call and splits its output per chunk (PNG-encoding
+images when the job asks for PNG); ``pack_results`` packs a finished chunk for Redis.
+The worker loop (``consumer``) and the benchmark's in-process baseline both use them.
+
+Bad items (OnItemError PER_ITEM): a chunk's inputs may arrive with items already failed
+(refused by SubmitJob; ``Held.failures``), and a reconstruct call decodes code by code
+(``reconstruct_each``), so a code that cannot be decoded becomes an ``ItemFailure`` in
+its slot instead of failing the chunk. FAIL_FAST chunks keep the all-or-nothing call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from latentserve.errors import CodeError, InvalidInput
+from latentserve.worker.jobqueue.packing import pack_failures, pack_images, pack_items
+from latentserve.worker.jobqueue.records import (
+    ChunkTask,
+    ImageFormat,
+    ItemFailure,
+    JobKind,
+    OnItemError,
+)
+from latentserve.worker.runtime.images import encode_png
+
+
+class JobPipeline(Protocol):
+    """What a worker calls (``latentserve.worker.runtime.pipeline.Pipeline`` implements it)."""
+
+    def compress(self, ref: str, images: np.ndarray) -> list[bytes]: ...
+
+    def reconstruct(self, codes: Sequence[bytes], ref: str | None = None) -> np.ndarray: ...
+
+    def reconstruct_each(self, codes: Sequence[bytes],
+                         ref: str | None = None) -> list[np.ndarray | CodeError]: ...
+
+    def sample(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
+               start: int = 0) -> np.ndarray: ...
+
+
+@dataclass(eq=False)
+class Held:
+    """A chunk this worker has read and owns until it is stored, dropped or released."""
+
+    pool: str
+    entry_id: str
+    job_id: str
+    chunk: int
+    n: int
+    deliveries: int
+    task: ChunkTask | None = None
+    inputs: Any = None                 # unpacked payload (images or codes), or None
+    # Items refused on arrival (index in the chunk -> why); their inputs are placeholders.
+    failures: dict[int, ItemFailure] = field(default_factory=dict)
+    done: int = 0                      # items computed so far
+    parts: list[Any] = field(default_factory=list)  # result pieces, in order
+
+
+@dataclass
+class Segment:
+    held: Held
+    lo: int   # item offset within the chunk
+    hi: int
+
+
+def plan_batches(chunks: list[Held], limit: int) -> list[list[Segment]]:
+    """Cut chunks into pipeline calls of <= batch_items items, merging compatible ones."""
+    groups: dict[tuple[Any, ...], list[Held]] = {}
+    for h in chunks:
+        t = h.task
+        assert t is not None
+        key: tuple[Any, ...] = (t.kind, t.model, t.image_format)
+        if t.kind is JobKind.RECONSTRUCT:
+            key += (t.on_item_error,)  # one call decodes all or nothing, the other each
+        if t.kind is JobKind.SAMPLE:
+            key += (h.job_id, t.seed, t.temperature)
+        groups.setdefault(key, []).append(h)
+    batches: list[list[Segment]] = []
+    for members in groups.values():
+        batch: list[Segment] = []
+        room = limit
+        for h in sorted(members, key=lambda h: h.chunk):
+            lo = 0
+            while lo < h.n:
+                take = min(room, h.n - lo)
+                batch.append(Segment(h, lo, lo + take))
+                lo += take
+                room -= take
+                if room == 0:
+                    batches.append(batch)
+                    batch, room = [], limit
+        if batch:
+            batches.append(batch)
+    return batches
+
+
+def compute_batch(pipeline: JobPipeline, batch: list[Segment]) -> list[Any]:
+    """One pipeline call for the batch; returns each segment's results."""
+    task = batch[0].held.task
+    assert task is not None
+    sizes = [s.hi - s.lo for s in batch]
+    if task.kind is JobKind.COMPRESS:
+        images = np.concatenate([s.held.inputs[s.lo:s.hi] for s in batch])
+        codes = pipeline.compress(task.model, images)
+        return _split(codes, sizes)
+    if task.kind is JobKind.RECONSTRUCT and task.on_item_error is OnItemError.PER_ITEM:
+        codes = [c for s in batch for c in s.held.inputs[s.lo:s.hi]]
+        each = pipeline.reconstruct_each(codes, task.model or None)
+        png = task.image_format is ImageFormat.PNG
+        return _split([ItemFailure.of(r) if isinstance(r, CodeError) else
+                       encode_png(r) if png else r for r in each], sizes)
+    if task.kind is JobKind.RECONSTRUCT:
+        codes = [c for s in batch for c in s.held.inputs[s.lo:s.hi]]
+        images = pipeline.reconstruct(codes, task.model or None)
+    else:
+        runs: list[np.ndarray] = []
+        i = 0
+        while i < len(batch):  # one call per run of contiguous global indices
+            start = _global(batch[i])
+            count = 0
+            j = i
+            while j < len(batch):
+                s = batch[j]
+                if _global(s) != start + count:
+                    break
+                count += s.hi - s.lo
+                j += 1
+            runs.append(pipeline.sample(task.model, count, seed=task.seed,
+                                             temperature=task.temperature, start=start))
+            i = j
+        images = np.concatenate(runs)
+    pieces = _split(images, sizes)
+    if task.image_format is ImageFormat.PNG:
+        return [[encode_png(im) for im in piece] for piece in pieces]
+    return pieces
+
+
+def chunk_failures(h: Held) -> dict[int, ItemFailure]:
+    """A finished chunk's failed items (index in the chunk -> why): refused on arrival,
+    or by the worker."""
+    found = {i: x for i, x in enumerate(x for part in h.parts for x in part)
+             if isinstance(x, ItemFailure)}
+    return found | h.failures
+
+
+def pack_results(h: Held) -> bytes:
+    """A finished chunk's results as one Redis value (raw images stay an array); failed
+    items keep their slots, as placeholders, and are listed (``packing.pack_failures``)."""
+    assert h.task is not None
+    raw = h.task.kind is not JobKind.COMPRESS and h.task.image_format is ImageFormat.RAW
+    failures = chunk_failures(h)
+    if not failures and not raw:
+        return pack_items([b for part in h.parts for b in part])
+    if not failures and all(isinstance(part, np.ndarray) for part in h.parts):
+        return pack_images(np.concatenate(h.parts))  # one all-or-nothing call's arrays
+    # A chunk whose every input was refused on arrival is not computed: no parts.
+    items = [x for part in h.parts for x in part] or [b""] * h.n
+    good = [x for i, x in enumerate(items) if i not in failures]
+    if raw and good:
+        if len({im.shape for im in good}) > 1:
+            raise InvalidInput(f"the codes of chunk {h.chunk} decode to images of different "
+                               f"shapes {sorted({im.shape for im in good})}; RAW results "
+                               "need one shape per chunk: use PNG, or one job per model")
+        array = np.zeros((h.n, *good[0].shape), np.uint8)
+        for i, x in enumerate(items):
+            if i not in failures:
+                array[i] = x
+        inner = pack_images(array)
+    else:  # PNG files, codes, or raw images of which none succeeded
+        inner = pack_items([b"" if i in failures or not isinstance(x, bytes) else x
+                            for i, x in enumerate(items)])
+    return pack_failures(inner, failures)
+
+
+def _global(seg: Segment) -> int:
+    """Global item index of a segment's first item (every chunk but the last is full)."""
+    assert seg.held.task is not None
+    return seg.held.chunk * seg.held.task.chunk_size + seg.lo
+
+
+def _split(items: Any, sizes: list[int]) -> list[Any]:
+    out, lo = [], 0
+    for n in sizes:
+        out.append(items[lo:lo + n])
+        lo += n
+    return out

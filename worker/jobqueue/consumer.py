@@ -1,0 +1,608 @@
+"""The Redis Streams job worker: ``create_worker(config, pipeline).run()``.
+
+One consumer group (``workers``) on one task stream per model pool; each worker is a
+consumer. The loop:
+
+1. Reclaim the entries of dead consumers (no health key: ``recovery``) at once, and
+   (XAUTOCLAIM) entries that sat pending longer than ``claim_idle_s``, which no live
+   worker extends (a failed chunk's retry). A chunk delivered more than
+   ``max_deliveries`` times goes to the dead-letter stream and its job fails with the
+   reason; other jobs keep flowing.
+2. Otherwise read new entries (XREADGROUP, blocking up to ``block_ms``).
+3. Begin each chunk (skips chunks of cancelled, failed or expired jobs, and fails a job
+   whose upload went silent past ``receiving_timeout_s``), cut the work
+   into pipeline calls of at most ``batch_items`` items, merging small chunks of one
+   model (and contiguous sample chunks of one job) into one call.
+4. Between calls: stop chunks whose job was cancelled; on shutdown past the grace
+   period, give unfinished chunks back to the queue (``release``).
+5. Store each finished chunk through ``JobStore.store_chunk`` (idempotent; XACKs).
+
+A heartbeat thread extends this worker's claims (XCLAIM ... JUSTID) so a healthy long
+chunk is never reclaimed, refreshes the worker's TTL'd health key and sweeps expired
+job ids and abandoned uploads. An item's own bad input is an ItemFailure in its slot
+(OnItemError PER_ITEM, ``chunkwork``); other errors of the input (InvalidInput,
+CodeError, ResourceLimit) fail the job at once; anything else is retried by redelivery
+until the delivery cap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import redis
+from redis.typing import KeyT, StreamIdT
+
+from latentserve.errors import CodeError, InvalidInput, LatentServeError, ResourceLimit
+from latentserve.worker.config import WorkerConfig
+from latentserve.worker.jobqueue.chunkwork import (
+    Held,
+    JobPipeline,
+    Segment,
+    chunk_failures,
+    compute_batch,
+    pack_results,
+    plan_batches,
+)
+from latentserve.worker.jobqueue.keys import as_text as _s
+from latentserve.worker.jobqueue.packing import unpack_failures
+from latentserve.worker.jobqueue.recovery import Recovery
+from latentserve.worker.jobqueue.store import JobKind, JobStore, connect
+from latentserve.worker.metrics import WorkerMetrics
+from latentserve.worker.tracing import chunk_spans
+
+log = logging.getLogger(__name__)
+
+# Errors of the job's own input: another delivery would fail the same way.
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (InvalidInput, CodeError, ResourceLimit)
+
+
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+@dataclass
+class WorkerStats:
+    chunks: int = 0
+    items: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+    released: int = 0
+    retried: int = 0
+
+
+class Worker:
+    """A consumer of the task streams; ``run()`` blocks until stopped (or idle, in burst)."""
+
+    def __init__(self, config: WorkerConfig, pipeline: JobPipeline,
+                 client: redis.Redis | None = None,
+                 metrics: WorkerMetrics | None = None, *,
+                 owned: Sequence[Closeable] = ()) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        # What create_worker built for this worker alone (its coder pool): closed when
+        # run() returns.
+        self._owned = tuple(owned)
+        self.r = client or connect(config.redis_url)
+        self.store = JobStore(self.r, config.queue)
+        self.keys = config.keys
+        self.consumer = config.consumer
+        self.stats = WorkerStats()
+        self._stop = threading.Event()
+        self._done = threading.Event()   # run() has returned: the heartbeat ends
+        self._deadline = float("inf")   # monotonic time by which held chunks are released
+        self._held: dict[str, Held] = {}
+        self._held_lock = threading.Lock()
+        self._last_reclaim = 0.0
+        self._last_dead_check = 0.0
+        self._backlog = False  # the last reclaim pass took a full batch: more may wait
+        self.recovery = Recovery(self.r, self.keys, self.consumer)
+        self.metrics = metrics or WorkerMetrics()
+        self.metrics.watch(self.stats, lambda: len(self._held))
+        self._started = time.time()
+        self._ready = False  # models preloaded, taking work
+
+    # -- lifecycle --------------------------------------------------------------------
+    def request_stop(self, grace_s: float | None = None) -> None:
+        """Stop taking work; finish held chunks within the grace period, else release them.
+
+        Safe to call from a signal handler. A second call shortens the grace to ``grace_s``
+        (default: now).
+        """
+        grace = self.config.grace_s if grace_s is None else grace_s
+        if self._stop.is_set():
+            grace = 0.0 if grace_s is None else grace_s
+        self._deadline = min(self._deadline, time.monotonic() + grace)
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def start_thread(self) -> threading.Thread:
+        """Run in a daemon thread (the service's embedded worker)."""
+        t = threading.Thread(target=self.run, name=f"worker-{self.consumer}", daemon=True)
+        t.start()
+        return t
+
+    def run(self) -> WorkerStats:
+        """Consume until ``request_stop`` (or, in burst mode, until the queues are empty)."""
+        for pool in self.config.pools:
+            self._retry_redis(lambda pool=pool: self.store.ensure_group(pool))
+        # The health key exists before the first read: other workers take a consumer
+        # that holds entries without one for dead and claim its entries at once.
+        self._retry_redis(self._heartbeat)
+        beat = threading.Thread(target=self._heartbeat_loop, daemon=True,
+                                name=f"heartbeat-{self.consumer}")
+        beat.start()
+        backoff = 0.05
+        down_since: float | None = None  # when Redis stopped answering the loop
+        try:
+            if self.config.preload:
+                self._preload()
+            self._ready = True
+            while not self._stop.is_set():
+                try:
+                    entries = self._reclaim() or self._read()
+                    if entries:
+                        self._process(entries)
+                    elif self.config.burst and self._queues_empty():
+                        break
+                    backoff = 0.05
+                    if down_since is not None:
+                        log.info("worker %s: Redis reachable again after %.1fs",
+                                 self.consumer, time.monotonic() - down_since)
+                        down_since = None
+                except redis.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    # The stream or group vanished (a Redis without persistence restarted,
+                    # or a FLUSHDB): create them again and go on.
+                    log.warning("worker %s: %s; creating the consumer group again",
+                                self.consumer, exc)
+                    for pool in self.config.pools:
+                        self.store.ensure_group(pool)
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.warning("worker %s: Redis unavailable (%s); retrying in %.2fs",
+                                self.consumer, exc, backoff)
+                    down_since = down_since or time.monotonic()
+                    with self._held_lock:
+                        for eid in self._held:
+                            self.metrics.forget(eid)
+                        # Stop extending what we read: those entries stay pending in
+                        # Redis and are reclaimed after claim_idle_s (by us or another).
+                        self._held.clear()
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 2.0)
+        finally:
+            self._stop.set()
+            self._release_all()
+            self._done.set()
+            beat.join(timeout=5)
+            self._goodbye()
+            self.close()
+        return self.stats
+
+    def close(self) -> None:
+        """Release what this worker owns (its coder processes); run() does it on return."""
+        owned, self._owned = self._owned, ()
+        for thing in owned:
+            thing.close()
+
+    def _preload(self) -> None:
+        """Load the newest version of every model now, so no chunk waits for a load.
+
+        A model that fails to load is only logged: its chunks fail (and are retried,
+        then dead-lettered) while every other model keeps being served.
+        """
+        models = getattr(self.pipeline, "models", None)
+        if models is None:
+            return
+        newest = {e.manifest.name: e.manifest.ref for e in models()}
+        for ref in newest.values():
+            if self._stop.is_set():
+                return
+            try:
+                start = time.monotonic()
+                runtime = self.pipeline.runtime(ref)  # type: ignore[attr-defined]
+                self.metrics.model_loaded(runtime, time.monotonic() - start)
+            except Exception as exc:  # noqa: BLE001 - one bad model must not stop the rest
+                log.error("worker %s: cannot load %s: %s", self.consumer, ref, exc)
+
+    def _retry_redis(self, fn: Any, limit_s: float = 60.0) -> Any:
+        """Call ``fn`` until Redis answers (it may be restarting), up to ``limit_s``."""
+        start = time.monotonic()
+        delay = 0.05
+        failed = False
+        while True:
+            try:
+                result = fn()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() > start + limit_s:
+                    raise
+                if not failed:
+                    log.warning("worker %s: Redis unavailable (%s); retrying for up to %.0fs",
+                                self.consumer, exc, limit_s)
+                failed = True
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            if failed:
+                log.info("worker %s: Redis reachable again after %.1fs", self.consumer,
+                         time.monotonic() - start)
+            return result
+
+    # -- taking work ------------------------------------------------------------------
+    def _read(self) -> list[Held]:
+        streams: dict[KeyT, StreamIdT] = {self.keys.stream(p): ">" for p in self.config.pools}
+        block = 50 if self._stop.is_set() else self.config.block_ms
+        # RESP2 with binary replies (connect()): [[stream, [(entry id, fields), ...]], ...]
+        reply = cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
+                     self.r.xreadgroup(self.keys.group, self.consumer, streams,
+                                       count=self.config.read_count, block=block))
+        out = []
+        for stream, entries in reply or []:
+            pool = _s(stream).rsplit(":", 1)[1]
+            for eid, fields in entries:
+                out.append(self._hold(pool, _s(eid), fields, delivered=1))
+        return out
+
+    def _reclaim(self) -> list[Held]:
+        """Take over entries of dead consumers, else entries idle past ``claim_idle_s``;
+        dead-letter those over the delivery cap.
+
+        Dead consumers are looked for every heartbeat, idle entries every claim_idle_s / 4.
+        A pass takes at most ``read_count`` entries; after a full one (a backlog, such as
+        several killed workers' chunks) the next pass runs at once.
+        """
+        now = time.monotonic()
+        backlog, self._backlog = self._backlog, False
+        out: list[Held] = []
+        if backlog or now - self._last_dead_check >= self.config.heartbeat_s:
+            self._last_dead_check = now
+            out = self._reclaim_dead()
+        if not out and (backlog or now - self._last_reclaim >= max(self.config.claim_idle_s / 4,
+                                                                    0.05)):
+            self._last_reclaim = now
+            out = self._reclaim_idle()
+        return out
+
+    def _reclaim_dead(self) -> list[Held]:
+        """Claim the entries of consumers whose health key is gone (killed workers)."""
+        out: list[Held] = []
+        room = self.config.read_count
+        for pool in self.config.pools:
+            for consumer, pending in self.recovery.dead_consumers(pool):
+                if room <= 0:
+                    self._backlog = True
+                    return out
+                claim = self.recovery.claim(pool, consumer, room)
+                if claim.left < 0:  # its health key came back between the two reads
+                    continue
+                log.info("worker %s: consumer %s is dead (no health key) holding %d entries "
+                         "on pool %s; reclaimed %d now", self.consumer, consumer, pending,
+                         pool, len(claim.entries))
+                room -= len(claim.entries)
+                self._backlog = self._backlog or claim.left > 0
+                self.metrics.reclaimed("dead", len(claim.entries))
+                out += self._adopt(pool, [(e.entry_id, e.fields, e.delivered)
+                                          for e in claim.entries])
+        return out
+
+    def _reclaim_idle(self) -> list[Held]:
+        """XAUTOCLAIM entries pending longer than ``claim_idle_s`` (nobody extends them)."""
+        idle_ms = int(self.config.claim_idle_s * 1000)
+        out: list[Held] = []
+        for pool in self.config.pools:
+            stream = self.keys.stream(pool)
+            reply = self.r.xautoclaim(stream, self.keys.group, self.consumer, idle_ms,
+                                      start_id="0-0", count=self.config.read_count)
+            # Redis 6.2 returns entries deleted meanwhile (a cancelled job's) without
+            # fields; 7+ lists them apart and drops them from the pending list itself.
+            gone = [eid for eid, fields in reply[1] if not fields]
+            if gone:
+                self.r.xack(stream, self.keys.group, *gone)
+            claimed = [(eid, fields) for eid, fields in reply[1] if fields]
+            if not claimed:
+                continue
+            log.info("worker %s: reclaimed %d entries idle over %.1fs on pool %s",
+                     self.consumer, len(claimed), self.config.claim_idle_s, pool)
+            self._backlog = self._backlog or len(reply[1]) >= self.config.read_count
+            self.metrics.reclaimed("idle", len(claimed))
+            with self.r.pipeline(transaction=False) as p:
+                for eid, _ in claimed:
+                    p.xpending_range(stream, self.keys.group, min=eid, max=eid, count=1)
+                counts = p.execute()
+            out += self._adopt(pool, [
+                (_s(eid), fields, int(pending[0]["times_delivered"]) if pending else 1)
+                for (eid, fields), pending in zip(claimed, counts, strict=True)])
+        return out
+
+    def _adopt(self, pool: str, claimed: list[tuple[str, dict[bytes, bytes], int]]) -> list[Held]:
+        """Hold reclaimed entries (id, fields, times delivered); dead-letter those over
+        ``max_deliveries``."""
+        out = []
+        for eid, fields, times in claimed:
+            held = self._hold(pool, eid, fields, delivered=times)
+            if held.deliveries > self.config.max_deliveries:
+                self._dead_letter(held)
+            else:
+                self.stats.retried += 1
+                out.append(held)
+        return out
+
+    def _hold(self, pool: str, eid: str, fields: dict[bytes, bytes], *, delivered: int) -> Held:
+        f = {_s(k): _s(v) for k, v in fields.items()}
+        held = Held(pool=pool, entry_id=eid, job_id=f["job"], chunk=int(f["chunk"]),
+                    n=int(f["n"]), deliveries=delivered + int(f.get("prior", 0)))
+        with self._held_lock:
+            self._held[eid] = held
+        self.metrics.taken(eid)
+        return held
+
+    def _drop(self, held: Held) -> None:
+        with self._held_lock:
+            self._held.pop(held.entry_id, None)
+        self.metrics.forget(held.entry_id)
+
+    def _dead_letter(self, held: Held) -> None:
+        last = self.store.chunk_error(held.job_id, held.chunk)
+        reason = last or (f"the worker holding it stopped responding "
+                          f"{held.deliveries - 1} times (killed or stuck mid-chunk)")
+        log.error("job %s chunk %d: dead-lettered after %d deliveries: %s",
+                  held.job_id, held.chunk, held.deliveries, reason)
+        self.store.dead_letter(held.pool, held.job_id, held.chunk, held.entry_id,
+                               deliveries=held.deliveries, reason=reason,
+                               consumer=self.consumer)
+        self.stats.dead_lettered += 1
+        self._drop(held)
+
+    def _queues_empty(self) -> bool:
+        with self._held_lock:
+            if self._held:
+                return False
+        return all(self.store.depth(p) == 0 for p in self.config.pools)
+
+    # -- doing work -------------------------------------------------------------------
+    def _process(self, entries: list[Held]) -> None:
+        runnable = []
+        for held in entries:
+            if self._stop.is_set():
+                self._release(held)
+                continue
+            task = self.store.begin_chunk(held.pool, held.job_id, held.chunk, held.entry_id)
+            if isinstance(task, str):  # cancelled, failed or expired: already acked
+                self.stats.skipped += 1
+                self._drop(held)
+                continue
+            held.task = task
+            try:
+                if task.kind is not JobKind.SAMPLE:
+                    if task.payload is None:
+                        raise InvalidInput(f"job {held.job_id} chunk {held.chunk}: its inputs "
+                                           "are missing from Redis (expired?)")
+                    held.inputs, held.failures = unpack_failures(task.payload)
+                    if len(held.inputs) != held.n:
+                        raise InvalidInput(f"job {held.job_id} chunk {held.chunk} holds "
+                                           f"{len(held.inputs)} items, its task says {held.n}")
+            except InvalidInput as exc:
+                self._fail_chunk(held, exc)
+                continue
+            if len(held.failures) == held.n:  # every input refused on arrival: nothing to run
+                self._finish(held)
+                continue
+            runnable.append(held)
+        for i, batch in enumerate(plan_batches(runnable, self.config.batch_items)):
+            # Before the first call BEGIN has just read every job's state; after it, look
+            # again between calls (cancels, shutdown).
+            if i and not self._checkpoint(runnable):
+                break
+            self._run_batch([s for s in batch if s.held.entry_id in self._held])
+        for held in runnable:  # whatever the checkpoint stopped
+            if held.entry_id in self._held:
+                self._release(held)
+
+    def _checkpoint(self, chunks: list[Held]) -> bool:
+        """At a batch boundary: drop cancelled chunks; on shutdown, release what must go.
+
+        Returns False when nothing more should run.
+        """
+        live = [h for h in chunks if h.entry_id in self._held]
+        if not live:
+            return False
+        states = self.store.states(sorted({h.job_id for h in live}))
+        for h in live:
+            state = states[h.job_id]
+            if state is None or state.terminal:
+                # Cancelled or failed meanwhile: stop here, at the batch boundary.
+                self.store.ack(h.pool, h.entry_id)
+                self.stats.skipped += 1
+                self._drop(h)
+        if self._stop.is_set():
+            past = time.monotonic() >= self._deadline
+            for h in live:
+                # Past the grace period release everything; before it, only chunks not
+                # yet started (finishing a started chunk is what the grace is for).
+                if h.entry_id in self._held and (past or h.done == 0):
+                    self._release(h)
+        return any(h.entry_id in self._held for h in live)
+
+    def _run_batch(self, batch: list[Segment]) -> None:
+        if not batch:
+            return
+        try:
+            task = batch[0].held.task
+            model, op = (task.model, task.kind.value) if task else ("", "")
+            with chunk_spans(self.store, [s.held for s in batch], model=model, op=op):
+                outputs = compute_batch(self.pipeline, batch)
+        except Exception as exc:  # noqa: BLE001 - every failure is stored or retried
+            if len({id(s.held) for s in batch}) > 1:
+                # A merged call failed: run each chunk alone so only the culprit fails.
+                for seg in batch:
+                    if seg.held.entry_id in self._held:
+                        self._run_batch([seg])
+                return
+            self._fail_chunk(batch[0].held, exc)
+            return
+        for seg, out in zip(batch, outputs, strict=True):
+            h = seg.held
+            h.parts.append(out)
+            h.done += seg.hi - seg.lo
+            if h.done == h.n:
+                self._finish(h)
+
+    def _finish(self, h: Held) -> None:
+        try:
+            packed = pack_results(h)
+        except InvalidInput as exc:  # per-item images of several shapes in one RAW chunk
+            self._fail_chunk(h, exc)
+            return
+        failed = len(chunk_failures(h))
+        self._retry_redis(lambda: self.store.store_chunk(h.pool, h.job_id, h.chunk, h.n,
+                                                         packed, h.entry_id, failed))
+        self.stats.chunks += 1
+        self.stats.items += h.n
+        if h.task is not None:
+            self.metrics.stored(h.entry_id, h.task, h.n, self.pipeline, h.inputs)
+        self._drop(h)
+
+    def _fail_chunk(self, h: Held, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        if h.task is not None:
+            lo = h.chunk * h.task.chunk_size
+            reason = f"chunk {h.chunk} (items {lo}-{lo + h.n - 1}): {reason}"
+        if isinstance(exc, PERMANENT_ERRORS):
+            log.warning("job %s chunk %d failed for good: %s", h.job_id, h.chunk, reason)
+            self.store.dead_letter(h.pool, h.job_id, h.chunk, h.entry_id,
+                                   deliveries=h.deliveries, reason=reason,
+                                   consumer=self.consumer)
+            self.stats.dead_lettered += 1
+        else:
+            # Leave it pending (no ack): it is redelivered after claim_idle_s, here or
+            # on another worker, until the delivery cap sends it to the dead letters.
+            log.warning("job %s chunk %d failed (delivery %d, will retry): %s",
+                        h.job_id, h.chunk, h.deliveries, reason,
+                        exc_info=None if isinstance(exc, LatentServeError) else exc)
+            self.store.note_chunk_error(h.job_id, h.chunk, f"delivery {h.deliveries}: {reason}")
+        self._drop(h)
+
+    def _release(self, h: Held) -> None:
+        try:
+            if self.store.release(h.pool, self.consumer, h.entry_id, h.job_id, h.chunk, h.n,
+                                  h.deliveries):
+                self.stats.released += 1
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass  # left pending: another worker reclaims it after claim_idle_s
+        self._drop(h)
+
+    def _release_all(self) -> None:
+        with self._held_lock:
+            held = list(self._held.values())
+        for h in held:
+            self._release(h)
+
+    # -- heartbeat ----------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        last_sweep = 0.0
+        while not self._done.is_set():
+            try:
+                self._heartbeat()
+                if time.monotonic() - last_sweep > min(60.0, self.config.queue.result_ttl_s,
+                                                       self.config.queue.receiving_timeout_s / 2):
+                    last_sweep = time.monotonic()
+                    self.store.sweep()
+                    self._forget_dead_consumers()
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass  # the main loop reports it; claims are extended once Redis is back
+            except Exception:  # noqa: BLE001 - the heartbeat must outlive any one failure
+                log.exception("worker %s: heartbeat failed", self.consumer)
+            self._done.wait(self.config.heartbeat_s)
+
+    def _heartbeat(self) -> None:
+        with self._held_lock:
+            held = list(self._held.values())
+        by_pool: dict[str, list[str]] = {}
+        for h in held:
+            by_pool.setdefault(h.pool, []).append(h.entry_id)
+        for pool, ids in by_pool.items():
+            status = self.store.extend(pool, self.consumer, ids)
+            lost = [i for i, s in status.items() if s == "stolen"]
+            if lost:  # reclaimed by another worker: its result will be the same
+                log.warning("worker %s: lost the claim on %s", self.consumer, lost)
+        record = {"consumer": self.consumer, "pid": os.getpid(), "host": socket.gethostname(),
+                  "pools": list(self.config.pools), "provider": self.config.provider,
+                  "started": self._started, "beat": time.time(), "chunks": self.stats.chunks,
+                  "items": self.stats.items, "ready": self._ready,
+                  "stopping": self._stop.is_set(), "metrics_port": self.metrics.port,
+                  "holding": [{"job": h.job_id, "chunk": h.chunk, "done": h.done, "n": h.n}
+                              for h in held]}
+        self.r.set(self.keys.worker(self.consumer), json.dumps(record),
+                   px=int(self.config.health_ttl_s * 1000))
+
+    def _forget_dead_consumers(self) -> None:
+        """Delete group consumers with nothing pending that have been idle a long time."""
+        limit_ms = max(self.config.claim_idle_s * 10, 600) * 1000
+        for pool in self.config.pools:
+            stream = self.keys.stream(pool)
+            for c in self.r.xinfo_consumers(stream, self.keys.group):
+                if c["pending"] == 0 and c["idle"] > limit_ms and _s(c["name"]) != self.consumer:
+                    self.r.xgroup_delconsumer(stream, self.keys.group, c["name"])
+
+    def _goodbye(self) -> None:
+        try:
+            self.r.delete(self.keys.worker(self.consumer))
+            for pool in self.config.pools:
+                stream = self.keys.stream(pool)
+                pending = self.r.xpending_range(stream, self.keys.group, "-", "+", 1,
+                                                consumername=self.consumer)
+                if not pending:
+                    self.r.xgroup_delconsumer(stream, self.keys.group, self.consumer)
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass
+
+
+def worker_health(client: redis.Redis, config: WorkerConfig | None = None, *,
+                  prefix: str | None = None) -> list[dict[str, Any]]:
+    """Health records of every live worker (their keys expire 3 heartbeats after death)."""
+    from latentserve.worker.jobqueue.keys import Keys
+
+    keys = config.keys if config is not None else Keys(prefix or "latentserve:")
+    out = []
+    for key in client.scan_iter(match=keys.worker_pattern(), count=500):
+        raw = client.get(key)
+        if raw:
+            out.append(json.loads(raw))
+    return sorted(out, key=lambda r: r["consumer"])
+
+
+def create_worker(config: WorkerConfig, pipeline: JobPipeline | None = None,
+                  client: redis.Redis | None = None,
+                  metrics: WorkerMetrics | None = None) -> Worker:
+    """Build a worker (nothing runs until ``run()``); the pipeline defaults to the
+    model repository at ``config.models`` on ``config.provider``, the metrics to a
+    registry of its own (pass ``WorkerMetrics(registry)`` to report into another)."""
+    from latentserve.worker.runtime.engine import process_memory
+
+    process_memory()  # before any thread: glibc's arena limit binds only later arenas
+    owned: list[Closeable] = []
+    if pipeline is None:
+        from latentserve.worker.codec.coderpool import CoderPool
+        from latentserve.worker.runtime.engine import EngineConfig
+        from latentserve.worker.runtime.pipeline import Pipeline
+
+        pool = CoderPool(config.coder_processes) if config.coder_processes else None
+        if pool is not None:
+            owned.append(pool)
+        pipeline = Pipeline(config.models,
+                            EngineConfig(provider=config.provider,
+                                         intra_op_threads=config.intra_op_threads,
+                                         max_batch=config.batch_items),
+                            coder_pool=pool)
+    return Worker(config, pipeline, client, metrics, owned=owned)

@@ -1,0 +1,477 @@
+"""The onnxruntime engine: a loaded model's sessions and the tensor-level operations.
+
+``ModelRuntime`` turns uint8 images into integer symbols (``encode``), symbols back
+into uint8 images (``decode``), evaluates the VQ prior (``prior_logits``: one full pass;
+``prior_stepper``: position by position with caches) and draws samples (``sample``).
+It knows nothing of bytes on the wire: that is ``codec``.
+
+A process that runs models keeps its memory flat (``process_memory``): every session
+draws from one shared onnxruntime CPU arena, glibc keeps one malloc arena instead of up
+to eight per core (operators may set MALLOC_ARENA_MAX themselves), and free C heap goes
+back to the OS once the models have been idle for a moment (bench/memory.py measures it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from latentserve.errors import InvalidInput, ProviderUnavailable
+from latentserve.worker.runtime.repository import ModelEntry
+from latentserve.worker.runtime.settings import PROVIDERS, Provider
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How onnxruntime sessions are built. One per process, passed down."""
+
+    provider: Provider = "cpu"
+    # Threads per session; 0 = onnxruntime's default (all cores). The service sets this
+    # so that sessions x threads does not oversubscribe the cores next to gRPC's pool.
+    intra_op_threads: int = 0
+    device_id: int = 0
+    # Largest batch handed to one session.run; bigger inputs are cut into pieces.
+    max_batch: int = 1024
+    cuda_mem_limit_bytes: int = 0  # 0 = no arena limit
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    trt_fp16: bool = False
+    trt_cache_dir: str = ""
+    # IO binding: inputs copied to the device once as OrtValues and outputs allocated
+    # there by onnxruntime, instead of numpy in/out through the session's own staging.
+    # "auto" = on for a GPU provider (measured there: ~1.6x the images/s of numpy in/out
+    # on a small conv autoencoder), off on the CPU, where it only adds a copy.
+    io_binding: Literal["auto", "on", "off"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise InvalidInput(f"provider {self.provider!r} is not one of {PROVIDERS}")
+        if self.io_binding not in ("auto", "on", "off"):
+            raise InvalidInput(f"io_binding {self.io_binding!r} is not one of auto, on, off")
+        if self.max_batch < 1:
+            raise InvalidInput(f"max_batch must be >= 1, got {self.max_batch}")
+
+
+def execution_providers(config: EngineConfig) -> list[str | tuple[str, dict[str, object]]]:
+    """The provider list for a session; raises ProviderUnavailable unless ``auto``."""
+    available = ort.get_available_providers()
+    cuda_opts: dict[str, object] = {
+        "device_id": config.device_id,
+        "cudnn_conv_algo_search": config.cudnn_conv_algo_search,
+        # TF32 changes conv results in the 3rd decimal: the prior's integer tables
+        # must match the CPU's, so keep full fp32.
+        "use_tf32": 0,
+    }
+    if config.cuda_mem_limit_bytes:
+        cuda_opts["gpu_mem_limit"] = config.cuda_mem_limit_bytes
+    cuda = ("CUDAExecutionProvider", cuda_opts)
+    if config.provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if config.provider == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise ProviderUnavailable(
+                "provider 'cuda' requested but onnxruntime offers only "
+                f"{available}; install onnxruntime-gpu with a matching CUDA, "
+                "or use --provider cpu (or auto to fall back)")
+        return [cuda, "CPUExecutionProvider"]
+    if config.provider == "tensorrt":
+        if "TensorrtExecutionProvider" not in available:
+            raise ProviderUnavailable(
+                f"provider 'tensorrt' requested but onnxruntime offers only {available}")
+        trt_opts: dict[str, object] = {"device_id": config.device_id,
+                                       "trt_fp16_enable": config.trt_fp16}
+        if config.trt_cache_dir:
+            trt_opts.update(trt_engine_cache_enable=True,
+                            trt_engine_cache_path=config.trt_cache_dir)
+        return [("TensorrtExecutionProvider", trt_opts), cuda, "CPUExecutionProvider"]
+    # auto: the best available, CPU last.
+    chain: list[str | tuple[str, dict[str, object]]] = []
+    if "CUDAExecutionProvider" in available:
+        chain.append(cuda)
+    chain.append("CPUExecutionProvider")
+    return chain
+
+
+def make_session(path: str | os.PathLike[str], config: EngineConfig) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = config.intra_op_threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if process_memory().shared_arena:
+        opts.add_session_config_entry("session.use_env_allocators", "1")
+    return ort.InferenceSession(str(path), sess_options=opts,
+                                providers=execution_providers(config))
+
+
+# -- process memory ---------------------------------------------------------------------
+# Measured with bench/memory.py (10,000 mixed requests on the shipped zoo, 2 cores): with
+# onnxruntime's and glibc's defaults a server's RSS grew from 252 to 419 MiB and kept
+# growing while its live objects did not. Each session's own arena grew to the largest
+# batch it had run (20 sessions on the zoo), and each of glibc's malloc arenas (up to 8
+# per core) kept its own fragmented free memory. One shared arena shrunk after each run,
+# one malloc arena (malloc_trim cannot release the top of another arena's heap: with 2
+# the run still grew 32%) and a trim once idle keep it at 130 -> 134 MiB.
+MALLOC_ARENA_MAX = 1    # glibc arenas unless MALLOC_ARENA_MAX / GLIBC_TUNABLES say otherwise
+TRIM_IDLE_S = 1.0       # free C heap goes back to the OS after this long with no model run
+TRIM_EVERY_S = 30.0     # ... and at least this often while runs never pause
+_M_ARENA_MAX = -8       # mallopt parameter number (glibc malloc.h)
+log = logging.getLogger(__name__)
+
+
+class ProcessMemory:
+    """The process-wide allocator settings of a process that runs models (one instance).
+
+    - ``shared_arena``: one onnxruntime CPU arena, registered with the environment and
+      extended by what is asked (not doubled), that every session uses; ``run_options``
+      (pass them to every run) shrink it back to its first chunk after each run, so a
+      large batch's memory returns to the heap instead of staying with one session.
+    - glibc: at most ``MALLOC_ARENA_MAX`` malloc arenas, and a daemon thread that calls
+      ``malloc_trim(0)`` once no session has run for ``TRIM_IDLE_S`` (or every
+      ``TRIM_EVERY_S`` under constant load): freed pages leave the RSS instead of
+      waiting, fragmented, in an arena. Without glibc both are skipped.
+    """
+
+    def __init__(self) -> None:
+        self.runs = 0  # session runs so far (a change means "not idle"; races are harmless)
+        self.trims = 0
+        self.shared_arena = self._register_shared_arena()
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self._libc = _glibc()
+        if self._libc is not None:
+            tunables = os.environ.get("GLIBC_TUNABLES", "")
+            if "MALLOC_ARENA_MAX" not in os.environ and "arena_max" not in tunables:
+                self._libc.mallopt(_M_ARENA_MAX, MALLOC_ARENA_MAX)
+            threading.Thread(target=self._trim_loop, name="latentserve-heap-trim",
+                             daemon=True).start()
+
+    @staticmethod
+    def _register_shared_arena() -> bool:
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                     ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(
+                {"arena_extend_strategy": 1}))  # 1 = kSameAsRequested
+            return True
+        except Exception as exc:  # noqa: BLE001 - per-session arenas still work
+            log.warning("no shared onnxruntime CPU arena (%s): each session keeps its own", exc)
+            return False
+
+    def trim(self) -> None:
+        """Hand free C heap pages back to the OS now (glibc ``malloc_trim``)."""
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+            self.trims += 1
+
+    def _trim_loop(self) -> None:
+        trimmed_at, seen = self.runs, self.runs
+        last = time.monotonic()
+        while True:
+            time.sleep(TRIM_IDLE_S)
+            runs = self.runs
+            idle = runs == seen
+            seen = runs
+            if runs != trimmed_at and (idle or time.monotonic() - last >= TRIM_EVERY_S):
+                self.trim()
+                trimmed_at, last = runs, time.monotonic()
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return None
+
+
+_process_memory: ProcessMemory | None = None
+_process_memory_lock = threading.Lock()
+
+
+def process_memory() -> ProcessMemory:
+    """This process's ``ProcessMemory``, set up on first use: by the server's catalog or
+    ``create_worker`` before they start threads, else by the first session."""
+    global _process_memory
+    with _process_memory_lock:
+        if _process_memory is None:
+            _process_memory = ProcessMemory()
+        return _process_memory
+
+
+def image_rng(seed: int, index: int) -> np.random.Generator:
+    """The random stream of the ``index``-th sample of a seed: independent of batching."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index])))
+
+
+def canonical_temperature(temperature: float) -> float:
+    """The temperature a sample is drawn with: the nearest float32.
+
+    The wire (``SampleRequest.temperature``, ``JobSpec.temperature``) carries a float32,
+    so a server sees 0.800000011920929 where a caller in process passed 0.8; scaling
+    float64 normals by the two differs in the last bit and can move a pixel by a grey
+    level. Every path rounds here, so one (seed, temperature, index) is one image.
+    """
+    with np.errstate(over="ignore"):  # past float32's range: inf, refused by the callers
+        return float(np.float32(temperature))
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Decoder output in [0, 1] (float) to uint8 pixels."""
+    return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+
+
+class ModelRuntime:
+    """A verified model's onnxruntime sessions and its tensor-level operations."""
+
+    def __init__(self, entry: ModelEntry, config: EngineConfig | None = None) -> None:
+        self.entry = entry
+        self.manifest = entry.manifest
+        self.config = config or EngineConfig()
+        self.memory = process_memory()
+        self.encoder = make_session(entry.file("encoder"), self.config)
+        self.decoder = make_session(entry.file("decoder"), self.config)
+        self.prior = (make_session(entry.file("prior"), self.config)
+                      if "prior" in self.manifest.files else None)
+        # Optional (models exported before it existed lack it): the prior one position
+        # at a time, ~1 full pass per grid instead of h*w.
+        self.prior_step = (make_session(entry.file("prior_step"), self.config)
+                           if "prior_step" in self.manifest.files else None)
+        self.provider: str = self.encoder.get_providers()[0]
+        on_gpu = self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        binding = self.config.io_binding
+        # The device IO binding places tensors on; None = plain numpy session.run.
+        self.io_device: str | None = (
+            ("cuda" if on_gpu else "cpu") if binding == "on" or (binding == "auto" and on_gpu)
+            else None)
+
+    # -- shapes ---------------------------------------------------------------------
+    def check_images(self, images: np.ndarray) -> np.ndarray:
+        """Validate a uint8 (N, C, H, W) batch against the model's image shape."""
+        want = self.manifest.image_shape
+        if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != want:
+            raise InvalidInput(
+                f"model {self.manifest.ref} takes uint8 images of shape (N, {want[0]}, "
+                f"{want[1]}, {want[2]}); got {images.dtype} {tuple(images.shape)}")
+        return np.ascontiguousarray(images)
+
+    def check_symbols(self, symbols: np.ndarray) -> np.ndarray:
+        want = self.manifest.latent_shape
+        if symbols.ndim != len(want) + 1 or tuple(symbols.shape[1:]) != want:
+            raise InvalidInput(f"model {self.manifest.ref} takes symbols of shape (N, "
+                               f"{', '.join(map(str, want))}); got {tuple(symbols.shape)}")
+        return symbols
+
+    def _run(self, session: ort.InferenceSession, name: str, x: np.ndarray) -> np.ndarray:
+        """One input, first output, through IO binding when ``io_device`` is set."""
+        self.memory.runs += 1
+        out: np.ndarray
+        if self.io_device is None:
+            out = session.run(None, {name: x}, self.memory.run_options)[0]
+            return out
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(
+            np.ascontiguousarray(x), self.io_device, self.config.device_id))
+        binding.bind_output(session.get_outputs()[0].name, self.io_device, self.config.device_id)
+        session.run_with_iobinding(binding, self.memory.run_options)
+        out = binding.copy_outputs_to_cpu()[0]
+        return out
+
+    def _batched(self, fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+        step = self.config.max_batch
+        if len(x) <= step:
+            return fn(x)
+        return np.concatenate([fn(x[i:i + step]) for i in range(0, len(x), step)])
+
+    # -- encode / decode --------------------------------------------------------------
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (N, C, H, W) -> int32 symbols (N, *latent_shape)."""
+        images = self.check_images(images)
+        if len(images) == 0:
+            return np.zeros((0, *self.manifest.latent_shape), np.int32)
+        out = self._batched(lambda b: self._run(self.encoder, "image", b), images)
+        if self.manifest.family == "vqvae":
+            return out.astype(np.int32)
+        return self.quantize(out)
+
+    def quantize(self, latent: np.ndarray) -> np.ndarray:
+        """Continuous latents -> symbols on the factorized tables' support."""
+        spec = self.manifest.factorized
+        assert spec is not None
+        sym = np.rint(latent.astype(np.float64) / spec.step)
+        lo = np.array(spec.offsets, np.float64).reshape(1, -1, 1, 1)
+        hi = lo + np.array([len(f) for f in spec.freqs], np.float64).reshape(1, -1, 1, 1) - 1
+        return np.clip(sym, lo, hi).astype(np.int32)
+
+    def decode(self, symbols: np.ndarray) -> np.ndarray:
+        """int symbols (N, *latent_shape) -> uint8 images (N, C, H, W)."""
+        symbols = self.check_symbols(symbols)
+        if len(symbols) == 0:
+            return np.zeros((0, *self.manifest.image_shape), np.uint8)
+        feed: np.ndarray
+        if self.manifest.family == "vqvae":
+            feed = symbols.astype(np.int64)
+            name = "indices"
+        else:
+            spec = self.manifest.factorized
+            assert spec is not None
+            feed = (symbols.astype(np.float32) * np.float32(spec.step))
+            name = "latent"
+        out = self._batched(lambda b: self._run(self.decoder, name, b), feed)
+        return to_uint8(out)
+
+    def prior_logits(self, indices: np.ndarray) -> np.ndarray:
+        """VQ index grids (N, h, w) -> float32 logits (N, K, h, w) of the causal prior."""
+        if self.prior is None:
+            raise InvalidInput(f"model {self.manifest.ref} ({self.manifest.family}) has no prior")
+        feed = indices.astype(np.int64)
+        return self._batched(lambda b: self._run(self.prior, "indices", b), feed)
+
+    def prior_stepper(self, n: int) -> PriorStepper:
+        """A fresh raster-order evaluator of the prior for a batch of ``n`` grids."""
+        return PriorStepper(self, n)
+
+    # -- sampling ---------------------------------------------------------------------
+    def sample(self, count: int, *, seed: int, temperature: float = 1.0,
+               start: int = 0) -> np.ndarray:
+        """Draw ``count`` uint8 images; sample ``start + j`` depends only on (seed, start + j)."""
+        if count < 0:
+            raise InvalidInput(f"sample count must be >= 0, got {count}")
+        used = canonical_temperature(temperature)
+        if not (used > 0 and np.isfinite(used)):
+            raise InvalidInput(f"temperature must be a positive number, got {temperature}")
+        temperature = used
+        rngs = [image_rng(seed, start + j) for j in range(count)]
+        if count == 0:
+            return np.zeros((0, *self.manifest.image_shape), np.uint8)
+        family = self.manifest.family
+        if family == "vqvae":
+            return self.decode(self._sample_indices(rngs, temperature))
+        dim = self.manifest.num_symbols
+        normal = np.stack([r.standard_normal(dim) for r in rngs])
+        if family == "vae":
+            latent = normal * temperature
+            out = self._batched(
+                lambda b: self._run(self.decoder, "latent", b),
+                latent.reshape(count, *self.manifest.latent_shape).astype(np.float32))
+            return to_uint8(out)
+        # ae: a diagonal Gaussian mixture fitted to the training latents.
+        gmm = self.manifest.sampling
+        weights = np.asarray(gmm["weights"], np.float64)
+        means = np.asarray(gmm["means"], np.float64)
+        stds = np.asarray(gmm["stds"], np.float64)
+        cdf = np.cumsum(weights / weights.sum())
+        comp = np.array([min(int(np.searchsorted(cdf, r.random(), side="right")), len(cdf) - 1)
+                         for r in rngs])
+        latent = means[comp] + stds[comp] * normal * temperature
+        return self.decode(self.quantize(latent.reshape(count, *self.manifest.latent_shape)))
+
+    def _sample_indices(self, rngs: list[np.random.Generator], temperature: float) -> np.ndarray:
+        h, w = self.manifest.latent_shape
+        n = len(rngs)
+        uniforms = np.stack([r.random(h * w) for r in rngs])
+        grid = np.zeros((n, h, w), np.int64)
+        stepper = self.prior_stepper(n)
+        for pos in range(h * w):
+            y, x = divmod(pos, w)
+            logits = stepper.logits(pos, grid).astype(np.float64) / temperature
+            logits -= logits.max(axis=1, keepdims=True)
+            p = np.exp(logits)
+            cdf = np.cumsum(p, axis=1)
+            cdf /= cdf[:, -1:]
+            u = uniforms[:, pos:pos + 1]
+            grid[:, y, x] = np.minimum((cdf < u).sum(axis=1), p.shape[1] - 1)
+        return grid
+
+
+class PriorStepper:
+    """The VQ prior's logits position by position in raster order, for ``n`` grids.
+
+    With the model's ``prior_step`` graph, each call runs one step that reads per-layer
+    caches of the earlier positions (kept here, updated in place) and costs ~1/(h*w) of a
+    full pass; without it (older models) each call runs the full prior, as before. Either
+    way the logits at p depend only on ``indices`` at positions < p, so a teacher-forced
+    encoder (``all_logits``) and a decoder that fills the grid as it goes see the same
+    inputs. ``runtime`` is anything with ``prior_logits``, ``prior_step``, ``config`` and
+    ``manifest`` (a ``ModelRuntime``, or a test's wrapper around one).
+    """
+
+    def __init__(self, runtime: ModelRuntime, n: int) -> None:
+        if runtime.prior is None:
+            raise InvalidInput(f"model {runtime.manifest.ref} ({runtime.manifest.family}) "
+                               "has no prior")
+        self.runtime = runtime
+        self.n = n
+        self.grid = tuple(runtime.manifest.latent_shape)
+        self.session = runtime.prior_step
+        self.memory = process_memory()
+        # onnxruntime's own session takes the run options (the shared arena shrinks after
+        # each step); a wrapper around it (a test's, bench/codec.py's) takes names and feed.
+        self._run_options = ((self.memory.run_options,)
+                             if isinstance(self.session, ort.InferenceSession) else ())
+        self.next = 0
+        self.caches: list[np.ndarray] = []
+        if self.session is not None:
+            h, w = self.grid
+            # Row h*w stays zero: the step graph reads it for taps outside the grid.
+            self.caches = [np.zeros((n, h * w + 1, int(i.shape[2])), np.float32)
+                           for i in self.session.get_inputs()[2:]]
+
+    @property
+    def stepwise(self) -> bool:
+        """Whether this model has a step graph (else every call is a full pass)."""
+        return self.session is not None
+
+    def logits(self, position: int, indices: np.ndarray) -> np.ndarray:
+        """float32 logits (n, K) at ``position`` given ``indices`` (n, h, w) before it.
+
+        Positions must come in raster order, each once, starting at 0.
+        """
+        h, w = self.grid
+        if position != self.next or position >= h * w:
+            raise InvalidInput(f"prior steps go in raster order: expected position "
+                               f"{self.next} of {h * w}, got {position}")
+        if indices.shape != (self.n, h, w):
+            raise InvalidInput(f"prior stepper for {self.n} grids of {h}x{w} got indices "
+                               f"of shape {tuple(indices.shape)}")
+        self.next += 1
+        if self.session is None:
+            y, x = divmod(position, w)
+            return np.ascontiguousarray(self.runtime.prior_logits(indices)[:, :, y, x])
+        feed_idx = np.ascontiguousarray(indices, np.int64)
+        pos = np.array(position, np.int64)
+        step = self.runtime.config.max_batch
+        out = [np.zeros((0, int(self.session.get_outputs()[0].shape[1])), np.float32)]
+        for a in range(0, self.n, step):
+            b = min(a + step, self.n)
+            feed = {"indices": feed_idx[a:b], "position": pos}
+            feed.update({f"cache{i}": c[a:b] for i, c in enumerate(self.caches)})
+            self.memory.runs += 1
+            logits, *feats = self.session.run(None, feed, *self._run_options)
+            for c, f in zip(self.caches, feats, strict=True):
+                c[a:b, position] = f
+            out.append(logits)
+        return out[1] if len(out) == 2 else np.concatenate(out)
+
+    def all_logits(self, indices: np.ndarray) -> np.ndarray:
+        """Teacher forcing: float32 logits (n, K, h, w) at every position given the whole
+        grid, computed exactly as a decoder stepping through ``logits`` computes them
+        (one full pass when the model has no step graph)."""
+        if self.next != 0:
+            raise InvalidInput("all_logits needs a fresh prior stepper")
+        h, w = self.grid
+        if self.session is None:
+            self.next = h * w
+            return self.runtime.prior_logits(indices)
+        per_pos = [self.logits(p, indices) for p in range(h * w)]
+        return np.stack(per_pos, axis=2).reshape(self.n, -1, h, w)

@@ -1,0 +1,126 @@
+"""Image I/O shared by every part: decode PNG/JPEG/PGM bytes, encode PNG, read IDX sets.
+
+Arrays are uint8 in (C, H, W) per image and (N, C, H, W) per batch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from latentserve.errors import InvalidInput, ResourceLimit
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".webp")
+# The formats the API documents (PNG, JPEG, PGM/PPM, BMP, WebP), as Pillow names them.
+# Pillow reads some forty more, a few through little-tested parsers (and EPS through
+# Ghostscript): bytes of any other format are refused without being parsed.
+IMAGE_FORMATS = ("PNG", "JPEG", "PPM", "BMP", "WEBP")
+DEFAULT_MAX_PIXELS = 16_000_000
+
+
+def _mode_for(channels: int) -> str:
+    if channels == 1:
+        return "L"
+    if channels == 3:
+        return "RGB"
+    raise InvalidInput(f"images with {channels} channels are not supported; use 1 or 3")
+
+
+def decode_image(data: bytes, shape: tuple[int, int, int], *, resize: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> np.ndarray:
+    """Decode encoded image bytes into uint8 (C, H, W) of exactly ``shape``.
+
+    A different size or mode is refused unless ``resize`` (then converted and resized).
+    Images over ``max_pixels`` are refused before their pixels are decoded.
+    """
+    channels, height, width = shape
+    img: Image.Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            if img.width * img.height > max_pixels:
+                raise ResourceLimit(
+                    f"{name} is {img.width}x{img.height} = {img.width * img.height} pixels; "
+                    f"the limit is {max_pixels}", limit="max_pixels_per_image")
+            img.load()
+    except ResourceLimit:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ResourceLimit(f"{name}: {exc}") from None
+    except UnidentifiedImageError:
+        raise InvalidInput(f"{name} is not a readable PNG/JPEG/PGM/PPM/BMP/WebP image: it "
+                           f"starts with {bytes(data[:8])!r}, the start of none of them") from None
+    except Exception as exc:  # Pillow raises many types for bad bytes
+        raise InvalidInput(f"{name} is not a readable PNG/JPEG/PGM/PPM/BMP/WebP image "
+                           f"({exc})") from None
+    want_mode = _mode_for(channels)
+    if img.mode != want_mode or img.size != (width, height):
+        if not resize:
+            raise InvalidInput(
+                f"{name} is {img.mode} {img.width}x{img.height}; the model takes "
+                f"{want_mode} {width}x{height} (pass --resize / resize=true to convert)")
+        img = img.convert(want_mode).resize((width, height), Image.Resampling.LANCZOS)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (C, H, W) -> PNG bytes."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise InvalidInput(f"encode_png takes uint8 (C, H, W) with C in (1, 3), "
+                           f"got {image.dtype} {image.shape}")
+    arr = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    buf = io.BytesIO()
+    # zlib's default level: optimize=True costs 60% more time for <1% fewer bytes,
+    # and PNG encoding dominates a sample job's worker time.
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX image file (optionally .gz) into uint8 (N, 1, H, W)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 16 or data[0:2] != b"\0\0" or data[2] != 0x08 or data[3] != 3:
+        raise InvalidInput(f"{path} is not an IDX3 uint8 image file (bad magic)")
+    n, h, w = (int.from_bytes(data[i:i + 4], "big") for i in (4, 8, 12))
+    if len(data) != 16 + n * h * w:
+        raise InvalidInput(f"{path}: header says {n}x{h}x{w}, file holds {len(data) - 16} bytes")
+    return np.frombuffer(data, np.uint8, offset=16).reshape(n, 1, h, w).copy()
+
+
+def read_image_file(path: str | Path, shape: tuple[int, int, int], *,
+                    resize: bool = False) -> np.ndarray:
+    """One image file -> uint8 (C, H, W)."""
+    path = Path(path)
+    return decode_image(path.read_bytes(), shape, resize=resize, name=str(path))
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_images(path: str | Path, shape: tuple[int, int, int] | None = None, *,
+                resize: bool = False) -> np.ndarray:
+    """An IDX(.gz) file, a folder of images or one image -> uint8 (N, C, H, W).
+
+    For folders and files, ``shape`` fixes the size (default: the first image's, grey).
+    """
+    path = Path(path)
+    if path.is_file() and ("idx" in path.name or path.suffix in (".gz", ".idx3-ubyte")):
+        return read_idx(path)
+    files = list_image_files(path) if path.is_dir() else [path]
+    if not files:
+        raise InvalidInput(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    if shape is None:
+        with Image.open(files[0]) as first:
+            shape = (3 if first.mode == "RGB" else 1, first.height, first.width)
+    return np.stack([read_image_file(f, shape, resize=resize) for f in files])

@@ -1,0 +1,228 @@
+"""The model manifest: the one file that tells a runtime everything about a model.
+
+Layout (``models/<name>/<version>/manifest.json``), schema 1::
+
+    {
+      "schema": 1,
+      "name": "mnist-vqvae", "version": 1, "family": "ae" | "vae" | "vqvae",
+      "image":  {"channels": 1, "height": 28, "width": 28},   # uint8 NCHW in, x/255 in-graph
+      "latent": {"shape": [C, h, w]},                       # vqvae: [h, w] index grid
+      "files":  {"encoder": {"path": "encoder.onnx", "sha256": "..."},
+                 "decoder": {...}, "prior": {...} (vqvae only),
+                 "prior_step": {...} (vqvae, optional: newer exports),
+                 "check": {...} (optional: values recorded at export,
+                             worker/runtime/model_check.py)},
+      "onnx":   {"opset": 17},
+      "code":   {"kind": "factorized" | "vq_static" | "vq_prior", ...tables, see CodeSpec},
+      "sampling": {"kind": "gmm" | "gaussian" | "prior", ...},
+      "quality":  {"val_psnr_db": ..., "val_bits_per_image": ..., ...},
+      "training": {"data_sha256": ..., "config": {...}}
+    }
+
+ONNX I/O contract (dynamic batch axis N everywhere):
+
+- encoder: input ``image`` uint8 (N, C, H, W) -> ``latent`` float32 (N, C', h, w) for
+  ae / vae (the vae's posterior mean), or ``indices`` int64 (N, h, w) for vqvae.
+- decoder: ``latent`` float32 (N, C', h, w) or ``indices`` int64 (N, h, w) ->
+  ``image`` float32 (N, C, H, W) in [0, 1].
+- prior (vqvae): ``indices`` int64 (N, h, w) -> ``logits`` float32 (N, K, h, w), causal
+  in raster order (the logits at a position depend only on earlier positions).
+- prior_step (optional): ``indices`` int64 (N, h, w), ``position`` int64 scalar p,
+  ``cache0``.. float32 (N, h*w + 1, C) -> ``logits`` float32 (N, K) at p and
+  ``feat0``.. float32 (N, C), the layer activations at p, which the caller writes into
+  row p of its caches; row h*w stays zero (export/nets/prior_step.py). Reads only positions
+  < p of indices and caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from latentserve.errors import ModelIntegrityError
+
+SCHEMA_VERSION = 1
+FAMILIES = ("ae", "vae", "vqvae")
+CODE_KINDS = ("factorized", "vq_static", "vq_prior")
+# Integer code-kind ids written into each latent code's header.
+CODE_KIND_IDS = {"factorized": 1, "vq_static": 2, "vq_prior": 3}
+
+Family = Literal["ae", "vae", "vqvae"]
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class FactorizedSpec:
+    """Quantised continuous latents, each channel coded under its own integer table.
+
+    symbol = clip(round(latent / step), offsets[c], offsets[c] + len(freqs[c]) - 1);
+    latent_hat = symbol * step. ``freqs[c][i]`` is the integer frequency of symbol
+    ``offsets[c] + i`` (all >= 1).
+    """
+
+    step: float
+    offsets: tuple[int, ...]
+    freqs: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class VQStaticSpec:
+    """VQ indices coded under one integer table per grid position (``freqs[h*w][K]``, all >= 1)."""
+
+    num_codes: int
+    freqs: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class VQPriorSpec:
+    """VQ indices coded under the autoregressive prior's logits, quantised to integers.
+
+    Per position: q = round(logit * logit_scale + j / 16) with a per-image offset j;
+    d = max(q) - q; weight = lut[min(d, len(lut) - 1)]. The encoder picks the first j for
+    which no logit lies within ``guard`` of a rounding boundary whose crossing would
+    change a weight (else it falls back to the static tables), so float noise below
+    ``guard`` cannot change a table. Details: docs/code-format.md.
+    """
+
+    logit_scale: float
+    guard: float
+    lut: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed, validated manifest. ``digest`` is the sha256 of the manifest file's bytes."""
+
+    name: str
+    version: int
+    family: Family
+    image_shape: tuple[int, int, int]
+    latent_shape: tuple[int, ...]
+    files: dict[str, FileEntry]
+    code_kind: str
+    factorized: FactorizedSpec | None
+    vq_static: VQStaticSpec | None
+    vq_prior: VQPriorSpec | None
+    sampling: dict[str, Any]
+    quality: dict[str, Any]
+    raw: dict[str, Any] = field(repr=False, compare=False)
+    digest: str = ""
+
+    @property
+    def ref(self) -> str:
+        """``name:version``, the form requests use."""
+        return f"{self.name}:{self.version}"
+
+    @property
+    def fingerprint(self) -> bytes:
+        """The bytes of the manifest digest that every latent code carries."""
+        return bytes.fromhex(self.digest)[:2]
+
+    @property
+    def num_symbols(self) -> int:
+        n = 1
+        for s in self.latent_shape:
+            n *= s
+        return n
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_fields(*, name: str, version: int, family: str, image_shape: Any,
+                  latent_shape: list[int], folder: Path, files: dict[str, str], opset: int,
+                  producer: str, code: dict[str, Any], sampling: dict[str, Any]) -> dict[str, Any]:
+    """The writing half of the schema: the fields every export writes, with each file's
+    digest; the exporter adds its provenance (``training``, ``source``) and, once
+    measured, ``quality``. ``parse_manifest`` reads them back (and the writer runs it on
+    the final text, so nothing is written that a runtime would refuse)."""
+    return {
+        "schema": SCHEMA_VERSION, "name": name, "version": version, "family": family,
+        "image": {"channels": image_shape[0], "height": image_shape[1],
+                  "width": image_shape[2], "dtype": "uint8",
+                  "normalization": "x / 255 inside the encoder; decoder output in [0, 1]"},
+        "latent": {"shape": latent_shape},
+        "files": {role: {"path": f, "sha256": sha256_file(folder / f)}
+                  for role, f in files.items()},
+        "onnx": {"opset": opset, "dynamic_axes": {"batch": 0}, "producer": producer},
+        "code": code, "sampling": sampling, "quality": {},
+    }
+
+
+def _need(d: dict[str, Any], key: str, where: str) -> Any:
+    if key not in d:
+        raise ModelIntegrityError(f"manifest {where} is missing the field {key!r}")
+    return d[key]
+
+
+def parse_manifest(data: bytes, *, where: str = "manifest.json") -> Manifest:
+    """Parse and validate manifest bytes; raise ModelIntegrityError naming what is wrong."""
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelIntegrityError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ModelIntegrityError(f"{where} must hold a JSON object")
+    schema = _need(raw, "schema", where)
+    if schema != SCHEMA_VERSION:
+        raise ModelIntegrityError(
+            f"{where} has schema {schema!r}; this build reads schema {SCHEMA_VERSION}")
+    family = _need(raw, "family", where)
+    if family not in FAMILIES:
+        raise ModelIntegrityError(f"{where}: family {family!r} is not one of {FAMILIES}")
+    image = _need(raw, "image", where)
+    image_shape = (int(image["channels"]), int(image["height"]), int(image["width"]))
+    latent_shape = tuple(int(s) for s in _need(raw, "latent", where)["shape"])
+    files = {k: FileEntry(path=v["path"], sha256=v["sha256"])
+             for k, v in _need(raw, "files", where).items()}
+    for needed in ("encoder", "decoder") + (("prior",) if family == "vqvae" else ()):
+        if needed not in files:
+            raise ModelIntegrityError(f"{where}: files lacks {needed!r}")
+    code = _need(raw, "code", where)
+    kind = _need(code, "kind", where + " code")
+    if kind not in CODE_KINDS:
+        raise ModelIntegrityError(f"{where}: code kind {kind!r} is not one of {CODE_KINDS}")
+    fac = vqs = vqp = None
+    if "factorized" in code:
+        f = code["factorized"]
+        fac = FactorizedSpec(step=float(f["step"]), offsets=tuple(int(o) for o in f["offsets"]),
+                             freqs=tuple(tuple(int(x) for x in row) for row in f["freqs"]))
+        if len(fac.offsets) != latent_shape[0] or len(fac.freqs) != latent_shape[0]:
+            raise ModelIntegrityError(
+                f"{where}: factorized tables cover {len(fac.freqs)} channels, "
+                f"latent has {latent_shape[0]}")
+    if "vq_static" in code:
+        s = code["vq_static"]
+        vqs = VQStaticSpec(num_codes=int(s["num_codes"]),
+                           freqs=tuple(tuple(int(x) for x in row) for row in s["freqs"]))
+    if "vq_prior" in code:
+        p = code["vq_prior"]
+        vqp = VQPriorSpec(logit_scale=float(p["logit_scale"]), guard=float(p["guard"]),
+                          lut=tuple(int(x) for x in p["lut"]))
+    for tables in ([fac.freqs] if fac else []) + ([vqs.freqs] if vqs else []):
+        if any(min(row) < 1 for row in tables):
+            raise ModelIntegrityError(f"{where}: every integer frequency must be >= 1")
+    if kind == "factorized" and fac is None or kind != "factorized" and vqs is None:
+        raise ModelIntegrityError(f"{where}: code kind {kind!r} has no tables")
+    if kind == "vq_prior" and vqp is None:
+        raise ModelIntegrityError(f"{where}: code kind 'vq_prior' needs code.vq_prior")
+    return Manifest(
+        name=str(_need(raw, "name", where)), version=int(_need(raw, "version", where)),
+        family=family, image_shape=image_shape, latent_shape=latent_shape, files=files,
+        code_kind=kind, factorized=fac, vq_static=vqs, vq_prior=vqp,
+        sampling=dict(raw.get("sampling", {})), quality=dict(raw.get("quality", {})),
+        raw=raw, digest=hashlib.sha256(data).hexdigest())

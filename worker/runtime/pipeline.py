@@ -1,0 +1,262 @@
+"""The pipeline: images <-> latent codes for every model of a repository.
+
+``Pipeline(repository, engine_config)`` is what the gRPC service and the job worker
+call; it is thread-safe and keeps one verified ``ModelRuntime`` (and its
+``LatentCodec``) per model version:
+
+- ``models()``: the repository's model versions.
+- ``runtime(ref)`` / ``codec(ref)``: cached; a model's file digests are verified once.
+- ``compress(ref, images, kind=None) -> list[bytes]``: uint8 (N, C, H, W) -> one code
+  per image.
+- ``reconstruct(codes, ref=None) -> uint8 (N, C, H, W)``: the model is read from each
+  code, codes of several models are grouped; ``ref`` requires one model.
+- ``reconstruct_each(codes, ref=None)``: per code an image or the ``CodeError`` that
+  refused it, so one bad code in a batch can be reported by its index.
+- ``sample(ref, count, seed=, temperature=, start=) -> uint8 (N, C, H, W)``.
+- ``identify(code) -> ModelEntry``: which model made a code, or why none can decode it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from latentserve.errors import CodeError, CodeMismatch, CorruptCode, InvalidInput
+from latentserve.worker.codec.coderpool import CoderPool
+from latentserve.worker.codec.codes import Header, LatentCodec, parse_header, with_index
+from latentserve.worker.runtime.engine import EngineConfig, ModelRuntime, canonical_temperature
+from latentserve.worker.runtime.repository import (
+    ModelEntry,
+    ModelRepository,
+    read_registry,
+    verify_files,
+)
+
+
+class Pipeline:
+    """Compress, reconstruct and sample with the models of one repository."""
+
+    def __init__(self, repository: ModelRepository | str | Path,
+                 engine_config: EngineConfig | None = None, *,
+                 coder_pool: CoderPool | None = None) -> None:
+        self.repository = (repository if isinstance(repository, ModelRepository)
+                           else ModelRepository(repository))
+        self.engine_config = engine_config or EngineConfig()
+        # Optional: large batches of kinds 1 and 2 coded in its processes (the caller
+        # owns and closes it); without it every batch is coded in the calling thread.
+        self.coder_pool = coder_pool
+        self._lock = threading.Lock()
+        # Keyed by manifest digest: a re-exported model (new digest) gets a new runtime.
+        self._codecs: dict[str, LatentCodec] = {}
+
+    # -- models -----------------------------------------------------------------------
+    def models(self) -> list[ModelEntry]:
+        """Every model version in the repository, sorted by name then version."""
+        return self.repository.entries()
+
+    def runtime(self, ref: str) -> ModelRuntime:
+        """The loaded, verified runtime of ``name[:version]`` (newest version by default)."""
+        return self.codec(ref).runtime
+
+    def codec(self, ref: str) -> LatentCodec:
+        """The codec of ``name[:version]``, built (and its files verified) on first use."""
+        return self._codec_for(self.repository.resolve(ref))
+
+    def _codec_for(self, entry: ModelEntry) -> LatentCodec:
+        key = entry.manifest.digest
+        codec = self._codecs.get(key)
+        if codec is not None:
+            return codec
+        with self._lock:  # one build per model even when many threads ask at once
+            codec = self._codecs.get(key)
+            if codec is None:
+                verify_files(entry)
+                codec = LatentCodec(ModelRuntime(entry, self.engine_config),
+                                    pool=self.coder_pool)
+                self._codecs[key] = codec
+        return codec
+
+    def evict(self, digest: str) -> bool:
+        """Drop the cached runtime of the model version with manifest ``digest`` (it was
+        removed or unloaded); calls already holding it finish with it. True if cached."""
+        with self._lock:
+            return self._codecs.pop(digest, None) is not None
+
+    # -- compress / sample ------------------------------------------------------------
+    def compress(self, ref: str, images: np.ndarray, *, kind: str | None = None) -> list[bytes]:
+        """uint8 images (N, C, H, W) -> one latent code per image, made by model ``ref``.
+
+        ``kind``: None for the model's own code kind; ``"vq_static"`` on a vq_prior model
+        gives codes that decode in one shot (no prior run per grid position), ~70% larger.
+        """
+        codec = self.codec(ref)
+        return codec.encode(codec.runtime.encode(images), kind=kind)
+
+    def sample(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
+               start: int = 0) -> np.ndarray:
+        """``count`` uint8 samples; sample ``start + j`` depends only on (seed, start + j)."""
+        check_temperature(temperature)
+        return self.runtime(ref).sample(count, seed=seed, temperature=temperature, start=start)
+
+    # -- reconstruct ------------------------------------------------------------------
+    def identify(self, code: bytes) -> ModelEntry:
+        """The model that made ``code``; CodeError (a subclass) when it cannot be decoded here."""
+        return self._identify(parse_header(code), _Entries(self.models()),
+                              _LazyRegistry(self.repository.root))
+
+    def identify_each(self, codes: Sequence[bytes]) -> list[ModelEntry | CodeError]:
+        """Per code, the model here that made it, or the CodeError that names why not
+        (one listing and at most one registry read for the whole batch)."""
+        entries = _Entries(self.models())
+        registry = _LazyRegistry(self.repository.root)
+        out: list[ModelEntry | CodeError] = []
+        for code in codes:
+            try:
+                out.append(self._identify(parse_header(code), entries, registry))
+            except CodeError as exc:
+                out.append(exc)
+        return out
+
+    def reconstruct(self, codes: Sequence[bytes], ref: str | None = None) -> np.ndarray:
+        """Codes -> uint8 images (N, C, H, W); raises the first refusal, naming its index."""
+        results = self.reconstruct_each(codes, ref)
+        for i, r in enumerate(results):
+            if isinstance(r, CodeError):
+                raise with_index(r, i, len(results))
+        images: list[np.ndarray] = results  # type: ignore[assignment]
+        if not images:
+            if ref is None:
+                raise InvalidInput("no codes to reconstruct (and no model named for the "
+                                   "output shape)")
+            return np.zeros((0, *self.codec(ref).manifest.image_shape), np.uint8)
+        shapes = {im.shape for im in images}
+        if len(shapes) > 1:
+            raise InvalidInput(f"the codes decode to images of different shapes {sorted(shapes)}; "
+                               "use reconstruct_each, or one call per model")
+        return np.stack(images)
+
+    def reconstruct_each(self, codes: Sequence[bytes],
+                         ref: str | None = None) -> list[np.ndarray | CodeError]:
+        """Per code, its uint8 image (C, H, W) or the CodeError that refused it.
+
+        Codes are grouped by the model that made them; each group is decoded in one batch
+        (one network run, the prior batched over the group's kind-3 codes). With ``ref``,
+        a code made by any other model is refused with CodeMismatch.
+        """
+        wanted = self.repository.resolve(ref) if ref is not None else None
+        entries = _Entries(self.models())
+        registry = _LazyRegistry(self.repository.root)
+        results: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(codes)
+        groups: dict[str, tuple[ModelEntry, list[int]]] = {}
+        headers: list[Header | None] = [None] * len(codes)
+        for i, code in enumerate(codes):
+            try:
+                headers[i] = header = parse_header(code)
+                entry = self._identify(header, entries, registry)
+                if wanted is not None and entry.manifest.digest != wanted.manifest.digest:
+                    raise CodeMismatch(
+                        f"this code was made by {describe(entry)}, not by the requested "
+                        f"{describe(wanted)}; decode it without naming a model, or with "
+                        f"{entry.manifest.ref}", model=entry.manifest.ref, index=i)
+                groups.setdefault(entry.manifest.digest, (entry, []))[1].append(i)
+            except CodeError as exc:
+                results[i] = exc
+        for entry, idx in groups.values():
+            codec = self._codec_for(entry)
+            # _identify bound each header to this model's digest: no second parse.
+            decoded = codec.decode_headers([headers[i] for i in idx])  # type: ignore[misc]
+            ok = [(i, s) for i, s in zip(idx, decoded, strict=True) if not isinstance(s, CodeError)]
+            for i, s in zip(idx, decoded, strict=True):
+                if isinstance(s, CodeError):
+                    results[i] = s
+            if ok:
+                images = codec.runtime.decode(np.stack([s for _, s in ok]))
+                for (i, _), image in zip(ok, images, strict=True):
+                    results[i] = image
+        return results
+
+    def _identify(self, header: Header, entries: _Entries,
+                  registry: _LazyRegistry) -> ModelEntry:
+        """Find the model whose full manifest digest the code's checksum matches.
+
+        The registry (every model ever exported) is read only for codes of no model here,
+        to name the model that made them.
+        """
+        fp = header.fingerprint
+        here = entries.by_fingerprint.get(fp, [])
+        for e in here:
+            if header.made_by(e.manifest.digest):
+                return e
+        known = [m for m in registry.models()
+                 if str(m.get("manifest_sha256", ""))[:4] == fp.hex()]
+        for m in known:
+            if header.made_by(str(m["manifest_sha256"])):
+                same_name = [e.manifest.ref for e in entries.all if e.manifest.name == m["name"]]
+                has = (f"the repository has {', '.join(same_name)}" if same_name
+                       else f"the repository has no model named {m['name']!r}")
+                raise CodeMismatch(
+                    f"this code was made by {m['name']}:{m['version']} (manifest sha256 "
+                    f"{str(m['manifest_sha256'])[:12]}...), which is not in "
+                    f"{self.repository.root}; "
+                    f"{has}. Restore that model version to decode it",
+                    model=f"{m['name']}:{m['version']}")
+        if here or known:
+            digests = {e.manifest.digest for e in here}
+            names = ", ".join([describe(e) for e in here]
+                              + [f"{m['name']}:{m['version']}" for m in known
+                                 if m["manifest_sha256"] not in digests])
+            raise CorruptCode(
+                f"checksum mismatch: the code's fingerprint {fp.hex()} names {names}, but its "
+                "checksum matches none of them: the bytes were changed or truncated")
+        available = ", ".join(e.manifest.ref for e in entries.all) or "none"
+        raise CodeMismatch(
+            f"this code was made by a model with manifest fingerprint {fp.hex()}, which neither "
+            f"{self.repository.root} nor its registry knows (available: {available}); "
+            "decode it where that model is installed", fingerprint=fp.hex())
+
+
+# Past this a VAE's latents (normal draws times the temperature) overflow float32 near
+# the top (inf, then NaN pixels), and far earlier every decoder is saturated anyway.
+MAX_TEMPERATURE = 1000.0
+
+
+def check_temperature(temperature: float) -> float:
+    """``temperature`` as the engine uses it (``canonical_temperature``) if that is a
+    number in (0, MAX_TEMPERATURE], else InvalidInput."""
+    used = canonical_temperature(temperature)
+    if not 0 < used <= MAX_TEMPERATURE:  # False for NaN too, and for what float32 makes 0
+        raise InvalidInput(f"temperature must be a positive number, got {temperature} (at "
+                           f"most {MAX_TEMPERATURE:g}: higher ones only saturate the decoder; "
+                           "at least float32's smallest, 1.4e-45)")
+    return used
+
+
+def describe(entry: ModelEntry) -> str:
+    """``name:version (manifest sha256 abcdef012345...)``."""
+    return f"{entry.manifest.ref} (manifest sha256 {entry.manifest.digest[:12]}...)"
+
+
+class _Entries:
+    """One listing of the repository, indexed by fingerprint once per call."""
+
+    def __init__(self, entries: list[ModelEntry]) -> None:
+        self.all = entries
+        self.by_fingerprint: dict[bytes, list[ModelEntry]] = {}
+        for e in entries:
+            self.by_fingerprint.setdefault(e.manifest.fingerprint, []).append(e)
+
+
+class _LazyRegistry:
+    """``registry.json`` read at most once, and only when a code needs it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._models: list[dict[str, object]] | None = None
+
+    def models(self) -> list[dict[str, object]]:
+        if self._models is None:
+            self._models = read_registry(self.root)
+        return self._models
