@@ -37,11 +37,11 @@ from typing import Any
 
 import grpc
 import numpy as np
-import redis
 
 from latentserve.v1 import inference_pb2 as ipb
 from latentserve.v1 import jobs_pb2 as pb
 from latentserve.v1 import jobs_pb2_grpc as pb_grpc
+from latentserve.worker.cluster import TRANSIENT_ERRORS
 from latentserve.worker.config import QueueConfig
 from latentserve.worker.errors import (InvalidInput, JobStateError, ResourceLimit,
                                        Unavailable)
@@ -95,7 +95,7 @@ def redis_unavailable(method: Callable[..., Any]) -> Callable[..., Any]:
         def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
                 yield from method(self, request, context)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except TRANSIENT_ERRORS as exc:
                 reraise(exc)
         return stream
 
@@ -103,7 +103,7 @@ def redis_unavailable(method: Callable[..., Any]) -> Callable[..., Any]:
     def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except TRANSIENT_ERRORS as exc:
             reraise(exc)
     return unary
 
@@ -424,6 +424,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                    help="fail a job whose SubmitJob upload sends nothing for this long "
                         "before its end (a client or server that died mid-upload), "
                         "dropping its chunks [env LATENTSERVE_RECEIVING_TIMEOUT_S; 300]")
+    g.add_argument("--stream-shards", type=int, default=None, metavar="N",
+                   help="streams (hash slots) each pool's queue is split over, for a Redis "
+                        "Cluster; the same on every worker [env LATENTSERVE_STREAM_SHARDS; 1]")
     g.add_argument("--embedded-worker", choices=("auto", "yes", "no"), default=None,
                    help="run a job worker in the server process [auto: only with the "
                         "embedded Valkey]")
@@ -437,7 +440,7 @@ def job_settings(args: argparse.Namespace | None = None,
     a = args or argparse.Namespace()
     queue = QueueConfig.from_env(env, **{k: getattr(a, k, None) for k in (
         "chunk_size", "max_queued_chunks", "max_job_items", "result_ttl_s",
-        "receiving_timeout_s")})
+        "receiving_timeout_s", "stream_shards")})
     state = getattr(a, "state_dir", None) or env.get("LATENTSERVE_STATE_DIR") or ".state"
     url = getattr(a, "redis_url", None) or env.get("LATENTSERVE_REDIS_URL") or None
     return JobSettings(redis_url=url, state_dir=Path(state),

@@ -58,9 +58,13 @@ class QueueConfig:
     receiving_timeout_s: float = 300.0
     dead_letter_maxlen: int = 10_000
     pool_routes: tuple[tuple[str, str], ...] = ()  # model name -> pool; others: default
+    # Each pool's stream (and the job keys) split over this many hash slots, so a Redis
+    # Cluster spreads the queue over that many masters (worker/keys.py). Every process of
+    # a deployment must agree on it, like the prefix; changing it needs a drained queue.
+    stream_shards: int = 1
 
     def __post_init__(self) -> None:
-        Keys(self.prefix)  # validates the prefix
+        Keys(self.prefix, self.stream_shards)  # validates the prefix and the shard count
         _positive(self, "chunk_size", "max_queued_chunks", "max_job_items", "max_chunk_bytes",
                   "job_ttl_s", "result_ttl_s", "receiving_timeout_s", "dead_letter_maxlen")
         for _, pool in self.pool_routes:
@@ -68,7 +72,7 @@ class QueueConfig:
 
     @property
     def keys(self) -> Keys:
-        return Keys(self.prefix)
+        return Keys(self.prefix, self.stream_shards)
 
     def pool_for(self, model_ref: str) -> str:
         """The pool whose stream carries jobs for ``model_ref`` (``name[:version]``)."""
@@ -184,7 +188,8 @@ class WorkerConfig:
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 REDIS_PARAMS = frozenset({
     "db", "username", "password", "client_name", "protocol", "socket_timeout",
-    "socket_connect_timeout", "socket_keepalive", "health_check_interval", "max_connections"})
+    "socket_connect_timeout", "socket_keepalive", "health_check_interval", "max_connections",
+    "cluster"})  # cluster=true: a Redis Cluster (worker/cluster.py), not redis-py's own
 REDIS_TLS_PARAMS = frozenset({
     "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password",
     "ssl_cert_reqs", "ssl_check_hostname", "ssl_min_version", "ssl_ciphers"})
@@ -243,6 +248,12 @@ def check_redis_url(url: str) -> dict[str, str]:
                                "optional or required")
         if name in _TLS_FILES and not Path(value).exists():  # parse_qsl unquoted it
             raise InvalidInput(f"Redis URL {shown!r}: {name} {value!r} does not exist")
+    from .cluster import is_cluster_url
+
+    try:
+        is_cluster_url(url)
+    except InvalidInput as exc:
+        raise InvalidInput(f"Redis URL {shown!r}: {exc}") from None
     return params
 
 

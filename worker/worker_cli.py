@@ -38,6 +38,9 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
      "dead-letter a chunk delivered more often than this [3]"),
     ("--grace-s", "grace_s", float, "on SIGTERM, finish the current chunk within this [30]"),
     ("--prefix", "prefix", str, "Redis key prefix [latentserve:]"),
+    ("--stream-shards", "stream_shards", int,
+     "streams (hash slots) each pool's queue is split over; the same on every process "
+     "[1]"),
     ("--result-ttl-s", "result_ttl_s", float, "how long finished jobs are kept [86400]"),
     ("--receiving-timeout-s", "receiving_timeout_s", float,
      "fail a job whose upload sent nothing for this long, unsealed; run none of its chunks "

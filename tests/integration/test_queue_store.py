@@ -213,7 +213,7 @@ def test_worker_config_from_flags_over_env():
         ("redis://queue:6379/0", 32, ("gpu", "default"), "/models")
     assert cfg.claim_idle_s == 8 and cfg.heartbeat_s == 2 and cfg.burst and cfg.grace_s == 30
     assert cfg.queue.pool_for("mnist-vqvae:2") == "gpu" and cfg.queue.pool_for("x") == "default"
-    assert cfg.keys.stream("gpu") == "latentserve:stream:gpu"
+    assert cfg.keys.stream("gpu") == "latentserve:{0}:stream:gpu"  # {0}: one hash slot
     with pytest.raises(InvalidInput, match="LATENTSERVE_CHUNK_SIZE='many' is not a valid int"):
         WorkerConfig.from_env({**env, "LATENTSERVE_CHUNK_SIZE": "many"})
     with pytest.raises(InvalidInput, match="needs a Redis URL"):
