@@ -35,7 +35,7 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,14 +55,16 @@ def digest(chunks: list[bytes]) -> str:
 
 
 @contextmanager
-def workers(n: int, url: str, models: Path, batch: int) -> Iterator[list[subprocess.Popen]]:
-    """``n`` worker processes, each with one onnxruntime thread; SIGTERM on exit."""
+def workers(n: int, url: str, models: Path, batch: int,
+            flags: Sequence[str] = ()) -> Iterator[list[subprocess.Popen]]:
+    """``n`` worker processes, each with one onnxruntime thread (and ``flags``); SIGTERM
+    on exit."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "latentserve.cli", "worker", "--redis", url, "--models",
          str(models), "--intra-op-threads", "1", "--batch-items", str(batch),
          "--heartbeat-s", "0.2",
-         "--log-level", "WARNING"], env=env, stdout=subprocess.DEVNULL,
+         "--log-level", "WARNING", *flags], env=env, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL) for _ in range(n)]
     try:
         yield procs
@@ -73,11 +75,12 @@ def workers(n: int, url: str, models: Path, batch: int) -> Iterator[list[subproc
             p.wait(60)
 
 
-def wait_healthy(client: Any, n: int, timeout: float = 60.0) -> None:
+def wait_healthy(client: Any, n: int, timeout: float = 60.0, config: Any = None) -> None:
+    """Until ``n`` workers are ready (``config``: the WorkerConfig whose keys they use)."""
     from latentserve.worker.consumer import worker_health
 
     end = time.monotonic() + timeout  # ready: every model loaded (the worker preloads)
-    while sum(bool(w.get("ready")) for w in worker_health(client)) < n:
+    while sum(bool(w.get("ready")) for w in worker_health(client, config)) < n:
         if time.monotonic() > end:
             raise SystemExit(f"{n} workers did not report healthy within {timeout}s")
         time.sleep(0.05)
