@@ -31,10 +31,7 @@ from typing import Any
 
 import numpy as np
 
-# bench/ holds a queue.py that would shadow the stdlib's (multiprocessing needs it): take
-# the script's folder off the path and load bench/codec.py by file instead.
 HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 _spec = importlib.util.spec_from_file_location("bench_codec", HERE / "codec.py")
 assert _spec is not None and _spec.loader is not None
 bench_codec = importlib.util.module_from_spec(_spec)

@@ -22,14 +22,15 @@ def one(model: str, models: str, warmup: bool) -> dict[str, float]:
     import grpc
     import numpy as np
 
+    from latentserve.service.jobs.settings import JobSettings
     from latentserve.service.server.assemble import create_server
     from latentserve.service.server.config import ServiceConfig
-    from latentserve.service.jobs.settings import JobSettings
     from latentserve.service.wire import raw_image
     from latentserve.v1 import inference_pb2 as pb
     from latentserve.v1 import inference_pb2_grpc as pb_grpc
 
-    config = ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=None, models=models,
+    config = ServiceConfig(jobs=JobSettings.off(),
+                           host="127.0.0.1", port=0, metrics_port=None, models=models,
                            warmup=warmup, repository_poll_s=0)
     t0 = time.perf_counter()
     server, _ = create_server(config)

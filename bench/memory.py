@@ -19,7 +19,7 @@ clients stop, and once the server has been idle long enough to hand its free hea
 read the same way. PASS when the two differ by less than ``--limit``. The VmRSS read
 while calls are in flight is printed too ("on the way"): it includes their buffers.
 
-Worker: a real ``latentserve worker`` process (bench/queue.py's ``workers``) on a
+Worker: a real ``latentserve worker`` process (bench/job_queue.py's ``workers``) on a
 Valkey consumes compress, reconstruct and sample jobs (PNG and RAW, a few cancelled
 after their first chunk) in chunks of ``--chunk-size`` items until ``--chunks`` chunks
 are stored; its VmRSS is read after the first ``--warmup`` of them and at the end.
@@ -32,18 +32,11 @@ Exit status 0 only when every part passes.
 
 from __future__ import annotations
 
-import os.path
-import sys
-
-# Run as a script, this file's folder is sys.path[0], where bench/queue.py would shadow
-# the standard library's ``queue`` (concurrent.futures and redis-py import it).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
 import argparse
 import importlib.util
 import json
 import os
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -56,6 +49,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+_HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, str(ROOT))
 MIB = 1 << 20
 
@@ -227,7 +221,7 @@ def measure_worker(url: str, models: Path, *, chunks: int, chunk_size: int, warm
     from latentserve.worker.jobqueue.store import JobStore, connect
     from latentserve.worker.runtime.repository import ModelRepository
 
-    bench_queue = load_bench("queue")
+    bench_queue = load_bench("job_queue")
     entries = ModelRepository(models).entries()
     newest = {e.manifest.name: e.manifest for e in entries}
     shapes = {m.image_shape for m in newest.values()}

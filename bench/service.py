@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     one = images[:1]
     cores = os.cpu_count()
     inflight = served.compute_threads
-    print(f"bench/service.py: model {model}, {cores} cores; {served.compute_threads} compute workers x "
+    print(f"bench/service.py: model {model}, {cores} cores; {served.compute_threads} "
+          "compute threads x "
           f"{served.ort_threads} onnxruntime threads (server and in process alike), max batch "
           f"{served.max_batch_size}, max queue delay {served.max_queue_delay_us} us; "
           f"{args.seconds:g} s per phase")

@@ -6,7 +6,6 @@ Imports nothing heavy at module level (the CLI loads every area's ``register``).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

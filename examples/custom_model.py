@@ -110,11 +110,12 @@ def train(images: np.ndarray, *, steps: int, lmbda: float = 0.01, seed: int = 0,
 def serve_round_trip(repo: Path, ref: str, images: np.ndarray) -> tuple[list[bytes], np.ndarray]:
     """Compress and reconstruct ``images`` over gRPC against a server on 127.0.0.1:0."""
     from latentserve.service.client.inference import LatentServeClient
+    from latentserve.service.jobs.settings import JobSettings
     from latentserve.service.server.assemble import create_server
     from latentserve.service.server.config import ServiceConfig
-    from latentserve.service.jobs.settings import JobSettings
 
-    config = ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=None, models=repo,
+    config = ServiceConfig(jobs=JobSettings.off(),
+                           host="127.0.0.1", port=0, metrics_port=None, models=repo,
                            intra_op_threads=1, compute_workers=1, grpc_threads=8)
     server, _ = create_server(config)
     server.start()

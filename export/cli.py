@@ -177,7 +177,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     ckpt, _, _ = load_checkpoint(args.checkpoint)
     data = dataset_for(ckpt, args.data)
-    folder = export_checkpoint(ckpt, repo=RuntimeSettings.from_sources(args).models, name=args.name, version=args.version,
+    repo = RuntimeSettings.from_sources(args).models
+    folder = export_checkpoint(ckpt, repo=repo, name=args.name, version=args.version,
                                data=data, vae_step=args.vae_step or DEFAULT_VAE_STEP,
                                gmm_components=args.gmm_components, overwrite=args.overwrite)
     import json

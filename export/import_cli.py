@@ -57,8 +57,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     shape = graph_image_shape(args.encoder)
     images = load_images(args.images, shape, resize=args.resize)
+    repo = RuntimeSettings.from_sources(args).models
     folder = import_onnx(family=args.family, encoder=args.encoder, decoder=args.decoder,
-                         prior=args.prior, images=images, repo=RuntimeSettings.from_sources(args).models, name=args.name,
+                         prior=args.prior, images=images, repo=repo, name=args.name,
                          version=args.version, step=args.step, num_codes=args.num_codes,
                          encoder_output=args.encoder_output, input_range=args.input_range,
                          output_range=args.output_range, overwrite=args.overwrite)

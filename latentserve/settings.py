@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import types
 import typing
@@ -118,7 +119,7 @@ class Settings:
             default = f.default if f.default is not dataclasses.MISSING else None
             help_text = f"{f.metadata.get('help', '')} [env {envs}; default {_show(default)}]"
             names = [flag, *f.metadata.get("aliases", ())]
-            parse = (lambda text, f=f, kind=kind, flag=flag: _parse_flag(f, kind, text, flag))
+            parse = functools.partial(_parse_flag, f, kind, flag=flag)
             if _base_type(kind) is bool:
                 parser.add_argument(*names, dest=f.name, default=argparse.SUPPRESS,
                                     nargs="?", const=True, type=parse, metavar="{true,false}",
@@ -205,7 +206,7 @@ def _nested_names(cls: type) -> set[str]:
     return out
 
 
-def _parse_flag(f: dataclasses.Field[Any], kind: Any, text: str, flag: str) -> Any:
+def _parse_flag(f: dataclasses.Field[Any], kind: Any, text: str, *, flag: str) -> Any:
     try:
         return parse_value(f, kind, text, source=flag)
     except InvalidInput as exc:

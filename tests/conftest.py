@@ -1,3 +1,3 @@
 """Shared fixtures. Each area keeps its fixtures in its own plugin module here."""
 
-pytest_plugins = ["fixtures_models", "fixtures_redis"]
+pytest_plugins = ["fixtures_models", "fixtures_redis", "fixtures_cluster"]

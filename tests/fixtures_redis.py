@@ -48,8 +48,11 @@ def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def redis_url(redis_server_url: str) -> str:
-    """The server's URL, its database flushed for this test."""
-    client = redis.Redis.from_url(redis_server_url)
+    """The server's URL, its database flushed for this test (every master's, on a
+    cluster)."""
+    from latentserve.worker.jobqueue.store import connect
+
+    client = connect(redis_server_url)
     client.flushdb()
     client.close()
     return redis_server_url

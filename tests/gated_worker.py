@@ -8,17 +8,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import redis
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gate import Gate, GatedPipeline  # noqa: E402
 from latentserve.cli import main  # noqa: E402
 from latentserve.worker.jobqueue import consumer  # noqa: E402
+from latentserve.worker.jobqueue.store import connect  # noqa: E402
 
 
 def run(gate_url: str, gate_name: str, argv: list[str]) -> int:
-    gate = Gate(redis.Redis.from_url(gate_url), gate_name)
+    gate = Gate(connect(gate_url), gate_name)
     real = consumer.create_worker
 
     def gated(config: Any, pipeline: Any = None, client: Any = None) -> Any:

@@ -15,6 +15,7 @@ import signal
 import sys
 from typing import Any
 
+
 def register(sub: Any) -> None:
     """Add the ``worker`` subcommand: one flag per ``WorkerConfig`` field (queue included)."""
     from latentserve.worker.config import WorkerConfig
@@ -32,8 +33,8 @@ def register(sub: Any) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from latentserve.worker.config import WorkerConfig
-    from latentserve.worker.jobqueue.redis_url import redact_url
     from latentserve.worker.jobqueue.consumer import create_worker
+    from latentserve.worker.jobqueue.redis_url import redact_url
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

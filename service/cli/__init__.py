@@ -1,1 +1,1 @@
-"""The CLI commands of the service side: serve/compress/reconstruct/sample/demo, job, models, token."""
+"""The service side's commands: serve, compress, reconstruct, sample, demo, job, models, token."""

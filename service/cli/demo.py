@@ -79,9 +79,9 @@ def run_demo(*, models: Path, examples: Path, out: Path, samples: int = 16, seed
     import tempfile
 
     from latentserve.service.client.inference import LatentServeClient
-    from latentserve.service.server.config import ServiceConfig
     from latentserve.service.jobs.settings import EMBEDDED, JobSettings
     from latentserve.service.server.assemble import create_server
+    from latentserve.service.server.config import ServiceConfig
 
     files = list_image_files(examples)[:limit] if examples.is_dir() else []
     if not files:
@@ -153,5 +153,5 @@ def format_table(rows: Sequence[DemoRow]) -> str:
     body = [(r.model, r.family, f"{r.bytes_per_image:.1f}", f"{r.psnr_db:.2f}",
              f"{r.compress_per_s:.0f}", f"{r.reconstruct_per_s:.0f}") for r in rows]
     widths = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip()
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip()
                      for line in (head, *body))

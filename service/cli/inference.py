@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from latentserve.errors import InvalidInput
-
 from latentserve.service.client.settings import add_client_arguments
 from latentserve.worker.runtime.settings import RuntimeSettings
 
@@ -153,12 +152,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from latentserve.service.server.config import ServiceConfig
     from latentserve.service.server.assemble import create_server, security_summary
-
+    from latentserve.service.server.config import ServiceConfig
     from latentserve.service.server.request_log import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServiceConfig.from_sources(args)
     configure_logging(config.log_format, config.log_level)
     if config.tracing:
@@ -189,9 +188,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from latentserve.worker.runtime.images import IMAGE_SUFFIXES, read_image_file
-
     from latentserve.service.client.inference import batched
+    from latentserve.worker.runtime.images import IMAGE_SUFFIXES, read_image_file
 
     files = _expand(args.images, IMAGE_SUFFIXES)
     _unique_stems(files)
@@ -203,7 +201,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         with _progress(len(files), "img") as bar:
             for chunk in batched(files, max(1, args.batch)):
                 images = np.stack([read_image_file(f, shape, resize=args.resize) for f in chunk])
-                for f, code in zip(chunk, be.compress(ref, images)):
+                for f, code in zip(chunk, be.compress(ref, images), strict=True):
                     (args.out / f"{f.stem}{CODE_SUFFIX}").write_bytes(code)
                     sizes.append(len(code))
                 bar.update(len(chunk))
@@ -243,10 +241,9 @@ def _original(stem: str, code_file: Path, folder: Path | None) -> Path:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from latentserve.worker.runtime.images import encode_png, read_image_file
-
-    from latentserve.service.client.inference import batched
     from latentserve.service.cli.demo import save_grid
+    from latentserve.service.client.inference import batched
+    from latentserve.worker.runtime.images import encode_png, read_image_file
 
     files = _expand(args.codes, (CODE_SUFFIX, BATCH_SUFFIX))
     stems, codes = _read_codes(files)
@@ -256,7 +253,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     try:
         with _progress(len(codes), "code") as bar:
             for start, chunk in zip(range(0, len(codes), max(1, args.batch)),
-                                    batched(codes, max(1, args.batch))):
+                                    batched(codes, max(1, args.batch)), strict=True):
                 try:
                     images += be.reconstruct(list(chunk))
                 except InvalidInput:
@@ -267,22 +264,22 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     finally:
         be.close()
     args.out.mkdir(parents=True, exist_ok=True)
-    for stem, image in zip(stems, images):
+    for stem, image in zip(stems, images, strict=True):
         (args.out / f"{stem}.png").write_bytes(encode_png(image))
     print(f"reconstructed {len(images)} images ({be.where}) into {args.out}/")
     if args.compare:
         by_stem = {f.stem: f for f in files}
         originals = [read_image_file(_original(s, by_stem.get(s, files[0]), args.originals),
-                                     im.shape, resize=True) for s, im in zip(stems, images)]
+                                     im.shape, resize=True)
+                     for s, im in zip(stems, images, strict=True)]
         save_grid(args.compare, [originals, images])
         print(f"wrote {args.compare} (originals above reconstructions)")
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from latentserve.worker.runtime.images import encode_png
-
     from latentserve.service.cli.demo import save_grid
+    from latentserve.worker.runtime.images import encode_png
 
     if args.n < 1:
         raise InvalidInput(f"-n must be >= 1, got {args.n}")

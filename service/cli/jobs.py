@@ -31,9 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from latentserve.service.client.settings import add_client_arguments, client_settings
 from latentserve.service.client.retry import DEFAULT_DEADLINE_S
-
+from latentserve.service.client.settings import add_client_arguments, client_settings
 
 
 def register(sub: Any) -> None:
@@ -172,7 +171,7 @@ def _list(client: Any, args: argparse.Namespace) -> int:
          f"{j.items_done}/{j.items_total}", f"{j.items_per_second:.0f}") for j in jobs]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
 
 
@@ -266,8 +265,8 @@ def _images(paths: list[str]) -> Iterator[Any]:
 
 def _codes(paths: list[str]) -> Iterator[bytes]:
     """Codes of .lsc files and .lscb containers (folders expanded, sorted)."""
-    from latentserve.worker.codec.container import read_container
     from latentserve.errors import InvalidInput
+    from latentserve.worker.codec.container import read_container
 
     for name in paths:
         path = Path(name)

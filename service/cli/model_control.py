@@ -11,8 +11,11 @@ import argparse
 import json
 from typing import Any
 
-from latentserve.service.client.settings import (ClientSecurity, add_client_arguments,
-                                                 client_settings)
+from latentserve.service.client.settings import (
+    ClientSecurity,
+    add_client_arguments,
+    client_settings,
+)
 
 ACTIONS = {
     "load": "load (verify, build sessions, warm up) and serve a version",
@@ -38,10 +41,9 @@ def register_actions(models_parser: argparse.ArgumentParser) -> None:
 def control(target: str, action: str, model: str, *, security: ClientSecurity | None = None,
             timeout: float = 120.0) -> list[dict[str, Any]]:
     """Call ModelControl.<action> for ``model``; one dict per version it touched."""
+    from latentserve.service.client.channel import open_channel
     from latentserve.v1 import model_control_pb2 as pb
     from latentserve.v1 import model_control_pb2_grpc as pb_grpc
-
-    from latentserve.service.client.channel import open_channel
 
     with open_channel(target, security, max_message_bytes=16 << 20) as channel:
         stub = pb_grpc.ModelControlStub(channel)
@@ -53,6 +55,7 @@ def control(target: str, action: str, model: str, *, security: ClientSecurity | 
 
 def cmd_control(args: argparse.Namespace) -> int:
     import grpc
+
     from latentserve.errors import InvalidInput
 
     client = client_settings(args)

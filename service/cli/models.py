@@ -12,8 +12,11 @@ import argparse
 import json
 from typing import Any
 
-from latentserve.service.client.settings import (ClientSecurity, add_client_arguments,
-                                                 client_settings)
+from latentserve.service.client.settings import (
+    ClientSecurity,
+    add_client_arguments,
+    client_settings,
+)
 from latentserve.worker.runtime.settings import RuntimeSettings
 
 
@@ -40,7 +43,9 @@ def register(sub: Any) -> None:
     c.add_argument("--limit", type=int, default=64, help="use at most this many images")
     c.add_argument("--json", action="store_true", help="print one JSON document")
     c.set_defaults(func=cmd_check)
-    from latentserve.service.cli.model_control import register_actions  # load / unload / reload, after check
+    from latentserve.service.cli.model_control import (
+        register_actions,  # load / unload / reload, after check
+    )
 
     register_actions(p)
 
@@ -133,5 +138,5 @@ def cmd_models(args: argparse.Namespace) -> int:
     ) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     for row in table:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     return 0

@@ -1,1 +1,1 @@
-"""Python clients of the gRPC API (inference and jobs), their channel, security settings and retries."""
+"""Python clients of the gRPC API (inference and jobs): channel, settings, retries."""

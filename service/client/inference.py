@@ -23,14 +23,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import grpc
 import numpy as np
 
-from latentserve.v1 import inference_pb2 as pb
-from latentserve.v1 import inference_pb2_grpc as pb_grpc
 from latentserve import errors as E
-
 from latentserve.service.client.channel import open_channel
 from latentserve.service.client.settings import ClientSecurity
 from latentserve.service.status import REASONS, error_info, exceptions_for
 from latentserve.service.wire import decode_reply_image, raw_batch, raw_image
+from latentserve.v1 import inference_pb2 as pb
+from latentserve.v1 import inference_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage

@@ -22,16 +22,15 @@ from typing import Any
 import grpc
 import numpy as np
 
+from latentserve import errors as E
+from latentserve.service.client.channel import open_channel
+from latentserve.service.client.inference import error_from
+from latentserve.service.client.retry import DEFAULT_DEADLINE_S, Retrier, RetryPolicy
+from latentserve.service.client.settings import ClientSecurity
+from latentserve.service.wire import decode_raw, raw_image
 from latentserve.v1 import inference_pb2 as ipb
 from latentserve.v1 import jobs_pb2 as pb
 from latentserve.v1 import jobs_pb2_grpc as pb_grpc
-from latentserve import errors as E
-
-from latentserve.service.client.channel import open_channel
-from latentserve.service.client.settings import ClientSecurity
-from latentserve.service.client.inference import error_from
-from latentserve.service.client.retry import DEFAULT_DEADLINE_S, Retrier, RetryPolicy
-from latentserve.service.wire import decode_raw, raw_image
 
 MIB = 1 << 20
 TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
@@ -233,8 +232,8 @@ class JobsClient:
     def wait(self, job_id: str) -> pb.Job:
         """Block until the job ends; returns its last state."""
         last = None
-        for last in self.watch(job_id):
-            pass
+        for snapshot in self.watch(job_id):
+            last = snapshot
         assert last is not None
         return last
 

@@ -15,8 +15,8 @@ channel.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from latentserve.errors import InvalidInput
 from latentserve.settings import Settings, setting

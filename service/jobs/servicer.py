@@ -36,24 +36,28 @@ from typing import Any
 
 import grpc
 import numpy as np
-import redis
 
+from latentserve.errors import InvalidInput, JobStateError, ResourceLimit, Unavailable
+from latentserve.service.jobs.items import POLICY_PB, chunk_payload, policy_of, with_item_errors
+from latentserve.service.jobs.settings import JobSettings
+from latentserve.service.jobs.stream_slots import StreamSlots, client_gone, default_stream_limit
+from latentserve.service.server.auth import caller
+from latentserve.service.wire import decode_request_image, raw_image
 from latentserve.v1 import inference_pb2 as ipb
 from latentserve.v1 import jobs_pb2 as pb
 from latentserve.v1 import jobs_pb2_grpc as pb_grpc
-from latentserve.worker.jobqueue.config import QueueConfig
-from latentserve.errors import (InvalidInput, JobStateError, ResourceLimit,
-                                       Unavailable)
-from latentserve.worker.jobqueue.store import (ImageFormat, JobInfo, JobKind, JobState, JobStore,
-                                         job_not_found)
+from latentserve.worker.jobqueue.cluster import TRANSIENT_ERRORS
 from latentserve.worker.jobqueue.records import ITEM_ERRORS, ItemFailure, OnItemError
+from latentserve.worker.jobqueue.store import (
+    ImageFormat,
+    JobInfo,
+    JobKind,
+    JobState,
+    JobStore,
+    job_not_found,
+)
 from latentserve.worker.runtime.pipeline import check_temperature
 from latentserve.worker.tracing import current_traceparent
-
-from latentserve.service.server.auth import caller
-from latentserve.service.jobs.items import POLICY_PB, chunk_payload, policy_of, with_item_errors
-from latentserve.service.jobs.stream_slots import StreamSlots, client_gone, default_stream_limit
-from latentserve.service.wire import decode_request_image, raw_image
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "latentserve.v1.Jobs"
@@ -93,7 +97,7 @@ def redis_unavailable(method: Callable[..., Any]) -> Callable[..., Any]:
         def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
                 yield from method(self, request, context)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except TRANSIENT_ERRORS as exc:
                 reraise(exc)
         return stream
 
@@ -101,7 +105,7 @@ def redis_unavailable(method: Callable[..., Any]) -> Callable[..., Any]:
     def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except TRANSIENT_ERRORS as exc:
             reraise(exc)
     return unary
 
@@ -253,8 +257,8 @@ class JobsServicer(pb_grpc.JobsServicer):
                policy: OnItemError) -> Any:
         """One input checked: an image array or code bytes, or (PER_ITEM) the
         ItemFailure that refused it, its message the unary RPC's for that item alone."""
-        from latentserve.worker.codec.codes import parse_header
         from latentserve.errors import CodeError
+        from latentserve.worker.codec.codes import parse_header
 
         try:
             if kind is JobKind.COMPRESS:

@@ -17,12 +17,10 @@ flags ``--max-job-streams`` and ``--max-job-streams-per-caller`` and their env v
 
 from __future__ import annotations
 
-import argparse
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import grpc
 

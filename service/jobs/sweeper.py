@@ -12,8 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-import redis
-
+from latentserve.worker.jobqueue.cluster import TRANSIENT_ERRORS
 from latentserve.worker.jobqueue.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ def start_sweeper(store: JobStore, period_s: float | None = None) -> Callable[[]
         while not stop.wait(period):
             try:
                 store.sweep()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except TRANSIENT_ERRORS as exc:
                 log.warning("job sweep: Redis unavailable (%s); next try in %.0fs", exc,
                             period)
             except Exception:  # noqa: BLE001 - the sweeper must outlive any one failure

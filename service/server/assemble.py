@@ -19,27 +19,26 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from latentserve.v1 import inference_pb2_grpc as pb_grpc
 from latentserve.errors import Unavailable
-from latentserve.worker.runtime.pipeline import Pipeline
-from latentserve.worker.runtime.repository import ModelEntry
-
 from latentserve.service.jobs.servicer import add_jobs
+from latentserve.service.models.catalog import ModelCatalog, RepositoryWatcher
+from latentserve.service.models.control import add_model_control
+from latentserve.service.models.versions import CachedRepository
 from latentserve.service.server.auth import AuthInterceptor, TokenTable
 from latentserve.service.server.batching import ComputeLanes
-from latentserve.service.models.catalog import ModelCatalog, RepositoryWatcher
 from latentserve.service.server.config import ServiceConfig
 from latentserve.service.server.errors import ErrorInterceptor
 from latentserve.service.server.health import SERVING, HealthServicer
 from latentserve.service.server.metrics import MetricsHTTP, ServiceMetrics
-from latentserve.service.models.control import add_model_control
-from latentserve.service.models.versions import CachedRepository
 from latentserve.service.server.reflection import enable_reflection
 from latentserve.service.server.request_log import RequestLogInterceptor
 from latentserve.service.server.servicer import SERVICE_NAME, InferenceServicer
 from latentserve.service.server.stream_idle import StreamIdleInterceptor
-from latentserve.service.tls import server_credentials
 from latentserve.service.server.tracing import server_interceptor
+from latentserve.service.tls import server_credentials
+from latentserve.v1 import inference_pb2_grpc as pb_grpc
+from latentserve.worker.runtime.pipeline import Pipeline
+from latentserve.worker.runtime.repository import ModelEntry
 
 log = logging.getLogger(__name__)
 

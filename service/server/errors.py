@@ -87,7 +87,9 @@ def _versions() -> str:
 
 def abort_for(exc: BaseException, context: grpc.ServicerContext) -> None:
     """Abort the RPC with the status of ``exc`` (re-raises if the servicer aborted it)."""
-    from latentserve.service.server.request_log import with_request_id  # request_log builds on this module
+    from latentserve.service.server.request_log import (
+        with_request_id,  # request_log builds on this module
+    )
 
     if context.code() is not None:
         raise exc  # context.abort's own exception: gRPC ends the call quietly

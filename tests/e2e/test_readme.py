@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from latentserve.service.jobs.settings import JobSettings
 from latentserve.service.server.assemble import create_server
 from latentserve.service.server.config import ServiceConfig
-from latentserve.service.jobs.settings import JobSettings
 from latentserve.worker.runtime.images import list_image_files, read_image_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +22,8 @@ def python_blocks(markdown: str) -> list[str]:
 def test_readme_python_example_against_the_shipped_zoo() -> None:
     blocks = python_blocks((ROOT / "README.md").read_text())
     assert blocks, "the README has no Python example"
-    config = ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=None, models=ROOT / "models",
+    config = ServiceConfig(jobs=JobSettings.off(),
+                           host="127.0.0.1", port=0, metrics_port=None, models=ROOT / "models",
                            grace_s=1.0)
     server, port = create_server(config)
     server.start()

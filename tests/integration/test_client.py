@@ -12,9 +12,9 @@ from PIL import Image
 from latentserve.cli import main
 from latentserve.errors import CodeMismatch, InvalidInput, ModelNotFound
 from latentserve.service.client.inference import LatentServeClient, ServiceError
+from latentserve.service.jobs.settings import JobSettings
 from latentserve.service.server.assemble import Server, create_server
 from latentserve.service.server.config import ServiceConfig
-from latentserve.service.jobs.settings import JobSettings
 from latentserve.worker.runtime.engine import EngineConfig
 from latentserve.worker.runtime.images import encode_png, read_image_file
 from latentserve.worker.runtime.pipeline import Pipeline
@@ -24,7 +24,8 @@ TIMEOUT = 60.0
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path) -> Iterator[Server]:
-    config = ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
+    config = ServiceConfig(jobs=JobSettings.off(),
+                           host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
                            intra_op_threads=1, compute_workers=1, grpc_threads=16)
     srv, _ = create_server(config)
     srv.start()

@@ -20,12 +20,12 @@ from latentserve.cli import main
 from latentserve.errors import ModelIntegrityError
 from latentserve.export.publish.onnx_import import import_onnx
 from latentserve.service.client.inference import LatentServeClient, ServiceError
+from latentserve.service.jobs.settings import JobSettings
 from latentserve.service.server.assemble import Server, create_server
 from latentserve.service.server.config import ServiceConfig
-from latentserve.service.jobs.settings import JobSettings
+from latentserve.worker.runtime.manifest import sha256_file
 from latentserve.worker.runtime.model_check import check_at_load, check_model
 from latentserve.worker.runtime.pipeline import Pipeline
-from latentserve.worker.runtime.manifest import sha256_file
 from latentserve.worker.runtime.repository import ModelRepository
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +34,8 @@ torch.set_num_threads(1)
 
 
 def serve(repo: Path) -> Server:
-    config = ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=None, models=repo,
+    config = ServiceConfig(jobs=JobSettings.off(),
+                           host="127.0.0.1", port=0, metrics_port=None, models=repo,
                            intra_op_threads=1, compute_workers=1, grpc_threads=8)
     server, _ = create_server(config)
     server.start()

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from latentserve.service.jobs.settings import JobSettings
 from latentserve.service.server.assemble import Server, create_server
 from latentserve.service.server.config import ServiceConfig
-from latentserve.service.jobs.settings import JobSettings
 from latentserve.service.wire import raw_image
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
@@ -74,7 +74,8 @@ def serve(repo: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
     def start(**changes: Any) -> Server:
-        config = ServiceConfig(jobs=JobSettings.off(), **{"host": "127.0.0.1", "port": 0, "metrics_port": None,
+        config = ServiceConfig(jobs=JobSettings.off(),
+                               **{"host": "127.0.0.1", "port": 0, "metrics_port": None,
                                   "models": repo, "intra_op_threads": 1,
                                   "compute_workers": 1, "grpc_threads": 16,
                                   "repository_poll_s": 0.05, "model_drain_s": 0.2,

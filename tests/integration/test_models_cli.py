@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 
 from latentserve.cli import main
+from latentserve.service.jobs.settings import JobSettings
 from latentserve.service.server.assemble import create_server
 from latentserve.service.server.config import ServiceConfig
-from latentserve.service.jobs.settings import JobSettings
 
 
 def test_models_from_a_server_match_the_repository(
         tiny_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    server, port = create_server(ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=None,
+    server, port = create_server(ServiceConfig(jobs=JobSettings.off(),
+                                               host="127.0.0.1", port=0, metrics_port=None,
                                                models=tiny_repo, grace_s=1.0))
     server.start()
     try:

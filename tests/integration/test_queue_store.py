@@ -180,21 +180,30 @@ def test_expired_jobs_leave_redis_at_its_baseline(redis_client, make_worker):
     """A scaled-down 10,000-job run: 300 jobs, a 1 s result TTL, then back to baseline."""
     config = QueueConfig(chunk_size=4, result_ttl_s=1.0, max_queued_chunks=1000)
     store = JobStore(redis_client, config)
+    node = server_of(redis_client, store.keys.jobs)
     store.submit(JobKind.SAMPLE, "tiny-ae", count=2)   # warm-up: stream, group, scripts
     make_worker(queue=config).run()
-    wait_for_expiry(redis_client, store)
-    base_keys = redis_client.dbsize()
-    base = sorted(redis_client.keys())
-    base_mem = redis_client.info("memory")["used_memory"]
+    wait_for_expiry(node, store)
+    base_keys = node.dbsize()
+    base = sorted(node.keys())
+    base_mem = node.info("memory")["used_memory"]
     jobs = [store.submit(JobKind.SAMPLE, "tiny-ae", count=3, seed=i) for i in range(300)]
-    assert redis_client.dbsize() > base_keys + 300
+    assert node.dbsize() > base_keys + 300
     stats = make_worker(queue=config, read_count=16).run()
     assert stats.chunks == 300
     assert all(store.get(j.id).state is JobState.SUCCEEDED for j in jobs[-5:])
-    wait_for_expiry(redis_client, store)
-    assert sorted(redis_client.keys()) == base
-    grown = redis_client.info("memory")["used_memory"] - base_mem
+    wait_for_expiry(node, store)
+    assert sorted(node.keys()) == base
+    grown = node.info("memory")["used_memory"] - base_mem
     assert grown < 64 * 1024, f"used_memory grew by {grown} bytes after every job expired"
+
+
+def server_of(client: redis.Redis, key: str) -> redis.Redis:
+    """The server holding ``key``: ``client``'s, or on a Redis Cluster the master serving
+    its slot, where every key of its shard lives (KEYS, DBSIZE, INFO are per server)."""
+    from latentserve.worker.jobqueue.cluster import is_cluster
+
+    return client.get_node_from_key(key).redis_connection if is_cluster(client) else client
 
 
 def wait_for_expiry(client: redis.Redis, store: JobStore, timeout: float = 20.0) -> None:
@@ -220,8 +229,9 @@ def test_worker_config_from_flags_over_env():
         ("redis://queue:6379/0", 32, ("gpu", "default"), "/models")
     assert cfg.claim_idle_s == 8 and cfg.heartbeat_s == 2 and cfg.burst and cfg.grace_s == 30
     assert cfg.queue.pool_for("mnist-vqvae:2") == "gpu" and cfg.queue.pool_for("x") == "default"
-    assert cfg.keys.stream("gpu") == "latentserve:stream:gpu"
-    with pytest.raises(InvalidInput, match="LATENTSERVE_CHUNK_SIZE='many': chunk_size must be an integer"):
+    assert cfg.keys.stream("gpu") == "latentserve:{0}:stream:gpu"  # {0}: one hash slot
+    with pytest.raises(InvalidInput,
+                       match="LATENTSERVE_CHUNK_SIZE='many': chunk_size must be an integer"):
         WorkerConfig.from_env({**env, "LATENTSERVE_CHUNK_SIZE": "many"})
     with pytest.raises(InvalidInput, match="needs a Redis URL"):
         WorkerConfig.from_env({})

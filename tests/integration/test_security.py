@@ -23,10 +23,10 @@ from latentserve import errors as E
 from latentserve.service.client.inference import LatentServeClient
 from latentserve.service.client.jobs import JobsClient
 from latentserve.service.client.settings import ClientSecurity
+from latentserve.service.jobs.settings import JobSettings
 from latentserve.service.server.assemble import Server, create_server
 from latentserve.service.server.auth import AuthInterceptor, TokenTable, new_token, token_line
 from latentserve.service.server.config import ServiceConfig
-from latentserve.service.jobs.settings import JobSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,10 +105,12 @@ def test_bad_tls_files_are_clear_startup_errors(tmp_path, pki):
     not_pem = tmp_path / "cert.pem"
     not_pem.write_text("hello")
     with pytest.raises(E.InvalidInput, match="cert.pem is not a PEM file holding a certificate"):
-        create_server(ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=None,
+        create_server(ServiceConfig(jobs=JobSettings.off(),
+                                    host="127.0.0.1", port=0, metrics_port=None,
                                     tls_cert=not_pem, tls_key=pki["server"].key, preload=False))
     with pytest.raises(E.InvalidInput, match="cannot read the TLS private key"):
-        create_server(ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=None,
+        create_server(ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0,
+                                    metrics_port=None,
                                     tls_cert=pki["server"].cert, tls_key=tmp_path / "missing",
                                     preload=False))
 
@@ -201,17 +203,19 @@ def test_interceptor_counts_refusals_only_for_protected_methods(tokens):
 def test_without_auth_the_server_listens_on_loopback_only_and_says_so(tmp_path, tokens, pki,
                                                                      tiny_repo, caplog):
     assert ServiceConfig(jobs=JobSettings.off()).bind_host == "127.0.0.1"
-    assert ServiceConfig(jobs=JobSettings.off(), auth_tokens=tokens["path"]).bind_host == "0.0.0.0"
-    assert ServiceConfig(jobs=JobSettings.off(), host="0.0.0.0").bind_host == "0.0.0.0"  # told otherwise
+    assert ServiceConfig(jobs=JobSettings.off(),
+                         auth_tokens=tokens["path"]).bind_host == "0.0.0.0"
+    assert ServiceConfig(jobs=JobSettings.off(),
+                         host="0.0.0.0").bind_host == "0.0.0.0"  # told otherwise
     caplog.set_level(logging.INFO)
-    server, _ = create_server(ServiceConfig(jobs=JobSettings.off(), port=0, metrics_port=None, models=tiny_repo,
-                                            preload=False))
+    server, _ = create_server(ServiceConfig(jobs=JobSettings.off(), port=0, metrics_port=None,
+                                            models=tiny_repo, preload=False))
     with server:
         assert server.target.startswith("127.0.0.1:")
     assert "plaintext, auth off, loopback only" in caplog.text
     caplog.clear()
-    server, _ = create_server(ServiceConfig(jobs=JobSettings.off(), host="0.0.0.0", port=0, metrics_port=None,
-                                            models=tiny_repo, preload=False))
+    server, _ = create_server(ServiceConfig(jobs=JobSettings.off(), host="0.0.0.0", port=0,
+                                            metrics_port=None, models=tiny_repo, preload=False))
     with server:
         pass
     assert "anyone who can reach this port can use it" in caplog.text

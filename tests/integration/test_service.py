@@ -15,9 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from latentserve.service.jobs.settings import JobSettings
 from latentserve.service.server.assemble import Server, create_server
 from latentserve.service.server.config import ServiceConfig
-from latentserve.service.jobs.settings import JobSettings
 from latentserve.service.wire import decode_reply_image, raw_batch, raw_image
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
@@ -31,7 +31,8 @@ TIMEOUT = 60.0
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path) -> Iterator[Server]:
-    config = ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=0, models=tiny_repo,
+    config = ServiceConfig(jobs=JobSettings.off(),
+                           host="127.0.0.1", port=0, metrics_port=0, models=tiny_repo,
                            intra_op_threads=1, compute_workers=2, grpc_threads=32)
     srv, _ = create_server(config)
     srv.start()

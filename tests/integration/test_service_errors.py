@@ -17,9 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from latentserve import errors as E
 from latentserve.service.client.inference import error_from
+from latentserve.service.jobs.settings import JobSettings
 from latentserve.service.server.assemble import Server, create_server
 from latentserve.service.server.config import ServiceConfig
-from latentserve.service.jobs.settings import JobSettings
 from latentserve.service.server.errors import status_for
 from latentserve.service.status import STATUS_OF
 from latentserve.service.wire import raw_batch, raw_image
@@ -32,7 +32,8 @@ C = grpc.StatusCode
 
 
 def start(tiny_repo: Path, **overrides: Any) -> Server:
-    config = ServiceConfig(jobs=JobSettings.off(), host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
+    config = ServiceConfig(jobs=JobSettings.off(),
+                           host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
                            intra_op_threads=1, compute_workers=1, grpc_threads=16, **overrides)
     srv, _ = create_server(config)
     srv.start()

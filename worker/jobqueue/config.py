@@ -48,9 +48,15 @@ class QueueConfig(Settings):
     pool_routes: tuple[tuple[str, str], ...] = setting((), parse=parse_routes, help=(
         "which pool's stream carries each model's jobs, as MODEL=POOL,MODEL2=POOL2; other "
         "models go to the default pool"), metavar="MODEL=POOL,...")
+    # A Redis Cluster spreads the queue over that many masters (jobqueue/keys.py). Every
+    # process of a deployment must agree on it, like the prefix; changing it needs a
+    # drained queue.
+    stream_shards: int = setting(1, help=(
+        "hash slots (streams) each pool's queue and the job keys are split over; the same "
+        "on every process of a deployment"))
 
     def __post_init__(self) -> None:
-        Keys(self.prefix)  # validates the prefix
+        Keys(self.prefix, self.stream_shards)  # validates the prefix and the shard count
         for name in ("chunk_size", "max_queued_chunks", "max_job_items", "max_chunk_bytes",
                      "dead_letter_maxlen"):
             check_range(name, getattr(self, name), 1)
@@ -62,7 +68,7 @@ class QueueConfig(Settings):
 
     @property
     def keys(self) -> Keys:
-        return Keys(self.prefix)
+        return Keys(self.prefix, self.stream_shards)
 
     def pool_for(self, model_ref: str) -> str:
         """The pool whose stream carries jobs for ``model_ref`` (``name[:version]``)."""

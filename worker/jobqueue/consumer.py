@@ -35,10 +35,9 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import redis
-from redis.typing import KeyT, StreamIdT
 
 from latentserve.errors import CodeError, InvalidInput, LatentServeError, ResourceLimit
 from latentserve.worker.config import WorkerConfig
@@ -51,6 +50,7 @@ from latentserve.worker.jobqueue.chunkwork import (
     pack_results,
     plan_batches,
 )
+from latentserve.worker.jobqueue.cluster import TRANSIENT_ERRORS
 from latentserve.worker.jobqueue.keys import as_text as _s
 from latentserve.worker.jobqueue.packing import unpack_failures
 from latentserve.worker.jobqueue.recovery import Recovery
@@ -59,6 +59,10 @@ from latentserve.worker.metrics import WorkerMetrics
 from latentserve.worker.tracing import chunk_spans
 
 log = logging.getLogger(__name__)
+
+# A shard's blocking read waits at most this long when there are several shards, so work
+# queued on another shard waits at most (shards - 1) times it (worker/keys.py).
+SHARD_BLOCK_MS = 100
 
 # Errors of the job's own input: another delivery would fail the same way.
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (InvalidInput, CodeError, ResourceLimit)
@@ -108,6 +112,8 @@ class Worker:
         self.metrics.watch(self.stats, lambda: len(self._held))
         self._started = time.time()
         self._ready = False  # models preloaded, taking work
+        self._shards = self.keys.all_shards()
+        self._next_shard = 0  # where the next read starts, so every shard gets its turn
 
     # -- lifecycle --------------------------------------------------------------------
     def request_stop(self, grace_s: float | None = None) -> None:
@@ -160,16 +166,7 @@ class Worker:
                         log.info("worker %s: Redis reachable again after %.1fs",
                                  self.consumer, time.monotonic() - down_since)
                         down_since = None
-                except redis.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    # The stream or group vanished (a Redis without persistence restarted,
-                    # or a FLUSHDB): create them again and go on.
-                    log.warning("worker %s: %s; creating the consumer group again",
-                                self.consumer, exc)
-                    for pool in self.config.pools:
-                        self.store.ensure_group(pool)
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                except TRANSIENT_ERRORS as exc:  # first: a cluster's are ResponseErrors too
                     log.warning("worker %s: Redis unavailable (%s); retrying in %.2fs",
                                 self.consumer, exc, backoff)
                     down_since = down_since or time.monotonic()
@@ -181,6 +178,16 @@ class Worker:
                         self._held.clear()
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, 2.0)
+                except redis.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    # The stream or group vanished (a Redis without persistence restarted,
+                    # a FLUSHDB, or a failover that lost the group's creation): create them
+                    # again and go on.
+                    log.warning("worker %s: %s; creating the consumer group again",
+                                self.consumer, exc)
+                    for pool in self.config.pools:
+                        self.store.ensure_group(pool)
         finally:
             self._stop.set()
             self._release_all()
@@ -224,7 +231,7 @@ class Worker:
         while True:
             try:
                 result = fn()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except TRANSIENT_ERRORS as exc:
                 if time.monotonic() > start + limit_s:
                     raise
                 if not failed:
@@ -241,17 +248,34 @@ class Worker:
 
     # -- taking work ------------------------------------------------------------------
     def _read(self) -> list[Held]:
-        streams: dict[KeyT, StreamIdT] = {self.keys.stream(p): ">" for p in self.config.pools}
+        """New entries of one shard: the first, from a rotating start, that has some.
+
+        A shard's streams of every pool share its slot and are read in one XREADGROUP.
+        With one shard that read blocks up to ``block_ms``; with several, each shard is
+        first asked without blocking, then one (in turn) blocks up to SHARD_BLOCK_MS.
+        """
         block = 50 if self._stop.is_set() else self.config.block_ms
-        # RESP2 with binary replies (connect()): [[stream, [(entry id, fields), ...]], ...]
-        reply = cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
-                     self.r.xreadgroup(self.keys.group, self.consumer, streams,
-                                       count=self.config.read_count, block=block))
+        n = len(self._shards)
+        start, self._next_shard = self._next_shard, (self._next_shard + 1) % n
+        order = [(start + i) % n for i in range(n)]
+        if n == 1:
+            return self._read_shard(order[0], block)
+        for shard in order:
+            out = self._read_shard(shard, None)
+            if out:
+                return out
+        return self._read_shard(start, min(block, SHARD_BLOCK_MS))
+
+    def _read_shard(self, shard: int, block: int | None) -> list[Held]:
+        keys = self._shards[shard]
+        pools = {keys.stream(p): p for p in self.config.pools}
+        reply = self.r.xreadgroup(self.keys.group, self.consumer, dict.fromkeys(pools, ">"),
+                                  count=self.config.read_count, block=block)
         out = []
         for stream, entries in reply or []:
-            pool = _s(stream).rsplit(":", 1)[1]
+            pool = pools[_s(stream)]
             for eid, fields in entries:
-                out.append(self._hold(pool, _s(eid), fields, delivered=1))
+                out.append(self._hold(pool, _s(eid), fields, delivered=1, shard=shard))
         return out
 
     def _reclaim(self) -> list[Held]:
@@ -278,12 +302,12 @@ class Worker:
         """Claim the entries of consumers whose health key is gone (killed workers)."""
         out: list[Held] = []
         room = self.config.read_count
-        for pool in self.config.pools:
-            for consumer, pending in self.recovery.dead_consumers(pool):
+        for pool, shard in self._pool_shards():
+            for consumer, pending in self.recovery.dead_consumers(pool, shard):
                 if room <= 0:
                     self._backlog = True
                     return out
-                claim = self.recovery.claim(pool, consumer, room)
+                claim = self.recovery.claim(pool, consumer, room, shard)
                 if claim.left < 0:  # its health key came back between the two reads
                     continue
                 log.info("worker %s: consumer %s is dead (no health key) holding %d entries "
@@ -292,16 +316,16 @@ class Worker:
                 room -= len(claim.entries)
                 self._backlog = self._backlog or claim.left > 0
                 self.metrics.reclaimed("dead", len(claim.entries))
-                out += self._adopt(pool, [(e.entry_id, e.fields, e.delivered)
-                                          for e in claim.entries])
+                out += self._adopt(pool, shard, [(e.entry_id, e.fields, e.delivered)
+                                                 for e in claim.entries])
         return out
 
     def _reclaim_idle(self) -> list[Held]:
         """XAUTOCLAIM entries pending longer than ``claim_idle_s`` (nobody extends them)."""
         idle_ms = int(self.config.claim_idle_s * 1000)
         out: list[Held] = []
-        for pool in self.config.pools:
-            stream = self.keys.stream(pool)
+        for pool, shard in self._pool_shards():
+            stream = self._shards[shard].stream(pool)
             reply = self.r.xautoclaim(stream, self.keys.group, self.consumer, idle_ms,
                                       start_id="0-0", count=self.config.read_count)
             # Redis 6.2 returns entries deleted meanwhile (a cancelled job's) without
@@ -320,17 +344,22 @@ class Worker:
                 for eid, _ in claimed:
                     p.xpending_range(stream, self.keys.group, min=eid, max=eid, count=1)
                 counts = p.execute()
-            out += self._adopt(pool, [
+            out += self._adopt(pool, shard, [
                 (_s(eid), fields, int(pending[0]["times_delivered"]) if pending else 1)
                 for (eid, fields), pending in zip(claimed, counts, strict=True)])
         return out
 
-    def _adopt(self, pool: str, claimed: list[tuple[str, dict[bytes, bytes], int]]) -> list[Held]:
-        """Hold reclaimed entries (id, fields, times delivered); dead-letter those over
-        ``max_deliveries``."""
+    def _pool_shards(self) -> list[tuple[str, int]]:
+        """(pool, shard) of every task stream this worker reads."""
+        return [(pool, shard) for pool in self.config.pools for shard in range(len(self._shards))]
+
+    def _adopt(self, pool: str, shard: int,
+               claimed: list[tuple[str, dict[bytes, bytes], int]]) -> list[Held]:
+        """Hold reclaimed entries (id, fields, times delivered) of shard ``shard``'s
+        stream; dead-letter those over ``max_deliveries``."""
         out = []
         for eid, fields, times in claimed:
-            held = self._hold(pool, eid, fields, delivered=times)
+            held = self._hold(pool, eid, fields, delivered=times, shard=shard)
             if held.deliveries > self.config.max_deliveries:
                 self._dead_letter(held)
             else:
@@ -338,10 +367,11 @@ class Worker:
                 out.append(held)
         return out
 
-    def _hold(self, pool: str, eid: str, fields: dict[bytes, bytes], *, delivered: int) -> Held:
+    def _hold(self, pool: str, eid: str, fields: dict[bytes, bytes], *, delivered: int,
+              shard: int) -> Held:
         f = {_s(k): _s(v) for k, v in fields.items()}
         held = Held(pool=pool, entry_id=eid, job_id=f["job"], chunk=int(f["chunk"]),
-                    n=int(f["n"]), deliveries=delivered + int(f.get("prior", 0)))
+                    n=int(f["n"]), deliveries=delivered + int(f.get("prior", 0)), shard=shard)
         with self._held_lock:
             self._held[eid] = held
         self.metrics.taken(eid)
@@ -422,7 +452,7 @@ class Worker:
             state = states[h.job_id]
             if state is None or state.terminal:
                 # Cancelled or failed meanwhile: stop here, at the batch boundary.
-                self.store.ack(h.pool, h.entry_id)
+                self.store.ack(h.pool, h.entry_id, h.shard)
                 self.stats.skipped += 1
                 self._drop(h)
         if self._stop.is_set():
@@ -498,7 +528,7 @@ class Worker:
             if self.store.release(h.pool, self.consumer, h.entry_id, h.job_id, h.chunk, h.n,
                                   h.deliveries):
                 self.stats.released += 1
-        except (redis.ConnectionError, redis.TimeoutError):
+        except TRANSIENT_ERRORS:
             pass  # left pending: another worker reclaims it after claim_idle_s
         self._drop(h)
 
@@ -519,7 +549,7 @@ class Worker:
                     last_sweep = time.monotonic()
                     self.store.sweep()
                     self._forget_dead_consumers()
-            except (redis.ConnectionError, redis.TimeoutError):
+            except TRANSIENT_ERRORS:
                 pass  # the main loop reports it; claims are extended once Redis is back
             except Exception:  # noqa: BLE001 - the heartbeat must outlive any one failure
                 log.exception("worker %s: heartbeat failed", self.consumer)
@@ -528,11 +558,11 @@ class Worker:
     def _heartbeat(self) -> None:
         with self._held_lock:
             held = list(self._held.values())
-        by_pool: dict[str, list[str]] = {}
+        by_stream: dict[tuple[str, int], list[str]] = {}
         for h in held:
-            by_pool.setdefault(h.pool, []).append(h.entry_id)
-        for pool, ids in by_pool.items():
-            status = self.store.extend(pool, self.consumer, ids)
+            by_stream.setdefault((h.pool, h.shard), []).append(h.entry_id)
+        for (pool, shard), ids in by_stream.items():
+            status = self.store.extend(pool, self.consumer, ids, shard)
             lost = [i for i, s in status.items() if s == "stolen"]
             if lost:  # reclaimed by another worker: its result will be the same
                 log.warning("worker %s: lost the claim on %s", self.consumer, lost)
@@ -543,28 +573,36 @@ class Worker:
                   "stopping": self._stop.is_set(), "metrics_port": self.metrics.port,
                   "holding": [{"job": h.job_id, "chunk": h.chunk, "done": h.done, "n": h.n}
                               for h in held]}
-        self.r.set(self.keys.worker(self.consumer), json.dumps(record),
-                   px=int(self.config.health_ttl_s * 1000))
+        ttl_ms = int(self.config.health_ttl_s * 1000)
+        if len(self._shards) == 1:
+            self.r.set(self.keys.worker(self.consumer), json.dumps(record), px=ttl_ms)
+            return
+        # One key per shard: the dead-consumer check reads the key in its stream's slot.
+        with self.r.pipeline(transaction=False) as p:
+            for keys in self._shards:
+                p.set(keys.worker(self.consumer), json.dumps(record), px=ttl_ms)
+            p.execute()
 
     def _forget_dead_consumers(self) -> None:
         """Delete group consumers with nothing pending that have been idle a long time."""
         limit_ms = max(self.config.claim_idle_s * 10, 600) * 1000
-        for pool in self.config.pools:
-            stream = self.keys.stream(pool)
+        for pool, shard in self._pool_shards():
+            stream = self._shards[shard].stream(pool)
             for c in self.r.xinfo_consumers(stream, self.keys.group):
                 if c["pending"] == 0 and c["idle"] > limit_ms and _s(c["name"]) != self.consumer:
                     self.r.xgroup_delconsumer(stream, self.keys.group, c["name"])
 
     def _goodbye(self) -> None:
         try:
-            self.r.delete(self.keys.worker(self.consumer))
-            for pool in self.config.pools:
-                stream = self.keys.stream(pool)
+            for keys in self._shards:
+                self.r.delete(keys.worker(self.consumer))
+            for pool, shard in self._pool_shards():
+                stream = self._shards[shard].stream(pool)
                 pending = self.r.xpending_range(stream, self.keys.group, "-", "+", 1,
                                                 consumername=self.consumer)
                 if not pending:
                     self.r.xgroup_delconsumer(stream, self.keys.group, self.consumer)
-        except (redis.ConnectionError, redis.TimeoutError):
+        except TRANSIENT_ERRORS:
             pass
 
 
@@ -601,7 +639,7 @@ def create_worker(config: WorkerConfig, pipeline: JobPipeline | None = None,
         if pool is not None:
             owned.append(pool)
         pipeline = Pipeline(config.models,
-                            EngineConfig(provider=config.provider,
+                            EngineConfig(provider=config.provider,  # type: ignore[arg-type]
                                          intra_op_threads=config.intra_op_threads,
                                          max_batch=config.batch_items),
                             coder_pool=pool)

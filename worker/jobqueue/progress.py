@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-import redis
+from .cluster import TRANSIENT_ERRORS
 
 if TYPE_CHECKING:
     from latentserve.worker.jobqueue.store import JobStore
@@ -56,7 +56,7 @@ class ProgressWaiter:
             while (left := deadline - time.monotonic()) > 0:
                 if self.pubsub.get_message(timeout=left) is not None:
                     return True
-        except (redis.ConnectionError, redis.TimeoutError):
+        except TRANSIENT_ERRORS:
             # Redis went away: drop the subscription, wait out the timeout, and let the
             # next wait subscribe again (the caller re-reads the job in between).
             self._close()

@@ -76,10 +76,11 @@ class Recovery:
         self.me = me
         self._claim = client.register_script(CLAIM_DEAD)
 
-    def dead_consumers(self, pool: str) -> list[tuple[str, int]]:
-        """(consumer, pending entries) of the pool's group members that hold entries and
-        have no health key; never this worker itself."""
-        stream = self.keys.stream(pool)
+    def dead_consumers(self, pool: str, shard: int = 0) -> list[tuple[str, int]]:
+        """(consumer, pending entries) of the group members on shard ``shard``'s stream of
+        the pool that hold entries and have no health key there; never this worker."""
+        keys = self.keys.on_shard(shard)
+        stream = keys.stream(pool)
         holders = [(_s(c["name"]), int(c["pending"]))
                    for c in self.r.xinfo_consumers(stream, self.keys.group)
                    if int(c["pending"]) > 0 and _s(c["name"]) != self.me]
@@ -87,14 +88,16 @@ class Recovery:
             return []
         with self.r.pipeline(transaction=False) as p:
             for name, _ in holders:
-                p.exists(self.keys.worker(name))
+                p.exists(keys.worker(name))
             alive = p.execute()
         return [(name, n) for (name, n), up in zip(holders, alive, strict=True) if not up]
 
-    def claim(self, pool: str, consumer: str, count: int) -> DeadClaim:
-        """Take up to ``count`` of a dead consumer's entries, if it is still dead."""
+    def claim(self, pool: str, consumer: str, count: int, shard: int = 0) -> DeadClaim:
+        """Take up to ``count`` of a dead consumer's entries on shard ``shard``'s stream,
+        if it is still dead."""
+        keys = self.keys.on_shard(shard)
         left, claimed, gone = self._claim(
-            keys=[self.keys.stream(pool), self.keys.worker(consumer)],
+            keys=[keys.stream(pool), keys.worker(consumer)],
             args=[self.keys.group, consumer, self.me, count])
         entries = tuple(
             ClaimedEntry(entry_id=_s(eid), delivered=int(times),

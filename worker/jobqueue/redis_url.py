@@ -19,7 +19,8 @@ from latentserve.errors import InvalidInput
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 REDIS_PARAMS = frozenset({
     "db", "username", "password", "client_name", "protocol", "socket_timeout",
-    "socket_connect_timeout", "socket_keepalive", "health_check_interval", "max_connections"})
+    "socket_connect_timeout", "socket_keepalive", "health_check_interval", "max_connections",
+    "cluster"})  # cluster=true: a Redis Cluster (jobqueue/cluster.py), not redis-py's own
 REDIS_TLS_PARAMS = frozenset({
     "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password",
     "ssl_cert_reqs", "ssl_check_hostname", "ssl_min_version", "ssl_ciphers"})
@@ -78,6 +79,12 @@ def check_redis_url(url: str) -> dict[str, str]:
                                "optional or required")
         if name in _TLS_FILES and not Path(value).exists():  # parse_qsl unquoted it
             raise InvalidInput(f"Redis URL {shown!r}: {name} {value!r} does not exist")
+    from latentserve.worker.jobqueue.cluster import is_cluster_url
+
+    try:
+        is_cluster_url(url)
+    except InvalidInput as exc:
+        raise InvalidInput(f"Redis URL {shown!r}: {exc}") from None
     return params
 
 

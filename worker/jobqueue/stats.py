@@ -66,29 +66,58 @@ def known_pools(queue: QueueConfig) -> tuple[str, ...]:
 def queue_stats(client: redis.Redis, keys: Keys, pools: Iterable[str]) -> QueueStats:
     """Read every pool's stream length, lag, pending entries and oldest pending age.
 
-    A pool whose stream or group does not exist yet reads as empty. Raises redis errors
-    when Redis cannot be reached.
+    A pool whose stream or group does not exist yet reads as empty. With several stream
+    shards a pool's figures add up its shards' (the oldest pending age is the oldest of
+    all, the consumers the most any shard has), as does the dead-letter length. One round
+    trip (two on a Redis Cluster, which cannot pipeline TIME). Raises redis errors when
+    Redis cannot be reached.
     """
+    from .cluster import is_cluster
+
     names = list(dict.fromkeys(pools))
+    shards = keys.all_shards()
     with client.pipeline(transaction=False) as p:
-        p.time()
-        p.xlen(keys.dead_letter)
-        for pool in names:
-            stream = keys.stream(pool)
-            p.xlen(stream)
-            p.xinfo_groups(stream)
-            p.xpending(stream, keys.group)
+        if not is_cluster(client):
+            p.time()
+        for k in shards:
+            p.xlen(k.dead_letter)
+            for pool in names:
+                stream = k.stream(pool)
+                p.xlen(stream)
+                p.xinfo_groups(stream)
+                p.xpending(stream, keys.group)
         replies = p.execute(raise_on_error=False)
-    for reply in replies[:2]:
-        if isinstance(reply, Exception):
-            raise reply
-    seconds, micros = replies[0]
+    if is_cluster(client):
+        replies.insert(0, client.time())
+    seconds, micros = _raise_error(replies[0])
     now_ms = int(seconds) * 1000 + int(micros) // 1000
-    out = []
-    for i, pool in enumerate(names):
-        length, groups, pending = replies[2 + 3 * i: 5 + 3 * i]
-        out.append(_pool_stats(pool, keys.group, now_ms, length, groups, pending))
-    return QueueStats(pools=tuple(out), dead_letter_length=int(replies[1]))
+    per_shard = 1 + 3 * len(names)
+    dead = 0
+    parts: dict[str, list[PoolStats]] = {pool: [] for pool in names}
+    for s in range(len(shards)):
+        base = 1 + s * per_shard
+        dead += int(_raise_error(replies[base]))
+        for i, pool in enumerate(names):
+            length, groups, pending = replies[base + 1 + 3 * i: base + 4 + 3 * i]
+            parts[pool].append(_pool_stats(pool, keys.group, now_ms, length, groups, pending))
+    return QueueStats(pools=tuple(_sum_shards(parts[pool]) for pool in names),
+                      dead_letter_length=dead)
+
+
+def _raise_error(reply: Any) -> Any:
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
+def _sum_shards(parts: list[PoolStats]) -> PoolStats:
+    """One pool's figures over its shards' streams."""
+    if len(parts) == 1:
+        return parts[0]
+    return PoolStats(pool=parts[0].pool, length=sum(p.length for p in parts),
+                     lag=sum(p.lag for p in parts), pending=sum(p.pending for p in parts),
+                     oldest_pending_age_s=max(p.oldest_pending_age_s for p in parts),
+                     consumers=max(p.consumers for p in parts))
 
 
 def _pool_stats(pool: str, group: str, now_ms: int, length: Any, groups: Any,

@@ -17,15 +17,13 @@ too, so that every write to a job's keys lives in this one module.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import redis
-from redis.typing import EncodableT, FieldT
 
 from latentserve.errors import InvalidInput, JobNotFound, JobStateError, ResourceLimit
 from latentserve.worker.jobqueue.config import QueueConfig
@@ -72,6 +70,7 @@ def connect(url: str, *, check: bool = True) -> redis.Redis:
     one PING now, so that refused credentials or a failed TLS handshake stop start-up
     with a message naming the URL (redacted) and why (Unavailable; a malformed URL is
     InvalidInput); a server that is only unreachable is logged, as callers retry.
+    ``?cluster=true``: a ``RedisCluster`` client (worker/cluster.py).
     """
     import logging
 
@@ -82,6 +81,10 @@ def connect(url: str, *, check: bool = True) -> redis.Redis:
     from latentserve.worker.jobqueue.redis_url import check_redis_url, explain_redis_failure
 
     check_redis_url(url)
+    from latentserve.worker.jobqueue.cluster import connect_cluster, is_cluster_url
+
+    if is_cluster_url(url):
+        return connect_cluster(url, check=check)  # type: ignore[return-value]
     if check:  # a throwaway client without retries: one attempt, its error as it came
         probe = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5,
                                      retry=Retry(NoBackoff(), 0))
@@ -125,17 +128,18 @@ class JobStore:
 
     # -- key sets ---------------------------------------------------------------------
     def _job_keys(self, job_id: str, pool: str) -> list[str]:
-        k = self.keys
+        k = self.keys.for_job(job_id)  # the stream and indexes on the job's own slot
         return [k.job(job_id), k.job_inputs(job_id), k.job_results(job_id), k.job_tasks(job_id),
                 k.stream(pool), k.jobs_expiry, k.jobs_receiving]
 
     def ensure_group(self, pool: str) -> None:
-        """Create the pool's stream and consumer group if missing (idempotent)."""
-        try:
-            self.r.xgroup_create(self.keys.stream(pool), self.keys.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create the pool's streams and consumer group if missing (idempotent)."""
+        for stream in self.keys.streams(pool):
+            try:
+                self.r.xgroup_create(stream, self.keys.group, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     # -- submitting -------------------------------------------------------------------
     def create(self, kind: JobKind, model: str, *, chunk_size: int | None = None,
@@ -160,22 +164,20 @@ class JobStore:
         # 128 bits from the OS's CSPRNG: an id cannot be guessed, only handed over.
         job_id = secrets.token_hex(16)
         now = time.time()
-        k = self.keys
-        fields: dict[str, str | int] = {
-            "id": job_id, "kind": JobKind(kind).value, "model": model, "pool": pool,
-            "state": JobState.RECEIVING.value, "chunk_size": cs,
-            "image_format": ImageFormat(image_format).value, "seed": int(seed),
-            "temperature": repr(float(temperature)), "created": repr(now), "sealed": 0,
-            "owner": owner, "on_item_error": OnItemError(on_item_error).value,
-            "items_total": 0, "chunks_total": 0, "items_done": 0, "chunks_done": 0,
-            "items_failed": 0, "chunks_submitted": 0, "upload_seen": repr(now)}
+        k = self.keys.for_job(job_id)
+        fields = {"id": job_id, "kind": JobKind(kind).value, "model": model, "pool": pool,
+                  "state": JobState.RECEIVING.value, "chunk_size": cs,
+                  "image_format": ImageFormat(image_format).value, "seed": int(seed),
+                  "temperature": repr(float(temperature)), "created": repr(now), "sealed": 0,
+                  "owner": owner, "on_item_error": OnItemError(on_item_error).value,
+                  "items_total": 0, "chunks_total": 0, "items_done": 0, "chunks_done": 0,
+                  "items_failed": 0, "chunks_submitted": 0, "upload_seen": repr(now)}
         if traceparent:  # W3C trace context of SubmitJob: workers parent chunk spans on it
             fields["traceparent"] = traceparent
         ttl_ms = int(self.config.job_ttl_s * 1000)
         with self.r.pipeline(transaction=True) as p:  # one round trip
             p.xgroup_create(k.stream(pool), k.group, id="0", mkstream=True)
-            # (a dict[str, ...] is such a mapping; Mapping's key type is invariant)
-            p.hset(k.job(job_id), mapping=cast(Mapping[FieldT, EncodableT], fields))
+            p.hset(k.job(job_id), mapping=fields)
             p.pexpire(k.job(job_id), ttl_ms)
             p.zadd(k.jobs, {job_id: now})
             p.zadd(k.jobs_expiry, {job_id: now + self.config.job_ttl_s})
@@ -207,7 +209,7 @@ class JobStore:
                                     f"the limit is {self.config.max_chunk_bytes}: use a "
                                     "smaller chunk size", limit="max_chunk_bytes")
             argv += [chunk, n, payload]
-        k = self.keys
+        k = self.keys.for_job(job.id)
         code, info = self._enqueue(keys=[k.job(job.id), k.job_inputs(job.id),
                                          k.job_tasks(job.id), k.stream(job.pool),
                                          k.jobs_receiving], args=argv)
@@ -227,7 +229,8 @@ class JobStore:
         queued no chunk), so it is not failed as abandoned; JobStateError if the job
         ended meanwhile (e.g. failed as abandoned after a long stall), JobNotFound if
         it expired."""
-        state = _s(self._touch(keys=[self.keys.job(job_id), self.keys.jobs_receiving],
+        k = self.keys.for_job(job_id)
+        state = _s(self._touch(keys=[k.job(job_id), k.jobs_receiving],
                                args=[job_id, repr(time.time())]))
         if state == "expired":
             raise JobNotFound(f"job {job_id} does not exist (it may have expired)")
@@ -295,7 +298,7 @@ class JobStore:
 
     def delete(self, job_id: str) -> None:
         """Remove every key of a job (a submit that failed half-way: never accepted)."""
-        k = self.keys
+        k = self.keys.for_job(job_id)
         # first end it, so its queued chunks leave the stream and none starts
         with contextlib.suppress(JobNotFound, JobStateError):
             self.fail(job_id, "the submission did not complete")
@@ -312,10 +315,11 @@ class JobStore:
         h = self.r.hgetall(self.keys.job(job_id))
         if not h:
             raise job_not_found(job_id)
-        return JobInfo.from_hash(cast(dict[bytes, bytes], h))  # binary replies: connect()
+        return JobInfo.from_hash(h)
 
     def states(self, job_ids: Sequence[str]) -> dict[str, JobState | None]:
-        """Each job's state in one round trip; None for a job that expired or never was."""
+        """Each job's state in one round trip (per node on a cluster); None for a job that
+        expired or never was."""
         with self.r.pipeline(transaction=False) as p:
             for job_id in job_ids:
                 p.hget(self.keys.job(job_id), "state")
@@ -328,7 +332,9 @@ class JobStore:
         """Newest jobs first, at most ``limit``, optionally only in ``states`` and only
         ``owner``'s (None: everyone's)."""
         self.sweep()
-        ids = [_s(i) for i in cast(builtins.list[bytes], self.r.zrevrange(self.keys.jobs, 0, -1))]
+        scored = [(score, _s(i)) for k in self.keys.all_shards()
+                  for i, score in self.r.zrevrange(k.jobs, 0, -1, withscores=True)]
+        ids = [i for _, i in sorted(scored, reverse=True)]
         out: list[JobInfo] = []
         for start in range(0, len(ids), 200):
             with self.r.pipeline(transaction=False) as p:
@@ -345,15 +351,15 @@ class JobStore:
         return out[:limit]
 
     def depth(self, pool: str) -> int:
-        """Chunks queued or running on a pool's stream (acked entries are deleted)."""
-        return int(self.r.xlen(self.keys.stream(pool)))
+        """Chunks queued or running on a pool's streams (acked entries are deleted)."""
+        return sum(int(self.r.xlen(stream)) for stream in self.keys.streams(pool))
 
     def chunk_results(self, job_id: str, chunk: int) -> bytes | None:
-        return cast(bytes | None, self.r.hget(self.keys.job_results(job_id), str(chunk)))
+        return self.r.hget(self.keys.job_results(job_id), str(chunk))
 
     def iter_chunks(self, job_id: str, start: int = 0, wait_s: float = 1.0,
                     should_stop: Callable[[], bool] | None = None,
-                    ) -> Iterator[tuple[int, builtins.list[bytes] | Any]]:
+                    ) -> Iterator[tuple[int, list[bytes] | Any]]:
         """(index of the first item, results) per chunk, in input order from item ``start``,
         waiting for chunks not stored yet (see ``iter_chunk_results``). The slots of
         failed items hold placeholders: ``iter_chunk_results`` says which they are."""
@@ -428,12 +434,14 @@ class JobStore:
                 if should_stop is not None and should_stop():
                     return
 
-    def dead_letters(self, count: int = 100) -> builtins.list[dict[str, str]]:
+    def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
         """Newest dead-letter entries (job, chunk, deliveries, reason, consumer, time)."""
-        entries = cast(builtins.list[tuple[bytes, dict[bytes, bytes]]],
-                       self.r.xrevrange(self.keys.dead_letter, count=count))
-        return [{_s(k): _s(v) for k, v in fields.items()} | {"entry": _s(eid)}
-                for eid, fields in entries]
+        entries = [{_s(k): _s(v) for k, v in fields.items()} | {"entry": _s(eid)}
+                   for shard in self.keys.all_shards()
+                   for eid, fields in self.r.xrevrange(shard.dead_letter, count=count)]
+        # Newest first across the shards' streams (one per shard: their ids come from
+        # several servers' clocks, the time field from the workers').
+        return sorted(entries, key=lambda e: float(e.get("time") or 0), reverse=True)[:count]
 
     # -- ending -----------------------------------------------------------------------
     def cancel(self, job_id: str) -> JobInfo:
@@ -461,19 +469,18 @@ class JobStore:
         silent past ``receiving_timeout_s`` (``abandon_if_silent``); returns how many
         ids were dropped. Workers (heartbeat) and servers call it: no client is needed."""
         now = time.time() if now is None else now
-        k = self.keys
-        dropped = int(self._sweep(keys=[k.jobs, k.jobs_expiry, k.jobs_receiving],
-                                  args=[repr(now), limit]))
+        dropped = 0
         cutoff = now - self.config.receiving_timeout_s
-        silent = cast(builtins.list[bytes],
-                      self.r.zrangebyscore(k.jobs_receiving, "-inf", repr(cutoff), start=0,
-                                           num=limit))
-        for job_id in silent:
-            pool = cast(bytes | None, self.r.hget(k.job(_s(job_id)), "pool"))
-            if pool is None:  # expired meanwhile
-                self.r.zrem(k.jobs_receiving, job_id)
-            else:
-                self._abandon_now(_s(job_id), _s(pool), now)
+        for k in self.keys.all_shards():
+            dropped += int(self._sweep(keys=[k.jobs, k.jobs_expiry, k.jobs_receiving],
+                                       args=[repr(now), limit]))
+            for job_id in self.r.zrangebyscore(k.jobs_receiving, "-inf", repr(cutoff),
+                                               start=0, num=limit):
+                pool = self.r.hget(k.job(_s(job_id)), "pool")
+                if pool is None:  # expired meanwhile
+                    self.r.zrem(k.jobs_receiving, job_id)
+                else:
+                    self._abandon_now(_s(job_id), _s(pool), now)
         return dropped
 
     def abandon_if_silent(self, info: JobInfo) -> bool:
@@ -490,7 +497,7 @@ class JobStore:
         return bool(self._abandon(keys=self._job_keys(job_id, pool),
                                   args=[job_id, *self._abandon_args(job_id, now)]))
 
-    def _abandon_args(self, job_id: str, now: float) -> builtins.list[Any]:
+    def _abandon_args(self, job_id: str, now: float) -> list[Any]:
         """ARGV cutoff, reason, now, ttl_ms, channel of the scripts that fail silent uploads."""
         t = self.config.receiving_timeout_s
         reason = (f"upload never finished: no SubmitJob message for over {t:g} s and the "
@@ -530,9 +537,10 @@ class JobStore:
                   int(self.config.result_ttl_s * 1000), self.keys.job_progress(job_id),
                   failed]))
 
-    def ack(self, pool: str, entry_id: str) -> None:
-        """Acknowledge and delete an entry without storing anything (a stopped chunk)."""
-        stream = self.keys.stream(pool)
+    def ack(self, pool: str, entry_id: str, shard: int = 0) -> None:
+        """Acknowledge and delete an entry of shard ``shard``'s stream of ``pool`` without
+        storing anything (a stopped chunk)."""
+        stream = self.keys.on_shard(shard).stream(pool)
         with self.r.pipeline(transaction=True) as p:
             p.xack(stream, self.keys.group, entry_id)
             p.xdel(stream, entry_id)
@@ -548,14 +556,13 @@ class JobStore:
     def dead_letter(self, pool: str, job_id: str, chunk: int, entry_id: str, *,
                     deliveries: int, reason: str, consumer: str) -> None:
         """Move a chunk to the dead-letter stream and fail its job with ``reason``."""
-        k = self.keys
-        fields: builtins.list[str | int] = [
-            "job", job_id, "chunk", chunk, "pool", pool, "entry", entry_id,
-            "deliveries", deliveries, "reason", reason, "consumer", consumer,
-            "time", repr(time.time())]
+        k = self.keys.for_job(job_id)
+        fields = ["job", job_id, "chunk", chunk, "pool", pool, "entry", entry_id,
+                  "deliveries", deliveries, "reason", reason, "consumer", consumer,
+                  "time", repr(time.time())]
         self._dead(keys=[k.stream(pool), k.dead_letter],
                    args=[k.group, entry_id, self.config.dead_letter_maxlen, *fields])
-        # JobStateError, JobNotFound: already over, and the dead letter still records it
+        # A job already over: the dead letter still records the chunk.
         with contextlib.suppress(JobStateError, JobNotFound):
             self.fail(job_id, f"chunk {chunk} dead-lettered after {deliveries} "
                               f"deliveries: {reason}")
@@ -563,16 +570,18 @@ class JobStore:
     def release(self, pool: str, consumer: str, entry_id: str, job_id: str, chunk: int,
                 n: int, deliveries: int) -> bool:
         """Give a chunk we own back to the queue now (shutdown), keeping its delivery count."""
-        k = self.keys
+        k = self.keys.for_job(job_id)
         return bool(self._release(keys=[k.stream(pool), k.job(job_id), k.job_tasks(job_id)],
                                   args=[k.group, consumer, entry_id, job_id, chunk, n,
                                         deliveries]))
 
-    def extend(self, pool: str, consumer: str, entry_ids: Sequence[str]) -> dict[str, str]:
-        """Reset the idle time of entries we still own: per id 'kept', 'stolen' (another
-        consumer reclaimed it) or 'gone' (acked meanwhile)."""
+    def extend(self, pool: str, consumer: str, entry_ids: Sequence[str],
+               shard: int = 0) -> dict[str, str]:
+        """Reset the idle time of entries we still own on shard ``shard``'s stream of
+        ``pool``: per id 'kept', 'stolen' (another consumer reclaimed it) or 'gone'
+        (acked meanwhile)."""
         if not entry_ids:
             return {}
-        status = self._extend(keys=[self.keys.stream(pool)],
+        status = self._extend(keys=[self.keys.on_shard(shard).stream(pool)],
                               args=[self.keys.group, consumer, *entry_ids])
         return dict(zip(entry_ids, (_s(x) for x in status), strict=True))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What the job queue costs, side by side in one run.
 
-    python bench/queue.py [--models models] [--compress-model mnist-vae]
+    python bench/job_queue.py [--models models] [--compress-model mnist-vae]
                           [--sample-model mnist-vae] [--items 20000] [--chunk-size 256]
                           [--redis URL] [--latency-runs 200] [--json out.json]
 
@@ -20,22 +20,15 @@ worker waiting. Results of every path are checked byte-identical.
 
 from __future__ import annotations
 
-import os.path
-import sys
-
-# Run as a script, this file's folder is sys.path[0] and its name would shadow the
-# standard library's ``queue`` (which redis-py imports): take the folder off first.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
 import argparse
 import hashlib
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,6 +36,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+_HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, str(ROOT))
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "mnist" / "images-idx3-ubyte.gz"
 
@@ -55,14 +49,16 @@ def digest(chunks: list[bytes]) -> str:
 
 
 @contextmanager
-def workers(n: int, url: str, models: Path, batch: int) -> Iterator[list[subprocess.Popen]]:
-    """``n`` worker processes, each with one onnxruntime thread; SIGTERM on exit."""
+def workers(n: int, url: str, models: Path, batch: int,
+            flags: Sequence[str] = ()) -> Iterator[list[subprocess.Popen]]:
+    """``n`` worker processes, each with one onnxruntime thread (and ``flags``); SIGTERM
+    on exit."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "latentserve.cli", "worker", "--redis", url, "--models",
          str(models), "--intra-op-threads", "1", "--batch-items", str(batch),
          "--heartbeat-s", "0.2",
-         "--log-level", "WARNING"], env=env, stdout=subprocess.DEVNULL,
+         "--log-level", "WARNING", *flags], env=env, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL) for _ in range(n)]
     try:
         yield procs
@@ -73,11 +69,12 @@ def workers(n: int, url: str, models: Path, batch: int) -> Iterator[list[subproc
             p.wait(60)
 
 
-def wait_healthy(client: Any, n: int, timeout: float = 60.0) -> None:
+def wait_healthy(client: Any, n: int, timeout: float = 60.0, config: Any = None) -> None:
+    """Until ``n`` workers are ready (``config``: the WorkerConfig whose keys they use)."""
     from latentserve.worker.jobqueue.consumer import worker_health
 
     end = time.monotonic() + timeout  # ready: every model loaded (the worker preloads)
-    while sum(bool(w.get("ready")) for w in worker_health(client)) < n:
+    while sum(bool(w.get("ready")) for w in worker_health(client, config)) < n:
         if time.monotonic() > end:
             raise SystemExit(f"{n} workers did not report healthy within {timeout}s")
         time.sleep(0.05)
@@ -223,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(seen) != 1:
             raise SystemExit(f"{name}: the paths gave different results: {seen}")
 
-    print(f"bench/queue.py: {args.items} items per job, chunks of {args.chunk_size}, "
+    print(f"bench/job_queue.py: {args.items} items per job, chunks of {args.chunk_size}, "
           f"{os.cpu_count()} CPUs, models {args.models}, best of {args.repeat} runs; "
           f"images: {len(found)} from {args.images.name}" + (", repeated" if len(found) <
                                                               args.items else ""))

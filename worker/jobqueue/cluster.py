@@ -1,0 +1,105 @@
+"""Redis Cluster as the job queue's Redis (issue 21): the client and its transient errors.
+
+A URL with ``cluster=true`` in its query (``redis://:PASSWORD@HOST:PORT/0?cluster=true``,
+``rediss://...&cluster=true`` for TLS) makes ``jobstore.connect`` build redis-py's
+``RedisCluster`` instead of ``Redis``: the node in the URL is only the first contact, the
+client learns the others and the slot map from it, and follows MOVED / ASK and failovers
+itself. Password, ACL user and TLS parameters mean what they mean for a single Redis and
+apply to every node. The key layout (worker/jobqueue/keys.py) keeps every script and transaction
+in one hash slot, so nothing else in latentserve knows which kind of client it holds,
+except where a command cannot be pipelined on a cluster (``is_cluster``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+
+from latentserve.errors import InvalidInput, Unavailable
+
+log = logging.getLogger(__name__)
+
+CLUSTER_PARAM = "cluster"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+# What a command can meet while the cluster fails over or reshards: worth a retry, like a
+# dropped connection to a single Redis. (SlotNotCoveredError is not a RedisError.)
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError,
+    SlotNotCoveredError)
+
+
+def is_cluster_url(url: str) -> bool:
+    """True if ``url`` asks for the cluster client (``?cluster=true``); InvalidInput on a
+    value that is not a yes or a no, or a cluster over a Unix socket or a database > 0."""
+    params = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+    value = params.get(CLUSTER_PARAM)
+    if value is None or value.lower() in _FALSE:
+        return False
+    if value.lower() not in _TRUE:
+        raise InvalidInput(f"Redis URL query parameter cluster={value!r} must be true or false")
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        raise InvalidInput("a Redis Cluster is reached over TCP (redis:// or rediss://), not "
+                           "a Unix socket")
+    if parts.path.strip("/") not in ("", "0") or params.get("db", "0") != "0":
+        raise InvalidInput("a Redis Cluster has only database 0: end the URL with /0")
+    return True
+
+
+def without_cluster_param(url: str) -> str:
+    """``url`` less its ``cluster`` parameter, which redis-py does not know."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if k != CLUSTER_PARAM]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def is_cluster(client: object) -> bool:
+    """True for a ``RedisCluster`` client (some commands cannot be pipelined on one)."""
+    return isinstance(client, RedisCluster)
+
+
+def connect_cluster(url: str, *, check: bool = True, wait_s: float = 30.0) -> RedisCluster:
+    """A ``RedisCluster`` client for a ``?cluster=true`` URL (already checked).
+
+    The client reads the slot map when built, so the cluster must answer: refused
+    credentials, a failed TLS handshake or a node not in cluster mode raise Unavailable
+    at once (the message names the URL, redacted); an unreachable cluster is retried
+    for up to ``wait_s`` (``check=False``: raised at once).
+    """
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    from latentserve.worker.jobqueue.redis_url import explain_redis_failure
+
+    plain = without_cluster_param(url)
+    deadline = time.monotonic() + (wait_s if check else 0.0)
+    while True:
+        try:
+            # The retries cover a moved slot or a node that just died: the client
+            # refreshes its slot map between them. A failover takes longer (the
+            # cluster's node timeout); callers retry through it as through any outage.
+            return RedisCluster.from_url(
+                plain, socket_connect_timeout=5, health_check_interval=30,
+                retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3))
+        except (RedisClusterException, redis.RedisError) as exc:
+            cause: BaseException = exc
+            while cause.__cause__ is not None:  # "cannot be connected" wraps the reason
+                cause = cause.__cause__
+            permanent, message = explain_redis_failure(url, cause)
+            if permanent or time.monotonic() >= deadline:
+                raise Unavailable(f"Redis Cluster: {message}") from None
+            log.warning("Redis Cluster: %s; retrying", message)
+            time.sleep(1.0)
