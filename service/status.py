@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message as ProtoMessage
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -92,7 +93,9 @@ def rich_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict
     """The grpc.Status to abort with: ``code`` and ``message`` as before, the details in
     the ``grpc-status-details-bin`` trailer, after ``trailing`` (aborting with a status
     replaces the call's trailers, so the ones already set must be passed on)."""
-    details = [error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)]
+    # Message, not ErrorInfo: BadRequest and ResourceInfo may follow.
+    details: list[ProtoMessage] = [
+        error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)]
     if reason == E.InvalidInput.reason and "field" in metadata:
         details.append(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=metadata["field"],

@@ -11,9 +11,10 @@ with an in-process worker, its data in a temporary folder) and prints their thro
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class DemoRow:
 
 def run_demo(*, models: Path, examples: Path, out: Path, samples: int = 16, seed: int = 0,
              limit: int = 64, job_samples: int = 256,
-             print_fn=print) -> list[DemoRow]:  # type: ignore[no-untyped-def]
+             print_fn: Callable[[str], object] = print) -> list[DemoRow]:
     """Serve ``models`` on loopback, exercise every model over gRPC, write grids into ``out``,
     then run a compress job and a sample job (``job_samples`` items; 0 = no jobs)."""
     import tempfile
@@ -97,7 +98,7 @@ def run_demo(*, models: Path, examples: Path, out: Path, samples: int = 16, seed
     server, port = create_server(config)
     server.start()
     rows: list[DemoRow] = []
-    job_rows: list[dict[str, object]] = []
+    job_rows: list[dict[str, Any]] = []  # run_demo_jobs's rows
     try:
         with LatentServeClient(f"127.0.0.1:{port}", timeout=300) as client:
             infos = [m for m in client.models() if m.newest]

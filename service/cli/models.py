@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from latentserve.service.client.settings import (
@@ -81,7 +82,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def model_rows(repo: str) -> list[dict[str, Any]]:
+def model_rows(repo: Path | str) -> list[dict[str, Any]]:
     """One dict per model version of ``repo`` (what ``--json`` prints)."""
     from latentserve.worker.runtime.repository import ModelRepository
 

@@ -18,7 +18,7 @@ import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import grpc
 import numpy as np
@@ -49,13 +49,13 @@ def error_from(exc: grpc.RpcError, target: str) -> E.LatentServeError:
     """The latentserve exception for a failed call: the class of its ErrorInfo reason with
     that reason's metadata; without details (another server, a proxy), the classes its
     status code stands for."""
-    code = exc.code()  # type: ignore[attr-defined]
+    code = exc.code()
     info = error_info(exc)
     reason = info.reason if info is not None else None
     bases: tuple[type[E.LatentServeError], ...] = (
         (REASONS[reason],) if reason in REASONS else exceptions_for(code) or (E.LatentServeError,))
     kind = _remote_class(bases)
-    err = kind(f"{target}: {code.name}: {exc.details()}",  # type: ignore[attr-defined]
+    err = kind(f"{target}: {code.name}: {exc.details()}",
                **(dict(info.metadata) if info is not None else {}))
     err.code = code
     if reason is not None:
@@ -105,9 +105,9 @@ def _as_batch(images: Any) -> tuple[np.ndarray | None, list[np.ndarray | bytes]]
             raise E.InvalidInput(f"images must hold uint8 pixels, got {images.dtype}")
         return images, []
     items = as_image_list(images)
-    if items and all(isinstance(x, np.ndarray) for x in items) \
-            and len({x.shape for x in items}) == 1:  # type: ignore[union-attr]
-        return np.stack(items), items  # type: ignore[arg-type]
+    arrays = [x for x in items if isinstance(x, np.ndarray)]
+    if items and len(arrays) == len(items) and len({x.shape for x in arrays}) == 1:
+        return np.stack(arrays), items
     return None, items
 
 
@@ -175,7 +175,9 @@ class LatentServeClient:
 
     def model(self, ref: str, *, timeout: float | None = None) -> pb.ModelInfo:
         """One model's info; ModelNotFound if the server has no such model."""
-        return self._call(self.stub.GetModel, pb.GetModelRequest(model=ref), timeout)
+        # _call returns the stub's reply, a ModelInfo for GetModel.
+        return cast(pb.ModelInfo,
+                    self._call(self.stub.GetModel, pb.GetModelRequest(model=ref), timeout))
 
     # -- compress ----------------------------------------------------------------------------
     def compress(self, images: ImageLike | Iterable[ImageLike], model: str, *,
@@ -337,7 +339,8 @@ class RemoteBackend:
 
     def sample(self, model: str, n: int, *, seed: int, temperature: float,
                start: int = 0) -> np.ndarray:
-        return self.client.sample(model, n, seed, temperature, start=start)
+        # sample returns PIL images only with as_pil=True: here, one uint8 (N, C, H, W) array.
+        return cast(np.ndarray, self.client.sample(model, n, seed, temperature, start=start))
 
     def close(self) -> None:
         self.client.close()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -52,7 +52,7 @@ class ItemFailed:
 ON_ITEM_ERROR = {"per_item": pb.ON_ITEM_ERROR_PER_ITEM, "fail_fast": pb.ON_ITEM_ERROR_FAIL_FAST}
 
 
-def _policy(on_item_error: str) -> int:
+def _policy(on_item_error: str) -> pb.OnItemError:
     try:
         return ON_ITEM_ERROR[on_item_error]
     except KeyError:
@@ -76,7 +76,7 @@ def _image(item: Any) -> ipb.Image:
                          f"got {type(item).__name__}")
 
 
-def _formats(fmt: str) -> int:
+def _formats(fmt: str) -> ipb.ImageFormat:
     try:
         return {"png": ipb.IMAGE_FORMAT_PNG, "raw": ipb.IMAGE_FORMAT_RAW}[fmt]
     except KeyError:
@@ -151,7 +151,7 @@ class JobsClient:
             yield pb.SubmitJobRequest(spec=spec)
             for msg in items:
                 yield pb.SubmitJobRequest(items=msg)
-        return self._call(self.stub.SubmitJob, requests())
+        return cast(pb.Job, self._call(self.stub.SubmitJob, requests()))  # SubmitJob's reply
 
     def _batches(self, items: Iterable[Any]) -> Iterator[list[Any]]:
         batch: list[Any] = []
@@ -201,16 +201,20 @@ class JobsClient:
     # -- the rest -------------------------------------------------------------------------
     def get(self, job_id: str) -> pb.Job:
         """The job's current state."""
-        return self._read(f"get of job {job_id}", self.stub.GetJob, pb.GetJobRequest(id=job_id))
+        return cast(pb.Job, self._read(f"get of job {job_id}", self.stub.GetJob,
+                                       pb.GetJobRequest(id=job_id)))  # GetJob's reply
 
     def list(self, limit: int = 100, states: Sequence[int] = ()) -> list[pb.Job]:
         """The caller's jobs, newest first, optionally only those in ``states``."""
+        # Any int of the JobState enum is a valid value of the field (JobState is an int).
         reply = self._read("job list", self.stub.ListJobs,
-                           pb.ListJobsRequest(limit=limit, states=states))
+                           pb.ListJobsRequest(limit=limit,
+                                              states=cast("Sequence[pb.JobState]", states)))
         return list(reply.jobs)
 
     def cancel(self, job_id: str) -> pb.Job:
-        return self._call(self.stub.CancelJob, pb.CancelJobRequest(id=job_id))
+        return cast(pb.Job, self._call(self.stub.CancelJob,
+                                       pb.CancelJobRequest(id=job_id)))  # CancelJob's reply
 
     def watch(self, job_id: str) -> Iterator[pb.Job]:
         """The job now, then at each change, ending with its terminal state."""
@@ -271,10 +275,10 @@ def run_demo_jobs(client: JobsClient, *, compress_model: str, images: np.ndarray
     import time
 
     rows = []
-    for kind, model, submit in (
-            ("compress", compress_model, lambda: client.submit_compress(compress_model, images)),
-            ("sample", sample_model, lambda: client.submit_sample(sample_model, count,
-                                                                  seed=seed))):
+    jobs: tuple[tuple[str, str, Callable[[], pb.Job]], ...] = (
+        ("compress", compress_model, lambda: client.submit_compress(compress_model, images)),
+        ("sample", sample_model, lambda: client.submit_sample(sample_model, count, seed=seed)))
+    for kind, model, submit in jobs:
         t0 = time.perf_counter()
         job = submit()
         items = sum(1 for _ in client.fetch(job.id))

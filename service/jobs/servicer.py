@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
@@ -88,7 +88,7 @@ def job_message(info: JobInfo) -> pb.Job:
 
 def redis_unavailable(method: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a Redis outage inside an RPC into ``Unavailable`` (gRPC UNAVAILABLE)."""
-    def reraise(exc: Exception) -> None:
+    def reraise(exc: BaseException) -> NoReturn:  # TRANSIENT_ERRORS holds BaseException types
         raise Unavailable(f"the job queue's Redis cannot be reached ({exc}); retry later") \
             from exc
 

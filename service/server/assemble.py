@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from latentserve.errors import Unavailable
+from latentserve.metrics_http import MetricsHTTP
 from latentserve.service.jobs.servicer import add_jobs
 from latentserve.service.models.catalog import ModelCatalog, RepositoryWatcher
 from latentserve.service.models.control import add_model_control
@@ -29,7 +30,7 @@ from latentserve.service.server.batching import ComputeLanes
 from latentserve.service.server.config import ServiceConfig
 from latentserve.service.server.errors import ErrorInterceptor
 from latentserve.service.server.health import SERVING, HealthServicer
-from latentserve.service.server.metrics import MetricsHTTP, ServiceMetrics
+from latentserve.service.server.metrics import ServiceMetrics
 from latentserve.service.server.reflection import enable_reflection
 from latentserve.service.server.request_log import RequestLogInterceptor
 from latentserve.service.server.servicer import SERVICE_NAME, InferenceServicer

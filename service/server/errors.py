@@ -91,7 +91,8 @@ def abort_for(exc: BaseException, context: grpc.ServicerContext) -> None:
         with_request_id,  # request_log builds on this module
     )
 
-    if context.code() is not None:
+    # ServicerContext.code() exists at runtime (grpcio >= 1.38) but the grpc stubs omit it.
+    if context.code() is not None:  # type: ignore[attr-defined]
         raise exc  # context.abort's own exception: gRPC ends the call quietly
     code, message = status_for(exc)
     message = with_request_id(message)
@@ -114,12 +115,13 @@ def abort_for(exc: BaseException, context: grpc.ServicerContext) -> None:
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
 
-def rewrap_handler(handler: grpc.RpcMethodHandler,
+def rewrap_handler(handler: grpc.RpcMethodHandler[Any, Any],
                    around: Callable[[Behavior, bool], Behavior], *,
                    request_deserializer: Callable[[bytes], Any] | None = None,
-                   ) -> grpc.RpcMethodHandler:
+                   ) -> grpc.RpcMethodHandler[Any, Any]:
     """A copy of ``handler`` whose behavior is ``around(behavior, response_streaming)``
     (and whose request deserializer is ``request_deserializer``, when given)."""
+    behavior: Behavior | None
     if handler.request_streaming and handler.response_streaming:
         make, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
     elif handler.request_streaming:
@@ -128,6 +130,12 @@ def rewrap_handler(handler: grpc.RpcMethodHandler,
         make, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
     else:
         make, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    if behavior is None:
+        # The streaming flags pick a behavior the handler lacks: gRPC could not call it
+        # either, so say which instead of wrapping None.
+        raise TypeError(f"RPC method handler {handler!r} has no behavior for "
+                        f"request_streaming={handler.request_streaming}, "
+                        f"response_streaming={handler.response_streaming}")
     return make(around(behavior, handler.response_streaming),
                 request_deserializer=request_deserializer or handler.request_deserializer,
                 response_serializer=handler.response_serializer)

@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis
 
@@ -269,8 +269,12 @@ class Worker:
     def _read_shard(self, shard: int, block: int | None) -> list[Held]:
         keys = self._shards[shard]
         pools = {keys.stream(p): p for p in self.config.pools}
-        reply = self.r.xreadgroup(self.keys.group, self.consumer, dict.fromkeys(pools, ">"),
-                                  count=self.config.read_count, block=block)
+        # Binary replies (RESP2, see store.connect): None when the block timed out, else
+        # one [stream, entries] pair per stream, each entry (entry id, its fields).
+        reply = cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
+                     self.r.xreadgroup(self.keys.group, self.consumer,
+                                       dict.fromkeys(pools, ">"),
+                                       count=self.config.read_count, block=block))
         out = []
         for stream, entries in reply or []:
             pool = pools[_s(stream)]
@@ -639,7 +643,7 @@ def create_worker(config: WorkerConfig, pipeline: JobPipeline | None = None,
         if pool is not None:
             owned.append(pool)
         pipeline = Pipeline(config.models,
-                            EngineConfig(provider=config.provider,  # type: ignore[arg-type]
+                            EngineConfig(provider=config.provider,
                                          intra_op_threads=config.intra_op_threads,
                                          max_batch=config.batch_items),
                             coder_pool=pool)

@@ -17,13 +17,15 @@ too, so that every write to a job's keys lives in this one module.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import redis
+from redis.typing import EncodableT
 
 from latentserve.errors import InvalidInput, JobNotFound, JobStateError, ResourceLimit
 from latentserve.worker.jobqueue.config import QueueConfig
@@ -177,7 +179,8 @@ class JobStore:
         ttl_ms = int(self.config.job_ttl_s * 1000)
         with self.r.pipeline(transaction=True) as p:  # one round trip
             p.xgroup_create(k.stream(pool), k.group, id="0", mkstream=True)
-            p.hset(k.job(job_id), mapping=fields)
+            # str keys are valid fields: only Mapping's invariant key type needs the cast.
+            p.hset(k.job(job_id), mapping=cast(Mapping[EncodableT, EncodableT], fields))
             p.pexpire(k.job(job_id), ttl_ms)
             p.zadd(k.jobs, {job_id: now})
             p.zadd(k.jobs_expiry, {job_id: now + self.config.job_ttl_s})
@@ -312,7 +315,8 @@ class JobStore:
     def get(self, job_id: str) -> JobInfo:
         """The job's current snapshot; JobNotFound if it never existed or expired."""
         check_job_id(job_id)
-        h = self.r.hgetall(self.keys.job(job_id))
+        # connect() makes the client with binary replies: field -> value, both bytes.
+        h = cast(dict[bytes, bytes], self.r.hgetall(self.keys.job(job_id)))
         if not h:
             raise job_not_found(job_id)
         return JobInfo.from_hash(h)
@@ -328,14 +332,16 @@ class JobStore:
                 for job_id, v in zip(job_ids, replies, strict=True)}
 
     def list(self, limit: int = 100, states: Sequence[JobState] = (),
-             owner: str | None = None) -> list[JobInfo]:
+             owner: str | None = None) -> builtins.list[JobInfo]:
         """Newest jobs first, at most ``limit``, optionally only in ``states`` and only
         ``owner``'s (None: everyone's)."""
         self.sweep()
+        # Binary replies; WITHSCORES pairs each member with its score as a float.
         scored = [(score, _s(i)) for k in self.keys.all_shards()
-                  for i, score in self.r.zrevrange(k.jobs, 0, -1, withscores=True)]
+                  for i, score in cast(builtins.list[tuple[bytes, float]],
+                                       self.r.zrevrange(k.jobs, 0, -1, withscores=True))]
         ids = [i for _, i in sorted(scored, reverse=True)]
-        out: list[JobInfo] = []
+        out: builtins.list[JobInfo] = []
         for start in range(0, len(ids), 200):
             with self.r.pipeline(transaction=False) as p:
                 for job_id in ids[start:start + 200]:
@@ -355,11 +361,12 @@ class JobStore:
         return sum(int(self.r.xlen(stream)) for stream in self.keys.streams(pool))
 
     def chunk_results(self, job_id: str, chunk: int) -> bytes | None:
-        return self.r.hget(self.keys.job_results(job_id), str(chunk))
+        # Binary replies: the packed results, or None while the chunk is not stored.
+        return cast(bytes | None, self.r.hget(self.keys.job_results(job_id), str(chunk)))
 
     def iter_chunks(self, job_id: str, start: int = 0, wait_s: float = 1.0,
                     should_stop: Callable[[], bool] | None = None,
-                    ) -> Iterator[tuple[int, list[bytes] | Any]]:
+                    ) -> Iterator[tuple[int, builtins.list[bytes] | Any]]:
         """(index of the first item, results) per chunk, in input order from item ``start``,
         waiting for chunks not stored yet (see ``iter_chunk_results``). The slots of
         failed items hold placeholders: ``iter_chunk_results`` says which they are."""
@@ -434,11 +441,14 @@ class JobStore:
                 if should_stop is not None and should_stop():
                     return
 
-    def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+    def dead_letters(self, count: int = 100) -> builtins.list[dict[str, str]]:
         """Newest dead-letter entries (job, chunk, deliveries, reason, consumer, time)."""
+        # Binary replies: (entry id, its fields), each a bytes; XREVRANGE lists entries.
         entries = [{_s(k): _s(v) for k, v in fields.items()} | {"entry": _s(eid)}
                    for shard in self.keys.all_shards()
-                   for eid, fields in self.r.xrevrange(shard.dead_letter, count=count)]
+                   for eid, fields in cast(
+                       builtins.list[tuple[bytes, dict[bytes, bytes]]],
+                       self.r.xrevrange(shard.dead_letter, count=count))]
         # Newest first across the shards' streams (one per shard: their ids come from
         # several servers' clocks, the time field from the workers').
         return sorted(entries, key=lambda e: float(e.get("time") or 0), reverse=True)[:count]
@@ -474,8 +484,10 @@ class JobStore:
         for k in self.keys.all_shards():
             dropped += int(self._sweep(keys=[k.jobs, k.jobs_expiry, k.jobs_receiving],
                                        args=[repr(now), limit]))
-            for job_id in self.r.zrangebyscore(k.jobs_receiving, "-inf", repr(cutoff),
-                                               start=0, num=limit):
+            # Binary replies: the members (job ids) as bytes, without scores.
+            for job_id in cast(builtins.list[bytes],
+                               self.r.zrangebyscore(k.jobs_receiving, "-inf", repr(cutoff),
+                                                    start=0, num=limit)):
                 pool = self.r.hget(k.job(_s(job_id)), "pool")
                 if pool is None:  # expired meanwhile
                     self.r.zrem(k.jobs_receiving, job_id)
@@ -497,7 +509,7 @@ class JobStore:
         return bool(self._abandon(keys=self._job_keys(job_id, pool),
                                   args=[job_id, *self._abandon_args(job_id, now)]))
 
-    def _abandon_args(self, job_id: str, now: float) -> list[Any]:
+    def _abandon_args(self, job_id: str, now: float) -> builtins.list[Any]:
         """ARGV cutoff, reason, now, ttl_ms, channel of the scripts that fail silent uploads."""
         t = self.config.receiving_timeout_s
         reason = (f"upload never finished: no SubmitJob message for over {t:g} s and the "
@@ -557,9 +569,10 @@ class JobStore:
                     deliveries: int, reason: str, consumer: str) -> None:
         """Move a chunk to the dead-letter stream and fail its job with ``reason``."""
         k = self.keys.for_job(job_id)
-        fields = ["job", job_id, "chunk", chunk, "pool", pool, "entry", entry_id,
-                  "deliveries", deliveries, "reason", reason, "consumer", consumer,
-                  "time", repr(time.time())]
+        fields: builtins.list[str | int] = [
+            "job", job_id, "chunk", chunk, "pool", pool, "entry", entry_id,
+            "deliveries", deliveries, "reason", reason, "consumer", consumer,
+            "time", repr(time.time())]
         self._dead(keys=[k.stream(pool), k.dead_letter],
                    args=[k.group, entry_id, self.config.dead_letter_maxlen, *fields])
         # A job already over: the dead letter still records the chunk.
