@@ -68,6 +68,23 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
+def connected() -> Iterator[Callable[[str], Any]]:
+    """``connected(url)``: ``store.connect(url)``, closed at teardown (a client left to the
+    garbage collector leaves its sockets open: a ResourceWarning, an error here)."""
+    from latentserve.worker.jobqueue.store import connect
+
+    clients: list[Any] = []
+
+    def make(url: str) -> Any:
+        clients.append(connect(url))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
 def queue_config() -> Any:
     """Test-sized queue settings: small chunks, short TTLs."""
     from latentserve.worker.jobqueue.config import QueueConfig

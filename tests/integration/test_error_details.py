@@ -3,8 +3,7 @@ where they apply, BadRequest / ResourceInfo; the Python client raises the reason
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -14,9 +13,7 @@ from grpc_status import rpc_status
 
 from latentserve import errors as E
 from latentserve.service.client.inference import LatentServeClient
-from latentserve.service.jobs.settings import JobSettings
-from latentserve.service.server.assemble import Server, create_server
-from latentserve.service.server.config import ServiceConfig
+from latentserve.service.server.assemble import Server
 from latentserve.service.status import DOMAIN, INTERNAL_REASON, REASONS
 from latentserve.service.wire import raw_image
 from latentserve.v1 import errors_pb2
@@ -26,18 +23,12 @@ from latentserve.v1 import inference_pb2_grpc as pb_grpc
 TIMEOUT = 60.0
 
 
-@pytest.fixture(scope="module")
-def server(tiny_repo: Path) -> Iterator[Server]:
-    config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=None, models=tiny_repo,
-                           intra_op_threads=1, compute_workers=1, grpc_threads=8,
-                           max_images_per_request=4, jobs=JobSettings.off())
-    srv, _ = create_server(config)
-    srv.start()
-    yield srv
-    srv.stop(0).wait(TIMEOUT)
+@pytest.fixture
+def server(start_server: Callable[..., Server]) -> Server:
+    return start_server(max_images_per_request=4)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def stub(server: Server) -> Iterator[pb_grpc.InferenceStub]:
     with grpc.insecure_channel(server.target) as channel:
         yield pb_grpc.InferenceStub(channel)

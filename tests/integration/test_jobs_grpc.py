@@ -16,7 +16,7 @@ from latentserve.service.server.assemble import Server
 from latentserve.v1 import jobs_pb2 as pb
 from latentserve.v1 import jobs_pb2_grpc as pb_grpc
 from latentserve.worker.jobqueue.config import QueueConfig
-from latentserve.worker.jobqueue.store import JobStore, connect
+from latentserve.worker.jobqueue.store import JobStore
 from latentserve.worker.runtime.images import encode_png
 
 pytestmark = pytest.mark.queue
@@ -71,8 +71,8 @@ def test_png_inputs_reconstruct_and_raw_samples(client, make_worker, tiny_pipeli
 
 
 def test_watch_never_goes_back_and_reads_100_only_when_all_is_stored(
-        client, make_worker, redis_url, mnist_images):
-    store = JobStore(connect(redis_url), QUEUE)
+        client, make_worker, redis_client, mnist_images):
+    store = JobStore(redis_client, QUEUE)
     job = client.submit_compress("tiny-vqvae", mnist_images[:160], chunk_size=10)
     events: list[tuple[int, int, int]] = []
 
@@ -150,7 +150,7 @@ def test_limits_name_the_depth_and_the_size(client, server, mnist_images):
     assert [j.items_total for j in client.list()] == [160, 480]
 
 
-def test_a_broken_submission_leaves_nothing(server, redis_url, mnist_images):
+def test_a_broken_submission_leaves_nothing(server, redis_client, mnist_images):
     from latentserve.service.wire import raw_image
 
     def requests():
@@ -162,7 +162,7 @@ def test_a_broken_submission_leaves_nothing(server, redis_url, mnist_images):
 
     with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError):
         pb_grpc.JobsStub(channel).SubmitJob(requests(), timeout=30)
-    store = JobStore(connect(redis_url), QUEUE)
+    store = JobStore(redis_client, QUEUE)
     wait_until(lambda: not store.list() and store.depth("default") == 0, timeout=10,
                what="the half-submitted job to be removed")
 

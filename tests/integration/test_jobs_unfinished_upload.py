@@ -28,7 +28,7 @@ from latentserve.v1 import jobs_pb2 as pb
 from latentserve.v1 import jobs_pb2_grpc as pb_grpc
 from latentserve.worker.jobqueue.config import QueueConfig
 from latentserve.worker.jobqueue.packing import pack_images
-from latentserve.worker.jobqueue.store import JobInfo, JobKind, JobState, JobStore, connect
+from latentserve.worker.jobqueue.store import JobInfo, JobKind, JobState, JobStore
 from serve_process import start_serve
 
 pytestmark = pytest.mark.queue
@@ -65,8 +65,8 @@ def ends_failed(client: JobsClient, job_id: str) -> tuple[pb.Job, BaseException 
 
 
 def test_sigkill_mid_upload_fails_the_job_and_drops_its_chunks(
-        tiny_repo, redis_url, start_server, make_worker, mnist_images):
-    store = JobStore(connect(redis_url), QueueConfig(**JOBS_QUEUE))
+        tiny_repo, redis_url, redis_client, start_server, make_worker, mnist_images):
+    store = JobStore(redis_client, QueueConfig(**JOBS_QUEUE))
     proc, target = serve(tiny_repo, redis_url)
     release = threading.Event()
 
@@ -132,11 +132,11 @@ def test_a_worker_computes_no_chunk_of_an_upload_gone_silent(job_store, redis_cl
 
 
 def test_a_lost_seal_ends_the_job_after_the_timeout(jobs_server, start_server, redis_url,
-                                                    make_worker, mnist_images):
+                                                    redis_client, make_worker, mnist_images):
     with JobsClient(jobs_server.target, timeout=30) as client:
         job = client.submit_compress("tiny-ae", mnist_images[:10])
     assert state_name(job.state) == "queued" and job.items_total == 10
-    store = JobStore(connect(redis_url), jobs_server.queue)
+    store = JobStore(redis_client, jobs_server.queue)
     # Redis restarted from an AOF that misses the seal's last second: the job hash and
     # the receiving index are as they were before SEAL ran, the chunks still queued.
     info = store.get(job.id)

@@ -93,8 +93,8 @@ def test_the_cluster_url(redis_cluster, private_redis) -> None:
 
 
 def test_jobs_spread_over_the_shards_and_match_the_pipeline(
-        cluster_url, tiny_repo, tiny_pipeline, mnist_images) -> None:
-    store = JobStore(connect(cluster_url), SHARDED)
+        cluster_url, connected, tiny_repo, tiny_pipeline, mnist_images) -> None:
+    store = JobStore(connected(cluster_url), SHARDED)
     images = mnist_images[:50]
     codes = tiny_pipeline.compress("tiny-vae", images[:20])
     jobs = {"compress": store.submit(JobKind.COMPRESS, "tiny-ae", items=images),
@@ -133,9 +133,9 @@ def test_jobs_spread_over_the_shards_and_match_the_pipeline(
     assert (pool.length, pool.pending, pool.lag) == (0, 0, 0) and store.depth("default") == 0
 
 
-def test_reclaim_dead_letter_and_cancel_on_the_cluster(cluster_url, tiny_repo, tiny_pipeline,
-                                                       mnist_images) -> None:
-    store = JobStore(connect(cluster_url), SHARDED)
+def test_reclaim_dead_letter_and_cancel_on_the_cluster(cluster_url, connected, tiny_repo,
+                                                       tiny_pipeline, mnist_images) -> None:
+    store = JobStore(connected(cluster_url), SHARDED)
     store.ensure_group("default")
     # A consumer takes a chunk and dies (no health key): a worker reclaims it at once.
     taken = store.submit(JobKind.SAMPLE, "tiny-ae", count=10, seed=1)
@@ -177,9 +177,9 @@ def retrying(fn: Any) -> Any:
 
 @pytest.mark.slow
 def test_a_master_killed_mid_job_its_replica_takes_over(
-        private_cluster, spawn_worker, make_gate, tiny_pipeline) -> None:
+        private_cluster, connected, spawn_worker, make_gate, tiny_pipeline) -> None:
     queue = QueueConfig(chunk_size=10, stream_shards=3)
-    store = JobStore(connect(private_cluster.url), queue)
+    store = JobStore(connected(private_cluster.url), queue)
     job = store.submit(JobKind.SAMPLE, "tiny-vae", count=80, seed=4)
     gate = make_gate("failover")  # on the session's own Redis, not the cluster
     gate.allow(3)  # three chunks (one a call), then both workers wait mid-job

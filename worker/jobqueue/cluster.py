@@ -1,7 +1,7 @@
-"""Redis Cluster as the job queue's Redis (issue 21): the client and its transient errors.
+"""Redis Cluster as the job queue's Redis: the client and its transient errors.
 
 A URL with ``cluster=true`` in its query (``redis://:PASSWORD@HOST:PORT/0?cluster=true``,
-``rediss://...&cluster=true`` for TLS) makes ``jobstore.connect`` build redis-py's
+``rediss://...&cluster=true`` for TLS) makes ``store.connect`` build redis-py's
 ``RedisCluster`` instead of ``Redis``: the node in the URL is only the first contact, the
 client learns the others and the slot map from it, and follows MOVED / ASK and failovers
 itself. Password, ACL user and TLS parameters mean what they mean for a single Redis and
