@@ -403,8 +403,10 @@ def test_compose_services_run_jobs_as_local_processes(compose_stack: dict[str, A
 
     # both worker processes joined the queue (their health keys carry their pids), and the
     # service ran no worker of its own
+    from latentserve.worker.jobqueue.keys import Keys
+
     r = redis.Redis(host="127.0.0.1", port=ports[6379])
-    health = [k.decode() for k in r.scan_iter("latentserve:worker:*")]
+    health = [k.decode() for k in r.scan_iter(Keys().worker_pattern())]
     for name in ("worker", "worker-cpu"):
         pid = compose_stack[name].pid
         assert any(f"-{pid}-" in k for k in health), (name, pid, health)
