@@ -15,10 +15,14 @@ the in-process baseline is the same Pipeline with the same engine settings:
     (what batching can save at most, when nothing else costs anything).
 (c) One client, one image per call: p50/p99 latency of Compress vs the in-process call,
     and the floor: a GetModel round trip, which does no work.
+(d) What a small call costs the server: its process CPU seconds (utime + stime from
+    /proc/PID/stat) per one-image Compress call, with 32 clients (batching on and off)
+    and with one, beside images/s at 1 and 32 clients.
 
 Each of the 9 phases runs ``--seconds`` in all (at most ``--max-calls`` calls per round),
 split into ``--rounds`` interleaved rounds, after a warm-up: the machine is shared,
-so a drift in its load hits both sides of every ratio alike.
+so a drift in its load hits both sides of every ratio alike. ``--phases b_on,c_grpc``
+runs only some of them (rows that need a missing phase are left out).
 """
 
 from __future__ import annotations
@@ -49,9 +53,22 @@ def percentile_ms(samples: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples) * 1e3, q)) if samples else float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process ``pid`` has used so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Served(str):
+    """A server's target (``host:port``) that also knows the server's process id."""
+
+    pid: int
+
+
 @contextmanager
-def serve(models: Path, *extra: str) -> Iterator[str]:
-    """A ``latentserve serve`` process on a free loopback port; yields its target.
+def serve(models: Path, *extra: str) -> Iterator[Served]:
+    """A ``latentserve serve`` process on a free loopback port; yields its target
+    (with ``.pid``, for its CPU time).
 
     The job API shares the process: its embedded Valkey gets a temporary folder and no
     in-process job worker runs, so only the Inference service does work.
@@ -70,7 +87,9 @@ def serve(models: Path, *extra: str) -> Iterator[str]:
             if not match:
                 log.seek(0)
                 raise SystemExit(f"the server did not start: {line!r}\n{log.read()[-2000:]}")
-            yield f"127.0.0.1:{match[1]}"
+            served = Served(f"127.0.0.1:{match[1]}")
+            served.pid = proc.pid
+            yield served
         finally:
             proc.terminate()
             proc.wait(30)
@@ -121,15 +140,24 @@ def concurrent_loops(make_call: Callable[[int], Callable[[], Any]], clients: int
 class Phase:
     """One measured configuration, accumulated over interleaved rounds."""
 
-    def __init__(self, run: Callable[[float], tuple[int, float, list[float]]], per_call: int):
-        self.run, self.per_call = run, per_call
+    def __init__(self, run: Callable[[float], tuple[int, float, list[float]]], per_call: int,
+                 server_pid: int | None = None):
+        self.run, self.per_call, self.server_pid = run, per_call, server_pid
         self.calls, self.seconds, self.latencies = 0, 0.0, []  # type: ignore[var-annotated]
+        self.cpu = 0.0  # the server process's CPU seconds during the measured rounds
 
     def measure(self, seconds: float) -> None:
+        cpu0 = cpu_seconds(self.server_pid) if self.server_pid else 0.0
         calls, elapsed, lat = self.run(seconds)
+        if self.server_pid:
+            self.cpu += cpu_seconds(self.server_pid) - cpu0
         self.calls += calls
         self.seconds += elapsed
         self.latencies += lat
+
+    @property
+    def cpu_ms_per_call(self) -> float:
+        return self.cpu / self.calls * 1e3 if self.calls else float("nan")
 
     @property
     def images_per_s(self) -> float:
@@ -150,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="phases alternate in this many rounds (load drifts cancel out)")
     parser.add_argument("--max-calls", type=int, default=20000, help="per phase (per client in b)")
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--phases", default="",
+                        help="comma-separated phases to run (default all): a_grpc, a_local, "
+                        "b_on, b_off, ceil_32, ceil_1, c_grpc, c_local, c_floor")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -183,20 +214,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.seconds:g} s per phase")
     results: dict[str, Any] = {"model": model, "cores": cores}
 
-    def loops(calls: list[Callable[[], Any]], per_call: int) -> Phase:
+    def loops(calls: list[Callable[[], Any]], per_call: int, pid: int | None = None) -> Phase:
         """len(calls) closed loops, one per callable (each warmed up once now)."""
         for call in calls:
             call()
         return Phase(lambda sec: concurrent_loops(lambda i: calls[i], len(calls), sec,
-                                                  args.max_calls), per_call)
+                                                  args.max_calls), per_call, pid)
 
-    def single(call: Callable[[], Any]) -> Phase:
+    def single(call: Callable[[], Any], pid: int | None = None) -> Phase:
         call()
 
         def run(sec: float) -> tuple[int, float, list[float]]:
             d = timed_loop(call, sec, args.max_calls)
             return len(d), sum(d), d
-        return Phase(run, 1)
+        return Phase(run, 1, pid)
 
     with serve(args.models) as target, serve(args.models, "--batching", "false") as off_target:
         client = LatentServeClient(target, timeout=120)
@@ -207,19 +238,26 @@ def main(argv: list[str] | None = None) -> int:
             return [lambda c=c, i=i: c.compress(images[i:i + 1], model=model)
                     for i, c in enumerate(clients)]
 
-        phases = {
-            "a_grpc": loops([lambda: client.compress(batch, model=model)] * inflight, 256),
-            "a_local": loops([lambda: pipeline.compress(model, batch)] * inflight, 256),
-            "b_on": loops(per_client(on_clients), 1),
-            "b_off": loops(per_client(off_clients), 1),
+        makers: dict[str, Callable[[], Phase]] = {
+            "a_grpc": lambda: loops([lambda: client.compress(batch, model=model)] * inflight,
+                                    256, target.pid),
+            "a_local": lambda: loops([lambda: pipeline.compress(model, batch)] * inflight, 256),
+            "b_on": lambda: loops(per_client(on_clients), 1, target.pid),
+            "b_off": lambda: loops(per_client(off_clients), 1, off_target.pid),
             # The most batching can save here: in process, 32 images per call vs 1.
-            "ceil_32": loops([lambda: pipeline.compress(model, images[:32])] * inflight, 32),
-            "ceil_1": loops([lambda: pipeline.compress(model, one)] * inflight, 1),
-            "c_grpc": single(lambda: client.compress(one, model=model)),
-            "c_local": single(lambda: pipeline.compress(model, one)),
+            "ceil_32": lambda: loops([lambda: pipeline.compress(model, images[:32])] * inflight,
+                                     32),
+            "ceil_1": lambda: loops([lambda: pipeline.compress(model, one)] * inflight, 1),
+            "c_grpc": lambda: single(lambda: client.compress(one, model=model), target.pid),
+            "c_local": lambda: single(lambda: pipeline.compress(model, one)),
             # What any call costs here: a round trip that does no work (GetModel).
-            "c_floor": single(lambda: client.model(model)),
+            "c_floor": lambda: single(lambda: client.model(model), target.pid),
         }
+        wanted = [p for p in args.phases.split(",") if p] or list(makers)
+        unknown = sorted(set(wanted) - set(makers))
+        if unknown:
+            raise SystemExit(f"unknown phases {unknown}; choose from {', '.join(makers)}")
+        phases = {name: makers[name]() for name in makers if name in wanted}
         # Interleave short rounds, so a change in the machine's load hits both sides.
         order = list(phases)
         for r in range(args.rounds):
@@ -228,31 +266,56 @@ def main(argv: list[str] | None = None) -> int:
         for c in [client, *on_clients, *off_clients]:
             c.close()
     P = phases
-    grpc_tput, local_tput = P["a_grpc"].images_per_s, P["a_local"].images_per_s
-    on_tput, off_tput = P["b_on"].images_per_s, P["b_off"].images_per_s
-    ceil_32, ceil_one = P["ceil_32"].images_per_s, P["ceil_1"].images_per_s
-    on_lat, off_lat = P["b_on"].latencies, P["b_off"].latencies
-    grpc_lat, local_lat = P["c_grpc"].latencies, P["c_local"].latencies
+    nan = float("nan")
 
-    rows = [
-        ("(a) Compress batch 256, images/s", f"{grpc_tput:,.0f}", f"{local_tput:,.0f}",
-         f"{grpc_tput / local_tput:.2f}", ">= 0.90"),
-        (f"(b) {args.clients} clients x 1 image, images/s", f"batching on {on_tput:,.0f}",
-         f"off {off_tput:,.0f}", f"{on_tput / off_tput:.2f}", ">= 3"),
-        ("(b) ceiling: in process, 32 vs 1 per call", f"{ceil_32:,.0f}", f"{ceil_one:,.0f}",
-         f"{ceil_32 / ceil_one:.2f}", ""),
-        ("(b) p50 / p99 latency, ms", f"on {percentile_ms(on_lat, 50):.2f} / "
-         f"{percentile_ms(on_lat, 99):.2f}", f"off {percentile_ms(off_lat, 50):.2f} / "
-         f"{percentile_ms(off_lat, 99):.2f}", "", ""),
-        ("(c) 1 image, p50 latency, ms", f"{percentile_ms(grpc_lat, 50):.3f}",
-         f"{percentile_ms(local_lat, 50):.3f}",
-         f"{percentile_ms(grpc_lat, 50) / percentile_ms(local_lat, 50):.2f}", ""),
-        ("(c) 1 image, p99 latency, ms", f"{percentile_ms(grpc_lat, 99):.3f}",
-         f"{percentile_ms(local_lat, 99):.3f}",
-         f"{percentile_ms(grpc_lat, 99) / percentile_ms(local_lat, 99):.2f}", ""),
-    ]
-    rows.append(("(c) floor: GetModel round trip p50, ms", f"{P['c_floor'].ms(50):.3f}",
-                 "", "", ""))
+    def tput(name: str) -> float:
+        return P[name].images_per_s if name in P else nan
+
+    def lat_ms(name: str, q: float) -> float:
+        return P[name].ms(q) if name in P else nan
+
+    def cpu_ms(name: str) -> float:
+        return P[name].cpu_ms_per_call if name in P else nan
+
+    def has(*names: str) -> bool:
+        return all(n in P for n in names)
+
+    grpc_tput, local_tput = tput("a_grpc"), tput("a_local")
+    on_tput, off_tput = tput("b_on"), tput("b_off")
+    ceil_32, ceil_one = tput("ceil_32"), tput("ceil_1")
+    one_tput = tput("c_grpc")  # one client, one image per call: calls/s of its loop
+    rows = []
+    if has("a_grpc", "a_local"):
+        rows.append(("(a) Compress batch 256, images/s", f"{grpc_tput:,.0f}",
+                     f"{local_tput:,.0f}", f"{grpc_tput / local_tput:.2f}", ">= 0.90"))
+    if has("b_on", "b_off"):
+        rows.append((f"(b) {args.clients} clients x 1 image, images/s",
+                     f"batching on {on_tput:,.0f}", f"off {off_tput:,.0f}",
+                     f"{on_tput / off_tput:.2f}", ">= 3"))
+    if has("ceil_32", "ceil_1"):
+        rows.append(("(b) ceiling: in process, 32 vs 1 per call", f"{ceil_32:,.0f}",
+                     f"{ceil_one:,.0f}", f"{ceil_32 / ceil_one:.2f}", ""))
+    if has("b_on") or has("b_off"):
+        rows.append(("(b) p50 / p99 latency, ms",
+                     f"on {lat_ms('b_on', 50):.2f} / {lat_ms('b_on', 99):.2f}",
+                     f"off {lat_ms('b_off', 50):.2f} / {lat_ms('b_off', 99):.2f}", "", ""))
+    if has("c_grpc") or has("c_local"):
+        for q in (50, 99):
+            g, loc = lat_ms("c_grpc", q), lat_ms("c_local", q)
+            rows.append((f"(c) 1 image, p{q} latency, ms", f"{g:.3f}", f"{loc:.3f}",
+                         f"{g / loc:.2f}" if has("c_grpc", "c_local") else "", ""))
+    if has("c_floor"):
+        rows.append(("(c) floor: GetModel round trip p50, ms", f"{P['c_floor'].ms(50):.3f}",
+                     "", "", ""))
+    if has("b_on") or has("b_off"):
+        rows.append((f"(d) server CPU ms per 1-image call, {args.clients} clients",
+                     f"on {cpu_ms('b_on'):.3f}", f"off {cpu_ms('b_off'):.3f}", "", ""))
+    if has("c_grpc"):
+        rows.append(("(d) server CPU ms per 1-image call, 1 client",
+                     f"{cpu_ms('c_grpc'):.3f}", "", "", ""))
+    if has("c_grpc", "b_on"):
+        rows.append((f"(d) images/s, 1 image per call: 1 vs {args.clients} clients",
+                     f"{one_tput:,.0f}", f"{on_tput:,.0f}", f"{on_tput / one_tput:.2f}", ""))
     head = ("", "gRPC / on", "in process / off", "ratio", "goal")
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
     for r in (head, *rows):
@@ -262,11 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         a_ratio=grpc_tput / local_tput,
         b_ceiling_ratio=ceil_32 / ceil_one,
         b_on_images_per_s=on_tput, b_off_images_per_s=off_tput, b_ratio=on_tput / off_tput,
-        b_on_p50_ms=percentile_ms(on_lat, 50), b_on_p99_ms=percentile_ms(on_lat, 99),
-        b_off_p50_ms=percentile_ms(off_lat, 50), b_off_p99_ms=percentile_ms(off_lat, 99),
-        c_grpc_p50_ms=percentile_ms(grpc_lat, 50), c_grpc_p99_ms=percentile_ms(grpc_lat, 99),
-        c_local_p50_ms=percentile_ms(local_lat, 50), c_local_p99_ms=percentile_ms(local_lat, 99),
-        c_floor_p50_ms=P["c_floor"].ms(50))
+        b_on_p50_ms=lat_ms("b_on", 50), b_on_p99_ms=lat_ms("b_on", 99),
+        b_off_p50_ms=lat_ms("b_off", 50), b_off_p99_ms=lat_ms("b_off", 99),
+        c_grpc_p50_ms=lat_ms("c_grpc", 50), c_grpc_p99_ms=lat_ms("c_grpc", 99),
+        c_local_p50_ms=lat_ms("c_local", 50), c_local_p99_ms=lat_ms("c_local", 99),
+        c_floor_p50_ms=lat_ms("c_floor", 50), c_images_per_s=one_tput,
+        d_on_cpu_ms_per_call=cpu_ms("b_on"), d_off_cpu_ms_per_call=cpu_ms("b_off"),
+        d_one_client_cpu_ms_per_call=cpu_ms("c_grpc"))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

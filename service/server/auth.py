@@ -17,6 +17,7 @@ a metric label or an error message.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -205,6 +206,7 @@ def _refuse(message: str) -> Callable[[Behavior, bool], Behavior]:
     return around
 
 
+@functools.lru_cache(maxsize=1024)  # one wrapper per token name, not one per call
 def _with_caller(token_name: str | None) -> Callable[[Behavior, bool], Behavior]:
     def around(behavior: Behavior, response_streaming: bool) -> Behavior:
         def call(request: Any, context: grpc.ServicerContext) -> Any:

@@ -12,6 +12,13 @@ plus an idle shortcut):
   that finds the queue empty, nothing running and a worker free runs at once in the
   caller's thread, skipping two thread hand-offs.
 
+Who runs a batch: the thread that finishes a batch takes the next one if it is ready
+(keeping its compute slot) and hands it to a thread already waiting for one of its
+requests (which had to wake up for its result anyway), else to a lane thread; the
+dispatcher thread only wakes when a timer matters (the queue delay, a deadline) or a
+submission makes a batch ready. So under load a batch costs one thread wake-up per
+request, not three.
+
 A request larger than ``max_batch_size`` is cut into max-size batches; its results
 come back whole and in order. Cancelled and deadline-expired requests are dropped
 from the queue without computing. If a merged batch fails, each request in it is run
@@ -23,13 +30,15 @@ axis 0, or a list) and returns one result per item (an array or a list).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import itertools
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -96,12 +105,21 @@ class ComputeLanes:
                 self._slots.release()
         self._executor.submit(wrapped)
 
+    def spawn(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on a worker; the caller holds a slot, which ``job`` itself hands on
+        or releases."""
+        self._executor.submit(job)
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)
 
 
 class Ticket:
-    """One caller's submission: ``n`` items whose results arrive, in order, in ``future``."""
+    """One caller's submission: ``n`` items whose results arrive, in order, in ``result()``.
+
+    A thread waiting in ``result()`` may be handed a batch to run meanwhile (one holding
+    some of its items, taken by the batcher): it runs it, then goes on waiting.
+    """
 
     def __init__(self, batcher: DynamicBatcher | None, items: Items,
                  deadline: float | None) -> None:
@@ -109,21 +127,87 @@ class Ticket:
         self.n = len(items)
         self.deadline = deadline  # time.monotonic() value, or None
         self.enqueued = time.monotonic()
-        self.future: Future[Items] = Future()
         self.taken = 0  # items handed to batches so far (guarded by the batcher's lock)
         self._batcher = batcher
-        self._lock = threading.Lock()
-        self._parts: dict[int, Items] = {}
+        self._cond = threading.Condition(threading.Lock())
+        self._parts: dict[int, Items] | None = None
         self._done = 0
+        # (True, results) or (False, exception) once finished.
+        self._outcome: tuple[bool, Any] | None = None
+        self._job: list[_Part] | None = None  # a batch handed to a thread waiting here
+        self._waiting = 0  # threads in result()
+        self._busy = False  # one of them is running a handed batch
         self.cancelled = False
 
     def result(self, timeout: float | None = None) -> Items:
-        """Block until every item's result is in; raises the request's error."""
-        return self.future.result(timeout)
+        """Block until every item's result is in; raises the request's error (TimeoutError
+        after ``timeout`` seconds)."""
+        cond = self._cond
+        with cond:
+            if self._outcome is None or self._job is not None:
+                self._wait_locked(timeout)
+            ok, value = self._outcome  # type: ignore[misc]
+        if ok:
+            return value
+        raise value
+
+    def _wait_locked(self, timeout: float | None) -> None:
+        cond = self._cond
+        end = None if timeout is None else time.monotonic() + timeout
+        self._waiting += 1
+        try:
+            while True:
+                job = self._job
+                if job is not None:
+                    self._job, self._busy = None, True
+                    cond.release()
+                    try:
+                        self._run_job(job)
+                    finally:
+                        cond.acquire()
+                        self._busy = False
+                    continue
+                if self._outcome is not None:
+                    return
+                if end is None:
+                    cond.wait()
+                else:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError()
+                    cond.wait(left)
+        finally:
+            self._waiting -= 1
+            leftover, self._job = self._job, None
+            if leftover is not None:  # handed over just as this wait ended: a lane runs it
+                cond.release()
+                try:
+                    self._spawn_job(leftover)
+                finally:
+                    cond.acquire()
+
+    def _run_job(self, parts: list[_Part]) -> None:
+        assert self._batcher is not None
+        # A fresh context, as on a lane thread: the batch is not this call's alone.
+        contextvars.Context().run(self._batcher._execute, parts)
+
+    def _spawn_job(self, parts: list[_Part]) -> None:
+        assert self._batcher is not None
+        self._batcher.lanes.spawn(functools.partial(self._batcher._execute, parts))
+
+    def _offer(self, parts: list[_Part]) -> bool:
+        """Hand ``parts`` (a taken batch, with its compute slot) to a thread waiting here."""
+        with self._cond:
+            if (self._waiting and not self._busy and self._job is None
+                    and self._outcome is None):
+                self._job = parts
+                self._cond.notify()
+                return True
+        return False
 
     def cancel(self) -> None:
         """Drop what is still queued and fail the ticket with RequestCancelled (idempotent)."""
-        if self.future.done():
+        if self._outcome is not None:
             return
         self.cancelled = True
         if self._batcher is not None:
@@ -132,24 +216,39 @@ class Ticket:
 
     @property
     def finished(self) -> bool:
-        return self.future.done()
+        return self._outcome is not None
 
     def _deliver(self, start: int, results: Items) -> None:
-        with self._lock:
-            if self.future.done():
+        with self._cond:
+            if self._outcome is not None:
                 return
-            self._parts[start] = results
+            if start == 0 and len(results) == self.n:  # the whole request in one batch
+                self._outcome = (True, results)
+                self._cond.notify_all()
+                return
+            parts = self._parts
+            if parts is None:
+                parts = self._parts = {}
+            parts[start] = results
             self._done += len(results)
             if self._done < self.n:
                 return
-            ordered = [self._parts[k] for k in sorted(self._parts)]
-        self.future.set_result(concat(ordered))
+            ordered = [parts[k] for k in sorted(parts)]
+            self._outcome = (True, concat(ordered))
+            self._cond.notify_all()
+
+    def _set(self, results: Items) -> None:
+        with self._cond:
+            if self._outcome is None:
+                self._outcome = (True, results)
+                self._cond.notify_all()
 
     def _fail(self, exc: BaseException) -> None:
-        with self._lock:
-            if self.future.done():
+        with self._cond:
+            if self._outcome is not None:
                 return
-            self.future.set_exception(exc)
+            self._outcome = (False, exc)
+            self._cond.notify_all()
 
 
 @dataclass(frozen=True)
@@ -186,6 +285,9 @@ class DynamicBatcher:
         self._queued = 0  # items not yet taken into a batch
         self._running = 0  # batches of this batcher computing now
         self._closed = False
+        # When the dispatcher sleeps in the condition: the time it wakes up by itself
+        # (inf: not before a notify); None while it is awake (it looks again anyway).
+        self._asleep_until: float | None = None
         self._thread = threading.Thread(target=self._dispatch_loop, name=f"dispatch-{name}",
                                         daemon=True)
         self._thread.start()
@@ -195,7 +297,7 @@ class DynamicBatcher:
         """Queue ``items``; ``deadline`` is a time.monotonic() after which they are dropped."""
         ticket = Ticket(self, items, deadline)
         if ticket.n == 0:
-            ticket.future.set_result(items[:0])
+            ticket._set(items[:0])
             return ticket
         with self._cond:
             if self._closed:
@@ -218,13 +320,21 @@ class DynamicBatcher:
                 self._queue.append(ticket)
                 self._queued += ticket.n
                 self.observer.on_queued(self._queued)
-                self._cond.notify()
+                self._wake_dispatcher_locked(ticket.enqueued)
         if inline:
-            try:
-                self._execute([_Part(ticket, 0, ticket.n)])
-            finally:
-                self.lanes.release()
+            self._execute([_Part(ticket, 0, ticket.n)])  # hands on or releases the slot
         return ticket
+
+    def _wake_dispatcher_locked(self, now: float) -> None:
+        """After a submission: wake the dispatcher if it sleeps past when it must act now
+        (a batch became ready, or an earlier deadline). A batch running now takes the
+        next one itself when it ends."""
+        asleep_until = self._asleep_until
+        if asleep_until is None:
+            return
+        ready, wait = self._ready_locked(now)
+        if ready or now + wait < asleep_until:
+            self._cond.notify()
 
     def close(self, *, drain: bool = True) -> None:
         """Stop accepting; finish (``drain``) or fail with Unavailable what is queued."""
@@ -237,6 +347,10 @@ class DynamicBatcher:
                 self._queued = 0
             self._cond.notify_all()
         self._thread.join()
+        if drain:  # and the batches taken from the queue (running on other threads)
+            with self._cond:
+                while self._running:
+                    self._cond.wait()
 
     @property
     def queued(self) -> int:
@@ -284,6 +398,13 @@ class DynamicBatcher:
             wait = min(wait, min(deadlines) - now)
         return False, max(0.0, wait)
 
+    def _sleep_locked(self, wait: float | None) -> None:
+        self._asleep_until = math.inf if wait is None else time.monotonic() + wait
+        try:
+            self._cond.wait(wait)
+        finally:
+            self._asleep_until = None
+
     def _dispatch_loop(self) -> None:
         while True:
             with self._cond:
@@ -292,12 +413,12 @@ class DynamicBatcher:
                     if not self._queue:
                         if self._closed:
                             return
-                        self._cond.wait()
+                        self._sleep_locked(None)
                         continue
                     ready, wait = self._ready_locked(time.monotonic())
                     if ready:
                         break
-                    self._cond.wait(wait)
+                    self._sleep_locked(wait)
             # Wait for a compute worker outside the lock: submissions keep queueing.
             self.lanes.acquire()
             with self._cond:
@@ -308,7 +429,15 @@ class DynamicBatcher:
             if not parts:
                 self.lanes.release()
                 continue
-            self.lanes.run(functools.partial(self._execute, parts))
+            self._launch(parts)
+
+    def _launch(self, parts: list[_Part]) -> None:
+        """Start a taken batch (its compute slot held): on a thread already waiting for
+        one of its requests, else on a lane thread."""
+        for p in parts:
+            if p.ticket._offer(parts):
+                return
+        self.lanes.spawn(functools.partial(self._execute, parts))
 
     def _take_locked(self) -> list[_Part]:
         parts: list[_Part] = []
@@ -330,6 +459,9 @@ class DynamicBatcher:
         return parts
 
     def _execute(self, parts: list[_Part]) -> None:
+        """Run a taken batch (holding a compute slot, counted in ``_running``); then give
+        the slot to the next batch if one is ready now, else release it."""
+        nxt: list[_Part] = []
         try:
             live = [p for p in parts if not p.ticket.finished]
             if live:
@@ -337,7 +469,18 @@ class DynamicBatcher:
         finally:
             with self._cond:
                 self._running -= 1
-                self._cond.notify_all()
+                if self._queue:
+                    self._drop_dead_locked()
+                    if self._queue and self._ready_locked(time.monotonic())[0]:
+                        nxt = self._take_locked()
+                        if nxt:
+                            self._running += 1
+                if self._closed:
+                    self._cond.notify_all()  # close() waits for the running batches
+            if not nxt:
+                self.lanes.release()
+        if nxt:
+            self._launch(nxt)
 
     def _run_parts(self, parts: list[_Part]) -> None:
         try:

@@ -116,49 +116,78 @@ def _final_code(context: grpc.ServicerContext, failed: bool) -> str:
     return grpc.StatusCode.UNKNOWN.name if failed else grpc.StatusCode.OK.name
 
 
+class _RpcSeries:
+    """One method's series, each child looked up once (on first use, as ``labels`` would
+    create it then): ``labels()`` takes a lock and builds its key on every call."""
+
+    __slots__ = ("metrics", "rpc", "in_flight", "latency", "requests")
+
+    def __init__(self, metrics: ServiceMetrics, rpc: str) -> None:
+        self.metrics, self.rpc = metrics, rpc
+        self.in_flight: Any = None
+        self.latency: Any = None
+        self.requests: dict[str, Any] = {}
+
+    def start(self) -> float:
+        gauge = self.in_flight
+        if gauge is None:
+            gauge = self.in_flight = self.metrics.in_flight.labels(self.rpc)
+        gauge.inc()
+        return time.perf_counter()
+
+    def finish(self, context: grpc.ServicerContext, start: float, failed: bool) -> None:
+        self.in_flight.dec()
+        latency = self.latency
+        if latency is None:
+            latency = self.latency = self.metrics.latency.labels(self.rpc)
+        latency.observe(time.perf_counter() - start)
+        code = _final_code(context, failed)
+        counter = self.requests.get(code)
+        if counter is None:
+            counter = self.requests[code] = self.metrics.requests.labels(self.rpc, code)
+        counter.inc()
+
+    def around(self, behavior: Behavior, response_streaming: bool) -> Behavior:
+        start_call, finish = self.start, self.finish
+        if response_streaming:
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                start, failed = start_call(), True
+                try:
+                    yield from behavior(request, context)
+                    failed = False
+                finally:
+                    finish(context, start, failed)
+            return stream
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            start, failed = start_call(), True
+            try:
+                out = behavior(request, context)
+                failed = False
+                return out
+            finally:
+                finish(context, start, failed)
+        return unary
+
+
 class MetricsInterceptor(grpc.ServerInterceptor):
     """Counts and times every RPC; outermost, so it sees the status errors map to."""
 
     def __init__(self, metrics: ServiceMetrics) -> None:
         self.metrics = metrics
+        self._series: dict[str, _RpcSeries] = {}  # per method the server has
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        rpc = handler_call_details.method.lstrip("/")
-        m = self.metrics
-
-        def around(behavior: Behavior, response_streaming: bool) -> Behavior:
-            def finish(context: grpc.ServicerContext, start: float, failed: bool) -> None:
-                m.in_flight.labels(rpc).dec()
-                m.latency.labels(rpc).observe(time.perf_counter() - start)
-                m.requests.labels(rpc, _final_code(context, failed)).inc()
-
-            if response_streaming:
-                def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                    m.in_flight.labels(rpc).inc()
-                    start, failed = time.perf_counter(), True
-                    try:
-                        yield from behavior(request, context)
-                        failed = False
-                    finally:
-                        finish(context, start, failed)
-                return stream
-
-            def unary(request: Any, context: grpc.ServicerContext) -> Any:
-                m.in_flight.labels(rpc).inc()
-                start, failed = time.perf_counter(), True
-                try:
-                    out = behavior(request, context)
-                    failed = False
-                    return out
-                finally:
-                    finish(context, start, failed)
-            return unary
-
-        return rewrap_handler(handler, around)
+        method = handler_call_details.method
+        series = self._series.get(method)
+        if series is None:
+            series = self._series.setdefault(method, _RpcSeries(self.metrics,
+                                                                method.lstrip("/")))
+        return rewrap_handler(handler, series.around)
 
 
 class BatchMetrics:
@@ -170,16 +199,35 @@ class BatchMetrics:
         # (a reconstruct batch can hold refused codes).
         self.metrics, self.model, self.op = metrics, model, op
         self.count_images = count_images
+        # The (model, op) children, each looked up on first use (when labels() would
+        # have created it), then kept: labels() costs a lock and a key per call.
+        self._batch: tuple[Any, Any, Any] | None = None
+        self._wait: Any = None
+        self._queued: Any = None
 
     def on_batch(self, size: int, seconds: float) -> None:
-        self.metrics.observe_batch(self.model, self.op, size, seconds,
-                                   count_images=self.count_images)
+        children = self._batch
+        if children is None:
+            m, key = self.metrics, (self.model, self.op)
+            children = self._batch = (m.batch_size.labels(*key), m.compute.labels(*key),
+                                      m.images.labels(*key) if self.count_images else None)
+        children[0].observe(size)
+        children[1].observe(seconds)
+        if children[2] is not None:
+            children[2].inc(size)
 
     def on_wait(self, seconds: float, count: int) -> None:
-        self.metrics.observe_wait(self.model, self.op, seconds, count)
+        hist = self._wait
+        if hist is None:
+            hist = self._wait = self.metrics.queue_wait.labels(self.model, self.op)
+        for _ in range(min(count, 64)):  # per image, capped: a huge request is one wait
+            hist.observe(seconds)
 
     def on_queued(self, count: int) -> None:
-        self.metrics.set_queued(self.model, self.op, count)
+        gauge = self._queued
+        if gauge is None:
+            gauge = self._queued = self.metrics.queued.labels(self.model, self.op)
+        gauge.set(count)
 
     def on_dropped(self, reason: str, count: int) -> None:
         self.metrics.observe_dropped(self.model, self.op, reason, count)

@@ -75,20 +75,27 @@ def _code_name(context: grpc.ServicerContext) -> str:
 class RequestLogInterceptor(grpc.ServerInterceptor):
     """Gives each call its request id (trailers, log context) and logs it at debug."""
 
+    def __init__(self) -> None:
+        # One wrapper per method, built once: the id is read from the call's metadata in
+        # the handler thread, so the server's polling thread does no per-call work here.
+        self._arounds: dict[str, Callable[[Behavior, bool], Behavior]] = {}
+
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None:
             return None
-        rid = request_id_from(details.invocation_metadata)
-        return rewrap_handler(handler, _around(details.method, rid))
+        around = self._arounds.get(details.method)
+        if around is None:
+            around = self._arounds.setdefault(details.method, _around(details.method))
+        return rewrap_handler(handler, around)
 
 
-def _around(method: str, rid: tuple[str, bool]) -> Callable[[Behavior, bool], Behavior]:
+def _around(method: str) -> Callable[[Behavior, bool], Behavior]:
     def around(behavior: Behavior, response_streaming: bool) -> Behavior:
         if response_streaming:
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                start, token = _begin(context, rid)
+                start, token = _begin(context, request_id_from(context.invocation_metadata()))
                 failed = True
                 try:
                     yield from behavior(request, context)
@@ -99,7 +106,7 @@ def _around(method: str, rid: tuple[str, bool]) -> Callable[[Behavior, bool], Be
             return stream
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            start, token = _begin(context, rid)
+            start, token = _begin(context, request_id_from(context.invocation_metadata()))
             failed = True
             try:
                 reply = behavior(request, context)

@@ -30,7 +30,7 @@ from latentserve.service.models.catalog import ModelCatalog
 from latentserve.service.server.batching import BatcherSet, ComputeLanes, DynamicBatcher, Ticket
 from latentserve.service.server.config import ServiceConfig
 from latentserve.service.server.metrics import BatchMetrics, ServiceMetrics
-from latentserve.service.server.tracing import annotate
+from latentserve.service.server.tracing import recording_span
 from latentserve.service.wire import decode_batch, decode_request_image, encode_image, model_info
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
@@ -154,11 +154,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _submit(self, key: BatcherKey, items: Any, scope: RpcScope) -> Ticket:
         for _ in range(RETIRE_RETRIES):
             batcher = self.batchers.get(key)
-            annotate({"latentserve.model": key[1], "latentserve.op": key[0],
-                      "latentserve.items": len(items),
-                      "latentserve.batch.max_size": batcher.max_batch_size,
-                      "latentserve.batch.max_queue_delay_us": round(batcher.delay_s * 1e6),
-                      "latentserve.batch.lanes": batcher.lanes.count})
+            span = recording_span()
+            if span is not None:
+                span.set_attributes({
+                    "latentserve.model": key[1], "latentserve.op": key[0],
+                    "latentserve.items": len(items),
+                    "latentserve.batch.max_size": batcher.max_batch_size,
+                    "latentserve.batch.max_queue_delay_us": round(batcher.delay_s * 1e6),
+                    "latentserve.batch.lanes": batcher.lanes.count})
             try:
                 return scope.track(batcher.submit(items, deadline=scope.deadline))
             except Unavailable:

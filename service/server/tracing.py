@@ -20,7 +20,7 @@ try:
 except ImportError:  # the optional extra is not installed
     trace = None  # type: ignore[assignment]
 
-__all__ = ["MISSING", "annotate", "configure_exporter", "server_interceptor"]
+__all__ = ["MISSING", "annotate", "configure_exporter", "recording_span", "server_interceptor"]
 
 
 def server_interceptor() -> Any:
@@ -34,8 +34,15 @@ def server_interceptor() -> Any:
 
 def annotate(attributes: dict[str, Any]) -> None:
     """Set ``attributes`` on the current span (nothing without tracing)."""
-    if trace is None:
-        return
-    span = trace.get_current_span()
-    if span.is_recording():
+    span = recording_span()
+    if span is not None:
         span.set_attributes(attributes)
+
+
+def recording_span() -> Any:
+    """The current span if it records (tracing on), else None: callers build attributes
+    only when someone keeps them."""
+    if trace is None:
+        return None
+    span = trace.get_current_span()
+    return span if span.is_recording() else None

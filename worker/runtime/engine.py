@@ -247,6 +247,7 @@ class ModelRuntime:
         # at a time, ~1 full pass per grid instead of h*w.
         self.prior_step = (make_session(entry.file("prior_step"), self.config)
                            if "prior_step" in self.manifest.files else None)
+        self._support: tuple[np.ndarray, np.ndarray] | None = None  # see quantize
         self.provider: str = self.encoder.get_providers()[0]
         on_gpu = self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         binding = self.config.io_binding
@@ -308,10 +309,16 @@ class ModelRuntime:
         """Continuous latents -> symbols on the factorized tables' support."""
         spec = self.manifest.factorized
         assert spec is not None
+        bounds = self._support
+        if bounds is None:  # the tables' support, per channel: built once
+            lo = np.array(spec.offsets, np.float64).reshape(1, -1, 1, 1)
+            hi = lo + np.array([len(f) for f in spec.freqs], np.float64).reshape(1, -1, 1, 1) - 1
+            bounds = self._support = (lo, hi)
         sym = np.rint(latent.astype(np.float64) / spec.step)
-        lo = np.array(spec.offsets, np.float64).reshape(1, -1, 1, 1)
-        hi = lo + np.array([len(f) for f in spec.freqs], np.float64).reshape(1, -1, 1, 1) - 1
-        return np.clip(sym, lo, hi).astype(np.int32)
+        # np.clip's result (NaN stays NaN), without its Python-level wrapper.
+        np.maximum(sym, bounds[0], out=sym)
+        np.minimum(sym, bounds[1], out=sym)
+        return sym.astype(np.int32)
 
     def decode(self, symbols: np.ndarray) -> np.ndarray:
         """int symbols (N, *latent_shape) -> uint8 images (N, C, H, W)."""
