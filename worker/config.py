@@ -72,6 +72,10 @@ class WorkerConfig(Settings):
     tracing: bool = setting(False, help=(
         "OpenTelemetry: a span per chunk, child of its job's SubmitJob span, exported over "
         "OTLP as the OTEL_* variables say (pip install 'latentserve[tracing]')"))
+    overlap: bool = setting(False, help=(
+        "a store thread PNG-encodes, packs and stores computed chunks while the next "
+        "calls compute (off by default: no gain measured on a busy 2-core host, "
+        "bench/worker.py)"))
     coder_processes: int = setting(0, help=(
         "processes that entropy-code calls of >= 64 items, so coding uses every core; pays "
         "from about 512 items per call (--batch-items); 0 = code in the worker thread"))

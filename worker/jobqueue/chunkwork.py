@@ -5,6 +5,9 @@ merging small chunks of one model (and contiguous sample chunks of one job) into
 call; ``compute_batch`` runs one call and splits its output per chunk (PNG-encoding
 images when the job asks for PNG); ``pack_results`` packs a finished chunk for Redis.
 The worker loop (``consumer``) and the benchmark's in-process baseline both use them.
+The overlapped worker calls ``compute_batch(..., png=False)`` and PNG-encodes a finished
+chunk's images later, in its store thread (``encode_parts``): the same bytes, off the
+compute thread.
 
 Bad items (OnItemError PER_ITEM): a chunk's inputs may arrive with items already failed
 (refused by SubmitJob; ``Held.failures``), and a reconstruct call decodes code by code
@@ -103,10 +106,14 @@ def plan_batches(chunks: list[Held], limit: int) -> list[list[Segment]]:
     return batches
 
 
-def compute_batch(pipeline: JobPipeline, batch: list[Segment]) -> list[Any]:
-    """One pipeline call for the batch; returns each segment's results."""
+def compute_batch(pipeline: JobPipeline, batch: list[Segment], *, png: bool = True) -> list[Any]:
+    """One pipeline call for the batch; returns each segment's results.
+
+    ``png=False``: images of a PNG job stay arrays, for ``encode_parts`` to encode.
+    """
     task = batch[0].held.task
     assert task is not None
+    png = png and task.image_format is ImageFormat.PNG
     sizes = [s.hi - s.lo for s in batch]
     if task.kind is JobKind.COMPRESS:
         images = np.concatenate([s.held.inputs[s.lo:s.hi] for s in batch])
@@ -115,7 +122,6 @@ def compute_batch(pipeline: JobPipeline, batch: list[Segment]) -> list[Any]:
     if task.kind is JobKind.RECONSTRUCT and task.on_item_error is OnItemError.PER_ITEM:
         codes = [c for s in batch for c in s.held.inputs[s.lo:s.hi]]
         each = pipeline.reconstruct_each(codes, task.model or None)
-        png = task.image_format is ImageFormat.PNG
         return _split([ItemFailure.of(r) if isinstance(r, CodeError) else
                        encode_png(r) if png else r for r in each], sizes)
     if task.kind is JobKind.RECONSTRUCT:
@@ -139,9 +145,20 @@ def compute_batch(pipeline: JobPipeline, batch: list[Segment]) -> list[Any]:
             i = j
         images = np.concatenate(runs)
     pieces = _split(images, sizes)
-    if task.image_format is ImageFormat.PNG:
+    if png:
         return [[encode_png(im) for im in piece] for piece in pieces]
     return pieces
+
+
+def encode_parts(h: Held) -> None:
+    """PNG-encode a finished chunk's images in place when its job asks for PNG (parts made
+    by ``compute_batch(..., png=False)``); ItemFailures and bytes stay. The parts are
+    then what ``compute_batch(..., png=True)`` would have made."""
+    t = h.task
+    if t is None or t.kind is JobKind.COMPRESS or t.image_format is not ImageFormat.PNG:
+        return
+    h.parts = [[x if isinstance(x, ItemFailure | bytes) else encode_png(x) for x in part]
+               for part in h.parts]
 
 
 def chunk_failures(h: Held) -> dict[int, ItemFailure]:

@@ -17,6 +17,16 @@ consumer. The loop:
    period, give unfinished chunks back to the queue (``release``).
 5. Store each finished chunk through ``JobStore.store_chunk`` (idempotent; XACKs).
 
+With ``overlap`` (``--overlap true``) step 5 and the PNG encoding of image results run in a
+store thread, so packing, PNG encoding and the STORE round trips of finished chunks
+overlap the next pipeline calls and the next reads; this thread reads, begins, plans,
+checks and computes exactly as without it (what a worker holds, when it looks for
+cancels and shutdown, what a SIGTERM finishes or releases). A chunk stays in ``_held``
+until stored, so the heartbeat extends it while it waits for the store thread; the
+backlog is bounded (a call waits while over ``2 * batch_items`` items wait to be
+stored); on shutdown the store thread stores what it holds within the grace, then
+whatever is left is released. Without it every step runs in this thread.
+
 A heartbeat thread extends this worker's claims (XCLAIM ... JUSTID) so a healthy long
 chunk is never reclaimed, refreshes the worker's TTL'd health key and sweeps expired
 job ids and abandoned uploads. An item's own bad input is an ItemFailure in its slot
@@ -30,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -47,6 +58,7 @@ from latentserve.worker.jobqueue.chunkwork import (
     Segment,
     chunk_failures,
     compute_batch,
+    encode_parts,
     pack_results,
     plan_batches,
 )
@@ -111,9 +123,15 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.metrics.watch(self.stats, lambda: len(self._held))
         self._started = time.time()
-        self._ready = False  # models preloaded, taking work
+        self._taking = False  # models preloaded, taking work
         self._shards = self.keys.all_shards()
         self._next_shard = 0  # where the next read starts, so every shard gets its turn
+        # Overlap mode: computed chunks for the store thread, and how many items they
+        # hold (under _store_cond, notified as each is stored).
+        self._store_q: queue.SimpleQueue[Held | None] = queue.SimpleQueue()
+        self._store_backlog = 0
+        self._store_cond = threading.Condition()
+        self._store_thread: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------
     def request_stop(self, grace_s: float | None = None) -> None:
@@ -150,10 +168,13 @@ class Worker:
         beat.start()
         backoff = 0.05
         down_since: float | None = None  # when Redis stopped answering the loop
+        overlap = self.config.overlap
         try:
             if self.config.preload:
                 self._preload()
-            self._ready = True
+            if overlap:
+                self._start_store_thread()
+            self._taking = True
             while not self._stop.is_set():
                 try:
                     entries = self._reclaim() or self._read()
@@ -190,6 +211,7 @@ class Worker:
                         self.store.ensure_group(pool)
         finally:
             self._stop.set()
+            self._stop_store_thread()
             self._release_all()
             self._done.set()
             beat.join(timeout=5)
@@ -406,6 +428,20 @@ class Worker:
 
     # -- doing work -------------------------------------------------------------------
     def _process(self, entries: list[Held]) -> None:
+        runnable = self._begin(entries)
+        for i, batch in enumerate(plan_batches(runnable, self.config.batch_items)):
+            # Before the first call BEGIN has just read every job's state; after it, look
+            # again between calls (cancels, shutdown).
+            if i and not self._checkpoint(runnable):
+                break
+            self._run_batch(batch)
+        for held in runnable:  # whatever the checkpoint stopped (not what waits to be stored)
+            if held.entry_id in self._held and held.done < held.n:
+                self._release(held)
+
+    def _begin(self, entries: list[Held]) -> list[Held]:
+        """BEGIN and unpack each chunk; returns those with items to compute (the rest are
+        skipped, failed, released or, every input refused on arrival, stored)."""
         runnable = []
         for held in entries:
             if self._stop.is_set():
@@ -430,18 +466,67 @@ class Worker:
                 self._fail_chunk(held, exc)
                 continue
             if len(held.failures) == held.n:  # every input refused on arrival: nothing to run
-                self._finish(held)
+                if self.config.overlap:
+                    self._to_store(held)
+                else:
+                    self._finish(held)
                 continue
             runnable.append(held)
-        for i, batch in enumerate(plan_batches(runnable, self.config.batch_items)):
-            # Before the first call BEGIN has just read every job's state; after it, look
-            # again between calls (cancels, shutdown).
-            if i and not self._checkpoint(runnable):
-                break
-            self._run_batch([s for s in batch if s.held.entry_id in self._held])
-        for held in runnable:  # whatever the checkpoint stopped
-            if held.entry_id in self._held:
-                self._release(held)
+        return runnable
+
+    # -- overlap mode: a store thread packs and stores while this one computes --------
+    def _start_store_thread(self) -> None:
+        self._store_thread = threading.Thread(target=self._store_loop, daemon=True,
+                                              name=f"store-{self.consumer}")
+        self._store_thread.start()
+
+    def _to_store(self, h: Held) -> None:
+        with self._store_cond:
+            self._store_backlog += h.n
+        self._store_q.put(h)
+
+    def _wait_store(self, most: int, until: float = float("inf")) -> bool:
+        """Until at most ``most`` items wait for the store thread (or ``until``, a
+        monotonic time); True if they do."""
+        with self._store_cond:
+            while self._store_backlog > most:
+                left = until - time.monotonic()
+                if left <= 0:
+                    return False
+                self._store_cond.wait(min(left, 1.0))
+        return True
+
+    def _stop_store_thread(self) -> None:
+        """Let the store thread store what it has (within the grace when stopping), then
+        end it. Chunks it did not get to stay held: run() releases them."""
+        thread = self._store_thread
+        if thread is None:
+            return
+        self._wait_store(0, self._deadline)
+        self._store_q.put(None)
+        thread.join(timeout=max(min(self._deadline - time.monotonic(), 30.0), 1.0))
+        self._store_thread = None
+
+    def _store_loop(self) -> None:
+        while (h := self._store_q.get()) is not None:
+            try:
+                if h.entry_id in self._held:  # else released, cancelled or lost meanwhile
+                    encode_parts(h)
+                    self._finish(h)
+            except TRANSIENT_ERRORS as exc:
+                # Left pending: reclaimed after claim_idle_s, here or elsewhere.
+                log.warning("worker %s: cannot store job %s chunk %d (%s); it will be "
+                            "redone", self.consumer, h.job_id, h.chunk, exc)
+                self._drop(h)
+            except Exception as exc:  # noqa: BLE001 - stored or retried, like a compute error
+                try:
+                    self._fail_chunk(h, exc)
+                except TRANSIENT_ERRORS:
+                    self._drop(h)  # left pending: redelivered later
+            finally:
+                with self._store_cond:
+                    self._store_backlog -= h.n
+                    self._store_cond.notify_all()
 
     def _checkpoint(self, chunks: list[Held]) -> bool:
         """At a batch boundary: drop cancelled chunks; on shutdown, release what must go.
@@ -451,37 +536,46 @@ class Worker:
         live = [h for h in chunks if h.entry_id in self._held]
         if not live:
             return False
-        states = self.store.states(sorted({h.job_id for h in live}))
-        for h in live:
+        self._drop_cancelled(live)
+        if self._stop.is_set():
+            past = time.monotonic() >= self._deadline
+            for h in live:
+                # Past the grace period release everything; before it, only chunks not
+                # yet started (finishing a started chunk is what the grace is for). A
+                # computed chunk waiting for the store thread is stored, not released.
+                if h.entry_id in self._held and h.done < h.n and (past or h.done == 0):
+                    self._release(h)
+        return any(h.entry_id in self._held and h.done < h.n for h in live)
+
+    def _drop_cancelled(self, chunks: list[Held]) -> None:
+        """Ack and drop the chunks whose job was cancelled or failed meanwhile."""
+        states = self.store.states(sorted({h.job_id for h in chunks}))
+        for h in chunks:
             state = states[h.job_id]
             if state is None or state.terminal:
                 # Cancelled or failed meanwhile: stop here, at the batch boundary.
                 self.store.ack(h.pool, h.entry_id, h.shard)
                 self.stats.skipped += 1
                 self._drop(h)
-        if self._stop.is_set():
-            past = time.monotonic() >= self._deadline
-            for h in live:
-                # Past the grace period release everything; before it, only chunks not
-                # yet started (finishing a started chunk is what the grace is for).
-                if h.entry_id in self._held and (past or h.done == 0):
-                    self._release(h)
-        return any(h.entry_id in self._held for h in live)
 
     def _run_batch(self, batch: list[Segment]) -> None:
+        """One pipeline call; finished chunks are stored (overlap: by the store thread)."""
+        batch = [s for s in batch if s.held.entry_id in self._held]
         if not batch:
             return
+        overlap = self.config.overlap
+        if overlap:  # the store thread's backlog stays under two batches
+            self._wait_store(2 * self.config.batch_items)
         try:
             task = batch[0].held.task
             model, op = (task.model, task.kind.value) if task else ("", "")
             with chunk_spans(self.store, [s.held for s in batch], model=model, op=op):
-                outputs = compute_batch(self.pipeline, batch)
+                outputs = compute_batch(self.pipeline, batch, png=not overlap)
         except Exception as exc:  # noqa: BLE001 - every failure is stored or retried
             if len({id(s.held) for s in batch}) > 1:
                 # A merged call failed: run each chunk alone so only the culprit fails.
                 for seg in batch:
-                    if seg.held.entry_id in self._held:
-                        self._run_batch([seg])
+                    self._run_batch([seg])
                 return
             self._fail_chunk(batch[0].held, exc)
             return
@@ -490,7 +584,10 @@ class Worker:
             h.parts.append(out)
             h.done += seg.hi - seg.lo
             if h.done == h.n:
-                self._finish(h)
+                if overlap:
+                    self._to_store(h)
+                else:
+                    self._finish(h)
 
     def _finish(self, h: Held) -> None:
         try:
@@ -573,7 +670,7 @@ class Worker:
         record = {"consumer": self.consumer, "pid": os.getpid(), "host": socket.gethostname(),
                   "pools": list(self.config.pools), "provider": self.config.provider,
                   "started": self._started, "beat": time.time(), "chunks": self.stats.chunks,
-                  "items": self.stats.items, "ready": self._ready,
+                  "items": self.stats.items, "ready": self._taking,
                   "stopping": self._stop.is_set(), "metrics_port": self.metrics.port,
                   "holding": [{"job": h.job_id, "chunk": h.chunk, "done": h.done, "n": h.n}
                               for h in held]}
