@@ -45,6 +45,13 @@ def register(sub: Any) -> None:
     t.add_argument("--decoder-epochs", type=int, default=0,
                    help="vqvae: afterwards train the decoder alone on the frozen codes")
     t.add_argument("--latent-channels", type=int, default=12)
+    t.add_argument("--transform", choices=("relu", "gdn"), default="relu",
+                   help="nonlinearity of the transforms: ReLU (+res blocks) or GDN / IGDN")
+    t.add_argument("--latent-layout", choices=("grid", "flat"), default="grid",
+                   help="ae / vae: latent of C x H/4 x W/4, or flat: C numbers per image "
+                        "(through a linear layer)")
+    t.add_argument("--learned-sigma", action="store_true",
+                   help="vae: learn the likelihood's pixel std (--vae-sigma is then unused)")
     t.add_argument("--num-codes", type=int, default=256)
     t.add_argument("--code-dim", type=int, default=32)
     t.add_argument("--val-count", type=int, default=1000)
@@ -96,7 +103,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     mc = ModelConfig(family=args.family, image_shape=data.image_shape, hidden=args.hidden,
                      res_blocks=args.res_blocks, decoder_hidden=args.decoder_hidden,
                      decoder_res_blocks=args.decoder_res_blocks, latent_channels=args.latent_channels,
-                     num_codes=args.num_codes, code_dim=args.code_dim)
+                     num_codes=args.num_codes, code_dim=args.code_dim,
+                     transform=args.transform, latent_layout=args.latent_layout,
+                     learned_sigma=args.learned_sigma)
     tc = TrainConfig(lmbda=args.lmbda, vae_sigma=args.vae_sigma, epochs=args.epochs,
                      steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      prior_epochs=args.prior_epochs,

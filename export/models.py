@@ -5,15 +5,25 @@ Every model takes float images in [0, 1] of shape (N, C, H, W) (H and W divisibl
 ``x_hat``. ``onnx_encoder()`` / ``onnx_decoder()`` give the modules that the exporter
 turns into ONNX graphs with the I/O contract of ``latentserve.worker.manifest``.
 
-Shared trunk (h = H/4, w = W/4):
+Shared trunk (h = H/4, w = W/4), ``transform="relu"`` (the default):
 
     encoder: x -> conv5 s2 -> ReLU -> conv5 s2 -> [res]*R -> ReLU -> conv3 -> (N, C', h, w)
     decoder: (N, C', h, w) -> conv3 -> [res]*R -> ReLU -> deconv4 s2 -> ReLU -> deconv4 s2
              -> (N, C, H, W)   (clamped to [0, 1] in the ONNX decoder)
+
+``transform="gdn"`` (Balle 2017 style, ``export.gdn``; the compression ladder's transforms):
+
+    encoder: x -> conv5 s2 -> GDN -> conv5 s2 -> GDN -> [res]*R -> conv3 -> GDN -> conv3
+    decoder: conv3 -> IGDN -> conv3 -> [res]*R -> IGDN -> deconv5 s2 -> IGDN -> deconv5 s2
+
+``latent_layout="flat"`` (ae / vae) puts a linear layer between the trunk and a latent of
+``latent_channels`` numbers per image, shape (C', 1, 1): the VAE that samples digits from
+N(0, I) uses it (a small dense latent has no prior holes between independent positions).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -22,9 +32,12 @@ from torch import Tensor, nn
 
 from .divergences import gaussian_kl
 from .entropy_model import FactorizedDensity
+from .gdn import GDN
 from .quantizer import VectorQuantizer
 
 FAMILIES = ("ae", "vae", "vqvae")
+TRANSFORMS = ("relu", "gdn")
+LAYOUTS = ("grid", "flat")
 MODELS: dict[str, type[nn.Module]] = {}
 
 
@@ -52,10 +65,19 @@ class ModelConfig:
     beta: float = 0.25          # vqvae commitment weight
     ema_decay: float = 0.99     # vqvae codebook EMA
     dead_threshold: float = 1.0  # vqvae: EMA usage below this restarts a code
+    transform: str = "relu"     # relu | gdn (GDN / IGDN nonlinearities)
+    latent_layout: str = "grid"  # grid: (C', h, w); flat: (C', 1, 1) through a linear layer
+    learned_sigma: bool = False  # vae: learn the Gaussian likelihood's pixel std (exact ELBO)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family {self.family!r} is not one of {FAMILIES}")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"transform {self.transform!r} is not one of {TRANSFORMS}")
+        if self.latent_layout not in LAYOUTS:
+            raise ValueError(f"latent layout {self.latent_layout!r} is not one of {LAYOUTS}")
+        if self.latent_layout == "flat" and self.family == "vqvae":
+            raise ValueError("a vqvae codes a grid of indices; latent_layout must be 'grid'")
         c, h, w = self.image_shape
         if c not in (1, 3) or h % 4 or w % 4 or h < 4 or w < 4:
             raise ValueError(f"image shape {self.image_shape} needs C in (1, 3) and H, W "
@@ -73,6 +95,11 @@ class ModelConfig:
     def grid(self) -> tuple[int, int]:
         """Latent grid (h, w)."""
         return self.image_shape[1] // 4, self.image_shape[2] // 4
+
+    @property
+    def latent_grid(self) -> tuple[int, int]:
+        """Spatial shape of the ae / vae latent: the grid, or (1, 1) when flat."""
+        return (1, 1) if self.latent_layout == "flat" else self.grid
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -101,7 +128,15 @@ class ResBlock(nn.Module):
         return x + self.body(x)
 
 
-def make_encoder(c_in: int, hidden: int, c_out: int, res_blocks: int) -> nn.Sequential:
+def make_encoder(c_in: int, hidden: int, c_out: int, res_blocks: int,
+                 transform: str = "relu") -> nn.Sequential:
+    if transform == "gdn":
+        return nn.Sequential(
+            nn.Conv2d(c_in, hidden, 5, stride=2, padding=2), GDN(hidden),
+            nn.Conv2d(hidden, hidden, 5, stride=2, padding=2), GDN(hidden),
+            *[ResBlock(hidden) for _ in range(res_blocks)],
+            nn.Conv2d(hidden, hidden, 3, padding=1), GDN(hidden),
+            nn.Conv2d(hidden, c_out, 3, padding=1))
     return nn.Sequential(
         nn.Conv2d(c_in, hidden, 5, stride=2, padding=2), nn.ReLU(),
         nn.Conv2d(hidden, hidden, 5, stride=2, padding=2),
@@ -109,7 +144,16 @@ def make_encoder(c_in: int, hidden: int, c_out: int, res_blocks: int) -> nn.Sequ
         nn.Conv2d(hidden, c_out, 3, padding=1))
 
 
-def make_decoder(c_in: int, hidden: int, c_out: int, res_blocks: int) -> nn.Sequential:
+def make_decoder(c_in: int, hidden: int, c_out: int, res_blocks: int,
+                 transform: str = "relu") -> nn.Sequential:
+    if transform == "gdn":
+        return nn.Sequential(
+            nn.Conv2d(c_in, hidden, 3, padding=1), GDN(hidden, inverse=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            *[ResBlock(hidden) for _ in range(res_blocks)], GDN(hidden, inverse=True),
+            nn.ConvTranspose2d(hidden, hidden, 5, stride=2, padding=2, output_padding=1),
+            GDN(hidden, inverse=True),
+            nn.ConvTranspose2d(hidden, c_out, 5, stride=2, padding=2, output_padding=1))
     return nn.Sequential(
         nn.Conv2d(c_in, hidden, 3, padding=1),
         *[ResBlock(hidden) for _ in range(res_blocks)], nn.ReLU(),
@@ -117,6 +161,49 @@ def make_decoder(c_in: int, hidden: int, c_out: int, res_blocks: int) -> nn.Sequ
         # Linear output (clamped to [0, 1] only in the exported graph): a sigmoid here
         # saturates early on MNIST's black background and training stalls.
         nn.ConvTranspose2d(hidden, c_out, 4, stride=2, padding=1))
+
+
+class _ToFlat(nn.Module):
+    """(N, ch, h, w) trunk features -> ReLU -> linear -> (N, c_out, 1, 1)."""
+
+    def __init__(self, ch: int, grid: tuple[int, int], c_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(ch * grid[0] * grid[1], c_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(torch.relu(x).flatten(1))[:, :, None, None]
+
+
+class _FromFlat(nn.Module):
+    """(N, c_in, 1, 1) latent -> linear -> (N, ch, h, w) features for the decoder trunk."""
+
+    def __init__(self, c_in: int, ch: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.ch, self.grid = ch, grid
+        self.linear = nn.Linear(c_in, ch * grid[0] * grid[1])
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.linear(z.flatten(1)).reshape(-1, self.ch, *self.grid)
+
+
+def build_encoder(config: ModelConfig, c_out: int) -> nn.Sequential:
+    """The family's analysis transform: images -> (N, c_out, *config.latent_grid)."""
+    c = config.image_shape[0]
+    if config.latent_layout == "flat":
+        trunk = make_encoder(c, config.hidden, config.hidden, config.res_blocks,
+                             config.transform)
+        return nn.Sequential(*trunk, _ToFlat(config.hidden, config.grid, c_out))
+    return make_encoder(c, config.hidden, c_out, config.res_blocks, config.transform)
+
+
+def build_decoder(config: ModelConfig, c_in: int) -> nn.Sequential:
+    """The family's synthesis transform: (N, c_in, *config.latent_grid) -> images."""
+    c = config.image_shape[0]
+    hid = config.dec_hidden
+    if config.latent_layout == "flat":
+        trunk = make_decoder(hid, hid, c, config.dec_res_blocks, config.transform)
+        return nn.Sequential(_FromFlat(c_in, hid, config.grid), nn.ReLU(), *trunk)
+    return make_decoder(c_in, hid, c, config.dec_res_blocks, config.transform)
 
 
 class _FromUint8(nn.Module):
@@ -152,9 +239,8 @@ class AutoEncoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        c = config.image_shape[0]
-        self.g_a = make_encoder(c, config.hidden, config.latent_channels, config.res_blocks)
-        self.g_s = make_decoder(config.latent_channels, config.dec_hidden, c, config.dec_res_blocks)
+        self.g_a = build_encoder(config, config.latent_channels)
+        self.g_s = build_decoder(config, config.latent_channels)
         self.density = FactorizedDensity(config.latent_channels)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -184,15 +270,19 @@ class VariationalAutoEncoder(nn.Module):
         KL(q || p) = 0.5 * sum(mu^2 + exp(logvar) - logvar - 1)      (nats per image)
 
     At inference the encoder's output is ``mu``; compression codes mu quantised with a
-    step (see ``export.tables.vae_tables``).
+    step (see ``export.tables.histogram_tables``). With ``learned_sigma`` the likelihood's
+    pixel std is a parameter (``log_sigma``) trained with the rest: the loss stays the
+    negative ELBO, and sigma settles at the reconstruction RMSE.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        c = config.image_shape[0]
-        self.g_a = make_encoder(c, config.hidden, 2 * config.latent_channels, config.res_blocks)
-        self.g_s = make_decoder(config.latent_channels, config.dec_hidden, c, config.dec_res_blocks)
+        self.g_a = build_encoder(config, 2 * config.latent_channels)
+        self.g_s = build_decoder(config, config.latent_channels)
+        if config.learned_sigma:
+            # log of the pixel std of p(x|z) = N(x_hat, sigma^2 I), learned with the ELBO
+            self.log_sigma = nn.Parameter(torch.tensor(math.log(0.1)))
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu, logvar = self.g_a(x).chunk(2, dim=1)
@@ -228,8 +318,10 @@ class VQVAE(nn.Module):
         super().__init__()
         self.config = config
         c = config.image_shape[0]
-        self.g_a = make_encoder(c, config.hidden, config.code_dim, config.res_blocks)
-        self.g_s = make_decoder(config.code_dim, config.dec_hidden, c, config.dec_res_blocks)
+        self.g_a = make_encoder(c, config.hidden, config.code_dim, config.res_blocks,
+                                config.transform)
+        self.g_s = make_decoder(config.code_dim, config.dec_hidden, c, config.dec_res_blocks,
+                                config.transform)
         self.vq = VectorQuantizer(config.num_codes, config.code_dim, beta=config.beta,
                                   decay=config.ema_decay, dead_threshold=config.dead_threshold)
 

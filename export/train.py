@@ -3,7 +3,8 @@
 Losses (pixels in [0, 1], per image, averaged over the batch):
 
 - ae:    lambda * 255^2 * MSE + bits per pixel  (rate from the factorised density, noisy y)
-- vae:   (sum (x - x_hat)^2 / (2 sigma^2) + KL) / pixels   (Gaussian likelihood, sigma fixed)
+- vae:   (sum (x - x_hat)^2 / (2 sigma^2) + KL) / pixels   (Gaussian likelihood, sigma fixed,
+         or learned: + pixels * log sigma, the exact negative ELBO up to a constant)
 - vqvae: MSE + beta * commitment                             (codebook by EMA)
 - prior: cross-entropy of the training index grids under the PixelCNN (nats per index)
 
@@ -83,7 +84,13 @@ def loss_terms(family: str, model: nn.Module, x: Tensor, cfg: TrainConfig) -> di
     elif family == "vae":
         sq = (out["x_hat"] - x).pow(2).flatten(1).sum(1)
         kl = out["kl"]
-        loss = (sq / (2 * cfg.vae_sigma**2) + kl).mean() / pixels
+        log_sigma = getattr(model, "log_sigma", None)
+        if log_sigma is None:
+            loss = (sq / (2 * cfg.vae_sigma**2) + kl).mean() / pixels
+        else:
+            # -ELBO with a learned pixel std (+ the constant 0.5 log 2 pi per pixel, dropped)
+            nll = sq * torch.exp(-2 * log_sigma) / 2 + pixels * log_sigma
+            loss = (nll + kl).mean() / pixels
         rate = kl.mean() / math.log(2)
     else:
         loss = mse + out["commitment"]
