@@ -52,6 +52,11 @@ def register(sub: Any) -> None:
                         "(through a linear layer)")
     t.add_argument("--learned-sigma", action="store_true",
                    help="vae: learn the likelihood's pixel std (--vae-sigma is then unused)")
+    t.add_argument("--stage2-hidden", type=int, default=0,
+                   help="vae (--latent-layout flat): width of a second-stage VAE over the "
+                        "latent, trained after the first (two-stage VAE; 0: none)")
+    t.add_argument("--stage2-steps", type=int, default=0,
+                   help="training steps of the second stage (0: 4000)")
     t.add_argument("--num-codes", type=int, default=256)
     t.add_argument("--code-dim", type=int, default=32)
     t.add_argument("--val-count", type=int, default=1000)
@@ -105,12 +110,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                      decoder_res_blocks=args.decoder_res_blocks, latent_channels=args.latent_channels,
                      num_codes=args.num_codes, code_dim=args.code_dim,
                      transform=args.transform, latent_layout=args.latent_layout,
-                     learned_sigma=args.learned_sigma)
+                     learned_sigma=args.learned_sigma, stage2_hidden=args.stage2_hidden)
     tc = TrainConfig(lmbda=args.lmbda, vae_sigma=args.vae_sigma, epochs=args.epochs,
                      steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      prior_epochs=args.prior_epochs,
                      prior_steps=args.prior_steps, prior_shifts=args.prior_shifts,
-                     decoder_epochs=args.decoder_epochs, progress=not args.no_progress)
+                     decoder_epochs=args.decoder_epochs, stage2_steps=args.stage2_steps,
+                     progress=not args.no_progress)
     pc = PriorConfig(num_codes=args.num_codes, grid=mc.grid, embed_dim=args.prior_embed,
                      hidden=args.prior_hidden, layers=args.prior_layers,
                      dropout=args.prior_dropout) if args.family == "vqvae" else None

@@ -68,6 +68,7 @@ class ModelConfig:
     transform: str = "relu"     # relu | gdn (GDN / IGDN nonlinearities)
     latent_layout: str = "grid"  # grid: (C', h, w); flat: (C', 1, 1) through a linear layer
     learned_sigma: bool = False  # vae: learn the Gaussian likelihood's pixel std (exact ELBO)
+    stage2_hidden: int = 0      # vae (flat): width of a second-stage VAE over z (0: none)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -78,6 +79,8 @@ class ModelConfig:
             raise ValueError(f"latent layout {self.latent_layout!r} is not one of {LAYOUTS}")
         if self.latent_layout == "flat" and self.family == "vqvae":
             raise ValueError("a vqvae codes a grid of indices; latent_layout must be 'grid'")
+        if self.stage2_hidden and (self.family != "vae" or self.latent_layout != "flat"):
+            raise ValueError("a second stage (stage2_hidden) needs family 'vae' with a flat latent")
         c, h, w = self.image_shape
         if c not in (1, 3) or h % 4 or w % 4 or h < 4 or w < 4:
             raise ValueError(f"image shape {self.image_shape} needs C in (1, 3) and H, W "
@@ -262,6 +265,41 @@ class AutoEncoder(nn.Module):
         return _Decode(lambda z: self.g_s(z).clamp(0.0, 1.0), self)
 
 
+class LatentVAE(nn.Module):
+    """The second stage of a two-stage VAE (Dai & Wipf 2019): a small VAE over z.
+
+        z (N, C) -> MLP -> (mu_u, logvar_u) -> u -> MLP -> z_hat;  p(z|u) = N(z_hat, gamma^2 I)
+        loss = -ELBO = ||z - z_hat||^2 / (2 gamma^2) + C log gamma + KL(q(u|z) || N(0, I))
+
+    with the same closed-form KL as the first stage and a learned scale gamma. Trained
+    after the first stage on z ~ q(z|x) of the training images, it maps N(0, I) onto the
+    first stage's aggregate posterior, which is not N(0, I) (the prior holes are what make
+    one-stage samples look like no digit).
+    """
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                 nn.ReLU(), nn.Linear(hidden, 2 * dim))
+        self.dec = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                 nn.ReLU(), nn.Linear(hidden, dim))
+        self.log_gamma = nn.Parameter(torch.tensor(0.0))
+
+    def posterior(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.enc(z).chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def loss(self, z: Tensor) -> dict[str, Tensor]:
+        mu, logvar = self.posterior(z)
+        u = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        sq = (self.dec(u) - z).pow(2).sum(1)
+        kl = gaussian_kl(mu, logvar).sum(1)
+        dim = z.shape[1]
+        nll = sq * torch.exp(-2 * self.log_gamma) / 2 + dim * self.log_gamma
+        return {"loss": (nll + kl).mean() / dim, "kl_u": kl.mean().detach(),
+                "gamma": torch.exp(self.log_gamma).detach()}
+
+
 @register_model("vae")
 class VariationalAutoEncoder(nn.Module):
     """Gaussian VAE: q(z|x) = N(mu, diag exp(logvar)), prior N(0, I).
@@ -283,6 +321,9 @@ class VariationalAutoEncoder(nn.Module):
         if config.learned_sigma:
             # log of the pixel std of p(x|z) = N(x_hat, sigma^2 I), learned with the ELBO
             self.log_sigma = nn.Parameter(torch.tensor(math.log(0.1)))
+        # two-stage: the served latent is the second stage's u (export.train.train_stage2)
+        self.stage2 = (LatentVAE(config.latent_channels, config.stage2_hidden)
+                       if config.stage2_hidden else None)
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu, logvar = self.g_a(x).chunk(2, dim=1)
@@ -296,13 +337,23 @@ class VariationalAutoEncoder(nn.Module):
                 "kl": gaussian_kl(mu, logvar).flatten(1).sum(1)}
 
     def encode_latent(self, x: Tensor) -> Tensor:
-        return self.posterior(x)[0]
+        """The served latent: mu of q(z|x), or with a second stage mu of q(u|mu_z)."""
+        mu = self.posterior(x)[0]
+        if self.stage2 is None:
+            return mu
+        return self.stage2.posterior(mu.flatten(1))[0][:, :, None, None]
+
+    def decode_latent(self, latent: Tensor) -> Tensor:
+        """The served latent (z, or u with a second stage) -> images (unclamped)."""
+        if self.stage2 is None:
+            return self.g_s(latent)
+        return self.g_s(self.stage2.dec(latent.flatten(1))[:, :, None, None])
 
     def onnx_encoder(self) -> nn.Module:
         return _FromUint8(self.encode_latent, self)
 
     def onnx_decoder(self) -> nn.Module:
-        return _Decode(lambda z: self.g_s(z).clamp(0.0, 1.0), self)
+        return _Decode(lambda z: self.decode_latent(z).clamp(0.0, 1.0), self)
 
 
 @register_model("vqvae")

@@ -50,6 +50,7 @@ class TrainConfig:
     prior_shifts: int = 0       # prior data: also encode images shifted by up to this many px
     decoder_epochs: int = 0     # vqvae: then train the decoder alone on the frozen codes
     decoder_steps: int | None = None
+    stage2_steps: int = 0       # vae with a second stage: its training steps (0: 4000)
     progress: bool = True
 
 
@@ -155,6 +156,8 @@ def train_model(model_config: ModelConfig, train_config: TrainConfig, data: Data
     if model_config.family == "vqvae" and (train_config.decoder_epochs or
                                            train_config.decoder_steps):
         history += train_decoder(model, train_config, data, gen)
+    if getattr(model, "stage2", None) is not None:
+        history += train_stage2(model, train_config, data, gen)
     ckpt: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "model_config": model_config.to_dict(),
@@ -222,6 +225,35 @@ def train_prior(vqvae: nn.Module, cfg: TrainConfig, data: Dataset,
                          _batches(n, bs, steps, gen), cfg.progress, "prior")
     prior.eval()
     return prior, history
+
+
+def train_stage2(vae: nn.Module, cfg: TrainConfig, data: Dataset,
+                 gen: torch.Generator) -> list[dict[str, float]]:
+    """Fit a two-stage VAE's second stage to z ~ q(z|x) of the training images.
+
+    The first stage is frozen; each step draws fresh z for a batch from the stored
+    posterior means and variances (Dai & Wipf 2019 train on samples, not on the means).
+    """
+    vae.eval()
+    with torch.no_grad():
+        parts = [vae.posterior(to_float(data.train[i:i + 500]))  # type: ignore[operator]
+                 for i in range(0, len(data.train), 500)]
+    mu = torch.cat([p[0] for p in parts]).flatten(1)
+    std = torch.exp(0.5 * torch.cat([p[1] for p in parts])).flatten(1)
+    stage2 = vae.stage2  # type: ignore[attr-defined]
+    stage2.train()
+    n = len(mu)
+    bs = min(cfg.batch_size, n)
+    steps = cfg.stage2_steps or 4000
+
+    def step(idx: Tensor) -> dict[str, Tensor]:
+        z = mu[idx] + std[idx] * torch.randn(len(idx), mu.shape[1], generator=gen)
+        return stage2.loss(z)
+
+    history = _run_steps(list(stage2.parameters()), steps, cfg.lr, step,
+                         _batches(n, bs, steps, gen), cfg.progress, "stage2")
+    vae.eval()
+    return history
 
 
 def train_decoder(vqvae: nn.Module, cfg: TrainConfig, data: Dataset,

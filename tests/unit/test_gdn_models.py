@@ -121,3 +121,36 @@ def test_flat_vae_and_gdn_ae_train_export_code_and_sample(small_data,  # type: i
         assert symbols.shape == (5, *want)
         assert runtime.decode(symbols).shape == (5, 1, 28, 28)
         assert runtime.sample(3, seed=1).shape == (3, 1, 28, 28)
+
+
+def test_a_second_stage_needs_a_flat_vae() -> None:
+    with pytest.raises(ValueError, match="second stage"):
+        ModelConfig(family="vae", stage2_hidden=8)
+    with pytest.raises(ValueError, match="second stage"):
+        ModelConfig(family="ae", latent_layout="flat", stage2_hidden=8)
+
+
+def test_a_two_stage_vae_trains_both_stages_and_serves_the_second_stage_latent(  # type: ignore[no-untyped-def]
+        small_data, tmp_path: Path) -> None:
+    mc = ModelConfig(family="vae", hidden=16, res_blocks=0, latent_channels=4,
+                     latent_layout="flat", stage2_hidden=16)
+    _, tc, _ = tiny_configs("vae")
+    tc = TrainConfig(**{**tc.__dict__, "steps": 20, "stage2_steps": 60})
+    ckpt = train_model(mc, tc, small_data)
+    assert len(ckpt["history"]) == 80
+    stage2 = [row["loss"] for row in ckpt["history"][20:]]
+    assert "gamma" in ckpt["history"][-1] and np.mean(stage2[-5:]) < np.mean(stage2[:5])
+    model, _ = rebuild(ckpt)
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        u = model.encode_latent(x)
+        mu_z = model.posterior(x)[0]
+        assert u.shape == (3, 4, 1, 1)
+        torch.testing.assert_close(u, model.stage2.posterior(mu_z.flatten(1))[0][:, :, None, None])
+        z_hat = model.stage2.dec(u.flatten(1))[:, :, None, None]
+        torch.testing.assert_close(model.decode_latent(u), model.g_s(z_hat))
+    export_checkpoint(ckpt, repo=tmp_path, name="two-stage", version=1, data=small_data)
+    runtime = ModelRuntime(ModelRepository(tmp_path).load("two-stage"))
+    assert runtime.manifest.quality["onnx_max_abs_diff"] <= 1e-4
+    assert runtime.decode(runtime.encode(small_data.val[:4])).shape == (4, 1, 28, 28)
+    assert runtime.sample(3, seed=1).shape == (3, 1, 28, 28)
