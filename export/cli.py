@@ -57,6 +57,8 @@ def register(sub: Any) -> None:
                         "latent, trained after the first (two-stage VAE; 0: none)")
     t.add_argument("--stage2-steps", type=int, default=0,
                    help="training steps of the second stage (0: 4000)")
+    t.add_argument("--stage2-lr", type=float, default=1e-3,
+                   help="peak learning rate of the second stage")
     t.add_argument("--num-codes", type=int, default=256)
     t.add_argument("--code-dim", type=int, default=32)
     t.add_argument("--val-count", type=int, default=1000)
@@ -116,6 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                      prior_epochs=args.prior_epochs,
                      prior_steps=args.prior_steps, prior_shifts=args.prior_shifts,
                      decoder_epochs=args.decoder_epochs, stage2_steps=args.stage2_steps,
+                     stage2_lr=args.stage2_lr,
                      progress=not args.no_progress)
     pc = PriorConfig(num_codes=args.num_codes, grid=mc.grid, embed_dim=args.prior_embed,
                      hidden=args.prior_hidden, layers=args.prior_layers,

@@ -51,6 +51,7 @@ class TrainConfig:
     decoder_epochs: int = 0     # vqvae: then train the decoder alone on the frozen codes
     decoder_steps: int | None = None
     stage2_steps: int = 0       # vae with a second stage: its training steps (0: 4000)
+    stage2_lr: float = 1e-3     # ... and its peak learning rate (cosine decay like the rest)
     progress: bool = True
 
 
@@ -250,7 +251,7 @@ def train_stage2(vae: nn.Module, cfg: TrainConfig, data: Dataset,
         z = mu[idx] + std[idx] * torch.randn(len(idx), mu.shape[1], generator=gen)
         return stage2.loss(z)
 
-    history = _run_steps(list(stage2.parameters()), steps, cfg.lr, step,
+    history = _run_steps(list(stage2.parameters()), steps, cfg.stage2_lr, step,
                          _batches(n, bs, steps, gen), cfg.progress, "stage2")
     vae.eval()
     return history
