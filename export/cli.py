@@ -46,6 +46,20 @@ def register(sub: Any) -> None:
     t.add_argument("--decoder-epochs", type=int, default=0,
                    help="vqvae: afterwards train the decoder alone on the frozen codes")
     t.add_argument("--latent-channels", type=int, default=12)
+    t.add_argument("--transform", choices=("relu", "gdn"), default="relu",
+                   help="nonlinearity of the transforms: ReLU (+res blocks) or GDN / IGDN")
+    t.add_argument("--latent-layout", choices=("grid", "flat"), default="grid",
+                   help="ae / vae: latent of C x H/4 x W/4, or flat: C numbers per image "
+                        "(through a linear layer)")
+    t.add_argument("--learned-sigma", action="store_true",
+                   help="vae: learn the likelihood's pixel std (--vae-sigma is then unused)")
+    t.add_argument("--stage2-hidden", type=int, default=0,
+                   help="vae (--latent-layout flat): width of a second-stage VAE over the "
+                        "latent, trained after the first (two-stage VAE; 0: none)")
+    t.add_argument("--stage2-steps", type=int, default=0,
+                   help="training steps of the second stage (0: 4000)")
+    t.add_argument("--stage2-lr", type=float, default=1e-3,
+                   help="peak learning rate of the second stage")
     t.add_argument("--num-codes", type=int, default=256)
     t.add_argument("--code-dim", type=int, default=32)
     t.add_argument("--val-count", type=int, default=1000)
@@ -98,12 +112,16 @@ def cmd_train(args: argparse.Namespace) -> int:
                      res_blocks=args.res_blocks, decoder_hidden=args.decoder_hidden,
                      decoder_res_blocks=args.decoder_res_blocks,
                      latent_channels=args.latent_channels, num_codes=args.num_codes,
-                     code_dim=args.code_dim)
+                     code_dim=args.code_dim, transform=args.transform,
+                     latent_layout=args.latent_layout, learned_sigma=args.learned_sigma,
+                     stage2_hidden=args.stage2_hidden)
     tc = TrainConfig(lmbda=args.lmbda, vae_sigma=args.vae_sigma, epochs=args.epochs,
                      steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      prior_epochs=args.prior_epochs,
                      prior_steps=args.prior_steps, prior_shifts=args.prior_shifts,
-                     decoder_epochs=args.decoder_epochs, progress=not args.no_progress)
+                     decoder_epochs=args.decoder_epochs, stage2_steps=args.stage2_steps,
+                     stage2_lr=args.stage2_lr,
+                     progress=not args.no_progress)
     pc = PriorConfig(num_codes=args.num_codes, grid=mc.grid, embed_dim=args.prior_embed,
                      hidden=args.prior_hidden, layers=args.prior_layers,
                      dropout=args.prior_dropout) if args.family == "vqvae" else None

@@ -227,7 +227,7 @@ def export_checkpoint(ckpt: dict[str, Any], *, repo: str | Path, name: str, vers
     code, sampling = _code_and_sampling(family, model, prior, data.train, vae_step=vae_step,
                                         gmm_components=gmm_components, seed=seed)
     h, w = mc.grid
-    latent_shape = [h, w] if family == "vqvae" else [mc.latent_channels, h, w]
+    latent_shape = [h, w] if family == "vqvae" else [mc.latent_channels, *mc.latent_grid]
     repo.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=repo, prefix=".export-") as tmp:
         folder = Path(tmp) / name / str(version)

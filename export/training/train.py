@@ -3,7 +3,8 @@
 Losses (pixels in [0, 1], per image, averaged over the batch):
 
 - ae:    lambda * 255^2 * MSE + bits per pixel  (rate from the factorised density, noisy y)
-- vae:   (sum (x - x_hat)^2 / (2 sigma^2) + KL) / pixels   (Gaussian likelihood, sigma fixed)
+- vae:   (sum (x - x_hat)^2 / (2 sigma^2) + KL) / pixels   (Gaussian likelihood, sigma fixed,
+         or learned: + pixels * log sigma, the exact negative ELBO up to a constant)
 - vqvae: MSE + beta * commitment                             (codebook by EMA)
 - prior: cross-entropy of the training index grids under the PixelCNN (nats per index)
 
@@ -25,7 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentserve.errors import InvalidInput
-from latentserve.export.nets.models import VQVAE, LatentModel, ModelConfig, build_model
+from latentserve.export.nets.models import (
+    VQVAE,
+    LatentModel,
+    ModelConfig,
+    VariationalAutoEncoder,
+    build_model,
+)
 from latentserve.export.nets.prior import PixelCNNPrior, PriorConfig
 from latentserve.export.training.data import Dataset
 
@@ -49,6 +56,8 @@ class TrainConfig:
     prior_shifts: int = 0       # prior data: also encode images shifted by up to this many px
     decoder_epochs: int = 0     # vqvae: then train the decoder alone on the frozen codes
     decoder_steps: int | None = None
+    stage2_steps: int = 0       # vae with a second stage: its training steps (0: 4000)
+    stage2_lr: float = 1e-3     # ... and its peak learning rate (cosine decay like the rest)
     progress: bool = True
 
 
@@ -84,7 +93,13 @@ def loss_terms(family: str, model: LatentModel, x: Tensor,
     elif family == "vae":
         sq = (out["x_hat"] - x).pow(2).flatten(1).sum(1)
         kl = out["kl"]
-        loss = (sq / (2 * cfg.vae_sigma**2) + kl).mean() / pixels
+        log_sigma = getattr(model, "log_sigma", None)
+        if log_sigma is None:
+            loss = (sq / (2 * cfg.vae_sigma**2) + kl).mean() / pixels
+        else:
+            # -ELBO with a learned pixel std (+ the constant 0.5 log 2 pi per pixel, dropped)
+            nll = sq * torch.exp(-2 * log_sigma) / 2 + pixels * log_sigma
+            loss = (nll + kl).mean() / pixels
         rate = kl.mean() / math.log(2)
     else:
         loss = mse + out["commitment"]
@@ -150,6 +165,8 @@ def train_model(model_config: ModelConfig, train_config: TrainConfig, data: Data
     if model_config.family == "vqvae" and (train_config.decoder_epochs or
                                            train_config.decoder_steps):
         history += train_decoder(cast(VQVAE, model), train_config, data, gen)
+    if getattr(model, "stage2", None) is not None:
+        history += train_stage2(model, train_config, data, gen)
     ckpt: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "model_config": model_config.to_dict(),
@@ -218,6 +235,37 @@ def train_prior(vqvae: VQVAE, cfg: TrainConfig, data: Dataset,
                          _batches(n, bs, steps, gen), cfg.progress, "prior")
     prior.eval()
     return prior, history
+
+
+def train_stage2(vae: LatentModel, cfg: TrainConfig, data: Dataset,
+                 gen: torch.Generator) -> list[dict[str, float]]:
+    """Fit a two-stage VAE's second stage to z ~ q(z|x) of the training images.
+
+    The first stage is frozen; each step draws fresh z for a batch from the stored
+    posterior means and variances (Dai & Wipf 2019 train on samples, not on the means).
+    """
+    model = cast(VariationalAutoEncoder, vae)
+    stage2 = model.stage2
+    assert stage2 is not None  # train() calls this only for a model with a second stage
+    model.eval()
+    with torch.no_grad():
+        parts = [model.posterior(to_float(data.train[i:i + 500]))
+                 for i in range(0, len(data.train), 500)]
+    mu = torch.cat([p[0] for p in parts]).flatten(1)
+    std = torch.exp(0.5 * torch.cat([p[1] for p in parts])).flatten(1)
+    stage2.train()
+    n = len(mu)
+    bs = min(cfg.batch_size, n)
+    steps = cfg.stage2_steps or 4000
+
+    def step(idx: Tensor) -> dict[str, Tensor]:
+        z = mu[idx] + std[idx] * torch.randn(len(idx), mu.shape[1], generator=gen)
+        return stage2.loss(z)
+
+    history = _run_steps(list(stage2.parameters()), steps, cfg.stage2_lr, step,
+                         _batches(n, bs, steps, gen), cfg.progress, "stage2")
+    vae.eval()
+    return history
 
 
 def train_decoder(vqvae: VQVAE, cfg: TrainConfig, data: Dataset,
