@@ -205,10 +205,13 @@ def test_a_cancel_survives_a_worker_restart(job_store, make_worker, tiny_pipelin
 
 def test_a_healthy_long_chunk_is_not_stolen(job_store, make_worker, tiny_pipeline, make_gate,
                                            redis_client, wait_until):
-    # The chunk lasts as long as the test holds its first batch at the gate: five
+    # The chunk lasts as long as the test holds its first batch at the gate: three
     # claim-idle periods, on a fast machine or a slow one, while a second worker looks
-    # for idle entries to reclaim every claim_idle_s / 4.
-    claim_idle_s, held_s = 0.4, 2.0
+    # for idle entries to reclaim every claim_idle_s / 4. A claim-idle of 1 s keeps the
+    # busy worker's health key (3 heartbeats of 0.25 s) alive through the scheduling
+    # stalls of a loaded machine: at 0.4 s (0.3 s of key) a stalled heartbeat thread
+    # made the busy worker look dead and its chunk was taken over.
+    claim_idle_s, held_s = 1.0, 3.0
     job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=64, chunk_size=64)
     stream = job_store.keys.stream("default")
     gate = make_gate("long-chunk")
