@@ -200,7 +200,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         sizes: list[int] = []
         with _progress(len(files), "img") as bar:
             for chunk in batched(files, max(1, args.batch)):
-                images = np.stack([read_image_file(f, shape, resize=args.resize) for f in chunk])
+                read = [read_image_file(f, shape, resize=args.resize) for f in chunk]
+                # Fixed-size models: one array; any-size models: images of their own sizes.
+                images = read if shape[1] == 0 else np.stack(read)
                 for f, code in zip(chunk, be.compress(ref, images), strict=True):
                     (args.out / f"{f.stem}{CODE_SUFFIX}").write_bytes(code)
                     sizes.append(len(code))

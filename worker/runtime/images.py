@@ -20,7 +20,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".webp")
 # Pillow reads some forty more, a few through little-tested parsers (and EPS through
 # Ghostscript): bytes of any other format are refused without being parsed.
 IMAGE_FORMATS = ("PNG", "JPEG", "PPM", "BMP", "WEBP")
-DEFAULT_MAX_PIXELS = 16_000_000
+DEFAULT_MAX_PIXELS = 25_000_000  # a 24 MP photo (6000 x 4000) fits
 
 
 def _mode_for(channels: int) -> str:
@@ -31,12 +31,34 @@ def _mode_for(channels: int) -> str:
     raise InvalidInput(f"images with {channels} channels are not supported; use 1 or 3")
 
 
+def describe_shape(shape: tuple[int, int, int]) -> str:
+    """``L 28x28`` / ``RGB 481x321`` (W x H); ``RGB, any size`` where H, W are 0."""
+    mode = {1: "L", 3: "RGB"}.get(shape[0], f"{shape[0]}-channel")
+    return f"{mode}, any size" if shape[1] == 0 else f"{mode} {shape[2]}x{shape[1]}"
+
+
+def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (C, H, W) -> (channels, H, W), exactly as Pillow's convert: grey -> RGB
+    repeats the plane, RGB -> grey is ITU-R 601-2 luma ``(19595 R + 38470 G + 7471 B +
+    2^15) >> 16``."""
+    if image.shape[0] == channels:
+        return image
+    if image.shape[0] == 1 and channels == 3:
+        return np.repeat(image, 3, axis=0)
+    if image.shape[0] == 3 and channels == 1:
+        r, g, b = (image[i].astype(np.uint32) for i in range(3))
+        return ((19595 * r + 38470 * g + 7471 * b + 0x8000) >> 16).astype(np.uint8)[None]
+    raise InvalidInput(f"cannot convert a {image.shape[0]}-channel image to {channels} channels")
+
+
 def decode_image(data: bytes, shape: tuple[int, int, int], *, resize: bool = False,
                  max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> np.ndarray:
     """Decode encoded image bytes into uint8 (C, H, W) of exactly ``shape``.
 
     A different size or mode is refused unless ``resize`` (then converted and resized).
-    Images over ``max_pixels`` are refused before their pixels are decoded.
+    ``shape`` (C, 0, 0) takes any size (an any-size model): only the mode must match,
+    and ``resize`` converts the mode only. Images over ``max_pixels`` are refused before
+    their pixels are decoded.
     """
     channels, height, width = shape
     img: Image.Image
@@ -60,12 +82,16 @@ def decode_image(data: bytes, shape: tuple[int, int, int], *, resize: bool = Fal
         raise InvalidInput(f"{name} is not a readable PNG/JPEG/PGM/PPM/BMP/WebP image "
                            f"({exc})") from None
     want_mode = _mode_for(channels)
+    if height == 0:  # any size: the mode alone must match
+        width, height = img.size
     if img.mode != want_mode or img.size != (width, height):
         if not resize:
             raise InvalidInput(
                 f"{name} is {img.mode} {img.width}x{img.height}; the model takes "
-                f"{want_mode} {width}x{height} (pass --resize / resize=true to convert)")
-        img = img.convert(want_mode).resize((width, height), Image.Resampling.LANCZOS)
+                f"{describe_shape(shape)} (pass --resize / resize=true to convert)")
+        img = img.convert(want_mode)
+        if img.size != (width, height):
+            img = img.resize((width, height), Image.Resampling.LANCZOS)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
