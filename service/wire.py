@@ -115,8 +115,10 @@ def decode_batch(batch: pb.RawBatch, shape: tuple[int, int, int], *, max_pixels:
         raise ResourceLimit(f"{name} images are {got[2]}x{got[1]} = {got[1] * got[2]} pixels; "
                             f"the limit is {max_pixels}", limit="max_pixels_per_image")
     if got[0] != shape[0] or (shape[1] and got != shape) or min(got[1:]) < 1:
+        hint = (" (pass --resize / resize=true to convert the channels)"
+                if got[0] != shape[0] and got[0] in (1, 3) else "")
         raise InvalidInput(f"{name} holds {got[0]}x{got[1]}x{got[2]} (C x H x W) images; the "
-                           f"model takes {takes(shape)}")
+                           f"model takes {takes(shape)}{hint}")
     size = n * got[0] * got[1] * got[2]
     if len(batch.data) != size:
         raise InvalidInput(f"{name}: data holds {len(batch.data)} bytes; count x channels x "
