@@ -84,7 +84,7 @@ def measure(pipeline_codec: Any, val: list[np.ndarray]) -> dict[str, Any]:
         size = (int(im.shape[1]), int(im.shape[2]))
         code = codec.encode(runtime.encode(im[None]), size=size)[0]
         header = parse_header(code)
-        recon = runtime.decode(codec.decode_headers([header])[0][None], size)  # type: ignore[index]
+        recon = runtime.decode(codec.decode_headers([header])[0][None], size)
         bpp.append(len(code) * 8 / (size[0] * size[1]))
         psnr.append(mean_psnr(im[None], recon))
     return {"val_images": len(val), "val_bpp": round(float(np.mean(bpp)), 4),

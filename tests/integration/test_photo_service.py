@@ -82,7 +82,8 @@ def test_grey_and_the_channel_rule(client: LatentServeClient, local: Pipeline) -
     codes = client.compress(grey, "tiny-photo-grey")
     assert [b.shape for b in client.reconstruct_list(codes)] == [(1, 17, 33), (1, 5, 3)]
     # Grey to a colour model: refused naming both, unless resize, which converts.
-    with pytest.raises(E.InvalidInput, match=r"1x17x33 .* takes 3xHxW \(RGB, any size\) \(pass --resize"):
+    refusal = r"1x17x33 .* takes 3xHxW \(RGB, any size\) \(pass --resize"
+    with pytest.raises(E.InvalidInput, match=refusal):
         client.compress(grey[:1], "tiny-photo")
     with pytest.raises(E.InvalidInput, match="is L 33x17; the model takes RGB, any size"):
         client.compress([encode_png(grey[0])], "tiny-photo")

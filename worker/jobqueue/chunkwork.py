@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -118,10 +118,10 @@ def compute_batch(pipeline: JobPipeline, batch: list[Segment]) -> list[Any]:
         pieces = [s.held.inputs[s.lo:s.hi] for s in batch]
         # Arrays of one shape join; images of several sizes (an any-size model) go as a
         # list, which the pipeline groups by size.
-        images: Any = (np.concatenate(pieces) if all(isinstance(p, np.ndarray) for p in pieces)
+        inputs: Any = (np.concatenate(pieces) if all(isinstance(p, np.ndarray) for p in pieces)
                        and len({p.shape[1:] for p in pieces}) == 1
                        else [im for p in pieces for im in p])
-        codes = pipeline.compress(task.model, images)
+        codes = pipeline.compress(task.model, inputs)
         return _split(codes, sizes)
     if task.kind is JobKind.RECONSTRUCT and task.on_item_error is OnItemError.PER_ITEM:
         codes = [c for s in batch for c in s.held.inputs[s.lo:s.hi]]
@@ -139,7 +139,8 @@ def compute_batch(pipeline: JobPipeline, batch: list[Segment]) -> list[Any]:
             if isinstance(r, ResourceLimit):
                 raise r
         # One array when the images share a shape; a list when they do not (any size).
-        images = np.stack(each) if len({r.shape for r in each}) == 1 else each  # type: ignore[union-attr]
+        decoded = cast(list[np.ndarray], each)
+        images = np.stack(decoded) if len({r.shape for r in decoded}) == 1 else decoded
     else:
         runs: list[np.ndarray] = []
         i = 0

@@ -124,8 +124,8 @@ def unpack(data: bytes) -> list[bytes] | list[np.ndarray] | np.ndarray:
                 raise ValueError(f"shapes need {at + int(sizes.sum())} bytes, value holds "
                                  f"{len(data)}")
             out = []
-            for shape, size in zip(shapes.tolist(), sizes.tolist(), strict=True):
-                out.append(np.frombuffer(data, np.uint8, count=size, offset=at).reshape(shape))
+            for dims, size in zip(shapes.tolist(), sizes.tolist(), strict=True):
+                out.append(np.frombuffer(data, np.uint8, count=size, offset=at).reshape(dims))
                 at += size
             return out
     except (struct.error, ValueError) as exc:

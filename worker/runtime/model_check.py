@@ -271,7 +271,8 @@ def check_model(repository: ModelRepository, ref: str, *, images: np.ndarray | N
                            f"symbols, PSNR {psnr:.2f} dB{vs}, {fig['bytes_per_image']} "
                            "bytes/image", fig))
 
-    alone = [codec.encode(runtime.encode(images[i:i + 1]), size=size)[0] for i in range(len(images))]
+    alone = [codec.encode(runtime.encode(images[i:i + 1]), size=size)[0]
+             for i in range(len(images))]
     rev = codec.encode(runtime.encode(images[::-1].copy()), size=size)[::-1]
     differ = sum(a != b or a != c for a, b, c in zip(codes, alone, rev, strict=True))
     out.append(Verdict("batch invariance", "FAIL" if differ else "PASS",
