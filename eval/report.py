@@ -35,7 +35,9 @@ SAMPLE_TARGET: SampleTarget = {"family": "vqvae", "confident_share": 0.8,
                                "class_entropy_bits": 3.2}
 
 FAMILY_NAMES = {"ae": "AE", "vae": "VAE", "vqvae": "VQ-VAE", "jpeg": "JPEG",
-                "webp": "WebP", "png": "PNG", "webp-lossless": "WebP lossless"}
+                "webp": "WebP", "png": "PNG", "webp-lossless": "WebP lossless",
+                "avif": "AVIF", "photo": "photo codec"}
+BD_ANCHORS = ("jpeg", "webp", "avif")
 
 
 def family_name(family: str) -> str:
@@ -58,8 +60,9 @@ def bd_rates(points: Sequence[RDPoint], anchor: str = ANCHOR_FAMILY) -> dict[str
             out[family] = {"bd_rate_pct": None, "note": f"no {anchor} points measured"}
             continue
         try:
-            value = bd_rate([p.bytes_per_image for p in base], [p.mean_psnr for p in base],
-                            [p.bytes_per_image for p in pts], [p.mean_psnr for p in pts])
+            # bits per pixel: bytes per image where every image has the same size
+            value = bd_rate([p.bpp for p in base], [p.mean_psnr for p in base],
+                            [p.bpp for p in pts], [p.mean_psnr for p in pts])
         except BDRateUndefined as exc:
             out[family] = {"bd_rate_pct": None, "note": str(exc)}
             continue
@@ -105,6 +108,8 @@ def to_json(points: Sequence[RDPoint], *, samples: Sequence[SampleQuality] = (),
             meta: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"meta": meta or {}, "headline": headline(points),
             "bd_rate_vs_webp": bd_rates(points),
+            "bd_rate_vs": {a: bd_rates(points, a) for a in BD_ANCHORS
+                           if ("codec", a) in curves(points)},
             "points": [p.to_json() for p in points],
             "samples": [s.to_json() for s in samples]}
 
@@ -132,10 +137,13 @@ def markdown(points: Sequence[RDPoint], *, samples: Sequence[SampleQuality] = ()
         lines.append(f"| {p.label} | {family_name(p.family)} | {p.bytes_per_image:.1f} | "
                      f"{p.bpp:.3f} | {q} | {p.mean_ssim:.4f} | {p.encode_ips:,.0f} | "
                      f"{p.decode_ips:,.0f} |")
-    bd = bd_rates(points)
-    if bd:
-        lines += ["", f"BD-rate against {family_name(ANCHOR_FAMILY)} (negative = fewer bytes "
-                  "at equal PSNR):", "", "| family | BD-rate | points | range |",
+    anchors = [a for a in BD_ANCHORS if ("codec", a) in curves(points)] or [ANCHOR_FAMILY]
+    for anchor in anchors:
+        bd = bd_rates(points, anchor)
+        if not bd:
+            continue
+        lines += ["", f"BD-rate against {family_name(anchor)} (bits per pixel at equal PSNR; "
+                  "negative = fewer bits):", "", "| family | BD-rate | points | range |",
                   "|---|---:|---:|---|"]
         for family, v in bd.items():
             lines.append(f"| {family_name(family)} | {_fmt(v['bd_rate_pct'], 1, ' %')} | "
@@ -176,7 +184,8 @@ def markdown(points: Sequence[RDPoint], *, samples: Sequence[SampleQuality] = ()
 
 
 _STYLES = {"ae": ("tab:blue", "o"), "vae": ("tab:orange", "s"), "vqvae": ("tab:green", "D"),
-           "jpeg": ("tab:gray", "v"), "webp": ("tab:red", "^")}
+           "jpeg": ("tab:gray", "v"), "webp": ("tab:red", "^"), "avif": ("tab:purple", "P"),
+           "photo": ("tab:blue", "o")}
 
 
 def plot(points: Sequence[RDPoint], path: str | Path, *, title: str = "") -> None:

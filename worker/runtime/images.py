@@ -134,6 +134,24 @@ def list_image_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def load_image_list(path: str | Path) -> list[np.ndarray]:
+    """A folder of images (or one image, or an IDX file) -> uint8 (C, H, W) arrays, each
+    at its own size; RGB if any image is colour, else grey (photo sets mix sizes and
+    orientations)."""
+    path = Path(path)
+    if path.is_file() and ("idx" in path.name or path.suffix in (".gz", ".idx3-ubyte")):
+        return list(read_idx(path))
+    files = list_image_files(path) if path.is_dir() else [path]
+    if not files:
+        raise InvalidInput(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    modes = []
+    for f in files:
+        with Image.open(f) as img:
+            modes.append(img.mode)
+    channels = 1 if all(m in ("L", "1") for m in modes) else 3
+    return [read_image_file(f, (channels, 0, 0), resize=True) for f in files]
+
+
 def load_images(path: str | Path, shape: tuple[int, int, int] | None = None, *,
                 resize: bool = False) -> np.ndarray:
     """An IDX(.gz) file, a folder of images or one image -> uint8 (N, C, H, W).
