@@ -70,12 +70,11 @@ def speed(args: argparse.Namespace) -> int:
 
 
 def big(args: argparse.Namespace) -> int:
-    from serve_process import start_serve
+    import grpc
 
     from latentserve.v1 import inference_pb2 as pb
     from latentserve.v1 import inference_pb2_grpc as pb_grpc
-
-    import grpc
+    from serve_process import start_serve
 
     buf = io.BytesIO()
     Image.fromarray(photo(args.width, args.height)).save(buf, format="JPEG", quality=92)
