@@ -323,5 +323,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     models = RuntimeSettings.from_sources(args, defaults={"models": default_path("models")}).models
     examples = args.examples or default_path("examples/digits")
     run_demo(models=models, examples=examples, out=args.out, limit=args.limit,
+             photos=default_path("examples/photos"),
              job_samples=args.job_items)
     return 0
