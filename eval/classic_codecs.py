@@ -5,7 +5,7 @@ included, since that is what a user storing one image per object pays. Settings:
 
 - JPEG with optimised Huffman tables (``optimize=True``), qualities 5 .. 95;
 - WebP lossy at ``method=6`` (the slowest, smallest setting), qualities 0 .. 90;
-- AVIF (Pillow's libavif, when it has AVIF: ``PIL.features.check("avif")``), speed 4,
+- AVIF (Pillow's libavif, when it has AVIF: ``PIL.features.check("avif")``), speed 6,
   4:2:0, qualities 10 .. 90;
 - lossless references: PNG (``optimize=True``) and WebP lossless (``method=6``).
 """
@@ -24,7 +24,7 @@ from latentserve.errors import InvalidInput
 JPEG_QUALITIES = (5, 10, 20, 30, 50, 75, 90, 95)
 WEBP_QUALITIES = (0, 5, 10, 20, 30, 50, 75, 90)
 AVIF_QUALITIES = (10, 20, 30, 40, 50, 60, 75, 90)
-AVIF_SPEED = 4
+AVIF_SPEED = 6  # libavif default; speed 4 is 4% smaller and 7x slower
 # The names ``--codecs`` accepts, and the settings each one expands to.
 CODEC_NAMES = ("jpeg", "webp", "avif", "png")
 
