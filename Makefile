@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-dev zoo
+.PHONY: demo test install install-dev zoo zoo-photo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,8 @@ test: install-dev
 # Rebuild the shipped model zoo from ../shared/data (about 40 minutes on 2 cores).
 zoo: install-dev
 	PATH="$(abspath $(BIN)):$$PATH" scripts/build_zoo.sh
+
+# Rebuild the shipped photo codecs (models/photo-*/1) from ../shared/data/bsds500
+# (one torch thread, about 35 minutes on 2 shared cores).
+zoo-photo: install-dev
+	scripts/build_photo_zoo.sh

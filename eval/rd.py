@@ -41,7 +41,7 @@ class RDPoint:
     ssim: np.ndarray
     encode_s: float
     decode_s: float
-    pixels: int          # H x W, the denominator of bits per pixel
+    pixels: int | np.ndarray  # H x W per image (one int when every image has it)
 
     @property
     def count(self) -> int:
@@ -53,7 +53,8 @@ class RDPoint:
 
     @property
     def bpp(self) -> float:
-        return self.bytes_per_image * 8.0 / self.pixels
+        """Mean of the per-image bits per pixel (bytes x 8 / (H x W))."""
+        return float(np.mean(self.nbytes * 8.0 / np.asarray(self.pixels, np.float64)))
 
     @property
     def mean_psnr(self) -> float:
@@ -93,10 +94,49 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def measure_model(pipeline: Any, ref: str, images: np.ndarray) -> RDPoint:
-    """Compress and reconstruct ``images`` with one model through the pipeline."""
+Images = np.ndarray | Sequence[np.ndarray]  # (N, C, H, W), or (C, H, W) of any sizes
+
+
+def pixel_counts(images: Images) -> int | np.ndarray:
+    """H x W of every image: one int when the set is one array."""
+    if isinstance(images, np.ndarray):
+        return int(images.shape[2] * images.shape[3])
+    return np.array([im.shape[1] * im.shape[2] for im in images], np.int64)
+
+
+def per_image(metric: Callable[[np.ndarray, np.ndarray], np.ndarray], images: Images,
+              recon: Images) -> np.ndarray:
+    """A batch metric on one array, or image by image on a list of any sizes."""
+    if isinstance(images, np.ndarray) and isinstance(recon, np.ndarray):
+        return metric(images, recon)
+    return np.concatenate([metric(a[None], np.asarray(b)[None])
+                           for a, b in zip(images, recon, strict=True)])
+
+
+def measure_model(pipeline: Any, ref: str, images: Images) -> RDPoint:
+    """Compress and reconstruct ``images`` with one model through the pipeline.
+
+    An any-size model (a photo codec) takes a list of images of their own sizes and is
+    reported as family ``photo``; a fixed-size model needs one array of its shape."""
     runtime = pipeline.runtime(ref)  # loads and verifies the model before timing starts
     manifest = runtime.manifest
+    if manifest.any_size:
+        items = list(images)
+        if any(im.shape[0] != manifest.channels for im in items):
+            raise InvalidInput(f"model {manifest.ref} takes {manifest.describe_size()} images; "
+                               "the evaluation set has other channel counts")
+        pipeline.reconstruct_each(pipeline.compress(manifest.ref, items[:2]))
+        codes, enc_s = _timed(lambda: pipeline.compress(manifest.ref, items))
+        recon, dec_s = _timed(lambda: pipeline.reconstruct_each(codes, ref=manifest.ref))
+        return RDPoint(kind="model", family="photo", label=manifest.ref, lossless=False,
+                       quality=None, nbytes=np.array([len(c) for c in codes]),
+                       psnr=per_image(psnr, items, recon), ssim=per_image(ssim, items, recon),
+                       encode_s=enc_s, decode_s=dec_s, pixels=pixel_counts(items))
+    if not isinstance(images, np.ndarray):
+        if len({im.shape for im in images}) != 1:
+            raise InvalidInput(f"model {manifest.ref} takes {manifest.describe_size()} images; "
+                               "the evaluation set mixes sizes")
+        images = np.stack(images)
     if tuple(images.shape[1:]) != tuple(manifest.image_shape):
         raise InvalidInput(f"model {manifest.ref} takes images of shape "
                            f"{tuple(manifest.image_shape)}; the evaluation set is "
@@ -115,27 +155,33 @@ def measure_model(pipeline: Any, ref: str, images: np.ndarray) -> RDPoint:
                    encode_s=enc_s, decode_s=dec_s, pixels=images.shape[2] * images.shape[3])
 
 
-def measure_codec(setting: CodecSetting, images: np.ndarray) -> RDPoint:
+def measure_codec(setting: CodecSetting, images: Images) -> RDPoint:
     """Code each image as its own file with one codec setting."""
-    channels = images.shape[1]
+    channels = images[0].shape[0]
     files, enc_s = _timed(lambda: [setting.encode(im) for im in images])
-    recon, dec_s = _timed(lambda: np.stack([setting.decode(f, channels) for f in files]))
-    if setting.lossless and not np.array_equal(recon, images):
+    decoded, dec_s = _timed(lambda: [setting.decode(f, channels) for f in files])
+    recon: Images = np.stack(decoded) if isinstance(images, np.ndarray) else decoded
+    if setting.lossless and not all(np.array_equal(a, b)
+                                    for a, b in zip(images, recon, strict=True)):
         raise AssertionError(f"{setting.label} is meant to be lossless but changed pixels")
     return RDPoint(kind="codec", family=setting.family, label=setting.label,
                    lossless=setting.lossless, quality=setting.quality,
                    nbytes=np.array([len(f) for f in files]),
-                   psnr=psnr(images, recon), ssim=ssim(images, recon),
-                   encode_s=enc_s, decode_s=dec_s, pixels=images.shape[2] * images.shape[3])
+                   psnr=per_image(psnr, images, recon), ssim=per_image(ssim, images, recon),
+                   encode_s=enc_s, decode_s=dec_s, pixels=pixel_counts(images))
 
 
-def run_rd(images: np.ndarray, *, pipeline: Any | None, refs: Sequence[str],
+def run_rd(images: Images, *, pipeline: Any | None, refs: Sequence[str],
            codecs: Sequence[CodecSetting],
            progress: Callable[[str], None] | None = None) -> list[RDPoint]:
-    """Measure every model ref, then every codec setting, on the same uint8 images."""
-    if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
-        raise InvalidInput(f"evaluation images must be a non-empty uint8 (N, C, H, W) batch, "
-                           f"got {images.dtype} {images.shape}")
+    """Measure every model ref, then every codec setting, on the same uint8 images (one
+    (N, C, H, W) array, or a list of (C, H, W) photos of their own sizes)."""
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
+            raise InvalidInput(f"evaluation images must be a non-empty uint8 (N, C, H, W) "
+                               f"batch, got {images.dtype} {images.shape}")
+    elif not images or any(im.dtype != np.uint8 or im.ndim != 3 for im in images):
+        raise InvalidInput("evaluation images must be a non-empty list of uint8 (C, H, W)")
     points = []
     for ref in refs:
         if pipeline is None:

@@ -35,7 +35,9 @@ SAMPLE_TARGET: SampleTarget = {"family": "vqvae", "confident_share": 0.8,
                                "class_entropy_bits": 3.2}
 
 FAMILY_NAMES = {"ae": "AE", "vae": "VAE", "vqvae": "VQ-VAE", "jpeg": "JPEG",
-                "webp": "WebP", "png": "PNG", "webp-lossless": "WebP lossless"}
+                "webp": "WebP", "png": "PNG", "webp-lossless": "WebP lossless",
+                "avif": "AVIF", "photo": "photo codec"}
+BD_ANCHORS = ("jpeg", "webp", "avif")
 
 
 def family_name(family: str) -> str:
@@ -58,8 +60,9 @@ def bd_rates(points: Sequence[RDPoint], anchor: str = ANCHOR_FAMILY) -> dict[str
             out[family] = {"bd_rate_pct": None, "note": f"no {anchor} points measured"}
             continue
         try:
-            value = bd_rate([p.bytes_per_image for p in base], [p.mean_psnr for p in base],
-                            [p.bytes_per_image for p in pts], [p.mean_psnr for p in pts])
+            # bits per pixel: bytes per image where every image has the same size
+            value = bd_rate([p.bpp for p in base], [p.mean_psnr for p in base],
+                            [p.bpp for p in pts], [p.mean_psnr for p in pts])
         except BDRateUndefined as exc:
             out[family] = {"bd_rate_pct": None, "note": str(exc)}
             continue
@@ -105,6 +108,8 @@ def to_json(points: Sequence[RDPoint], *, samples: Sequence[SampleQuality] = (),
             meta: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"meta": meta or {}, "headline": headline(points),
             "bd_rate_vs_webp": bd_rates(points),
+            "bd_rate_vs": {a: bd_rates(points, a) for a in BD_ANCHORS
+                           if ("codec", a) in curves(points)},
             "points": [p.to_json() for p in points],
             "samples": [s.to_json() for s in samples]}
 
@@ -132,10 +137,13 @@ def markdown(points: Sequence[RDPoint], *, samples: Sequence[SampleQuality] = ()
         lines.append(f"| {p.label} | {family_name(p.family)} | {p.bytes_per_image:.1f} | "
                      f"{p.bpp:.3f} | {q} | {p.mean_ssim:.4f} | {p.encode_ips:,.0f} | "
                      f"{p.decode_ips:,.0f} |")
-    bd = bd_rates(points)
-    if bd:
-        lines += ["", f"BD-rate against {family_name(ANCHOR_FAMILY)} (negative = fewer bytes "
-                  "at equal PSNR):", "", "| family | BD-rate | points | range |",
+    anchors = [a for a in BD_ANCHORS if ("codec", a) in curves(points)] or [ANCHOR_FAMILY]
+    for anchor in anchors:
+        bd = bd_rates(points, anchor)
+        if not bd:
+            continue
+        lines += ["", f"BD-rate against {family_name(anchor)} (bits per pixel at equal PSNR; "
+                  "negative = fewer bits):", "", "| family | BD-rate | points | range |",
                   "|---|---:|---:|---|"]
         for family, v in bd.items():
             lines.append(f"| {family_name(family)} | {_fmt(v['bd_rate_pct'], 1, ' %')} | "
@@ -176,21 +184,28 @@ def markdown(points: Sequence[RDPoint], *, samples: Sequence[SampleQuality] = ()
 
 
 _STYLES = {"ae": ("tab:blue", "o"), "vae": ("tab:orange", "s"), "vqvae": ("tab:green", "D"),
-           "jpeg": ("tab:gray", "v"), "webp": ("tab:red", "^")}
+           "jpeg": ("tab:gray", "v"), "webp": ("tab:red", "^"), "avif": ("tab:purple", "P"),
+           "photo": ("tab:blue", "o")}
 
 
 def plot(points: Sequence[RDPoint], path: str | Path, *, title: str = "") -> None:
-    """PSNR vs bytes/image on a log x axis, one curve per family."""
+    """PSNR vs bytes/image on a log x axis, one curve per family (photo sets: bits per
+    pixel, and no digit target)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8.5, 5.5), dpi=120)
+    photo = any(p.family == "photo" for p in points)
+
+    def rate(p: RDPoint) -> float:
+        return p.bpp if photo else p.bytes_per_image
+
     groups = curves(points)
     for (kind, family), pts in sorted(groups.items(), key=lambda kv: kv[0][0] == "codec"):
         color, marker = _STYLES.get(family, (None, "o"))
-        xs = [p.bytes_per_image for p in pts]
+        xs = [rate(p) for p in pts]
         ys = [p.mean_psnr for p in pts]
         style = "-" if kind == "model" else "--"
         ax.plot(xs, ys, style, marker=marker, color=color, lw=2 if kind == "model" else 1.3,
@@ -199,23 +214,24 @@ def plot(points: Sequence[RDPoint], path: str | Path, *, title: str = "") -> Non
         for p in pts:
             text = p.label.split(":")[0] if kind == "model" else (
                 f"q{p.quality}" if p.quality is not None else "")
-            ax.annotate(text, (p.bytes_per_image, p.mean_psnr), textcoords="offset points",
+            ax.annotate(text, (rate(p), p.mean_psnr), textcoords="offset points",
                         xytext=(5, -11 if kind == "codec" else 6), fontsize=7 if kind == "codec"
                         else 8, color=color)
     for p in points:
         if p.lossless:
-            ax.axvline(p.bytes_per_image, color="black", ls=":", lw=1)
-            ax.text(p.bytes_per_image, 0.98,
+            ax.axvline(rate(p), color="black", ls=":", lw=1)
+            ax.text(rate(p), 0.98,
                     f" {family_name(p.family)}\n {p.bytes_per_image:.0f} B",
                     transform=ax.get_xaxis_transform(), fontsize=7, va="top")
-    ax.axhline(TARGET_PSNR_DB, color="tab:purple", ls=":", lw=1)
-    ax.fill_between([1, TARGET_BYTES], TARGET_PSNR_DB, 60, color="tab:purple", alpha=0.07,
-                    label=f"target: >= {TARGET_PSNR_DB} dB at <= {TARGET_BYTES:.0f} B")
+    if not photo:
+        ax.axhline(TARGET_PSNR_DB, color="tab:purple", ls=":", lw=1)
+        ax.fill_between([1, TARGET_BYTES], TARGET_PSNR_DB, 60, color="tab:purple", alpha=0.07,
+                        label=f"target: >= {TARGET_PSNR_DB} dB at <= {TARGET_BYTES:.0f} B")
     lossy = [p for p in points if not p.lossless]
     if lossy:
-        xs = [p.bytes_per_image for p in points]
+        xs = [rate(p) for p in points]
         ys = [p.mean_psnr for p in lossy]
-        ax.set_xlim(min(xs + [TARGET_BYTES]) * 0.8, max(xs) * 1.25)
+        ax.set_xlim(min(xs + ([] if photo else [TARGET_BYTES])) * 0.8, max(xs) * 1.25)
         ax.set_ylim(min(ys) - 1.5, max(ys) + 1.5)
     ax.set_xscale("log")
     # plain byte counts (20, 50, 100 ...) read better than 2 x 10^1
@@ -225,7 +241,8 @@ def plot(points: Sequence[RDPoint], path: str | Path, *, title: str = "") -> Non
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-    ax.set_xlabel("bytes per image, all included (log scale)")
+    ax.set_xlabel("bits per pixel, all bytes included (log scale)" if photo
+                  else "bytes per image, all included (log scale)")
     ax.set_ylabel("PSNR (dB), mean over images")
     ax.set_title(title or "Rate-distortion: learned codes vs classic codecs")
     ax.grid(True, which="both", alpha=0.3)

@@ -95,6 +95,13 @@ class ProviderUnavailable(LatentServeError):
     reason = "PROVIDER_UNAVAILABLE"
 
 
+class UnsupportedOperation(LatentServeError):
+    """The model cannot do what was asked (e.g. sample from a codec with no generative
+    prior); the message and ``supported`` name what it can."""
+
+    reason = "UNSUPPORTED_OPERATION"
+
+
 class JobNotFound(LatentServeError, LookupError):
     """No job with that id (it may have expired)."""
 

@@ -44,6 +44,7 @@ STATUS_OF: tuple[tuple[type[E.LatentServeError], grpc.StatusCode], ...] = (
     (E.CodeMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (E.NotExactlyDecodable, grpc.StatusCode.FAILED_PRECONDITION),
     (E.JobStateError, grpc.StatusCode.FAILED_PRECONDITION),
+    (E.UnsupportedOperation, grpc.StatusCode.FAILED_PRECONDITION),
     (E.CorruptCode, grpc.StatusCode.DATA_LOSS),
     (E.UnknownFormatVersion, grpc.StatusCode.DATA_LOSS),
     (E.CodeError, grpc.StatusCode.DATA_LOSS),

@@ -15,7 +15,13 @@ import numpy as np
 
 from latentserve.errors import InvalidInput, ResourceLimit
 from latentserve.v1 import inference_pb2 as pb
-from latentserve.worker.runtime.images import DEFAULT_MAX_PIXELS, decode_image, encode_png
+from latentserve.worker.runtime.images import (
+    DEFAULT_MAX_PIXELS,
+    convert_channels,
+    decode_image,
+    describe_shape,
+    encode_png,
+)
 from latentserve.worker.runtime.manifest import Manifest
 
 FORMATS = {"png": pb.IMAGE_FORMAT_PNG, "raw": pb.IMAGE_FORMAT_RAW}
@@ -55,19 +61,34 @@ def decode_raw(raw: pb.RawImage, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     return np.frombuffer(raw.data, np.uint8).reshape(c, h, w)
 
 
+def takes(shape: tuple[int, int, int]) -> str:
+    """What a model takes, C x H x W: ``1x28x28``, or ``3xHxW (RGB, any size)``."""
+    if shape[1] == 0:
+        return f"{shape[0]}xHxW ({describe_shape(shape)})"
+    return f"{shape[0]}x{shape[1]}x{shape[2]}"
+
+
 def decode_request_image(msg: pb.Image, shape: tuple[int, int, int], *, resize: bool,
                          max_pixels: int, name: str) -> np.ndarray:
-    """A request's Image -> uint8 (C, H, W) of exactly the model's ``shape``."""
+    """A request's Image -> uint8 (C, H, W) of exactly the model's ``shape`` ((C, 0, 0):
+    any size). The rule for channels, the same for encoded and raw images and on every
+    path: another channel count is refused (INVALID_ARGUMENT naming both) unless
+    ``resize``, which converts (grey -> RGB repeats the plane, RGB -> grey is Pillow's
+    luma); ``resize`` changes the size of encoded images for fixed-size models only."""
     which = msg.WhichOneof("pixels")
     if which == "encoded":
         return decode_image(msg.encoded, shape, resize=resize, max_pixels=max_pixels, name=name)
     if which != "raw":
         raise InvalidInput(f"{name} is empty: set Image.encoded (file bytes) or Image.raw")
     image = decode_raw(msg.raw, max_pixels=max_pixels, name=name)
-    if image.shape != shape:
-        hint = " (resize applies to encoded images only)" if resize else ""
-        raise InvalidInput(f"{name} is raw {image.shape[0]}x{image.shape[1]}x{image.shape[2]} "
-                           f"(C x H x W); the model takes {shape[0]}x{shape[1]}x{shape[2]}{hint}")
+    if resize and image.shape[0] != shape[0]:
+        image = convert_channels(image, shape[0])
+    if image.shape[0] != shape[0] or (shape[1] and image.shape != shape):
+        hint = (" (resize converts channels; it resizes encoded images only)" if resize
+                else " (pass --resize / resize=true to convert the channels)"
+                if image.shape[0] != shape[0] else "")
+        raise InvalidInput(f"{name} is raw {image.shape[0]}x{image.shape[1]}x"
+                           f"{image.shape[2]} (C x H x W); the model takes {takes(shape)}{hint}")
     return image
 
 
@@ -81,20 +102,28 @@ def raw_batch(images: np.ndarray) -> pb.RawBatch:
 
 
 def decode_batch(batch: pb.RawBatch, shape: tuple[int, int, int], *, max_pixels: int,
-                 name: str = "batch") -> np.ndarray:
-    """A request's RawBatch -> uint8 (N, C, H, W), which must match the model's ``shape``."""
+                 name: str = "batch", resize: bool = False) -> np.ndarray:
+    """A request's RawBatch -> uint8 (N, C, H, W), which must match the model's ``shape``
+    (any H, W for an any-size model's (C, 0, 0)); ``resize`` converts the channels."""
     n, got = batch.count, (batch.channels, batch.height, batch.width)
+    if resize and got[0] != shape[0] and got[0] in (1, 3) and min(got[1:]) >= 1:
+        plain = decode_batch(batch, (got[0], shape[1], shape[2]), max_pixels=max_pixels,
+                             name=name)
+        return np.stack([convert_channels(im, shape[0]) for im in plain]) if n else \
+            np.zeros((0, shape[0], *got[1:]), np.uint8)
     if got[1] * got[2] > max_pixels:
         raise ResourceLimit(f"{name} images are {got[2]}x{got[1]} = {got[1] * got[2]} pixels; "
                             f"the limit is {max_pixels}", limit="max_pixels_per_image")
-    if got != shape:
+    if got[0] != shape[0] or (shape[1] and got != shape) or min(got[1:]) < 1:
+        hint = (" (pass --resize / resize=true to convert the channels)"
+                if got[0] != shape[0] and got[0] in (1, 3) else "")
         raise InvalidInput(f"{name} holds {got[0]}x{got[1]}x{got[2]} (C x H x W) images; the "
-                           f"model takes {shape[0]}x{shape[1]}x{shape[2]}")
+                           f"model takes {takes(shape)}{hint}")
     size = n * got[0] * got[1] * got[2]
     if len(batch.data) != size:
         raise InvalidInput(f"{name}: data holds {len(batch.data)} bytes; count x channels x "
                            f"height x width = {n}x{got[0]}x{got[1]}x{got[2]} needs {size}")
-    return np.frombuffer(batch.data, np.uint8).reshape(n, *shape)
+    return np.frombuffer(batch.data, np.uint8).reshape(n, *got)
 
 
 def decode_reply_image(msg: pb.Image) -> np.ndarray:
@@ -122,6 +151,10 @@ def model_info(manifest: Manifest, *, newest: bool, provider: str | None) -> pb.
                if v is not None}
     return pb.ModelInfo(
         name=manifest.name, version=manifest.version, ref=manifest.ref, family=manifest.family,
-        channels=c, height=h, width=w, latent_shape=list(manifest.latent_shape),
+        channels=c, height=h, width=w,
+        latent_shape=list(manifest.latent_shape[:1] if manifest.any_size
+                          else manifest.latent_shape),
         code_kind=manifest.code_kind, quality=quality, manifest_sha256=manifest.digest,
-        newest=newest, loaded=provider is not None, provider=provider or "")
+        newest=newest, loaded=provider is not None, provider=provider or "",
+        operations=list(manifest.operations), any_size=manifest.any_size,
+        stride=manifest.stride)

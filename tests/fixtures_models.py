@@ -80,3 +80,31 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory, mnist_images: np.ndarray
     if images is None:
         images = mnist_images
     return build_tiny_repo(tmp_path_factory.mktemp("tiny_repo"), images)
+
+
+def build_photo_repo(root: Path, *, n: int = 8, m: int = 8) -> Path:
+    """A repository with ``tiny-photo`` (RGB) and ``tiny-photo-grey`` (L): any-size
+    photo codecs (export/nets/photo.py) of width ``n``/``m``, untrained (seeded), exported
+    through the real any-size exporter. Their pixels mean nothing; their codes, sizes
+    and refusals are what the tests check."""
+    import torch
+
+    from latentserve.export.nets.photo import PhotoCodec, PhotoConfig
+    from latentserve.export.publish.photo import export_photo
+
+    rng = np.random.default_rng(0)
+    for name, channels in (("tiny-photo", 3), ("tiny-photo-grey", 1)):
+        torch.manual_seed(0)
+        net = PhotoCodec(PhotoConfig(channels=channels, n=n, m=m))
+        fit = rng.integers(0, 256, (4, channels, 64, 64), dtype=np.uint8)
+        val = [rng.integers(0, 256, (channels, 17, 33), dtype=np.uint8)]
+        check = rng.integers(0, 256, (2, channels, 48, 64), dtype=np.uint8)
+        export_photo(net, repo=root, name=name, version=1, fit_images=fit, val_images=val,
+                     check_images=check, source={"kind": "test"})
+    return root
+
+
+@pytest.fixture(scope="session")
+def photo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``build_photo_repo`` in a session temp folder."""
+    return build_photo_repo(tmp_path_factory.mktemp("photo_repo"))

@@ -1,8 +1,9 @@
 """``latentserve demo``: the whole service on one machine, in one command.
 
 Starts the gRPC service in this process on the model repository (loopback only,
-no metrics port), compresses the example digits over gRPC with every model,
-reconstructs and samples them, prints a table (model, bytes/image, PSNR, images/s)
+no metrics port), compresses the example digits over gRPC with every fixed-size model
+and the example photos (examples/photos) with every any-size one, reconstructs them,
+samples the models that can sample, prints a table (model, bytes/image, PSNR, images/s)
 and writes PNG grids (originals above reconstructions; samples) into a folder. Then
 it runs a compress job and a sample job through the job queue (an embedded Valkey
 with an in-process worker, its data in a temporary folder) and prints their throughput.
@@ -73,7 +74,7 @@ class DemoRow:
 
 
 def run_demo(*, models: Path, examples: Path, out: Path, samples: int = 16, seed: int = 0,
-             limit: int = 64, job_samples: int = 256,
+             limit: int = 64, job_samples: int = 256, photos: Path | None = None,
              print_fn: Callable[[str], object] = print) -> list[DemoRow]:
     """Serve ``models`` on loopback, exercise every model over gRPC, write grids into ``out``,
     then run a compress job and a sample job (``job_samples`` items; 0 = no jobs)."""
@@ -106,30 +107,43 @@ def run_demo(*, models: Path, examples: Path, out: Path, samples: int = 16, seed
                 raise InvalidInput(f"no models in {models}: pass --models DIR")
             print_fn(f"latentserve demo: {len(infos)} models from {models}, "
                      f"{len(files)} images from {examples}, server on 127.0.0.1:{port}")
+            photo_files = (list_image_files(photos)[:limit]
+                           if photos is not None and photos.is_dir() else [])
             for info in infos:
                 shape = (info.channels, info.height, info.width)
-                originals = np.stack([read_image_file(f, shape, resize=True) for f in files])
+                if info.any_size and not photo_files:
+                    continue  # a photo codec, and no photos to show it
+                originals: Any = ([read_image_file(f, shape, resize=True) for f in photo_files]
+                                  if info.any_size else
+                                  np.stack([read_image_file(f, shape, resize=True)
+                                            for f in files]))
                 client.compress(originals[:1], info.ref)  # warm up the path
                 t0 = time.perf_counter()
                 codes = client.compress(originals, info.ref)
                 t1 = time.perf_counter()
-                recon = client.reconstruct(codes)
+                recon: Any = (client.reconstruct_list(codes) if info.any_size
+                              else client.reconstruct(codes))
                 t2 = time.perf_counter()
-                drawn = client.sample(info.ref, samples, seed=seed)
+                drawn = (client.sample(info.ref, samples, seed=seed)
+                         if "sample" in info.operations else [])
                 rows.append(DemoRow(
                     model=info.ref, family=info.family,
                     bytes_per_image=float(np.mean([len(c) for c in codes])),
-                    psnr_db=mean_psnr(originals, recon),
+                    psnr_db=float(np.mean([mean_psnr(a[None], b[None])
+                                           for a, b in zip(originals, recon, strict=True)])),
                     compress_per_s=len(codes) / max(t1 - t0, 1e-9),
                     reconstruct_per_s=len(codes) / max(t2 - t1, 1e-9)))
                 name = info.ref.replace(":", "-v")
                 save_grid(out / f"{name}-reconstructions.png", [list(originals), list(recon)])
-                save_grid(out / f"{name}-samples.png", [list(drawn)])
-        if job_samples and rows:
+                if len(drawn):
+                    save_grid(out / f"{name}-samples.png", [list(drawn)])
+        sampling = {m.ref for m in infos if "sample" in m.operations and not m.any_size}
+        rows_for_jobs = [r for r in rows if r.model in sampling]
+        if job_samples and rows_for_jobs:
             from latentserve.service.client.jobs import JobsClient, run_demo_jobs
 
             # The most compact model, for both jobs: the queue's cost shows on it most.
-            best = min(rows, key=lambda r: r.bytes_per_image)
+            best = min(rows_for_jobs, key=lambda r: r.bytes_per_image)
             shape = next((m.channels, m.height, m.width) for m in infos if m.ref == best.model)
             images = np.stack([read_image_file(f, shape, resize=True) for f in files])
             reps = -(-job_samples // len(images))

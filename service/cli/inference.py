@@ -200,7 +200,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         sizes: list[int] = []
         with _progress(len(files), "img") as bar:
             for chunk in batched(files, max(1, args.batch)):
-                images = np.stack([read_image_file(f, shape, resize=args.resize) for f in chunk])
+                read = [read_image_file(f, shape, resize=args.resize) for f in chunk]
+                # Fixed-size models: one array; any-size models: images of their own sizes.
+                images = read if shape[1] == 0 else np.stack(read)
                 for f, code in zip(chunk, be.compress(ref, images), strict=True):
                     (args.out / f"{f.stem}{CODE_SUFFIX}").write_bytes(code)
                     sizes.append(len(code))
@@ -321,5 +323,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     models = RuntimeSettings.from_sources(args, defaults={"models": default_path("models")}).models
     examples = args.examples or default_path("examples/digits")
     run_demo(models=models, examples=examples, out=args.out, limit=args.limit,
+             photos=default_path("examples/photos"),
              job_samples=args.job_items)
     return 0

@@ -96,6 +96,8 @@ def model_rows(repo: Path | str) -> list[dict[str, Any]]:
             "manifest_sha256": m.digest, "path": str(e.path),
             "val_psnr_db": m.quality.get("val_psnr_db"),
             "val_bits_per_image": m.quality.get("val_bits_per_image"),
+            "any_size": m.any_size, "stride": m.stride, "operations": list(m.operations),
+            "val_bpp": m.quality.get("val_bpp"),
         })
     return rows
 
@@ -114,7 +116,23 @@ def server_rows(target: str, security: ClientSecurity | None = None) -> list[dic
         "val_psnr_db": m.quality.get("val_psnr_db"),
         "val_bits_per_image": m.quality.get("val_bits_per_image"),
         "loaded": m.loaded, "provider": m.provider,
+        "any_size": m.any_size, "stride": m.stride, "operations": list(m.operations),
+        "val_bpp": m.quality.get("val_bpp"),
     } for m in infos]
+
+
+def _image_column(r: dict[str, Any]) -> str:
+    """``1x28x28``, or ``3xHxW/16`` for an any-size model (stride 16)."""
+    if r.get("any_size"):
+        return f"{r['image_shape'][0]}xHxW/{r['stride']}"
+    return "x".join(map(str, r["image_shape"]))
+
+
+def _size_column(r: dict[str, Any]) -> str:
+    """Bytes per image (fixed-size models) or bits per pixel (photo codecs), estimated."""
+    if r.get("val_bpp") is not None:
+        return f"{r['val_bpp']:.3f} bpp"
+    return "-" if r["val_bits_per_image"] is None else f"{r['val_bits_per_image'] / 8:.1f}"
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -132,10 +150,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     head = ("MODEL", "FAMILY", "CODE", "IMAGE", "LATENT", "FP", "PSNR dB", "BYTES est")
     table = [head] + [(
-        r["ref"], r["family"], r["code_kind"], "x".join(map(str, r["image_shape"])),
-        "x".join(map(str, r["latent_shape"])), r["fingerprint"],
-        "-" if r["val_psnr_db"] is None else f"{r['val_psnr_db']:.2f}",
-        "-" if r["val_bits_per_image"] is None else f"{r['val_bits_per_image'] / 8:.1f}",
+        r["ref"], r["family"], r["code_kind"], _image_column(r),
+        "x".join(map(str, r["latent_shape"][:1] if r.get("any_size") else r["latent_shape"])),
+        r["fingerprint"], "-" if r["val_psnr_db"] is None else f"{r['val_psnr_db']:.2f}",
+        _size_column(r),
     ) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     for row in table:

@@ -191,7 +191,8 @@ class LatentServeClient:
         if batch is not None:
             per = max(1, batch[0].nbytes) if len(batch) else 1
             step = max(1, min(self.chunk_images, self.chunk_bytes // per))
-            requests = [pb.CompressRequest(model=model, batch=raw_batch(batch[i:i + step]))
+            requests = [pb.CompressRequest(model=model, batch=raw_batch(batch[i:i + step]),
+                                           resize=resize)
                         for i in range(0, max(len(batch), 1), step)]
         else:
             messages = [_image_message(im) for im in items]
@@ -282,7 +283,7 @@ class Backend(Protocol):
 
     def resolve(self, model: str) -> tuple[str, tuple[int, int, int]]:
         """``name[:version]`` -> (``name:version``, image shape (C, H, W))."""
-    def compress(self, model: str, images: np.ndarray) -> list[bytes]: ...
+    def compress(self, model: str, images: np.ndarray | list[np.ndarray]) -> list[bytes]: ...
     def reconstruct(self, codes: list[bytes]) -> list[np.ndarray]: ...
     def sample(self, model: str, n: int, *, seed: int, temperature: float,
                start: int = 0) -> np.ndarray: ...
@@ -300,7 +301,7 @@ class LocalBackend:
         m = self.pipeline.repository.resolve(model).manifest
         return m.ref, m.image_shape
 
-    def compress(self, model: str, images: np.ndarray) -> list[bytes]:
+    def compress(self, model: str, images: np.ndarray | list[np.ndarray]) -> list[bytes]:
         return self.pipeline.compress(model, images)
 
     def reconstruct(self, codes: list[bytes]) -> list[np.ndarray]:
@@ -310,6 +311,8 @@ class LocalBackend:
                 from latentserve.worker.codec.codes import with_index
 
                 raise with_index(r, i, len(out))
+            if isinstance(r, E.ResourceLimit):
+                raise r
         return out  # type: ignore[return-value]
 
     def sample(self, model: str, n: int, *, seed: int, temperature: float,
@@ -331,7 +334,7 @@ class RemoteBackend:
         info = self.client.model(model)
         return info.ref, (info.channels, info.height, info.width)
 
-    def compress(self, model: str, images: np.ndarray) -> list[bytes]:
+    def compress(self, model: str, images: np.ndarray | list[np.ndarray]) -> list[bytes]:
         return self.client.compress(images, model)
 
     def reconstruct(self, codes: list[bytes]) -> list[np.ndarray]:

@@ -18,7 +18,7 @@ import numpy as np
 from latentserve.errors import InvalidInput
 from latentserve.service.server.errors import status_for
 from latentserve.v1 import jobs_pb2 as pb
-from latentserve.worker.jobqueue.packing import pack_failures, pack_images, pack_items
+from latentserve.worker.jobqueue.packing import pack_any_images, pack_failures, pack_items
 from latentserve.worker.jobqueue.records import ItemFailure, JobKind, OnItemError
 
 POLICIES = {pb.ON_ITEM_ERROR_UNSPECIFIED: OnItemError.PER_ITEM,
@@ -39,14 +39,15 @@ def policy_of(spec: pb.JobSpec) -> OnItemError:
 
 def chunk_payload(kind: JobKind, part: Sequence[Any],
                   shape: tuple[int, int, int] | None) -> bytes:
-    """A chunk's inputs (images of ``shape``, or codes; an ItemFailure where one was
-    refused on arrival) as one Redis value, refused items holding placeholders."""
+    """A chunk's inputs (images of ``shape``, or of any size for an any-size model's
+    (C, 0, 0); or codes; an ItemFailure where one was refused on arrival) as one Redis
+    value, refused items holding placeholders."""
     failures = {i: x for i, x in enumerate(part) if isinstance(x, ItemFailure)}
     if kind is JobKind.COMPRESS:
         assert shape is not None
-        blank = np.zeros(shape, np.uint8)  # compressed like any image; its code is dropped
-        inner = pack_images(np.stack([blank if i in failures else x
-                                      for i, x in enumerate(part)]))
+        # Compressed like any image; its code is dropped. Any size: a 1x1 placeholder.
+        blank = np.zeros((shape[0], shape[1] or 1, shape[2] or 1), np.uint8)
+        inner = pack_any_images([blank if i in failures else x for i, x in enumerate(part)])
     else:
         inner = pack_items([b"" if i in failures else x for i, x in enumerate(part)])
     return pack_failures(inner, failures)

@@ -56,6 +56,7 @@ from latentserve.worker.jobqueue.store import (
     JobStore,
     job_not_found,
 )
+from latentserve.worker.runtime.engine import unsupported
 from latentserve.worker.runtime.pipeline import check_temperature
 from latentserve.worker.tracing import current_traceparent
 
@@ -120,7 +121,7 @@ class JobLimits:
     """Per-message limits, taken from the server's ServiceConfig."""
 
     max_items_per_message: int = 4096
-    max_pixels_per_image: int = 16_000_000
+    max_pixels_per_image: int = 25_000_000
     max_message_bytes: int = 64 << 20
 
 
@@ -157,6 +158,9 @@ class JobsServicer(pb_grpc.JobsServicer):
                                f"{self.queue.max_job_items}")
         chunk_size = spec.chunk_size or None
         if kind is JobKind.SAMPLE:
+            manifest = self.pipeline.repository.resolve(model).manifest
+            if "sample" not in manifest.operations:
+                raise unsupported(manifest, "sample")
             # Refused now, not by a worker later: the same (0, 1000] as the Sample RPC.
             temperature = check_temperature(
                 spec.temperature if spec.HasField("temperature") else 1.0)
@@ -366,9 +370,10 @@ def _results_messages(kind: JobKind, lo: int, items: Any, total: int,
         elif isinstance(part, np.ndarray):
             yield pb.JobResults(start=lo + i, images=[raw_image(im) for im in part],
                                 items_total=total)
-        else:
-            yield pb.JobResults(start=lo + i, images=[ipb.Image(encoded=b) for b in part],
-                                items_total=total)
+        else:  # PNG files, or raw images of several sizes (an any-size model's)
+            yield pb.JobResults(start=lo + i, images=[
+                raw_image(b) if isinstance(b, np.ndarray) else ipb.Image(encoded=b)
+                for b in part], items_total=total)
         i = j
 
 

@@ -184,10 +184,13 @@ class ModelCatalog:
         """One image through encode, code, decode and decode's network run, so the first
         request does not pay for onnxruntime's first-run allocations."""
         codec = self.pipeline.codec(entry.manifest.ref)
-        images = np.zeros((1, *entry.manifest.image_shape), np.uint8)
+        m = entry.manifest
+        # Any-size models warm up on one stride x stride image (format-2 codes).
+        size = (m.stride, m.stride) if m.any_size else None
+        images = np.zeros((1, m.channels, *(size or m.image_shape[1:])), np.uint8)
         try:
             symbols = codec.runtime.encode(images)
-            codec.runtime.decode(codec.decode(codec.encode(symbols)))
+            codec.runtime.decode(codec.decode(codec.encode(symbols, size=size)), size)
         except LatentServeError:
             raise
         except Exception as exc:

@@ -175,7 +175,8 @@ def create_server(config: ServiceConfig, *, pipeline: Pipeline | None = None,
     propagates.
     """
     metrics = ServiceMetrics()
-    pipeline = pipeline or Pipeline(CachedRepository(config.models), config.engine_config())
+    pipeline = pipeline or Pipeline(CachedRepository(config.models), config.engine_config(),
+                                    max_pixels=config.max_pixels_per_image)
     health_servicer = HealthServicer()
     # Read credentials before anything starts, so a bad file is a clear start-up error.
     tokens = TokenTable(config.auth_tokens) if config.auth_tokens else None

@@ -93,8 +93,9 @@ class ServiceConfig(Settings):
         "largest gRPC message accepted or sent (bytes)"))
     max_images_per_request: int = setting(4096, help=(
         "most images (or codes, or samples) in one request or stream message"))
-    max_pixels_per_image: int = setting(16_000_000, help=(
-        "largest image accepted, in pixels, checked before decoding (decompression bombs)"))
+    max_pixels_per_image: int = setting(25_000_000, help=(
+        "largest image accepted (and a photo code decoded), in pixels, checked before "
+        "decoding (decompression bombs); 25 M takes a 24 MP photo"))
     preload: bool = setting(True, help=(
         "load and verify the newest version of every model at startup"))
     warmup: bool = setting(True, help=(

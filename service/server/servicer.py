@@ -35,6 +35,7 @@ from latentserve.service.wire import decode_batch, decode_request_image, encode_
 from latentserve.v1 import inference_pb2 as pb
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
 from latentserve.worker.codec.codes import with_index
+from latentserve.worker.runtime.engine import unsupported
 from latentserve.worker.runtime.pipeline import check_temperature
 from latentserve.worker.runtime.repository import ModelEntry
 
@@ -229,13 +230,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._check_request(request, count, "images", "CompressStream", where)
         shape = entry.manifest.image_shape
         limit = self.config.max_pixels_per_image
+        images: np.ndarray | list[np.ndarray]
         if has_batch:
-            images = decode_batch(request.batch, shape, max_pixels=limit, name=f"{where}batch")
+            images = decode_batch(request.batch, shape, max_pixels=limit, name=f"{where}batch",
+                                  resize=request.resize)
+        elif entry.manifest.any_size:
+            images = [decode_request_image(msg, shape, resize=request.resize, max_pixels=limit,
+                                           name=f"{where}images[{i}]")
+                      for i, msg in enumerate(request.images)]
         else:
             images = np.empty((count, *shape), np.uint8)
             for i, msg in enumerate(request.images):
                 images[i] = decode_request_image(msg, shape, resize=request.resize,
                                                  max_pixels=limit, name=f"{where}images[{i}]")
+        if entry.manifest.any_size:
+            # Items of any size share one batcher as a list; the pipeline groups them
+            # by size, so an odd image runs on its own and the others stay batched.
+            images = list(images)
         ref = entry.manifest.ref
         ticket = self._submit(("compress", ref, None), images, scope)
         return lambda: pb.CompressResponse(model=ref, codes=scope.wait(ticket))
@@ -272,10 +283,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                            wanted: str | None) -> list[Any]:
         """One batcher's batch: every code here was identified as ``ref``'s."""
         results = self.pipeline.reconstruct_each(codes, wanted)
-        done = sum(not isinstance(r, CodeError) for r in results)
+        done = sum(not isinstance(r, (CodeError, ResourceLimit)) for r in results)
         # Refused codes are not images done (the batcher's own count would include them).
         self.metrics.images.labels(ref, "reconstruct").inc(done)
-        return [(r, "" if isinstance(r, CodeError) else ref) for r in results]
+        return [(r, "" if isinstance(r, (CodeError, ResourceLimit)) else ref) for r in results]
 
     def _submit_reconstruct(self, request: pb.ReconstructRequest, scope: RpcScope,
                             where: str = "") -> Callable[[], pb.ReconstructResponse]:
@@ -346,6 +357,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def Sample(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> pb.SampleResponse:
         scope = RpcScope(context)
         entry = self._entry(request.model)
+        if "sample" not in entry.manifest.operations:
+            raise unsupported(entry.manifest, "sample")
         limit = self.config.max_images_per_request
         if request.count > limit:
             raise ResourceLimit(f"count {request.count} is over the limit of {limit} samples "

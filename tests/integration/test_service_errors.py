@@ -166,9 +166,9 @@ def test_corrupt_and_future_codes_are_data_loss(stub: pb_grpc.InferenceStub,
     assert "checksum" in details or "changed" in details
     refused(lambda: stub.Reconstruct(pb.ReconstructRequest(codes=[good[:5]]), timeout=TIMEOUT),
             C.DATA_LOSS, "truncated")
-    future = bytes([0xA2]) + good[1:]
+    future = bytes([0xA3]) + good[1:]
     refused(lambda: stub.Reconstruct(pb.ReconstructRequest(codes=[future]), timeout=TIMEOUT),
-            C.DATA_LOSS, "version 2", "reads version 1")
+            C.DATA_LOSS, "version 3", "reads versions 1, 2")
 
 
 def test_one_clients_bad_code_does_not_fail_a_neighbour_in_the_same_batch(

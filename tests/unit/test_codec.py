@@ -125,7 +125,8 @@ def test_header_layout() -> None:
     (b"", CorruptCode, "truncated"),
     (b"\xa1\x01\x00\x00\x00\x00", CorruptCode, "truncated"),
     (b"\x89PNG\r\n\x1a\n", CorruptCode, "not a latentserve code"),
-    (b"\xa2\x01\x00\x00\x00\x00\x00", UnknownFormatVersion, "format version 2"),
+    (b"\xa3\x01\x00\x00\x00\x00\x00", UnknownFormatVersion, "format version 3"),
+    (b"\xa2\x01\x00\x00\x00\x00\x00", CorruptCode, "ends inside its size field"),
     (b"\xa0\x01\x00\x00\x00\x00\x00", UnknownFormatVersion, "format version 0"),
     (b"\xa1\x07\x00\x00\x00\x00\x00", CorruptCode, "code kind 7"),
 ])

@@ -51,9 +51,15 @@ from latentserve.worker.codec.entropy import (
 from latentserve.worker.runtime.engine import ModelRuntime
 from latentserve.worker.runtime.manifest import CODE_KIND_IDS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1   # fixed-size models: the latent shape is the model's
+SIZED_VERSION = 2    # any-size models: the header adds the image's height and width
+VERSIONS = (FORMAT_VERSION, SIZED_VERSION)
 MAGIC = 0xA  # high nibble of byte 0
 HEADER_SIZE = 7
+# Format 2's size field: H - 1 and W - 1 as unsigned LEB128 varints of at most 3 bytes,
+# each side at most MAX_SIDE (what the 3 bytes leave room for is refused, not read).
+MAX_SIDE = 1 << 16
+SIZE_VARINT_BYTES = 3
 KIND_NAMES = {v: k for k, v in CODE_KIND_IDS.items()}
 # The encoder codes kind 3 only when every table-shaping logit lies >= guard from a
 # rounding boundary, so decoder-side noise below guard cannot change a table. A decoder
@@ -73,15 +79,68 @@ def _digest_state(manifest_digest: str) -> tuple[bytes, int]:
 
 
 def checksum(manifest_digest: str, head: bytes, payload: bytes) -> int:
-    """Low 24 bits of CRC32(sha256(manifest) as 32 raw bytes, header bytes 0..3, payload)."""
+    """Low 24 bits of CRC32(sha256(manifest) as 32 raw bytes, header bytes 0..3 (and a
+    format-2 size field), payload)."""
     crc = zlib.crc32(head, _digest_state(manifest_digest)[1])
     return zlib.crc32(payload, crc) & 0xFFFFFF
 
 
-def pack(manifest_digest: str, kind: int, payload: bytes) -> bytes:
-    """Build a version-1 code: header (7 bytes) + payload."""
-    head = bytes([(MAGIC << 4) | FORMAT_VERSION, kind]) + _digest_state(manifest_digest)[0]
-    return head + checksum(manifest_digest, head, payload).to_bytes(3, "big") + payload
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def size_field(height: int, width: int) -> bytes:
+    """Format 2's size field: varint(H - 1) varint(W - 1) (2 bytes up to 128 x 128, 4 up
+    to 16384 x 16384)."""
+    for side in (height, width):
+        if not 1 <= side <= MAX_SIDE:
+            raise InvalidInput(f"an image side must be 1..{MAX_SIDE} pixels, got {side}")
+    return _varint(height - 1) + _varint(width - 1)
+
+
+def read_size_field(code: bytes, at: int) -> tuple[tuple[int, int], int]:
+    """((H, W), the offset after the field); CorruptCode for a truncated, overlong,
+    non-minimal or out-of-range field."""
+    sides = []
+    for which in ("height", "width"):
+        value = shift = 0
+        for k in range(SIZE_VARINT_BYTES + 1):
+            if at >= len(code):
+                raise CorruptCode(f"the code ends inside its size field ({which}): truncated")
+            if k == SIZE_VARINT_BYTES:
+                raise CorruptCode(f"the code's size field ({which}) is longer than "
+                                  f"{SIZE_VARINT_BYTES} bytes: corrupted")
+            byte = code[at]
+            at += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                if byte == 0 and k > 0:
+                    raise CorruptCode(f"the code's size field ({which}) is not in its "
+                                      "shortest form: corrupted")
+                break
+        if value + 1 > MAX_SIDE:
+            raise CorruptCode(f"the code's {which} {value + 1} is over {MAX_SIDE}: corrupted")
+        sides.append(value + 1)
+    return (sides[0], sides[1]), at
+
+
+def pack(manifest_digest: str, kind: int, payload: bytes,
+         size: tuple[int, int] | None = None) -> bytes:
+    """Build a code: header (7 bytes; format 2: then the size field) + payload.
+
+    ``size`` (H, W) makes a format-2 code (any-size models), None a version-1 code.
+    """
+    version = FORMAT_VERSION if size is None else SIZED_VERSION
+    head = bytes([(MAGIC << 4) | version, kind]) + _digest_state(manifest_digest)[0]
+    extra = b"" if size is None else size_field(*size)
+    crc = checksum(manifest_digest, head + extra, payload).to_bytes(3, "big")
+    return head + crc + extra + payload
 
 
 @dataclass(frozen=True)
@@ -93,7 +152,8 @@ class Header:
     fingerprint: bytes
     checksum: int
     payload: bytes
-    head: bytes  # bytes 0..3, which the checksum covers
+    head: bytes  # what the checksum covers before the payload: bytes 0..3 (+ size field)
+    size: tuple[int, int] | None = None  # format 2: the image's (height, width)
 
     @property
     def kind_name(self) -> str:
@@ -115,18 +175,22 @@ def parse_header(code: bytes) -> Header:
                           f"got {len(code)}: truncated")
     if code[0] >> 4 != MAGIC:
         raise CorruptCode(f"not a latentserve code: first byte 0x{code[0]:02x}, expected 0xA1 "
-                          "(magic 0xA, then the format version)")
+                          "or 0xA2 (magic 0xA, then the format version)")
     version = code[0] & 0xF
-    if version != FORMAT_VERSION:
+    if version not in VERSIONS:
         raise UnknownFormatVersion(
-            f"the code is in format version {version}; this build reads version "
-            f"{FORMAT_VERSION} only: decode it with a latentserve that knows version {version}",
-            format_version=version)
+            f"the code is in format version {version}; this build reads versions "
+            f"{', '.join(map(str, VERSIONS))}: decode it with a latentserve that knows "
+            f"version {version}", format_version=version)
     if code[1] not in KIND_NAMES:
         raise CorruptCode(f"code kind {code[1]} is not one of {sorted(KIND_NAMES)} "
                           f"({', '.join(f'{k} {n}' for k, n in sorted(KIND_NAMES.items()))})")
+    size, start = None, HEADER_SIZE
+    if version == SIZED_VERSION:
+        size, start = read_size_field(code, HEADER_SIZE)
     return Header(version=version, kind=code[1], fingerprint=code[2:4],
-                  checksum=int.from_bytes(code[4:7], "big"), payload=code[7:], head=code[:4])
+                  checksum=int.from_bytes(code[4:7], "big"), payload=code[start:],
+                  head=code[:4] + code[HEADER_SIZE:start], size=size)
 
 
 # -- the codec ------------------------------------------------------------------------
@@ -155,27 +219,37 @@ class LatentCodec:
         self.kinds = ({FACTORIZED} if m.family != "vqvae"
                       else {VQ_STATIC} | ({VQ_PRIOR} if self.prior else set()))
         shape = tuple(m.latent_shape)
+        # Any-size models: every code has its own grid, so the pool (tables built per
+        # shape once per process) is not used for them.
         self._specs = {k: TableSpec(f"{m.digest}:{k}", spec, shape)
                        for k, spec in ((FACTORIZED, m.factorized), (VQ_STATIC, m.vq_static))
-                       if spec is not None and k in self.kinds}
+                       if spec is not None and k in self.kinds and not m.any_size}
+        if m.any_size:
+            self.pool = None
 
     # -- encode -----------------------------------------------------------------------
-    def encode(self, symbols: np.ndarray, *, kind: str | None = None) -> list[bytes]:
+    def encode(self, symbols: np.ndarray, *, kind: str | None = None,
+               size: tuple[int, int] | None = None) -> list[bytes]:
         """Symbols (N, *latent_shape) -> one code per image.
 
         ``kind`` forces a kind (``vq_static`` on a vq_prior model skips the prior);
-        default: the manifest's kind, with the guard's fallback to vq_static.
+        default: the manifest's kind, with the guard's fallback to vq_static. An
+        any-size model needs ``size``, the images' (H, W) (symbols of shape
+        ``latent_shape_for(H, W)``): its codes are format 2 and record it.
         """
-        return [pack(self.manifest.digest, k, p)
-                for k, p in self.encode_payloads(symbols, kind=kind)]
+        if self.manifest.any_size != (size is not None):
+            raise InvalidInput(f"{self.manifest.ref}: encode needs the image size for an "
+                               "any-size model, and only for one")
+        return [pack(self.manifest.digest, k, p, size)
+                for k, p in self.encode_payloads(symbols, kind=kind, size=size)]
 
-    def encode_payloads(self, symbols: np.ndarray, *,
-                        kind: str | None = None) -> list[tuple[int, bytes]]:
+    def encode_payloads(self, symbols: np.ndarray, *, kind: str | None = None,
+                        size: tuple[int, int] | None = None) -> list[tuple[int, bytes]]:
         """Like ``encode`` but returns (kind id, payload) pairs, without headers."""
-        symbols = self._check_symbols(symbols)
+        symbols = self._check_symbols(symbols, size)
         want = self._kind_id(kind)
         if want == FACTORIZED:
-            return [(FACTORIZED, p) for p in self._encode_fixed(FACTORIZED, symbols)]
+            return [(FACTORIZED, p) for p in self._encode_fixed(FACTORIZED, symbols, size)]
         assert self.static is not None
         if want == VQ_STATIC or len(symbols) == 0:
             return [(VQ_STATIC, p) for p in self._encode_fixed(VQ_STATIC, symbols)]
@@ -217,15 +291,17 @@ class LatentCodec:
             todo = todo[~ok]
         return offsets, probabilities(weights)
 
-    def cross_entropy_bits(self, symbols: np.ndarray, kinds: Sequence[int]) -> np.ndarray:
-        """Per image, the cost of its symbols under the integer tables of the given kind."""
-        symbols = self._check_symbols(symbols)
+    def cross_entropy_bits(self, symbols: np.ndarray, kinds: Sequence[int], *,
+                           size: tuple[int, int] | None = None) -> np.ndarray:
+        """Per image, the cost of its symbols under the integer tables of the given kind
+        (an any-size model's: of images of ``size``)."""
+        symbols = self._check_symbols(symbols, size)
         out = np.zeros(len(symbols))
         plan = (self.prior_plan(symbols)
                 if self.prior is not None and VQ_PRIOR in kinds else None)
         for i, (s, k) in enumerate(zip(symbols, kinds, strict=True)):
             if k == FACTORIZED:
-                out[i] = self.factorized.cross_entropy_bits(s)  # type: ignore[union-attr]
+                out[i] = self._tables(FACTORIZED, size).cross_entropy_bits(s)
             elif k == VQ_STATIC:
                 out[i] = self.static.cross_entropy_bits(s)  # type: ignore[union-attr]
             else:  # the offset symbol, the indices under the prior's tables, the check
@@ -271,11 +347,21 @@ class LatentCodec:
                 results[i] = header
             elif header.kind not in self.kinds:
                 results[i] = self._foreign_kind(header)
+            elif (header.size is not None) != self.manifest.any_size:
+                results[i] = CorruptCode(f"{self.manifest.ref} does not write format-"
+                                         f"{header.version} codes: corrupted")
             else:
                 (prior_jobs if header.kind == VQ_PRIOR else fixed[header.kind]).append(
                     (i, header.payload))
         for kind, jobs in fixed.items():
-            if jobs:
+            if jobs and self.manifest.any_size:  # one batch per grid shape
+                by_size: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
+                for i, p in jobs:
+                    by_size.setdefault(headers[i].size, []).append((i, p))  # type: ignore[union-attr, arg-type]
+                for hw, group in by_size.items():
+                    for (i, _), r in zip(group, self._decode_fixed(kind, group, hw), strict=True):
+                        results[i] = r
+            elif jobs:
                 for i, r in zip((i for i, _ in jobs), self._decode_fixed(kind, jobs), strict=True):
                     results[i] = r
         if prior_jobs:
@@ -284,24 +370,30 @@ class LatentCodec:
                 results[i] = d
         return results
 
-    def _decode_fixed(self, kind: int,
-                      jobs: list[tuple[int, bytes]]) -> list[np.ndarray | CorruptCode]:
+    def _decode_fixed(self, kind: int, jobs: list[tuple[int, bytes]],
+                      size: tuple[int, int] | None = None) -> list[np.ndarray | CorruptCode]:
         """Kinds 1 and 2: decode, then require the payload the encoder writes for the
-        symbols (decode, re-encode, compare: the canonical form, docs/code-format.md)."""
+        symbols (decode, re-encode, compare: the canonical form, docs/code-format.md).
+        ``size``: the images' (H, W), for an any-size model's codes."""
         payloads = [p for _, p in jobs]
         if self.pool is not None and self.pool.wants(len(payloads)):
             return self.pool.decode(self._specs[kind], payloads, canonical=True)
-        tables = self.factorized if kind == FACTORIZED else self.static
-        assert tables is not None
+        tables = self._tables(kind, size)
         return tables.decode_batch(payloads, canonical=True)
 
-    def _encode_fixed(self, kind: int, symbols: np.ndarray) -> list[bytes]:
+    def _tables(self, kind: int, size: tuple[int, int] | None) -> FactorizedTables | StaticTables:
+        tables = self.factorized if kind == FACTORIZED else self.static
+        assert tables is not None
+        if size is not None and isinstance(tables, FactorizedTables):
+            return tables.for_shape(self.manifest.latent_shape_for(*size))
+        return tables
+
+    def _encode_fixed(self, kind: int, symbols: np.ndarray,
+                      size: tuple[int, int] | None = None) -> list[bytes]:
         """Kinds 1 and 2, checked symbols -> payloads (in the pool for large batches)."""
         if self.pool is not None and self.pool.wants(len(symbols)):
             return self.pool.encode(self._specs[kind], symbols)
-        tables = self.factorized if kind == FACTORIZED else self.static
-        assert tables is not None
-        return tables.encode_batch(symbols)
+        return self._tables(kind, size).encode_batch(symbols)
 
     def check(self, code: bytes) -> Header:
         """Parse a code and require that this model made it with a kind it writes."""
@@ -318,6 +410,10 @@ class LatentCodec:
                 "(or another model with the same 2-byte fingerprint made it)")
         if header.kind not in self.kinds:
             raise self._foreign_kind(header)
+        if (header.size is not None) != m.any_size:
+            raise CorruptCode(
+                f"{m.ref} writes format-{SIZED_VERSION if m.any_size else FORMAT_VERSION} "
+                f"codes; this one is format {header.version}: corrupted")
         return header
 
     def _foreign_kind(self, header: Header) -> CorruptCode:
@@ -402,11 +498,12 @@ class LatentCodec:
                                f"it writes {allowed}")
         return CODE_KIND_IDS[kind]
 
-    def _check_symbols(self, symbols: np.ndarray) -> np.ndarray:
+    def _check_symbols(self, symbols: np.ndarray,
+                       size: tuple[int, int] | None = None) -> np.ndarray:
         symbols = np.asarray(symbols)
         if symbols.dtype.kind not in "iu":
             raise InvalidInput(f"symbols must be integers, got {symbols.dtype}")
-        symbols = self.runtime.check_symbols(symbols)
+        symbols = self.runtime.check_symbols(symbols, size)
         if self.factorized is not None and self.manifest.family != "vqvae":
             self.factorized.check(symbols)
         else:

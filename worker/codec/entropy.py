@@ -19,6 +19,7 @@ uint32 words cut to the fewest bytes that still point into the coder's final int
 
 from __future__ import annotations
 
+import copy
 import functools
 import zlib
 from collections.abc import Sequence
@@ -228,6 +229,19 @@ class FactorizedTables:
         self._all_models = [fixed_model(p) for p in self.probs]
         self._coded = [(c, m) for c, m in enumerate(self._all_models) if m is not None]
         self._offsets32 = self.offsets.astype(np.int32).reshape(1, -1, 1)
+
+    def for_shape(self, latent_shape: Sequence[int]) -> FactorizedTables:
+        """The same tables (and constriction models, shared) for another grid (C, h, w):
+        an any-size model's codes each have their own."""
+        shape = tuple(int(s) for s in latent_shape)
+        if shape == self.shape:
+            return self
+        if len(shape) != 3 or shape[0] != self.shape[0]:
+            raise ModelIntegrityError(f"factorized tables of {self.shape[0]} channels cannot "
+                                      f"code a latent of shape {shape}")
+        other = copy.copy(self)
+        other.shape = shape
+        return other
 
     def check(self, symbols: np.ndarray) -> None:
         """Raise InvalidInput unless every symbol lies on its channel's table support

@@ -19,12 +19,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
-from latentserve.errors import CodeError, InvalidInput
-from latentserve.worker.jobqueue.packing import pack_failures, pack_images, pack_items
+from latentserve.errors import CodeError, ResourceLimit
+from latentserve.worker.codec.codes import with_index
+from latentserve.worker.jobqueue.packing import (
+    pack_failures,
+    pack_images,
+    pack_items,
+    pack_shaped,
+)
 from latentserve.worker.jobqueue.records import (
     ChunkTask,
     ImageFormat,
@@ -38,12 +44,12 @@ from latentserve.worker.runtime.images import encode_png
 class JobPipeline(Protocol):
     """What a worker calls (``latentserve.worker.runtime.pipeline.Pipeline`` implements it)."""
 
-    def compress(self, ref: str, images: np.ndarray) -> list[bytes]: ...
+    def compress(self, ref: str, images: np.ndarray | Sequence[np.ndarray]) -> list[bytes]: ...
 
     def reconstruct(self, codes: Sequence[bytes], ref: str | None = None) -> np.ndarray: ...
 
-    def reconstruct_each(self, codes: Sequence[bytes],
-                         ref: str | None = None) -> list[np.ndarray | CodeError]: ...
+    def reconstruct_each(self, codes: Sequence[bytes], ref: str | None = None
+                         ) -> list[np.ndarray | CodeError | ResourceLimit]: ...
 
     def sample(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
                start: int = 0) -> np.ndarray: ...
@@ -116,17 +122,31 @@ def compute_batch(pipeline: JobPipeline, batch: list[Segment], *, png: bool = Tr
     png = png and task.image_format is ImageFormat.PNG
     sizes = [s.hi - s.lo for s in batch]
     if task.kind is JobKind.COMPRESS:
-        images = np.concatenate([s.held.inputs[s.lo:s.hi] for s in batch])
-        codes = pipeline.compress(task.model, images)
+        pieces = [s.held.inputs[s.lo:s.hi] for s in batch]
+        # Arrays of one shape join; images of several sizes (an any-size model) go as a
+        # list, which the pipeline groups by size.
+        inputs: Any = (np.concatenate(pieces) if all(isinstance(p, np.ndarray) for p in pieces)
+                       and len({p.shape[1:] for p in pieces}) == 1
+                       else [im for p in pieces for im in p])
+        codes = pipeline.compress(task.model, inputs)
         return _split(codes, sizes)
     if task.kind is JobKind.RECONSTRUCT and task.on_item_error is OnItemError.PER_ITEM:
         codes = [c for s in batch for c in s.held.inputs[s.lo:s.hi]]
         each = pipeline.reconstruct_each(codes, task.model or None)
-        return _split([ItemFailure.of(r) if isinstance(r, CodeError) else
+        return _split([ItemFailure.of(r) if isinstance(r, (CodeError, ResourceLimit)) else
                        encode_png(r) if png else r for r in each], sizes)
+    images: Any
     if task.kind is JobKind.RECONSTRUCT:
         codes = [c for s in batch for c in s.held.inputs[s.lo:s.hi]]
-        images = pipeline.reconstruct(codes, task.model or None)
+        each = pipeline.reconstruct_each(codes, task.model or None)
+        for i, r in enumerate(each):  # all or nothing: the first refusal fails the chunk
+            if isinstance(r, CodeError):
+                raise with_index(r, i, len(each))
+            if isinstance(r, ResourceLimit):
+                raise r
+        # One array when the images share a shape; a list when they do not (any size).
+        decoded = cast(list[np.ndarray], each)
+        images = np.stack(decoded) if len({r.shape for r in decoded}) == 1 else decoded
     else:
         runs: list[np.ndarray] = []
         i = 0
@@ -182,11 +202,11 @@ def pack_results(h: Held) -> bytes:
     # A chunk whose every input was refused on arrival is not computed: no parts.
     items = [x for part in h.parts for x in part] or [b""] * h.n
     good = [x for i, x in enumerate(items) if i not in failures]
-    if raw and good:
-        if len({im.shape for im in good}) > 1:
-            raise InvalidInput(f"the codes of chunk {h.chunk} decode to images of different "
-                               f"shapes {sorted({im.shape for im in good})}; RAW results "
-                               "need one shape per chunk: use PNG, or one job per model")
+    if raw and good and len({im.shape for im in good}) > 1:
+        # Images of several sizes (any-size models, or codes of several models).
+        blank = np.zeros((good[0].shape[0], 1, 1), np.uint8)
+        inner = pack_shaped([blank if i in failures else x for i, x in enumerate(items)])
+    elif raw and good:
         array = np.zeros((h.n, *good[0].shape), np.uint8)
         for i, x in enumerate(items):
             if i not in failures:

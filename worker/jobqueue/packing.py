@@ -1,11 +1,13 @@
 """Pack a chunk's items into one Redis value, and back.
 
-Three layouts, told apart by the first byte:
+Four layouts, told apart by the first byte:
 
 - ``b"I"`` + uint32 count + count x uint32 lengths + the items concatenated: a list of
   byte strings (latent codes, PNG files).
 - ``b"A"`` + 4 x uint32 (N, C, H, W) + N*C*H*W bytes: a uint8 image batch (raw inputs
   of a compress chunk, raw image results).
+- ``b"R"`` + uint32 count + count x 3 uint32 (C, H, W) + the images' pixels concatenated:
+  uint8 images of different sizes (an any-size model's compress inputs or raw results).
 - ``b"F"`` + uint32 length + that many bytes of UTF-8 JSON ``[[index, error class,
   message], ...]`` + an ``I`` or ``A`` value: a chunk some of whose items failed (an
   input refused on arrival, a code a worker could not decode; OnItemError PER_ITEM).
@@ -29,6 +31,7 @@ from latentserve.worker.jobqueue.records import ItemFailure
 _ITEMS = b"I"
 _ARRAY = b"A"
 _FAILED = b"F"
+_SHAPED = b"R"
 
 
 def pack_items(items: Sequence[bytes]) -> bytes:
@@ -45,6 +48,24 @@ def pack_images(images: np.ndarray) -> bytes:
     return _ARRAY + struct.pack("<4I", *images.shape) + np.ascontiguousarray(images).tobytes()
 
 
+def pack_shaped(images: Sequence[np.ndarray]) -> bytes:
+    """uint8 (C, H, W) arrays of any sizes -> one value (one shape: ``pack_images``)."""
+    for im in images:
+        if im.dtype != np.uint8 or im.ndim != 3:
+            raise InvalidInput(f"pack_shaped takes uint8 (C, H, W) arrays, got {im.dtype} "
+                               f"{im.shape}")
+    shapes = np.array([im.shape for im in images], "<u4").reshape(-1, 3)
+    return b"".join([_SHAPED, struct.pack("<I", len(images)), shapes.tobytes(),
+                     *(np.ascontiguousarray(im).tobytes() for im in images)])
+
+
+def pack_any_images(images: Sequence[np.ndarray]) -> bytes:
+    """Images (C, H, W): one array (``A``) when they share a shape, else ``R``."""
+    if len({im.shape for im in images}) <= 1 and len(images):
+        return pack_images(np.stack(images))
+    return pack_shaped(images)
+
+
 def pack_failures(inner: bytes, failures: Mapping[int, ItemFailure]) -> bytes:
     """An ``I`` or ``A`` value whose items at ``failures``' indices failed -> one value
     (``inner`` itself when nothing failed)."""
@@ -55,7 +76,8 @@ def pack_failures(inner: bytes, failures: Mapping[int, ItemFailure]) -> bytes:
     return _FAILED + struct.pack("<I", len(head)) + head + inner
 
 
-def unpack_failures(data: bytes) -> tuple[list[bytes] | np.ndarray, dict[int, ItemFailure]]:
+def unpack_failures(data: bytes) -> tuple[list[bytes] | list[np.ndarray] | np.ndarray,
+                                          dict[int, ItemFailure]]:
     """One value -> (items, {index in the chunk: ItemFailure}); failed slots hold
     placeholders. Refuses damaged values."""
     if data[:1] != _FAILED:
@@ -71,7 +93,7 @@ def unpack_failures(data: bytes) -> tuple[list[bytes] | np.ndarray, dict[int, It
     return unpack(data[5 + size:]), failures
 
 
-def unpack(data: bytes) -> list[bytes] | np.ndarray:
+def unpack(data: bytes) -> list[bytes] | list[np.ndarray] | np.ndarray:
     """One value -> list of byte strings, or uint8 (N, C, H, W); refuses damaged values.
 
     Of a value with item failures only the items come back, failed slots holding their
@@ -93,7 +115,20 @@ def unpack(data: bytes) -> list[bytes] | np.ndarray:
             shape = struct.unpack_from("<4I", data, 1)
             arr = np.frombuffer(data, dtype=np.uint8, offset=17)
             return arr.reshape(shape)
+        if tag == _SHAPED:
+            (n,) = struct.unpack_from("<I", data, 1)
+            shapes = np.frombuffer(data, dtype="<u4", count=3 * n, offset=5).reshape(n, 3)
+            sizes = shapes.astype(np.int64).prod(axis=1)
+            at = 5 + 12 * n
+            if at + int(sizes.sum()) != len(data):
+                raise ValueError(f"shapes need {at + int(sizes.sum())} bytes, value holds "
+                                 f"{len(data)}")
+            out = []
+            for dims, size in zip(shapes.tolist(), sizes.tolist(), strict=True):
+                out.append(np.frombuffer(data, np.uint8, count=size, offset=at).reshape(dims))
+                at += size
+            return out
     except (struct.error, ValueError) as exc:
         raise InvalidInput(f"packed chunk value is damaged: {exc}") from None
-    raise InvalidInput(f"packed chunk value starts with {tag!r}; expected b'I', b'A' or "
-                       "b'F'")
+    raise InvalidInput(f"packed chunk value starts with {tag!r}; expected b'I', b'A', "
+                       "b'R' or b'F'")

@@ -25,7 +25,8 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from latentserve.errors import InvalidInput, ProviderUnavailable
+from latentserve.errors import InvalidInput, ProviderUnavailable, UnsupportedOperation
+from latentserve.worker.runtime.manifest import Manifest
 from latentserve.worker.runtime.repository import ModelEntry
 from latentserve.worker.runtime.settings import PROVIDERS, Provider
 
@@ -51,7 +52,18 @@ class EngineConfig:
     # on a small conv autoencoder), off on the CPU, where it only adds a copy.
     io_binding: Literal["auto", "on", "off"] = "auto"
 
+    # Any-size models (docs/code-format.md, "Any size"): an image whose padded size is at
+    # most ``untiled_pixels`` runs whole (several such images per run, up to that many
+    # pixels); a bigger one runs in tiles of ``tile_cells`` x ``tile_cells`` latent cells,
+    # each computed with ``tile_margin`` cells of context on every side that is then
+    # dropped, so memory is bounded by the tile, not the image.
+    untiled_pixels: int = 1 << 20
+    tile_cells: int = 48
+    tile_margin: int = 4
+
     def __post_init__(self) -> None:
+        if self.tile_cells < 1 or self.tile_margin < 0 or self.untiled_pixels < 1:
+            raise InvalidInput("tile_cells and untiled_pixels must be >= 1, tile_margin >= 0")
         if self.provider not in PROVIDERS:
             raise InvalidInput(f"provider {self.provider!r} is not one of {PROVIDERS}")
         if self.io_binding not in ("auto", "on", "off"):
@@ -199,6 +211,15 @@ _process_memory: ProcessMemory | None = None
 _process_memory_lock = threading.Lock()
 
 
+def unsupported(manifest: Manifest, operation: str) -> UnsupportedOperation:
+    """The refusal of an operation the model cannot do, naming what it can."""
+    why = " (it has no generative prior: a photo codec)" if operation == "sample" else ""
+    return UnsupportedOperation(
+        f"model {manifest.ref} cannot {operation}{why}; it supports "
+        f"{', '.join(manifest.operations)}", model=manifest.ref, operation=operation,
+        supported=",".join(manifest.operations))
+
+
 def process_memory() -> ProcessMemory:
     """This process's ``ProcessMemory``, set up on first use: by the server's catalog or
     ``create_worker`` before they start threads, else by the first session."""
@@ -260,16 +281,34 @@ class ModelRuntime:
     def check_images(self, images: np.ndarray) -> np.ndarray:
         """Validate a uint8 (N, C, H, W) batch against the model's image shape."""
         want = self.manifest.image_shape
+        if self.manifest.any_size:
+            if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != want[0]
+                    or min(images.shape[2:]) < 1):
+                raise InvalidInput(
+                    f"model {self.manifest.ref} takes uint8 images of shape (N, {want[0]}, "
+                    f"H, W), any H, W >= 1; got {images.dtype} {tuple(images.shape)}")
+            return np.ascontiguousarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != want:
             raise InvalidInput(
                 f"model {self.manifest.ref} takes uint8 images of shape (N, {want[0]}, "
                 f"{want[1]}, {want[2]}); got {images.dtype} {tuple(images.shape)}")
         return np.ascontiguousarray(images)
 
-    def check_symbols(self, symbols: np.ndarray) -> np.ndarray:
-        want = self.manifest.latent_shape
+    def check_symbols(self, symbols: np.ndarray,
+                      size: tuple[int, int] | None = None) -> np.ndarray:
+        """Validate symbols (N, *latent shape); an any-size model's are (N, M, h, w), for
+        images of ``size`` when given (any h, w >= 1 otherwise)."""
+        m = self.manifest
+        if m.any_size and size is None:
+            ok = symbols.ndim == 4 and symbols.shape[1] == m.latent_shape[0] \
+                and min(symbols.shape[2:]) >= 1
+            if not ok:
+                raise InvalidInput(f"model {m.ref} takes symbols of shape (N, "
+                                   f"{m.latent_shape[0]}, h, w); got {tuple(symbols.shape)}")
+            return symbols
+        want = m.latent_shape_for(*size) if size is not None else m.latent_shape
         if symbols.ndim != len(want) + 1 or tuple(symbols.shape[1:]) != want:
-            raise InvalidInput(f"model {self.manifest.ref} takes symbols of shape (N, "
+            raise InvalidInput(f"model {m.ref} takes symbols of shape (N, "
                                f"{', '.join(map(str, want))}); got {tuple(symbols.shape)}")
         return symbols
 
@@ -298,6 +337,8 @@ class ModelRuntime:
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 images (N, C, H, W) -> int32 symbols (N, *latent_shape)."""
         images = self.check_images(images)
+        if self.manifest.any_size:
+            return self.quantize(self._encode_any(images))
         if len(images) == 0:
             return np.zeros((0, *self.manifest.latent_shape), np.int32)
         out = self._batched(lambda b: self._run(self.encoder, "image", b), images)
@@ -320,9 +361,21 @@ class ModelRuntime:
         np.minimum(sym, bounds[1], out=sym)
         return sym.astype(np.int32)
 
-    def decode(self, symbols: np.ndarray) -> np.ndarray:
-        """int symbols (N, *latent_shape) -> uint8 images (N, C, H, W)."""
+    def decode(self, symbols: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+        """int symbols (N, *latent_shape) -> uint8 images (N, C, H, W).
+
+        An any-size model's images come back cropped to ``size`` (H, W), by default the
+        padded size its symbols stand for."""
         symbols = self.check_symbols(symbols)
+        if self.manifest.any_size:
+            spec = self.manifest.factorized
+            assert spec is not None
+            s = self.manifest.stride
+            h, w = size or (symbols.shape[2] * s, symbols.shape[3] * s)
+            if self.manifest.latent_shape_for(h, w) != tuple(symbols.shape[1:]):
+                raise InvalidInput(f"model {self.manifest.ref}: symbols of shape "
+                                   f"{tuple(symbols.shape[1:])} are not those of a {h}x{w} image")
+            return self._decode_any(symbols, spec.step, h, w)
         if len(symbols) == 0:
             return np.zeros((0, *self.manifest.image_shape), np.uint8)
         feed: np.ndarray
@@ -336,6 +389,71 @@ class ModelRuntime:
             name = "latent"
         out = self._batched(lambda b: self._run(self.decoder, name, b), feed)
         return to_uint8(out)
+
+    # -- any size: padding, whole runs and tiles ---------------------------------------
+    def _group_size(self, pixels: int) -> int:
+        """How many images of ``pixels`` (padded) one untiled run takes."""
+        return max(1, min(self.config.max_batch, self.config.untiled_pixels // max(1, pixels)))
+
+    def _spans(self, cells: int) -> list[tuple[int, int, int, int]]:
+        """Tiles along one axis of ``cells`` latent cells: (core start, core end, context
+        start, context end); one span covering everything when it fits."""
+        t, m = self.config.tile_cells, self.config.tile_margin
+        return [(a, min(a + t, cells), max(0, a - m), min(cells, a + t + m))
+                for a in range(0, cells, t)]
+
+    def _encode_any(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, C, H, W) -> float32 latents (N, M, ceil(H/s), ceil(W/s)): padded with
+        the edge pixels to multiples of s, run whole or in tiles."""
+        m = self.manifest
+        n, _, h, w = images.shape
+        ph, pw = m.padded_size(h, w)
+        s = m.stride
+        lh, lw = ph // s, pw // s
+        out = np.empty((n, m.latent_shape[0], lh, lw), np.float32)
+        tiled = ph * pw > self.config.untiled_pixels
+        step = 1 if tiled else self._group_size(ph * pw)
+        for a in range(0, n, step):
+            batch = images[a:a + step]
+            padded = (np.pad(batch, ((0, 0), (0, 0), (0, ph - h), (0, pw - w)), mode="edge")
+                      if (ph, pw) != (h, w) else batch)
+            if not tiled:
+                out[a:a + step] = self._run(self.encoder, "image", np.ascontiguousarray(padded))
+                continue
+            for r0, r1, y0, y1 in self._spans(lh):
+                for c0, c1, x0, x1 in self._spans(lw):
+                    crop = np.ascontiguousarray(padded[:, :, y0 * s:y1 * s, x0 * s:x1 * s])
+                    lat = self._run(self.encoder, "image", crop)
+                    out[a:a + 1, :, r0:r1, c0:c1] = lat[:, :, r0 - y0:r1 - y0, c0 - x0:c1 - x0]
+        return out
+
+    def _decode_any(self, symbols: np.ndarray, step: float, h: int, w: int) -> np.ndarray:
+        """Symbols (N, M, lh, lw) -> uint8 (N, C, h, w): decoded whole or in tiles (with
+        context), cropped to the image."""
+        m = self.manifest
+        s = m.stride
+        n, _, lh, lw = symbols.shape
+        out = np.empty((n, m.channels, h, w), np.uint8)
+        tiled = lh * lw * s * s > self.config.untiled_pixels
+        group = 1 if tiled else self._group_size(lh * lw * s * s)
+        for a in range(0, n, group):
+            latent = symbols[a:a + group].astype(np.float32) * np.float32(step)
+            if not tiled:
+                out[a:a + group] = to_uint8(self._run(self.decoder, "latent", latent)[:, :, :h, :w])
+                continue
+            for r0, r1, y0, y1 in self._spans(lh):
+                if r0 * s >= h:
+                    continue
+                for c0, c1, x0, x1 in self._spans(lw):
+                    if c0 * s >= w:
+                        continue
+                    img = self._run(self.decoder, "latent",
+                                    np.ascontiguousarray(latent[:, :, y0:y1, x0:x1]))
+                    ya, yb = r0 * s, min(r1 * s, h)
+                    xa, xb = c0 * s, min(c1 * s, w)
+                    out[a:a + 1, :, ya:yb, xa:xb] = to_uint8(
+                        img[:, :, ya - y0 * s:yb - y0 * s, xa - x0 * s:xb - x0 * s])
+        return out
 
     def prior_logits(self, indices: np.ndarray) -> np.ndarray:
         """VQ index grids (N, h, w) -> float32 logits (N, K, h, w) of the causal prior."""
@@ -352,6 +470,8 @@ class ModelRuntime:
     def sample(self, count: int, *, seed: int, temperature: float = 1.0,
                start: int = 0) -> np.ndarray:
         """Draw ``count`` uint8 images; sample ``start + j`` depends only on (seed, start + j)."""
+        if "sample" not in self.manifest.operations:
+            raise unsupported(self.manifest, "sample")
         if count < 0:
             raise InvalidInput(f"sample count must be >= 0, got {count}")
         used = canonical_temperature(temperature)

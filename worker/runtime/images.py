@@ -20,7 +20,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".webp")
 # Pillow reads some forty more, a few through little-tested parsers (and EPS through
 # Ghostscript): bytes of any other format are refused without being parsed.
 IMAGE_FORMATS = ("PNG", "JPEG", "PPM", "BMP", "WEBP")
-DEFAULT_MAX_PIXELS = 16_000_000
+DEFAULT_MAX_PIXELS = 25_000_000  # a 24 MP photo (6000 x 4000) fits
 
 
 def _mode_for(channels: int) -> str:
@@ -31,12 +31,35 @@ def _mode_for(channels: int) -> str:
     raise InvalidInput(f"images with {channels} channels are not supported; use 1 or 3")
 
 
+def describe_shape(shape: tuple[int, int, int]) -> str:
+    """``L 28x28`` / ``RGB 481x321`` (W x H); ``RGB, any size`` where H, W are 0."""
+    mode = {1: "L", 3: "RGB"}.get(shape[0], f"{shape[0]}-channel")
+    return f"{mode}, any size" if shape[1] == 0 else f"{mode} {shape[2]}x{shape[1]}"
+
+
+def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (C, H, W) -> (channels, H, W), exactly as Pillow's convert: grey -> RGB
+    repeats the plane, RGB -> grey is ITU-R 601-2 luma ``(19595 R + 38470 G + 7471 B +
+    2^15) >> 16``."""
+    if image.shape[0] == channels:
+        return image
+    if image.shape[0] == 1 and channels == 3:
+        return np.repeat(image, 3, axis=0)
+    if image.shape[0] == 3 and channels == 1:
+        r, g, b = (image[i].astype(np.uint32) for i in range(3))
+        luma: np.ndarray = ((19595 * r + 38470 * g + 7471 * b + 0x8000) >> 16).astype(np.uint8)
+        return luma[None]
+    raise InvalidInput(f"cannot convert a {image.shape[0]}-channel image to {channels} channels")
+
+
 def decode_image(data: bytes, shape: tuple[int, int, int], *, resize: bool = False,
                  max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> np.ndarray:
     """Decode encoded image bytes into uint8 (C, H, W) of exactly ``shape``.
 
     A different size or mode is refused unless ``resize`` (then converted and resized).
-    Images over ``max_pixels`` are refused before their pixels are decoded.
+    ``shape`` (C, 0, 0) takes any size (an any-size model): only the mode must match,
+    and ``resize`` converts the mode only. Images over ``max_pixels`` are refused before
+    their pixels are decoded.
     """
     channels, height, width = shape
     img: Image.Image
@@ -60,12 +83,16 @@ def decode_image(data: bytes, shape: tuple[int, int, int], *, resize: bool = Fal
         raise InvalidInput(f"{name} is not a readable PNG/JPEG/PGM/PPM/BMP/WebP image "
                            f"({exc})") from None
     want_mode = _mode_for(channels)
+    if height == 0:  # any size: the mode alone must match
+        width, height = img.size
     if img.mode != want_mode or img.size != (width, height):
         if not resize:
             raise InvalidInput(
                 f"{name} is {img.mode} {img.width}x{img.height}; the model takes "
-                f"{want_mode} {width}x{height} (pass --resize / resize=true to convert)")
-        img = img.convert(want_mode).resize((width, height), Image.Resampling.LANCZOS)
+                f"{describe_shape(shape)} (pass --resize / resize=true to convert)")
+        img = img.convert(want_mode)
+        if img.size != (width, height):
+            img = img.resize((width, height), Image.Resampling.LANCZOS)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
@@ -106,6 +133,24 @@ def read_image_file(path: str | Path, shape: tuple[int, int, int], *,
 
 def list_image_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_image_list(path: str | Path) -> list[np.ndarray]:
+    """A folder of images (or one image, or an IDX file) -> uint8 (C, H, W) arrays, each
+    at its own size; RGB if any image is colour, else grey (photo sets mix sizes and
+    orientations)."""
+    path = Path(path)
+    if path.is_file() and ("idx" in path.name or path.suffix in (".gz", ".idx3-ubyte")):
+        return list(read_idx(path))
+    files = list_image_files(path) if path.is_dir() else [path]
+    if not files:
+        raise InvalidInput(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    modes = []
+    for f in files:
+        with Image.open(f) as img:
+            modes.append(img.mode)
+    channels = 1 if all(m in ("L", "1") for m in modes) else 3
+    return [read_image_file(f, (channels, 0, 0), resize=True) for f in files]
 
 
 def load_images(path: str | Path, shape: tuple[int, int, int] | None = None, *,

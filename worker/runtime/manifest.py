@@ -6,7 +6,9 @@ Layout (``models/<name>/<version>/manifest.json``), schema 1::
       "schema": 1,
       "name": "mnist-vqvae", "version": 1, "family": "ae" | "vae" | "vqvae",
       "image":  {"channels": 1, "height": 28, "width": 28},   # uint8 NCHW in, x/255 in-graph
+             or {"channels": 3, "size": "any", "stride": 16, "padding": "edge"}
       "latent": {"shape": [C, h, w]},                       # vqvae: [h, w] index grid
+             or {"channels": M} with an any-size image: (M, ceil(H/16), ceil(W/16))
       "files":  {"encoder": {"path": "encoder.onnx", "sha256": "..."},
                  "decoder": {...}, "prior": {...} (vqvae only),
                  "prior_step": {...} (vqvae, optional: newer exports),
@@ -14,12 +16,20 @@ Layout (``models/<name>/<version>/manifest.json``), schema 1::
                              worker/runtime/model_check.py)},
       "onnx":   {"opset": 17},
       "code":   {"kind": "factorized" | "vq_static" | "vq_prior", ...tables, see CodeSpec},
-      "sampling": {"kind": "gmm" | "gaussian" | "prior", ...},
+      "sampling": {"kind": "gmm" | "gaussian" | "prior" | "none", ...},
       "quality":  {"val_psnr_db": ..., "val_bits_per_image": ..., ...},
       "training": {"data_sha256": ..., "config": {...}}
     }
 
-ONNX I/O contract (dynamic batch axis N everywhere):
+Image size. A fixed-size model (the MNIST zoo) takes exactly ``height`` x ``width``. An
+any-size model (``"size": "any"``, ae only, code kind factorized) is fully convolutional
+with spatial ``stride`` s: an H x W image is padded on the bottom and right to the next
+multiples of s by repeating its last row and column (``"padding": "edge"``), its latent
+is (M, ceil(H/s), ceil(W/s)), and the decoder's output is cropped back to H x W. Its codes
+are format version 2, which records H and W (docs/code-format.md). Sampling
+``{"kind": "none"}``: the model has no generative prior, ``operations`` lacks "sample".
+
+ONNX I/O contract (dynamic batch axis N everywhere; H and W dynamic too for any-size):
 
 - encoder: input ``image`` uint8 (N, C, H, W) -> ``latent`` float32 (N, C', h, w) for
   ae / vae (the vae's posterior mean), or ``indices`` int64 (N, h, w) for vqvae.
@@ -46,6 +56,8 @@ from latentserve.errors import ModelIntegrityError
 
 SCHEMA_VERSION = 1
 FAMILIES = ("ae", "vae", "vqvae")
+OPERATIONS = ("compress", "reconstruct", "sample")
+PADDINGS = ("edge",)
 CODE_KINDS = ("factorized", "vq_static", "vq_prior")
 # Integer code-kind ids written into each latent code's header.
 CODE_KIND_IDS = {"factorized": 1, "vq_static": 2, "vq_prior": 3}
@@ -115,6 +127,42 @@ class Manifest:
     quality: dict[str, Any]
     raw: dict[str, Any] = field(repr=False, compare=False)
     digest: str = ""
+    # 0: fixed size (image_shape, latent_shape as given); s > 0: any size, padded to
+    # multiples of s, and image_shape / latent_shape hold 0 for H, W, h, w.
+    stride: int = 0
+
+    @property
+    def any_size(self) -> bool:
+        return self.stride > 0
+
+    @property
+    def channels(self) -> int:
+        return self.image_shape[0]
+
+    @property
+    def operations(self) -> tuple[str, ...]:
+        """What the model can do: compress and reconstruct always; sample with a prior."""
+        can_sample = self.sampling.get("kind", "none") != "none"
+        return OPERATIONS if can_sample else OPERATIONS[:2]
+
+    def describe_size(self) -> str:
+        """``L 28x28`` or ``RGB, any size (padded to multiples of 16)``."""
+        mode = {1: "L", 3: "RGB"}.get(self.channels, f"{self.channels}-channel")
+        if self.any_size:
+            return f"{mode}, any size (padded to multiples of {self.stride})"
+        return f"{mode} {self.image_shape[2]}x{self.image_shape[1]}"
+
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size the networks run at: (H, W) rounded up to multiples of the stride."""
+        s = self.stride or 1
+        return -(-height // s) * s, -(-width // s) * s
+
+    def latent_shape_for(self, height: int, width: int) -> tuple[int, ...]:
+        """One image's symbol shape: ``latent_shape``, or (M, ceil(H/s), ceil(W/s))."""
+        if not self.any_size:
+            return self.latent_shape
+        ph, pw = self.padded_size(height, width)
+        return (self.latent_shape[0], ph // self.stride, pw // self.stride)
 
     @property
     def ref(self) -> str:
@@ -145,17 +193,20 @@ def sha256_file(path: Path) -> str:
 
 def manifest_fields(*, name: str, version: int, family: str, image_shape: Any,
                   latent_shape: list[int], folder: Path, files: dict[str, str], opset: int,
-                  producer: str, code: dict[str, Any], sampling: dict[str, Any]) -> dict[str, Any]:
+                  producer: str, code: dict[str, Any], sampling: dict[str, Any],
+                  stride: int = 0) -> dict[str, Any]:
     """The writing half of the schema: the fields every export writes, with each file's
     digest; the exporter adds its provenance (``training``, ``source``) and, once
     measured, ``quality``. ``parse_manifest`` reads them back (and the writer runs it on
-    the final text, so nothing is written that a runtime would refuse)."""
+    the final text, so nothing is written that a runtime would refuse). ``stride`` > 0
+    writes an any-size model (image size "any", latent channels ``latent_shape[0]``)."""
+    size: dict[str, Any] = ({"size": "any", "stride": stride, "padding": "edge"} if stride
+                            else {"height": image_shape[1], "width": image_shape[2]})
     return {
         "schema": SCHEMA_VERSION, "name": name, "version": version, "family": family,
-        "image": {"channels": image_shape[0], "height": image_shape[1],
-                  "width": image_shape[2], "dtype": "uint8",
+        "image": {"channels": image_shape[0], **size, "dtype": "uint8",
                   "normalization": "x / 255 inside the encoder; decoder output in [0, 1]"},
-        "latent": {"shape": latent_shape},
+        "latent": {"channels": latent_shape[0]} if stride else {"shape": latent_shape},
         "files": {role: {"path": f, "sha256": sha256_file(folder / f)}
                   for role, f in files.items()},
         "onnx": {"opset": opset, "dynamic_axes": {"batch": 0}, "producer": producer},
@@ -185,8 +236,22 @@ def parse_manifest(data: bytes, *, where: str = "manifest.json") -> Manifest:
     if family not in FAMILIES:
         raise ModelIntegrityError(f"{where}: family {family!r} is not one of {FAMILIES}")
     image = _need(raw, "image", where)
-    image_shape = (int(image["channels"]), int(image["height"]), int(image["width"]))
-    latent_shape = tuple(int(s) for s in _need(raw, "latent", where)["shape"])
+    latent = _need(raw, "latent", where)
+    stride = 0
+    if image.get("size") == "any":
+        stride = int(_need(image, "stride", where + " image"))
+        if stride < 1 or family != "ae" or image.get("padding", "edge") not in PADDINGS:
+            raise ModelIntegrityError(
+                f"{where}: an any-size image needs family 'ae', a stride >= 1 and padding "
+                f"one of {PADDINGS}; got family {family!r}, stride {stride}, padding "
+                f"{image.get('padding')!r}")
+        image_shape = (int(image["channels"]), 0, 0)
+        latent_shape: tuple[int, ...] = (int(_need(latent, "channels", where + " latent")), 0, 0)
+    else:
+        image_shape = (int(image["channels"]), int(image["height"]), int(image["width"]))
+        latent_shape = tuple(int(s) for s in latent["shape"])
+    if image_shape[0] not in (1, 3):
+        raise ModelIntegrityError(f"{where}: image channels must be 1 or 3, got {image_shape[0]}")
     files = {k: FileEntry(path=v["path"], sha256=v["sha256"])
              for k, v in _need(raw, "files", where).items()}
     for needed in ("encoder", "decoder") + (("prior",) if family == "vqvae" else ()):
@@ -220,9 +285,11 @@ def parse_manifest(data: bytes, *, where: str = "manifest.json") -> Manifest:
         raise ModelIntegrityError(f"{where}: code kind {kind!r} has no tables")
     if kind == "vq_prior" and vqp is None:
         raise ModelIntegrityError(f"{where}: code kind 'vq_prior' needs code.vq_prior")
+    if stride and kind != "factorized":
+        raise ModelIntegrityError(f"{where}: an any-size model codes kind 'factorized' only")
     return Manifest(
         name=str(_need(raw, "name", where)), version=int(_need(raw, "version", where)),
         family=family, image_shape=image_shape, latent_shape=latent_shape, files=files,
         code_kind=kind, factorized=fac, vq_static=vqs, vq_prior=vqp,
         sampling=dict(raw.get("sampling", {})), quality=dict(raw.get("quality", {})),
-        raw=raw, digest=hashlib.sha256(data).hexdigest())
+        raw=raw, digest=hashlib.sha256(data).hexdigest(), stride=stride)

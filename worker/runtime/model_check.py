@@ -86,13 +86,22 @@ def make_record(runtime: Any, codec: Any, images: np.ndarray) -> bytes:
     arrays = graph_outputs(runtime, images)
     # Payloads, not whole codes: a code's header names the manifest's digest, and the
     # manifest names this file's digest.
-    coded = codec.encode_payloads(runtime.encode(images))
+    coded = codec.encode_payloads(runtime.encode(images), size=_size(runtime, images))
     arrays["code_kinds"] = np.array([k for k, _ in coded], np.int64)
     arrays["code_bytes"] = np.frombuffer(b"".join(p for _, p in coded), np.uint8)
     arrays["code_lengths"] = np.array([len(p) for _, p in coded], np.int64)
     buf = io.BytesIO()
     np.savez(buf, allow_pickle=False, **arrays)  # numeric arrays; read back without pickle
     return buf.getvalue()
+
+
+def _size(runtime: Any, images: np.ndarray) -> tuple[int, int] | None:
+    """The check images' (H, W) for an any-size model's codes (format 2), else None.
+    An any-size model's check images are multiples of its stride, so the raw graph
+    outputs are those of the images themselves."""
+    if not runtime.manifest.any_size:
+        return None
+    return int(images.shape[2]), int(images.shape[3])
 
 
 def read_record(entry: ModelEntry) -> dict[str, np.ndarray] | None:
@@ -170,9 +179,10 @@ def recorded_codes(runtime: Any, record: dict[str, np.ndarray]) -> list[bytes]:
     from latentserve.worker.codec.codes import pack
 
     data = record["code_bytes"].tobytes()
+    size = _size(runtime, record["images"])
     out, at = [], 0
     for kind, n in zip(record["code_kinds"].tolist(), record["code_lengths"].tolist(), strict=True):
-        out.append(pack(runtime.manifest.digest, int(kind), data[at:at + n]))
+        out.append(pack(runtime.manifest.digest, int(kind), data[at:at + n], size))
         at += n
     return out
 
@@ -240,10 +250,11 @@ def check_model(repository: ModelRepository, ref: str, *, images: np.ndarray | N
         images, source = runtime.sample(8, seed=0), "the model's own samples"
     images = runtime.check_images(images)
 
+    size = _size(runtime, images)
     symbols = runtime.encode(images)
-    codes = codec.encode(symbols)
+    codes = codec.encode(symbols, size=size)
     back = codec.decode(codes)
-    recon = runtime.decode(back)
+    recon = runtime.decode(back, size) if size else runtime.decode(back)
     psnr = mean_psnr(images, recon)
     fig = {"images": len(images), "psnr_db": round(psnr, 3),
            "bytes_per_image": round(float(np.mean([len(c) for c in codes])), 2)}
@@ -260,8 +271,9 @@ def check_model(repository: ModelRepository, ref: str, *, images: np.ndarray | N
                            f"symbols, PSNR {psnr:.2f} dB{vs}, {fig['bytes_per_image']} "
                            "bytes/image", fig))
 
-    alone = [codec.encode(runtime.encode(images[i:i + 1]))[0] for i in range(len(images))]
-    rev = codec.encode(runtime.encode(images[::-1].copy()))[::-1]
+    alone = [codec.encode(runtime.encode(images[i:i + 1]), size=size)[0]
+             for i in range(len(images))]
+    rev = codec.encode(runtime.encode(images[::-1].copy()), size=size)[::-1]
     differ = sum(a != b or a != c for a, b, c in zip(codes, alone, rev, strict=True))
     out.append(Verdict("batch invariance", "FAIL" if differ else "PASS",
                        f"{differ} of {len(images)} codes change with the batch" if differ else
@@ -269,20 +281,23 @@ def check_model(repository: ModelRepository, ref: str, *, images: np.ndarray | N
                        {"codes_differing": differ}))
 
     kinds = [parse_header(c).kind for c in codes]
-    estimate = codec.cross_entropy_bits(symbols, kinds) / 8
-    payload = np.array([len(c) - HEADER_SIZE for c in codes], np.float64)
+    estimate = codec.cross_entropy_bits(symbols, kinds, size=size) / 8
+    payload = np.array([len(parse_header(c).payload) for c in codes], np.float64)
+    # 7 bytes; format 2 (any-size models) adds its size field
+    head_bytes = float(np.mean([len(c) for c in codes])) - float(payload.mean()) \
+        if codes else float(HEADER_SIZE)
     fig = {"payload_bytes": round(float(payload.mean()), 2),
            "estimate_bytes": round(float(estimate.mean()), 2)}
     limit = estimate.mean() * 1.01 + FLUSH_BYTES
     out.append(Verdict("code size", "PASS" if payload.mean() <= limit else "FAIL",
                        f"payload {fig['payload_bytes']} bytes/image, entropy estimate "
                        f"{fig['estimate_bytes']} (limit 1% + {FLUSH_BYTES:g} bytes), header "
-                       f"{HEADER_SIZE}", fig))
+                       f"{head_bytes:g}", fig))
 
     batch = np.concatenate([images] * max(1, -(-64 // len(images))))[:64]
-    enc_s, _ = _timed(lambda: codec.encode(runtime.encode(batch)), timing_s / 2)
-    batch_codes = codec.encode(runtime.encode(batch))
-    dec_s, _ = _timed(lambda: runtime.decode(codec.decode(batch_codes)), timing_s / 2)
+    enc_s, _ = _timed(lambda: codec.encode(runtime.encode(batch), size=size), timing_s / 2)
+    batch_codes = codec.encode(runtime.encode(batch), size=size)
+    dec_s, _ = _timed(lambda: runtime.decode(codec.decode(batch_codes), size), timing_s / 2)
     fig = {"compress_images_per_s": round(len(batch) / enc_s, 1),
            "reconstruct_images_per_s": round(len(batch) / dec_s, 1)}
     out.append(Verdict("throughput", "PASS", f"{runtime.provider}, batch {len(batch)}: "

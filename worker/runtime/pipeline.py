@@ -7,11 +7,13 @@ call; it is thread-safe and keeps one verified ``ModelRuntime`` (and its
 - ``models()``: the repository's model versions.
 - ``runtime(ref)`` / ``codec(ref)``: cached; a model's file digests are verified once.
 - ``compress(ref, images, kind=None) -> list[bytes]``: uint8 (N, C, H, W) -> one code
-  per image.
+  per image; for an any-size model also a list of (C, H, W) arrays of different sizes
+  (grouped by size: one network run per size).
 - ``reconstruct(codes, ref=None) -> uint8 (N, C, H, W)``: the model is read from each
   code, codes of several models are grouped; ``ref`` requires one model.
 - ``reconstruct_each(codes, ref=None)``: per code an image or the ``CodeError`` that
-  refused it, so one bad code in a batch can be reported by its index.
+  refused it (or ``ResourceLimit``: a format-2 code of an image over ``max_pixels``),
+  so one bad code in a batch can be reported by its index.
 - ``sample(ref, count, seed=, temperature=, start=) -> uint8 (N, C, H, W)``.
 - ``identify(code) -> ModelEntry``: which model made a code, or why none can decode it.
 """
@@ -24,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from latentserve.errors import CodeError, CodeMismatch, CorruptCode, InvalidInput
+from latentserve.errors import CodeError, CodeMismatch, CorruptCode, InvalidInput, ResourceLimit
 from latentserve.worker.codec.coderpool import CoderPool
 from latentserve.worker.codec.codes import Header, LatentCodec, parse_header, with_index
 from latentserve.worker.runtime.engine import EngineConfig, ModelRuntime, canonical_temperature
+from latentserve.worker.runtime.images import DEFAULT_MAX_PIXELS
 from latentserve.worker.runtime.repository import (
     ModelEntry,
     ModelRepository,
@@ -41,13 +44,17 @@ class Pipeline:
 
     def __init__(self, repository: ModelRepository | str | Path,
                  engine_config: EngineConfig | None = None, *,
-                 coder_pool: CoderPool | None = None) -> None:
+                 coder_pool: CoderPool | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.repository = (repository if isinstance(repository, ModelRepository)
                            else ModelRepository(repository))
         self.engine_config = engine_config or EngineConfig()
         # Optional: large batches of kinds 1 and 2 coded in its processes (the caller
         # owns and closes it); without it every batch is coded in the calling thread.
         self.coder_pool = coder_pool
+        # A format-2 code states its image size: one over this is refused (ResourceLimit)
+        # before its payload is decoded, as an image over it is refused on arrival.
+        self.max_pixels = max_pixels
         self._lock = threading.Lock()
         # Keyed by manifest digest: a re-exported model (new digest) gets a new runtime.
         self._codecs: dict[str, LatentCodec] = {}
@@ -86,14 +93,39 @@ class Pipeline:
             return self._codecs.pop(digest, None) is not None
 
     # -- compress / sample ------------------------------------------------------------
-    def compress(self, ref: str, images: np.ndarray, *, kind: str | None = None) -> list[bytes]:
+    def compress(self, ref: str, images: np.ndarray | Sequence[np.ndarray], *,
+                 kind: str | None = None) -> list[bytes]:
         """uint8 images (N, C, H, W) -> one latent code per image, made by model ``ref``.
 
         ``kind``: None for the model's own code kind; ``"vq_static"`` on a vq_prior model
         gives codes that decode in one shot (no prior run per grid position), ~70% larger.
         """
         codec = self.codec(ref)
-        return codec.encode(codec.runtime.encode(images), kind=kind)
+        if not codec.manifest.any_size:
+            if not isinstance(images, np.ndarray):
+                images = np.stack(images) if len(images) else np.zeros(
+                    (0, *codec.manifest.image_shape), np.uint8)
+            return codec.encode(codec.runtime.encode(images), kind=kind)
+        return self._compress_any(codec, images, kind)
+
+    def _compress_any(self, codec: LatentCodec, images: np.ndarray | Sequence[np.ndarray],
+                      kind: str | None) -> list[bytes]:
+        """An any-size model: images grouped by size, one encoder run and one coding per
+        group, codes back in request order."""
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(images):
+            if not isinstance(im, np.ndarray) or im.ndim != 3:
+                raise InvalidInput(f"image {i}: expected a uint8 (C, H, W) array")
+            by_size.setdefault(im.shape, []).append(i)
+        out: list[bytes] = [b""] * len(images)
+        for shape, idx in by_size.items():
+            batch = (images[idx] if isinstance(images, np.ndarray)
+                     else np.stack([images[i] for i in idx]))
+            size = (int(shape[1]), int(shape[2]))
+            for i, code in zip(idx, codec.encode(codec.runtime.encode(batch), kind=kind,
+                                                 size=size), strict=True):
+                out[i] = code
+        return out
 
     def sample(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
                start: int = 0) -> np.ndarray:
@@ -126,6 +158,8 @@ class Pipeline:
         for i, r in enumerate(results):
             if isinstance(r, CodeError):
                 raise with_index(r, i, len(results))
+            if isinstance(r, ResourceLimit):
+                raise r
         images: list[np.ndarray] = results  # type: ignore[assignment]
         if not images:
             if ref is None:
@@ -138,8 +172,8 @@ class Pipeline:
                                "use reconstruct_each, or one call per model")
         return np.stack(images)
 
-    def reconstruct_each(self, codes: Sequence[bytes],
-                         ref: str | None = None) -> list[np.ndarray | CodeError]:
+    def reconstruct_each(self, codes: Sequence[bytes], ref: str | None = None
+                         ) -> list[np.ndarray | CodeError | ResourceLimit]:
         """Per code, its uint8 image (C, H, W) or the CodeError that refused it.
 
         Codes are grouped by the model that made them; each group is decoded in one batch
@@ -149,7 +183,8 @@ class Pipeline:
         wanted = self.repository.resolve(ref) if ref is not None else None
         entries = _Entries(self.models())
         registry = _LazyRegistry(self.repository.root)
-        results: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(codes)
+        results: list[np.ndarray | CodeError | ResourceLimit] = (
+            [CorruptCode("not decoded")] * len(codes))
         groups: dict[str, tuple[ModelEntry, list[int]]] = {}
         headers: list[Header | None] = [None] * len(codes)
         for i, code in enumerate(codes):
@@ -161,6 +196,12 @@ class Pipeline:
                         f"this code was made by {describe(entry)}, not by the requested "
                         f"{describe(wanted)}; decode it without naming a model, or with "
                         f"{entry.manifest.ref}", model=entry.manifest.ref, index=i)
+                if header.size is not None and header.size[0] * header.size[1] > self.max_pixels:
+                    h, w = header.size
+                    results[i] = ResourceLimit(
+                        f"code {i} is of a {w}x{h} = {w * h} pixel image; the limit is "
+                        f"{self.max_pixels}", limit="max_pixels_per_image", index=i)
+                    continue
                 groups.setdefault(entry.manifest.digest, (entry, []))[1].append(i)
             except CodeError as exc:
                 results[i] = exc
@@ -172,7 +213,15 @@ class Pipeline:
             for i, s in zip(idx, decoded, strict=True):
                 if isinstance(s, CodeError):
                     results[i] = s
-            if ok:
+            if ok and codec.manifest.any_size:  # one decoder run per image size
+                by_size: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+                for i, sym in ok:
+                    by_size.setdefault(headers[i].size, []).append((i, sym))  # type: ignore[union-attr, arg-type]
+                for size, group in by_size.items():
+                    images = codec.runtime.decode(np.stack([sym for _, sym in group]), size)
+                    for (i, _), image in zip(group, images, strict=True):
+                        results[i] = image
+            elif ok:
                 images = codec.runtime.decode(np.stack([s for _, s in ok]))
                 for (i, _), image in zip(ok, images, strict=True):
                     results[i] = image

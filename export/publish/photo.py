@@ -1,0 +1,180 @@
+"""Photo codec checkpoints -> any-size repository versions (``image.size: "any"``).
+
+``export_photo(net, ...)`` writes ``<repo>/<name>/<version>/`` through the same machinery
+as the zoo: ONNX graphs with dynamic N, H and W (encoder uint8 -> latent, decoder latent ->
+image in [0, 1]), onnxruntime-vs-torch parity (or the export fails), the factorized
+density frozen into integer tables over the support of the fitting images' symbols
+(``tables.ae_tables``), a manifest with ``stride`` 16 and ``sampling.kind`` "none", the
+quality measured through the worker's own runtime and codec on held-out photos (bits
+per pixel of whole codes, PSNR-RGB), ``check.npz`` and ``registry.json``.
+
+    python -m latentserve.export.publish.photo runs/photo/photo-mid.pt --repo models \\
+        --name photo-mid --version 1 --fit ../shared/data/bsds500/train \\
+        --val ../shared/data/bsds500/test --overwrite
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from latentserve.export.nets.photo import STRIDE, PhotoCodec
+from latentserve.export.publish import tables
+from latentserve.export.publish.writer import append_registry, check_target, dumps, seal_and_move
+from latentserve.worker.runtime.manifest import manifest_fields
+from latentserve.worker.runtime.quality import mean_psnr
+from latentserve.worker.runtime.repository import ModelRepository
+
+OPSET = 17
+PARITY_TOLERANCE = 1e-3   # relative to the latent's scale; float32 convs on both sides
+FIT_CROP = 256
+CHECK_SIZE = (48, 64)     # the check record's images: multiples of the stride
+
+
+def export_graph(module: nn.Module, example: torch.Tensor, path: Path, *, input_name: str,
+                 output_name: str) -> None:
+    """Trace to ONNX with dynamic batch, height and width."""
+    module.eval()
+    axes = {0: "N", 2: "H", 3: "W"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(module, (example,), str(path), input_names=[input_name],
+                          output_names=[output_name], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={input_name: axes, output_name: axes})
+    import onnx
+
+    onnx.checker.check_model(str(path))
+
+
+def crops(photos: list[np.ndarray], size: int, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` random size x size crops, uint8 (N, 3, size, size)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        p = photos[int(rng.integers(len(photos)))]
+        y = int(rng.integers(p.shape[0] - size + 1))
+        x = int(rng.integers(p.shape[1] - size + 1))
+        out.append(p[y:y + size, x:x + size].transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(out))
+
+
+@torch.no_grad()
+def _symbols(net: PhotoCodec, images: np.ndarray) -> np.ndarray:
+    out = [torch.round(net.g_a(torch.from_numpy(images[i:i + 8]).float() / 255.0))
+           for i in range(0, len(images), 8)]
+    return torch.cat(out).numpy().astype(np.int64)
+
+
+def measure(pipeline_codec: Any, val: list[np.ndarray]) -> dict[str, Any]:
+    """bpp (whole codes, headers included) and mean PSNR-RGB over the photos."""
+    from latentserve.worker.codec.codes import parse_header
+
+    codec, runtime = pipeline_codec, pipeline_codec.runtime
+    bpp, psnr = [], []
+    for im in val:
+        size = (int(im.shape[1]), int(im.shape[2]))
+        code = codec.encode(runtime.encode(im[None]), size=size)[0]
+        header = parse_header(code)
+        recon = runtime.decode(codec.decode_headers([header])[0][None], size)
+        bpp.append(len(code) * 8 / (size[0] * size[1]))
+        psnr.append(mean_psnr(im[None], recon))
+    return {"val_images": len(val), "val_bpp": round(float(np.mean(bpp)), 4),
+            "val_psnr_db": round(float(np.mean(psnr)), 3)}
+
+
+def export_photo(net: PhotoCodec, *, repo: str | Path, name: str, version: int,
+                 fit_images: np.ndarray, val_images: list[np.ndarray],
+                 check_images: np.ndarray, source: dict[str, Any],
+                 overwrite: bool = False) -> Path:
+    """Write one any-size version of ``net``; returns its folder."""
+    from latentserve.worker.codec.codes import LatentCodec
+    from latentserve.worker.runtime.engine import EngineConfig, ModelRuntime
+    from latentserve.worker.runtime.model_check import make_record
+
+    net.eval()
+    repo = Path(repo)
+    target = check_target(repo, name, version, overwrite)
+    repo.mkdir(parents=True, exist_ok=True)
+    c, m = net.config.channels, net.config.m
+    with tempfile.TemporaryDirectory(dir=repo, prefix=".export-") as tmp:
+        folder = Path(tmp) / name / str(version)
+        folder.mkdir(parents=True)
+        example = torch.zeros(1, c, 2 * STRIDE, 3 * STRIDE, dtype=torch.uint8)
+        export_graph(net.onnx_encoder(), example, folder / "encoder.onnx",
+                     input_name="image", output_name="latent")
+        export_graph(net.onnx_decoder(), torch.zeros(1, m, 2, 3), folder / "decoder.onnx",
+                     input_name="latent", output_name="image")
+        symbols = _symbols(net, fit_images)
+        code = {"kind": "factorized", "factorized": tables.ae_tables(net.density, symbols)}
+        manifest = manifest_fields(
+            name=name, version=version, family="ae", image_shape=(c, 0, 0), latent_shape=[m],
+            folder=folder, files={"encoder": "encoder.onnx", "decoder": "decoder.onnx"},
+            opset=OPSET, producer=f"torch {torch.__version__}", code=code,
+            sampling={"kind": "none"}, stride=STRIDE)
+        manifest["source"] = source
+        manifest["training"] = source.get("training", {})
+        (folder / "manifest.json").write_text(dumps(manifest))
+        runtime = ModelRuntime(ModelRepository(tmp).load(f"{name}:{version}"),
+                               EngineConfig(intra_op_threads=1))
+        codec = LatentCodec(runtime)
+        # Parity: the ONNX encoder against torch on the check images.
+        with torch.no_grad():
+            want = net.g_a(torch.from_numpy(check_images).float() / 255.0).numpy()
+        got = runtime._run(runtime.encoder, "image", check_images)
+        diff = float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
+        if diff > PARITY_TOLERANCE:
+            raise ValueError(f"{name}: onnxruntime and torch differ by {diff:.3g} (relative)")
+        quality = measure(codec, val_images)
+        quality["onnx_max_rel_diff"] = diff
+        manifest["quality"] = quality
+        record = make_record(runtime, codec, check_images)
+        del runtime, codec
+        digest = seal_and_move(folder, target, manifest, record)
+    append_registry(repo, name, version, digest)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    from latentserve.export.training.photo import load_photo_checkpoint, read_photos
+
+    ap = argparse.ArgumentParser(description="export a photo codec checkpoint")
+    ap.add_argument("checkpoint")
+    ap.add_argument("--repo", default="models")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--version", type=int, default=1)
+    ap.add_argument("--fit", action="append", required=True,
+                    help="folder of training photos the tables are fitted on (repeat)")
+    ap.add_argument("--val", required=True, help="folder of held-out photos (quality)")
+    ap.add_argument("--val-count", type=int, default=24)
+    ap.add_argument("--fit-crops", type=int, default=128)
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    ckpt, net = load_photo_checkpoint(args.checkpoint)
+    photos, _ = read_photos(args.fit)
+    val = [p.transpose(2, 0, 1).copy() for p in read_photos([args.val])[0][:args.val_count]]
+    fit = crops(photos, FIT_CROP, args.fit_crops)
+    h, w = CHECK_SIZE
+    check = np.ascontiguousarray(np.stack([v[:, :h, :w] for v in val[:2]]))
+    source = {"kind": "photo", "checkpoint": Path(args.checkpoint).name,
+              "model_config": ckpt["model_config"], "train_config": ckpt["train_config"],
+              "base_config": ckpt.get("base_config"),
+              "training": {"data": ckpt["data"], "steps": len(ckpt["history"]) * 50}}
+    target = export_photo(net, repo=args.repo, name=args.name, version=args.version,
+                          fit_images=fit, val_images=val, check_images=check, source=source,
+                          overwrite=args.overwrite)
+    print(f"exported {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""Training the photo codec (export/nets/photo.py) on folders of colour photos.
+
+Data: every image of the ``--data`` folders (bsds500 ``train/`` and ``val/``), decoded once
+into memory; each step draws ``batch`` random ``crop`` x ``crop`` crops (random image,
+position, horizontal flip). Loss, per image: ``lambda * 255^2 * MSE + bits per pixel``
+(CompressAI's convention, so its lambdas compare). Validation (progress only, never a
+training signal): the centre 256x256 crops of the ``--val`` folder (bsds500 ``test/``).
+
+A ladder: ``--base-steps`` at ``--base-lambda``, then for each ``--rung NAME=LAMBDA`` a
+copy of that base fine-tuned for ``--rung-steps`` at its own lambda (the usual way to
+get several rates out of little compute). One checkpoint per rung, ``OUT/NAME.pt``,
+which ``python -m latentserve.export.publish.photo`` exports.
+
+    python -m latentserve.export.training.photo --data ../shared/data/bsds500/train \\
+        --data ../shared/data/bsds500/val --val ../shared/data/bsds500/test --out runs/photo \\
+        --base-lambda 0.01 --rung photo-lo=0.003 --rung photo-mid=0.01 --rung photo-hi=0.03
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from latentserve.export.nets.photo import PhotoCodec, PhotoConfig
+from latentserve.worker.runtime.images import list_image_files
+
+PHOTO_CHECKPOINT = "latentserve-photo-checkpoint-1"
+
+
+@dataclass(frozen=True)
+class PhotoTrainConfig:
+    lmbda: float = 0.01
+    steps: int = 1000
+    batch: int = 8
+    crop: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+
+
+def read_photos(folders: list[str | Path]) -> tuple[list[np.ndarray], str]:
+    """uint8 (H, W, 3) arrays of every image in the folders, and a digest of their bytes."""
+    photos, digest = [], hashlib.sha256()
+    for folder in folders:
+        for f in list_image_files(folder):
+            data = f.read_bytes()
+            digest.update(data)
+            with Image.open(f) as img:
+                photos.append(np.asarray(img.convert("RGB"), np.uint8))
+    return photos, digest.hexdigest()
+
+
+def random_crops(photos: list[np.ndarray], batch: int, crop: int,
+                 rng: np.random.Generator) -> Tensor:
+    out = np.empty((batch, crop, crop, 3), np.uint8)
+    for i in range(batch):
+        p = photos[int(rng.integers(len(photos)))]
+        y = int(rng.integers(p.shape[0] - crop + 1))
+        x = int(rng.integers(p.shape[1] - crop + 1))
+        c = p[y:y + crop, x:x + crop]
+        out[i] = c[:, ::-1] if rng.random() < 0.5 else c
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255.0
+
+
+def centre_crops(photos: list[np.ndarray], size: int = 256) -> Tensor:
+    crops = []
+    for p in photos:
+        y, x = (p.shape[0] - size) // 2, (p.shape[1] - size) // 2
+        crops.append(p[y:y + size, x:x + size])
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def rd_terms(net: PhotoCodec, x: Tensor, lmbda: float) -> dict[str, Tensor]:
+    out = net(x)
+    mse = F.mse_loss(out["x_hat"], x)
+    bpp = out["bits"].mean() / (x.shape[2] * x.shape[3])
+    psnr = 10 * torch.log10(1.0 / F.mse_loss(out["x_hat"].clamp(0, 1), x).clamp_min(1e-10))
+    return {"loss": lmbda * 255.0**2 * mse + bpp, "bpp": bpp.detach(), "psnr": psnr.detach()}
+
+
+@torch.no_grad()
+def validate(net: PhotoCodec, val: Tensor, lmbda: float) -> dict[str, float]:
+    net.eval()
+    rows = [rd_terms(net, val[i:i + 4], lmbda) for i in range(0, len(val), 4)]
+    net.train()
+    return {k: float(np.mean([float(r[k]) for r in rows])) for k in rows[0]}
+
+
+def train(net: PhotoCodec, photos: list[np.ndarray], cfg: PhotoTrainConfig, val: Tensor | None,
+          log: Any, tag: str) -> list[dict[str, float]]:
+    """Adam, cosine decay to 3% of ``lr``; one line to ``log`` every 50 steps."""
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)) * 0.97 + 0.03)
+    net.train()
+    history, t0, window = [], time.monotonic(), []
+    for step in range(cfg.steps):
+        terms = rd_terms(net, random_crops(photos, cfg.batch, cfg.crop, rng), cfg.lmbda)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        window.append({k: float(v) for k, v in terms.items()})
+        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+            row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+            row.update(step=step + 1, s=round(time.monotonic() - t0, 1))
+            if val is not None and ((step + 1) % 500 == 0 or step + 1 == cfg.steps):
+                row.update({f"val_{k}": v for k, v in validate(net, val, cfg.lmbda).items()})
+            history.append(row)
+            print(tag, json.dumps(row), file=log, flush=True)
+            window = []
+    net.eval()
+    return history
+
+
+def checkpoint(net: PhotoCodec, cfg: PhotoTrainConfig, history: list[dict[str, float]],
+               data: dict[str, Any]) -> dict[str, Any]:
+    return {"format": PHOTO_CHECKPOINT, "model_config": net.config.to_dict(),
+            "train_config": asdict(cfg), "state_dict": net.state_dict(),
+            "history": history, "data": data}
+
+
+def load_photo_checkpoint(path: str | Path) -> tuple[dict[str, Any], PhotoCodec]:
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != PHOTO_CHECKPOINT:
+        raise ValueError(f"{path} is not a photo checkpoint ({PHOTO_CHECKPOINT})")
+    net = PhotoCodec(PhotoConfig(**ckpt["model_config"]))
+    net.load_state_dict(ckpt["state_dict"])
+    net.eval()
+    return ckpt, net
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", action="append", required=True, help="training folder (repeat)")
+    ap.add_argument("--val", default=None, help="validation folder (progress only)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--n", type=int, default=48)
+    ap.add_argument("--m", type=int, default=96)
+    ap.add_argument("--base-lambda", type=float, default=0.01)
+    ap.add_argument("--base-steps", type=int, default=1500)
+    ap.add_argument("--rung", action="append", required=True, help="NAME=LAMBDA (repeat)")
+    ap.add_argument("--rung-steps", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--rung-lr", type=float, default=3e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    photos, digest = read_photos(args.data)
+    val = centre_crops(read_photos([args.val])[0]) if args.val else None
+    data = {"folders": [str(d) for d in args.data], "images": len(photos), "sha256": digest}
+    log = open(out / "train.log", "a")  # noqa: SIM115 - open for the whole run
+    print(f"photos {len(photos)} digest {digest[:16]} args {vars(args)}", file=log, flush=True)
+    torch.manual_seed(args.seed)
+    net = PhotoCodec(PhotoConfig(n=args.n, m=args.m))
+    base_cfg = PhotoTrainConfig(lmbda=args.base_lambda, steps=args.base_steps, batch=args.batch,
+                                crop=args.crop, lr=args.lr, seed=args.seed)
+    t0 = time.monotonic()
+    base_hist = train(net, photos, base_cfg, val, log, "base")
+    torch.save(checkpoint(net, base_cfg, base_hist, data), out / "base.pt")
+    for i, rung in enumerate(args.rung):
+        name, lam = rung.split("=")
+        fine = copy.deepcopy(net)
+        cfg = PhotoTrainConfig(lmbda=float(lam), steps=args.rung_steps, batch=args.batch,
+                               crop=args.crop, lr=args.rung_lr, seed=args.seed + 1 + i)
+        hist = train(fine, photos, cfg, val, log, name)
+        ckpt = checkpoint(fine, cfg, base_hist + hist, data)
+        ckpt["base_config"] = asdict(base_cfg)
+        torch.save(ckpt, out / f"{name}.pt")
+    print(f"done in {time.monotonic() - t0:.0f} s", file=log, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
