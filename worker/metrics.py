@@ -1,7 +1,7 @@
 """Prometheus metrics of a job worker, in a registry of their own (or the service's).
 
 ``latentserve worker --metrics-port N`` serves them on ``/metrics`` with the queue gauges
-of its pools (``queue_stats.QueueCollector``); the service's embedded worker reports
+of its pools (``jobqueue.stats.QueueCollector``); the service's embedded worker reports
 into the service's registry instead. Names (all prefixed ``latentserve_worker_``):
 
 - ``chunks_total{model, op}``, ``items_total{model, op}``: chunks and items stored

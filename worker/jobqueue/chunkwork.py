@@ -71,7 +71,7 @@ class Held:
     failures: dict[int, ItemFailure] = field(default_factory=dict)
     done: int = 0                      # items computed so far
     parts: list[Any] = field(default_factory=list)  # result pieces, in order
-    shard: int = 0                     # the stream shard it was read from (worker/keys.py)
+    shard: int = 0                     # the stream shard it was read from (jobqueue/keys.py)
 
 
 @dataclass

@@ -73,7 +73,7 @@ from latentserve.worker.tracing import chunk_spans
 log = logging.getLogger(__name__)
 
 # A shard's blocking read waits at most this long when there are several shards, so work
-# queued on another shard waits at most (shards - 1) times it (worker/keys.py).
+# queued on another shard waits at most (shards - 1) times it (jobqueue/keys.py).
 SHARD_BLOCK_MS = 100
 
 # Errors of the job's own input: another delivery would fail the same way.
