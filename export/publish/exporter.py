@@ -54,8 +54,11 @@ class ExportParityError(ModelIntegrityError):
 
 
 def onnx_export(module: nn.Module, example: torch.Tensor, path: Path, *, input_name: str,
-                output_name: str, opset: int = OPSET) -> None:
-    """Trace ``module`` to ONNX with a dynamic batch axis."""
+                output_name: str, opset: int = OPSET,
+                axes: dict[int, str] | None = None) -> None:
+    """Trace ``module`` to ONNX with a dynamic batch axis (``axes``: the dynamic axes of
+    both tensors, e.g. batch, height and width for a fully convolutional model)."""
+    axes = axes or {0: "N"}
     module.eval()
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of torch.export, but it is
@@ -65,7 +68,7 @@ def onnx_export(module: nn.Module, example: torch.Tensor, path: Path, *, input_n
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(module, (example,), str(path), input_names=[input_name],
                           output_names=[output_name], opset_version=opset, dynamo=False,
-                          dynamic_axes={input_name: {0: "N"}, output_name: {0: "N"}})
+                          dynamic_axes={input_name: axes, output_name: axes})
     import onnx
 
     onnx.checker.check_model(str(path))

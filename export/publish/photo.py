@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,12 @@ from torch import nn
 
 from latentserve.export.nets.photo import STRIDE, PhotoCodec
 from latentserve.export.publish import tables
+from latentserve.export.publish.exporter import OPSET, onnx_export
 from latentserve.export.publish.writer import append_registry, check_target, dumps, seal_and_move
 from latentserve.worker.runtime.manifest import manifest_fields
 from latentserve.worker.runtime.quality import mean_psnr
 from latentserve.worker.runtime.repository import ModelRepository
 
-OPSET = 17
 PARITY_TOLERANCE = 1e-3   # relative to the latent's scale; float32 convs on both sides
 FIT_CROP = 256
 CHECK_SIZE = (48, 64)     # the check record's images: multiples of the stride
@@ -41,18 +40,8 @@ CHECK_SIZE = (48, 64)     # the check record's images: multiples of the stride
 def export_graph(module: nn.Module, example: torch.Tensor, path: Path, *, input_name: str,
                  output_name: str) -> None:
     """Trace to ONNX with dynamic batch, height and width."""
-    module.eval()
-    axes = {0: "N", 2: "H", 3: "W"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(module, (example,), str(path), input_names=[input_name],
-                          output_names=[output_name], opset_version=OPSET, dynamo=False,
-                          dynamic_axes={input_name: axes, output_name: axes})
-    import onnx
-
-    onnx.checker.check_model(str(path))
+    onnx_export(module, example, path, input_name=input_name, output_name=output_name,
+                opset=OPSET, axes={0: "N", 2: "H", 3: "W"})
 
 
 def crops(photos: list[np.ndarray], size: int, count: int, seed: int = 0) -> np.ndarray:
