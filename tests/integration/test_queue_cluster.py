@@ -22,7 +22,7 @@ from latentserve.errors import InvalidInput, JobStateError, Unavailable
 from latentserve.worker.config import WorkerConfig
 from latentserve.worker.jobqueue.cluster import TRANSIENT_ERRORS, is_cluster_url
 from latentserve.worker.jobqueue.config import QueueConfig
-from latentserve.worker.jobqueue.consumer import create_worker
+from latentserve.worker.jobqueue.consumer import create_worker, worker_health
 from latentserve.worker.jobqueue.keys import Keys
 from latentserve.worker.jobqueue.stats import queue_stats
 from latentserve.worker.jobqueue.store import JobKind, JobState, JobStore, OnItemError, connect
@@ -186,6 +186,11 @@ def test_a_master_killed_mid_job_its_replica_takes_over(
     workers = [spawn_worker("--stream-shards", "3", "--read-count", "1", "--batch-items", "10",
                             "--max-deliveries", "10", redis=private_cluster.url,
                             gate="failover") for _ in range(2)]
+    # Both workers connected first: the URL names one node, which may be the master this
+    # test kills, and a client cannot start from a dead first contact.
+    health = WorkerConfig(redis_url=private_cluster.url, queue=queue)
+    wait_until(lambda: sum(bool(w.get("ready")) for w in worker_health(store.r, health)) == 2,
+               timeout=90, what="both workers connected and ready")
     wait_until(lambda: gate.passed() == 3 and gate.waiting()
                and store.get(job.id).chunks_done == 3, timeout=90,
                what="three chunks stored and a worker waiting mid-job")
