@@ -48,9 +48,12 @@ class Gate:
                 if time.monotonic() > end:
                     raise TimeoutError(f"{self.allowed_key}: no call allowed in {timeout_s}s")
                 time.sleep(0.005)
-            self.r.incr(self.passed_key)
         finally:
             self.r.set(self.waiting_key, 0)
+        # Counted once no longer waiting: a test that sees passed() == n and waiting()
+        # knows call n has returned and call n + 1 waits (counting first let it see both
+        # while call n was only starting).
+        self.r.incr(self.passed_key)
 
 
 class GatedPipeline:
