@@ -268,7 +268,9 @@ def test_close_answers_what_is_queued_then_refuses(lanes: ComputeLanes) -> None:
     rec.release.set()
     closer.join(WAIT)
     assert not closer.is_alive()
-    assert first.result(0).tolist() == [10] and queued.result(0).tolist() == [20]
+    # first's own thread ran its batch inline and may not have returned from submit yet:
+    # give it the time to (close already waited for the batch itself).
+    assert first.result(WAIT).tolist() == [10] and queued.result(0).tolist() == [20]
     with pytest.raises(Unavailable, match="shutting down"):
         b.submit(arr(3))
 
