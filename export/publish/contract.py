@@ -142,3 +142,33 @@ def check_prior(run: Run, indices: np.ndarray, num_codes: int, *, what: str = "p
                 f"at positions >= {p} do (relative difference {diff:.3g}); the logits at p "
                 "may depend on earlier positions only")
     return out
+
+
+def check_hyper_encoder(run: Run, latent: np.ndarray, *,
+                        what: str = "hyper_encoder") -> np.ndarray:
+    """Run the hyper-encoder contract on rounded latents (N, C, h, w): a float
+    ``hyper_latent`` (N, Cz, hz, wz), finite, batch invariant; returns it."""
+    out = call(run, latent.astype(np.float32), what=what, given="the rounded latent")
+    if out.dtype.kind != "f" or out.ndim != 4 or len(out) != len(latent):
+        raise InvalidInput(f"{what} output 'hyper_latent' is {out.dtype} {tuple(out.shape)}; "
+                           f"expected a float (N = {len(latent)}, Cz, hz, wz)")
+    if not np.all(np.isfinite(out)):
+        raise InvalidInput(f"{what} output 'hyper_latent' holds NaN or infinite values")
+    check_batch_invariant(run, latent.astype(np.float32), out, what=what, tensor="hyper_latent")
+    return out
+
+
+def check_hyper_decoder(run: Run, z: np.ndarray, latent_shape: tuple[int, ...], *,
+                        what: str = "hyper_decoder") -> np.ndarray:
+    """Run the hyper-decoder contract on rounded hyper-latents: ``scales`` float, the
+    latent's shape, finite and > 0, batch invariant; returns them."""
+    out = call(run, z.astype(np.float32), what=what, given="the rounded hyper_latent")
+    want = (len(z), *latent_shape)
+    if out.dtype.kind != "f" or tuple(out.shape) != want:
+        raise InvalidInput(f"{what} output 'scales' is {out.dtype} {tuple(out.shape)}; expected "
+                           f"float scales {want} (one per latent element)")
+    if not np.all(np.isfinite(out)) or out.min(initial=1.0) <= 0:
+        raise InvalidInput(f"{what} output 'scales' must be finite and > 0 (end the network "
+                           f"with softplus or exp); got min {float(np.nanmin(out)):.3g}")
+    check_batch_invariant(run, z.astype(np.float32), out, what=what, tensor="scales")
+    return out

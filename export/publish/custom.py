@@ -14,9 +14,9 @@ version with digests, exactly as the zoo is written (``export.writer``)::
         ((N, D) is served as (N, D, 1, 1)) or indices (N, h, w) -> your decoder -> clamp [0, 1]
 
 Latent models: ``Factorized`` (ae / vae; a histogram of the sample images' latents, or
-your own density), ``VQCodebook`` (vqvae; static per-position tables, or your causal
-prior). A vae samples from N(0, I). Hyperpriors and learned VAE priors are not served
-(the code format has no kind for them).
+your own density), ``Hyperprior`` (ae; a Balle-2018 scale hyperprior: your h_a and h_s,
+code kind ``hyperprior``), ``VQCodebook`` (vqvae; static per-position tables, or your
+causal prior). A vae samples from N(0, I). Learned VAE priors are not served.
 """
 
 from __future__ import annotations
@@ -73,7 +73,26 @@ class VQCodebook:
     prior: nn.Module | None = None
 
 
-LatentModel = Factorized | VQCodebook
+@dataclass(frozen=True)
+class Hyperprior:
+    """ae: a scale hyperprior (Balle 2018; code kind ``hyperprior``, docs/code-format.md).
+
+    ``hyper_encoder`` (h_a): the rounded latent y_hat (N, C, h, w) float -> z (N, Cz, hz,
+    wz); ``hyper_decoder`` (h_s): the rounded z -> scales (N, C, h, w), > 0 (end it with
+    softplus or exp). Each y symbol is coded under the fixed integer Gaussian table its
+    scale picks (64 scales from 0.11 to 256); z under factorized tables: ``density``'s
+    (as ``Factorized.density``) or, when None, the sample images' histogram. The latent
+    step is 1 (train with y + uniform noise or straight-through rounding). Fixed-size
+    images only. h_a sees y_hat, not the encoder's float y, so the code is a function
+    of the symbols alone.
+    """
+
+    hyper_encoder: nn.Module
+    hyper_decoder: nn.Module
+    density: nn.Module | None = None
+
+
+LatentModel = Factorized | VQCodebook | Hyperprior
 
 
 class EncoderWrapper(nn.Module):
@@ -167,14 +186,19 @@ def _parity(family: Family, modules: dict[str, nn.Module], images: np.ndarray) -
         diffs: dict[str, float] = {}
         x = images[:8]
         feed: np.ndarray = x
-        for role in ("encoder", "decoder", "prior"):
+        latent: np.ndarray | None = None
+        for role in ("encoder", "decoder", "prior", "hyper_encoder", "hyper_decoder"):
             if role not in modules:
                 continue
             sess = ort.InferenceSession(str(folder / f"{role}.onnx"),
                                         providers=["CPUExecutionProvider"])
             name = sess.get_inputs()[0].name
+            if role == "hyper_encoder":
+                feed = latent  # type: ignore[assignment]
             got = sess.run(None, {name: feed})[0]
             want = _torch_run(modules[role])(feed)
+            if role == "hyper_encoder":
+                feed = np.rint(want).astype(np.float32)
             if role == "encoder" and family == "vqvae":
                 if not np.array_equal(got, want):
                     raise ExportParityError(
@@ -186,6 +210,7 @@ def _parity(family: Family, modules: dict[str, nn.Module], images: np.ndarray) -
             if role == "encoder":
                 feed = (want.astype(np.int64) if family == "vqvae"
                         else np.rint(want).astype(np.float32))
+                latent = feed
         worst = max(diffs.values())
         if not worst <= PARITY_TOLERANCE:
             raise ExportParityError(
@@ -214,14 +239,18 @@ def export_model(*, family: Family, encoder: nn.Module, decoder: nn.Module,
                            f"{images.dtype} {tuple(images.shape)}")
     if family not in ("ae", "vae", "vqvae"):
         raise InvalidInput(f"family {family!r} is not one of ae, vae, vqvae")
-    want = VQCodebook if family == "vqvae" else Factorized
+    want: tuple[type, ...] = ((VQCodebook,) if family == "vqvae" else
+                              (Factorized, Hyperprior) if family == "ae" else (Factorized,))
     if not isinstance(latent_model, want):
-        raise InvalidInput(f"a {family} takes latent_model={want.__name__}(...), got "
+        raise InvalidInput(f"a {family} takes latent_model="
+                           f"{' or '.join(w.__name__ + '(...)' for w in want)}, got "
                            f"{type(latent_model).__name__}")
     if encoder_input not in ("float", "uint8"):
         raise InvalidInput(f"encoder_input {encoder_input!r} is not 'float' or 'uint8'")
     for module in (encoder, decoder, getattr(latent_model, "prior", None),
-                   getattr(latent_model, "density", None)):
+                   getattr(latent_model, "density", None),
+                   getattr(latent_model, "hyper_encoder", None),
+                   getattr(latent_model, "hyper_decoder", None)):
         if module is not None:
             module.eval()
     enc = EncoderWrapper(encoder, family, encoder_input).eval()
@@ -237,6 +266,15 @@ def export_model(*, family: Family, encoder: nn.Module, decoder: nn.Module,
         coding = LatentCoding(num_codes=latent_model.num_codes)
         if latent_model.prior is not None:
             modules["prior"] = latent_model.prior
+    elif isinstance(latent_model, Hyperprior):
+        if flat:
+            raise InvalidInput("a hyperprior needs a spatial latent (N, C, h, w); the encoder "
+                               "gives a flat (N, D) one")
+        modules["hyper_encoder"] = latent_model.hyper_encoder
+        modules["hyper_decoder"] = latent_model.hyper_decoder
+        hyper_fit = (_density_fit(latent_model.density)
+                     if latent_model.density is not None else None)
+        coding = LatentCoding(step=1.0, hyper=True, hyper_fit=hyper_fit)
     else:
         step = latent_model.step or (DEFAULT_VAE_STEP if family == "vae" else 1.0)
         fit = None
@@ -250,13 +288,20 @@ def export_model(*, family: Family, encoder: nn.Module, decoder: nn.Module,
     contract.check_decoder(_torch_run(dec), feed.numpy(), tuple(images.shape[1:]))
     if "prior" in modules:
         contract.check_prior(_torch_run(modules["prior"]), feed.numpy(), coding.num_codes or 0)
+    z_example = None
+    if "hyper_encoder" in modules:
+        z = contract.check_hyper_encoder(_torch_run(modules["hyper_encoder"]), feed.numpy())
+        z_example = torch.as_tensor(np.rint(z).astype(np.float32))
+        contract.check_hyper_decoder(_torch_run(modules["hyper_decoder"]), z_example.numpy(),
+                                     tuple(feed.shape[1:]))
     dec_example = feed[:2]
     source = {"kind": "torch", "encoder": type(encoder).__name__,
               "decoder": type(decoder).__name__, "encoder_input": encoder_input,
               "latent_model": type(latent_model).__name__,
               "fully_convolutional": _fully_convolutional(enc, x, out)}
-    if "prior" in modules:
-        source["prior"] = type(modules["prior"]).__name__
+    for role in ("prior", "hyper_encoder", "hyper_decoder"):
+        if role in modules:
+            source[role] = type(modules[role]).__name__
 
     def build(folder: Path) -> dict[str, str]:
         try:
@@ -283,6 +328,13 @@ def export_model(*, family: Family, encoder: nn.Module, decoder: nn.Module,
                 from latentserve.export.nets.prior_step import export_prior_step
                 export_prior_step(prior, dec_example, folder / "prior_step.onnx")
                 files["prior_step"] = "prior_step.onnx"
+        if z_example is not None:
+            onnx_export(modules["hyper_encoder"], dec_example.float(),
+                        folder / "hyper_encoder.onnx", input_name="latent",
+                        output_name="hyper_latent")
+            onnx_export(modules["hyper_decoder"], z_example[:2], folder / "hyper_decoder.onnx",
+                        input_name="hyper_latent", output_name="scales")
+            files.update(hyper_encoder="hyper_encoder.onnx", hyper_decoder="hyper_decoder.onnx")
         return files
 
     return write_version(repo=repo, name=name, version=version, family=family, images=images,

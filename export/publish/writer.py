@@ -96,6 +96,10 @@ class LatentCoding:
     step: float = 1.0
     num_codes: int | None = None
     fit: FactorizedFit | None = field(default=None, compare=False)
+    # Code kind hyperprior (the build writes hyper_encoder.onnx and hyper_decoder.onnx):
+    # z's tables from ``hyper_fit(z symbols)``, or their histogram when None.
+    hyper: bool = False
+    hyper_fit: FactorizedFit | None = field(default=None, compare=False)
 
 
 def _session(path: Path) -> Any:
@@ -142,6 +146,31 @@ def fit_code(family: str, encoded: np.ndarray, coding: LatentCoding, *, has_prio
         flat = encoded.reshape(len(encoded), -1).astype(np.float64)
         return code, tables.fit_diag_gmm(flat, gmm_components, seed=seed)
     return code, {"kind": "gaussian"}
+
+
+def fit_hyperprior(folder: Path, files: dict[str, str], encoded: np.ndarray,
+                   code: dict[str, Any], coding: LatentCoding) -> dict[str, Any]:
+    """The hyperprior's code spec: check both hyper graphs on the samples' rounded latents,
+    fit z's tables, add the Gaussian tables (y's histogram stays, as the fallback)."""
+    for role in ("hyper_encoder", "hyper_decoder"):
+        if role not in files:
+            raise InvalidInput(f"a hyperprior export needs {role}.onnx; the build wrote "
+                               f"{sorted(files)}")
+    if float(code["factorized"]["step"]) != 1.0:
+        raise InvalidInput("a hyperprior codes the rounded latent: the step must be 1")
+    y_hat = np.rint(encoded.astype(np.float64)).astype(np.float32)
+    h_a = _runner(_session(folder / files["hyper_encoder"]))
+    contract.check_hyper_encoder(h_a, y_hat[:CONTRACT_BATCH])
+    z = np.rint(_batched(h_a, y_hat).astype(np.float64)).astype(np.int64)
+    z_spec: dict[str, Any] = (coding.hyper_fit(z) if coding.hyper_fit is not None
+                              else tables.histogram_tables(z, step=1.0))
+    lo = np.array(z_spec["offsets"]).reshape(1, -1, 1, 1)
+    hi = lo + np.array([len(f) for f in z_spec["freqs"]]).reshape(1, -1, 1, 1) - 1
+    h_s = _runner(_session(folder / files["hyper_decoder"]))
+    contract.check_hyper_decoder(h_s, np.clip(z, lo, hi)[:CONTRACT_BATCH].astype(np.float32),
+                                 tuple(encoded.shape[1:]))
+    return {"kind": "hyperprior", "factorized": code["factorized"],
+            "hyperprior": tables.hyperprior_spec(code["factorized"], z_spec, list(z.shape[1:]))}
 
 
 def measure_quality(runtime: Any, codec: Any, images: np.ndarray) -> dict[str, Any]:
@@ -210,6 +239,8 @@ def write_version(*, repo: str | Path, name: str, version: int, family: str,
         else:
             step = float(code["factorized"]["step"])
             feed = (np.rint(head / step) * step).astype(np.float32)
+        if coding.hyper:
+            code = fit_hyperprior(folder, files, encoded, code, coding)
         contract.check_decoder(_runner(_session(folder / files["decoder"])), feed, image_shape)
         max_diff = parity(folder) if parity is not None else None
 

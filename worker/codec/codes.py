@@ -48,6 +48,13 @@ from latentserve.worker.codec.entropy import (
     prior_tables,
     probabilities,
 )
+from latentserve.worker.codec.hyperprior import DECODER_MARGIN as HYPER_MARGIN
+from latentserve.worker.codec.hyperprior import (
+    HyperTables,
+    hyper_check,
+    plan_offsets,
+    scale_indices,
+)
 from latentserve.worker.runtime.engine import ModelRuntime
 from latentserve.worker.runtime.manifest import CODE_KIND_IDS
 
@@ -65,8 +72,8 @@ KIND_NAMES = {v: k for k, v in CODE_KIND_IDS.items()}
 # rounding boundary, so decoder-side noise below guard cannot change a table. A decoder
 # that sees a logit closer than guard/4 knows its noise exceeds 3/4 guard and refuses.
 DECODER_MARGIN = 0.25
-FACTORIZED, VQ_STATIC, VQ_PRIOR = (CODE_KIND_IDS[k]
-                                   for k in ("factorized", "vq_static", "vq_prior"))
+FACTORIZED, VQ_STATIC, VQ_PRIOR, HYPERPRIOR = (
+    CODE_KIND_IDS[k] for k in ("factorized", "vq_static", "vq_prior", "hyperprior"))
 
 
 # -- header ---------------------------------------------------------------------------
@@ -198,9 +205,11 @@ def parse_header(code: bytes) -> Header:
 class LatentCodec:
     """One model's entropy coder: symbols (N, *latent_shape) <-> codes.
 
-    Kinds: ``factorized`` (ae/vae); ``vq_static`` and ``vq_prior`` (vqvae). A vq_prior
-    model codes an image as ``vq_static`` when, for each of the 16 rounding offsets, some
-    prior logit sits within ``guard`` of a rounding boundary (the header records the kind).
+    Kinds: ``factorized`` and ``hyperprior`` (ae/vae); ``vq_static`` and ``vq_prior``
+    (vqvae). A vq_prior model codes an image as ``vq_static`` when, for each of the 16
+    rounding offsets, some prior logit sits within ``guard`` of a rounding boundary (the
+    header records the kind); a hyperprior model likewise falls back to ``factorized``
+    when some scale sits within its guard of a table-index boundary for every offset.
     """
 
     def __init__(self, runtime: ModelRuntime, *, pool: CoderPool | None = None) -> None:
@@ -216,7 +225,10 @@ class LatentCodec:
         self.prior = m.vq_prior if m.family == "vqvae" and m.code_kind == "vq_prior" else None
         if self.prior is not None:
             check_prior_spec(self.prior)
-        self.kinds = ({FACTORIZED} if m.family != "vqvae"
+        self.hyper = (HyperTables(m.hyperprior, m.latent_shape)
+                      if m.hyperprior is not None and m.family != "vqvae" else None)
+        self.kinds = ({FACTORIZED} | ({HYPERPRIOR} if self.hyper else set())
+                      if m.family != "vqvae"
                       else {VQ_STATIC} | ({VQ_PRIOR} if self.prior else set()))
         shape = tuple(m.latent_shape)
         # Any-size models: every code has its own grid, so the pool (tables built per
@@ -250,6 +262,8 @@ class LatentCodec:
         want = self._kind_id(kind)
         if want == FACTORIZED:
             return [(FACTORIZED, p) for p in self._encode_fixed(FACTORIZED, symbols, size)]
+        if want == HYPERPRIOR:
+            return self._encode_hyper(symbols)
         assert self.static is not None
         if want == VQ_STATIC or len(symbols) == 0:
             return [(VQ_STATIC, p) for p in self._encode_fixed(VQ_STATIC, symbols)]
@@ -261,6 +275,30 @@ class LatentCodec:
             else:  # float noise on another machine could change a table: use the static one
                 out.append((VQ_STATIC, self.static.encode(s)))
         return out
+
+    def hyper_plan(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Kind-5 plan for checked y symbols (N, C, h, w): (z symbols, per image the offset
+        j (-1: no offset keeps every scale guard from an index boundary, code it as kind
+        1), the table indices (N, C, h, w))."""
+        hyper = self.hyper
+        assert hyper is not None
+        z = hyper.quantize_z(self.runtime.hyper_latent(symbols))
+        if tuple(z.shape[1:]) != hyper.spec.z_shape:
+            raise ModelIntegrityError(f"{self.manifest.ref}: hyper_encoder gives z of shape "
+                                      f"{tuple(z.shape[1:])}, the manifest says "
+                                      f"{hyper.spec.z_shape}")
+        offsets, indices = plan_offsets(self.runtime.hyper_scales(z), hyper.spec)
+        return z, offsets, indices
+
+    def _encode_hyper(self, symbols: np.ndarray) -> list[tuple[int, bytes]]:
+        hyper = self.hyper
+        assert hyper is not None and self.factorized is not None
+        if len(symbols) == 0:
+            return []
+        z, offsets, indices = self.hyper_plan(symbols)
+        return [(HYPERPRIOR, hyper.encode(int(j), z[i], symbols[i], indices[i])) if j >= 0
+                else (FACTORIZED, self.factorized.encode(symbols[i]))
+                for i, j in enumerate(offsets.tolist())]
 
     def prior_plan(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Teacher-forced kind-3 plan from one prior run: per image the rounding offset
@@ -299,8 +337,14 @@ class LatentCodec:
         out = np.zeros(len(symbols))
         plan = (self.prior_plan(symbols)
                 if self.prior is not None and VQ_PRIOR in kinds else None)
+        hplan = (self.hyper_plan(symbols)
+                 if self.hyper is not None and HYPERPRIOR in kinds else None)
         for i, (s, k) in enumerate(zip(symbols, kinds, strict=True)):
-            if k == FACTORIZED:
+            if k == HYPERPRIOR:
+                z, offsets, indices = hplan  # type: ignore[misc]
+                out[i] = self.hyper.cross_entropy_bits(  # type: ignore[union-attr]
+                    int(max(offsets[i], 0)), z[i], s, indices[i])
+            elif k == FACTORIZED:
                 out[i] = self._tables(FACTORIZED, size).cross_entropy_bits(s)
             elif k == VQ_STATIC:
                 out[i] = self.static.cross_entropy_bits(s)  # type: ignore[union-attr]
@@ -341,6 +385,7 @@ class LatentCodec:
         CodeError in the list is passed through. The kind is still checked here."""
         results: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(headers)
         prior_jobs: list[tuple[int, bytes]] = []
+        hyper_jobs: list[tuple[int, bytes]] = []
         fixed: dict[int, list[tuple[int, bytes]]] = {FACTORIZED: [], VQ_STATIC: []}
         for i, header in enumerate(headers):
             if isinstance(header, CodeError):
@@ -351,8 +396,9 @@ class LatentCodec:
                 results[i] = CorruptCode(f"{self.manifest.ref} does not write format-"
                                          f"{header.version} codes: corrupted")
             else:
-                (prior_jobs if header.kind == VQ_PRIOR else fixed[header.kind]).append(
-                    (i, header.payload))
+                (prior_jobs if header.kind == VQ_PRIOR
+                 else hyper_jobs if header.kind == HYPERPRIOR
+                 else fixed[header.kind]).append((i, header.payload))
         for kind, jobs in fixed.items():
             if jobs and self.manifest.any_size:  # one batch per grid shape
                 by_size: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
@@ -364,11 +410,65 @@ class LatentCodec:
             elif jobs:
                 for i, r in zip((i for i, _ in jobs), self._decode_fixed(kind, jobs), strict=True):
                     results[i] = r
-        if prior_jobs:
-            decoded = self._decode_prior([p for _, p in prior_jobs])
-            for (i, _), d in zip(prior_jobs, decoded, strict=True):
-                results[i] = d
+        for jobs, decode in ((prior_jobs, self._decode_prior), (hyper_jobs, self._decode_hyper)):
+            if jobs:
+                for (i, _), d in zip(jobs, decode([p for _, p in jobs]), strict=True):
+                    results[i] = d
         return results
+
+    def _decode_hyper(self, payloads: list[bytes]) -> list[np.ndarray | CodeError]:
+        """Kind-5 payloads: j and z of every code, one hyper-decoder run for all of them,
+        then each y under the tables its scales pick (refused where a scale lies within
+        guard/4 of an index boundary, or where the check fails)."""
+        hyper = self.hyper
+        assert hyper is not None
+        out: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(payloads)
+        heads = []
+        for i, payload in enumerate(payloads):
+            try:
+                heads.append((i, *hyper.read_head(payload)))
+            except CodeError as exc:
+                out[i] = exc
+        if not heads:
+            return out
+        scales = self.runtime.hyper_scales(np.stack([z for _, _, _, z in heads]))
+        offsets = np.array([j for _, _, j, _ in heads], np.int64)
+        indices, margins = scale_indices(scales, hyper.spec, offsets)
+        floor = hyper.spec.guard * HYPER_MARGIN
+        for k, (i, coder, j, z) in enumerate(heads):
+            if not margins[k] >= floor:
+                out[i] = NotExactlyDecodable(
+                    f"a scale that this machine's hyper_decoder ({self.runtime.provider}) "
+                    f"gives lies {float(margins[k]):.2g} (in ln scale) from a table-index "
+                    f"boundary, less than guard/4 = {floor:.2g}: its tables may differ from "
+                    "the encoder's, so the code is refused rather than decoded inexactly; "
+                    "decode it where the hyper_decoder computes like the encoder's (the CPU "
+                    "provider, the same onnxruntime)")
+                continue
+            try:
+                y, check = hyper.read_rest(coder, indices[k])
+            except CodeError as exc:
+                out[i] = exc
+                continue
+            if not np.array_equal(check, hyper_check(j, z, y)):
+                out[i] = NotExactlyDecodable(
+                    "the decoded latent fails its check: this machine's hyper_decoder "
+                    f"({self.runtime.provider}) gave other tables than the encoder's (float "
+                    "noise beyond the guard), or the payload was changed; the code is "
+                    "refused rather than decoded inexactly")
+            elif (j >= PRIOR_OFFSETS or hyper.encode(j, z, y, indices[k]) != payloads[i]
+                  or not self._on_support(y)):
+                out[i] = not_canonical()
+            else:
+                out[i] = y
+        return out
+
+    def _on_support(self, y: np.ndarray) -> bool:
+        try:
+            self.factorized.check(y)  # type: ignore[union-attr]
+        except InvalidInput:
+            return False
+        return True
 
     def _decode_fixed(self, kind: int, jobs: list[tuple[int, bytes]],
                       size: tuple[int, int] | None = None) -> list[np.ndarray | CorruptCode]:

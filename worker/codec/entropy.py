@@ -273,6 +273,25 @@ class FactorizedTables:
             out.append(finish(coder))
         return out
 
+    def encode_into(self, coder: constriction.stream.queue.RangeEncoder,
+                    symbols: np.ndarray) -> None:
+        """Append one image's symbols (C, h, w) to a running coder (kind 5 codes its z
+        this way, between the offset and y)."""
+        rel = np.ascontiguousarray(symbols.reshape(self.shape[0], -1)
+                                   - self._offsets32[0], np.int32)
+        for ch, model in self._coded:
+            coder.encode(rel[ch], model)
+
+    def decode_from(self, coder: constriction.stream.queue.RangeDecoder) -> np.ndarray:
+        """Read one image's symbols (C, h, w) from a running decoder (the inverse of
+        ``encode_into``); raises what constriction raises on invalid data."""
+        hw = self.shape[1] * self.shape[2]
+        parts = [np.zeros(hw, np.int32) if m is None else coder.decode(m, hw)
+                 for m in self._all_models]
+        out = np.concatenate(parts).astype(np.int32)
+        out += np.repeat(self.offsets.astype(np.int32), hw)
+        return out.reshape(self.shape)
+
     def decode(self, payload: bytes) -> np.ndarray:
         """Payload -> symbols (C, h, w); CorruptCode when it does not decode."""
         out = self.decode_batch([payload])[0]

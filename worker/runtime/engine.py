@@ -25,7 +25,12 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from latentserve.errors import InvalidInput, ProviderUnavailable, UnsupportedOperation
+from latentserve.errors import (
+    InvalidInput,
+    ModelIntegrityError,
+    ProviderUnavailable,
+    UnsupportedOperation,
+)
 from latentserve.worker.runtime.manifest import Manifest
 from latentserve.worker.runtime.repository import ModelEntry
 from latentserve.worker.runtime.settings import PROVIDERS, Provider
@@ -268,6 +273,12 @@ class ModelRuntime:
         # at a time, ~1 full pass per grid instead of h*w.
         self.prior_step = (make_session(entry.file("prior_step"), self.config)
                            if "prior_step" in self.manifest.files else None)
+        # Code kind hyperprior: y_hat -> z, and z_hat -> the scales of y's tables.
+        hyper = self.manifest.hyperprior is not None
+        self.hyper_encoder: ort.InferenceSession | None = (
+            make_session(entry.file("hyper_encoder"), self.config) if hyper else None)
+        self.hyper_decoder: ort.InferenceSession | None = (
+            make_session(entry.file("hyper_decoder"), self.config) if hyper else None)
         self._support: tuple[np.ndarray, np.ndarray] | None = None  # see quantize
         self.provider: str = self.encoder.get_providers()[0]
         on_gpu = self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -453,6 +464,27 @@ class ModelRuntime:
                     xa, xb = c0 * s, min(c1 * s, w)
                     out[a:a + 1, :, ya:yb, xa:xb] = to_uint8(
                         img[:, :, ya - y0 * s:yb - y0 * s, xa - x0 * s:xb - x0 * s])
+        return out
+
+    def hyper_latent(self, symbols: np.ndarray) -> np.ndarray:
+        """Latent symbols (N, C, h, w) -> the hyper-encoder's float32 z (N, Cz, hz, wz)."""
+        if self.hyper_encoder is None:
+            raise InvalidInput(f"model {self.manifest.ref} has no hyperprior")
+        session = self.hyper_encoder
+        feed = symbols.astype(np.float32)  # step 1: y_hat is the symbols
+        return self._batched(lambda b: self._run(session, "latent", b), feed)
+
+    def hyper_scales(self, z: np.ndarray) -> np.ndarray:
+        """z symbols (N, Cz, hz, wz) -> the hyper-decoder's scales (N, C, h, w), float32."""
+        if self.hyper_decoder is None:
+            raise InvalidInput(f"model {self.manifest.ref} has no hyperprior")
+        session = self.hyper_decoder
+        feed = z.astype(np.float32)
+        out = self._batched(lambda b: self._run(session, "hyper_latent", b), feed)
+        want = (len(z), *self.manifest.latent_shape)
+        if tuple(out.shape) != want:
+            raise ModelIntegrityError(f"{self.manifest.ref}: hyper_decoder gives scales of "
+                                      f"shape {tuple(out.shape)}, expected {want}")
         return out
 
     def prior_logits(self, indices: np.ndarray) -> np.ndarray:

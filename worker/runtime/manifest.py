@@ -15,7 +15,7 @@ Layout (``models/<name>/<version>/manifest.json``), schema 1::
                  "check": {...} (optional: values recorded at export,
                              worker/runtime/model_check.py)},
       "onnx":   {"opset": 17},
-      "code":   {"kind": "factorized" | "vq_static" | "vq_prior", ...tables, see CodeSpec},
+      "code":   {"kind": "factorized" | "vq_static" | "vq_prior" | "hyperprior", ...tables},
       "sampling": {"kind": "gmm" | "gaussian" | "prior" | "none", ...},
       "quality":  {"val_psnr_db": ..., "val_bits_per_image": ..., ...},
       "training": {"data_sha256": ..., "config": {...}}
@@ -37,6 +37,9 @@ ONNX I/O contract (dynamic batch axis N everywhere; H and W dynamic too for any-
   ``image`` float32 (N, C, H, W) in [0, 1].
 - prior (vqvae): ``indices`` int64 (N, h, w) -> ``logits`` float32 (N, K, h, w), causal
   in raster order (the logits at a position depend only on earlier positions).
+- hyper_encoder (code kind hyperprior): ``latent`` float32 (N, C', h, w), the rounded
+  latent y_hat -> ``hyper_latent`` float32 (N, Cz, hz, wz); hyper_decoder: ``hyper_latent``
+  float32 (the rounded z) -> ``scales`` float32 (N, C', h, w), > 0.
 - prior_step (optional): ``indices`` int64 (N, h, w), ``position`` int64 scalar p,
   ``cache0``.. float32 (N, h*w + 1, C) -> ``logits`` float32 (N, K) at p and
   ``feat0``.. float32 (N, C), the layer activations at p, which the caller writes into
@@ -58,9 +61,10 @@ SCHEMA_VERSION = 1
 FAMILIES = ("ae", "vae", "vqvae")
 OPERATIONS = ("compress", "reconstruct", "sample")
 PADDINGS = ("edge",)
-CODE_KINDS = ("factorized", "vq_static", "vq_prior")
-# Integer code-kind ids written into each latent code's header.
-CODE_KIND_IDS = {"factorized": 1, "vq_static": 2, "vq_prior": 3}
+CODE_KINDS = ("factorized", "vq_static", "vq_prior", "hyperprior")
+# Integer code-kind ids written into each latent code's header (4 is reserved for the
+# parallel VQ prior).
+CODE_KIND_IDS = {"factorized": 1, "vq_static": 2, "vq_prior": 3, "hyperprior": 5}
 
 Family = Literal["ae", "vae", "vqvae"]
 
@@ -110,6 +114,27 @@ class VQPriorSpec:
 
 
 @dataclass(frozen=True)
+class HyperpriorSpec:
+    """A scale hyperprior (Balle 2018): z = round(hyper_encoder(y_hat)) coded under z's
+    factorized tables (``z_offsets``, ``z_freqs``, grid ``z_shape``), then each y symbol
+    under one of ``levels`` integer Gaussian tables (``tables[i][v - y_offset]``, for the
+    scale exp(linspace(ln scale_min, ln scale_max, levels))[i]), picked by the quantised
+    log-scale of ``hyper_decoder(z)`` with a per-image offset that keeps every scale
+    ``guard`` (in units of ln scale) from an index boundary. Details: docs/code-format.md.
+    """
+
+    z_shape: tuple[int, int, int]
+    z_offsets: tuple[int, ...]
+    z_freqs: tuple[tuple[int, ...], ...]
+    scale_min: float
+    scale_max: float
+    levels: int
+    guard: float
+    y_offset: int
+    tables: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A parsed, validated manifest. ``digest`` is the sha256 of the manifest file's bytes."""
 
@@ -127,6 +152,7 @@ class Manifest:
     quality: dict[str, Any]
     raw: dict[str, Any] = field(repr=False, compare=False)
     digest: str = ""
+    hyperprior: HyperpriorSpec | None = None
     # 0: fixed size (image_shape, latent_shape as given); s > 0: any size, padded to
     # multiples of s, and image_shape / latent_shape hold 0 for H, W, h, w.
     stride: int = 0
@@ -281,7 +307,25 @@ def parse_manifest(data: bytes, *, where: str = "manifest.json") -> Manifest:
     for tables in ([fac.freqs] if fac else []) + ([vqs.freqs] if vqs else []):
         if any(min(row) < 1 for row in tables):
             raise ModelIntegrityError(f"{where}: every integer frequency must be >= 1")
-    if kind == "factorized" and fac is None or kind != "factorized" and vqs is None:
+    hyp = None
+    if kind == "hyperprior":
+        hyp = _hyperprior_spec(code, where)
+        if family == "vqvae" or fac is None:
+            raise ModelIntegrityError(f"{where}: code kind 'hyperprior' needs an ae or vae "
+                                      "and code.factorized (its fallback tables)")
+        for needed in ("hyper_encoder", "hyper_decoder"):
+            if needed not in files:
+                raise ModelIntegrityError(f"{where}: files lacks {needed!r} (code kind "
+                                          "'hyperprior')")
+        if fac.step != 1.0:
+            raise ModelIntegrityError(f"{where}: a hyperprior codes the rounded latent: "
+                                      f"code.factorized.step must be 1, got {fac.step}")
+        top = [o + len(f) - 1 for o, f in zip(fac.offsets, fac.freqs, strict=True)]
+        if min(fac.offsets) < hyp.y_offset or max(top) >= hyp.y_offset + len(hyp.tables[0]):
+            raise ModelIntegrityError(f"{where}: the factorized support [{min(fac.offsets)}, "
+                                      f"{max(top)}] is not inside the hyperprior tables' "
+                                      f"[{hyp.y_offset}, {hyp.y_offset + len(hyp.tables[0]) - 1}]")
+    elif kind == "factorized" and fac is None or kind != "factorized" and vqs is None:
         raise ModelIntegrityError(f"{where}: code kind {kind!r} has no tables")
     if kind == "vq_prior" and vqp is None:
         raise ModelIntegrityError(f"{where}: code kind 'vq_prior' needs code.vq_prior")
@@ -292,4 +336,30 @@ def parse_manifest(data: bytes, *, where: str = "manifest.json") -> Manifest:
         family=family, image_shape=image_shape, latent_shape=latent_shape, files=files,
         code_kind=kind, factorized=fac, vq_static=vqs, vq_prior=vqp,
         sampling=dict(raw.get("sampling", {})), quality=dict(raw.get("quality", {})),
-        raw=raw, digest=hashlib.sha256(data).hexdigest(), stride=stride)
+        raw=raw, digest=hashlib.sha256(data).hexdigest(), stride=stride, hyperprior=hyp)
+
+
+def _hyperprior_spec(code: dict[str, Any], where: str) -> HyperpriorSpec:
+    """code.hyperprior, read and checked for shape (the codec checks the numbers)."""
+    h = _need(code, "hyperprior", where + " code")
+    try:
+        z = h["z"]
+        spec = HyperpriorSpec(
+            z_shape=tuple(int(s) for s in z["shape"]),  # type: ignore[arg-type]
+            z_offsets=tuple(int(o) for o in z["offsets"]),
+            z_freqs=tuple(tuple(int(x) for x in row) for row in z["freqs"]),
+            scale_min=float(h["scale_min"]), scale_max=float(h["scale_max"]),
+            levels=int(h["levels"]), guard=float(h["guard"]), y_offset=int(h["y_offset"]),
+            tables=tuple(tuple(int(x) for x in row) for row in h["tables"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelIntegrityError(f"{where}: code.hyperprior is malformed ({type(exc).__name__}: "
+                                  f"{exc}); it needs z {{shape, offsets, freqs}}, scale_min, "
+                                  "scale_max, levels, guard, y_offset, tables") from None
+    if len(spec.z_shape) != 3 or len(spec.z_offsets) != spec.z_shape[0] \
+            or len(spec.z_freqs) != spec.z_shape[0]:
+        raise ModelIntegrityError(f"{where}: code.hyperprior.z needs a (C, h, w) shape and "
+                                  f"one table per channel; got shape {spec.z_shape}, "
+                                  f"{len(spec.z_freqs)} tables")
+    if not spec.tables or any(min(row, default=0) < 1 for row in spec.tables + spec.z_freqs):
+        raise ModelIntegrityError(f"{where}: every hyperprior frequency must be >= 1")
+    return spec
