@@ -1,11 +1,12 @@
 """Measure what a Balle-2018 scale hyperprior would give on MNIST, by likelihood bits only.
 
-Not a shipped model and not a code kind: it trains the GDN autoencoder of the ladder
+Not a shipped model: it trains the GDN autoencoder of the ladder
 (``--transform gdn``) with a scale hyperprior beside it and reports, on the validation
 split, the PSNR of the rounded latents' reconstructions and the ideal code length
 (-log2 of the discretised likelihoods: y under N(0, sigma(z)) convolved with U(-1/2, 1/2),
 z under a factorised density), i.e. what a range coder would spend before its flush and
-header. For issue 15: how far a hyperprior code kind could take the >= 28.7 dB point.
+header. Its checkpoint (``--out``'s .pt) is exported as code kind 5 (hyperprior, the real
+range coder) by ``scripts/export_hyperprior.py``.
 
     python scripts/measure_hyperprior.py --lambda 0.004 --minutes 12 --out runs/hp.json
 """
@@ -19,54 +20,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 
-from latentserve.export.nets.entropy_model import LIKELIHOOD_BOUND, FactorizedDensity
-from latentserve.export.nets.models import make_decoder, make_encoder
+from latentserve.export.nets.hyperprior import ScaleHyperprior
 from latentserve.export.training.data import load_dataset
 from latentserve.export.training.train import psnr_db, to_float
-
-SCALE_MIN = 0.11
-
-
-def gaussian_likelihood(y: Tensor, scale: Tensor) -> Tensor:
-    """Mass of [y - 1/2, y + 1/2] under N(0, scale^2)."""
-    scale = scale.clamp_min(SCALE_MIN)
-    v = y.abs()
-    upper = 0.5 * torch.erfc(-(0.5 - v) / (scale * math.sqrt(2)))
-    lower = 0.5 * torch.erfc(-(-0.5 - v) / (scale * math.sqrt(2)))
-    return (upper - lower).clamp_min(LIKELIHOOD_BOUND)
-
-
-class ScaleHyperprior(nn.Module):
-    def __init__(self, hidden: int, latent: int, hyper: int) -> None:
-        super().__init__()
-        self.g_a = make_encoder(1, hidden, latent, 0, "gdn")
-        self.g_s = make_decoder(latent, hidden, 1, 0, "gdn")
-        # 7x7 -> 4x4 -> 7x7 (the hyper-latent grid)
-        self.h_a = nn.Sequential(nn.Conv2d(latent, hidden, 3, padding=1), nn.ReLU(),
-                                 nn.Conv2d(hidden, hidden, 3, stride=2, padding=1), nn.ReLU(),
-                                 nn.Conv2d(hidden, hyper, 3, padding=1))
-        self.h_s = nn.Sequential(nn.ConvTranspose2d(hyper, hidden, 3, stride=2, padding=1),
-                                 nn.ReLU(), nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(),
-                                 nn.Conv2d(hidden, latent, 3, padding=1))
-        self.density = FactorizedDensity(hyper)
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        y = self.g_a(x)
-        z = self.h_a(y.abs())
-        z_tilde, z_lik = self.density(z)
-        if not self.training:
-            z_tilde = torch.round(z)
-            z_lik = self.density.likelihood(z_tilde)
-        scale = F.softplus(self.h_s(z_tilde))
-        y_noisy = y + torch.empty_like(y).uniform_(-0.5, 0.5) if self.training else torch.round(y)
-        y_lik = gaussian_likelihood(y_noisy, scale)
-        y_hat = y + (torch.round(y) - y).detach()
-        x_hat = self.g_s(y_hat)
-        bits_y = -torch.log2(y_lik).flatten(1).sum(1)
-        bits_z = -torch.log2(z_lik).flatten(1).sum(1)
-        return {"x_hat": x_hat, "bits_y": bits_y, "bits_z": bits_z}
 
 
 def main() -> int:
