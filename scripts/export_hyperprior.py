@@ -36,7 +36,9 @@ def main() -> int:
     with open(args.config) as f:
         run = json.load(f)
     cfg = run["config"]
-    model = ScaleHyperprior(cfg["hidden"], cfg["latent_channels"], cfg["hyper_channels"])
+    model = ScaleHyperprior(cfg["hidden"], cfg["latent_channels"], cfg["hyper_channels"],
+                            res_blocks=cfg.get("res_blocks", 0),
+                            transform=cfg.get("transform", "gdn"))
     model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
     model.eval()
     data = load_dataset(args.data)

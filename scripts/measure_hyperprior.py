@@ -33,6 +33,9 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--latent-channels", type=int, default=12)
     ap.add_argument("--hyper-channels", type=int, default=8)
+    ap.add_argument("--transform", choices=("gdn", "relu"), default="gdn",
+                    help="g_a / g_s: the GDN trunk, or the shipped ladder's ReLU one")
+    ap.add_argument("--res-blocks", type=int, default=0)
     ap.add_argument("--steps", type=int, default=100_000)
     ap.add_argument("--minutes", type=float, default=12.0, help="stop after this long")
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -43,7 +46,8 @@ def main() -> int:
     torch.manual_seed(args.seed)
     data = load_dataset(args.data)
     x_all = torch.as_tensor(data.train)
-    model = ScaleHyperprior(args.hidden, args.latent_channels, args.hyper_channels)
+    model = ScaleHyperprior(args.hidden, args.latent_channels, args.hyper_channels,
+                            res_blocks=args.res_blocks, transform=args.transform)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     # steps fixed from a first timing so that the cosine schedule ends with the budget
     t0 = time.time()

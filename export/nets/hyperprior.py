@@ -32,10 +32,11 @@ def gaussian_likelihood(y: Tensor, scale: Tensor) -> Tensor:
 class ScaleHyperprior(nn.Module):
     """g_a, g_s (GDN), h_a, h_s and the density of z; forward gives x_hat and the bits."""
 
-    def __init__(self, hidden: int, latent: int, hyper: int) -> None:
+    def __init__(self, hidden: int, latent: int, hyper: int, *, res_blocks: int = 0,
+                 transform: str = "gdn") -> None:
         super().__init__()
-        self.g_a = make_encoder(1, hidden, latent, 0, "gdn")
-        self.g_s = make_decoder(latent, hidden, 1, 0, "gdn")
+        self.g_a = make_encoder(1, hidden, latent, res_blocks, transform)
+        self.g_s = make_decoder(latent, hidden, 1, res_blocks, transform)
         # 7x7 -> 4x4 -> 7x7 (the hyper-latent grid)
         self.h_a = nn.Sequential(nn.Conv2d(latent, hidden, 3, padding=1), nn.ReLU(),
                                  nn.Conv2d(hidden, hidden, 3, stride=2, padding=1), nn.ReLU(),
