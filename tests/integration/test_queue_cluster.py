@@ -11,6 +11,7 @@ says which chunk to resubmit), never SUCCEEDED with one missing.
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 from typing import Any
 
@@ -20,7 +21,7 @@ from redis.crc import key_slot
 from fixtures_redis import WORKER_DEFAULTS, wait_until
 from latentserve.errors import InvalidInput, JobStateError, Unavailable
 from latentserve.worker.config import WorkerConfig
-from latentserve.worker.jobqueue.cluster import TRANSIENT_ERRORS, is_cluster_url
+from latentserve.worker.jobqueue.cluster import TRANSIENT_ERRORS, is_cluster_url, startup_nodes
 from latentserve.worker.jobqueue.config import QueueConfig
 from latentserve.worker.jobqueue.consumer import create_worker, worker_health
 from latentserve.worker.jobqueue.keys import Keys
@@ -86,10 +87,34 @@ def test_the_cluster_url(redis_cluster, private_redis) -> None:
                      ("unix:///tmp/r.sock?cluster=true", "not a Unix socket")]:
         with pytest.raises(InvalidInput, match=why):
             WorkerConfig(redis_url=url)
+    for url, why in [("redis://h/0?cluster=true&nodes=h2", "not HOST:PORT"),
+                     ("redis://h/0?cluster=true&nodes=h2:1,:5", "not HOST:PORT"),
+                     ("redis://h/0?cluster=true&nodes=h2:70000", "not HOST:PORT"),
+                     ("redis://h/0?nodes=h2:1", "add cluster=true")]:
+        with pytest.raises(InvalidInput, match=why):
+            WorkerConfig(redis_url=url)
+    assert startup_nodes("redis://h/0?cluster=true&nodes=a:1,[::1]:2") == [("a", 1), ("::1", 2)]
     with pytest.raises(Unavailable, match="refused the credentials"):
         connect(redis_cluster.url.replace(redis_cluster.password, "wrong"))
     with pytest.raises(Unavailable, match="[Cc]luster mode is not enabled"):
         connect(private_redis.url + "?cluster=true")
+
+
+def test_nodes_are_first_contacts_when_the_urls_node_is_down(redis_cluster) -> None:
+    """A process can start while the URL's own node is down, from a node in nodes=."""
+    with socket.socket() as s:  # a loopback port where no node listens
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    auth = f":{redis_cluster.password}@" if redis_cluster.password else ""
+    url = f"redis://{auth}127.0.0.1:{dead}/0?cluster=true"
+    with pytest.raises(Unavailable):
+        connect(url, check=False)
+    live = ",".join(f"127.0.0.1:{p}" for p in redis_cluster.ports[:2])
+    client = connect(f"{url}&nodes={live}")
+    try:
+        assert client.ping() and len(client.get_primaries()) == redis_cluster.masters
+    finally:
+        client.close()
 
 
 def test_jobs_spread_over_the_shards_and_match_the_pipeline(
@@ -186,8 +211,8 @@ def test_a_master_killed_mid_job_its_replica_takes_over(
     workers = [spawn_worker("--stream-shards", "3", "--read-count", "1", "--batch-items", "10",
                             "--max-deliveries", "10", redis=private_cluster.url,
                             gate="failover") for _ in range(2)]
-    # Both workers connected first: the URL names one node, which may be the master this
-    # test kills, and a client cannot start from a dead first contact.
+    # Both workers connected first: the URL names one node (no nodes=), which may be the
+    # master this test kills, and a client cannot start from a dead first contact alone.
     health = WorkerConfig(redis_url=private_cluster.url, queue=queue)
     wait_until(lambda: sum(bool(w.get("ready")) for w in worker_health(store.r, health)) == 2,
                timeout=90, what="both workers connected and ready")
