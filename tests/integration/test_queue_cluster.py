@@ -14,10 +14,12 @@ import signal
 import socket
 import threading
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from redis.crc import key_slot
 
+from certs import CertificateAuthority
 from fixtures_redis import WORKER_DEFAULTS, wait_until
 from latentserve.errors import InvalidInput, JobStateError, Unavailable
 from latentserve.worker.config import WorkerConfig
@@ -115,6 +117,31 @@ def test_nodes_are_first_contacts_when_the_urls_node_is_down(redis_cluster) -> N
         assert client.ping() and len(client.get_primaries()) == redis_cluster.masters
     finally:
         client.close()
+
+
+def test_a_tls_cluster_runs_jobs_and_refuses_a_client_without_a_certificate(
+        tls_cluster, connected, tiny_repo, tiny_pipeline, mnist_images) -> None:
+    """rediss:// with cluster=true: every node the client discovers is reached over TLS
+    with the URL's CA and client certificate (redis-py carries them to each node)."""
+    cluster, ca = tls_cluster
+    url = cluster.url
+    store = JobStore(connected(url), SHARDED)
+    images = mnist_images[:40]
+    jobs = [store.submit(JobKind.COMPRESS, "tiny-ae", items=images)]
+    while len({store.keys.shard_of(j.id) for j in jobs}) < 3:  # every node holds a job
+        assert len(jobs) < 100
+        jobs.append(store.submit(JobKind.COMPRESS, "tiny-ae", items=images[:5]))
+    run_workers(url, tiny_repo, tiny_pipeline, n=1)
+    want = tiny_pipeline.compress("tiny-ae", images)
+    for job in jobs:
+        assert store.get(job.id).state is JobState.SUCCEEDED
+        assert [r for _, r in store.iter_results(job.id)] == want[:job.items_total]
+    no_cert = url.split("&ssl_certfile=")[0]
+    with pytest.raises(Unavailable, match="(?i)certificate|TLS|SSL"):
+        connect(no_cert, check=False)
+    other = CertificateAuthority(ca.folder / "other", "other-ca")
+    with pytest.raises(Unavailable, match="(?i)certificate|TLS|SSL"):
+        connect(url.replace(quote(str(ca.pem)), quote(str(other.pem))), check=False)
 
 
 def test_jobs_spread_over_the_shards_and_match_the_pipeline(
