@@ -35,12 +35,13 @@ def test_eval_on_20_images_writes_all_three_files(
     from latentserve.eval.metrics import psnr
     from latentserve.worker.runtime.pipeline import Pipeline
 
-    images = mnist_images[:20]
-    src = write_idx(tmp_path / "val-idx3-ubyte.gz", images)
+    # 20 "training" images, then the 20 evaluated ones (the FID's references)
+    src = write_idx(tmp_path / "val-idx3-ubyte.gz", mnist_images[:40])
+    images = mnist_images[20:40]
     out = tmp_path / "out"
-    rc = main(["eval", "--images", str(src), "--repo", str(tiny_repo), "--codecs",
-               "jpeg,webp,png", "--samples", "30", "--classifier", str(CLASSIFIER),
-               "--quiet", "-o", str(out)])
+    rc = main(["eval", "--images", str(src), "--offset", "-20", "--repo", str(tiny_repo),
+               "--codecs", "jpeg,webp,png", "--samples", "30", "--classifier",
+               str(CLASSIFIER), "--quiet", "-o", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     for name in ("rd.json", "rd.png", "rd.md"):
@@ -67,10 +68,16 @@ def test_eval_on_20_images_writes_all_three_files(
         assert sum(s["class_histogram"]) == 30
         assert 0 <= s["confident_share"] <= 1 and 0 <= s["class_entropy_bits"] <= np.log2(10)
         assert (out / s["grid"]).is_file()
+        assert isinstance(s["fid"], float) and s["fid"] >= 0
+    # the floor: the 20 images outside the evaluated range against the 20 evaluated ones
+    floor = report["fid_floor"]
+    assert floor["count"] == 20 and floor["reference_count"] == 20
+    assert 0 <= floor["fid"] < min(s["fid"] for s in report["samples"])
     with Image.open(out / "rd.png") as png:
         assert png.format == "PNG" and png.width >= 800
     md = (out / "rd.md").read_text()
-    for label in ("tiny-ae:1", "webp q10", "BD-rate", "Sample quality"):
+    for label in ("tiny-ae:1", "webp q10", "BD-rate", "Sample quality", "| FID |",
+                  "floor: real images"):
         assert label in md and label in printed
 
 
