@@ -151,3 +151,32 @@ def test_sample_scores_and_grid(tmp_path: Path) -> None:
     save_grid(imgs, tmp_path / "g.png", scale=1, gap=2)
     with Image.open(tmp_path / "g.png") as g:
         assert g.size == (10 * 30 + 2, 10 * 30 + 2)
+
+
+def test_fid_absent_is_said_not_guessed(tmp_path: Path) -> None:
+    import shutil
+
+    from latentserve.errors import ModelIntegrityError
+    from latentserve.eval.report import markdown
+    from latentserve.eval.samples import Classifier, SampleQuality
+
+    # a classifier exported before the features output: predictions yes, FID no
+    old = tmp_path / "clf"
+    shutil.copytree(CLASSIFIER, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["onnx"]["features"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    clf = Classifier.load(old)
+    assert not clf.has_features
+    assert clf.predict(np.zeros((2, 1, 28, 28), np.uint8)).shape == (2, 10)
+    with pytest.raises(ModelIntegrityError, match="no features output"):
+        clf.features(np.zeros((2, 1, 28, 28), np.uint8))
+    manifest["onnx"]["features"] = "penultimate"  # a name the graph does not have
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelIntegrityError, match="'penultimate'"):
+        Classifier.load(old)
+    s = SampleQuality(model="m:1", family="ae", count=5, confident_share=0.2,
+                      class_entropy_bits=1.0, class_histogram=[5] + [0] * 9,
+                      mean_confidence=0.5, samples_per_s=10.0)
+    md = markdown([], samples=[s], meta={"fid_note": "no FID: why"})
+    assert "| 1.000 | n/a |" in md and "no FID: why." in md and "floor" not in md
