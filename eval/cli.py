@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     from latentserve.errors import InvalidInput
     from latentserve.eval.classic_codecs import codec_settings, parse_codecs
-    from latentserve.eval.rd import run_rd
+    from latentserve.eval.rd import run_rd, unfit_reason
     from latentserve.eval.report import markdown, write_report
     from latentserve.eval.samples import (
         CLASSIFIER_SUBPATH,
@@ -94,6 +94,15 @@ def run(args: argparse.Namespace) -> int:
             {e.manifest.name for e in pipeline.models()})
         # one point per version asked for; a bare name means its newest version
         refs = [pipeline.repository.resolve(r).manifest.ref for r in refs]
+        if not args.only:  # every model: those that take these images (named: an error)
+            fit = []
+            for ref in refs:
+                reason = unfit_reason(pipeline.repository.resolve(ref).manifest, images)
+                if reason is None:
+                    fit.append(ref)
+                elif not args.quiet:
+                    print(f"  skipped: {reason}", file=sys.stderr, flush=True)
+            refs = fit
     if not refs and not codecs:
         raise InvalidInput("nothing to evaluate: no models found or named, and --codecs is empty")
 

@@ -180,3 +180,21 @@ def test_fid_absent_is_said_not_guessed(tmp_path: Path) -> None:
                       mean_confidence=0.5, samples_per_s=10.0)
     md = markdown([], samples=[s], meta={"fid_note": "no FID: why"})
     assert "| 1.000 | n/a |" in md and "no FID: why." in md and "floor" not in md
+
+
+def test_eval_of_every_model_skips_those_that_cannot_take_the_images(
+        photo_repo: Path, mnist_images: np.ndarray, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --only, a model whose input does not fit the images (an RGB codec on grey
+    digits) is skipped with its reason; named with --only, it is an error."""
+    src = write_idx(tmp_path / "d-idx3-ubyte.gz", mnist_images[:4])
+    out = tmp_path / "o"
+    assert main(["eval", "--images", str(src), "--repo", str(photo_repo), "--codecs", "",
+                 "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped: model tiny-photo:1 takes" in err and "other channel counts" in err
+    report = json.loads((out / "rd.json").read_text())
+    assert [p["label"] for p in report["points"]] == ["tiny-photo-grey:1"]
+    assert main(["eval", "--images", str(src), "--repo", str(photo_repo), "--codecs", "",
+                 "--only", "tiny-photo", "-o", str(out)]) == 1
+    assert "other channel counts" in capsys.readouterr().err
