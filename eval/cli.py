@@ -54,9 +54,14 @@ def run(args: argparse.Namespace) -> int:
 
     from latentserve.errors import InvalidInput
     from latentserve.eval.classic_codecs import codec_settings, parse_codecs
-    from latentserve.eval.rd import run_rd
+    from latentserve.eval.rd import run_rd, unfit_reason
     from latentserve.eval.report import markdown, write_report
-    from latentserve.eval.samples import CLASSIFIER_SUBPATH, Classifier, evaluate_samples
+    from latentserve.eval.samples import (
+        CLASSIFIER_SUBPATH,
+        Classifier,
+        FidReference,
+        evaluate_samples,
+    )
     from latentserve.worker.runtime.engine import EngineConfig
     from latentserve.worker.runtime.images import load_image_list
     from latentserve.worker.runtime.pipeline import Pipeline
@@ -66,9 +71,14 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInput(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.threads < 1:
         raise InvalidInput(f"--threads must be >= 1, got {args.threads}")
-    listed = load_image_list(args.images)[args.offset:]
+    every = load_image_list(args.images)
+    start, end, _ = slice(args.offset, None).indices(len(every))
     if args.limit:
-        listed = listed[:args.limit]
+        end = min(end, start + args.limit)
+    listed = every[start:end]
+    # Real images outside the evaluated range (with --offset -1000: the training split),
+    # the FID floor's "samples".
+    others = every[:start] + every[end:]
     # One array when every image has one shape (the digit sets), else a list of photos.
     images: Any = np.stack(listed) if len({im.shape for im in listed}) == 1 else listed
     if len(images) == 0:
@@ -84,6 +94,15 @@ def run(args: argparse.Namespace) -> int:
             {e.manifest.name for e in pipeline.models()})
         # one point per version asked for; a bare name means its newest version
         refs = [pipeline.repository.resolve(r).manifest.ref for r in refs]
+        if not args.only:  # every model: those that take these images (named: an error)
+            fit = []
+            for ref in refs:
+                reason = unfit_reason(pipeline.repository.resolve(ref).manifest, images)
+                if reason is None:
+                    fit.append(ref)
+                elif not args.quiet:
+                    print(f"  skipped: {reason}", file=sys.stderr, flush=True)
+            refs = fit
     if not refs and not codecs:
         raise InvalidInput("nothing to evaluate: no models found or named, and --codecs is empty")
 
@@ -96,17 +115,36 @@ def run(args: argparse.Namespace) -> int:
     points = run_rd(images, pipeline=pipeline, refs=refs, codecs=codecs, progress=progress)
     samples = []
     classifier_info = None
+    fid_floor = None
+    fid_note = ""
     if args.samples:
         clf_dir = Path(args.classifier) if args.classifier else Path(repo) / CLASSIFIER_SUBPATH
         clf = Classifier.load(clf_dir)
         classifier_info = {"path": str(clf_dir), "val_accuracy": clf.val_accuracy}
+        reference = None
+        if not clf.has_features:
+            fid_note = f"no FID: the classifier in {clf_dir} has no features output"
+        elif not (isinstance(images, np.ndarray) and images.dtype == np.uint8
+                  and tuple(images.shape[1:]) == clf.image_shape and len(images) >= 2):
+            fid_note = (f"no FID: the evaluated images are not >= 2 uint8 "
+                        f"{clf.image_shape} images like the samples")
+        else:
+            reference = FidReference(clf, images)
+            real = [im for im in others if im.shape == images.shape[1:]][:args.samples]
+            if len(real) >= 2:
+                fid_floor = reference.floor(np.stack(real))
+            else:
+                fid_note = ("no FID floor: no real images outside the evaluated range "
+                            "(use --offset -1000 on the whole set)")
         samples = evaluate_samples(pipeline, refs, clf, count=args.samples, out_dir=out,
-                                   seed=args.seed)
+                                   seed=args.seed, reference=reference)
     meta = {"images": int(len(images)), "source": str(args.images), "offset": args.offset,
             "limit": args.limit, "repo": str(repo), "models": refs,
             "codecs": [c.label for c in codecs], "threads": args.threads,
             "seed": args.seed, "classifier": classifier_info}
-    paths = write_report(out, points, samples=samples, meta=meta)
-    print(markdown(points, samples=samples, meta=meta))
+    if fid_note:
+        meta["fid_note"] = fid_note
+    paths = write_report(out, points, samples=samples, meta=meta, fid_floor=fid_floor)
+    print(markdown(points, samples=samples, meta=meta, fid_floor=fid_floor))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -113,6 +113,23 @@ def per_image(metric: Callable[[np.ndarray, np.ndarray], np.ndarray], images: Im
                            for a, b in zip(images, recon, strict=True)])
 
 
+def unfit_reason(manifest: Any, images: Images) -> str | None:
+    """Why a model cannot code ``images`` (its size or channels), or None if it can."""
+    if manifest.any_size:
+        if any(im.shape[0] != manifest.channels for im in images):
+            return (f"model {manifest.ref} takes {manifest.describe_size()} images; "
+                    "the evaluation set has other channel counts")
+        return None
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) != 1:
+        return (f"model {manifest.ref} takes {manifest.describe_size()} images; "
+                "the evaluation set mixes sizes")
+    if shapes != {tuple(manifest.image_shape)}:
+        return (f"model {manifest.ref} takes images of shape {tuple(manifest.image_shape)}; "
+                f"the evaluation set is {shapes.pop()}")
+    return None
+
+
 def measure_model(pipeline: Any, ref: str, images: Images) -> RDPoint:
     """Compress and reconstruct ``images`` with one model through the pipeline.
 
@@ -120,11 +137,11 @@ def measure_model(pipeline: Any, ref: str, images: Images) -> RDPoint:
     reported as family ``photo``; a fixed-size model needs one array of its shape."""
     runtime = pipeline.runtime(ref)  # loads and verifies the model before timing starts
     manifest = runtime.manifest
+    reason = unfit_reason(manifest, images)
+    if reason is not None:
+        raise InvalidInput(reason)
     if manifest.any_size:
         items = list(images)
-        if any(im.shape[0] != manifest.channels for im in items):
-            raise InvalidInput(f"model {manifest.ref} takes {manifest.describe_size()} images; "
-                               "the evaluation set has other channel counts")
         pipeline.reconstruct_each(pipeline.compress(manifest.ref, items[:2]))
         codes, enc_s = _timed(lambda: pipeline.compress(manifest.ref, items))
         recon, dec_s = _timed(lambda: pipeline.reconstruct_each(codes, ref=manifest.ref))
@@ -133,14 +150,7 @@ def measure_model(pipeline: Any, ref: str, images: Images) -> RDPoint:
                        psnr=per_image(psnr, items, recon), ssim=per_image(ssim, items, recon),
                        encode_s=enc_s, decode_s=dec_s, pixels=pixel_counts(items))
     if not isinstance(images, np.ndarray):
-        if len({im.shape for im in images}) != 1:
-            raise InvalidInput(f"model {manifest.ref} takes {manifest.describe_size()} images; "
-                               "the evaluation set mixes sizes")
         images = np.stack(images)
-    if tuple(images.shape[1:]) != tuple(manifest.image_shape):
-        raise InvalidInput(f"model {manifest.ref} takes images of shape "
-                           f"{tuple(manifest.image_shape)}; the evaluation set is "
-                           f"{tuple(images.shape[1:])}")
     warm = images[:WARMUP_IMAGES]
     pipeline.reconstruct(pipeline.compress(manifest.ref, warm), ref=manifest.ref)
     codes, enc_s = _timed(lambda: pipeline.compress(manifest.ref, images))

@@ -18,7 +18,7 @@ import numpy as np
 
 from latentserve.eval.bdrate import BDRateUndefined, bd_rate
 from latentserve.eval.rd import RDPoint, curves
-from latentserve.eval.samples import SampleQuality
+from latentserve.eval.samples import FidFloor, SampleQuality
 
 ANCHOR_FAMILY = "webp"
 # The project's goal (../shared/RD-NOTES.md): at >= 28.7 dB, <= 48 bytes/image all included.
@@ -105,13 +105,15 @@ def headline(points: Sequence[RDPoint]) -> dict[str, Any]:
 
 
 def to_json(points: Sequence[RDPoint], *, samples: Sequence[SampleQuality] = (),
-            meta: dict[str, Any] | None = None) -> dict[str, Any]:
+            meta: dict[str, Any] | None = None,
+            fid_floor: FidFloor | None = None) -> dict[str, Any]:
     return {"meta": meta or {}, "headline": headline(points),
             "bd_rate_vs_webp": bd_rates(points),
             "bd_rate_vs": {a: bd_rates(points, a) for a in BD_ANCHORS
                            if ("codec", a) in curves(points)},
             "points": [p.to_json() for p in points],
-            "samples": [s.to_json() for s in samples]}
+            "samples": [s.to_json() for s in samples],
+            "fid_floor": None if fid_floor is None else fid_floor.to_json()}
 
 
 def _fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
@@ -119,7 +121,7 @@ def _fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
 
 
 def markdown(points: Sequence[RDPoint], *, samples: Sequence[SampleQuality] = (),
-             meta: dict[str, Any] | None = None) -> str:
+             meta: dict[str, Any] | None = None, fid_floor: FidFloor | None = None) -> str:
     """The tables of ``rd.md``."""
     meta = meta or {}
     lines = []
@@ -164,13 +166,23 @@ def markdown(points: Sequence[RDPoint], *, samples: Sequence[SampleQuality] = ()
             lines.append(f"WebP at {TARGET_PSNR_DB} dB (interpolated): {wb:.1f} bytes/image.")
     if samples:
         lines += ["", "Sample quality (MNIST classifier: share with confidence >= 0.9; "
-                  "entropy of the predicted classes, log2 10 = 3.32 bits is perfect):", "",
-                  "| model | samples | confident | class entropy bits | mean confidence "
-                  "| samples/s | grid |", "|---|---:|---:|---:|---:|---:|---|"]
+                  "entropy of the predicted classes, log2 10 = 3.32 bits is perfect; FID: "
+                  "Frechet distance in the classifier's 64 penultimate features to the "
+                  "evaluated images, lower is better, an MNIST FID not comparable with "
+                  "Inception-FID):", "",
+                  "| model | samples | confident | class entropy bits | FID | mean confidence "
+                  "| samples/s | grid |", "|---|---:|---:|---:|---:|---:|---:|---|"]
         for s in samples:
             lines.append(f"| {s.model} | {s.count} | {s.confident_share:.1%} | "
-                         f"{s.class_entropy_bits:.3f} | {s.mean_confidence:.3f} | "
-                         f"{s.samples_per_s:,.0f} | {s.grid} |")
+                         f"{s.class_entropy_bits:.3f} | {_fmt(s.fid, 2)} | "
+                         f"{s.mean_confidence:.3f} | {s.samples_per_s:,.0f} | {s.grid} |")
+        if fid_floor is not None:
+            f = fid_floor
+            lines.append(f"| floor: real images from outside the evaluated range "
+                         f"| {f.count} | {f.confident_share:.1%} | "
+                         f"{f.class_entropy_bits:.3f} | {f.fid:.2f} | | | |")
+        if meta.get("fid_note"):
+            lines.append(f"\n{meta['fid_note']}.")
         t = SAMPLE_TARGET
         for s in samples:
             if s.family == t["family"]:
@@ -254,14 +266,16 @@ def plot(points: Sequence[RDPoint], path: str | Path, *, title: str = "") -> Non
 
 def write_report(out_dir: str | Path, points: Sequence[RDPoint], *,
                  samples: Sequence[SampleQuality] = (),
-                 meta: dict[str, Any] | None = None) -> dict[str, Path]:
+                 meta: dict[str, Any] | None = None,
+                 fid_floor: FidFloor | None = None) -> dict[str, Path]:
     """Write rd.json, rd.png and rd.md into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "rd.json", "png": out / "rd.png", "md": out / "rd.md"}
-    paths["json"].write_text(json.dumps(to_json(points, samples=samples, meta=meta), indent=1)
-                             + "\n")
+    paths["json"].write_text(json.dumps(to_json(points, samples=samples, meta=meta,
+                                                 fid_floor=fid_floor), indent=1) + "\n")
     plot(points, paths["png"])
     paths["md"].write_text("# Rate-distortion evaluation\n\n"
-                           + markdown(points, samples=samples, meta=meta))
+                           + markdown(points, samples=samples, meta=meta,
+                                      fid_floor=fid_floor))
     return paths

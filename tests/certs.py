@@ -57,7 +57,10 @@ class CertificateAuthority:
         stem = name.replace(" ", "-")
         self.pem = _write(folder, stem, self.cert, self.key).cert
 
-    def issue(self, stem: str, common_name: str, *, server: bool) -> Pair:
+    def issue(self, stem: str, common_name: str, *, server: bool,
+              client_too: bool = False) -> Pair:
+        """A certificate for a server (SAN localhost, 127.0.0.1) or a client; ``client_too``:
+        a server's that also authenticates it as a client (a Redis Cluster's bus)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         builder = (x509.CertificateBuilder().subject_name(_name(common_name))
@@ -68,8 +71,9 @@ class CertificateAuthority:
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None),
                                   critical=True)
                    .add_extension(x509.ExtendedKeyUsage(
-                       [ExtendedKeyUsageOID.SERVER_AUTH if server
-                        else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+                       [ExtendedKeyUsageOID.SERVER_AUTH] * server
+                       + [ExtendedKeyUsageOID.CLIENT_AUTH] * (client_too or not server)),
+                       critical=False))
         if server:
             builder = builder.add_extension(x509.SubjectAlternativeName(
                 [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),

@@ -5,6 +5,8 @@
 - ``cluster_url``: its URL (``?cluster=true``), every master flushed for this test.
 - ``private_cluster``: a cluster of the test's own, to SIGKILL a master under it
   (a short node timeout, so its replica takes over within seconds).
+- ``tls_cluster``: 3 masters speaking TLS only (clients, bus), client certificates
+  required, a password; with its certificate authority (``tests/certs.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from redis_cluster import LocalCluster
+from certs import CertificateAuthority
+from redis_cluster import ClusterTls, LocalCluster
 
 
 def _need_redis_server() -> None:
@@ -49,4 +52,18 @@ def private_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     cluster = LocalCluster(tmp_path / "cluster", node_timeout_ms=1000)
     cluster.start()
     yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[tuple[LocalCluster, CertificateAuthority]]:
+    _need_redis_server()
+    root = tmp_path_factory.mktemp("tls-cluster")
+    ca = CertificateAuthority(root / "certs", "cluster-ca")
+    node = ca.issue("node", "localhost", server=True, client_too=True)
+    cluster = LocalCluster(root, masters=3, replicas=0, password=secrets.token_hex(8),
+                           tls=ClusterTls(ca.pem, node.cert, node.key))
+    cluster.start()
+    yield cluster, ca
     cluster.stop()

@@ -6,7 +6,9 @@ redis-server processes on free loopback ports (each with its cluster bus on port
 10000), joins them with ``redis-cli --cluster create`` and waits until every node says
 ``cluster_state:ok`` and every replica is in sync. ``url`` is the cluster URL for
 latentserve (``redis://[:PASSWORD@]127.0.0.1:PORT/0?cluster=true``); ``kill(port)``
-SIGKILLs one node, ``master_of(key)`` names the master serving a key's slot.
+SIGKILLs one node, ``master_of(key)`` names the master serving a key's slot. With
+``tls=ClusterTls(ca, cert, key)`` every node speaks TLS only (clients, cluster bus and
+replication), requires client certificates, and ``url`` is the matching ``rediss://``.
 
 The tests (``tests/fixtures_cluster.py``), ``scripts/test.sh``'s cluster pass and
 ``bench/cluster.py`` use it. As a script::
@@ -22,8 +24,10 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import redis
 
@@ -47,13 +51,24 @@ def _free_port(taken: set[int]) -> int:
     raise RuntimeError("no free pair of loopback ports for a cluster node")
 
 
+@dataclass(frozen=True)
+class ClusterTls:
+    """PEM files: the CA, and one certificate (server and client use) every node and client
+    presents."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
 class LocalCluster:
     """Masters and replicas of redis-server in cluster mode under ``root``."""
 
     def __init__(self, root: Path, *, masters: int = 3, replicas: int = 1,
                  node_timeout_ms: int = 2000, password: str = "",
-                 binary: str | None = None) -> None:
+                 binary: str | None = None, tls: ClusterTls | None = None) -> None:
         self.root = Path(root)
+        self.tls = tls
         self.password = password  # requirepass and masterauth of every node
         self.masters = masters
         self.replicas = replicas
@@ -75,7 +90,24 @@ class LocalCluster:
     def url(self) -> str:
         """The URL latentserve connects with (any node: the client discovers the rest)."""
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.ports[0]}/0?cluster=true"
+        if self.tls is None:
+            return f"redis://{auth}127.0.0.1:{self.ports[0]}/0?cluster=true"
+        files = (f"ssl_ca_certs={quote(str(self.tls.ca))}&ssl_certfile={quote(str(self.tls.cert))}"
+                 f"&ssl_keyfile={quote(str(self.tls.key))}")
+        return f"rediss://{auth}127.0.0.1:{self.ports[0]}/0?cluster=true&{files}"
+
+    def _tls_server_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return ["--tls-cluster", "yes", "--tls-replication", "yes", "--tls-auth-clients", "yes",
+                "--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key),
+                "--tls-ca-cert-file", str(self.tls.ca)]
+
+    def _tls_cli_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return ["--tls", "--cacert", str(self.tls.ca), "--cert", str(self.tls.cert),
+                "--key", str(self.tls.key)]
 
     def start(self, timeout: float = 60.0) -> LocalCluster:
         """Start every node, create the cluster and wait until it serves every slot."""
@@ -85,7 +117,7 @@ class LocalCluster:
             self._wait_ping(port, timeout)
         addresses = [f"127.0.0.1:{p}" for p in self.ports]
         auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
-        subprocess.run([self.cli, *auth, "--cluster", "create", *addresses,
+        subprocess.run([self.cli, *auth, *self._tls_cli_args(), "--cluster", "create", *addresses,
                         "--cluster-replicas", str(self.replicas), "--cluster-yes"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
         self.wait_ok(timeout)
@@ -97,7 +129,9 @@ class LocalCluster:
         data.mkdir(parents=True, exist_ok=True)
         log = open(data / "redis.log", "ab")  # noqa: SIM115 - the process owns it
         self.procs[port] = subprocess.Popen(
-            [self.binary or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+            [self.binary or "redis-server",
+             *(["--port", "0", "--tls-port", str(port)] if self.tls else ["--port", str(port)]),
+             *self._tls_server_args(), "--bind", "127.0.0.1",
              "--dir", str(data), "--cluster-enabled", "yes",
              "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", str(self.node_timeout_ms),
@@ -120,8 +154,11 @@ class LocalCluster:
             self.kill(port)
 
     def node(self, port: int) -> redis.Redis:
+        tls: dict[str, Any] = {} if self.tls is None else {
+            "ssl": True, "ssl_ca_certs": str(self.tls.ca), "ssl_certfile": str(self.tls.cert),
+            "ssl_keyfile": str(self.tls.key)}
         return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5,
-                           password=self.password or None)
+                           password=self.password or None, **tls)
 
     def _wait_ping(self, port: int, timeout: float) -> None:
         end = time.monotonic() + timeout

@@ -6,8 +6,11 @@ set), exported to ONNX beside a small manifest into
 on purpose: the model repository lists every ``models/*/*/manifest.json`` as a servable
 model, and a classifier is not one.
 
-ONNX contract: input ``image`` uint8 (N, 1, 28, 28) -> output ``logits`` float32 (N, 10);
-the x/255 scaling happens in the graph, as for the encoders.
+ONNX contract: input ``image`` uint8 (N, 1, 28, 28) -> outputs ``logits`` float32 (N, 10)
+and ``features`` float32 (N, 64), the penultimate activations (fc1 after its ReLU) that
+``latentserve eval`` fits its Frechet distance to; the x/255 scaling happens in the graph,
+as for the encoders. ``add_features_output`` gives a classifier exported with logits only
+the second output without touching its weights or its predictions.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from torch.nn import functional as F
 
 CLASSIFIER_NAME = "mnist-classifier"
 ONNX_FILE = "classifier.onnx"
+# The second graph output: the penultimate activations, what the Frechet distance uses.
+FEATURES_OUTPUT = "features"
+FEATURE_DIM = 64
 # The project's validation split: the last 1000 images of the IDX set.
 VALIDATION_SIZE = 1000
 # The dynamo exporter implements opset 18 natively; asking for less converts afterwards.
@@ -45,13 +51,29 @@ class MnistClassifier(nn.Module):
         self.fc2 = nn.Linear(64, 10)
         self.drop = nn.Dropout(0.25)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        """The penultimate activations (N, 64): fc1 after its ReLU, before dropout."""
         x = (image.to(torch.float32) / 255.0 - _MEAN) / _STD
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = self.drop(F.relu(self.fc1(x.flatten(1))))
-        logits: torch.Tensor = self.fc2(x)
+        return F.relu(self.fc1(x.flatten(1)))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.fc2(self.drop(self.features(image)))
         return logits
+
+
+class _WithFeatures(nn.Module):
+    """What is exported: (logits, features) from one pass."""
+
+    def __init__(self, model: MnistClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.model.features(image)
+        logits: torch.Tensor = self.model.fc2(feats)  # dropout is the identity in eval mode
+        return logits, feats
 
 
 @dataclass(frozen=True)
@@ -139,8 +161,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray,
     return model
 
 
-def export_onnx(model: MnistClassifier, path: str | Path) -> None:
-    """Write the model as one self-contained ONNX file with a dynamic batch axis."""
+def export_onnx(model: MnistClassifier, path: str | Path, *, features: bool = True) -> None:
+    """Write the model as one self-contained ONNX file with a dynamic batch axis; outputs
+    ``logits`` and (unless ``features=False``, the original export) ``features``."""
     import contextlib
     import io
     import warnings
@@ -153,10 +176,47 @@ def export_onnx(model: MnistClassifier, path: str | Path) -> None:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (example,), str(path), input_names=["image"],
-                          output_names=["logits"], opset_version=OPSET, dynamo=True,
+        torch.onnx.export(_WithFeatures(model).eval() if features else model, (example,), str(path),
+                          input_names=["image"],
+                          output_names=["logits", FEATURES_OUTPUT] if features else ["logits"],
+                          opset_version=OPSET, dynamo=True,
                           external_data=False, dynamic_shapes={"image": {0: batch}},
                           verbose=False)
+
+
+def add_features_output(path: str | Path) -> str:
+    """Expose the tensor that feeds the final Gemm (the logits) as a second graph output,
+    ``features`` (N, 64), rewriting ``path`` in place; returns the new file's sha256.
+
+    Only a tensor name and a graph output are added: no node, weight or attribute
+    changes, so the logits stay bit-identical (tests/unit/test_classifier.py checks
+    this on the validation split). A file that already has the output is left as is.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    path = Path(path)
+    model = onnx.load(str(path))
+    graph = model.graph
+    outputs = [o.name for o in graph.output]
+    if FEATURES_OUTPUT not in outputs:
+        if outputs != ["logits"]:
+            raise ValueError(f"{path}: expected one graph output 'logits', found {outputs}")
+        last = [n for n in graph.node if "logits" in n.output]
+        if len(last) != 1 or last[0].op_type != "Gemm":
+            raise ValueError(f"{path}: 'logits' is not made by one Gemm node")
+        old = last[0].input[0]
+        for node in graph.node:  # rename the penultimate tensor wherever it appears
+            node.input[:] = [FEATURES_OUTPUT if i == old else i for i in node.input]
+            node.output[:] = [FEATURES_OUTPUT if o == old else o for o in node.output]
+        for info in graph.value_info:
+            if info.name == old:
+                info.name = FEATURES_OUTPUT
+        graph.output.append(helper.make_tensor_value_info(
+            FEATURES_OUTPUT, TensorProto.FLOAT, ["N", FEATURE_DIM]))
+        onnx.checker.check_model(model)
+        onnx.save(model, str(path))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def onnx_logits(path: str | Path, images: np.ndarray) -> np.ndarray:
@@ -167,7 +227,7 @@ def onnx_logits(path: str | Path, images: np.ndarray) -> np.ndarray:
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(None, {"image": images[i:i + 1024]})[0]
+    return np.concatenate([sess.run(["logits"], {"image": images[i:i + 1024]})[0]
                            for i in range(0, len(images), 1024)])
 
 
@@ -194,7 +254,8 @@ def write_classifier(model: MnistClassifier, folder: str | Path, *,
         "classes": 10,
         "files": {"classifier": {"path": ONNX_FILE,
                                  "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest()}},
-        "onnx": {"opset": OPSET, "input": "image", "output": "logits"},
+        "onnx": {"opset": OPSET, "input": "image", "output": "logits",
+                 "features": FEATURES_OUTPUT, "feature_dim": FEATURE_DIM},
         "quality": {"val_accuracy": round(val_acc, 4), "val_images": int(len(val_images))},
         "training": {"data_sha256": data_sha256, "train_images": int(train_size),
                      "config": asdict(config)},

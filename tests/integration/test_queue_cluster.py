@@ -11,16 +11,19 @@ says which chunk to resubmit), never SUCCEEDED with one missing.
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from redis.crc import key_slot
 
+from certs import CertificateAuthority
 from fixtures_redis import WORKER_DEFAULTS, wait_until
 from latentserve.errors import InvalidInput, JobStateError, Unavailable
 from latentserve.worker.config import WorkerConfig
-from latentserve.worker.jobqueue.cluster import TRANSIENT_ERRORS, is_cluster_url
+from latentserve.worker.jobqueue.cluster import TRANSIENT_ERRORS, is_cluster_url, startup_nodes
 from latentserve.worker.jobqueue.config import QueueConfig
 from latentserve.worker.jobqueue.consumer import create_worker, worker_health
 from latentserve.worker.jobqueue.keys import Keys
@@ -86,10 +89,59 @@ def test_the_cluster_url(redis_cluster, private_redis) -> None:
                      ("unix:///tmp/r.sock?cluster=true", "not a Unix socket")]:
         with pytest.raises(InvalidInput, match=why):
             WorkerConfig(redis_url=url)
+    for url, why in [("redis://h/0?cluster=true&nodes=h2", "not HOST:PORT"),
+                     ("redis://h/0?cluster=true&nodes=h2:1,:5", "not HOST:PORT"),
+                     ("redis://h/0?cluster=true&nodes=h2:70000", "not HOST:PORT"),
+                     ("redis://h/0?nodes=h2:1", "add cluster=true")]:
+        with pytest.raises(InvalidInput, match=why):
+            WorkerConfig(redis_url=url)
+    assert startup_nodes("redis://h/0?cluster=true&nodes=a:1,[::1]:2") == [("a", 1), ("::1", 2)]
     with pytest.raises(Unavailable, match="refused the credentials"):
         connect(redis_cluster.url.replace(redis_cluster.password, "wrong"))
     with pytest.raises(Unavailable, match="[Cc]luster mode is not enabled"):
         connect(private_redis.url + "?cluster=true")
+
+
+def test_nodes_are_first_contacts_when_the_urls_node_is_down(redis_cluster) -> None:
+    """A process can start while the URL's own node is down, from a node in nodes=."""
+    with socket.socket() as s:  # a loopback port where no node listens
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    auth = f":{redis_cluster.password}@" if redis_cluster.password else ""
+    url = f"redis://{auth}127.0.0.1:{dead}/0?cluster=true"
+    with pytest.raises(Unavailable):
+        connect(url, check=False)
+    live = ",".join(f"127.0.0.1:{p}" for p in redis_cluster.ports[:2])
+    client = connect(f"{url}&nodes={live}")
+    try:
+        assert client.ping() and len(client.get_primaries()) == redis_cluster.masters
+    finally:
+        client.close()
+
+
+def test_a_tls_cluster_runs_jobs_and_refuses_a_client_without_a_certificate(
+        tls_cluster, connected, tiny_repo, tiny_pipeline, mnist_images) -> None:
+    """rediss:// with cluster=true: every node the client discovers is reached over TLS
+    with the URL's CA and client certificate (redis-py carries them to each node)."""
+    cluster, ca = tls_cluster
+    url = cluster.url
+    store = JobStore(connected(url), SHARDED)
+    images = mnist_images[:40]
+    jobs = [store.submit(JobKind.COMPRESS, "tiny-ae", items=images)]
+    while len({store.keys.shard_of(j.id) for j in jobs}) < 3:  # every node holds a job
+        assert len(jobs) < 100
+        jobs.append(store.submit(JobKind.COMPRESS, "tiny-ae", items=images[:5]))
+    run_workers(url, tiny_repo, tiny_pipeline, n=1)
+    want = tiny_pipeline.compress("tiny-ae", images)
+    for job in jobs:
+        assert store.get(job.id).state is JobState.SUCCEEDED
+        assert [r for _, r in store.iter_results(job.id)] == want[:job.items_total]
+    no_cert = url.split("&ssl_certfile=")[0]
+    with pytest.raises(Unavailable, match="(?i)certificate|TLS|SSL"):
+        connect(no_cert, check=False)
+    other = CertificateAuthority(ca.folder / "other", "other-ca")
+    with pytest.raises(Unavailable, match="(?i)certificate|TLS|SSL"):
+        connect(url.replace(quote(str(ca.pem)), quote(str(other.pem))), check=False)
 
 
 def test_jobs_spread_over_the_shards_and_match_the_pipeline(
@@ -186,8 +238,8 @@ def test_a_master_killed_mid_job_its_replica_takes_over(
     workers = [spawn_worker("--stream-shards", "3", "--read-count", "1", "--batch-items", "10",
                             "--max-deliveries", "10", redis=private_cluster.url,
                             gate="failover") for _ in range(2)]
-    # Both workers connected first: the URL names one node, which may be the master this
-    # test kills, and a client cannot start from a dead first contact.
+    # Both workers connected first: the URL names one node (no nodes=), which may be the
+    # master this test kills, and a client cannot start from a dead first contact alone.
     health = WorkerConfig(redis_url=private_cluster.url, queue=queue)
     wait_until(lambda: sum(bool(w.get("ready")) for w in worker_health(store.r, health)) == 2,
                timeout=90, what="both workers connected and ready")

@@ -35,12 +35,13 @@ def test_eval_on_20_images_writes_all_three_files(
     from latentserve.eval.metrics import psnr
     from latentserve.worker.runtime.pipeline import Pipeline
 
-    images = mnist_images[:20]
-    src = write_idx(tmp_path / "val-idx3-ubyte.gz", images)
+    # 20 "training" images, then the 20 evaluated ones (the FID's references)
+    src = write_idx(tmp_path / "val-idx3-ubyte.gz", mnist_images[:40])
+    images = mnist_images[20:40]
     out = tmp_path / "out"
-    rc = main(["eval", "--images", str(src), "--repo", str(tiny_repo), "--codecs",
-               "jpeg,webp,png", "--samples", "30", "--classifier", str(CLASSIFIER),
-               "--quiet", "-o", str(out)])
+    rc = main(["eval", "--images", str(src), "--offset", "-20", "--repo", str(tiny_repo),
+               "--codecs", "jpeg,webp,png", "--samples", "30", "--classifier",
+               str(CLASSIFIER), "--quiet", "-o", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     for name in ("rd.json", "rd.png", "rd.md"):
@@ -67,10 +68,16 @@ def test_eval_on_20_images_writes_all_three_files(
         assert sum(s["class_histogram"]) == 30
         assert 0 <= s["confident_share"] <= 1 and 0 <= s["class_entropy_bits"] <= np.log2(10)
         assert (out / s["grid"]).is_file()
+        assert isinstance(s["fid"], float) and s["fid"] >= 0
+    # the floor: the 20 images outside the evaluated range against the 20 evaluated ones
+    floor = report["fid_floor"]
+    assert floor["count"] == 20 and floor["reference_count"] == 20
+    assert 0 <= floor["fid"] < min(s["fid"] for s in report["samples"])
     with Image.open(out / "rd.png") as png:
         assert png.format == "PNG" and png.width >= 800
     md = (out / "rd.md").read_text()
-    for label in ("tiny-ae:1", "webp q10", "BD-rate", "Sample quality"):
+    for label in ("tiny-ae:1", "webp q10", "BD-rate", "Sample quality", "| FID |",
+                  "floor: real images"):
         assert label in md and label in printed
 
 
@@ -144,3 +151,50 @@ def test_sample_scores_and_grid(tmp_path: Path) -> None:
     save_grid(imgs, tmp_path / "g.png", scale=1, gap=2)
     with Image.open(tmp_path / "g.png") as g:
         assert g.size == (10 * 30 + 2, 10 * 30 + 2)
+
+
+def test_fid_absent_is_said_not_guessed(tmp_path: Path) -> None:
+    import shutil
+
+    from latentserve.errors import ModelIntegrityError
+    from latentserve.eval.report import markdown
+    from latentserve.eval.samples import Classifier, SampleQuality
+
+    # a classifier exported before the features output: predictions yes, FID no
+    old = tmp_path / "clf"
+    shutil.copytree(CLASSIFIER, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["onnx"]["features"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    clf = Classifier.load(old)
+    assert not clf.has_features
+    assert clf.predict(np.zeros((2, 1, 28, 28), np.uint8)).shape == (2, 10)
+    with pytest.raises(ModelIntegrityError, match="no features output"):
+        clf.features(np.zeros((2, 1, 28, 28), np.uint8))
+    manifest["onnx"]["features"] = "penultimate"  # a name the graph does not have
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelIntegrityError, match="'penultimate'"):
+        Classifier.load(old)
+    s = SampleQuality(model="m:1", family="ae", count=5, confident_share=0.2,
+                      class_entropy_bits=1.0, class_histogram=[5] + [0] * 9,
+                      mean_confidence=0.5, samples_per_s=10.0)
+    md = markdown([], samples=[s], meta={"fid_note": "no FID: why"})
+    assert "| 1.000 | n/a |" in md and "no FID: why." in md and "floor" not in md
+
+
+def test_eval_of_every_model_skips_those_that_cannot_take_the_images(
+        photo_repo: Path, mnist_images: np.ndarray, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --only, a model whose input does not fit the images (an RGB codec on grey
+    digits) is skipped with its reason; named with --only, it is an error."""
+    src = write_idx(tmp_path / "d-idx3-ubyte.gz", mnist_images[:4])
+    out = tmp_path / "o"
+    assert main(["eval", "--images", str(src), "--repo", str(photo_repo), "--codecs", "",
+                 "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped: model tiny-photo:1 takes" in err and "other channel counts" in err
+    report = json.loads((out / "rd.json").read_text())
+    assert [p["label"] for p in report["points"]] == ["tiny-photo-grey:1"]
+    assert main(["eval", "--images", str(src), "--repo", str(photo_repo), "--codecs", "",
+                 "--only", "tiny-photo", "-o", str(out)]) == 1
+    assert "other channel counts" in capsys.readouterr().err

@@ -4,10 +4,12 @@ A URL with ``cluster=true`` in its query (``redis://:PASSWORD@HOST:PORT/0?cluste
 ``rediss://...&cluster=true`` for TLS) makes ``store.connect`` build redis-py's
 ``RedisCluster`` instead of ``Redis``: the node in the URL is only the first contact, the
 client learns the others and the slot map from it, and follows MOVED / ASK and failovers
-itself. Password, ACL user and TLS parameters mean what they mean for a single Redis and
-apply to every node. The key layout (worker/jobqueue/keys.py) keeps every script and transaction
-in one hash slot, so nothing else in latentserve knows which kind of client it holds,
-except where a command cannot be pipelined on a cluster (``is_cluster``).
+itself. ``nodes=HOST:PORT,HOST:PORT`` names more first contacts, tried when the URL's own
+node does not answer, so a process can start while one node is down. Password, ACL user
+and TLS parameters mean what they mean for a single Redis and apply to every node. The
+key layout (worker/jobqueue/keys.py) keeps every script and transaction in one hash slot,
+so nothing else in latentserve knows which kind of client it holds, except where a
+command cannot be pipelined on a cluster (``is_cluster``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from latentserve.errors import InvalidInput, Unavailable
 log = logging.getLogger(__name__)
 
 CLUSTER_PARAM = "cluster"
+NODES_PARAM = "nodes"  # more first contacts: HOST:PORT,HOST:PORT ([v6addr]:PORT)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -55,14 +58,32 @@ def is_cluster_url(url: str) -> bool:
                            "a Unix socket")
     if parts.path.strip("/") not in ("", "0") or params.get("db", "0") != "0":
         raise InvalidInput("a Redis Cluster has only database 0: end the URL with /0")
+    startup_nodes(url)  # refuses a malformed nodes= list now, not at the first connect
     return True
 
 
+def startup_nodes(url: str) -> list[tuple[str, int]]:
+    """The ``nodes=`` first contacts of a cluster URL as (host, port); InvalidInput names
+    an entry that is not HOST:PORT."""
+    value = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True)).get(NODES_PARAM)
+    if value is None:
+        return []
+    nodes: list[tuple[str, int]] = []
+    for entry in value.split(","):
+        host, sep, port = entry.strip().rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidInput(f"Redis URL nodes= entry {entry!r} is not HOST:PORT "
+                               "(several: nodes=HOST:PORT,HOST:PORT)")
+        nodes.append((host, int(port)))
+    return nodes
+
+
 def without_cluster_param(url: str) -> str:
-    """``url`` less its ``cluster`` parameter, which redis-py does not know."""
+    """``url`` less its ``cluster`` and ``nodes`` parameters, which redis-py does not know."""
     parts = urlsplit(url)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-             if k != CLUSTER_PARAM]
+             if k not in (CLUSTER_PARAM, NODES_PARAM)]
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
@@ -80,11 +101,15 @@ def connect_cluster(url: str, *, check: bool = True, wait_s: float = 30.0) -> Re
     for up to ``wait_s`` (``check=False``: raised at once).
     """
     from redis.backoff import ExponentialBackoff
+    from redis.cluster import ClusterNode
     from redis.retry import Retry
 
     from latentserve.worker.jobqueue.redis_url import explain_redis_failure
 
     plain = without_cluster_param(url)
+    # redis-py tries the URL's node first, then these, until one gives the slot map.
+    extra = [ClusterNode(host, port)  # type: ignore[no-untyped-call]
+             for host, port in startup_nodes(url)]
     deadline = time.monotonic() + (wait_s if check else 0.0)
     while True:
         try:
@@ -92,7 +117,8 @@ def connect_cluster(url: str, *, check: bool = True, wait_s: float = 30.0) -> Re
             # refreshes its slot map between them. A failover takes longer (the
             # cluster's node timeout); callers retry through it as through any outage.
             return RedisCluster.from_url(
-                plain, socket_connect_timeout=5, health_check_interval=30,
+                plain, startup_nodes=list(extra), socket_connect_timeout=5,
+                health_check_interval=30,
                 retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3))
         except (RedisClusterException, redis.RedisError) as exc:
             cause: BaseException = exc

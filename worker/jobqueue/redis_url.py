@@ -20,7 +20,7 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 REDIS_PARAMS = frozenset({
     "db", "username", "password", "client_name", "protocol", "socket_timeout",
     "socket_connect_timeout", "socket_keepalive", "health_check_interval", "max_connections",
-    "cluster"})  # cluster=true: a Redis Cluster (jobqueue/cluster.py), not redis-py's own
+    "cluster", "nodes"})  # a Redis Cluster and its first contacts (jobqueue/cluster.py)
 REDIS_TLS_PARAMS = frozenset({
     "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password",
     "ssl_cert_reqs", "ssl_check_hostname", "ssl_min_version", "ssl_ciphers"})
@@ -82,9 +82,12 @@ def check_redis_url(url: str) -> dict[str, str]:
     from latentserve.worker.jobqueue.cluster import is_cluster_url
 
     try:
-        is_cluster_url(url)
+        cluster = is_cluster_url(url)
     except InvalidInput as exc:
         raise InvalidInput(f"Redis URL {shown!r}: {exc}") from None
+    if "nodes" in params and not cluster:
+        raise InvalidInput(f"Redis URL {shown!r}: nodes= names a Redis Cluster's first "
+                           "contacts; add cluster=true")
     return params
 
 
