@@ -321,3 +321,24 @@ def test_wrong_hyperpriors_are_refused(case: str, match: str, tmp_path: Path) ->
                      repo=tmp_path, name="bad", version=1)
     assert not (tmp_path / "bad").exists()
     _ = Factorized  # the factorized path is tested in test_custom_export
+
+
+class BoundaryHyper(NoisyHyper):
+    """Scales with one element on an index boundary of each of the 16 offsets."""
+
+    def hyper_scales(self, z: np.ndarray) -> np.ndarray:
+        s = self._rt.hyper_scales(z).astype(np.float64)
+        spec = self._rt.manifest.hyperprior
+        flat = s.reshape(len(s), -1)
+        for j in range(16):
+            flat[:, j] = boundary_scale(spec, 20 + j, j)
+        return flat.reshape(s.shape)
+
+
+def test_scales_on_every_offsets_boundary_fall_back_to_kind_1(repo: Path) -> None:
+    pipe = Pipeline(repo, ONE_THREAD)
+    x = digits(6, seed=13)
+    runtime = pipe.runtime("hp")
+    codes = LatentCodec(BoundaryHyper(runtime, 0.0)).encode(runtime.encode(x))  # type: ignore[arg-type]
+    assert {parse_header(c).kind for c in codes} == {FACTORIZED}
+    assert np.array_equal(pipe.reconstruct(codes), runtime.decode(runtime.encode(x)))
