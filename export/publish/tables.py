@@ -9,6 +9,7 @@ its flush.
 from __future__ import annotations
 
 import math
+from decimal import Decimal, localcontext
 from typing import Protocol
 
 import numpy as np
@@ -117,21 +118,54 @@ HYPER_LEVELS = 64
 HYPER_GUARD = 2e-5
 
 
+# The Gaussian tables are computed in decimal arithmetic (software, correctly rounded),
+# not with libm's exp / erfc, whose last bits vary between machines: an export gives the
+# same integer tables everywhere (and so the same manifest, and the same golden codes).
+_DECIMAL_DIGITS = 80
+_PI = Decimal("3.1415926535897932384626433832795028841971693993751058209749445923078164062862")
+
+
+def _decimal_scales() -> list[Decimal]:
+    """exp(linspace(ln s_min, ln s_max, levels)) in decimal arithmetic."""
+    lo, hi = Decimal(str(HYPER_SCALE_MIN)).ln(), Decimal(str(HYPER_SCALE_MAX)).ln()
+    return [(lo + (hi - lo) * i / (HYPER_LEVELS - 1)).exp() for i in range(HYPER_LEVELS)]
+
+
 def hyper_scale_table() -> np.ndarray:
     """The scales of the Gaussian tables, float64 (export only: the tables are frozen)."""
-    return np.exp(np.linspace(math.log(HYPER_SCALE_MIN), math.log(HYPER_SCALE_MAX),
-                              HYPER_LEVELS))
+    with localcontext() as ctx:
+        ctx.prec = _DECIMAL_DIGITS
+        return np.array([float(s) for s in _decimal_scales()])
+
+
+def _normal_cdf(t: Decimal) -> Decimal:
+    """Phi(t) by erf's Taylor series at 80 digits (0 or 1 beyond |t| = 10, where the tail
+    is below 1e-23, far under a table's 2^-16 resolution)."""
+    if abs(t) >= 10:
+        return Decimal(1) if t > 0 else Decimal(0)
+    x = t / Decimal(2).sqrt()
+    x2, term, total, n = x * x, x, x, 0
+    tiny = Decimal(10) ** -(_DECIMAL_DIGITS - 15)
+    while True:
+        n += 1
+        term = -term * x2 / n
+        add = term / (2 * n + 1)
+        total += add
+        if abs(add) < tiny:
+            return (1 + total * 2 / _PI.sqrt()) / 2
 
 
 def gaussian_tables(lo: int, hi: int) -> list[list[int]]:
     """Per table scale s, the integer frequencies of v in lo..hi under N(0, s^2) integrated
     over [v - 1/2, v + 1/2], the tails folded into the end symbols."""
-    v = np.arange(lo, hi + 1, dtype=np.float64)
     out = []
-    for s in hyper_scale_table():
-        cdf = np.array([0.5 * math.erfc(-(t / s) / math.sqrt(2)) for t in v[:-1] + 0.5])
-        edges = np.concatenate([[0.0], cdf, [1.0]])
-        out.append(quantize_pmf(np.maximum(np.diff(edges), 0.0) + 1e-12))
+    with localcontext() as ctx:
+        ctx.prec = _DECIMAL_DIGITS
+        for s in _decimal_scales():
+            cdf = [_normal_cdf((Decimal(v) + Decimal("0.5")) / s) for v in range(lo, hi)]
+            edges = [Decimal(0), *cdf, Decimal(1)]
+            pmf = np.array([float(b - a) for a, b in zip(edges, edges[1:], strict=False)])
+            out.append(quantize_pmf(pmf + 1e-12))
     return out
 
 
