@@ -96,8 +96,9 @@ def register(sub: Any) -> None:
         "sampler", help="give an exported vae a learned sampling prior (a new version)",
         description="Train the second stage of a two-stage VAE (Dai & Wipf 2019) on the "
                     "posterior means that BASE's encoder.onnx gives for the training split "
-                    "of --data, and write it as <repo>/<name>/<version>/ with BASE's "
-                    "encoder, decoder and code tables unchanged (sampling kind 'learned').")
+                    "of --data, fit a Gaussian mixture over its u, and write it as "
+                    "<repo>/<name>/<version>/ with BASE's encoder, decoder and code tables "
+                    "unchanged (sampling kind 'learned').")
     s.add_argument("base", help="the vae version folder to start from (…/<name>/<version>)")
     RuntimeSettings.add_arguments(s, only=("models",))  # the repository written into
     s.add_argument("--name", required=True)
@@ -105,8 +106,13 @@ def register(sub: Any) -> None:
     s.add_argument("--data", required=True, help="the vae's training data (IDX or folder)")
     s.add_argument("--val-count", type=int, default=1000,
                    help="the last N images are held out (as in training)")
-    s.add_argument("--noise-dim", type=int, default=64, help="d, the noise u's size")
-    s.add_argument("--hidden", type=int, default=1024, help="width of the second stage's MLPs")
+    s.add_argument("--u-dim", type=int, default=16, help="d, the second stage's latent size")
+    s.add_argument("--hidden", type=int, default=512, help="width of the second stage's MLPs")
+    s.add_argument("--mixture", type=int, default=50,
+                   help="components of the Gaussian mixture over u fitted afterwards "
+                        "(0: u ~ N(0, I))")
+    s.add_argument("--gamma-init", type=float, default=1.0,
+                   help="start of the second stage's learned likelihood scale gamma")
     s.add_argument("--steps", type=int, default=8000)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay)")
@@ -259,7 +265,9 @@ def cmd_sampler(args: argparse.Namespace) -> int:
     if trained_on and trained_on != data.sha256:
         raise InvalidInput(f"--data's training split (sha256 {data.sha256[:12]}) is not what "
                            f"{old.ref} was trained on ({str(trained_on)[:12]})")
-    config = SamplerConfig(noise_dim=args.noise_dim, hidden=args.hidden, steps=args.steps,
+    config = SamplerConfig(u_dim=args.u_dim, hidden=args.hidden,
+                           mixture=args.mixture, gamma_init=args.gamma_init,
+                           steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                            progress=not args.no_progress)
     latents = encoder_latents(base / old.files["encoder"].path, data.train)
@@ -267,7 +275,7 @@ def cmd_sampler(args: argparse.Namespace) -> int:
     provenance["data_sha256"] = data.sha256
     repo = RuntimeSettings.from_sources(args).models
     folder = add_sampler(base=base, repo=repo, name=args.name, version=args.version,
-                         sampler=LearnedSampler(stage2.dec, args.noise_dim, METHOD),
+                         sampler=LearnedSampler(stage2, stage2.noise_dim, METHOD),
                          example_images=data.val, provenance=provenance,
                          overwrite=args.overwrite)
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -31,7 +31,12 @@ from torch import Tensor, nn
 from latentserve.errors import InvalidInput
 from latentserve.export.publish import contract
 from latentserve.export.publish.exporter import PARITY_TOLERANCE, ExportParityError, onnx_export
-from latentserve.export.publish.writer import append_registry, check_target, seal_and_move
+from latentserve.export.publish.writer import (
+    append_registry,
+    check_target,
+    measure_quality,
+    seal_and_move,
+)
 from latentserve.worker.runtime.manifest import parse_manifest, sha256_file
 
 SAMPLER_FILE = "sampler.onnx"
@@ -140,7 +145,8 @@ def add_sampler(*, base: str | Path, repo: str | Path, name: str, version: int,
     """Write ``<repo>/<name>/<version>/``: the vae version in folder ``base`` with its
     encoder, decoder and code tables unchanged and ``sampler`` as its sampling prior.
 
-    ``example_images`` (uint8 (N, C, H, W)): the check record's images (``check.npz``);
+    ``example_images`` (uint8 (N, C, H, W), e.g. the validation split): measured for the
+    manifest's ``quality`` (as the base was), the first few recorded in ``check.npz``;
     ``provenance`` goes to ``training.sampler``. Returns the new folder.
     """
     from latentserve.worker.codec.codes import LatentCodec
@@ -178,8 +184,11 @@ def add_sampler(*, base: str | Path, repo: str | Path, name: str, version: int,
         (folder / "manifest.json").write_text(json.dumps(manifest))
         runtime = ModelRuntime(ModelRepository(tmp).load(f"{name}:{version}"),
                                EngineConfig(intra_op_threads=1))
-        record_bytes = make_record(runtime, LatentCodec(runtime), example_images)
-        del runtime
+        codec = LatentCodec(runtime)
+        # Measured again through the runtime: the same graphs and tables give the base's.
+        manifest["quality"].update(measure_quality(runtime, codec, example_images))
+        record_bytes = make_record(runtime, codec, example_images)
+        del runtime, codec
         digest = seal_and_move(folder, target, manifest, record_bytes)
     append_registry(repo, name, version, digest)
     return target

@@ -21,9 +21,15 @@ from torch import Tensor, nn
 
 from latentserve.cli import main
 from latentserve.errors import InvalidInput, ModelIntegrityError
+from latentserve.export.nets.models import LatentVAE
 from latentserve.export.publish.custom import Factorized, export_model
 from latentserve.export.publish.sampler import LearnedSampler, add_sampler
-from latentserve.export.training.sampler import SamplerConfig, encoder_latents, train_sampler
+from latentserve.export.training.sampler import (
+    SamplerConfig,
+    TwoStageSampler,
+    encoder_latents,
+    train_sampler,
+)
 from latentserve.worker.runtime.manifest import parse_manifest
 from latentserve.worker.runtime.model_check import check_model
 from latentserve.worker.runtime.pipeline import Pipeline
@@ -142,7 +148,8 @@ WRONG = {
     "output-shape": (lambda: LearnedSampler(FlatSampler(4, out=7), 4),
                      "sampler output 'latent' is float32 (8, 7) for noise (8, 4); expected "
                      "float latents (8, 3, 4, 4)"),
-    "noise-dim": (lambda: LearnedSampler(FlatSampler(4), 6), "sampler fails on noise float32 (8, 6)"),
+    "noise-dim": (lambda: LearnedSampler(FlatSampler(4), 6),
+                  "sampler fails on noise float32 (8, 6)"),
     "batch": (lambda: LearnedSampler(BatchCentred(4), 4),
               "sampler output 'latent' depends on the batch composition"),
     "zero-dim": (lambda: LearnedSampler(FlatSampler(4), 0), "noise_dim >= 1"),
@@ -203,16 +210,18 @@ def test_a_second_stage_trained_on_the_encoder_latents_keeps_compression(tmp_pat
     latents = encoder_latents(base / "encoder.onnx", x)
     assert latents.shape == (32, *LATENT)
     stage2, provenance = train_sampler(latents, SamplerConfig(
-        noise_dim=3, hidden=16, steps=40, batch_size=8, lr=1e-2, progress=False))
+        u_dim=3, hidden=16, mixture=4, steps=40, batch_size=8, lr=1e-2, progress=False))
     assert provenance["num_latents"] == 32 and "gamma" in provenance["final"]
+    assert stage2.noise_dim == provenance["noise_dim"] == 5  # u_dim + 2 with a mixture
     folder = add_sampler(base=base, repo=tmp_path, name="v", version=2, example_images=x[:4],
-                         sampler=LearnedSampler(stage2.dec, 3, "two-stage"),
+                         sampler=LearnedSampler(stage2, 5, "two-stage"),
                          provenance=provenance)
     old, new = _manifest(base), _manifest(folder)
     assert new["code"] == old["code"] and new["sampling"]["kind"] == "learned"  # type: ignore[index]
     for role in ("encoder", "decoder"):
         assert new["files"][role] == old["files"][role]  # type: ignore[index]
-    assert new["training"]["sampler"]["config"]["noise_dim"] == 3  # type: ignore[index]
+    assert new["training"]["sampler"]["config"]["u_dim"] == 3  # type: ignore[index]
+    assert new["sampling"]["noise_dim"] == 5  # type: ignore[index]
     pipe = Pipeline(tmp_path)
     c1, c2 = pipe.compress("v:1", x), pipe.compress("v:2", x)
     # The same payloads; only the header's manifest fingerprint differs.
@@ -223,7 +232,31 @@ def test_a_second_stage_trained_on_the_encoder_latents_keeps_compression(tmp_pat
     assert [v.check for v in verdicts if v.status == "FAIL"] == [], verdicts
     with pytest.raises(InvalidInput, match="already exists"):
         add_sampler(base=base, repo=tmp_path, name="v", version=2, example_images=x[:4],
-                    sampler=LearnedSampler(stage2.dec, 3))
+                    sampler=LearnedSampler(stage2, 5))
+
+
+def test_the_mixture_picks_its_component_whatever_the_temperature() -> None:
+    stage2 = LatentVAE(6, 8, 2)
+    mixture = {"weights": [0.2, 0.3, 0.5], "means": [[-3.0, 0.0], [0.0, 3.0], [3.0, 3.0]],
+               "stds": [[0.1, 0.2], [0.3, 0.1], [0.2, 0.2]]}
+    sampler = TwoStageSampler(stage2, mixture).eval()
+    assert sampler.noise_dim == 4
+    noise = torch.as_tensor(np.random.default_rng(0).standard_normal((4000, 4)),
+                            dtype=torch.float32)
+
+    def picked(x: Tensor) -> tuple[Tensor, Tensor]:
+        uniform = torch.atan(x[:, 0] / x[:, 1]) / np.pi + 0.5
+        c = (uniform[:, None] > sampler.cdf[None]).sum(1)
+        return c, sampler.means[c] + sampler.stds[c] * x[:, 2:]
+
+    c1, u1 = picked(noise)
+    c2, u2 = picked(noise * 0.5)
+    assert torch.equal(c1, c2)  # the temperature scales the spread only
+    torch.testing.assert_close(u2 - sampler.means[c2], 0.5 * (u1 - sampler.means[c1]))
+    share = torch.bincount(c1, minlength=3).double() / len(c1)
+    assert torch.allclose(share, torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64), atol=0.03)
+    with torch.no_grad():
+        torch.testing.assert_close(sampler(noise), stage2.dec(u1))
 
 
 def _write_idx(path: Path, x: np.ndarray) -> None:
@@ -243,11 +276,11 @@ def test_the_sampler_command_writes_the_new_version(tmp_path: Path,
     _write_idx(tmp_path / "images-idx3-ubyte.gz", gray)
     args = ["sampler", str(base), "--models", str(tmp_path), "--name", "g", "--version", "2",
             "--data", str(tmp_path / "images-idx3-ubyte.gz"), "--val-count", "10",
-            "--noise-dim", "2", "--hidden", "8", "--steps", "5", "--threads", "1",
-            "--no-progress"]
+            "--u-dim", "2", "--hidden", "8", "--mixture", "3", "--steps", "5",
+            "--threads", "1", "--no-progress"]
     assert main(args) == 0
     assert "wrote g:2" in capsys.readouterr().out
-    assert Pipeline(tmp_path).runtime("g:2").manifest.sampling["noise_dim"] == 2
+    assert Pipeline(tmp_path).runtime("g:2").manifest.sampling["noise_dim"] == 4
     # Data the base was not trained on is refused.
     args[args.index("--val-count") + 1] = "5"
     args[args.index("--version") + 1] = "3"
