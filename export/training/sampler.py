@@ -50,7 +50,7 @@ class SamplerConfig:
 
     u_dim: int = 16             # d, the second stage's latent (the noise has d + 2 numbers)
     hidden: int = 512
-    mixture: int = 50           # components of the ex-post mixture over u (0: u ~ N(0, I))
+    mixture: int = 200          # components of the ex-post mixture over u (0: u ~ N(0, I))
     gamma_init: float = 1.0
     steps: int = 8000
     batch_size: int = 64
@@ -110,8 +110,9 @@ class TwoStageSampler(nn.Module):
             # n0 / n1 is standard Cauchy: atan(.) / pi + 1/2 is uniform, and a temperature
             # (which scales all of the noise) leaves it, so T changes only the spread.
             uniform = torch.atan(noise[:, 0] / noise[:, 1]) / math.pi + 0.5
-            c = (uniform[:, None] > self.cdf[None, :]).sum(1)
-            u = self.means[c] + self.stds[c] * noise[:, 2:]
+            cdf, means, stds = (self.get_buffer(n) for n in ("cdf", "means", "stds"))
+            c = (uniform[:, None] > cdf[None, :]).sum(1)
+            u = means[c] + stds[c] * noise[:, 2:]
         out: Tensor = self.stage2.dec(u)
         return out
 
