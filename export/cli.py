@@ -107,7 +107,7 @@ def register(sub: Any) -> None:
     s.add_argument("--val-count", type=int, default=1000,
                    help="the last N images are held out (as in training)")
     s.add_argument("--u-dim", type=int, default=16, help="d, the second stage's latent size")
-    s.add_argument("--hidden", type=int, default=512, help="width of the second stage's MLPs")
+    s.add_argument("--hidden", type=int, default=256, help="width of the second stage's MLPs")
     s.add_argument("--mixture", type=int, default=200,
                    help="components of the Gaussian mixture over u fitted afterwards "
                         "(0: u ~ N(0, I))")

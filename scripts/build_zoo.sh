@@ -68,7 +68,7 @@ done
 # (N(0, I) sampling) is no longer shipped.
 latentserve export "$RUNS/mnist-vae.pt" --repo "$RUNS/stage1" --name mnist-vae --version 1 --overwrite
 latentserve sampler "$RUNS/stage1/mnist-vae/1" --repo "$REPO" --name mnist-vae --version 2 \
-    --data "$DATA" --threads "$THREADS" --u-dim 16 --hidden 512 --steps 8000 --mixture 200 \
+    --data "$DATA" --threads "$THREADS" --u-dim 16 --hidden 256 --steps 8000 --mixture 200 \
     --seed 1 --overwrite --no-progress
 rm -rf "$REPO/mnist-vae/1"
 python -m latentserve.export.publish.examples --data "$DATA" --out examples/digits --count 64

@@ -49,9 +49,13 @@ class SamplerConfig:
     """The second stage's size and training schedule."""
 
     u_dim: int = 16             # d, the second stage's latent (the noise has d + 2 numbers)
-    hidden: int = 512
+    hidden: int = 256
     mixture: int = 200          # components of the ex-post mixture over u (0: u ~ N(0, I))
     gamma_init: float = 1.0
+    # Round the sampler's weights to float16 values once trained: sampler.onnx then
+    # stores them as float16 (export.publish.sampler.store_exact_halves), half the bytes
+    # (the zoo's size budget), computing in float32 as before.
+    half_weights: bool = True
     steps: int = 8000
     batch_size: int = 64
     lr: float = 1e-3
@@ -139,6 +143,10 @@ def train_sampler(latents: np.ndarray, config: SamplerConfig
     history = _run_steps(list(model.parameters()), config.steps, config.lr, step,
                          _batches(len(z), bs, config.steps, gen), config.progress, "sampler")
     model.eval()
+    if config.half_weights:
+        with torch.no_grad():
+            for param in model.dec.parameters():
+                param.copy_(param.half().float())
     mixture = None
     if config.mixture:
         with torch.no_grad():

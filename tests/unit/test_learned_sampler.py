@@ -23,7 +23,7 @@ from latentserve.cli import main
 from latentserve.errors import InvalidInput, ModelIntegrityError
 from latentserve.export.nets.models import LatentVAE
 from latentserve.export.publish.custom import Factorized, export_model
-from latentserve.export.publish.sampler import LearnedSampler, add_sampler
+from latentserve.export.publish.sampler import LearnedSampler, add_sampler, export_sampler
 from latentserve.export.training.sampler import (
     SamplerConfig,
     TwoStageSampler,
@@ -257,6 +257,27 @@ def test_the_mixture_picks_its_component_whatever_the_temperature() -> None:
     assert torch.allclose(share, torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64), atol=0.03)
     with torch.no_grad():
         torch.testing.assert_close(sampler(noise), stage2.dec(u1))
+
+
+def test_weights_that_are_exact_halves_are_stored_as_float16(tmp_path: Path) -> None:
+    import onnx
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 96), nn.ReLU(), nn.Linear(96, 48))
+    sizes = {}
+    for half in (False, True):
+        if half:
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.copy_(p.half().float())
+        path = tmp_path / f"s{half}.onnx"
+        diff = export_sampler(LearnedSampler(module, 4), LATENT, path)
+        assert diff <= 1e-6
+        kinds = {i.name: i.data_type for i in onnx.load(str(path)).graph.initializer}
+        # Only the 96 x 48 weight (4,608 values) is large enough; only rounded ones move.
+        assert (onnx.TensorProto.FLOAT16 in kinds.values()) == half
+        sizes[half] = path.stat().st_size
+    assert sizes[True] < sizes[False] - 8000
 
 
 def _write_idx(path: Path, x: np.ndarray) -> None:
