@@ -92,6 +92,37 @@ def register(sub: Any) -> None:
                    help="replace an existing version (only before anyone depends on it)")
     e.set_defaults(func=cmd_export)
 
+    s = sub.add_parser(
+        "sampler", help="give an exported vae a learned sampling prior (a new version)",
+        description="Train the second stage of a two-stage VAE (Dai & Wipf 2019) on the "
+                    "posterior means that BASE's encoder.onnx gives for the training split "
+                    "of --data, fit a Gaussian mixture over its u, and write it as "
+                    "<repo>/<name>/<version>/ with BASE's encoder, decoder and code tables "
+                    "unchanged (sampling kind 'learned').")
+    s.add_argument("base", help="the vae version folder to start from (…/<name>/<version>)")
+    RuntimeSettings.add_arguments(s, only=("models",))  # the repository written into
+    s.add_argument("--name", required=True)
+    s.add_argument("--version", type=int, required=True)
+    s.add_argument("--data", required=True, help="the vae's training data (IDX or folder)")
+    s.add_argument("--val-count", type=int, default=1000,
+                   help="the last N images are held out (as in training)")
+    s.add_argument("--u-dim", type=int, default=16, help="d, the second stage's latent size")
+    s.add_argument("--hidden", type=int, default=256, help="width of the second stage's MLPs")
+    s.add_argument("--mixture", type=int, default=200,
+                   help="components of the Gaussian mixture over u fitted afterwards "
+                        "(0: u ~ N(0, I))")
+    s.add_argument("--gamma-init", type=float, default=1.0,
+                   help="start of the second stage's learned likelihood scale gamma")
+    s.add_argument("--steps", type=int, default=8000)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay)")
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing version (only before anyone depends on it)")
+    s.set_defaults(func=cmd_sampler)
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
@@ -204,4 +235,52 @@ def cmd_export(args: argparse.Namespace) -> int:
     quality = json.loads((folder / "manifest.json").read_text())["quality"]
     print(f"exported {args.name}:{args.version} to {folder}: "
           + ", ".join(f"{k} {v}" for k, v in quality.items()))
+    return 0
+
+
+def cmd_sampler(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from latentserve.export.publish.sampler import LearnedSampler, add_sampler
+    from latentserve.export.training.data import load_dataset
+    from latentserve.export.training.sampler import (
+        METHOD,
+        SamplerConfig,
+        encoder_latents,
+        train_sampler,
+    )
+    from latentserve.worker.runtime.manifest import parse_manifest
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = Path(args.base)
+    if not (base / "manifest.json").is_file():
+        raise InvalidInput(f"{base} is not a model version folder (no manifest.json)")
+    old = parse_manifest((base / "manifest.json").read_bytes(), where=str(base / "manifest.json"))
+    data = load_dataset(args.data, val_count=args.val_count)
+    trained_on = old.raw.get("training", {}).get("data_sha256")
+    if trained_on and trained_on != data.sha256:
+        raise InvalidInput(f"--data's training split (sha256 {data.sha256[:12]}) is not what "
+                           f"{old.ref} was trained on ({str(trained_on)[:12]})")
+    config = SamplerConfig(u_dim=args.u_dim, hidden=args.hidden,
+                           mixture=args.mixture, gamma_init=args.gamma_init,
+                           steps=args.steps,
+                           batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                           progress=not args.no_progress)
+    latents = encoder_latents(base / old.files["encoder"].path, data.train)
+    stage2, provenance = train_sampler(latents, config)
+    provenance["data_sha256"] = data.sha256
+    repo = RuntimeSettings.from_sources(args).models
+    folder = add_sampler(base=base, repo=repo, name=args.name, version=args.version,
+                         sampler=LearnedSampler(stage2, stage2.noise_dim, METHOD),
+                         example_images=data.val, provenance=provenance,
+                         overwrite=args.overwrite)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    print(f"wrote {args.name}:{args.version} to {folder} (from {old.ref}): sampler "
+          f"{provenance['seconds']} s, " + ", ".join(
+              f"{k} {v}" for k, v in provenance["final"].items())
+          + f"; sampling {manifest['sampling']}")
     return 0

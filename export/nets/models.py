@@ -300,17 +300,24 @@ class LatentVAE(nn.Module):
     one-stage samples look like no digit).
     """
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, u_dim: int = 0,
+                 gamma_init: float = STAGE2_GAMMA_INIT) -> None:
         super().__init__()
+        # u_dim (0: dim): the noise's size. A large first-stage latent (the zoo's 12x7x7 =
+        # 588 numbers, half of them inactive) needs far fewer u dims than z has.
+        u_dim = u_dim or dim
+        self.u_dim = u_dim
         self.enc = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                 nn.ReLU(), nn.Linear(hidden, 2 * dim))
-        self.dec = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                 nn.ReLU(), nn.Linear(hidden, 2 * u_dim))
+        self.dec = nn.Sequential(nn.Linear(u_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
                                  nn.ReLU(), nn.Linear(hidden, dim))
         # gamma starts at 1. Measured (issue 15): over a 16-d first stage this reaches
         # gamma ~0.45 and the best samples; over 32-d (many inactive, pure-noise dims) it
         # collapses (q(u|z) = N(0, I)), and starting at 0.1 instead encodes the noise too
         # (gamma 0.18, worse samples). Use it over a first stage with few inactive dims.
-        self.log_gamma = nn.Parameter(torch.tensor(math.log(STAGE2_GAMMA_INIT)))
+        # Over whitened (unit-variance) inputs gamma 1 is the collapsed solution itself
+        # (z_hat = 0, q(u|z) = N(0, I)): export.training.sampler starts lower.
+        self.log_gamma = nn.Parameter(torch.tensor(math.log(gamma_init)))
 
     def posterior(self, z: Tensor) -> tuple[Tensor, Tensor]:
         mu, logvar = self.enc(z).chunk(2, dim=1)

@@ -16,7 +16,10 @@ version with digests, exactly as the zoo is written (``export.writer``)::
 Latent models: ``Factorized`` (ae / vae; a histogram of the sample images' latents, or
 your own density), ``Hyperprior`` (ae; a Balle-2018 scale hyperprior: your h_a and h_s,
 code kind ``hyperprior``), ``VQCodebook`` (vqvae; static per-position tables, or your
-causal prior). A vae samples from N(0, I). Learned VAE priors are not served.
+causal prior). A vae samples from N(0, I), or with ``sampler=LearnedSampler(module,
+noise_dim)`` from your learned sampling prior: noise (N, d) ~ N(0, I) -> latent (N, C, h, w)
+(or flat (N, C*h*w)), exported as ``sampler.onnx`` (``export.sampler``; e.g. the second
+stage of a two-stage VAE, ``export.training.sampler.train_sampler``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,14 @@ from latentserve.export.publish.exporter import (
     PARITY_TOLERANCE,
     ExportParityError,
     onnx_export,
+)
+from latentserve.export.publish.sampler import (
+    SAMPLER_FILE,
+    LearnedSampler,
+    SamplerWrapper,
+    check_sampler,
+    export_sampler,
+    learned_sampling,
 )
 from latentserve.export.publish.writer import DEFAULT_VAE_STEP, LatentCoding, write_version
 
@@ -225,12 +236,14 @@ def export_model(*, family: Family, encoder: nn.Module, decoder: nn.Module,
                  images: np.ndarray, latent_model: LatentModel, repo: str | Path, name: str,
                  version: int, encoder_input: EncoderInput = "float",
                  val_images: np.ndarray | None = None, gmm_components: int = 10,
-                 seed: int = 0, overwrite: bool = False) -> Path:
+                 seed: int = 0, sampler: LearnedSampler | None = None,
+                 overwrite: bool = False) -> Path:
     """Check, export and write your model as ``<repo>/<name>/<version>/``; returns the folder.
 
     ``images``: uint8 (N, C, H, W) sample images (N >= 2): they fix the image shape, the
     example input of the ONNX trace, and the integer tables. ``encoder_input``: "float"
     (the encoder takes x / 255 in [0, 1]) or "uint8" (it takes the pixels as they come).
+    ``sampler`` (vae only): your learned sampling prior; None samples from N(0, I).
     Contract violations raise InvalidInput naming the tensor and what was expected.
     """
     images = np.ascontiguousarray(images)
@@ -245,12 +258,15 @@ def export_model(*, family: Family, encoder: nn.Module, decoder: nn.Module,
         raise InvalidInput(f"a {family} takes latent_model="
                            f"{' or '.join(w.__name__ + '(...)' for w in want)}, got "
                            f"{type(latent_model).__name__}")
+    if sampler is not None and (family != "vae" or not isinstance(sampler, LearnedSampler)):
+        raise InvalidInput(f"sampler= takes a LearnedSampler(module, noise_dim) for a vae; got "
+                           f"{type(sampler).__name__} for a {family}")
     if encoder_input not in ("float", "uint8"):
         raise InvalidInput(f"encoder_input {encoder_input!r} is not 'float' or 'uint8'")
     for module in (encoder, decoder, getattr(latent_model, "prior", None),
                    getattr(latent_model, "density", None),
                    getattr(latent_model, "hyper_encoder", None),
-                   getattr(latent_model, "hyper_decoder", None)):
+                   getattr(latent_model, "hyper_decoder", None), getattr(sampler, "module", None)):
         if module is not None:
             module.eval()
     enc = EncoderWrapper(encoder, family, encoder_input).eval()
@@ -294,6 +310,10 @@ def export_model(*, family: Family, encoder: nn.Module, decoder: nn.Module,
         z_example = torch.as_tensor(np.rint(z).astype(np.float32))
         contract.check_hyper_decoder(_torch_run(modules["hyper_decoder"]), z_example.numpy(),
                                      tuple(feed.shape[1:]))
+    latent_shape = tuple(int(s) for s in out.shape[1:])
+    if sampler is not None:  # its contract on torch, before any export
+        check_sampler(_torch_run(SamplerWrapper(sampler.module, latent_shape).eval()),
+                      sampler.noise_dim, latent_shape)
     dec_example = feed[:2]
     source = {"kind": "torch", "encoder": type(encoder).__name__,
               "decoder": type(decoder).__name__, "encoder_input": encoder_input,
@@ -302,6 +322,8 @@ def export_model(*, family: Family, encoder: nn.Module, decoder: nn.Module,
     for role in ("prior", "hyper_encoder", "hyper_decoder"):
         if role in modules:
             source[role] = type(modules[role]).__name__
+    if sampler is not None:
+        source["sampler"] = type(sampler.module).__name__
 
     def build(folder: Path) -> dict[str, str]:
         try:
@@ -335,13 +357,17 @@ def export_model(*, family: Family, encoder: nn.Module, decoder: nn.Module,
             onnx_export(modules["hyper_decoder"], z_example[:2], folder / "hyper_decoder.onnx",
                         input_name="hyper_latent", output_name="scales")
             files.update(hyper_encoder="hyper_encoder.onnx", hyper_decoder="hyper_decoder.onnx")
+        if sampler is not None:  # checked, exported and compared with torch
+            export_sampler(sampler, latent_shape, folder / SAMPLER_FILE)
+            files["sampler"] = SAMPLER_FILE
         return files
 
     return write_version(repo=repo, name=name, version=version, family=family, images=images,
                          build=build, coding=coding, source=source,
                          parity=_parity(family, modules, images), val_images=val_images,
                          opset=OPSET, producer=f"torch {torch.__version__}", seed=seed,
-                         gmm_components=gmm_components, overwrite=overwrite)
+                         gmm_components=gmm_components, overwrite=overwrite,
+                         sampling=None if sampler is None else learned_sampling(sampler))
 
 
 def _flat_latent(encoder: nn.Module, wrapped: EncoderWrapper, x: Tensor) -> bool:

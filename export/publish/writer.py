@@ -194,12 +194,14 @@ def write_version(*, repo: str | Path, name: str, version: int, family: str,
                   parity: Callable[[Path], float] | None = None,
                   val_images: np.ndarray | None = None, opset: int = 17,
                   producer: str = "latentserve", seed: int = 0, gmm_components: int = 10,
-                  overwrite: bool = False) -> Path:
+                  sampling: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Check, tabulate, measure and write ``<repo>/<name>/<version>/``; returns that folder.
 
     ``images``: uint8 (N, C, H, W) samples the tables are fitted on; ``val_images`` (default
     the same) are measured. ``parity(folder) -> max |diff|`` compares the ONNX files with
-    their source (the torch API's check) and raises when they differ.
+    their source (the torch API's check) and raises when they differ. ``sampling``
+    replaces the fitted sampling block: a vae's learned sampler (``build`` then writes
+    ``sampler.onnx``, checked here against the latent shape, ``export.sampler``).
     """
     from latentserve.worker.codec.codes import LatentCodec
     from latentserve.worker.runtime.engine import EngineConfig, ModelRuntime
@@ -224,8 +226,17 @@ def write_version(*, repo: str | Path, name: str, version: int, family: str,
         encoded = _batched(enc, images)
         latent_shape = [int(s) for s in encoded.shape[1:]]
         has_prior = "prior" in files
-        code, sampling = fit_code(family, encoded, coding, has_prior=has_prior, seed=seed,
-                                  gmm_components=gmm_components)
+        code, fitted = fit_code(family, encoded, coding, has_prior=has_prior, seed=seed,
+                                gmm_components=gmm_components)
+        if "sampler" in files:
+            from latentserve.export.publish.sampler import check_sampler
+
+            if family != "vae" or sampling is None or sampling.get("kind") != "learned":
+                raise InvalidInput("a sampler.onnx needs family 'vae' and sampling kind "
+                                   "'learned' (with its noise_dim)")
+            check_sampler(_runner(_session(folder / files["sampler"])),
+                          int(sampling["noise_dim"]), tuple(latent_shape), what="sampler.onnx")
+        sampling = sampling or fitted
         head = encoded[:CONTRACT_BATCH]
         if family == "vqvae":
             feed = head.astype(np.int64)

@@ -279,6 +279,9 @@ class ModelRuntime:
             make_session(entry.file("hyper_encoder"), self.config) if hyper else None)
         self.hyper_decoder: ort.InferenceSession | None = (
             make_session(entry.file("hyper_decoder"), self.config) if hyper else None)
+        # A vae's learned sampling prior (sampling kind "learned"): noise -> latent.
+        self.sampler = (make_session(entry.file("sampler"), self.config)
+                        if "sampler" in self.manifest.files else None)
         self._support: tuple[np.ndarray, np.ndarray] | None = None  # see quantize
         self.provider: str = self.encoder.get_providers()[0]
         on_gpu = self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -516,14 +519,10 @@ class ModelRuntime:
         family = self.manifest.family
         if family == "vqvae":
             return self.decode(self._sample_indices(rngs, temperature))
+        if family == "vae":
+            return self._sample_vae(rngs, temperature)
         dim = self.manifest.num_symbols
         normal = np.stack([r.standard_normal(dim) for r in rngs])
-        if family == "vae":
-            latent = normal * temperature
-            out = self._batched(
-                lambda b: self._run(self.decoder, "latent", b),
-                latent.reshape(count, *self.manifest.latent_shape).astype(np.float32))
-            return to_uint8(out)
         # ae: a diagonal Gaussian mixture fitted to the training latents.
         gmm = self.manifest.sampling
         weights = np.asarray(gmm["weights"], np.float64)
@@ -534,6 +533,36 @@ class ModelRuntime:
                          for r in rngs])
         latent = means[comp] + stds[comp] * normal * temperature
         return self.decode(self.quantize(latent.reshape(count, *self.manifest.latent_shape)))
+
+    def sample_latents(self, count: int, *, seed: int, temperature: float = 1.0,
+                       start: int = 0) -> np.ndarray:
+        """A vae's sampled latents (N, C, h, w) float32, before the decoder (what
+        ``sample`` decodes): N(0, I), or the learned sampler's output."""
+        if self.manifest.family != "vae":
+            raise InvalidInput(f"model {self.manifest.ref} ({self.manifest.family}) has no "
+                               "continuous sampling latent")
+        used = canonical_temperature(temperature)
+        if not (used > 0 and np.isfinite(used)):
+            raise InvalidInput(f"temperature must be a positive number, got {temperature}")
+        rngs = [image_rng(seed, start + j) for j in range(count)]
+        return self._vae_latents(rngs, used)
+
+    def _vae_latents(self, rngs: list[np.random.Generator], temperature: float) -> np.ndarray:
+        shape = self.manifest.latent_shape
+        if self.sampler is None:  # sampling kind "gaussian": the latent is N(0, I)
+            normal = np.stack([r.standard_normal(self.manifest.num_symbols) for r in rngs])
+            return (normal * temperature).reshape(len(rngs), *shape).astype(np.float32)
+        # "learned": u ~ N(0, I) of noise_dim numbers, scaled by the temperature (the
+        # float64 product, as above, so one (seed, temperature, index) is one latent).
+        noise = np.stack([r.standard_normal(self.manifest.noise_dim) for r in rngs])
+        u = (noise * temperature).astype(np.float32)
+        sampler = self.sampler
+        latent = self._batched(lambda b: self._run(sampler, "noise", b), u)
+        return latent.reshape(len(rngs), *shape)
+
+    def _sample_vae(self, rngs: list[np.random.Generator], temperature: float) -> np.ndarray:
+        latent = self._vae_latents(rngs, temperature)
+        return to_uint8(self._batched(lambda b: self._run(self.decoder, "latent", b), latent))
 
     def _sample_indices(self, rngs: list[np.random.Generator], temperature: float) -> np.ndarray:
         h, w = self.manifest.latent_shape

@@ -12,11 +12,12 @@ Layout (``models/<name>/<version>/manifest.json``), schema 1::
       "files":  {"encoder": {"path": "encoder.onnx", "sha256": "..."},
                  "decoder": {...}, "prior": {...} (vqvae only),
                  "prior_step": {...} (vqvae, optional: newer exports),
+                 "sampler": {...} (vae with a learned sampling prior),
                  "check": {...} (optional: values recorded at export,
                              worker/runtime/model_check.py)},
       "onnx":   {"opset": 17},
       "code":   {"kind": "factorized" | "vq_static" | "vq_prior" | "hyperprior", ...tables},
-      "sampling": {"kind": "gmm" | "gaussian" | "prior" | "none", ...},
+      "sampling": {"kind": "gmm" | "gaussian" | "prior" | "learned" | "none", ...},
       "quality":  {"val_psnr_db": ..., "val_bits_per_image": ..., ...},
       "training": {"data_sha256": ..., "config": {...}}
     }
@@ -28,6 +29,14 @@ multiples of s by repeating its last row and column (``"padding": "edge"``), its
 is (M, ceil(H/s), ceil(W/s)), and the decoder's output is cropped back to H x W. Its codes
 are format version 2, which records H and W (docs/code-format.md). Sampling
 ``{"kind": "none"}``: the model has no generative prior, ``operations`` lacks "sample".
+
+Sampling kinds: "gmm" (ae: a diagonal Gaussian mixture over the flattened latent,
+``weights``, ``means``, ``stds``), "gaussian" (vae: latent ~ N(0, I), times the
+temperature), "prior" (vqvae: ancestral sampling from ``prior``), "learned" (vae: a
+learned sampling prior, ``{"kind": "learned", "noise_dim": d, "method": "..."}``: noise
+u ~ N(0, I) of d numbers, times the temperature, through ``files.sampler`` gives the
+latent the decoder takes; e.g. the second stage of a two-stage VAE, Dai & Wipf 2019).
+The sampler only draws: compression (encoder, decoder, code tables) does not use it.
 
 ONNX I/O contract (dynamic batch axis N everywhere; H and W dynamic too for any-size):
 
@@ -45,6 +54,8 @@ ONNX I/O contract (dynamic batch axis N everywhere; H and W dynamic too for any-
   ``feat0``.. float32 (N, C), the layer activations at p, which the caller writes into
   row p of its caches; row h*w stays zero (export/nets/prior_step.py). Reads only positions
   < p of indices and caches.
+- sampler (vae, sampling kind "learned"): ``noise`` float32 (N, d) -> ``latent`` float32
+  (N, C', h, w), the decoder's latent shape; row i depends on noise row i alone.
 """
 
 from __future__ import annotations
@@ -65,6 +76,7 @@ CODE_KINDS = ("factorized", "vq_static", "vq_prior", "hyperprior")
 # Integer code-kind ids written into each latent code's header (4 is reserved for the
 # parallel VQ prior).
 CODE_KIND_IDS = {"factorized": 1, "vq_static": 2, "vq_prior": 3, "hyperprior": 5}
+SAMPLING_KINDS = ("gmm", "gaussian", "prior", "learned", "none")
 
 Family = Literal["ae", "vae", "vqvae"]
 
@@ -160,6 +172,11 @@ class Manifest:
     @property
     def any_size(self) -> bool:
         return self.stride > 0
+
+    @property
+    def noise_dim(self) -> int:
+        """The learned sampler's noise size d (sampling kind "learned"), else 0."""
+        return int(self.sampling["noise_dim"]) if self.sampling.get("kind") == "learned" else 0
 
     @property
     def channels(self) -> int:
@@ -331,11 +348,13 @@ def parse_manifest(data: bytes, *, where: str = "manifest.json") -> Manifest:
         raise ModelIntegrityError(f"{where}: code kind 'vq_prior' needs code.vq_prior")
     if stride and kind != "factorized":
         raise ModelIntegrityError(f"{where}: an any-size model codes kind 'factorized' only")
+    sampling = dict(raw.get("sampling", {}))
+    _check_sampling(sampling, family, files, where)
     return Manifest(
         name=str(_need(raw, "name", where)), version=int(_need(raw, "version", where)),
         family=family, image_shape=image_shape, latent_shape=latent_shape, files=files,
         code_kind=kind, factorized=fac, vq_static=vqs, vq_prior=vqp,
-        sampling=dict(raw.get("sampling", {})), quality=dict(raw.get("quality", {})),
+        sampling=sampling, quality=dict(raw.get("quality", {})),
         raw=raw, digest=hashlib.sha256(data).hexdigest(), stride=stride, hyperprior=hyp)
 
 
@@ -363,3 +382,26 @@ def _hyperprior_spec(code: dict[str, Any], where: str) -> HyperpriorSpec:
     if not spec.tables or any(min(row, default=0) < 1 for row in spec.tables + spec.z_freqs):
         raise ModelIntegrityError(f"{where}: every hyperprior frequency must be >= 1")
     return spec
+
+
+def _check_sampling(sampling: dict[str, Any], family: str, files: dict[str, FileEntry],
+                    where: str) -> None:
+    """The ``sampling`` block: a known kind; "learned" needs a vae, a sampler file and d."""
+    kind = sampling.get("kind", "none")
+    if kind not in SAMPLING_KINDS:
+        raise ModelIntegrityError(
+            f"{where}: sampling kind {kind!r} is not one of {SAMPLING_KINDS}")
+    if kind != "learned":
+        if "sampler" in files:
+            raise ModelIntegrityError(
+                f"{where}: files names a 'sampler' but sampling kind is {kind!r}, not 'learned'")
+        return
+    if family != "vae":
+        raise ModelIntegrityError(
+            f"{where}: sampling kind 'learned' is for family 'vae', not {family!r}")
+    if "sampler" not in files:
+        raise ModelIntegrityError(f"{where}: sampling kind 'learned' needs files.sampler")
+    dim = sampling.get("noise_dim")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise ModelIntegrityError(
+            f"{where}: sampling kind 'learned' needs an integer noise_dim >= 1, got {dim!r}")

@@ -77,7 +77,15 @@ def graph_outputs(runtime: Any, images: np.ndarray) -> dict[str, np.ndarray]:
                                    _decoder_feed(runtime, symbols))}
     if runtime.prior is not None:
         out["logits"] = runtime.prior_logits(symbols.astype(np.int64))
+    if getattr(runtime, "sampler", None) is not None:  # a vae's learned sampling prior
+        out["sampler"] = runtime._run(runtime.sampler, "noise",
+                                      record_noise(runtime.manifest.noise_dim))
     return out
+
+
+def record_noise(dim: int) -> np.ndarray:
+    """The fixed sampler input the record holds the output of: float32 (4, dim)."""
+    return np.random.default_rng(0).standard_normal((RECORD_IMAGES, dim)).astype(np.float32)
 
 
 def make_record(runtime: Any, codec: Any, images: np.ndarray) -> bytes:
@@ -163,6 +171,12 @@ def parity_figures(runtime: Any, record: dict[str, np.ndarray]) -> dict[str, flo
                 raise ModelIntegrityError(
                     f"{ref}: prior output 'logits' differs from the recorded values by "
                     f"{fig['prior_rel_diff']:.3g} (relative; limit {LOGIT_TOLERANCE})")
+    if "sampler" in record and "sampler" in now:
+        fig["sampler_rel_diff"] = _rel(record["sampler"], now["sampler"])
+        if fig["sampler_rel_diff"] > LATENT_TOLERANCE:
+            raise ModelIntegrityError(
+                f"{ref}: sampler output 'latent' differs from the recorded values by "
+                f"{fig['sampler_rel_diff']:.3g} (relative; limit {LATENT_TOLERANCE})")
     return fig
 
 
