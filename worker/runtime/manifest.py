@@ -15,7 +15,7 @@ Layout (``models/<name>/<version>/manifest.json``), schema 1::
                  "check": {...} (optional: values recorded at export,
                              worker/runtime/model_check.py)},
       "onnx":   {"opset": 17},
-      "code":   {"kind": "factorized" | "vq_static" | "vq_prior", ...tables, see CodeSpec},
+      "code":   {"kind": "factorized" | "vq_static" | "vq_prior" | "vq_parallel", ...tables},
       "sampling": {"kind": "gmm" | "gaussian" | "prior" | "none", ...},
       "quality":  {"val_psnr_db": ..., "val_bits_per_image": ..., ...},
       "training": {"data_sha256": ..., "config": {...}}
@@ -42,6 +42,11 @@ ONNX I/O contract (dynamic batch axis N everywhere; H and W dynamic too for any-
   ``feat0``.. float32 (N, C), the layer activations at p, which the caller writes into
   row p of its caches; row h*w stays zero (export/nets/prior_step.py). Reads only positions
   < p of indices and caches.
+- prior of a ``vq_parallel`` model (code.vq_parallel.schedule: S groups of raster
+  positions): ``indices`` int64 (N, h, w), ``group`` int64 scalar g -> ``logits`` float32
+  (N, P, K), the logits at group g's positions in schedule order (P: the largest group;
+  the columns past group g's size are padding). Reads only the positions of groups < g
+  (export/nets/parallel_prior.py).
 """
 
 from __future__ import annotations
@@ -58,9 +63,11 @@ SCHEMA_VERSION = 1
 FAMILIES = ("ae", "vae", "vqvae")
 OPERATIONS = ("compress", "reconstruct", "sample")
 PADDINGS = ("edge",)
-CODE_KINDS = ("factorized", "vq_static", "vq_prior")
-# Integer code-kind ids written into each latent code's header.
-CODE_KIND_IDS = {"factorized": 1, "vq_static": 2, "vq_prior": 3}
+CODE_KINDS = ("factorized", "vq_static", "vq_prior", "vq_parallel")
+# Integer code-kind ids written into each latent code's header (5 is reserved for the
+# hyperprior).
+CODE_KIND_IDS = {"factorized": 1, "vq_static": 2, "vq_prior": 3, "vq_parallel": 4}
+PRIOR_KINDS = ("vq_prior", "vq_parallel")  # kinds coded under a float prior's logits
 
 Family = Literal["ae", "vae", "vqvae"]
 
@@ -107,6 +114,15 @@ class VQPriorSpec:
     logit_scale: float
     guard: float
     lut: tuple[int, ...]
+    # vq_parallel only: the decoding order, S groups of raster positions (y * w + x) that
+    # partition the grid; the prior predicts a group from the groups before it.
+    schedule: tuple[tuple[int, ...], ...] = ()
+
+    def order(self, positions: int) -> list[int]:
+        """The positions in coding order: the schedule's groups in turn, else raster."""
+        if self.schedule:
+            return [p for g in self.schedule for p in g]
+        return list(range(positions))
 
 
 @dataclass(frozen=True)
@@ -127,6 +143,7 @@ class Manifest:
     quality: dict[str, Any]
     raw: dict[str, Any] = field(repr=False, compare=False)
     digest: str = ""
+    vq_parallel: VQPriorSpec | None = None
     # 0: fixed size (image_shape, latent_shape as given); s > 0: any size, padded to
     # multiples of s, and image_shape / latent_shape hold 0 for H, W, h, w.
     stride: int = 0
@@ -214,6 +231,31 @@ def manifest_fields(*, name: str, version: int, family: str, image_shape: Any,
     }
 
 
+def _schedule(raw: Any, latent_shape: tuple[int, ...], where: str
+              ) -> tuple[tuple[int, ...], ...]:
+    """code.vq_parallel.schedule: non-empty groups of raster positions that partition the
+    (h, w) grid, each exactly once; ModelIntegrityError naming what is wrong otherwise."""
+    if len(latent_shape) != 2:
+        raise ModelIntegrityError(f"{where}: a vq_parallel schedule needs an (h, w) grid, "
+                                  f"the latent is {latent_shape}")
+    positions = latent_shape[0] * latent_shape[1]
+    if (not isinstance(raw, list) or not raw
+            or any(not isinstance(g, list) or not g for g in raw)
+            or any(not isinstance(p, int) or isinstance(p, bool) for g in raw for p in g)):
+        raise ModelIntegrityError(f"{where}: code.vq_parallel.schedule must be a non-empty "
+                                  "list of non-empty lists of grid positions (integers)")
+    flat = sorted(p for g in raw for p in g)
+    if flat != list(range(positions)):
+        missing = sorted(set(range(positions)) - set(flat))[:5]
+        repeated = sorted({p for p in flat if flat.count(p) > 1})[:5]
+        outside = [p for p in flat if not 0 <= p < positions][:5]
+        raise ModelIntegrityError(
+            f"{where}: code.vq_parallel.schedule must list each of the {positions} grid "
+            f"positions exactly once (missing {missing}, repeated {repeated}, outside "
+            f"{outside})")
+    return tuple(tuple(g) for g in raw)
+
+
 def _need(d: dict[str, Any], key: str, where: str) -> Any:
     if key not in d:
         raise ModelIntegrityError(f"manifest {where} is missing the field {key!r}")
@@ -278,6 +320,13 @@ def parse_manifest(data: bytes, *, where: str = "manifest.json") -> Manifest:
         p = code["vq_prior"]
         vqp = VQPriorSpec(logit_scale=float(p["logit_scale"]), guard=float(p["guard"]),
                           lut=tuple(int(x) for x in p["lut"]))
+    vqpar = None
+    if "vq_parallel" in code:
+        p = code["vq_parallel"]
+        vqpar = VQPriorSpec(logit_scale=float(p["logit_scale"]), guard=float(p["guard"]),
+                            lut=tuple(int(x) for x in p["lut"]),
+                            schedule=_schedule(_need(p, "schedule", where + " code.vq_parallel"),
+                                               latent_shape, where))
     for tables in ([fac.freqs] if fac else []) + ([vqs.freqs] if vqs else []):
         if any(min(row) < 1 for row in tables):
             raise ModelIntegrityError(f"{where}: every integer frequency must be >= 1")
@@ -285,11 +334,15 @@ def parse_manifest(data: bytes, *, where: str = "manifest.json") -> Manifest:
         raise ModelIntegrityError(f"{where}: code kind {kind!r} has no tables")
     if kind == "vq_prior" and vqp is None:
         raise ModelIntegrityError(f"{where}: code kind 'vq_prior' needs code.vq_prior")
+    if kind == "vq_parallel" and vqpar is None:
+        raise ModelIntegrityError(f"{where}: code kind 'vq_parallel' needs code.vq_parallel")
+    if kind in PRIOR_KINDS and family != "vqvae":
+        raise ModelIntegrityError(f"{where}: code kind {kind!r} is for family 'vqvae'")
     if stride and kind != "factorized":
         raise ModelIntegrityError(f"{where}: an any-size model codes kind 'factorized' only")
     return Manifest(
         name=str(_need(raw, "name", where)), version=int(_need(raw, "version", where)),
         family=family, image_shape=image_shape, latent_shape=latent_shape, files=files,
-        code_kind=kind, factorized=fac, vq_static=vqs, vq_prior=vqp,
+        code_kind=kind, factorized=fac, vq_static=vqs, vq_prior=vqp, vq_parallel=vqpar,
         sampling=dict(raw.get("sampling", {})), quality=dict(raw.get("quality", {})),
         raw=raw, digest=hashlib.sha256(data).hexdigest(), stride=stride)
