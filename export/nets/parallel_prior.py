@@ -30,20 +30,24 @@ ARCHS = ("mixer", "conv")
 
 
 def default_schedule(h: int, w: int) -> list[list[int]]:
-    """A coarse-to-fine schedule (raster positions y * w + x per group).
+    """A coarse-to-fine schedule (raster positions y * w + x per group), 7 groups on 7 x 7.
 
-    Odd-odd lattice in two halves (a sparse quincunx first), then the even-even lattice in
-    two checkerboard halves, then the odd-even and even-odd positions: no two positions of
-    a group are 4-neighbours, and every group after the first sees a lattice around it.
+    The centre cell alone first (a group's positions are coded as if independent given
+    the earlier groups, so the first group, which has no context, is kept to one cell),
+    then the rest of the odd-odd lattice in two quincunx halves, the even-even lattice in
+    two checkerboard halves, then the odd-even and the even-odd positions: no two
+    positions of a group are 4-neighbours.
     """
+    centre = (2 * ((h - 1) // 4) + 1, 2 * ((w - 1) // 4) + 1)
+
     def group_of(y: int, x: int) -> int:
         if y % 2 == 1 and x % 2 == 1:
-            return 0 if (y + x) % 4 == 2 else 1
+            return 0 if (y, x) == centre else 1 if (y + x) % 4 == 0 else 2
         if y % 2 == 0 and x % 2 == 0:
-            return 2 if (y + x) % 4 == 0 else 3
-        return 4 if y % 2 == 1 else 5
+            return 3 if (y + x) % 4 == 0 else 4
+        return 5 if y % 2 == 1 else 6
 
-    groups: list[list[int]] = [[] for _ in range(6)]
+    groups: list[list[int]] = [[] for _ in range(7)]
     for y in range(h):
         for x in range(w):
             groups[group_of(y, x)].append(y * w + x)
@@ -70,8 +74,8 @@ class ParallelPriorConfig:
     embed_dim: int = 32
     hidden: int = 64
     layers: int = 4
-    dropout: float = 0.0
-    arch: str = "mixer"  # mixer: token + channel mixing layers; conv: 3x3 residual convs
+    dropout: float = 0.1
+    arch: str = "conv"  # mixer: token + channel mixing layers; conv: 3x3 residual convs
 
     def groups(self) -> list[list[int]]:
         """The schedule as lists (the default one when none is given)."""

@@ -72,15 +72,19 @@ def _parity(prior: ParallelPrior, runtime: Any, indices: np.ndarray) -> float:
 def _quality(runtime: Any, codec: Any, val: np.ndarray, static: dict[str, Any]
              ) -> dict[str, Any]:
     """Validation figures through the runtime and the codec's integer tables."""
-    from latentserve.worker.codec.codes import VQ_PARALLEL, VQ_STATIC
+    from latentserve.worker.codec.codes import VQ_STATIC
 
     symbols = runtime.encode(val)
     idx = symbols.astype(np.int64)
     n = idx[0].size
     codes = codec.encode_payloads(symbols)
     kinds = [k for k, _ in codes]
-    coded = codec.cross_entropy_bits(symbols, [VQ_PARALLEL] * len(idx))
     used = codec.cross_entropy_bits(symbols, kinds)
+    # The indices under the integer tables alone (as mnist-vqvae:1 reports it; the code
+    # adds the offset symbol and the 16-bit check, in val_bits_per_image).
+    _, probs = codec.prior_plan(symbols)
+    flat_idx = idx.reshape(len(idx), -1)
+    coded = -np.log2(np.take_along_axis(probs, flat_idx[..., None], 2)[..., 0]).sum(1)
     flat = runtime.parallel_logits(idx).transpose(0, 2, 1)  # (N, K, h*w)
     ideal = tables.softmax_bits(idx, flat.reshape(len(idx), flat.shape[1], *idx.shape[1:]))
     static_bits = tables.vq_static_bits(idx, static)

@@ -1,8 +1,8 @@
 """Code kind 4 (vq_parallel) and the parallel prior: the decoding order, round trips,
 refusals, exactness under float noise, sampling, training and export.
 
-The codec tests use the checked-in golden-vqpar:1 (a hand-built ONNX parallel prior, the
-default 6-group schedule); the network tests train a tiny ParallelPrior for a few steps.
+The codec tests use the checked-in golden-vqpar:1 (a hand-built ONNX parallel prior on a
+6-group schedule); the network tests train a tiny ParallelPrior for a few steps.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def test_default_schedule_partitions_the_grid() -> None:
     for h, w in ((7, 7), (4, 4), (3, 5), (1, 1)):
         groups = default_schedule(h, w)
         check_schedule(groups, h * w)
-        assert 1 <= len(groups) <= 6
-    assert [len(g) for g in default_schedule(7, 7)] == [5, 4, 8, 8, 12, 12]
+        assert 1 <= len(groups) <= 7
+    assert [len(g) for g in default_schedule(7, 7)] == [1, 4, 4, 8, 8, 12, 12]
+    assert default_schedule(7, 7)[0] == [3 * 7 + 3]  # the centre alone
     with pytest.raises(ValueError, match="partition"):
         check_schedule([[0, 1], [1, 2]], 4)
 
