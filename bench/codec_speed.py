@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mnist"))
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--models", nargs="*", default=["mnist-ae-mid:1", "mnist-vqvae:2"])
+    p.add_argument("--models", nargs="*", default=["mnist-ae-mid:1", "mnist-vqvae:1"])
     p.add_argument("--lanes", action="store_true",
                    help="only the lanes figures: 1 vs 2 compute lanes, inline vs CoderPool")
     args = p.parse_args(argv)
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         codec = pipe.codec(name)
         kinds = ([FACTORIZED] if codec.factorized is not None and codec.static is None
-                 else [VQ_STATIC] + ([VQ_PRIOR] if codec.prior_kind == VQ_PRIOR else []))
+                 else [VQ_STATIC] + ([VQ_PRIOR] if codec.prior is not None else []))
         for kind in kinds:
             r = bench_kind(pipe, name, images, kind, args.repeat)
 

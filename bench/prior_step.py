@@ -2,13 +2,8 @@
 images/s with the prior's step graph (prior_step.onnx) vs full prior passes (the same
 model with the step graph switched off, as models exported before it run), side by side.
 
-    python bench/prior_step.py [REPO]      (from the repo root)
-
-The step graph belongs to a kind-3 (raster PixelCNN) model, mnist-vqvae:1, which is no
-longer shipped (mnist-vqvae:2 has the parallel prior, no step graph): pass a repository
-that holds version 1, e.g. runs/zoo/repo after ``make zoo``.
+    python bench/prior_step.py      (from the repo root)
 """
-import sys
 import time
 
 import numpy as np
@@ -19,7 +14,7 @@ from latentserve.worker.runtime.images import read_idx
 from latentserve.worker.runtime.repository import ModelRepository
 
 cfg = EngineConfig(intra_op_threads=1)
-entry = ModelRepository(sys.argv[1] if len(sys.argv) > 1 else "models").load("mnist-vqvae:1")
+entry = ModelRepository("models").load("mnist-vqvae:1")
 images = read_idx("../shared/data/mnist/images-idx3-ubyte.gz")[-256:]
 rows = []
 for label in ("full passes (before)", "step graph (after)"):

@@ -52,7 +52,7 @@ lane_b() {
     latentserve export "$RUNS/mnist-vqvae-dec.pt" --repo "$RUNS/repo" --name mnist-vqvae \
         --version 1 --overwrite > "$RUNS/mnist-vqvae-v1-export.log"
     train mnist-vqvae-parallel --family parallel-prior --base "$RUNS/repo/mnist-vqvae/1" \
-        --steps 2500 --batch-size 128 --lr 2e-3 --seed 1 --prior-shifts 2 --prior-embed 32 --prior-hidden 64 --prior-layers 3 --prior-dropout 0.1 --prior-arch conv
+        --steps 2000 --batch-size 128 --lr 2e-3 --seed 1 --prior-shifts 1 --prior-embed 32 --prior-hidden 64 --prior-layers 3 --prior-dropout 0.1 --prior-arch conv
 }
 
 lane_a & a=$!
