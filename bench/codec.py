@@ -8,8 +8,8 @@ model's cross-entropy under the integer tables each code used (bytes), their rat
 the goal ``payload <= 1.01 x cross-entropy + 3``, PSNR (mean of per-image PSNRs, MSE
 floored at 1e-10), encode and decode images/s at batch 256 on the CPU provider, and the
 share of the time spent in onnxruntime (the networks, the prior included) vs the coder.
-vq_prior models also report how many images fell back to vq_static (the guard) and the
-ideal float-softmax cost of the prior. Timings are medians of ``--repeat`` runs.
+vq_prior and vq_parallel models also report how many images fell back to vq_static (the
+guard) and the ideal float-softmax cost of the prior. Timings are medians of ``--repeat`` runs.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from latentserve.worker.codec.codes import HEADER_SIZE, VQ_PRIOR, LatentCodec
+from latentserve.worker.codec.codes import HEADER_SIZE, LatentCodec
 from latentserve.worker.runtime.engine import EngineConfig, ModelRuntime
 from latentserve.worker.runtime.pipeline import Pipeline
 from latentserve.worker.runtime.quality import mean_psnr
@@ -56,6 +56,13 @@ class Timed:
 
     def prior_logits(self, indices: np.ndarray) -> np.ndarray:
         return self._timed(self._rt.prior_logits, indices)
+
+    def group_logits(self, indices: np.ndarray, group: int) -> np.ndarray:
+        return self._timed(self._rt.group_logits, indices, group)
+
+    def parallel_logits(self, indices: np.ndarray) -> np.ndarray:
+        # The runtime's own loop, through the timed group_logits above.
+        return ModelRuntime.parallel_logits(self, indices)  # type: ignore[arg-type]
 
     def prior_stepper(self, n: int) -> Any:
         from latentserve.worker.runtime.engine import PriorStepper
@@ -91,11 +98,12 @@ def load_validation(data: str, limit: int) -> np.ndarray:
 
 
 def softmax_bits(codec: LatentCodec, symbols: np.ndarray) -> float:
-    """Mean bits per image under the prior's float softmax: the ideal for kind 3."""
-    logits = codec.runtime.prior_stepper(len(symbols)).all_logits(symbols).astype(np.float64)
-    logits -= logits.max(1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    chosen = np.take_along_axis(logp, symbols[:, None].astype(np.int64), 1)[:, 0]
+    """Mean bits per image under the prior's float softmax: the ideal for kinds 3 and 4."""
+    logits = codec.prior_logits(symbols).astype(np.float64)  # (N, h*w, K)
+    logits -= logits.max(2, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(2, keepdims=True))
+    chosen = np.take_along_axis(logp, symbols.reshape(len(symbols), -1, 1).astype(np.int64),
+                                2)[..., 0]
     return float(-(chosen / np.log(2)).reshape(len(symbols), -1).sum(1).mean())
 
 
@@ -136,7 +144,7 @@ def bench_model(pipe: Pipeline, ref: str, images: np.ndarray, *, batch: int,
         "enc_net": enc_net / enc_total, "dec_net": dec_net / dec_total,
     }
     if codec.prior is not None:
-        row["fallback"] = 1.0 - kinds.count(VQ_PRIOR) / len(kinds)
+        row["fallback"] = 1.0 - kinds.count(codec.prior_kind) / len(kinds)
         row["softmax_bytes"] = softmax_bits(codec, symbols) / 8
         static_bits = codec.cross_entropy_bits(symbols, [2] * len(symbols))
         row["static_bytes"] = float(static_bits.mean() / 8)

@@ -8,6 +8,9 @@ right after the VQ-VAE, and the checkpoint holds both. ``--family prior --vqvae 
 (re)trains only the prior of an existing vqvae checkpoint, and ``--family decoder --vqvae
 CKPT`` only its decoder on the frozen codes (a fresh one when --decoder-hidden or
 --decoder-res-blocks change it); either writes the updated checkpoint to --out.
+``--family parallel-prior --base DIR`` trains a parallel prior (code kind 4) on the index
+grids that the exported vqvae version in DIR writes (its encoder.onnx); publish it with
+``python -m latentserve.export.publish.parallel``.
 """
 
 from __future__ import annotations
@@ -24,9 +27,14 @@ def register(sub: Any) -> None:
     """Add the ``train`` and ``export`` subcommands."""
     t = sub.add_parser("train", help="train an ae / vae / vqvae (+ prior) on images",
                        description="Train a model; the last --val-count images are held out.")
-    t.add_argument("--family", required=True, choices=("ae", "vae", "vqvae", "prior", "decoder"))
+    t.add_argument("--family", required=True, choices=("ae", "vae", "vqvae", "prior", "decoder",
+                                                         "parallel-prior"))
     t.add_argument("--vqvae", default=None,
                    help="--family prior / decoder: the vqvae checkpoint to refine")
+    t.add_argument("--base", default=None,
+                   help="--family parallel-prior: the exported vqvae version folder")
+    t.add_argument("--prior-arch", choices=("conv", "mixer"), default="conv",
+                   help="--family parallel-prior: 3x3 conv trunk, or position-mixing layers")
     t.add_argument("--data", default=None,
                    help="IDX(.gz) file, a folder of PNG/JPEG images, or a folder with an IDX file")
     t.add_argument("--out", required=True, help="checkpoint path to write")
@@ -136,6 +144,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.family in ("prior", "decoder"):
         return _refine_vqvae(args)
+    if args.family == "parallel-prior":
+        return _train_parallel_prior(args)
     if not args.data:
         raise InvalidInput("--data is required (an IDX file or a folder of images)")
     data = load_dataset(args.data, val_count=args.val_count, train_limit=args.train_limit)
@@ -161,6 +171,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = ckpt["history"][-1]
     print(f"wrote {path}: {args.family}, {len(data.train)} training images, last step "
           + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
+    return 0
+
+
+def _train_parallel_prior(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from latentserve.export.nets.parallel_prior import ParallelPriorConfig
+    from latentserve.export.training.data import load_dataset
+    from latentserve.export.training.parallel_prior import train_from_model
+
+    if not args.base or not args.data:
+        raise InvalidInput("--family parallel-prior needs --base (a vqvae version folder) "
+                           "and --data")
+    raw = json.loads((Path(args.base) / "manifest.json").read_text())
+    num_train = raw.get("training", {}).get("num_train")
+    data = load_dataset(args.data, val_count=args.val_count,
+                        train_limit=args.train_limit or num_train)
+    pc = ParallelPriorConfig(num_codes=int(raw["code"]["vq_static"]["num_codes"]),
+                             grid=tuple(raw["latent"]["shape"]), embed_dim=args.prior_embed,
+                             hidden=args.prior_hidden, layers=args.prior_layers,
+                             dropout=args.prior_dropout, arch=args.prior_arch)
+    ckpt = train_from_model(args.base, data, pc, steps=args.steps or 1500,
+                            shifts=args.prior_shifts, lr=args.lr,
+                            batch_size=args.batch_size, seed=args.seed,
+                            progress=not args.no_progress)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    print(f"wrote {path}: parallel prior on {args.base}, {ckpt['train']['num_grids']} grids, "
+          f"{ckpt['train']['seconds']} s, validation "
+          f"{ckpt['val_bits_per_index_float']:.4f} bits per index (float softmax)")
     return 0
 
 

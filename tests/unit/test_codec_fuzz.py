@@ -55,10 +55,10 @@ def test_1000_corrupted_codes_are_refused() -> None:
     pipe = Pipeline(GOLDEN, ONE_THREAD)
     originals = []
     for ref, kind in (("golden-ae:1", None), ("golden-vqvae:1", None),
-                      ("golden-vqvae:1", "vq_static")):
+                      ("golden-vqvae:1", "vq_static"), ("golden-vqpar:1", None)):
         codec = pipe.codec(ref)
         originals += codec.encode(codec.runtime.encode(blobs(20, seed=len(originals))), kind=kind)
-    assert {c[1] for c in originals} == {1, 2, 3}
+    assert {c[1] for c in originals} == {1, 2, 3, 4}
     rng = np.random.default_rng(2024)
     corrupted: list[bytes] = []
     while len(corrupted) < 1000:
@@ -76,7 +76,7 @@ def test_1000_corrupted_codes_are_refused() -> None:
     assert all(isinstance(r, np.ndarray) for r in mixed[50:])
 
 
-@pytest.mark.parametrize("ref", ["golden-ae:1", "golden-vqvae:1"])
+@pytest.mark.parametrize("ref", ["golden-ae:1", "golden-vqvae:1", "golden-vqpar:1"])
 def test_forged_checksums_never_decode_to_garbage(ref: str) -> None:
     """Random payloads with a correct checksum reach the entropy decoder: each is refused,
     or it is exactly the code of what it decodes to (then it is a valid code: payloads are
@@ -92,6 +92,6 @@ def test_forged_checksums_never_decode_to_garbage(ref: str) -> None:
         result = codec.decode_each([code])[0]
         if isinstance(result, CodeError):
             continue
-        if kind != 3:  # (kind 3's re-encoding keeps the code's own rounding offset)
+        if kind not in (3, 4):  # (kinds 3, 4: re-encoding keeps the code's own offset)
             again = codec.encode(result[None], kind="vq_static" if kind == 2 else None)[0]
             assert parse_header(again).payload == parse_header(code).payload

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from latentserve.errors import CodeMismatch
-from latentserve.worker.codec.codes import FORMAT_VERSION, VQ_PRIOR, VQ_STATIC
+from latentserve.worker.codec.codes import FORMAT_VERSION, VQ_PARALLEL, VQ_PRIOR, VQ_STATIC
 from latentserve.worker.runtime.engine import EngineConfig
 from latentserve.worker.runtime.pipeline import Pipeline
 
@@ -44,12 +44,13 @@ def golden() -> dict:  # type: ignore[type-arg]
 
 def test_golden_codes_cover_every_kind(golden: dict) -> None:  # type: ignore[type-arg]
     assert golden["format_version"] == FORMAT_VERSION == 1
-    assert {c["kind"] for c in golden["codes"]} == {1, VQ_STATIC, VQ_PRIOR}
-    # Kind-3 codes with a rounding offset other than 0 are among them.
-    codec = Pipeline(FIXTURES / "golden_repo", ONE_THREAD).codec("golden-vqvae:1")
-    offsets, _ = codec.prior_plan(np.array([c["symbols"] for c in golden["codes"]
-                                            if c["kind"] == VQ_PRIOR]))
-    assert offsets.min() == 0 and offsets.max() > 0
+    assert {c["kind"] for c in golden["codes"]} == {1, VQ_STATIC, VQ_PRIOR, VQ_PARALLEL}
+    # Kind-3 and kind-4 codes with a rounding offset other than 0 are among them.
+    pipe = Pipeline(FIXTURES / "golden_repo", ONE_THREAD)
+    for ref, kind in (("golden-vqvae:1", VQ_PRIOR), ("golden-vqpar:1", VQ_PARALLEL)):
+        offsets, _ = pipe.codec(ref).prior_plan(np.array([c["symbols"] for c in golden["codes"]
+                                                          if c["kind"] == kind]))
+        assert offsets.min() == 0 and offsets.max() > 0, ref
 
 
 def test_golden_codes_decode_to_their_symbols_and_images(golden: dict) -> None:  # type: ignore[type-arg]

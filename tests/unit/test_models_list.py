@@ -17,14 +17,15 @@ def test_models_table(capsys: pytest.CaptureFixture[str]) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["MODEL", "FAMILY", "CODE"]
     assert [ln.split()[:3] for ln in lines[1:]] == [["golden-ae:1", "ae", "factorized"],
+                                                    ["golden-vqpar:1", "vqvae", "vq_parallel"],
                                                     ["golden-vqvae:1", "vqvae", "vq_prior"]]
 
 
 def test_models_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "--json", "--repo", str(GOLDEN)]) == 0
     doc = json.loads(capsys.readouterr().out)
-    vq = doc["models"][1]
-    assert vq["ref"] == "golden-vqvae:1" and vq["latent_shape"] == [7, 7]
+    vq = next(m for m in doc["models"] if m["ref"] == "golden-vqvae:1")
+    assert vq["latent_shape"] == [7, 7]
     assert vq["fingerprint"] == vq["manifest_sha256"][:4]
 
 
@@ -32,7 +33,7 @@ def test_models_env_default(monkeypatch: pytest.MonkeyPatch,
                             capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("LATENTSERVE_MODELS", str(GOLDEN))
     assert main(["models", "--json"]) == 0
-    assert len(json.loads(capsys.readouterr().out)["models"]) == 2
+    assert len(json.loads(capsys.readouterr().out)["models"]) == 3
 
 
 def test_models_missing_repo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

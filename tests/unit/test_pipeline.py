@@ -140,7 +140,7 @@ def test_code_of_a_deleted_version_names_it(repo_copy: Path) -> None:
 def test_code_of_an_unknown_model(repo_copy: Path) -> None:
     code = pack(hashlib.sha256(b"elsewhere").hexdigest(), 2, b"\x05")
     with pytest.raises(CodeMismatch, match="neither .* nor its registry knows .*available: "
-                                           "golden-ae:1, golden-vqvae:1"):
+                                           "golden-ae:1, golden-vqpar:1, golden-vqvae:1"):
         Pipeline(repo_copy, ONE_THREAD).identify(code)
 
 
@@ -214,4 +214,5 @@ def test_models_follow_the_repository_on_disk(repo_copy: Path) -> None:
     assert changed["golden-ae:1"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert changed["golden-ae:1"] != before["golden-ae:1"]
     shutil.rmtree(repo_copy / "golden-vqvae" / "1")
-    assert [e.manifest.ref for e in pipe.models()] == ["golden-ae:1", "golden-vqvae:2"]
+    assert [e.manifest.ref for e in pipe.models()] == ["golden-ae:1", "golden-vqpar:1",
+                                                       "golden-vqvae:2"]

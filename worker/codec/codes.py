@@ -42,21 +42,19 @@ from latentserve.worker.codec.entropy import (
     finish,
     fixed_model,
     not_canonical,
+    plan_offsets,
     prior_check,
-    prior_margin,
-    prior_quantize,
     prior_tables,
-    probabilities,
 )
 from latentserve.worker.codec.hyperprior import DECODER_MARGIN as HYPER_MARGIN
 from latentserve.worker.codec.hyperprior import (
     HyperTables,
     hyper_check,
-    plan_offsets,
     scale_indices,
 )
+from latentserve.worker.codec.hyperprior import plan_offsets as plan_scale_offsets
 from latentserve.worker.runtime.engine import ModelRuntime
-from latentserve.worker.runtime.manifest import CODE_KIND_IDS
+from latentserve.worker.runtime.manifest import CODE_KIND_IDS, VQPriorSpec
 
 FORMAT_VERSION = 1   # fixed-size models: the latent shape is the model's
 SIZED_VERSION = 2    # any-size models: the header adds the image's height and width
@@ -72,8 +70,10 @@ KIND_NAMES = {v: k for k, v in CODE_KIND_IDS.items()}
 # rounding boundary, so decoder-side noise below guard cannot change a table. A decoder
 # that sees a logit closer than guard/4 knows its noise exceeds 3/4 guard and refuses.
 DECODER_MARGIN = 0.25
-FACTORIZED, VQ_STATIC, VQ_PRIOR, HYPERPRIOR = (
-    CODE_KIND_IDS[k] for k in ("factorized", "vq_static", "vq_prior", "hyperprior"))
+FACTORIZED, VQ_STATIC, VQ_PRIOR, VQ_PARALLEL, HYPERPRIOR = (
+    CODE_KIND_IDS[k] for k in ("factorized", "vq_static", "vq_prior", "vq_parallel",
+                               "hyperprior"))
+PRIOR_KIND_IDS = (VQ_PRIOR, VQ_PARALLEL)  # coded under a float prior's logits
 
 
 # -- header ---------------------------------------------------------------------------
@@ -205,11 +205,12 @@ def parse_header(code: bytes) -> Header:
 class LatentCodec:
     """One model's entropy coder: symbols (N, *latent_shape) <-> codes.
 
-    Kinds: ``factorized`` and ``hyperprior`` (ae/vae); ``vq_static`` and ``vq_prior``
-    (vqvae). A vq_prior model codes an image as ``vq_static`` when, for each of the 16
-    rounding offsets, some prior logit sits within ``guard`` of a rounding boundary (the
-    header records the kind); a hyperprior model likewise falls back to ``factorized``
-    when some scale sits within its guard of a table-index boundary for every offset.
+    Kinds: ``factorized`` and ``hyperprior`` (ae/vae); ``vq_static``, ``vq_prior`` and
+    ``vq_parallel`` (vqvae). A prior kind (3: raster, 4: the schedule's groups) codes an
+    image as ``vq_static`` when, for each of the 16 rounding offsets, some prior logit sits
+    within ``guard`` of a rounding boundary (the header records the kind); a hyperprior
+    model likewise falls back to ``factorized`` when some scale sits within its guard of a
+    table-index boundary for every offset.
     """
 
     def __init__(self, runtime: ModelRuntime, *, pool: CoderPool | None = None) -> None:
@@ -222,14 +223,22 @@ class LatentCodec:
         self.factorized = FactorizedTables(m.factorized, m.latent_shape) if m.factorized else None
         self.static = (StaticTables(m.vq_static, m.latent_shape)
                        if m.family == "vqvae" and m.vq_static else None)
-        self.prior = m.vq_prior if m.family == "vqvae" and m.code_kind == "vq_prior" else None
+        # The prior kind this model writes (3 or 4) and its spec; None: no prior kind.
+        self.prior_kind: int | None = None
+        self.prior: VQPriorSpec | None = None
+        if m.family == "vqvae" and m.code_kind in ("vq_prior", "vq_parallel"):
+            self.prior_kind = CODE_KIND_IDS[m.code_kind]
+            self.prior = m.vq_prior if self.prior_kind == VQ_PRIOR else m.vq_parallel
         if self.prior is not None:
             check_prior_spec(self.prior)
         self.hyper = (HyperTables(m.hyperprior, m.latent_shape)
                       if m.hyperprior is not None and m.family != "vqvae" else None)
         self.kinds = ({FACTORIZED} | ({HYPERPRIOR} if self.hyper else set())
                       if m.family != "vqvae"
-                      else {VQ_STATIC} | ({VQ_PRIOR} if self.prior else set()))
+                      else {VQ_STATIC} | ({self.prior_kind} if self.prior_kind else set()))
+        # Coding order of a prior kind's indices (raster for kind 3).
+        self.order = (np.array(self.prior.order(m.num_symbols), np.int64)
+                      if self.prior is not None else None)
         shape = tuple(m.latent_shape)
         # Any-size models: every code has its own grid, so the pool (tables built per
         # shape once per process) is not used for them.
@@ -268,10 +277,12 @@ class LatentCodec:
         if want == VQ_STATIC or len(symbols) == 0:
             return [(VQ_STATIC, p) for p in self._encode_fixed(VQ_STATIC, symbols)]
         offsets, probs = self.prior_plan(symbols)
+        order = self.order
+        assert order is not None
         out = []
         for s, j, p in zip(symbols, offsets, probs, strict=True):
             if j >= 0:
-                out.append((VQ_PRIOR, prior_payload(int(j), s, p)))
+                out.append((want, prior_payload(int(j), s, p, order)))
             else:  # float noise on another machine could change a table: use the static one
                 out.append((VQ_STATIC, self.static.encode(s)))
         return out
@@ -287,7 +298,7 @@ class LatentCodec:
             raise ModelIntegrityError(f"{self.manifest.ref}: hyper_encoder gives z of shape "
                                       f"{tuple(z.shape[1:])}, the manifest says "
                                       f"{hyper.spec.z_shape}")
-        offsets, indices = plan_offsets(self.runtime.hyper_scales(z), hyper.spec)
+        offsets, indices = plan_scale_offsets(self.runtime.hyper_scales(z), hyper.spec)
         return z, offsets, indices
 
     def _encode_hyper(self, symbols: np.ndarray) -> list[tuple[int, bytes]]:
@@ -300,34 +311,29 @@ class LatentCodec:
                 else (FACTORIZED, self.factorized.encode(symbols[i]))
                 for i, j in enumerate(offsets.tolist())]
 
-    def prior_plan(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Teacher-forced kind-3 plan from one prior run: per image the rounding offset
-        (the first of 0..15 whose every table has margin >= guard; -1: none, code it as
-        kind 2) and its tables ((N, h*w, K) float64, uniform where the offset is -1)."""
-        spec = self.prior
-        assert spec is not None and self.static is not None
-        # Teacher forcing through the same evaluation the decoder steps through (the
-        # step graph when the model has one, else full passes), so both see the same inputs.
-        logits = self.runtime.prior_stepper(len(symbols)).all_logits(symbols)
-        n, k = logits.shape[:2]
-        if k != self.static.num_codes:
+    def prior_logits(self, symbols: np.ndarray) -> np.ndarray:
+        """Teacher-forced logits (N, h*w, K) in raster order, computed exactly as the
+        decoder computes them: kind 3 through the stepper (the step graph when the model
+        has one, else full passes), kind 4 one pass per schedule group."""
+        assert self.static is not None
+        if self.prior_kind == VQ_PARALLEL:
+            flat = self.runtime.parallel_logits(symbols)
+        else:
+            logits = self.runtime.prior_stepper(len(symbols)).all_logits(symbols)
+            flat = logits.reshape(len(symbols), logits.shape[1], -1).transpose(0, 2, 1)
+        if flat.shape[2] != self.static.num_codes:
             raise ModelIntegrityError(
-                f"{self.manifest.ref}: the prior gives {k} logits per position, the codebook "
-                f"has {self.static.num_codes} codes")
-        flat = logits.reshape(n, k, -1).transpose(0, 2, 1)
-        offsets = np.full(n, -1, np.int64)
-        weights = np.ones(flat.shape, np.int64)
-        todo = np.arange(n)
-        lut = np.array(spec.lut + spec.lut[-1:], np.int64)  # indexed by min(d, len(lut))
-        for j in range(PRIOR_OFFSETS):
-            if len(todo) == 0:
-                break
-            c, frac, finite = prior_quantize(flat[todo], spec, j)
-            ok = prior_margin(c, frac, finite, spec, cap=spec.guard).min(axis=1) >= spec.guard
-            offsets[todo[ok]] = j
-            weights[todo[ok]] = lut[c[ok]]
-            todo = todo[~ok]
-        return offsets, probabilities(weights)
+                f"{self.manifest.ref}: the prior gives {flat.shape[2]} logits per position, "
+                f"the codebook has {self.static.num_codes} codes")
+        return flat
+
+    def prior_plan(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced plan of the model's prior kind (3 or 4): per image the rounding
+        offset (the first of 0..15 whose every table has margin >= guard; -1: none, code
+        it as kind 2) and its tables ((N, h*w, K) float64 in raster order, uniform where
+        the offset is -1)."""
+        assert self.prior is not None
+        return plan_offsets(self.prior_logits(symbols), self.prior)
 
     def cross_entropy_bits(self, symbols: np.ndarray, kinds: Sequence[int], *,
                            size: tuple[int, int] | None = None) -> np.ndarray:
@@ -336,7 +342,7 @@ class LatentCodec:
         symbols = self._check_symbols(symbols, size)
         out = np.zeros(len(symbols))
         plan = (self.prior_plan(symbols)
-                if self.prior is not None and VQ_PRIOR in kinds else None)
+                if self.prior_kind is not None and self.prior_kind in kinds else None)
         hplan = (self.hyper_plan(symbols)
                  if self.hyper is not None and HYPERPRIOR in kinds else None)
         for i, (s, k) in enumerate(zip(symbols, kinds, strict=True)):
@@ -369,7 +375,8 @@ class LatentCodec:
     def decode_each(self, codes: Sequence[bytes]) -> list[np.ndarray | CodeError]:
         """Decode every code on its own terms: symbols, or the CodeError that refused it.
 
-        Kind-3 codes are decoded together: one prior run per grid position for all of them.
+        Prior-kind codes are decoded together: one prior run per grid position (kind 3)
+        or per schedule group (kind 4) for all of them.
         """
         headers: list[Header | CodeError] = []
         for code in codes:
@@ -396,7 +403,7 @@ class LatentCodec:
                 results[i] = CorruptCode(f"{self.manifest.ref} does not write format-"
                                          f"{header.version} codes: corrupted")
             else:
-                (prior_jobs if header.kind == VQ_PRIOR
+                (prior_jobs if header.kind in PRIOR_KIND_IDS
                  else hyper_jobs if header.kind == HYPERPRIOR
                  else fixed[header.kind]).append((i, header.payload))
         for kind, jobs in fixed.items():
@@ -521,50 +528,65 @@ class LatentCodec:
                            f"({header.kind_name}); it writes {sorted(self.kinds)}")
 
     def _decode_prior(self, payloads: list[bytes]) -> list[np.ndarray | CodeError]:
-        """Decode kind-3 payloads position by position, the prior batched over the images."""
-        spec = self.prior
-        assert spec is not None
+        """Decode payloads of the model's prior kind step by step, the prior batched over
+        the images: kind 3 one grid position per step (raster), kind 4 one schedule group."""
+        spec, order = self.prior, self.order
+        assert spec is not None and order is not None
         h, w = self.manifest.latent_shape
         n, k = len(payloads), self.static.num_codes  # type: ignore[union-attr]
         grid = np.zeros((n, h, w), np.int64)
+        flat = grid.reshape(n, h * w)
         decoders = [SymbolDecoder(p) for p in payloads]
         tables = np.zeros((n, h * w, k))  # kept for the re-encoding check
         floor = spec.guard * DECODER_MARGIN
         errors: list[CodeError | None] = [None] * n
         offsets = np.zeros(n, np.int64)
-        stepper = self.runtime.prior_stepper(n)  # whole batch: its caches cover every grid
         for i, dec in enumerate(decoders):
             try:
                 offsets[i] = dec.decode(OFFSET_PROBS)[0]
             except CodeError as exc:
                 errors[i] = exc
-        for pos in range(h * w):
+        if self.prior_kind == VQ_PARALLEL:
+            steps = [list(g) for g in spec.schedule]
+
+            def logits_at(step: int) -> np.ndarray:
+                return self.runtime.group_logits(grid, step)
+        else:
+            steps = [[p] for p in range(h * w)]
+            stepper = self.runtime.prior_stepper(n)  # whole batch: its caches cover every grid
+
+            def logits_at(step: int) -> np.ndarray:
+                return stepper.logits(step, grid)[:, None]
+        for step, members in enumerate(steps):
             alive = [i for i in range(n) if errors[i] is None]
             if not alive:
                 break
-            y, x = divmod(pos, w)
-            # Refused codes stay in the batch (their grids frozen): the caches need every row.
-            logits = stepper.logits(pos, grid)[alive]
-            if logits.shape[1] != k:
+            # Refused codes stay in the batch (their grids frozen): kind 3's caches need
+            # every row, and a batch's composition is the encoder's.
+            logits = logits_at(step)[alive]
+            if logits.shape[2] != k:
                 raise ModelIntegrityError(f"{self.manifest.ref}: the prior gives "
-                                          f"{logits.shape[1]} logits per position, the "
+                                          f"{logits.shape[2]} logits per position, the "
                                           f"codebook has {k} codes")
-            probs, margin = prior_tables(logits, spec, offsets[alive])
+            where = np.broadcast_to(offsets[alive][:, None], logits.shape[:2])
+            probs, margins = prior_tables(logits, spec, where)
+            margin = margins.min(axis=1)
             for j, i in enumerate(alive):
                 if not margin[j] >= floor:
                     errors[i] = NotExactlyDecodable(
-                        f"at grid position {pos} the prior's logits on this machine "
-                        f"({self.runtime.provider}) lie {float(margin[j]):.2g} from a rounding "
-                        f"boundary, less than guard/4 = {floor:.2g}: its tables may differ from "
-                        "the encoder's, so the code is refused rather than decoded inexactly; "
-                        "decode it where the prior computes like the encoder's (the CPU "
-                        "provider, the same onnxruntime)")
+                        f"at grid position {members[int(np.argmin(margins[j]))]} the prior's "
+                        f"logits on this machine ({self.runtime.provider}) lie "
+                        f"{float(margin[j]):.2g} from a rounding boundary, less than guard/4 "
+                        f"= {floor:.2g}: its tables may differ from the encoder's, so the "
+                        "code is refused rather than decoded inexactly; decode it where the "
+                        "prior computes like the encoder's (the CPU provider, the same "
+                        "onnxruntime)")
                     continue
                 try:
-                    grid[i, y, x] = decoders[i].decode(probs[j:j + 1])[0]
+                    flat[i, members] = decoders[i].decode(probs[j])
                 except CodeError as exc:
                     errors[i] = exc
-                tables[i, pos] = probs[j]
+                tables[i, members] = probs[j]
         out: list[np.ndarray | CodeError] = []
         for i in range(n):
             if errors[i] is None:
@@ -582,7 +604,7 @@ class LatentCodec:
                             "the encoder's (the CPU provider, the same onnxruntime)")
             if errors[i] is not None:
                 out.append(errors[i])  # type: ignore[arg-type]
-            elif prior_payload(int(offsets[i]), grid[i], tables[i]) != payloads[i]:
+            elif prior_payload(int(offsets[i]), grid[i], tables[i], order) != payloads[i]:
                 out.append(not_canonical())
             else:
                 out.append(grid[i].astype(np.int32))
@@ -616,12 +638,18 @@ OFFSET_MODEL = fixed_model(OFFSET_PROBS[0])
 CHECK_MODEL = fixed_model(CHECK_PROBS[0])
 
 
-def prior_payload(offset: int, symbols: np.ndarray, tables: np.ndarray) -> bytes:
-    """A kind-3 payload: the rounding offset, the indices under their tables, the check."""
+def prior_payload(offset: int, symbols: np.ndarray, tables: np.ndarray,
+                  order: np.ndarray | None = None) -> bytes:
+    """A kind-3 or kind-4 payload: the rounding offset, the indices under their tables
+    (grid (h, w) and tables (h*w, K) in raster order, coded in ``order``: raster when
+    None, kind 4's schedule), the check (over the raster grid)."""
     coder = RangeEncoder()
     coder.encode(int(offset), OFFSET_MODEL)
-    coder.encode(np.ascontiguousarray(symbols, np.int32).reshape(-1), FAMILY,
-                 np.ascontiguousarray(tables, np.float64))
+    flat = np.ascontiguousarray(symbols, np.int32).reshape(-1)
+    probs = np.ascontiguousarray(tables, np.float64)
+    if order is not None:
+        flat, probs = flat[order], probs[order]
+    coder.encode(flat, FAMILY, probs)
     coder.encode(prior_check(offset, symbols), CHECK_MODEL)
     return finish(coder)
 

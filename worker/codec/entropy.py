@@ -424,7 +424,10 @@ def check_indices(symbols: np.ndarray, num_codes: int) -> None:
                            f"got {sorted(set(symbols[bad].tolist()))[:5]}")
 
 
-# -- kind 3: vq_prior -----------------------------------------------------------------
+# -- kinds 3 and 4: vq_prior, vq_parallel ---------------------------------------------
+# Both code VQ indices under integer tables derived from a float prior's logits by the
+# same rule (the offset, the guard, the check below); they differ only in the order the
+# indices are coded in (raster, or the schedule's groups) and in how the prior is run.
 
 def check_prior_spec(spec: VQPriorSpec) -> None:
     """Refuse a vq_prior spec whose integer tables could be degenerate."""
@@ -456,6 +459,27 @@ def prior_check(offset: int, symbols: np.ndarray) -> np.ndarray:
     """The check symbols kind 3 appends: low CHECK_BYTES bytes of CRC32(offset, indices)."""
     crc = zlib.crc32(bytes([int(offset)]) + np.asarray(symbols, "<i4").tobytes())
     return np.array([(crc >> (8 * i)) & 0xFF for i in range(CHECK_BYTES)], np.int32)
+
+
+def plan_offsets(logits: np.ndarray, spec: VQPriorSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The encoder's plan from teacher-forced logits (N, positions, K): per image the
+    rounding offset (the first of 0..15 whose every table has margin >= guard; -1: none,
+    the image is coded as kind 2) and its float64 tables (N, positions, K), uniform where
+    the offset is -1."""
+    n = len(logits)
+    offsets = np.full(n, -1, np.int64)
+    weights = np.ones(logits.shape, np.int64)
+    todo = np.arange(n)
+    lut = _lut_tables(tuple(spec.lut))[0]  # indexed by min(d, len(lut))
+    for j in range(PRIOR_OFFSETS):
+        if len(todo) == 0:
+            break
+        c, frac, finite = prior_quantize(logits[todo], spec, j)
+        ok = prior_margin(c, frac, finite, spec, cap=spec.guard).min(axis=1) >= spec.guard
+        offsets[todo[ok]] = j
+        weights[todo[ok]] = lut[c[ok]]
+        todo = todo[~ok]
+    return offsets, probabilities(weights)
 
 
 def prior_tables(logits: np.ndarray, spec: VQPriorSpec,

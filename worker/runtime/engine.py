@@ -497,6 +497,42 @@ class ModelRuntime:
         feed = indices.astype(np.int64)
         return self._batched(lambda b: self._run(self.prior, "indices", b), feed)
 
+    def group_logits(self, indices: np.ndarray, group: int) -> np.ndarray:
+        """A vq_parallel model's prior: float32 logits (N, m, K) at the m positions of
+        schedule group ``group`` (in schedule order), given ``indices`` (N, h, w); only the
+        positions of earlier groups are read (the graph masks the others)."""
+        spec = self.manifest.vq_parallel
+        if self.prior is None or spec is None:
+            raise InvalidInput(f"model {self.manifest.ref} has no parallel prior")
+        if not 0 <= group < len(spec.schedule):
+            raise InvalidInput(f"{self.manifest.ref}: schedule group {group} is not in "
+                               f"0..{len(spec.schedule) - 1}")
+        session, size = self.prior, len(spec.schedule[group])
+        g = np.array(group, np.int64)
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            self.memory.runs += 1
+            out: np.ndarray = session.run(None, {"indices": batch, "group": g},
+                                          self.memory.run_options)[0]
+            return out[:, :size]
+
+        return np.ascontiguousarray(self._batched(run, np.ascontiguousarray(indices, np.int64)))
+
+    def parallel_logits(self, indices: np.ndarray) -> np.ndarray:
+        """Teacher forcing of a vq_parallel prior: float32 logits (N, h*w, K) in raster
+        order, each position's from its own group's pass (what a decoder computes)."""
+        spec = self.manifest.vq_parallel
+        assert spec is not None
+        out: np.ndarray | None = None
+        for g, members in enumerate(spec.schedule):
+            logits = self.group_logits(indices, g)
+            if out is None:
+                out = np.zeros((len(indices), self.manifest.num_symbols, logits.shape[2]),
+                               np.float32)
+            out[:, list(members)] = logits
+        assert out is not None
+        return out
+
     def prior_stepper(self, n: int) -> PriorStepper:
         """A fresh raster-order evaluator of the prior for a batch of ``n`` grids."""
         return PriorStepper(self, n)
@@ -565,21 +601,36 @@ class ModelRuntime:
         return to_uint8(self._batched(lambda b: self._run(self.decoder, "latent", b), latent))
 
     def _sample_indices(self, rngs: list[np.random.Generator], temperature: float) -> np.ndarray:
+        """Ancestral sampling in the prior's decoding order: raster (vq_prior), or group
+        by group (vq_parallel). Position p draws with the p-th uniform of its image's
+        stream either way."""
         h, w = self.manifest.latent_shape
         n = len(rngs)
         uniforms = np.stack([r.random(h * w) for r in rngs])
         grid = np.zeros((n, h, w), np.int64)
+        flat = grid.reshape(n, h * w)
+        spec = self.manifest.vq_parallel
+        if self.manifest.code_kind == "vq_parallel" and spec is not None:
+            for g, members in enumerate(spec.schedule):
+                cols = list(members)
+                flat[:, cols] = draw(self.group_logits(grid, g), uniforms[:, cols], temperature)
+            return grid
         stepper = self.prior_stepper(n)
         for pos in range(h * w):
-            y, x = divmod(pos, w)
-            logits = stepper.logits(pos, grid).astype(np.float64) / temperature
-            logits -= logits.max(axis=1, keepdims=True)
-            p = np.exp(logits)
-            cdf = np.cumsum(p, axis=1)
-            cdf /= cdf[:, -1:]
-            u = uniforms[:, pos:pos + 1]
-            grid[:, y, x] = np.minimum((cdf < u).sum(axis=1), p.shape[1] - 1)
+            logits = stepper.logits(pos, grid)[:, None]
+            flat[:, pos] = draw(logits, uniforms[:, pos:pos + 1], temperature)[:, 0]
         return grid
+
+
+def draw(logits: np.ndarray, uniforms: np.ndarray, temperature: float) -> np.ndarray:
+    """Categorical draws by inverse CDF: logits (n, m, K), uniforms (n, m) -> (n, m) int64
+    under softmax(logits / temperature) in float64."""
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=-1, keepdims=True)
+    cdf = np.cumsum(np.exp(z), axis=-1)
+    cdf /= cdf[..., -1:]
+    out: np.ndarray = np.minimum((cdf < uniforms[..., None]).sum(axis=-1), z.shape[-1] - 1)
+    return out.astype(np.int64)
 
 
 class PriorStepper:

@@ -16,7 +16,8 @@ Layout (``models/<name>/<version>/manifest.json``), schema 1::
                  "check": {...} (optional: values recorded at export,
                              worker/runtime/model_check.py)},
       "onnx":   {"opset": 17},
-      "code":   {"kind": "factorized" | "vq_static" | "vq_prior" | "hyperprior", ...tables},
+      "code":   {"kind": "factorized" | "vq_static" | "vq_prior" | "vq_parallel"
+                           | "hyperprior", ...tables, see CodeSpec},
       "sampling": {"kind": "gmm" | "gaussian" | "prior" | "learned" | "none", ...},
       "quality":  {"val_psnr_db": ..., "val_bits_per_image": ..., ...},
       "training": {"data_sha256": ..., "config": {...}}
@@ -56,6 +57,11 @@ ONNX I/O contract (dynamic batch axis N everywhere; H and W dynamic too for any-
   < p of indices and caches.
 - sampler (vae, sampling kind "learned"): ``noise`` float32 (N, d) -> ``latent`` float32
   (N, C', h, w), the decoder's latent shape; row i depends on noise row i alone.
+- prior of a ``vq_parallel`` model (code.vq_parallel.schedule: S groups of raster
+  positions): ``indices`` int64 (N, h, w), ``group`` int64 scalar g -> ``logits`` float32
+  (N, P, K), the logits at group g's positions in schedule order (P: the largest group;
+  the columns past group g's size are padding). Reads only the positions of groups < g
+  (export/nets/parallel_prior.py).
 """
 
 from __future__ import annotations
@@ -72,10 +78,11 @@ SCHEMA_VERSION = 1
 FAMILIES = ("ae", "vae", "vqvae")
 OPERATIONS = ("compress", "reconstruct", "sample")
 PADDINGS = ("edge",)
-CODE_KINDS = ("factorized", "vq_static", "vq_prior", "hyperprior")
-# Integer code-kind ids written into each latent code's header (4 is reserved for the
-# parallel VQ prior).
-CODE_KIND_IDS = {"factorized": 1, "vq_static": 2, "vq_prior": 3, "hyperprior": 5}
+CODE_KINDS = ("factorized", "vq_static", "vq_prior", "vq_parallel", "hyperprior")
+# Integer code-kind ids written into each latent code's header.
+CODE_KIND_IDS = {"factorized": 1, "vq_static": 2, "vq_prior": 3, "vq_parallel": 4,
+                 "hyperprior": 5}
+PRIOR_KINDS = ("vq_prior", "vq_parallel")  # kinds coded under a float prior's logits
 SAMPLING_KINDS = ("gmm", "gaussian", "prior", "learned", "none")
 
 Family = Literal["ae", "vae", "vqvae"]
@@ -123,6 +130,15 @@ class VQPriorSpec:
     logit_scale: float
     guard: float
     lut: tuple[int, ...]
+    # vq_parallel only: the decoding order, S groups of raster positions (y * w + x) that
+    # partition the grid; the prior predicts a group from the groups before it.
+    schedule: tuple[tuple[int, ...], ...] = ()
+
+    def order(self, positions: int) -> list[int]:
+        """The positions in coding order: the schedule's groups in turn, else raster."""
+        if self.schedule:
+            return [p for g in self.schedule for p in g]
+        return list(range(positions))
 
 
 @dataclass(frozen=True)
@@ -164,6 +180,7 @@ class Manifest:
     quality: dict[str, Any]
     raw: dict[str, Any] = field(repr=False, compare=False)
     digest: str = ""
+    vq_parallel: VQPriorSpec | None = None
     hyperprior: HyperpriorSpec | None = None
     # 0: fixed size (image_shape, latent_shape as given); s > 0: any size, padded to
     # multiples of s, and image_shape / latent_shape hold 0 for H, W, h, w.
@@ -257,6 +274,31 @@ def manifest_fields(*, name: str, version: int, family: str, image_shape: Any,
     }
 
 
+def _schedule(raw: Any, latent_shape: tuple[int, ...], where: str
+              ) -> tuple[tuple[int, ...], ...]:
+    """code.vq_parallel.schedule: non-empty groups of raster positions that partition the
+    (h, w) grid, each exactly once; ModelIntegrityError naming what is wrong otherwise."""
+    if len(latent_shape) != 2:
+        raise ModelIntegrityError(f"{where}: a vq_parallel schedule needs an (h, w) grid, "
+                                  f"the latent is {latent_shape}")
+    positions = latent_shape[0] * latent_shape[1]
+    if (not isinstance(raw, list) or not raw
+            or any(not isinstance(g, list) or not g for g in raw)
+            or any(not isinstance(p, int) or isinstance(p, bool) for g in raw for p in g)):
+        raise ModelIntegrityError(f"{where}: code.vq_parallel.schedule must be a non-empty "
+                                  "list of non-empty lists of grid positions (integers)")
+    flat = sorted(p for g in raw for p in g)
+    if flat != list(range(positions)):
+        missing = sorted(set(range(positions)) - set(flat))[:5]
+        repeated = sorted({p for p in flat if flat.count(p) > 1})[:5]
+        outside = [p for p in flat if not 0 <= p < positions][:5]
+        raise ModelIntegrityError(
+            f"{where}: code.vq_parallel.schedule must list each of the {positions} grid "
+            f"positions exactly once (missing {missing}, repeated {repeated}, outside "
+            f"{outside})")
+    return tuple(tuple(g) for g in raw)
+
+
 def _need(d: dict[str, Any], key: str, where: str) -> Any:
     if key not in d:
         raise ModelIntegrityError(f"manifest {where} is missing the field {key!r}")
@@ -321,6 +363,13 @@ def parse_manifest(data: bytes, *, where: str = "manifest.json") -> Manifest:
         p = code["vq_prior"]
         vqp = VQPriorSpec(logit_scale=float(p["logit_scale"]), guard=float(p["guard"]),
                           lut=tuple(int(x) for x in p["lut"]))
+    vqpar = None
+    if "vq_parallel" in code:
+        p = code["vq_parallel"]
+        vqpar = VQPriorSpec(logit_scale=float(p["logit_scale"]), guard=float(p["guard"]),
+                            lut=tuple(int(x) for x in p["lut"]),
+                            schedule=_schedule(_need(p, "schedule", where + " code.vq_parallel"),
+                                               latent_shape, where))
     for tables in ([fac.freqs] if fac else []) + ([vqs.freqs] if vqs else []):
         if any(min(row) < 1 for row in tables):
             raise ModelIntegrityError(f"{where}: every integer frequency must be >= 1")
@@ -346,6 +395,10 @@ def parse_manifest(data: bytes, *, where: str = "manifest.json") -> Manifest:
         raise ModelIntegrityError(f"{where}: code kind {kind!r} has no tables")
     if kind == "vq_prior" and vqp is None:
         raise ModelIntegrityError(f"{where}: code kind 'vq_prior' needs code.vq_prior")
+    if kind == "vq_parallel" and vqpar is None:
+        raise ModelIntegrityError(f"{where}: code kind 'vq_parallel' needs code.vq_parallel")
+    if kind in PRIOR_KINDS and family != "vqvae":
+        raise ModelIntegrityError(f"{where}: code kind {kind!r} is for family 'vqvae'")
     if stride and kind != "factorized":
         raise ModelIntegrityError(f"{where}: an any-size model codes kind 'factorized' only")
     sampling = dict(raw.get("sampling", {}))
@@ -353,7 +406,7 @@ def parse_manifest(data: bytes, *, where: str = "manifest.json") -> Manifest:
     return Manifest(
         name=str(_need(raw, "name", where)), version=int(_need(raw, "version", where)),
         family=family, image_shape=image_shape, latent_shape=latent_shape, files=files,
-        code_kind=kind, factorized=fac, vq_static=vqs, vq_prior=vqp,
+        code_kind=kind, factorized=fac, vq_static=vqs, vq_prior=vqp, vq_parallel=vqpar,
         sampling=sampling, quality=dict(raw.get("quality", {})),
         raw=raw, digest=hashlib.sha256(data).hexdigest(), stride=stride, hyperprior=hyp)
 

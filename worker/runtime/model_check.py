@@ -75,7 +75,9 @@ def graph_outputs(runtime: Any, images: np.ndarray) -> dict[str, np.ndarray]:
     out = {"images": images, "encoder": raw,
            "decoder": runtime._run(runtime.decoder, _encoder_input(runtime),
                                    _decoder_feed(runtime, symbols))}
-    if runtime.prior is not None:
+    if runtime.prior is not None and runtime.manifest.code_kind == "vq_parallel":
+        out["logits"] = runtime.parallel_logits(symbols.astype(np.int64))
+    elif runtime.prior is not None:
         out["logits"] = runtime.prior_logits(symbols.astype(np.int64))
     if getattr(runtime, "sampler", None) is not None:  # a vae's learned sampling prior
         out["sampler"] = runtime._run(runtime.sampler, "noise",
