@@ -2,7 +2,8 @@
 
 A point is one model (one rung of a ladder) or one codec setting, measured per image:
 bytes all included (our whole latent code, header and all; a classic codec's whole
-file), PSNR and SSIM of the reconstruction against the original, and the wall time to
+file), PSNR and SSIM of the reconstruction against the original (and MS-SSIM when every
+image is large enough for its five scales: photos, not digits), and the wall time to
 encode and to decode the whole set, from which images/s follow.
 
 Models go through ``worker.pipeline.Pipeline`` (``compress`` / ``reconstruct``), exactly
@@ -22,7 +23,7 @@ import numpy as np
 
 from latentserve.errors import InvalidInput
 from latentserve.eval.classic_codecs import CodecSetting
-from latentserve.eval.metrics import psnr, ssim
+from latentserve.eval.metrics import ms_ssim, ms_ssim_defined, psnr, ssim
 
 WARMUP_IMAGES = 8
 
@@ -42,6 +43,7 @@ class RDPoint:
     encode_s: float
     decode_s: float
     pixels: int | np.ndarray  # H x W per image (one int when every image has it)
+    msssim: np.ndarray | None = None  # None where MS-SSIM is undefined (images too small)
 
     @property
     def count(self) -> int:
@@ -65,6 +67,10 @@ class RDPoint:
         return float(self.ssim.mean())
 
     @property
+    def mean_msssim(self) -> float | None:
+        return None if self.msssim is None else float(self.msssim.mean())
+
+    @property
     def encode_ips(self) -> float:
         return self.count / max(self.encode_s, 1e-9)
 
@@ -77,7 +83,7 @@ class RDPoint:
         return {"kind": self.kind, "family": self.family, "label": self.label,
                 "lossless": self.lossless, "quality": self.quality, "images": self.count,
                 "bytes_per_image": self.bytes_per_image, "bits_per_pixel": self.bpp,
-                "psnr_db": self.mean_psnr, "ssim": self.mean_ssim,
+                "psnr_db": self.mean_psnr, "ssim": self.mean_ssim, "ms_ssim": self.mean_msssim,
                 "encode_images_per_s": self.encode_ips, "decode_images_per_s": self.decode_ips}
 
     def to_json(self) -> dict[str, Any]:
@@ -85,7 +91,8 @@ class RDPoint:
         return self.summary() | {"per_image": {
             "bytes": self.nbytes.astype(int).tolist(),
             "psnr_db": np.round(self.psnr, 4).tolist(),
-            "ssim": np.round(self.ssim, 5).tolist()}}
+            "ssim": np.round(self.ssim, 5).tolist(),
+            "ms_ssim": None if self.msssim is None else np.round(self.msssim, 5).tolist()}}
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -113,6 +120,13 @@ def per_image(metric: Callable[[np.ndarray, np.ndarray], np.ndarray], images: Im
                            for a, b in zip(images, recon, strict=True)])
 
 
+def msssim_if_defined(images: Images, recon: Images) -> np.ndarray | None:
+    """Per-image MS-SSIM when every image is large enough for it, else None."""
+    if not all(ms_ssim_defined(*im.shape[-2:]) for im in images):
+        return None
+    return per_image(ms_ssim, images, recon)
+
+
 def measure_model(pipeline: Any, ref: str, images: Images) -> RDPoint:
     """Compress and reconstruct ``images`` with one model through the pipeline.
 
@@ -131,7 +145,8 @@ def measure_model(pipeline: Any, ref: str, images: Images) -> RDPoint:
         return RDPoint(kind="model", family="photo", label=manifest.ref, lossless=False,
                        quality=None, nbytes=np.array([len(c) for c in codes]),
                        psnr=per_image(psnr, items, recon), ssim=per_image(ssim, items, recon),
-                       encode_s=enc_s, decode_s=dec_s, pixels=pixel_counts(items))
+                       encode_s=enc_s, decode_s=dec_s, pixels=pixel_counts(items),
+                       msssim=msssim_if_defined(items, recon))
     if not isinstance(images, np.ndarray):
         if len({im.shape for im in images}) != 1:
             raise InvalidInput(f"model {manifest.ref} takes {manifest.describe_size()} images; "
@@ -152,7 +167,8 @@ def measure_model(pipeline: Any, ref: str, images: Images) -> RDPoint:
     return RDPoint(kind="model", family=manifest.family, label=manifest.ref, lossless=False,
                    quality=None, nbytes=np.array([len(c) for c in codes]),
                    psnr=psnr(images, recon), ssim=ssim(images, recon),
-                   encode_s=enc_s, decode_s=dec_s, pixels=images.shape[2] * images.shape[3])
+                   encode_s=enc_s, decode_s=dec_s, pixels=images.shape[2] * images.shape[3],
+                   msssim=msssim_if_defined(images, recon))
 
 
 def measure_codec(setting: CodecSetting, images: Images) -> RDPoint:
@@ -168,7 +184,8 @@ def measure_codec(setting: CodecSetting, images: Images) -> RDPoint:
                    lossless=setting.lossless, quality=setting.quality,
                    nbytes=np.array([len(f) for f in files]),
                    psnr=per_image(psnr, images, recon), ssim=per_image(ssim, images, recon),
-                   encode_s=enc_s, decode_s=dec_s, pixels=pixel_counts(images))
+                   encode_s=enc_s, decode_s=dec_s, pixels=pixel_counts(images),
+                   msssim=msssim_if_defined(images, recon))
 
 
 def run_rd(images: Images, *, pipeline: Any | None, refs: Sequence[str],

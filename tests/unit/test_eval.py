@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def test_eval_on_20_images_writes_all_three_files(
         assert len(p["per_image"]["bytes"]) == 20 and p["images"] == 20
         assert p["bits_per_pixel"] == pytest.approx(p["bytes_per_image"] * 8 / 784)
         assert p["encode_images_per_s"] > 0 and p["decode_images_per_s"] > 0
+        assert p["ms_ssim"] is None  # 28 x 28 is too small for MS-SSIM's five scales
+    assert "MS-SSIM" not in printed
     # the model figures are exactly what the pipeline produces: whole codes, headers included
     pipe = Pipeline(tiny_repo)
     codes = pipe.compress("tiny-vae:1", images)
@@ -72,6 +75,35 @@ def test_eval_on_20_images_writes_all_three_files(
     md = (out / "rd.md").read_text()
     for label in ("tiny-ae:1", "webp q10", "BD-rate", "Sample quality"):
         assert label in md and label in printed
+
+
+def test_eval_on_photos_reports_ms_ssim(photo_repo: Path, tmp_path: Path) -> None:
+    from latentserve.eval.metrics import ms_ssim
+
+    with Image.open(ROOT / "examples" / "photos" / "chelsea.jpg") as img:
+        rgb = np.asarray(img.convert("RGB"), np.uint8)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    crops = [rgb[:176, :200], rgb[50:250, 100:269]]  # two sizes, both over 160 px a side
+    for i, crop in enumerate(crops):
+        Image.fromarray(crop).save(folder / f"p{i}.png")
+    out = tmp_path / "out"
+    assert main(["eval", "--images", str(folder), "--repo", str(photo_repo), "--only",
+                 "tiny-photo", "--codecs", "jpeg", "--no-lossless", "--quiet",
+                 "-o", str(out)]) == 0
+    report = json.loads((out / "rd.json").read_text())
+    for p in report["points"]:
+        per = p["per_image"]["ms_ssim"]
+        assert len(per) == 2 and all(0 <= v <= 1 for v in per)
+        assert p["ms_ssim"] == pytest.approx(np.mean(per), abs=1e-5)
+    jpeg = next(p for p in report["points"] if p["label"] == "jpeg q50")
+    buf = io.BytesIO()
+    Image.fromarray(crops[0]).save(buf, format="JPEG", quality=50)
+    with Image.open(buf) as j:
+        decoded = np.asarray(j.convert("RGB"), np.uint8).transpose(2, 0, 1)
+    want = ms_ssim(crops[0].transpose(2, 0, 1)[None], decoded[None])[0]
+    assert jpeg["per_image"]["ms_ssim"][0] == pytest.approx(want, abs=1e-5)
+    assert "| MS-SSIM |" in (out / "rd.md").read_text()
 
 
 def test_eval_codecs_only_and_bad_arguments(mnist_images: np.ndarray, tmp_path: Path) -> None:
