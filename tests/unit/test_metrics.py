@@ -152,17 +152,16 @@ def test_ms_ssim_matches_written_out_reference() -> None:
     for ref, test in _photo_pairs():
         got = ms_ssim(ref[None], test[None])
         want = np.mean([_ms_ssim_reference(r, t) for r, t in zip(ref, test, strict=True)])
-        # pytorch-msssim builds its Gaussian window in float32 (then computes in float64):
-        # a relative 3e-7 apart from the float64 window here
-        np.testing.assert_allclose(got, [want], rtol=2e-6)
+        # computed in float32 (see eval/metrics.py), the reference in float64
+        np.testing.assert_allclose(got, [want], rtol=0, atol=1e-5)
         assert 0.8 < got[0] < 0.999  # JPEG q20 visibly degrades, but keeps the structure
 
 
 def test_ms_ssim_of_identical_images_is_one_grey_and_colour() -> None:
     ref, _ = _photo_pairs()[0]
-    np.testing.assert_allclose(ms_ssim(ref[None], ref[None]), [1.0], rtol=1e-12)
+    np.testing.assert_allclose(ms_ssim(ref[None], ref[None]), [1.0], rtol=0, atol=1e-6)
     grey = np.stack([ref[:1], ref[1:2]])  # two one-channel images in one batch
-    np.testing.assert_allclose(ms_ssim(grey, grey), [1.0, 1.0], rtol=1e-12)
+    np.testing.assert_allclose(ms_ssim(grey, grey), [1.0, 1.0], rtol=0, atol=1e-6)
 
 
 def test_ms_ssim_refuses_images_too_small_for_five_scales() -> None:
