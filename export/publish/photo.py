@@ -9,8 +9,8 @@ quality measured through the worker's own runtime and codec on held-out photos (
 per pixel of whole codes, PSNR-RGB), ``check.npz`` and ``registry.json`` (that tail is
 ``writer.finish_version``, the same as every other exporter's).
 
-    python -m latentserve.export.publish.photo runs/photo/photo-mid.pt --repo models \\
-        --name photo-mid --version 1 --fit ../shared/data/bsds500/train \\
+    python -m latentserve.export.publish.photo runs/photo2/photo-lo.pt --repo models \\
+        --name photo-lo --version 2 --fit ../shared/data/bsds500/train \\
         --val ../shared/data/bsds500/test --overwrite
 """
 
@@ -128,7 +128,11 @@ def export_photo(net: PhotoCodec, *, repo: str | Path, name: str, version: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from latentserve.export.training.photo import load_photo_checkpoint, read_photos
+    from latentserve.export.training.photo import (
+        load_photo_checkpoint,
+        read_photos,
+        total_steps,
+    )
 
     ap = argparse.ArgumentParser(description="export a photo codec checkpoint")
     ap.add_argument("checkpoint")
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     source = {"kind": "photo", "checkpoint": Path(args.checkpoint).name,
               "model_config": ckpt["model_config"], "train_config": ckpt["train_config"],
               "base_config": ckpt.get("base_config"),
-              "training": {"data": ckpt["data"], "steps": len(ckpt["history"]) * 50}}
+              "training": {"data": ckpt["data"], "steps": total_steps(ckpt),
+                           "resumed_from": ckpt.get("init") or None}}
     target = export_photo(net, repo=args.repo, name=args.name, version=args.version,
                           fit_images=fit, val_images=val, check_images=check, source=source,
                           overwrite=args.overwrite)
