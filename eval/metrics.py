@@ -20,9 +20,10 @@ use) with its standard parameters: five scales weighted 0.0448, 0.2856, 0.3001, 
 0.1333, 11 x 11 Gaussian window sigma 1.5, K1 = 0.01, K2 = 0.03, data range 255, 2 x 2
 average pooling between scales; colour images score the mean of their per-channel values.
 Computed one image at a time (photos of a set have their own sizes) in float32, as
-CompressAI does, with oneDNN off for the call: its depthwise 1 x 11 convolutions are slow
-(0.35 s vs 0.2 s per 481 x 321 photo on one thread; float64 0.6 s), and an eval scores
-thousands of photos. float32 moves a value by ~1e-6 against float64 (tests: 1e-5).
+CompressAI does, on one torch thread with oneDNN off for the call: its depthwise 1 x 11
+convolutions are slower (0.35 s vs 0.2 s wall per 481 x 321 photo on a busy machine;
+float64 0.6 s), and an eval scores thousands of photos. float32 moves a value by ~1e-6
+against float64 (tests: 1e-5).
 """
 
 from __future__ import annotations
@@ -51,15 +52,22 @@ def ms_ssim_defined(height: int, width: int) -> bool:
 
 
 @contextmanager
-def _onednn_off() -> Iterator[None]:
-    """torch's oneDNN off for the block (restored after); its ``flags()`` also resets
-    oneDNN's TF32 switch and warns that there is no Intel GPU, which says nothing here."""
+def _torch_for_metrics() -> Iterator[None]:
+    """One torch thread and oneDNN off for the block (both restored after). One thread:
+    on a busy machine torch's default pool spins (0.7 s of CPU per photo with 2 threads
+    against 0.06 s with one). oneDNN's ``flags()`` also resets its TF32 switch and warns
+    that there is no Intel GPU, which says nothing here."""
     import torch
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="TF32 acceleration", category=UserWarning)
-        with torch.backends.mkldnn.flags(enabled=False):
-            yield
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TF32 acceleration", category=UserWarning)
+            with torch.backends.mkldnn.flags(enabled=False):
+                yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def ms_ssim(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -73,7 +81,7 @@ def ms_ssim(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
         raise InvalidInput(f"MS-SSIM's five scales need images of at least {MS_SSIM_MIN_SIDE} "
                            f"x {MS_SSIM_MIN_SIDE} pixels, got {height} x {width}")
     out = np.empty(len(reference), np.float64)
-    with torch.no_grad(), _onednn_off():
+    with torch.no_grad(), _torch_for_metrics():
         for i, (a, b) in enumerate(zip(reference, test, strict=True)):
             x = torch.from_numpy(a[None].astype(np.float32))
             y = torch.from_numpy(b[None].astype(np.float32))

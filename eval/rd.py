@@ -14,6 +14,7 @@ user storing one file per image would.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -93,6 +94,31 @@ class RDPoint:
             "psnr_db": np.round(self.psnr, 4).tolist(),
             "ssim": np.round(self.ssim, 5).tolist(),
             "ms_ssim": None if self.msssim is None else np.round(self.msssim, 5).tolist()}}
+
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], pixels: int | np.ndarray) -> RDPoint:
+        """A point back from ``to_json`` (an earlier run on the same images: ``pixels``)."""
+        per = d["per_image"]
+        count = len(per["bytes"])
+        return cls(kind=d["kind"], family=d["family"], label=d["label"],
+                   lossless=d["lossless"], quality=d["quality"],
+                   nbytes=np.array(per["bytes"], np.int64),
+                   psnr=np.array(per["psnr_db"], np.float64),
+                   ssim=np.array(per["ssim"], np.float64),
+                   encode_s=count / d["encode_images_per_s"],
+                   decode_s=count / d["decode_images_per_s"], pixels=pixels,
+                   msssim=None if per.get("ms_ssim") is None
+                   else np.array(per["ms_ssim"], np.float64))
+
+
+def images_digest(images: Images) -> str:
+    """sha256 over every image's shape and pixels: which set a measurement was made on."""
+    h = hashlib.sha256()
+    for im in images:
+        h.update(repr(tuple(im.shape)).encode())
+        h.update(np.ascontiguousarray(im).tobytes())
+    return h.hexdigest()
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -190,9 +216,12 @@ def measure_codec(setting: CodecSetting, images: Images) -> RDPoint:
 
 def run_rd(images: Images, *, pipeline: Any | None, refs: Sequence[str],
            codecs: Sequence[CodecSetting],
-           progress: Callable[[str], None] | None = None) -> list[RDPoint]:
+           progress: Callable[[str], None] | None = None,
+           reused: Sequence[RDPoint] = ()) -> list[RDPoint]:
     """Measure every model ref, then every codec setting, on the same uint8 images (one
-    (N, C, H, W) array, or a list of (C, H, W) photos of their own sizes)."""
+    (N, C, H, W) array, or a list of (C, H, W) photos of their own sizes). A codec
+    setting with a point in ``reused`` (an earlier run on these images) takes that point
+    instead of being measured again."""
     if isinstance(images, np.ndarray):
         if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
             raise InvalidInput(f"evaluation images must be a non-empty uint8 (N, C, H, W) "
@@ -207,7 +236,11 @@ def run_rd(images: Images, *, pipeline: Any | None, refs: Sequence[str],
         if progress:
             progress(f"{points[-1].label}: {points[-1].bytes_per_image:.1f} B, "
                      f"{points[-1].mean_psnr:.2f} dB")
+    earlier = {p.label: p for p in reused if p.kind == "codec"}
     for setting in codecs:
+        if setting.label in earlier:
+            points.append(earlier[setting.label])
+            continue
         points.append(measure_codec(setting, images))
         if progress:
             progress(f"{setting.label}: {points[-1].bytes_per_image:.1f} B, "

@@ -77,7 +77,8 @@ def test_eval_on_20_images_writes_all_three_files(
         assert label in md and label in printed
 
 
-def test_eval_on_photos_reports_ms_ssim(photo_repo: Path, tmp_path: Path) -> None:
+def test_eval_on_photos_reports_ms_ssim(photo_repo: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
     from latentserve.eval.metrics import ms_ssim
 
     with Image.open(ROOT / "examples" / "photos" / "chelsea.jpg") as img:
@@ -104,6 +105,27 @@ def test_eval_on_photos_reports_ms_ssim(photo_repo: Path, tmp_path: Path) -> Non
     want = ms_ssim(crops[0].transpose(2, 0, 1)[None], decoded[None])[0]
     assert jpeg["per_image"]["ms_ssim"][0] == pytest.approx(want, abs=1e-5)
     assert "| MS-SSIM |" in (out / "rd.md").read_text()
+    # a second run takes the codec points of the first instead of measuring them again
+    again = tmp_path / "again"
+    assert main(["eval", "--images", str(folder), "--repo", str(photo_repo), "--only",
+                 "tiny-photo", "--codecs", "jpeg", "--no-lossless", "--quiet",
+                 "--reuse-codecs", str(out / "rd.json"), "-o", str(again)]) == 0
+    second = json.loads((again / "rd.json").read_text())
+    codec_points = [p for p in report["points"] if p["kind"] == "codec"]
+    reused = [p for p in second["points"] if p["kind"] == "codec"]
+    assert second["meta"]["reused_codecs"]["labels"] == [p["label"] for p in codec_points]
+    for a, b in zip(reused, codec_points, strict=True):
+        assert a["per_image"] == b["per_image"]  # rd.json's per-image values, as written
+        for key in ("bits_per_pixel", "psnr_db", "ssim", "ms_ssim", "encode_images_per_s"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4, rel=1e-6), key  # their rounding
+    assert second["bd_rate_vs"]["jpeg"]["photo"]["bd_rate_pct"] == pytest.approx(
+        report["bd_rate_vs"]["jpeg"]["photo"]["bd_rate_pct"], abs=0.05)
+    # ... and only on the same images
+    (folder / "p1.png").unlink()
+    capsys.readouterr()
+    assert main(["eval", "--images", str(folder), "--only", "--codecs", "jpeg", "--quiet",
+                 "--reuse-codecs", str(out / "rd.json"), "-o", str(tmp_path / "other")]) == 1
+    assert "measured other images" in capsys.readouterr().err
 
 
 def test_eval_codecs_only_and_bad_arguments(mnist_images: np.ndarray, tmp_path: Path) -> None:
