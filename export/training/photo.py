@@ -241,49 +241,49 @@ def main(argv: list[str] | None = None) -> int:
     photos, digest = read_photos(args.data)
     val = centre_crops(read_photos([args.val])[0]) if args.val else None
     data = {"folders": [str(d) for d in args.data], "images": len(photos), "sha256": digest}
-    log = open(out / "train.log", "a")  # noqa: SIM115 - open for the whole run
-    print(f"photos {len(photos)} digest {digest[:16]} args {vars(args)}", file=log, flush=True)
-    torch.manual_seed(args.seed)
-    rungs = [parse_rung(r) for r in args.rung]
-    init: dict[str, Any] = {}
-    prior_hist: list[dict[str, float]] = []
-    if args.init:
-        ckpt0, net = load_photo_checkpoint(args.init)
-        prior_hist = list(ckpt0.get("history", []))
-        init = {"path": str(args.init), "steps": total_steps(ckpt0)}
-    else:
-        net = PhotoCodec(PhotoConfig(n=args.n, m=args.m))
-    base_cfg = PhotoTrainConfig(lmbda=args.base_lambda, steps=args.base_steps, batch=args.batch,
-                                crop=args.crop, lr=args.lr, min_lr=args.min_lr,
-                                warmup=args.warmup, seed=args.seed,
-                                budget_s=args.base_budget_s)
-    t0 = time.monotonic()
-    base_hist = prior_hist
-    base_total = init.get("steps", 0)
+    with open(out / "train.log", "a") as log:
+        print(f"photos {len(photos)} digest {digest[:16]} args {vars(args)}", file=log, flush=True)
+        torch.manual_seed(args.seed)
+        rungs = [parse_rung(r) for r in args.rung]
+        init: dict[str, Any] = {}
+        prior_hist: list[dict[str, float]] = []
+        if args.init:
+            ckpt0, net = load_photo_checkpoint(args.init)
+            prior_hist = list(ckpt0.get("history", []))
+            init = {"path": str(args.init), "steps": total_steps(ckpt0)}
+        else:
+            net = PhotoCodec(PhotoConfig(n=args.n, m=args.m))
+        base_cfg = PhotoTrainConfig(lmbda=args.base_lambda, steps=args.base_steps, batch=args.batch,
+                                    crop=args.crop, lr=args.lr, min_lr=args.min_lr,
+                                    warmup=args.warmup, seed=args.seed,
+                                    budget_s=args.base_budget_s)
+        t0 = time.monotonic()
+        base_hist = prior_hist
+        base_total = init.get("steps", 0)
 
-    def save_base(hist: list[dict[str, float]]) -> None:
-        ckpt = checkpoint(net, base_cfg, prior_hist + hist, data)
-        ckpt.update(init=init, total_steps=base_total + steps_run(hist))
-        torch.save(ckpt, out / "base.tmp")
-        (out / "base.tmp").replace(out / "base.pt")  # never a half-written base.pt
+        def save_base(hist: list[dict[str, float]]) -> None:
+            ckpt = checkpoint(net, base_cfg, prior_hist + hist, data)
+            ckpt.update(init=init, total_steps=base_total + steps_run(hist))
+            torch.save(ckpt, out / "base.tmp")
+            (out / "base.tmp").replace(out / "base.pt")  # never a half-written base.pt
 
-    if args.base_steps > 0:
-        hist = train(net, photos, base_cfg, val, log, "base", save_base)
-        save_base(hist)
-        base_hist = prior_hist + hist
-        base_total += steps_run(hist)
-    for i, (name, lam) in enumerate(rungs):
-        fine = copy.deepcopy(net)
-        cfg = PhotoTrainConfig(lmbda=lam, steps=args.rung_steps, batch=args.batch,
-                               crop=args.crop, lr=args.rung_lr, min_lr=args.min_lr,
-                               warmup=args.warmup, seed=args.seed + 1 + i,
-                               budget_s=args.rung_budget_s)
-        hist = train(fine, photos, cfg, val, log, name)
-        ckpt = checkpoint(fine, cfg, base_hist + hist, data)
-        ckpt.update(base_config=asdict(base_cfg), init=init, base_steps=base_total,
-                    total_steps=base_total + steps_run(hist))
-        torch.save(ckpt, out / f"{name}.pt")
-    print(f"done in {time.monotonic() - t0:.0f} s", file=log, flush=True)
+        if args.base_steps > 0:
+            hist = train(net, photos, base_cfg, val, log, "base", save_base)
+            save_base(hist)
+            base_hist = prior_hist + hist
+            base_total += steps_run(hist)
+        for i, (name, lam) in enumerate(rungs):
+            fine = copy.deepcopy(net)
+            cfg = PhotoTrainConfig(lmbda=lam, steps=args.rung_steps, batch=args.batch,
+                                   crop=args.crop, lr=args.rung_lr, min_lr=args.min_lr,
+                                   warmup=args.warmup, seed=args.seed + 1 + i,
+                                   budget_s=args.rung_budget_s)
+            hist = train(fine, photos, cfg, val, log, name)
+            ckpt = checkpoint(fine, cfg, base_hist + hist, data)
+            ckpt.update(base_config=asdict(base_cfg), init=init, base_steps=base_total,
+                        total_steps=base_total + steps_run(hist))
+            torch.save(ckpt, out / f"{name}.pt")
+        print(f"done in {time.monotonic() - t0:.0f} s", file=log, flush=True)
     return 0
 
 
