@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import sys
 import time
@@ -54,18 +55,24 @@ def speed(args: argparse.Namespace) -> int:
     image = photo(768, 512).transpose(2, 0, 1).copy()
     pipe = Pipeline(args.models, EngineConfig(intra_op_threads=args.threads))
     pipe.reconstruct(pipe.compress(args.model, [image]))
-    enc, dec = [], []
+    enc, dec, enc_cpu, dec_cpu = [], [], [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         codes = pipe.compress(args.model, [image])
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         pipe.reconstruct(codes)
         dec.append(time.perf_counter() - t1)
+        dec_cpu.append(time.process_time() - c1)
         enc.append(t1 - t0)
+        enc_cpu.append(c1 - c0)
     bpp = len(codes[0]) * 8 / (768 * 512)
+    # CPU seconds beside wall seconds: on a shared machine the wall time is mostly the
+    # other processes' (with one thread, CPU time is what the call costs on a free core)
     print(f"{args.model}, 768x512, {args.threads or 'all'} thread(s): compress "
-          f"{statistics.median(enc):.3f} s, reconstruct {statistics.median(dec):.3f} s "
-          f"(median of {args.repeats}); {len(codes[0])} bytes = {bpp:.3f} bpp")
+          f"{statistics.median(enc):.3f} s ({statistics.median(enc_cpu):.3f} s CPU), "
+          f"reconstruct {statistics.median(dec):.3f} s ({statistics.median(dec_cpu):.3f} s "
+          f"CPU) (median of {args.repeats}); {len(codes[0])} bytes = {bpp:.3f} bpp; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     return 0
 
 

@@ -31,6 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--no-lossless", action="store_true",
                    help="skip the lossless references (PNG, WebP lossless: WebP lossless at "
                         "method 6 takes ~20 s per 481x321 photo)")
+    p.add_argument("--reuse-codecs", default=None, metavar="RD_JSON",
+                   help="take the classic codec points of an earlier run's rd.json on the "
+                        "same images (checked by digest) instead of measuring them again "
+                        "(the sweeps are the slow part on photos); their speeds are that "
+                        "run's")
     p.add_argument("--samples", type=int, default=0, metavar="N",
                    help="also draw N samples per model and score them with the classifier")
     p.add_argument("--classifier", default=None, metavar="DIR",
@@ -54,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     from latentserve.errors import InvalidInput
     from latentserve.eval.classic_codecs import codec_settings, parse_codecs
-    from latentserve.eval.rd import run_rd, unfit_reason
+    from latentserve.eval.rd import images_digest, run_rd, unfit_reason
     from latentserve.eval.report import markdown, write_report
     from latentserve.eval.samples import (
         CLASSIFIER_SUBPATH,
@@ -110,9 +115,12 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"  {line}", file=sys.stderr, flush=True)
 
+    digest = images_digest(images)
+    reused = reused_codec_points(args.reuse_codecs, digest, images) if args.reuse_codecs else []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    points = run_rd(images, pipeline=pipeline, refs=refs, codecs=codecs, progress=progress)
+    points = run_rd(images, pipeline=pipeline, refs=refs, codecs=codecs, progress=progress,
+                    reused=reused)
     samples = []
     classifier_info = None
     fid_floor = None
@@ -141,10 +149,31 @@ def run(args: argparse.Namespace) -> int:
     meta = {"images": int(len(images)), "source": str(args.images), "offset": args.offset,
             "limit": args.limit, "repo": str(repo), "models": refs,
             "codecs": [c.label for c in codecs], "threads": args.threads,
-            "seed": args.seed, "classifier": classifier_info}
+            "seed": args.seed, "classifier": classifier_info, "images_sha256": digest,
+            "reused_codecs": {"from": str(args.reuse_codecs),
+                              "labels": [p.label for p in reused]} if reused else None}
     if fid_note:
         meta["fid_note"] = fid_note
     paths = write_report(out, points, samples=samples, meta=meta, fid_floor=fid_floor)
     print(markdown(points, samples=samples, meta=meta, fid_floor=fid_floor))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def reused_codec_points(path: str, digest: str, images: Any) -> list[Any]:
+    """The codec points of an earlier ``rd.json``, refused unless it measured these images."""
+    import json
+
+    from latentserve.errors import InvalidInput
+    from latentserve.eval.rd import RDPoint, pixel_counts
+
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidInput(f"--reuse-codecs {path}: cannot read it as an rd.json ({e})") from e
+    theirs = report.get("meta", {}).get("images_sha256")
+    if theirs != digest:
+        raise InvalidInput(f"--reuse-codecs {path}: measured other images (images_sha256 "
+                           f"{str(theirs)[:16]}..., these are {digest[:16]}...)")
+    pixels = pixel_counts(images)
+    return [RDPoint.from_json(p, pixels) for p in report["points"] if p["kind"] == "codec"]

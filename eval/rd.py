@@ -2,7 +2,8 @@
 
 A point is one model (one rung of a ladder) or one codec setting, measured per image:
 bytes all included (our whole latent code, header and all; a classic codec's whole
-file), PSNR and SSIM of the reconstruction against the original, and the wall time to
+file), PSNR and SSIM of the reconstruction against the original (and MS-SSIM when every
+image is large enough for its five scales: photos, not digits), and the wall time to
 encode and to decode the whole set, from which images/s follow.
 
 Models go through ``worker.pipeline.Pipeline`` (``compress`` / ``reconstruct``), exactly
@@ -13,6 +14,7 @@ user storing one file per image would.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ import numpy as np
 
 from latentserve.errors import InvalidInput
 from latentserve.eval.classic_codecs import CodecSetting
-from latentserve.eval.metrics import psnr, ssim
+from latentserve.eval.metrics import ms_ssim, ms_ssim_defined, psnr, ssim
 
 WARMUP_IMAGES = 8
 
@@ -42,6 +44,7 @@ class RDPoint:
     encode_s: float
     decode_s: float
     pixels: int | np.ndarray  # H x W per image (one int when every image has it)
+    msssim: np.ndarray | None = None  # None where MS-SSIM is undefined (images too small)
 
     @property
     def count(self) -> int:
@@ -65,6 +68,10 @@ class RDPoint:
         return float(self.ssim.mean())
 
     @property
+    def mean_msssim(self) -> float | None:
+        return None if self.msssim is None else float(self.msssim.mean())
+
+    @property
     def encode_ips(self) -> float:
         return self.count / max(self.encode_s, 1e-9)
 
@@ -77,7 +84,7 @@ class RDPoint:
         return {"kind": self.kind, "family": self.family, "label": self.label,
                 "lossless": self.lossless, "quality": self.quality, "images": self.count,
                 "bytes_per_image": self.bytes_per_image, "bits_per_pixel": self.bpp,
-                "psnr_db": self.mean_psnr, "ssim": self.mean_ssim,
+                "psnr_db": self.mean_psnr, "ssim": self.mean_ssim, "ms_ssim": self.mean_msssim,
                 "encode_images_per_s": self.encode_ips, "decode_images_per_s": self.decode_ips}
 
     def to_json(self) -> dict[str, Any]:
@@ -85,7 +92,33 @@ class RDPoint:
         return self.summary() | {"per_image": {
             "bytes": self.nbytes.astype(int).tolist(),
             "psnr_db": np.round(self.psnr, 4).tolist(),
-            "ssim": np.round(self.ssim, 5).tolist()}}
+            "ssim": np.round(self.ssim, 5).tolist(),
+            "ms_ssim": None if self.msssim is None else np.round(self.msssim, 5).tolist()}}
+
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], pixels: int | np.ndarray) -> RDPoint:
+        """A point back from ``to_json`` (an earlier run on the same images: ``pixels``)."""
+        per = d["per_image"]
+        count = len(per["bytes"])
+        return cls(kind=d["kind"], family=d["family"], label=d["label"],
+                   lossless=d["lossless"], quality=d["quality"],
+                   nbytes=np.array(per["bytes"], np.int64),
+                   psnr=np.array(per["psnr_db"], np.float64),
+                   ssim=np.array(per["ssim"], np.float64),
+                   encode_s=count / d["encode_images_per_s"],
+                   decode_s=count / d["decode_images_per_s"], pixels=pixels,
+                   msssim=None if per.get("ms_ssim") is None
+                   else np.array(per["ms_ssim"], np.float64))
+
+
+def images_digest(images: Images) -> str:
+    """sha256 over every image's shape and pixels: which set a measurement was made on."""
+    h = hashlib.sha256()
+    for im in images:
+        h.update(repr(tuple(im.shape)).encode())
+        h.update(np.ascontiguousarray(im).tobytes())
+    return h.hexdigest()
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -130,6 +163,13 @@ def unfit_reason(manifest: Any, images: Images) -> str | None:
     return None
 
 
+def msssim_if_defined(images: Images, recon: Images) -> np.ndarray | None:
+    """Per-image MS-SSIM when every image is large enough for it, else None."""
+    if not all(ms_ssim_defined(*im.shape[-2:]) for im in images):
+        return None
+    return per_image(ms_ssim, images, recon)
+
+
 def measure_model(pipeline: Any, ref: str, images: Images) -> RDPoint:
     """Compress and reconstruct ``images`` with one model through the pipeline.
 
@@ -148,7 +188,8 @@ def measure_model(pipeline: Any, ref: str, images: Images) -> RDPoint:
         return RDPoint(kind="model", family="photo", label=manifest.ref, lossless=False,
                        quality=None, nbytes=np.array([len(c) for c in codes]),
                        psnr=per_image(psnr, items, recon), ssim=per_image(ssim, items, recon),
-                       encode_s=enc_s, decode_s=dec_s, pixels=pixel_counts(items))
+                       encode_s=enc_s, decode_s=dec_s, pixels=pixel_counts(items),
+                       msssim=msssim_if_defined(items, recon))
     if not isinstance(images, np.ndarray):
         images = np.stack(images)
     warm = images[:WARMUP_IMAGES]
@@ -162,7 +203,8 @@ def measure_model(pipeline: Any, ref: str, images: Images) -> RDPoint:
     return RDPoint(kind="model", family=manifest.family, label=manifest.ref, lossless=False,
                    quality=None, nbytes=np.array([len(c) for c in codes]),
                    psnr=psnr(images, recon), ssim=ssim(images, recon),
-                   encode_s=enc_s, decode_s=dec_s, pixels=images.shape[2] * images.shape[3])
+                   encode_s=enc_s, decode_s=dec_s, pixels=images.shape[2] * images.shape[3],
+                   msssim=msssim_if_defined(images, recon))
 
 
 def measure_codec(setting: CodecSetting, images: Images) -> RDPoint:
@@ -178,14 +220,18 @@ def measure_codec(setting: CodecSetting, images: Images) -> RDPoint:
                    lossless=setting.lossless, quality=setting.quality,
                    nbytes=np.array([len(f) for f in files]),
                    psnr=per_image(psnr, images, recon), ssim=per_image(ssim, images, recon),
-                   encode_s=enc_s, decode_s=dec_s, pixels=pixel_counts(images))
+                   encode_s=enc_s, decode_s=dec_s, pixels=pixel_counts(images),
+                   msssim=msssim_if_defined(images, recon))
 
 
 def run_rd(images: Images, *, pipeline: Any | None, refs: Sequence[str],
            codecs: Sequence[CodecSetting],
-           progress: Callable[[str], None] | None = None) -> list[RDPoint]:
+           progress: Callable[[str], None] | None = None,
+           reused: Sequence[RDPoint] = ()) -> list[RDPoint]:
     """Measure every model ref, then every codec setting, on the same uint8 images (one
-    (N, C, H, W) array, or a list of (C, H, W) photos of their own sizes)."""
+    (N, C, H, W) array, or a list of (C, H, W) photos of their own sizes). A codec
+    setting with a point in ``reused`` (an earlier run on these images) takes that point
+    instead of being measured again."""
     if isinstance(images, np.ndarray):
         if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
             raise InvalidInput(f"evaluation images must be a non-empty uint8 (N, C, H, W) "
@@ -200,7 +246,11 @@ def run_rd(images: Images, *, pipeline: Any | None, refs: Sequence[str],
         if progress:
             progress(f"{points[-1].label}: {points[-1].bytes_per_image:.1f} B, "
                      f"{points[-1].mean_psnr:.2f} dB")
+    earlier = {p.label: p for p in reused if p.kind == "codec"}
     for setting in codecs:
+        if setting.label in earlier:
+            points.append(earlier[setting.label])
+            continue
         points.append(measure_codec(setting, images))
         if progress:
             progress(f"{setting.label}: {points[-1].bytes_per_image:.1f} B, "

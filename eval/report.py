@@ -125,19 +125,24 @@ def markdown(points: Sequence[RDPoint], *, samples: Sequence[SampleQuality] = ()
     """The tables of ``rd.md``."""
     meta = meta or {}
     lines = []
+    # MS-SSIM is a column only where it was measured (photos; digits are too small).
+    ms = any(p.msssim is not None for p in points)
     if meta.get("images"):
         lines += [f"Images: {meta['images']} from `{meta.get('source', '?')}`. "
                   "Bytes are per image, all included (our code with its header; a codec's "
                   "whole file). PSNR: mean of per-image PSNRs (0-255, MSE floored at 1e-10). "
                   "SSIM: single-scale, Gaussian sigma 1.5 (scikit-image). "
+                  + ("MS-SSIM: five scales, standard weights (pytorch-msssim). " if ms else "") +
                   f"Speeds: {meta.get('threads', '?')} onnxruntime thread(s); "
                   "models in one batched call, codecs one file per call.", ""]
-    lines += ["| point | family | bytes/image | bits/pixel | PSNR dB | SSIM | encode img/s "
-              "| decode img/s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| point | family | bytes/image | bits/pixel | PSNR dB | SSIM | "
+              + ("MS-SSIM | " if ms else "") + "encode img/s | decode img/s |",
+              "|---|---|---:|---:|---:|---:|" + ("---:|" if ms else "") + "---:|---:|"]
     for p in points:
         q = "lossless" if p.lossless else f"{p.mean_psnr:.2f}"
+        m = f"{_fmt(p.mean_msssim, 4)} | " if ms else ""
         lines.append(f"| {p.label} | {family_name(p.family)} | {p.bytes_per_image:.1f} | "
-                     f"{p.bpp:.3f} | {q} | {p.mean_ssim:.4f} | {p.encode_ips:,.0f} | "
+                     f"{p.bpp:.3f} | {q} | {p.mean_ssim:.4f} | {m}{p.encode_ips:,.0f} | "
                      f"{p.decode_ips:,.0f} |")
     anchors = [a for a in BD_ANCHORS if ("codec", a) in curves(points)] or [ANCHOR_FAMILY]
     for anchor in anchors:

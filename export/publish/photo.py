@@ -6,10 +6,11 @@ image in [0, 1]), onnxruntime-vs-torch parity (or the export fails), the factori
 density frozen into integer tables over the support of the fitting images' symbols
 (``tables.ae_tables``), a manifest with ``stride`` 16 and ``sampling.kind`` "none", the
 quality measured through the worker's own runtime and codec on held-out photos (bits
-per pixel of whole codes, PSNR-RGB), ``check.npz`` and ``registry.json``.
+per pixel of whole codes, PSNR-RGB), ``check.npz`` and ``registry.json`` (that tail is
+``writer.finish_version``, the same as every other exporter's).
 
-    python -m latentserve.export.publish.photo runs/photo/photo-mid.pt --repo models \\
-        --name photo-mid --version 1 --fit ../shared/data/bsds500/train \\
+    python -m latentserve.export.publish.photo runs/photo2/photo-lo.pt --repo models \\
+        --name photo-lo --version 2 --fit ../shared/data/bsds500/train \\
         --val ../shared/data/bsds500/test --overwrite
 """
 
@@ -27,10 +28,9 @@ from torch import nn
 from latentserve.export.nets.photo import STRIDE, PhotoCodec
 from latentserve.export.publish import tables
 from latentserve.export.publish.exporter import OPSET, onnx_export
-from latentserve.export.publish.writer import append_registry, check_target, dumps, seal_and_move
+from latentserve.export.publish.writer import append_registry, check_target, finish_version
 from latentserve.worker.runtime.manifest import manifest_fields
 from latentserve.worker.runtime.quality import mean_psnr
-from latentserve.worker.runtime.repository import ModelRepository
 
 PARITY_TOLERANCE = 1e-3   # relative to the latent's scale; float32 convs on both sides
 FIT_CROP = 256
@@ -85,10 +85,6 @@ def export_photo(net: PhotoCodec, *, repo: str | Path, name: str, version: int,
                  check_images: np.ndarray, source: dict[str, Any],
                  overwrite: bool = False) -> Path:
     """Write one any-size version of ``net``; returns its folder."""
-    from latentserve.worker.codec.codes import LatentCodec
-    from latentserve.worker.runtime.engine import EngineConfig, ModelRuntime
-    from latentserve.worker.runtime.model_check import make_record
-
     net.eval()
     repo = Path(repo)
     target = check_target(repo, name, version, overwrite)
@@ -111,29 +107,32 @@ def export_photo(net: PhotoCodec, *, repo: str | Path, name: str, version: int,
             sampling={"kind": "none"}, stride=STRIDE)
         manifest["source"] = source
         manifest["training"] = source.get("training", {})
-        (folder / "manifest.json").write_text(dumps(manifest))
-        runtime = ModelRuntime(ModelRepository(tmp).load(f"{name}:{version}"),
-                               EngineConfig(intra_op_threads=1))
-        codec = LatentCodec(runtime)
-        # Parity: the ONNX encoder against torch on the check images.
-        with torch.no_grad():
-            want = net.g_a(torch.from_numpy(check_images).float() / 255.0).numpy()
-        got = runtime._run(runtime.encoder, "image", check_images)
-        diff = float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
-        if diff > PARITY_TOLERANCE:
-            raise ValueError(f"{name}: onnxruntime and torch differ by {diff:.3g} (relative)")
-        quality = measure(codec, val_images)
-        quality["onnx_max_rel_diff"] = diff
-        manifest["quality"] = quality
-        record = make_record(runtime, codec, check_images)
-        del runtime, codec
-        digest = seal_and_move(folder, target, manifest, record)
+
+        def quality(runtime: Any, codec: Any) -> dict[str, Any]:
+            # Parity: the ONNX encoder against torch on the check images.
+            with torch.no_grad():
+                want = net.g_a(torch.from_numpy(check_images).float() / 255.0).numpy()
+            got = runtime._run(runtime.encoder, "image", check_images)
+            diff = float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
+            if diff > PARITY_TOLERANCE:
+                raise ValueError(f"{name}: onnxruntime and torch differ by {diff:.3g} "
+                                 "(relative)")
+            out = measure(codec, val_images)
+            out["onnx_max_rel_diff"] = diff
+            return out
+
+        digest = finish_version(Path(tmp), folder, target, manifest, measure=quality,
+                                check_images=check_images)
     append_registry(repo, name, version, digest)
     return target
 
 
 def main(argv: list[str] | None = None) -> int:
-    from latentserve.export.training.photo import load_photo_checkpoint, read_photos
+    from latentserve.export.training.photo import (
+        load_photo_checkpoint,
+        read_photos,
+        total_steps,
+    )
 
     ap = argparse.ArgumentParser(description="export a photo codec checkpoint")
     ap.add_argument("checkpoint")
@@ -157,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     source = {"kind": "photo", "checkpoint": Path(args.checkpoint).name,
               "model_config": ckpt["model_config"], "train_config": ckpt["train_config"],
               "base_config": ckpt.get("base_config"),
-              "training": {"data": ckpt["data"], "steps": len(ckpt["history"]) * 50}}
+              "training": {"data": ckpt["data"], "steps": total_steps(ckpt),
+                           "resumed_from": ckpt.get("init") or None}}
     target = export_photo(net, repo=args.repo, name=args.name, version=args.version,
                           fit_images=fit, val_images=val, check_images=check, source=source,
                           overwrite=args.overwrite)

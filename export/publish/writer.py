@@ -76,6 +76,32 @@ def seal_and_move(folder: Path, target: Path, manifest: dict[str, Any], record: 
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+Measure = Callable[[Any, Any], dict[str, Any]]
+
+
+def finish_version(staging: Path, folder: Path, target: Path, manifest: dict[str, Any], *,
+                   measure: Measure, check_images: np.ndarray) -> str:
+    """The tail every exporter shares, run inside its staging repository ``staging``
+    (``folder`` = ``staging/<name>/<version>``, the graphs and tables already there):
+    write the manifest, load the version with the worker's own runtime and codec, put
+    ``measure(runtime, codec)`` (the exporter's quality figures; it may raise, e.g. on a
+    failed parity check) into ``manifest["quality"]``, record ``check.npz`` on
+    ``check_images`` and ``seal_and_move`` to ``target``. Returns the manifest's sha256
+    for ``append_registry``, which the caller runs once the staging folder is gone."""
+    from latentserve.worker.codec.codes import LatentCodec
+    from latentserve.worker.runtime.engine import EngineConfig, ModelRuntime
+    from latentserve.worker.runtime.model_check import make_record
+
+    (folder / "manifest.json").write_text(dumps(manifest))
+    ref = f"{manifest['name']}:{manifest['version']}"
+    runtime = ModelRuntime(ModelRepository(staging).load(ref), EngineConfig(intra_op_threads=1))
+    codec = LatentCodec(runtime)
+    manifest["quality"] = measure(runtime, codec)
+    record = make_record(runtime, codec, check_images)
+    del runtime, codec  # close the sessions before their folder moves
+    return seal_and_move(folder, target, manifest, record)
+
+
 def check_target(repo: Path, name: str, version: int, overwrite: bool) -> Path:
     """The version's folder, refusing a bad name or version or an existing folder."""
     if not NAME_RE.match(name):
@@ -203,10 +229,6 @@ def write_version(*, repo: str | Path, name: str, version: int, family: str,
     replaces the fitted sampling block: a vae's learned sampler (``build`` then writes
     ``sampler.onnx``, checked here against the latent shape, ``export.sampler``).
     """
-    from latentserve.worker.codec.codes import LatentCodec
-    from latentserve.worker.runtime.engine import EngineConfig, ModelRuntime
-    from latentserve.worker.runtime.model_check import make_record
-
     if family not in ("ae", "vae", "vqvae"):
         raise InvalidInput(f"family {family!r} is not one of ae, vae, vqvae")
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) < 2:
@@ -262,16 +284,14 @@ def write_version(*, repo: str | Path, name: str, version: int, family: str,
         manifest["source"] = source
         manifest["training"] = {"data_sha256": images_sha256(images),
                                 "num_train": int(len(images)), "seed": seed}
-        (folder / "manifest.json").write_text(dumps(manifest))
-        ref = f"{name}:{version}"
-        runtime = ModelRuntime(ModelRepository(tmp).load(ref), EngineConfig(intra_op_threads=1))
-        codec = LatentCodec(runtime)
-        quality = measure_quality(runtime, codec, images if val_images is None else val_images)
-        if max_diff is not None:
-            quality["onnx_max_abs_diff"] = max_diff
-        manifest["quality"] = quality
-        record = make_record(runtime, codec, images)
-        del runtime, codec
-        digest = seal_and_move(folder, target, manifest, record)
+
+        def quality(runtime: Any, codec: Any) -> dict[str, Any]:
+            out = measure_quality(runtime, codec, images if val_images is None else val_images)
+            if max_diff is not None:
+                out["onnx_max_abs_diff"] = max_diff
+            return out
+
+        digest = finish_version(Path(tmp), folder, target, manifest, measure=quality,
+                                check_images=images)
     append_registry(repo, name, version, digest)
     return target

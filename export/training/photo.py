@@ -9,7 +9,13 @@ training signal): the centre 256x256 crops of the ``--val`` folder (bsds500 ``te
 A ladder: ``--base-steps`` at ``--base-lambda``, then for each ``--rung NAME=LAMBDA`` a
 copy of that base fine-tuned for ``--rung-steps`` at its own lambda (the usual way to
 get several rates out of little compute). One checkpoint per rung, ``OUT/NAME.pt``,
-which ``python -m latentserve.export.publish.photo`` exports.
+which ``python -m latentserve.export.publish.photo`` exports; the base is ``OUT/base.pt``.
+
+``--init CKPT`` starts from a photo checkpoint's weights instead of a fresh net (to
+resume a training in several sittings; the checkpoint's shapes win over ``--n``/``--m``,
+its history is kept and its step count recorded). Every run's schedule: ``--warmup``
+steps of linear warm-up to ``lr``, then cosine decay to ``--min-lr`` (a warm restart when
+resuming). ``--base-steps 0`` with ``--init`` fine-tunes the rungs of an existing base.
 
     python -m latentserve.export.training.photo --data ../shared/data/bsds500/train \\
         --data ../shared/data/bsds500/val --val ../shared/data/bsds500/test --out runs/photo \\
@@ -24,6 +30,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +54,32 @@ class PhotoTrainConfig:
     batch: int = 8
     crop: int = 128
     lr: float = 1e-3
+    min_lr: float = 3e-5
+    warmup: int = 0
     seed: int = 0
+    budget_s: float = 0.0  # > 0: also end after this many seconds, the schedule on time
+
+
+def run_share(step: int, elapsed_s: float, cfg: PhotoTrainConfig) -> float:
+    """How much of the run is done: of its steps, or of its time budget if that is ahead
+    (a shared machine's speed varies; the decay still reaches ``min_lr`` in time)."""
+    by_steps = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    if cfg.budget_s <= 0:
+        return by_steps
+    return max(by_steps, elapsed_s / cfg.budget_s)
+
+
+def lr_factor(step: int, cfg: PhotoTrainConfig, done: float | None = None) -> float:
+    """The schedule as a factor of ``cfg.lr``: linear warm-up over ``warmup`` steps, then
+    cosine decay to ``min_lr`` as the run's share ``done`` goes 0 -> 1 (by default the
+    share of ``steps`` after the warm-up)."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if done is None:
+        done = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    t = min(max(done, 0.0), 1.0)
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def read_photos(folders: list[str | Path]) -> tuple[list[np.ndarray], str]:
@@ -99,31 +131,40 @@ def validate(net: PhotoCodec, val: Tensor, lmbda: float) -> dict[str, float]:
 
 
 def train(net: PhotoCodec, photos: list[np.ndarray], cfg: PhotoTrainConfig, val: Tensor | None,
-          log: Any, tag: str) -> list[dict[str, float]]:
-    """Adam, cosine decay to 3% of ``lr``; one line to ``log`` every 50 steps."""
+          log: Any, tag: str,
+          save: Callable[[list[dict[str, float]]], None] | None = None) -> list[dict[str, float]]:
+    """Adam on the ``lr_factor`` schedule, for ``cfg.steps`` or until ``cfg.budget_s``
+    has passed; one line to ``log`` every 50 steps, and
+    ``save(history)`` every 500 (a long run stopped early keeps its last checkpoint)."""
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)) * 0.97 + 0.03)
     net.train()
     history, t0, window = [], time.monotonic(), []
     for step in range(cfg.steps):
+        done = run_share(step, time.monotonic() - t0, cfg)
+        last = step + 1 == cfg.steps or done >= 1.0
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg, done)
         terms = rd_terms(net, random_crops(photos, cfg.batch, cfg.crop, rng), cfg.lmbda)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        sched.step()
-        window.append({k: float(v) for k, v in terms.items()})
-        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+        window.append({k: float(v.detach()) for k, v in terms.items()})
+        if (step + 1) % 50 == 0 or last:
             row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-            row.update(step=step + 1, s=round(time.monotonic() - t0, 1))
-            if val is not None and ((step + 1) % 500 == 0 or step + 1 == cfg.steps):
+            row.update(step=step + 1, s=round(time.monotonic() - t0, 1),
+                       lr=float(opt.param_groups[0]["lr"]))
+            if val is not None and ((step + 1) % 500 == 0 or last):
                 row.update({f"val_{k}": v for k, v in validate(net, val, cfg.lmbda).items()})
             history.append(row)
             print(tag, json.dumps(row), file=log, flush=True)
             window = []
+            if save is not None and (step + 1) % 500 == 0:
+                save(history)
+        if last:
+            break
     net.eval()
     return history
 
@@ -145,6 +186,30 @@ def load_photo_checkpoint(path: str | Path) -> tuple[dict[str, Any], PhotoCodec]
     return ckpt, net
 
 
+def parse_rung(text: str) -> tuple[str, float]:
+    """``NAME=LAMBDA`` -> (name, lambda), or a ValueError naming the bad argument."""
+    name, sep, lam = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, float(lam)
+    except ValueError:
+        raise ValueError(f"--rung {text!r}: expected NAME=LAMBDA, e.g. photo-lo=0.002") from None
+
+
+def total_steps(ckpt: dict[str, Any]) -> int:
+    """Training steps behind a checkpoint, every sitting it resumed from included."""
+    if "total_steps" in ckpt:
+        return int(ckpt["total_steps"])
+    if "base_config" in ckpt:  # a rung of a one-sitting run (version 1's checkpoints)
+        return int(ckpt["base_config"]["steps"]) + int(ckpt["train_config"]["steps"])
+    return int(ckpt["train_config"]["steps"])
+
+
+def steps_run(history: list[dict[str, float]]) -> int:
+    return int(history[-1]["step"]) if history else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", action="append", required=True, help="training folder (repeat)")
@@ -154,12 +219,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--m", type=int, default=96)
     ap.add_argument("--base-lambda", type=float, default=0.01)
     ap.add_argument("--base-steps", type=int, default=1500)
-    ap.add_argument("--rung", action="append", required=True, help="NAME=LAMBDA (repeat)")
+    ap.add_argument("--rung", action="append", default=[], help="NAME=LAMBDA (repeat)")
     ap.add_argument("--rung-steps", type=int, default=500)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--rung-lr", type=float, default=3e-4)
+    ap.add_argument("--min-lr", type=float, default=3e-5, help="where the cosine decay ends")
+    ap.add_argument("--warmup", type=int, default=0, help="linear warm-up steps of each run")
+    ap.add_argument("--base-budget-s", type=float, default=0.0,
+                    help="end the base after this many seconds (0 = no limit), its "
+                         "schedule on time when that comes before --base-steps")
+    ap.add_argument("--rung-budget-s", type=float, default=0.0, help="the same per rung")
+    ap.add_argument("--init", default=None, help="photo checkpoint to start from")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -169,25 +241,49 @@ def main(argv: list[str] | None = None) -> int:
     photos, digest = read_photos(args.data)
     val = centre_crops(read_photos([args.val])[0]) if args.val else None
     data = {"folders": [str(d) for d in args.data], "images": len(photos), "sha256": digest}
-    log = open(out / "train.log", "a")  # noqa: SIM115 - open for the whole run
-    print(f"photos {len(photos)} digest {digest[:16]} args {vars(args)}", file=log, flush=True)
-    torch.manual_seed(args.seed)
-    net = PhotoCodec(PhotoConfig(n=args.n, m=args.m))
-    base_cfg = PhotoTrainConfig(lmbda=args.base_lambda, steps=args.base_steps, batch=args.batch,
-                                crop=args.crop, lr=args.lr, seed=args.seed)
-    t0 = time.monotonic()
-    base_hist = train(net, photos, base_cfg, val, log, "base")
-    torch.save(checkpoint(net, base_cfg, base_hist, data), out / "base.pt")
-    for i, rung in enumerate(args.rung):
-        name, lam = rung.split("=")
-        fine = copy.deepcopy(net)
-        cfg = PhotoTrainConfig(lmbda=float(lam), steps=args.rung_steps, batch=args.batch,
-                               crop=args.crop, lr=args.rung_lr, seed=args.seed + 1 + i)
-        hist = train(fine, photos, cfg, val, log, name)
-        ckpt = checkpoint(fine, cfg, base_hist + hist, data)
-        ckpt["base_config"] = asdict(base_cfg)
-        torch.save(ckpt, out / f"{name}.pt")
-    print(f"done in {time.monotonic() - t0:.0f} s", file=log, flush=True)
+    with open(out / "train.log", "a") as log:
+        print(f"photos {len(photos)} digest {digest[:16]} args {vars(args)}", file=log, flush=True)
+        torch.manual_seed(args.seed)
+        rungs = [parse_rung(r) for r in args.rung]
+        init: dict[str, Any] = {}
+        prior_hist: list[dict[str, float]] = []
+        if args.init:
+            ckpt0, net = load_photo_checkpoint(args.init)
+            prior_hist = list(ckpt0.get("history", []))
+            init = {"path": str(args.init), "steps": total_steps(ckpt0)}
+        else:
+            net = PhotoCodec(PhotoConfig(n=args.n, m=args.m))
+        base_cfg = PhotoTrainConfig(lmbda=args.base_lambda, steps=args.base_steps, batch=args.batch,
+                                    crop=args.crop, lr=args.lr, min_lr=args.min_lr,
+                                    warmup=args.warmup, seed=args.seed,
+                                    budget_s=args.base_budget_s)
+        t0 = time.monotonic()
+        base_hist = prior_hist
+        base_total = init.get("steps", 0)
+
+        def save_base(hist: list[dict[str, float]]) -> None:
+            ckpt = checkpoint(net, base_cfg, prior_hist + hist, data)
+            ckpt.update(init=init, total_steps=base_total + steps_run(hist))
+            torch.save(ckpt, out / "base.tmp")
+            (out / "base.tmp").replace(out / "base.pt")  # never a half-written base.pt
+
+        if args.base_steps > 0:
+            hist = train(net, photos, base_cfg, val, log, "base", save_base)
+            save_base(hist)
+            base_hist = prior_hist + hist
+            base_total += steps_run(hist)
+        for i, (name, lam) in enumerate(rungs):
+            fine = copy.deepcopy(net)
+            cfg = PhotoTrainConfig(lmbda=lam, steps=args.rung_steps, batch=args.batch,
+                                   crop=args.crop, lr=args.rung_lr, min_lr=args.min_lr,
+                                   warmup=args.warmup, seed=args.seed + 1 + i,
+                                   budget_s=args.rung_budget_s)
+            hist = train(fine, photos, cfg, val, log, name)
+            ckpt = checkpoint(fine, cfg, base_hist + hist, data)
+            ckpt.update(base_config=asdict(base_cfg), init=init, base_steps=base_total,
+                        total_steps=base_total + steps_run(hist))
+            torch.save(ckpt, out / f"{name}.pt")
+        print(f"done in {time.monotonic() - t0:.0f} s", file=log, flush=True)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def test_eval_on_20_images_writes_all_three_files(
         assert len(p["per_image"]["bytes"]) == 20 and p["images"] == 20
         assert p["bits_per_pixel"] == pytest.approx(p["bytes_per_image"] * 8 / 784)
         assert p["encode_images_per_s"] > 0 and p["decode_images_per_s"] > 0
+        assert p["ms_ssim"] is None  # 28 x 28 is too small for MS-SSIM's five scales
+    assert "MS-SSIM" not in printed
     # the model figures are exactly what the pipeline produces: whole codes, headers included
     pipe = Pipeline(tiny_repo)
     codes = pipe.compress("tiny-vae:1", images)
@@ -79,6 +82,57 @@ def test_eval_on_20_images_writes_all_three_files(
     for label in ("tiny-ae:1", "webp q10", "BD-rate", "Sample quality", "| FID |",
                   "floor: real images"):
         assert label in md and label in printed
+
+
+def test_eval_on_photos_reports_ms_ssim(photo_repo: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from latentserve.eval.metrics import ms_ssim
+
+    with Image.open(ROOT / "examples" / "photos" / "chelsea.jpg") as img:
+        rgb = np.asarray(img.convert("RGB"), np.uint8)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    crops = [rgb[:176, :200], rgb[50:250, 100:269]]  # two sizes, both over 160 px a side
+    for i, crop in enumerate(crops):
+        Image.fromarray(crop).save(folder / f"p{i}.png")
+    out = tmp_path / "out"
+    assert main(["eval", "--images", str(folder), "--repo", str(photo_repo), "--only",
+                 "tiny-photo", "--codecs", "jpeg", "--no-lossless", "--quiet",
+                 "-o", str(out)]) == 0
+    report = json.loads((out / "rd.json").read_text())
+    for p in report["points"]:
+        per = p["per_image"]["ms_ssim"]
+        assert len(per) == 2 and all(0 <= v <= 1 for v in per)
+        assert p["ms_ssim"] == pytest.approx(np.mean(per), abs=1e-5)
+    jpeg = next(p for p in report["points"] if p["label"] == "jpeg q50")
+    buf = io.BytesIO()
+    Image.fromarray(crops[0]).save(buf, format="JPEG", quality=50)
+    with Image.open(buf) as j:
+        decoded = np.asarray(j.convert("RGB"), np.uint8).transpose(2, 0, 1)
+    want = ms_ssim(crops[0].transpose(2, 0, 1)[None], decoded[None])[0]
+    assert jpeg["per_image"]["ms_ssim"][0] == pytest.approx(want, abs=1e-5)
+    assert "| MS-SSIM |" in (out / "rd.md").read_text()
+    # a second run takes the codec points of the first instead of measuring them again
+    again = tmp_path / "again"
+    assert main(["eval", "--images", str(folder), "--repo", str(photo_repo), "--only",
+                 "tiny-photo", "--codecs", "jpeg", "--no-lossless", "--quiet",
+                 "--reuse-codecs", str(out / "rd.json"), "-o", str(again)]) == 0
+    second = json.loads((again / "rd.json").read_text())
+    codec_points = [p for p in report["points"] if p["kind"] == "codec"]
+    reused = [p for p in second["points"] if p["kind"] == "codec"]
+    assert second["meta"]["reused_codecs"]["labels"] == [p["label"] for p in codec_points]
+    for a, b in zip(reused, codec_points, strict=True):
+        assert a["per_image"] == b["per_image"]  # rd.json's per-image values, as written
+        for key in ("bits_per_pixel", "psnr_db", "ssim", "ms_ssim", "encode_images_per_s"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4, rel=1e-6), key  # their rounding
+    assert second["bd_rate_vs"]["jpeg"]["photo"]["bd_rate_pct"] == pytest.approx(
+        report["bd_rate_vs"]["jpeg"]["photo"]["bd_rate_pct"], abs=0.05)
+    # ... and only on the same images
+    (folder / "p1.png").unlink()
+    capsys.readouterr()
+    assert main(["eval", "--images", str(folder), "--only", "--codecs", "jpeg", "--quiet",
+                 "--reuse-codecs", str(out / "rd.json"), "-o", str(tmp_path / "other")]) == 1
+    assert "measured other images" in capsys.readouterr().err
 
 
 def test_eval_codecs_only_and_bad_arguments(mnist_images: np.ndarray, tmp_path: Path) -> None:
