@@ -48,6 +48,7 @@ from latentserve.export.publish.sampler import (
     check_sampler,
     export_sampler,
     learned_sampling,
+    torch_run,
 )
 from latentserve.export.publish.writer import DEFAULT_VAE_STEP, LatentCoding, write_version
 
@@ -137,14 +138,6 @@ class DecoderWrapper(nn.Module):
         return image.clamp(0.0, 1.0)
 
 
-def _torch_run(module: nn.Module) -> contract.Run:
-    @torch.no_grad()
-    def run(x: np.ndarray) -> np.ndarray:
-        out: Tensor = module(torch.as_tensor(x))
-        return out.numpy()
-    return run
-
-
 class _Likelihood(Protocol):
     """A user density without pmf_table: masses of (1, C, 1, W) latent values."""
 
@@ -207,7 +200,7 @@ def _parity(family: Family, modules: dict[str, nn.Module], images: np.ndarray) -
             if role == "hyper_encoder":
                 feed = latent  # type: ignore[assignment]
             got = sess.run(None, {name: feed})[0]
-            want = _torch_run(modules[role])(feed)
+            want = torch_run(modules[role])(feed)
             if role == "hyper_encoder":
                 feed = np.rint(want).astype(np.float32)
             if role == "encoder" and family == "vqvae":
@@ -271,7 +264,7 @@ def export_model(*, family: Family, encoder: nn.Module, decoder: nn.Module,
             module.eval()
     enc = EncoderWrapper(encoder, family, encoder_input).eval()
     x = torch.as_tensor(images[:2])
-    out = torch.as_tensor(contract.check_encoder(_torch_run(enc), images[:8], family))
+    out = torch.as_tensor(contract.check_encoder(torch_run(enc), images[:8], family))
     flat = family != "vqvae" and out.shape[2:] == (1, 1) and _flat_latent(encoder, enc, x)
     dec = DecoderWrapper(decoder, flat).eval()
     modules: dict[str, nn.Module] = {"encoder": enc, "decoder": dec}
@@ -301,18 +294,18 @@ def export_model(*, family: Family, encoder: nn.Module, decoder: nn.Module,
             fit = _density_fit(latent_model.density)
         coding = LatentCoding(step=step, fit=fit)
     feed = out.long() if family == "vqvae" else torch.round(out / coding.step) * coding.step
-    contract.check_decoder(_torch_run(dec), feed.numpy(), tuple(images.shape[1:]))
+    contract.check_decoder(torch_run(dec), feed.numpy(), tuple(images.shape[1:]))
     if "prior" in modules:
-        contract.check_prior(_torch_run(modules["prior"]), feed.numpy(), coding.num_codes or 0)
+        contract.check_prior(torch_run(modules["prior"]), feed.numpy(), coding.num_codes or 0)
     z_example = None
     if "hyper_encoder" in modules:
-        z = contract.check_hyper_encoder(_torch_run(modules["hyper_encoder"]), feed.numpy())
+        z = contract.check_hyper_encoder(torch_run(modules["hyper_encoder"]), feed.numpy())
         z_example = torch.as_tensor(np.rint(z).astype(np.float32))
-        contract.check_hyper_decoder(_torch_run(modules["hyper_decoder"]), z_example.numpy(),
+        contract.check_hyper_decoder(torch_run(modules["hyper_decoder"]), z_example.numpy(),
                                      tuple(feed.shape[1:]))
     latent_shape = tuple(int(s) for s in out.shape[1:])
     if sampler is not None:  # its contract on torch, before any export
-        check_sampler(_torch_run(SamplerWrapper(sampler.module, latent_shape).eval()),
+        check_sampler(torch_run(SamplerWrapper(sampler.module, latent_shape).eval()),
                       sampler.noise_dim, latent_shape)
     dec_example = feed[:2]
     source = {"kind": "torch", "encoder": type(encoder).__name__,
