@@ -103,10 +103,10 @@ class Worker:
                  owned: Sequence[Closeable] = ()) -> None:
         self.config = config
         self.pipeline = pipeline
-        # What create_worker built for this worker alone (its coder pool): closed when
-        # run() returns.
-        self._owned = tuple(owned)
+        # What was built for this worker alone (its coder pool; its Redis client unless
+        # the caller passed one): closed when run() returns, so no socket outlives it.
         self.r = client or connect(config.redis_url)
+        self._owned = (*owned, *(() if client is not None else (self.r,)))
         self.store = JobStore(self.r, config.queue)
         self.keys = config.keys
         self.consumer = config.consumer
@@ -220,7 +220,8 @@ class Worker:
         return self.stats
 
     def close(self) -> None:
-        """Release what this worker owns (its coder processes); run() does it on return."""
+        """Release what this worker owns (its coder processes, the Redis client it
+        opened); run() does it on return."""
         owned, self._owned = self._owned, ()
         for thing in owned:
             thing.close()
