@@ -98,16 +98,17 @@ def run(args: argparse.Namespace) -> int:
         refs = list(args.only) if args.only else sorted(
             {e.manifest.name for e in pipeline.models()})
         # one point per version asked for; a bare name means its newest version
-        refs = [pipeline.repository.resolve(r).manifest.ref for r in refs]
+        manifests = [pipeline.repository.resolve(r).manifest for r in refs]
         if not args.only:  # every model: those that take these images (named: an error)
             fit = []
-            for ref in refs:
-                reason = unfit_reason(pipeline.repository.resolve(ref).manifest, images)
+            for manifest in manifests:
+                reason = unfit_reason(manifest, images)
                 if reason is None:
-                    fit.append(ref)
+                    fit.append(manifest)
                 elif not args.quiet:
                     print(f"  skipped: {reason}", file=sys.stderr, flush=True)
-            refs = fit
+            manifests = fit
+        refs = [m.ref for m in manifests]
     if not refs and not codecs:
         raise InvalidInput("nothing to evaluate: no models found or named, and --codecs is empty")
 
