@@ -28,11 +28,10 @@ from redis.exceptions import (
 )
 
 from latentserve.errors import InvalidInput, Unavailable
+from latentserve.worker.jobqueue.redis_url import CLUSTER_PARAM, NODES_PARAM
 
 log = logging.getLogger(__name__)
 
-CLUSTER_PARAM = "cluster"
-NODES_PARAM = "nodes"  # more first contacts: HOST:PORT,HOST:PORT ([v6addr]:PORT)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 

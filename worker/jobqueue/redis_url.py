@@ -16,11 +16,14 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from latentserve.errors import InvalidInput
 
+# The cluster parameters' names live here, with the other URL parameters; cluster.py reads them.
+CLUSTER_PARAM = "cluster"
+NODES_PARAM = "nodes"  # more first contacts: HOST:PORT,HOST:PORT ([v6addr]:PORT)
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 REDIS_PARAMS = frozenset({
     "db", "username", "password", "client_name", "protocol", "socket_timeout",
     "socket_connect_timeout", "socket_keepalive", "health_check_interval", "max_connections",
-    "cluster", "nodes"})  # a Redis Cluster and its first contacts (jobqueue/cluster.py)
+    CLUSTER_PARAM, NODES_PARAM})  # a Redis Cluster and its first contacts (jobqueue/cluster.py)
 REDIS_TLS_PARAMS = frozenset({
     "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password",
     "ssl_cert_reqs", "ssl_check_hostname", "ssl_min_version", "ssl_ciphers"})
@@ -85,9 +88,9 @@ def check_redis_url(url: str) -> dict[str, str]:
         cluster = is_cluster_url(url)
     except InvalidInput as exc:
         raise InvalidInput(f"Redis URL {shown!r}: {exc}") from None
-    if "nodes" in params and not cluster:
-        raise InvalidInput(f"Redis URL {shown!r}: nodes= names a Redis Cluster's first "
-                           "contacts; add cluster=true")
+    if NODES_PARAM in params and not cluster:
+        raise InvalidInput(f"Redis URL {shown!r}: {NODES_PARAM}= names a Redis Cluster's first "
+                           f"contacts; add {CLUSTER_PARAM}=true")
     return params
 
 
