@@ -45,7 +45,6 @@ from latentserve.worker.codec.codes import (
     VQ_PRIOR,
     VQ_STATIC,
     LatentCodec,
-    not_canonical,
     pack,
 )
 from latentserve.worker.codec.entropy import (
@@ -53,6 +52,7 @@ from latentserve.worker.codec.entropy import (
     RangeDecoder,
     RangeEncoder,
     fixed_model,
+    not_canonical,
 )
 from latentserve.worker.runtime.engine import EngineConfig
 from latentserve.worker.runtime.pipeline import Pipeline
