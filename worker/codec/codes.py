@@ -43,9 +43,7 @@ from latentserve.worker.codec.entropy import (
     decode_error,
     finish,
     fixed_model,
-    plan_offsets,
     prior_check,
-    prior_tables,
     zero_ended,
 )
 from latentserve.worker.codec.hyperprior import DECODER_MARGIN as HYPER_MARGIN
@@ -55,6 +53,7 @@ from latentserve.worker.codec.hyperprior import (
     scale_indices,
 )
 from latentserve.worker.codec.hyperprior import plan_offsets as plan_scale_offsets
+from latentserve.worker.codec.prior_sparse import plan_prior, step_tables
 from latentserve.worker.runtime.engine import ModelRuntime
 from latentserve.worker.runtime.manifest import CODE_KIND_IDS, VQPriorSpec
 
@@ -300,15 +299,16 @@ class LatentCodec:
         assert self.static is not None
         if want == VQ_STATIC or len(symbols) == 0:
             return [(VQ_STATIC, p) for p in self._encode_fixed(VQ_STATIC, symbols)]
-        offsets, probs = self.prior_plan(symbols)
+        assert self.prior is not None
+        plan = plan_prior(self.prior_logits(symbols), self.prior)
         order = self.order
         assert order is not None
         out = []
-        for s, j, p in zip(symbols, offsets, probs, strict=True):
-            if j >= 0:
-                out.append((want, prior_payload(int(j), s, p, order)))
+        for i, j in enumerate(plan.offsets.tolist()):
+            if j >= 0:  # each image's tables built just before they are coded
+                out.append((want, prior_payload(j, symbols[i], plan.tables(i), order)))
             else:  # float noise on another machine could change a table: use the static one
-                out.append((VQ_STATIC, self.static.encode(s)))
+                out.append((VQ_STATIC, self.static.encode(symbols[i])))
         return out
 
     def hyper_plan(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -343,8 +343,13 @@ class LatentCodec:
         if self.prior_kind == VQ_PARALLEL:
             flat = self.runtime.parallel_logits(symbols)
         else:
-            logits = self.runtime.prior_stepper(len(symbols)).all_logits(symbols)
-            flat = logits.reshape(len(symbols), logits.shape[1], -1).transpose(0, 2, 1)
+            stepper = self.runtime.prior_stepper(len(symbols))
+            if stepper.stepwise:  # the step graph's outputs stacked as (N, h*w, K) at once
+                positions = int(np.prod(self.manifest.latent_shape))
+                flat = np.stack([stepper.logits(p, symbols) for p in range(positions)], axis=1)
+            else:
+                logits = stepper.all_logits(symbols)
+                flat = logits.reshape(len(symbols), logits.shape[1], -1).transpose(0, 2, 1)
         if flat.shape[2] != self.static.num_codes:
             raise ModelIntegrityError(
                 f"{self.manifest.ref}: the prior gives {flat.shape[2]} logits per position, "
@@ -357,7 +362,8 @@ class LatentCodec:
         it as kind 2) and its tables ((N, h*w, K) float64 in raster order, uniform where
         the offset is -1)."""
         assert self.prior is not None
-        return plan_offsets(self.prior_logits(symbols), self.prior)
+        plan = plan_prior(self.prior_logits(symbols), self.prior)
+        return plan.offsets, plan.dense()
 
     def cross_entropy_bits(self, symbols: np.ndarray, kinds: Sequence[int], *,
                            size: tuple[int, int] | None = None) -> np.ndarray:
@@ -657,8 +663,10 @@ class LatentCodec:
                                           f"{logits.shape[2]} logits per position, the "
                                           f"codebook has {k} codes")
             logits = logits[alive] if len(alive) < n else logits
-            where = np.broadcast_to(offsets[alive][:, None], logits.shape[:2])
-            probs, margins = prior_tables(logits, spec, where)
+            na, g = logits.shape[:2]
+            probs, margins = step_tables(logits.reshape(na * g, k),
+                                         np.repeat(offsets[alive], g), spec)
+            probs, margins = probs.reshape(na, g, k), margins.reshape(na, g)
             margin = margins.min(axis=1)
             for j in np.flatnonzero(~(margin >= floor)).tolist():  # NaN is refused too
                 i = int(alive[j])
