@@ -367,3 +367,16 @@ def test_encode_refuses_bad_symbols(golden: Pipeline) -> None:
         vq.encode(np.zeros((1, 7, 7), np.float32))
     with pytest.raises(InvalidInput, match="cannot write code kind 'vq_prior'"):
         ae.encode(np.zeros((1, 2, 7, 7), np.int32), kind="vq_prior")
+
+
+@pytest.mark.parametrize(("ref", "kind"), [("golden-ae:1", None), ("golden-vqvae:1", "vq_static")])
+def test_not_shortest_finds_a_longer_payload_by_index(golden: Pipeline, ref: str,
+                                                      kind: str | None) -> None:
+    """The encoder's own check (``latentserve models check``'s round trip): its payloads are
+    the shortest; one with bytes appended (checksum made valid) is found by index."""
+    codec = golden.codec(ref)
+    codes = codec.encode(codec.runtime.encode(blobs(4, seed=5)), kind=kind)
+    assert codec.not_shortest(codes) == []
+    h = parse_header(codes[2])
+    codes[2] = pack(codec.manifest.digest, h.kind, h.payload + b"\x07\x01")
+    assert codec.not_shortest(codes) == [2]

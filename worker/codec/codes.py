@@ -591,6 +591,19 @@ class LatentCodec:
             return self.pool.encode(self._specs[kind], symbols)
         return self._tables(kind, size).encode_batch(symbols)
 
+    def not_shortest(self, codes: Sequence[bytes]) -> list[int]:
+        """Indices of the kind-1/2 codes whose payload is not the one the encoder writes
+        for the symbols it decodes to (decoded, re-encoded, compared: what decoders no
+        longer do per code, for checking an encoder, e.g. ``latentserve models check``)."""
+        bad = []
+        for i, code in enumerate(codes):
+            h = self.check(code)
+            if h.kind in (FACTORIZED, VQ_STATIC):
+                tables = self._tables(h.kind, None if h.size is None else h.size)
+                if isinstance(tables.decode_batch([h.payload], canonical=True)[0], CodeError):
+                    bad.append(i)
+        return bad
+
     def check(self, code: bytes) -> Header:
         """Parse a code and require that this model made it with a kind it writes."""
         header = parse_header(code)
