@@ -12,6 +12,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
+from latentserve.worker.codec import prior_sparse
 from latentserve.worker.codec.entropy import PRIOR_OFFSETS, plan_offsets, prior_tables
 from latentserve.worker.codec.prior_sparse import plan_prior, step_tables
 from latentserve.worker.runtime.manifest import VQPriorSpec
@@ -49,6 +50,12 @@ def test_plan_prior_is_plan_offsets(seed: int, n: int, positions: int, k: int, s
     spec = random_spec(rng, scale, lut_len)
     logits = random_logits(rng, (n, positions, k), spec, np.float32 if f32 else np.float64)
     offsets, tables = plan_offsets(logits, spec)
+    chunk = prior_sparse.PLAN_CHUNK
+    try:  # chunks of 2 images: the merged plan is the one plan
+        prior_sparse.PLAN_CHUNK = 2
+        assert np.array_equal(plan_prior(logits, spec).dense(), tables)
+    finally:
+        prior_sparse.PLAN_CHUNK = chunk
     plan = plan_prior(logits, spec)
     assert np.array_equal(plan.offsets, offsets)
     assert np.array_equal(plan.dense(), tables)  # bit for bit: the same float64s

@@ -130,9 +130,27 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 _FILTER_RANGE = 2.0 ** 30
 
 
+# Images planned together: a chunk's candidate arrays stay in the CPU's caches.
+PLAN_CHUNK = 32
+
+
 def plan_prior(logits: np.ndarray, spec: VQPriorSpec) -> PriorPlan:
     """``entropy.plan_offsets`` (the first offset whose every table has margin >= guard),
-    on the candidate logits only.
+    on the candidate logits only, PLAN_CHUNK images at a time."""
+    n, p, k = logits.shape
+    if n <= PLAN_CHUNK:
+        return _plan_chunk(logits, spec)
+    parts = [_plan_chunk(logits[a:a + PLAN_CHUNK], spec) for a in range(0, n, PLAN_CHUNK)]
+    shift = np.repeat(np.arange(0, n, PLAN_CHUNK) * p, [len(q._tab) for q in parts])
+    return PriorPlan(np.concatenate([q.offsets for q in parts]), (n, p, k),
+                     np.concatenate([q._fill for q in parts]),
+                     np.concatenate([q._tab for q in parts]) + shift,
+                     np.concatenate([q._col for q in parts]),
+                     np.concatenate([q._vals for q in parts]))
+
+
+def _plan_chunk(logits: np.ndarray, spec: VQPriorSpec) -> PriorPlan:
+    """``plan_prior`` of one chunk of images.
 
     A candidate comes within ``guard`` of a rounding boundary at few offsets j (one when
     guard * logit_scale < 1/32: the 16 offsets' boundaries lie 1/16 apart in x), found
@@ -162,7 +180,10 @@ def plan_prior(logits: np.ndarray, spec: VQPriorSpec) -> PriorPlan:
     v -= jstar
     reach = 2 * guard * scale * PRIOR_OFFSETS
     keys = []
-    for delta in range(-math.ceil(reach), math.ceil(reach) + 1):  # one, unless guard is wide
+    # |v| <= 1/2, so |v - delta| < reach needs |delta| < reach + 1/2: only 0 unless the
+    # guard is wide.
+    wide = math.ceil(reach + 0.5) - 1
+    for delta in range(-wide, wide + 1):
         risky = np.flatnonzero(np.abs(v - delta) < reach)
         keys.append(cand.tab[risky] * PRIOR_OFFSETS
                     + (jstar[risky].astype(np.int64) + delta) % PRIOR_OFFSETS)
