@@ -6,9 +6,11 @@ Per model and kind (factorized; vq_static; vq_prior), on the same symbols, image
 
 - ``raw``: constriction itself, one RangeEncoder (RangeDecoder) per image, each table a
   model built once (per channel / per grid position); vq_prior: one per-symbol family
-  call under the same float64 tables. The library's own per-image speed.
+  call under the same float64 tables (decode: one call per grid position, as a decoder
+  must go). The library's own per-image speed.
 - ``old``: the reference coder (``worker/codec/entropy_reference.py``: per-image float64
-  tables, the payload bisected and checked by decoding), with the header and checks.
+  tables, the payload bisected and checked by decoding; vq_prior: the dense table rule,
+  ``entropy.plan_offsets``), with the header and checks (decode: re-encoded).
 - ``new``: ``Pipeline.compress`` / ``Pipeline.reconstruct`` minus the time inside their
   networks (the encoder / decoder; vq_prior: the prior is counted apart as ``prior s``).
 
