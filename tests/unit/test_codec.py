@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from latentserve.errors import (
+    CodeError,
     CodeMismatch,
     CorruptCode,
     InvalidInput,
@@ -31,7 +32,7 @@ from latentserve.worker.codec.codes import (
     pack,
     parse_header,
 )
-from latentserve.worker.codec.entropy import prior_tables
+from latentserve.worker.codec.entropy import accepts, prior_tables
 from latentserve.worker.runtime.engine import EngineConfig, ModelRuntime, PriorStepper
 from latentserve.worker.runtime.pipeline import Pipeline
 
@@ -297,27 +298,46 @@ def test_kind_the_model_does_not_write_is_corrupt(golden: Pipeline) -> None:
 
 
 @pytest.mark.parametrize("ref", ["golden-ae:1", "golden-vqvae:1"])
-def test_non_canonical_payload_is_refused_even_with_a_valid_checksum(golden: Pipeline,
-                                                                     ref: str) -> None:
+def test_what_a_decoder_accepts_with_a_valid_checksum(golden: Pipeline, ref: str) -> None:
+    """docs/code-format.md, "What a decoder accepts": the decoder does not re-encode. A
+    payload ending in a zero byte is refused (the encoder never writes one); any other
+    decodes to the symbols whose final interval holds its value (kinds 1, 2: checked
+    against the coder), and the encoder still writes its one shortest payload for them."""
     codec = golden.codec(ref)
-    code = codec.encode(codec.runtime.encode(blobs(1, seed=2)), kind=None)[0]
+    symbols = codec.runtime.encode(blobs(1, seed=2))
+    code = codec.encode(symbols, kind=None)[0]
     h = parse_header(code)
-    # Extended (with a correct checksum): decodes, but is not the shortest form -> refused.
+    # Zero-extended (with a correct checksum): refused.
     for payload in (h.payload + b"\0", h.payload + b"\0\0\0\0\0"):
         forged = pack(codec.manifest.digest, h.kind, payload)
-        with pytest.raises(CorruptCode, match="not the one the encoder writes"):
+        with pytest.raises(CorruptCode, match="ends in a zero byte"):
             codec.decode([forged])
-    # Payloads are the shortest bytes that decode to their symbols, so a shorter string is
-    # refused, or it is exactly the code of other symbols (the checksum guards against
-    # truncation; the header test above covers it).
-    for cut in range(1, len(h.payload) + 1):
-        forged = pack(codec.manifest.digest, h.kind, h.payload[:-cut])
+    # Zeros up to the end of the state window, then bytes the decoder never reads: the
+    # same symbols; the canonical check (kept for verifying encoders) refuses it.
+    tables = codec.factorized if h.kind == 1 else codec.static
+    assert tables is not None
+    if h.kind in (1, 2):
+        window = 4 * (tables.encoder_for(symbols[0]).pos()[0] + 2)
+        longer = h.payload.ljust(window, b"\0") + b"\x07\x01"
+        assert np.array_equal(codec.decode([pack(codec.manifest.digest, h.kind, longer)]),
+                              symbols)
+        assert isinstance(tables.decode_batch([longer], canonical=True)[0], CorruptCode)
+        assert isinstance(tables.decode_batch([h.payload], canonical=True)[0], np.ndarray)
+    else:  # kind 3: bytes appended give the same indices or are refused by the check
+        forged = pack(codec.manifest.digest, h.kind, h.payload + b"\x07" * 40)
         result = codec.decode_each([forged])[0]
-        if not isinstance(result, (CorruptCode, NotExactlyDecodable)):
-            assert isinstance(result, np.ndarray)
-            if h.kind != VQ_PRIOR:  # (kind 3: its own offset need not be the encoder's first)
-                assert codec.encode(result[None], kind="vq_static" if h.kind == VQ_STATIC
-                                    else None)[0] == forged
+        assert isinstance(result, CodeError) or np.array_equal(result, symbols[0])
+    # Cut short: refused, or other symbols whose final interval holds the cut payload.
+    for cut in range(1, len(h.payload) + 1):
+        payload = h.payload[:-cut]
+        result = codec.decode_each([pack(codec.manifest.digest, h.kind, payload)])[0]
+        if isinstance(result, CodeError):
+            continue
+        assert isinstance(result, np.ndarray)
+        if h.kind in (1, 2):
+            assert accepts(tables.encoder_for(result), payload)  # type: ignore[union-attr]
+    # The encoder's payload is the shortest: re-encoding what it decodes to gives it back.
+    assert codec.encode(codec.decode([code]), kind=None) == [code]
     # The empty payload is canonical: the all-zero stream, i.e. every symbol the first of
     # its table (it is what the encoder writes for that message).
     symbols = codec.decode([pack(codec.manifest.digest, VQ_STATIC if h.kind == VQ_PRIOR
@@ -347,3 +367,16 @@ def test_encode_refuses_bad_symbols(golden: Pipeline) -> None:
         vq.encode(np.zeros((1, 7, 7), np.float32))
     with pytest.raises(InvalidInput, match="cannot write code kind 'vq_prior'"):
         ae.encode(np.zeros((1, 2, 7, 7), np.int32), kind="vq_prior")
+
+
+@pytest.mark.parametrize(("ref", "kind"), [("golden-ae:1", None), ("golden-vqvae:1", "vq_static")])
+def test_not_shortest_finds_a_longer_payload_by_index(golden: Pipeline, ref: str,
+                                                      kind: str | None) -> None:
+    """The encoder's own check (``latentserve models check``'s round trip): its payloads are
+    the shortest; one with bytes appended (checksum made valid) is found by index."""
+    codec = golden.codec(ref)
+    codes = codec.encode(codec.runtime.encode(blobs(4, seed=5)), kind=kind)
+    assert codec.not_shortest(codes) == []
+    h = parse_header(codes[2])
+    codes[2] = pack(codec.manifest.digest, h.kind, h.payload + b"\x07\x01")
+    assert codec.not_shortest(codes) == [2]

@@ -67,18 +67,18 @@ def test_pool_reports_a_bad_code_by_its_index(inline: Pipeline, pooled: Pipeline
     codec = pooled.codec("golden-ae:1")
     symbols = symbols_for(codec, 9, seed=5)
     codes = codec.encode(symbols)
-    # A payload the encoder would not write (one byte appended), checksum made valid:
-    # only the pool's canonical re-encode can refuse it.
+    # A payload the encoder would not write (a zero byte appended), checksum made valid:
+    # only the pool's decoder can refuse it.
     from latentserve.worker.codec.codes import pack, parse_header
 
-    bad = pack(codec.manifest.digest, codes[6][1], parse_header(codes[6]).payload + b"\x07")
+    bad = pack(codec.manifest.digest, codes[6][1], parse_header(codes[6]).payload + b"\0")
     codes[6] = bad
     each = codec.decode_each(codes)
     assert [i for i, r in enumerate(each) if isinstance(r, CodeError)] == [6]
     assert isinstance(each[6], CorruptCode)
     assert [type(r).__name__ for r in each] == [
         type(r).__name__ for r in inline.codec("golden-ae:1").decode_each(codes)]
-    with pytest.raises(CorruptCode, match="^code 6 of 9: the payload is not the one"):
+    with pytest.raises(CorruptCode, match="^code 6 of 9: the payload ends in a zero byte"):
         codec.decode(codes)
     images = pooled.reconstruct_each(codes)
     assert isinstance(images[6], CorruptCode) and all(
@@ -96,7 +96,7 @@ def test_a_slice_per_process_and_a_bad_code_in_the_second_slice(
     codes = codec.encode(symbols, kind=kind)
     assert codes == inline.codec(model).encode(symbols, kind=kind)
     p = parse_header(codes[77])
-    codes[77] = pack(codec.manifest.digest, p.kind, p.payload + b"\x01")
+    codes[77] = pack(codec.manifest.digest, p.kind, p.payload + b"\0")
     each = codec.decode_each(codes)
     assert [i for i, r in enumerate(each) if isinstance(r, CodeError)] == [77]
     good = [i for i in range(101) if i != 77]
@@ -178,3 +178,20 @@ def test_a_killed_process_is_replaced_and_its_work_redone(pooled: Pipeline,
     assert pool.replaced == replaced + 1
     assert not set(pool.pids()) & {before[0]}
     assert np.array_equal(codec.decode(want), symbols)
+
+
+def test_the_pools_canonical_check_reports_a_longer_payload_by_its_index(
+        inline: Pipeline, pooled: Pipeline, pool: CoderPool) -> None:
+    """Serving decodes without re-encoding; the pool still offers the canonical check
+    (the encoder's output verified): a payload with bytes appended is refused at its
+    index, the others decode."""
+    from latentserve.worker.codec.codes import FACTORIZED, parse_header
+
+    codec = pooled.codec("golden-ae:1")
+    symbols = symbols_for(codec, 9, seed=6)
+    payloads = [parse_header(c).payload for c in codec.encode(symbols)]
+    payloads[4] += b"\x07\x01"
+    got = pool.decode(codec._specs[FACTORIZED], payloads, canonical=True)
+    assert [i for i, r in enumerate(got) if isinstance(r, CorruptCode)] == [4]
+    assert np.array_equal(np.stack([got[i] for i in range(9) if i != 4]),  # type: ignore[misc]
+                          symbols[[i for i in range(9) if i != 4]])

@@ -17,6 +17,7 @@ from latentserve.worker.codec.entropy import (
     RangeEncoder,
     StaticTables,
     SymbolDecoder,
+    accepts,
     finish,
     probabilities,
     shortest_payload,
@@ -56,6 +57,23 @@ def reference_verdict(decode, encode, payload: bytes):  # type: ignore[no-untype
     return symbols if encode(symbols) == payload else None
 
 
+def check_plain_decode(tables, reference_decode, payload: bytes) -> None:  # type: ignore[no-untyped-def]
+    """The serving decoder (no re-encode, docs/code-format.md "What a decoder accepts"):
+    a zero-ended payload is refused; any other gives exactly the reference decoder's
+    symbols (or its refusal), and those symbols' final interval holds the payload."""
+    got = tables.decode_batch([payload])[0]
+    if payload.endswith(b"\0"):
+        assert isinstance(got, CorruptCode) and "zero byte" in str(got)
+        return
+    try:
+        want = reference_decode(payload)
+    except CorruptCode:
+        assert isinstance(got, CorruptCode)
+        return
+    assert isinstance(got, np.ndarray) and got.dtype == np.int32 and np.array_equal(got, want)
+    assert accepts(tables.encoder_for(got), payload) is not False
+
+
 @SETTINGS
 @given(seed=st.integers(0, 2**32 - 1), c=st.integers(1, 6), h=st.integers(1, 6),
        w=st.integers(1, 6), kmax=st.integers(1, 40))
@@ -76,6 +94,7 @@ def test_factorized_fast_equals_reference(seed: int, c: int, h: int, w: int, kma
                 assert isinstance(got, CorruptCode)
             else:
                 assert isinstance(got, np.ndarray) and np.array_equal(got, want)
+            check_plain_decode(tables, lambda p: ref.factorized_decode(tables, p), bad)
 
 
 @SETTINGS
@@ -98,6 +117,7 @@ def test_static_fast_equals_reference(seed: int, h: int, w: int, k: int, n: int)
             got = tables.decode_batch([bad], canonical=True)[0]
             assert (isinstance(got, CorruptCode) if want is None
                     else np.array_equal(got, want))  # type: ignore[arg-type]
+            check_plain_decode(tables, lambda p: ref.static_decode(tables, p), bad)
 
 
 @SETTINGS

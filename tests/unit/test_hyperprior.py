@@ -205,12 +205,18 @@ def test_corrupted_codes_are_refused(repo: Path) -> None:
         bad += [c[:-1], c + b"\0", c + b"\x01", c[:7]]
     results = pipe.reconstruct_each(bad)
     assert all(isinstance(r, CodeError) for r in results)
-    # a payload that decodes but is not the encoder's (checksum recomputed) is refused too
+    # With the checksum recomputed (docs/code-format.md, "What a decoder accepts"): a
+    # zero-ended payload is refused; bytes appended give the same latent or are refused
+    # by the check, never another latent.
     from latentserve.worker.codec.codes import pack
 
     h = parse_header(codes[0])
-    forged = pack(pipe.codec("hp").manifest.digest, HYPERPRIOR, h.payload + b"\x07")
-    assert isinstance(pipe.reconstruct_each([forged])[0], CorruptCode)
+    digest = pipe.codec("hp").manifest.digest
+    zero_ended = pack(digest, HYPERPRIOR, h.payload + b"\0")
+    assert isinstance(pipe.reconstruct_each([zero_ended])[0], CorruptCode)
+    want = pipe.codec("hp").decode([codes[0]])
+    result = pipe.codec("hp").decode_each([pack(digest, HYPERPRIOR, h.payload + b"\x07")])[0]
+    assert isinstance(result, CodeError) or np.array_equal(result, want[0])
 
 
 class NoisyHyper:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,18 +33,18 @@ from latentserve.worker.codec.entropy import (
     OFFSET_PROBS,
     PRIOR_OFFSETS,
     FactorizedTables,
+    RangeDecoder,
     RangeEncoder,
     StaticTables,
-    SymbolDecoder,
+    batch_words,
     check_indices,
     check_prior_spec,
     cross_entropy_bits,
+    decode_error,
     finish,
     fixed_model,
-    not_canonical,
-    plan_offsets,
     prior_check,
-    prior_tables,
+    zero_ended,
 )
 from latentserve.worker.codec.hyperprior import DECODER_MARGIN as HYPER_MARGIN
 from latentserve.worker.codec.hyperprior import (
@@ -53,6 +53,7 @@ from latentserve.worker.codec.hyperprior import (
     scale_indices,
 )
 from latentserve.worker.codec.hyperprior import plan_offsets as plan_scale_offsets
+from latentserve.worker.codec.prior_sparse import plan_prior, step_tables
 from latentserve.worker.runtime.engine import ModelRuntime
 from latentserve.worker.runtime.manifest import CODE_KIND_IDS, VQPriorSpec
 
@@ -85,11 +86,17 @@ def _digest_state(manifest_digest: str) -> tuple[bytes, int]:
     return raw[:2], zlib.crc32(raw)
 
 
+@functools.lru_cache(maxsize=1024)
+def _head_crc(manifest_digest: str, head: bytes) -> int:
+    """CRC32 of the raw digest, then ``head``: the running CRC every code with that head
+    (bytes 0..3, and a format-2 size field) continues over its payload."""
+    return zlib.crc32(head, _digest_state(manifest_digest)[1])
+
+
 def checksum(manifest_digest: str, head: bytes, payload: bytes) -> int:
     """Low 24 bits of CRC32(sha256(manifest) as 32 raw bytes, header bytes 0..3 (and a
     format-2 size field), payload)."""
-    crc = zlib.crc32(head, _digest_state(manifest_digest)[1])
-    return zlib.crc32(payload, crc) & 0xFFFFFF
+    return zlib.crc32(payload, _head_crc(manifest_digest, head)) & 0xFFFFFF
 
 
 def _varint(value: int) -> bytes:
@@ -143,16 +150,31 @@ def pack(manifest_digest: str, kind: int, payload: bytes,
 
     ``size`` (H, W) makes a format-2 code (any-size models), None a version-1 code.
     """
+    return pack_all(manifest_digest, [(kind, payload)], size)[0]
+
+
+def pack_all(manifest_digest: str, pairs: Sequence[tuple[int, bytes]],
+             size: tuple[int, int] | None = None) -> list[bytes]:
+    """``pack`` of every (kind, payload) pair, the header work done once per kind."""
     version = FORMAT_VERSION if size is None else SIZED_VERSION
-    head = bytes([(MAGIC << 4) | version, kind]) + _digest_state(manifest_digest)[0]
     extra = b"" if size is None else size_field(*size)
-    crc = checksum(manifest_digest, head + extra, payload).to_bytes(3, "big")
-    return head + crc + extra + payload
+    fingerprint = _digest_state(manifest_digest)[0]
+    heads: dict[int, tuple[bytes, bytes, int]] = {}
+    out = []
+    crc32 = zlib.crc32
+    for kind, payload in pairs:
+        if kind not in heads:
+            head = bytes([(MAGIC << 4) | version, kind]) + fingerprint
+            heads[kind] = head, extra, _head_crc(manifest_digest, head + extra)
+        head, extra, state = heads[kind]
+        crc = (crc32(payload, state) & 0xFFFFFF).to_bytes(3, "big")
+        out.append(b"".join((head, crc, extra, payload)))
+    return out
 
 
-@dataclass(frozen=True)
-class Header:
-    """A parsed code: format version, kind id, model fingerprint, checksum and payload."""
+class Header(NamedTuple):
+    """A parsed code: format version, kind id, model fingerprint, checksum and payload
+    (a named tuple: built once per code on every decode, it must cost little)."""
 
     version: int
     kind: int
@@ -176,7 +198,8 @@ def parse_header(code: bytes) -> Header:
     """Split a code into its fields; CorruptCode / UnknownFormatVersion for what cannot be read."""
     if not isinstance(code, (bytes, bytearray, memoryview)):
         raise CorruptCode(f"a latent code must be bytes, got {type(code).__name__}")
-    code = bytes(code)
+    if type(code) is not bytes:
+        code = bytes(code)
     if len(code) < HEADER_SIZE:
         raise CorruptCode(f"a latent code is at least {HEADER_SIZE} bytes (the header); "
                           f"got {len(code)}: truncated")
@@ -195,9 +218,9 @@ def parse_header(code: bytes) -> Header:
     size, start = None, HEADER_SIZE
     if version == SIZED_VERSION:
         size, start = read_size_field(code, HEADER_SIZE)
-    return Header(version=version, kind=code[1], fingerprint=code[2:4],
-                  checksum=int.from_bytes(code[4:7], "big"), payload=code[start:],
-                  head=code[:4] + code[HEADER_SIZE:start], size=size)
+    return Header(version, code[1], code[2:4], int.from_bytes(code[4:7], "big"),
+                  code[start:], code[:4] if size is None else code[:4] + code[HEADER_SIZE:start],
+                  size)
 
 
 # -- the codec ------------------------------------------------------------------------
@@ -261,8 +284,8 @@ class LatentCodec:
         if self.manifest.any_size != (size is not None):
             raise InvalidInput(f"{self.manifest.ref}: encode needs the image size for an "
                                "any-size model, and only for one")
-        return [pack(self.manifest.digest, k, p, size)
-                for k, p in self.encode_payloads(symbols, kind=kind, size=size)]
+        return pack_all(self.manifest.digest,
+                        self.encode_payloads(symbols, kind=kind, size=size), size)
 
     def encode_payloads(self, symbols: np.ndarray, *, kind: str | None = None,
                         size: tuple[int, int] | None = None) -> list[tuple[int, bytes]]:
@@ -276,15 +299,18 @@ class LatentCodec:
         assert self.static is not None
         if want == VQ_STATIC or len(symbols) == 0:
             return [(VQ_STATIC, p) for p in self._encode_fixed(VQ_STATIC, symbols)]
-        offsets, probs = self.prior_plan(symbols)
+        assert self.prior is not None
+        plan = plan_prior(self.prior_logits(symbols), self.prior)
         order = self.order
         assert order is not None
+        if np.array_equal(order, np.arange(len(order))):
+            order = None  # raster (kind 3): no reordered copy of every image's tables
         out = []
-        for s, j, p in zip(symbols, offsets, probs, strict=True):
-            if j >= 0:
-                out.append((want, prior_payload(int(j), s, p, order)))
+        for i, j in enumerate(plan.offsets.tolist()):
+            if j >= 0:  # each image's tables built just before they are coded
+                out.append((want, prior_payload(j, symbols[i], plan.tables(i), order)))
             else:  # float noise on another machine could change a table: use the static one
-                out.append((VQ_STATIC, self.static.encode(s)))
+                out.append((VQ_STATIC, self.static.encode(symbols[i])))
         return out
 
     def hyper_plan(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -319,8 +345,13 @@ class LatentCodec:
         if self.prior_kind == VQ_PARALLEL:
             flat = self.runtime.parallel_logits(symbols)
         else:
-            logits = self.runtime.prior_stepper(len(symbols)).all_logits(symbols)
-            flat = logits.reshape(len(symbols), logits.shape[1], -1).transpose(0, 2, 1)
+            stepper = self.runtime.prior_stepper(len(symbols))
+            if stepper.stepwise:  # the step graph's outputs stacked as (N, h*w, K) at once
+                positions = int(np.prod(self.manifest.latent_shape))
+                flat = np.stack([stepper.logits(p, symbols) for p in range(positions)], axis=1)
+            else:
+                logits = stepper.all_logits(symbols)
+                flat = logits.reshape(len(symbols), logits.shape[1], -1).transpose(0, 2, 1)
         if flat.shape[2] != self.static.num_codes:
             raise ModelIntegrityError(
                 f"{self.manifest.ref}: the prior gives {flat.shape[2]} logits per position, "
@@ -333,7 +364,8 @@ class LatentCodec:
         it as kind 2) and its tables ((N, h*w, K) float64 in raster order, uniform where
         the offset is -1)."""
         assert self.prior is not None
-        return plan_offsets(self.prior_logits(symbols), self.prior)
+        plan = plan_prior(self.prior_logits(symbols), self.prior)
+        return plan.offsets, plan.dense()
 
     def cross_entropy_bits(self, symbols: np.ndarray, kinds: Sequence[int], *,
                            size: tuple[int, int] | None = None) -> np.ndarray:
@@ -390,6 +422,13 @@ class LatentCodec:
         """``decode_each`` for codes already parsed and bound to this model (their
         checksum matched its digest, as ``check`` or ``Pipeline.identify`` require); a
         CodeError in the list is passed through. The kind is still checked here."""
+        if not self.manifest.any_size:
+            symbols, ok, errors = self.decode_stacked(headers)
+            out: list[np.ndarray | CodeError] = list(errors.get(i, CorruptCode("not decoded"))
+                                                     for i in range(len(headers)))
+            for k, i in enumerate(ok):
+                out[i] = symbols[k]
+            return out
         results: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(headers)
         prior_jobs: list[tuple[int, bytes]] = []
         hyper_jobs: list[tuple[int, bytes]] = []
@@ -423,6 +462,53 @@ class LatentCodec:
                     results[i] = d
         return results
 
+    def decode_stacked(self, headers: Sequence[Header | CodeError]
+                       ) -> tuple[np.ndarray, list[int], dict[int, CodeError]]:
+        """``decode_headers`` for a fixed-size model, stacked: (the symbols of the codes
+        that decode, (M, *latent_shape) int32 in index order; their indices; the
+        refusals by index). One array per batch, not one per code."""
+        m = self.manifest
+        if m.any_size:
+            raise InvalidInput(f"{m.ref}: an any-size model's codes have grids of their "
+                               "own sizes; use decode_headers")
+        n = len(headers)
+        errors: dict[int, CodeError] = {}
+        jobs: dict[int, list[int]] = {}
+        kinds = self.kinds
+        for i, header in enumerate(headers):
+            if isinstance(header, CodeError):
+                errors[i] = header
+            elif header.kind not in kinds:
+                errors[i] = self._foreign_kind(header)
+            elif header.size is not None:
+                errors[i] = CorruptCode(f"{m.ref} does not write format-{header.version} "
+                                        "codes: corrupted")
+            else:
+                jobs.setdefault(header.kind, []).append(i)
+        parts: list[tuple[list[int], np.ndarray]] = []
+        for kind, idx in jobs.items():
+            payloads = [headers[i].payload for i in idx]  # type: ignore[union-attr]
+            if kind in (FACTORIZED, VQ_STATIC):
+                if self.pool is not None and self.pool.wants(len(payloads)):
+                    listed: list[np.ndarray | CodeError] = list(
+                        self.pool.decode(self._specs[kind], payloads, canonical=False))
+                    arr, errs = _stack(listed, m.latent_shape)
+                else:
+                    arr, errs = self._tables(kind, None).decode_stacked(payloads)  # type: ignore[assignment]
+            else:
+                decode = self._decode_prior if kind in PRIOR_KIND_IDS else self._decode_hyper
+                arr, errs = _stack(decode(payloads), m.latent_shape)
+            for k, exc in errs.items():
+                errors[idx[k]] = exc
+            parts.append((idx, arr))
+        if len(parts) == 1 and not errors:  # the common case: one kind, nothing refused
+            return parts[0][1], parts[0][0], errors
+        full = np.zeros((n, *m.latent_shape), np.int32)
+        for idx, arr in parts:
+            full[idx] = arr
+        ok = [i for i in range(n) if i not in errors]
+        return full[ok], ok, errors
+
     def _decode_hyper(self, payloads: list[bytes]) -> list[np.ndarray | CodeError]:
         """Kind-5 payloads: j and z of every code, one hyper-decoder run for all of them,
         then each y under the tables its scales pick (refused where a scale lies within
@@ -432,6 +518,9 @@ class LatentCodec:
         out: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(payloads)
         heads = []
         for i, payload in enumerate(payloads):
+            if payload.endswith(b"\0"):
+                out[i] = zero_ended()
+                continue
             try:
                 heads.append((i, *hyper.read_head(payload)))
             except CodeError as exc:
@@ -463,9 +552,11 @@ class LatentCodec:
                     f"({self.runtime.provider}) gave other tables than the encoder's (float "
                     "noise beyond the guard), or the payload was changed; the code is "
                     "refused rather than decoded inexactly")
-            elif (j >= PRIOR_OFFSETS or hyper.encode(j, z, y, indices[k]) != payloads[i]
-                  or not self._on_support(y)):
-                out[i] = not_canonical()
+            elif j >= PRIOR_OFFSETS or not self._on_support(y):
+                # Not re-encoded (docs/code-format.md, "What a decoder accepts"), but the
+                # symbols must be ones the encoder can write.
+                out[i] = CorruptCode("the payload decodes to a latent outside the model's "
+                                     "symbol support: the bytes were changed")
             else:
                 out[i] = y
         return out
@@ -479,14 +570,14 @@ class LatentCodec:
 
     def _decode_fixed(self, kind: int, jobs: list[tuple[int, bytes]],
                       size: tuple[int, int] | None = None) -> list[np.ndarray | CorruptCode]:
-        """Kinds 1 and 2: decode, then require the payload the encoder writes for the
-        symbols (decode, re-encode, compare: the canonical form, docs/code-format.md).
-        ``size``: the images' (H, W), for an any-size model's codes."""
+        """Kinds 1 and 2: decode (not re-encoded: the checksum guards the bytes, see
+        "What a decoder accepts" in docs/code-format.md). ``size``: the images' (H, W),
+        for an any-size model's codes."""
         payloads = [p for _, p in jobs]
         if self.pool is not None and self.pool.wants(len(payloads)):
-            return self.pool.decode(self._specs[kind], payloads, canonical=True)
+            return self.pool.decode(self._specs[kind], payloads, canonical=False)
         tables = self._tables(kind, size)
-        return tables.decode_batch(payloads, canonical=True)
+        return tables.decode_batch(payloads)
 
     def _tables(self, kind: int, size: tuple[int, int] | None) -> FactorizedTables | StaticTables:
         tables = self.factorized if kind == FACTORIZED else self.static
@@ -501,6 +592,19 @@ class LatentCodec:
         if self.pool is not None and self.pool.wants(len(symbols)):
             return self.pool.encode(self._specs[kind], symbols)
         return self._tables(kind, size).encode_batch(symbols)
+
+    def not_shortest(self, codes: Sequence[bytes]) -> list[int]:
+        """Indices of the kind-1/2 codes whose payload is not the one the encoder writes
+        for the symbols it decodes to (decoded, re-encoded, compared: what decoders no
+        longer do per code, for checking an encoder, e.g. ``latentserve models check``)."""
+        bad = []
+        for i, code in enumerate(codes):
+            h = self.check(code)
+            if h.kind in (FACTORIZED, VQ_STATIC):
+                tables = self._tables(h.kind, None if h.size is None else h.size)
+                if isinstance(tables.decode_batch([h.payload], canonical=True)[0], CodeError):
+                    bad.append(i)
+        return bad
 
     def check(self, code: bytes) -> Header:
         """Parse a code and require that this model made it with a kind it writes."""
@@ -529,23 +633,28 @@ class LatentCodec:
 
     def _decode_prior(self, payloads: list[bytes]) -> list[np.ndarray | CodeError]:
         """Decode payloads of the model's prior kind step by step, the prior batched over
-        the images: kind 3 one grid position per step (raster), kind 4 one schedule group."""
-        spec, order = self.prior, self.order
-        assert spec is not None and order is not None
+        the images: kind 3 one grid position per step (raster), kind 4 one schedule group.
+        Per step the tables of every live code are built in one vectorised call; only the
+        coder calls run per code."""
+        spec = self.prior
+        assert spec is not None
         h, w = self.manifest.latent_shape
         n, k = len(payloads), self.static.num_codes  # type: ignore[union-attr]
         grid = np.zeros((n, h, w), np.int64)
         flat = grid.reshape(n, h * w)
-        decoders = [SymbolDecoder(p) for p in payloads]
-        tables = np.zeros((n, h * w, k))  # kept for the re-encoding check
         floor = spec.guard * DECODER_MARGIN
         errors: list[CodeError | None] = [None] * n
         offsets = np.zeros(n, np.int64)
-        for i, dec in enumerate(decoders):
+        coders: list[Any] = [None] * n
+        for i, words in enumerate(batch_words(payloads)):
+            if payloads[i].endswith(b"\0"):
+                errors[i] = zero_ended()
+                continue
+            coders[i] = RangeDecoder(words)
             try:
-                offsets[i] = dec.decode(OFFSET_PROBS)[0]
-            except CodeError as exc:
-                errors[i] = exc
+                offsets[i] = coders[i].decode(OFFSET_MODEL)
+            except BaseException as exc:
+                errors[i] = decode_error(exc)
         if self.prior_kind == VQ_PARALLEL:
             steps = [list(g) for g in spec.schedule]
 
@@ -557,57 +666,68 @@ class LatentCodec:
 
             def logits_at(step: int) -> np.ndarray:
                 return stepper.logits(step, grid)[:, None]
+        alive = np.array([i for i in range(n) if errors[i] is None], np.int64)
         for step, members in enumerate(steps):
-            alive = [i for i in range(n) if errors[i] is None]
-            if not alive:
+            if len(alive) == 0:
                 break
             # Refused codes stay in the batch (their grids frozen): kind 3's caches need
             # every row, and a batch's composition is the encoder's.
-            logits = logits_at(step)[alive]
+            logits = logits_at(step)
             if logits.shape[2] != k:
                 raise ModelIntegrityError(f"{self.manifest.ref}: the prior gives "
                                           f"{logits.shape[2]} logits per position, the "
                                           f"codebook has {k} codes")
-            where = np.broadcast_to(offsets[alive][:, None], logits.shape[:2])
-            probs, margins = prior_tables(logits, spec, where)
+            logits = logits[alive] if len(alive) < n else logits
+            na, g = logits.shape[:2]
+            probs, margins = step_tables(logits.reshape(na * g, k),
+                                         np.repeat(offsets[alive], g), spec)
+            probs, margins = probs.reshape(na, g, k), margins.reshape(na, g)
             margin = margins.min(axis=1)
-            for j, i in enumerate(alive):
-                if not margin[j] >= floor:
-                    errors[i] = NotExactlyDecodable(
-                        f"at grid position {members[int(np.argmin(margins[j]))]} the prior's "
-                        f"logits on this machine ({self.runtime.provider}) lie "
-                        f"{float(margin[j]):.2g} from a rounding boundary, less than guard/4 "
-                        f"= {floor:.2g}: its tables may differ from the encoder's, so the "
-                        "code is refused rather than decoded inexactly; decode it where the "
-                        "prior computes like the encoder's (the CPU provider, the same "
-                        "onnxruntime)")
+            for j in np.flatnonzero(~(margin >= floor)).tolist():  # NaN is refused too
+                i = int(alive[j])
+                errors[i] = NotExactlyDecodable(
+                    f"at grid position {members[int(np.argmin(margins[j]))]} the prior's "
+                    f"logits on this machine ({self.runtime.provider}) lie "
+                    f"{float(margin[j]):.2g} from a rounding boundary, less than guard/4 "
+                    f"= {floor:.2g}: its tables may differ from the encoder's, so the "
+                    "code is refused rather than decoded inexactly; decode it where the "
+                    "prior computes like the encoder's (the CPU provider, the same "
+                    "onnxruntime)")
+            family = FAMILY
+            decoded: list[int] = []
+            rows: list[int] = []
+            for j, i in enumerate(alive.tolist()):
+                if errors[i] is not None:
                     continue
                 try:
-                    flat[i, members] = decoders[i].decode(probs[j])
-                except CodeError as exc:
-                    errors[i] = exc
-                tables[i, members] = probs[j]
+                    got = coders[i].decode(family, probs[j])
+                except BaseException as exc:
+                    errors[i] = decode_error(exc)
+                    continue
+                rows.append(i)
+                decoded.extend(got.tolist())
+            if rows:  # one assignment per step, not one per code
+                flat[np.array(rows)[:, None], members] = np.array(decoded).reshape(
+                    len(rows), len(members))
+            alive = np.array([i for i in alive.tolist() if errors[i] is None], np.int64)
         out: list[np.ndarray | CodeError] = []
         for i in range(n):
             if errors[i] is None:
                 try:
-                    check = decoders[i].decode(CHECK_PROBS)
-                except CodeError as exc:
-                    errors[i] = exc
+                    check = np.asarray(coders[i].decode(CHECK_MODEL, CHECK_BYTES), np.int32)
+                except BaseException as exc:
+                    errors[i] = decode_error(exc)
                 else:
                     if not np.array_equal(check, prior_check(int(offsets[i]), grid[i])):
                         errors[i] = NotExactlyDecodable(
                             "the decoded VQ indices fail their check: this machine's prior "
                             f"({self.runtime.provider}) gave other tables than the encoder's "
-                            "(float noise beyond the guard), so the code is refused rather "
-                            "than decoded inexactly; decode it where the prior computes like "
-                            "the encoder's (the CPU provider, the same onnxruntime)")
-            if errors[i] is not None:
-                out.append(errors[i])  # type: ignore[arg-type]
-            elif prior_payload(int(offsets[i]), grid[i], tables[i], order) != payloads[i]:
-                out.append(not_canonical())
-            else:
-                out.append(grid[i].astype(np.int32))
+                            "(float noise beyond the guard), or the payload was changed; "
+                            "the code is refused rather than decoded inexactly; decode it "
+                            "where the prior computes like the encoder's (the CPU provider, "
+                            "the same onnxruntime)")
+            # Not re-encoded: see "What a decoder accepts" in docs/code-format.md.
+            out.append(errors[i] or grid[i].astype(np.int32))
         return out
 
     # -- helpers ----------------------------------------------------------------------
@@ -652,6 +772,17 @@ def prior_payload(offset: int, symbols: np.ndarray, tables: np.ndarray,
     coder.encode(flat, FAMILY, probs)
     coder.encode(prior_check(offset, symbols), CHECK_MODEL)
     return finish(coder)
+
+
+def _stack(results: Sequence[np.ndarray | CodeError], shape: Sequence[int]
+           ) -> tuple[np.ndarray, dict[int, CodeError]]:
+    """Per-code results -> (one array, zero rows where refused; the refusals by index)."""
+    errors = {i: r for i, r in enumerate(results) if isinstance(r, CodeError)}
+    out = np.zeros((len(results), *shape), np.int32)
+    for i, r in enumerate(results):
+        if not isinstance(r, CodeError):
+            out[i] = r
+    return out, errors
 
 
 def with_index(exc: CodeError, index: int, total: int) -> CodeError:

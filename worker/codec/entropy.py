@@ -77,6 +77,15 @@ def bytes_to_words(payload: bytes) -> np.ndarray:
     return np.frombuffer(padded, ">u4").astype(np.uint32)
 
 
+def batch_words(payloads: Sequence[bytes]) -> list[np.ndarray]:
+    """``bytes_to_words`` of every payload, converted in one pass: one join and one
+    byte swap for the batch, each result a view into the shared array."""
+    padded = [p + _ZEROS[-len(p) % 4] for p in payloads]
+    words = np.frombuffer(b"".join(padded), ">u4").astype(np.uint32)
+    ends = np.cumsum([len(p) >> 2 for p in padded]).tolist()
+    return [words[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
 _ZEROS = (b"", b"\0", b"\0\0", b"\0\0\0")
 
 
@@ -138,7 +147,9 @@ def shortest_payload(coder: EncoderState) -> bytes | None:
     if pad < 0:
         return None
     bits = 32 * n
-    x = int.from_bytes(words.astype(">u4").tobytes(), "big") << (32 * pad)
+    # The words in reverse order, each little-endian, read little-endian: the big-endian
+    # value of the stream, without a byte-swapped copy.
+    x = int.from_bytes(words[::-1].tobytes(), "little") << (32 * pad)
     d = ((x & _LOW64) - lower) & _LOW64  # only X's last 64 bits meet the state
     if d >= width:
         return None
@@ -157,6 +168,25 @@ def shortest_payload(coder: EncoderState) -> bytes | None:
 
 
 _LOW64 = (1 << 64) - 1
+
+
+def accepts(coder: EncoderState, payload: bytes) -> bool | None:
+    """Whether a decoder reads ``payload`` as the message the finished ``coder`` holds:
+    its first 4n bytes (n = the words the state spans after the last symbol; later bytes
+    are never read), zero-padded, as a big-endian integer, lie in the final interval.
+    None where the closed form does not apply (as ``shortest_payload``). The rule
+    decoders follow (docs/code-format.md, "What a decoder accepts"), for tests."""
+    position, (lower, width) = coder.pos()
+    words = coder.get_compressed()
+    n = position + 2
+    if n < len(words):
+        return None
+    x = int.from_bytes(words[::-1].tobytes(), "little") << (32 * (n - len(words)))
+    d = ((x & _LOW64) - lower) & _LOW64
+    if d >= width:
+        return None
+    value = int.from_bytes(payload[:4 * n].ljust(4 * n, b"\0"), "big")
+    return x - d <= value < x - d + width
 
 
 class SymbolDecoder:
@@ -197,6 +227,13 @@ def not_canonical() -> CorruptCode:
     """The refusal of a payload that decodes but is not what the encoder writes."""
     return CorruptCode("the payload is not the one the encoder writes for the symbols it "
                        "decodes to: the bytes were changed (extended, truncated or corrupted)")
+
+
+def zero_ended() -> CorruptCode:
+    """The refusal of a payload that ends in a zero byte: the encoder never writes one
+    (its payloads are cut after their last non-zero byte), so the bytes were extended."""
+    return CorruptCode("the payload ends in a zero byte, which the encoder never writes: "
+                       "the bytes were changed (extended or corrupted)")
 
 
 def decode_error(exc: BaseException) -> CorruptCode:
@@ -282,6 +319,12 @@ class FactorizedTables:
         for ch, model in self._coded:
             coder.encode(rel[ch], model)
 
+    def encoder_for(self, symbols: np.ndarray) -> constriction.stream.queue.RangeEncoder:
+        """A coder holding one image's symbols (C, h, w), unfinished (for ``accepts``)."""
+        coder = RangeEncoder()
+        self.encode_into(coder, symbols)
+        return coder
+
     def decode_from(self, coder: constriction.stream.queue.RangeDecoder) -> np.ndarray:
         """Read one image's symbols (C, h, w) from a running decoder (the inverse of
         ``encode_into``); raises what constriction raises on invalid data."""
@@ -303,33 +346,57 @@ class FactorizedTables:
                      canonical: bool = False) -> list[np.ndarray | CorruptCode]:
         """Per payload its symbols (C, h, w), or the CorruptCode that refused it.
 
-        ``canonical``: also refuse a payload that is not the one ``encode`` writes for
-        the symbols it decodes to (re-encoded from the decoded parts as they come).
+        Every payload whose zero-padded value lies in its symbols' final interval
+        decodes (docs/code-format.md, "What a decoder accepts"). ``canonical``: also
+        refuse a payload that is not the one ``encode`` writes for the symbols it decodes
+        to (re-encoded: a check's cost, used where the encoder's output is verified).
         """
-        hw = self.shape[1] * self.shape[2]
-        base = np.repeat(self.offsets.astype(np.int32), hw)
-        zero = np.zeros(hw, np.int32)
-        models = self._all_models
-        coded = [(k, m) for k, m in enumerate(models) if m is not None]
-        out: list[np.ndarray | CorruptCode] = []
-        for payload in payloads:
-            coder = RangeDecoder(bytes_to_words(payload))
-            try:
-                parts = [zero if m is None else coder.decode(m, hw) for m in models]
-            except BaseException as exc:
-                out.append(decode_error(exc))
-                continue
-            if canonical:
-                again = RangeEncoder()
-                for k, m in coded:
-                    again.encode(parts[k], m)
-                if finish(again) != payload:
-                    out.append(not_canonical())
-                    continue
-            symbols = np.concatenate(parts)
-            symbols += base
-            out.append(symbols.reshape(self.shape))
+        stacked, errors = self.decode_stacked(payloads, canonical=canonical)
+        out: list[np.ndarray | CorruptCode] = list(stacked)
+        for i, exc in errors.items():
+            out[i] = exc
         return out
+
+    def decode_stacked(self, payloads: Sequence[bytes], *, canonical: bool = False
+                       ) -> tuple[np.ndarray, dict[int, CorruptCode]]:
+        """``decode_batch`` as one int32 array (N, C, h, w) (rows of refused payloads
+        hold the table offsets) and the refusals by index."""
+        c, hw = self.shape[0], self.shape[1] * self.shape[2]
+        coded = [m for _, m in self._coded]
+        n = len(payloads)
+        # Every image's decoded channels go into one list, joined by one concatenate: per
+        # image only the coder calls themselves run in Python.
+        parts: list[np.ndarray] = []
+        errors: dict[int, CorruptCode] = {}
+        filler = [np.zeros(hw, np.int32)] * len(coded)
+        for i, words in enumerate(batch_words(payloads)):
+            if payloads[i].endswith(b"\0"):
+                errors[i] = zero_ended()
+                parts.extend(filler)
+                continue
+            dec = RangeDecoder(words).decode
+            try:
+                parts.extend([dec(m, hw) for m in coded])
+            except BaseException as exc:  # the list comprehension added nothing
+                errors[i] = decode_error(exc)
+                parts.extend(filler)
+        rel = (np.concatenate(parts).astype(np.int32, copy=False).reshape(n, len(coded), hw)
+               if parts else np.zeros((n, len(coded), hw), np.int32))
+        if canonical:
+            for i in range(n):
+                if i not in errors:
+                    again = RangeEncoder()
+                    for k, m in enumerate(coded):
+                        again.encode(rel[i, k], m)
+                    if finish(again) != payloads[i]:
+                        errors[i] = not_canonical()
+        if len(coded) == c:
+            out = rel
+        else:  # channels with a one-entry table carry no information: their symbol is 0
+            out = np.zeros((n, c, hw), np.int32)
+            out[:, [k for k, _ in self._coded]] = rel
+        out += self._offsets32
+        return out.reshape(n, *self.shape), errors
 
     def cross_entropy_bits(self, symbols: np.ndarray) -> float:
         hw = self.shape[1] * self.shape[2]
@@ -378,6 +445,15 @@ class StaticTables:
             out.append(finish(coder))
         return out
 
+    def encoder_for(self, symbols: np.ndarray) -> constriction.stream.queue.RangeEncoder:
+        """A coder holding one image's indices (h, w), unfinished (for ``accepts``)."""
+        coder = RangeEncoder()
+        for sym, model in zip(np.asarray(symbols).reshape(-1).tolist(), self._models,
+                              strict=True):
+            if model is not None:
+                coder.encode(sym, model)
+        return coder
+
     def decode(self, payload: bytes) -> np.ndarray:
         """Payload -> indices (h, w); CorruptCode when it does not decode."""
         out = self.decode_batch([payload])[0]
@@ -389,28 +465,50 @@ class StaticTables:
                      canonical: bool = False) -> list[np.ndarray | CorruptCode]:
         """Per payload its indices (h, w), or the CorruptCode that refused it
         (``canonical``: as in ``FactorizedTables.decode_batch``)."""
-        models = self._models
-        out: list[np.ndarray | CorruptCode] = []
-        for payload in payloads:
-            if models and models[0] is None:
-                out.append(np.zeros(self.shape, np.int32) if not (canonical and payload)
-                           else not_canonical())
-                continue
-            coder = RangeDecoder(bytes_to_words(payload))
-            try:
-                row = [coder.decode(model) for model in models]
-            except BaseException as exc:
-                out.append(decode_error(exc))
-                continue
-            if canonical:
-                again = RangeEncoder()
-                for s, model in zip(row, models, strict=True):
-                    again.encode(s, model)
-                if finish(again) != payload:
-                    out.append(not_canonical())
-                    continue
-            out.append(np.array(row, np.int32).reshape(self.shape))
+        stacked, errors = self.decode_stacked(payloads, canonical=canonical)
+        out: list[np.ndarray | CorruptCode] = list(stacked)
+        for i, exc in errors.items():
+            out[i] = exc
         return out
+
+    def decode_stacked(self, payloads: Sequence[bytes], *, canonical: bool = False
+                       ) -> tuple[np.ndarray, dict[int, CorruptCode]]:
+        """``decode_batch`` as one int32 array (N, h, w) (rows of refused payloads zero)
+        and the refusals by index."""
+        models = self._models
+        n, size = len(payloads), len(models)
+        errors: dict[int, CorruptCode] = {}
+        if models and models[0] is None:  # a one-code codebook: nothing is coded
+            errors = {i: zero_ended() for i, p in enumerate(payloads) if p.endswith(b"\0")}
+            if canonical:
+                errors = {i: not_canonical() for i, p in enumerate(payloads) if p}
+            return np.zeros((n, *self.shape), np.int32), errors
+        # One flat list of Python ints for the batch, one conversion at the end.
+        flat: list[int] = []
+        filler = [0] * size
+        for i, words in enumerate(batch_words(payloads)):
+            if payloads[i].endswith(b"\0"):
+                errors[i] = zero_ended()
+                flat.extend(filler)
+                continue
+            dec = RangeDecoder(words).decode
+            try:
+                flat.extend([dec(model) for model in models])
+            except BaseException as exc:  # the list comprehension added nothing
+                errors[i] = decode_error(exc)
+                flat.extend(filler)
+        out = np.fromiter(flat, np.int32, len(flat)).reshape(n, *self.shape)
+        if canonical:
+            for i, row in enumerate(out.reshape(n, size).tolist()):
+                if i not in errors:
+                    again = RangeEncoder()
+                    for sym, model in zip(row, models, strict=True):
+                        again.encode(sym, model)
+                    if finish(again) != payloads[i]:
+                        errors[i] = not_canonical()
+        for i in errors:
+            out[i] = 0
+        return out, errors
 
     def cross_entropy_bits(self, symbols: np.ndarray) -> float:
         return cross_entropy_bits(symbols.reshape(-1), self.probs)

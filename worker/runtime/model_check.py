@@ -275,8 +275,13 @@ def check_model(repository: ModelRepository, ref: str, *, images: np.ndarray | N
     fig = {"images": len(images), "psnr_db": round(psnr, 3),
            "bytes_per_image": round(float(np.mean([len(c) for c in codes])), 2)}
     val = m.quality.get("val_psnr_db")
+    longer = codec.not_shortest(codes)
     if not np.array_equal(back, symbols):
         out.append(Verdict("round trip", "FAIL", "the codes decode to other symbols", fig))
+    elif longer:
+        out.append(Verdict("round trip", "FAIL", f"{len(longer)} of {len(codes)} payloads are "
+                           "not the shortest the encoder should write (docs/code-format.md)",
+                           fig))
     elif isinstance(val, (int, float)) and source == "given" and psnr < val - PSNR_MARGIN_DB:
         out.append(Verdict("round trip", "WARN", f"{len(images)} {source} images: PSNR "
                            f"{psnr:.2f} dB, {PSNR_MARGIN_DB} dB or more under the manifest's "

@@ -154,23 +154,26 @@ class Pipeline:
 
     def reconstruct(self, codes: Sequence[bytes], ref: str | None = None) -> np.ndarray:
         """Codes -> uint8 images (N, C, H, W); raises the first refusal, naming its index."""
-        results = self.reconstruct_each(codes, ref)
-        for i, r in enumerate(results):
-            if isinstance(r, CodeError):
-                raise with_index(r, i, len(results))
-            if isinstance(r, ResourceLimit):
-                raise r
-        images: list[np.ndarray] = results  # type: ignore[assignment]
-        if not images:
+        errors, outputs = self._reconstruct(codes, ref)
+        if errors:
+            i = min(errors)
+            r = errors[i]
+            raise with_index(r, i, len(codes)) if isinstance(r, CodeError) else r
+        if not codes:
             if ref is None:
                 raise InvalidInput("no codes to reconstruct (and no model named for the "
                                    "output shape)")
             return np.zeros((0, *self.codec(ref).manifest.image_shape), np.uint8)
-        shapes = {im.shape for im in images}
+        shapes = {images.shape[1:] for _, images in outputs}
         if len(shapes) > 1:
             raise InvalidInput(f"the codes decode to images of different shapes {sorted(shapes)}; "
                                "use reconstruct_each, or one call per model")
-        return np.stack(images)
+        if len(outputs) == 1:  # one model, every code decoded: the network's own batch
+            return outputs[0][1]
+        out = np.empty((len(codes), *shapes.pop()), np.uint8)
+        for idx, images in outputs:
+            out[idx] = images
+        return out
 
     def reconstruct_each(self, codes: Sequence[bytes], ref: str | None = None
                          ) -> list[np.ndarray | CodeError | ResourceLimit]:
@@ -180,11 +183,25 @@ class Pipeline:
         (one network run, the prior batched over the group's kind-3 codes). With ``ref``,
         a code made by any other model is refused with CodeMismatch.
         """
+        errors, outputs = self._reconstruct(codes, ref)
+        results: list[np.ndarray | CodeError | ResourceLimit] = (
+            [CorruptCode("not decoded")] * len(codes))
+        for i, exc in errors.items():
+            results[i] = exc
+        for idx, images in outputs:
+            for i, image in zip(idx, images, strict=True):
+                results[i] = image
+        return results
+
+    def _reconstruct(self, codes: Sequence[bytes], ref: str | None
+                     ) -> tuple[dict[int, CodeError | ResourceLimit],
+                                list[tuple[list[int], np.ndarray]]]:
+        """(the refusals by index, and per decoder run the indices it decoded and its
+        images, in index order)."""
         wanted = self.repository.resolve(ref) if ref is not None else None
         entries = _Entries(self.models())
         registry = _LazyRegistry(self.repository.root)
-        results: list[np.ndarray | CodeError | ResourceLimit] = (
-            [CorruptCode("not decoded")] * len(codes))
+        errors: dict[int, CodeError | ResourceLimit] = {}
         groups: dict[str, tuple[ModelEntry, list[int]]] = {}
         headers: list[Header | None] = [None] * len(codes)
         for i, code in enumerate(codes):
@@ -198,34 +215,39 @@ class Pipeline:
                         f"{entry.manifest.ref}", model=entry.manifest.ref, index=i)
                 if header.size is not None and header.size[0] * header.size[1] > self.max_pixels:
                     h, w = header.size
-                    results[i] = ResourceLimit(
+                    errors[i] = ResourceLimit(
                         f"code {i} is of a {w}x{h} = {w * h} pixel image; the limit is "
                         f"{self.max_pixels}", limit="max_pixels_per_image", index=i)
                     continue
-                groups.setdefault(entry.manifest.digest, (entry, []))[1].append(i)
+                members = groups.get(entry.manifest.digest)
+                if members is None:
+                    members = groups[entry.manifest.digest] = (entry, [])
+                members[1].append(i)
             except CodeError as exc:
-                results[i] = exc
+                errors[i] = exc
+        outputs: list[tuple[list[int], np.ndarray]] = []
         for entry, idx in groups.values():
             codec = self._codec_for(entry)
             # _identify bound each header to this model's digest: no second parse.
-            decoded = codec.decode_headers([headers[i] for i in idx])  # type: ignore[misc]
-            ok = [(i, s) for i, s in zip(idx, decoded, strict=True) if not isinstance(s, CodeError)]
-            for i, s in zip(idx, decoded, strict=True):
-                if isinstance(s, CodeError):
-                    results[i] = s
-            if ok and codec.manifest.any_size:  # one decoder run per image size
-                by_size: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
-                for i, sym in ok:
+            mine = [headers[i] for i in idx]
+            if not codec.manifest.any_size:
+                symbols, ok, refused = codec.decode_stacked(mine)  # type: ignore[arg-type]
+                for k, refusal in refused.items():
+                    errors[idx[k]] = refusal
+                if ok:
+                    outputs.append(([idx[k] for k in ok], codec.runtime.decode(symbols)))
+                continue
+            decoded = codec.decode_headers(mine)  # type: ignore[arg-type]
+            by_size: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+            for i, sym in zip(idx, decoded, strict=True):
+                if isinstance(sym, CodeError):
+                    errors[i] = sym
+                else:  # one decoder run per image size
                     by_size.setdefault(headers[i].size, []).append((i, sym))  # type: ignore[union-attr, arg-type]
-                for size, group in by_size.items():
-                    images = codec.runtime.decode(np.stack([sym for _, sym in group]), size)
-                    for (i, _), image in zip(group, images, strict=True):
-                        results[i] = image
-            elif ok:
-                images = codec.runtime.decode(np.stack([s for _, s in ok]))
-                for (i, _), image in zip(ok, images, strict=True):
-                    results[i] = image
-        return results
+            for size, group in by_size.items():
+                outputs.append(([i for i, _ in group],
+                                codec.runtime.decode(np.stack([sym for _, sym in group]), size)))
+        return errors, outputs
 
     def _identify(self, header: Header, entries: _Entries,
                   registry: _LazyRegistry) -> ModelEntry:
