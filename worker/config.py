@@ -76,6 +76,9 @@ class WorkerConfig(Settings):
         "a store thread PNG-encodes, packs and stores computed chunks while the next "
         "calls compute (off by default: no gain measured on a busy 2-core host, "
         "bench/worker.py)"))
+    pipeline_calls: bool = setting(True, help=(
+        "with --overlap: each call runs in two halves on two threads, so one batch's "
+        "network runs while the next batch is coded (false: the store thread alone)"))
     coder_processes: int = setting(0, help=(
         "processes that entropy-code calls of >= 64 items, so coding uses every core; pays "
         "from about 512 items per call (--batch-items); 0 = code in the worker thread"))

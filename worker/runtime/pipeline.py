@@ -14,14 +14,18 @@ call; it is thread-safe and keeps one verified ``ModelRuntime`` (and its
 - ``reconstruct_each(codes, ref=None)``: per code an image or the ``CodeError`` that
   refused it (or ``ResourceLimit``: a format-2 code of an image over ``max_pixels``),
   so one bad code in a batch can be reported by its index.
+- ``compress_staged`` / ``reconstruct_staged``: the same calls cut between the network
+  and the coder (the first half runs at once, the returned function runs the second),
+  for a worker that overlaps one batch's coding with another's network.
 - ``sample(ref, count, seed=, temperature=, start=) -> uint8 (N, C, H, W)``.
 - ``identify(code) -> ModelEntry``: which model made a code, or why none can decode it.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -100,13 +104,23 @@ class Pipeline:
         ``kind``: None for the model's own code kind; ``"vq_static"`` on a vq_prior model
         gives codes that decode in one shot (no prior run per grid position), ~70% larger.
         """
+        return self.compress_staged(ref, images, kind=kind)()
+
+    def compress_staged(self, ref: str, images: np.ndarray | Sequence[np.ndarray], *,
+                        kind: str | None = None) -> Callable[[], list[bytes]]:
+        """``compress`` in two halves: the encoder network runs now, the coding when the
+        returned function is called (``compress(...) == compress_staged(...)()``), so a
+        worker can code one batch in one thread while the network runs the next in
+        another (onnxruntime releases the GIL). An any-size model does it all now."""
         codec = self.codec(ref)
         if not codec.manifest.any_size:
             if not isinstance(images, np.ndarray):
                 images = np.stack(images) if len(images) else np.zeros(
                     (0, *codec.manifest.image_shape), np.uint8)
-            return codec.encode(codec.runtime.encode(images), kind=kind)
-        return self._compress_any(codec, images, kind)
+            symbols = codec.runtime.encode(images)
+            return functools.partial(codec.encode, symbols, kind=kind)
+        codes = self._compress_any(codec, images, kind)
+        return lambda: codes
 
     def _compress_any(self, codec: LatentCodec, images: np.ndarray | Sequence[np.ndarray],
                       kind: str | None) -> list[bytes]:
@@ -180,6 +194,14 @@ class Pipeline:
         (one network run, the prior batched over the group's kind-3 codes). With ``ref``,
         a code made by any other model is refused with CodeMismatch.
         """
+        return self.reconstruct_staged(codes, ref)()
+
+    def reconstruct_staged(self, codes: Sequence[bytes], ref: str | None = None
+                           ) -> Callable[[], list[np.ndarray | CodeError | ResourceLimit]]:
+        """``reconstruct_each`` in two halves: the codes are checked and entropy-decoded
+        now, the decoder network runs when the returned function is called
+        (``reconstruct_each(...) == reconstruct_staged(...)()``), so a worker's network
+        can run one batch while its coder decodes the next."""
         wanted = self.repository.resolve(ref) if ref is not None else None
         entries = _Entries(self.models())
         registry = _LazyRegistry(self.repository.root)
@@ -205,6 +227,7 @@ class Pipeline:
                 groups.setdefault(entry.manifest.digest, (entry, []))[1].append(i)
             except CodeError as exc:
                 results[i] = exc
+        decoded_groups: list[tuple[LatentCodec, list[tuple[int, np.ndarray]]]] = []
         for entry, idx in groups.values():
             codec = self._codec_for(entry)
             # _identify bound each header to this model's digest: no second parse.
@@ -213,6 +236,17 @@ class Pipeline:
             for i, s in zip(idx, decoded, strict=True):
                 if isinstance(s, CodeError):
                     results[i] = s
+            decoded_groups.append((codec, ok))
+        return functools.partial(self._render, results, headers, decoded_groups)
+
+    @staticmethod
+    def _render(results: list[np.ndarray | CodeError | ResourceLimit],
+                headers: list[Header | None],
+                groups: list[tuple[LatentCodec, list[tuple[int, np.ndarray]]]]
+                ) -> list[np.ndarray | CodeError | ResourceLimit]:
+        """The decoder network half of ``reconstruct_staged``: one run per model (and per
+        image size of an any-size model) over its decoded symbols."""
+        for codec, ok in groups:
             if ok and codec.manifest.any_size:  # one decoder run per image size
                 by_size: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
                 for i, sym in ok:
