@@ -196,6 +196,8 @@ class Bench:
             flags["overlap"] = way != "serial"
         if HAS_PIPELINE and way != "serial":
             flags["pipeline_calls"] = way == "pipelined"
+        if a.gil_switch_ms is not None:
+            flags["gil_switch_ms"] = a.gil_switch_ms
         config = WorkerConfig(redis_url=self.url, queue=self.queue, models=str(a.models),
                               intra_op_threads=a.intra_op_threads, batch_items=a.batch,
                               read_count=a.read_count, block_ms=10, burst=True,
@@ -240,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default="compress,reconstruct,sample")
     ap.add_argument("--intra-op-threads", type=int, default=1)
     ap.add_argument("--coder-processes", type=int, default=0)
+    ap.add_argument("--gil-switch-ms", type=float, default=None,
+                    help="worker gil_switch_ms for the overlap and pipelined runs "
+                         "[default: the worker's default]")
     ap.add_argument("--redis", default=None, help="Redis URL [default: embedded Valkey]")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -276,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench/worker.py: {args.model}, {n} items per job, chunks of {args.chunk_size}, "
           f"batch {args.batch}, read_count {args.read_count}, intra-op threads "
           f"{args.intra_op_threads}, coder processes {args.coder_processes}, "
+          f"gil_switch_ms {args.gil_switch_ms if args.gil_switch_ms is not None else 'default'}, "
           f"{os.cpu_count()} CPUs, median of {args.rounds} rounds (items/s)")
     header = f"{'job':<12}" + "".join(f"{s:>9}" for s in STAGES)
     header += "".join(f"{'whole ' + w:>17}{'/slowest':>9}" for w in ways)

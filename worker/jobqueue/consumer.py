@@ -43,6 +43,7 @@ import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -177,6 +178,11 @@ class Worker:
         backoff = 0.05
         down_since: float | None = None  # when Redis stopped answering the loop
         overlap = self.config.overlap
+        switch = sys.getswitchinterval()
+        if overlap and self.config.gil_switch_ms > 0:
+            # Several stage threads share the GIL: one that needs it back (after I/O or
+            # a network call) waits up to the interval while another runs Python.
+            sys.setswitchinterval(self.config.gil_switch_ms / 1000)
         try:
             if self.config.preload:
                 self._preload()
@@ -222,6 +228,7 @@ class Worker:
                     for pool in self.config.pools:
                         self.store.ensure_group(pool)
         finally:
+            sys.setswitchinterval(switch)
             self._stop.set()
             self._stop_store_thread()
             self._release_all()
