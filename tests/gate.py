@@ -58,7 +58,8 @@ class Gate:
 
 class GatedPipeline:
     """The real pipeline; each compress / reconstruct(_each) / sample call (and the
-    overlapped worker's compress_staged / reconstruct_staged) passes the gate first."""
+    overlapped worker's compress_staged / reconstruct_staged / sample_staged) passes the
+    gate first."""
 
     def __init__(self, inner: Any, gate: Gate) -> None:
         self.inner = inner
@@ -88,6 +89,12 @@ class GatedPipeline:
     def reconstruct_staged(self, codes: Any, ref: str | None = None) -> Any:
         self.gate.pass_through()
         return self.inner.reconstruct_staged(codes, ref)
+
+    def sample_staged(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
+                      start: int = 0) -> Any:
+        self.gate.pass_through()
+        return self.inner.sample_staged(ref, count, seed=seed, temperature=temperature,
+                                        start=start)
 
     def __getattr__(self, name: str) -> Any:  # models(), runtime(): not gated
         return getattr(self.inner, name)

@@ -129,11 +129,11 @@ def compute_batch(pipeline: JobPipeline, batch: list[Segment], *, png: bool = Tr
 def start_batch(pipeline: JobPipeline, batch: list[Segment], *,
                 png: bool = True) -> Callable[[], list[Any]]:
     """``compute_batch`` in two halves: the first runs now (the network of a compress
-    call, the coder of a reconstruct call, a whole sample call), the returned function
+    call, the coder of a reconstruct call, a sample call's draws), the returned function
     runs the rest and returns each segment's results, so a worker can run one batch's
     second half in another thread while the next batch's first half runs. A pipeline
-    without the staged calls (``compress_staged``, ``reconstruct_staged``) does it all
-    in the first half."""
+    without the staged calls (``compress_staged``, ``reconstruct_staged``,
+    ``sample_staged``) does it all in the first half."""
     task = batch[0].held.task
     assert task is not None
     png = png and task.image_format is ImageFormat.PNG
@@ -160,7 +160,9 @@ def start_batch(pipeline: JobPipeline, batch: list[Segment], *,
             each = pipeline.reconstruct_each(codes, task.model or None)
             rendering = lambda: each  # noqa: E731 - the same shape as the staged half
         return functools.partial(_reconstructed, rendering, task, sizes, png)
-    runs: list[np.ndarray] = []
+    staged = getattr(pipeline, "sample_staged", None)
+    draw = staged if staged is not None else pipeline.sample
+    runs: list[Any] = []
     i = 0
     while i < len(batch):  # one call per run of contiguous global indices
         start = _global(batch[i])
@@ -172,11 +174,12 @@ def start_batch(pipeline: JobPipeline, batch: list[Segment], *,
                 break
             count += s.hi - s.lo
             j += 1
-        runs.append(pipeline.sample(task.model, count, seed=task.seed,
-                                    temperature=task.temperature, start=start))
+        runs.append(draw(task.model, count, seed=task.seed, temperature=task.temperature,
+                         start=start))
         i = j
-    images = np.concatenate(runs)
-    return functools.partial(_image_parts, images, sizes, png)
+    if staged is not None:  # the decoder runs in the second half
+        return lambda: _image_parts(np.concatenate([run() for run in runs]), sizes, png)
+    return functools.partial(_image_parts, np.concatenate(runs), sizes, png)
 
 
 def _reconstructed(rendering: Callable[[], list[Any]], task: ChunkTask, sizes: list[int],

@@ -14,9 +14,10 @@ call; it is thread-safe and keeps one verified ``ModelRuntime`` (and its
 - ``reconstruct_each(codes, ref=None)``: per code an image or the ``CodeError`` that
   refused it (or ``ResourceLimit``: a format-2 code of an image over ``max_pixels``),
   so one bad code in a batch can be reported by its index.
-- ``compress_staged`` / ``reconstruct_staged``: the same calls cut between the network
-  and the coder (the first half runs at once, the returned function runs the second),
-  for a worker that overlaps one batch's coding with another's network.
+- ``compress_staged`` / ``reconstruct_staged`` / ``sample_staged``: the same calls cut
+  between the network and the coder (sample: between the draws and the decoder); the
+  first half runs at once, the returned function runs the second, for a worker that
+  overlaps one batch's coding with another's network.
 - ``sample(ref, count, seed=, temperature=, start=) -> uint8 (N, C, H, W)``.
 - ``identify(code) -> ModelEntry``: which model made a code, or why none can decode it.
 """
@@ -144,8 +145,15 @@ class Pipeline:
     def sample(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
                start: int = 0) -> np.ndarray:
         """``count`` uint8 samples; sample ``start + j`` depends only on (seed, start + j)."""
+        return self.sample_staged(ref, count, seed=seed, temperature=temperature, start=start)()
+
+    def sample_staged(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
+                      start: int = 0) -> Callable[[], np.ndarray]:
+        """``sample`` in two halves: the draws now, the decoder network when the returned
+        function is called (``ModelRuntime.sample_staged``)."""
         check_temperature(temperature)
-        return self.runtime(ref).sample(count, seed=seed, temperature=temperature, start=start)
+        return self.runtime(ref).sample_staged(count, seed=seed, temperature=temperature,
+                                               start=start)
 
     # -- reconstruct ------------------------------------------------------------------
     def identify(self, code: bytes) -> ModelEntry:
