@@ -14,11 +14,14 @@ On a real Redis (the embedded Valkey unless --redis), for each job kind, each ro
   results, packing a chunk's results, and the Redis round trips (XREADGROUP, BEGIN,
   STORE of the finished value);
 - the whole worker (``consumer.Worker``, in process, burst mode), from its first read to
-  the last chunk stored, once one step at a time (``--overlap false``) and once with the
-  stages overlapped (the default).
+  the last chunk stored: one step at a time (``serial``: ``--overlap false``), with a
+  store thread (``overlap``: ``--overlap true --pipeline-calls false``), and with the
+  store thread plus a stage thread that runs each call's second half (coder of a
+  compress call, network of a reconstruct call) while the next call's first half runs
+  (``pipelined``: ``--overlap true``).
 
-It prints items/s per stage (median of the rounds), the whole worker's both ways, and
-whole / slowest stage (goal, issue 17: >= 0.85). The stored values of both worker runs
+It prints items/s per stage (median of the rounds), the whole worker's each way, and
+whole / slowest stage (goal, issue 17: >= 0.85). The stored values of every worker run
 are checked byte-identical to the stages' own results (the unpipelined reference).
 """
 
@@ -181,14 +184,20 @@ class Bench:
         return seconds
 
     # -- the whole worker --------------------------------------------------------------------
-    def whole(self, kind: Any, overlap: bool) -> tuple[float, list[bytes]]:
+    def whole(self, kind: Any, way: str) -> tuple[float, list[bytes]]:
         from latentserve.worker.config import WorkerConfig
         from latentserve.worker.jobqueue.consumer import create_worker
 
         a = self.args
         job = self.submit(kind)
         self.consumers += 1
-        flags: dict[str, Any] = {"overlap": overlap} if HAS_OVERLAP else {}
+        flags: dict[str, Any] = {}
+        if HAS_OVERLAP:
+            flags["overlap"] = way != "serial"
+        if HAS_PIPELINE and way != "serial":
+            flags["pipeline_calls"] = way == "pipelined"
+        if a.gil_switch_ms is not None:
+            flags["gil_switch_ms"] = a.gil_switch_ms
         config = WorkerConfig(redis_url=self.url, queue=self.queue, models=str(a.models),
                               intra_op_threads=a.intra_op_threads, batch_items=a.batch,
                               read_count=a.read_count, block_ms=10, burst=True,
@@ -208,19 +217,19 @@ class Bench:
         return seconds, values
 
 
-def _has_overlap() -> bool:
+def _has_field(name: str) -> bool:
     from dataclasses import fields
 
     from latentserve.worker.config import WorkerConfig
 
-    return any(f.name == "overlap" for f in fields(WorkerConfig))
+    return any(f.name == name for f in fields(WorkerConfig))
 
 
-HAS_OVERLAP = False
+HAS_OVERLAP = HAS_PIPELINE = False
 
 
 def main(argv: list[str] | None = None) -> int:
-    global HAS_OVERLAP
+    global HAS_OVERLAP, HAS_PIPELINE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=Path, default=ROOT / "models")
     ap.add_argument("--model", default="mnist-ae-mid")
@@ -233,29 +242,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default="compress,reconstruct,sample")
     ap.add_argument("--intra-op-threads", type=int, default=1)
     ap.add_argument("--coder-processes", type=int, default=0)
+    ap.add_argument("--gil-switch-ms", type=float, default=None,
+                    help="worker gil_switch_ms for the overlap and pipelined runs "
+                         "[default: the worker's default]")
     ap.add_argument("--redis", default=None, help="Redis URL [default: embedded Valkey]")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    HAS_OVERLAP = _has_overlap()
+    HAS_OVERLAP, HAS_PIPELINE = _has_field("overlap"), _has_field("pipeline_calls")
 
     from latentserve.worker.jobqueue.records import JobKind
 
     kinds = [JobKind(k) for k in args.kinds.split(",")]
     bench = Bench(args)
-    ways = ("serial", "overlap") if HAS_OVERLAP else ("serial",)
+    ways = ("serial", "overlap", "pipelined")[:1 + HAS_OVERLAP + HAS_PIPELINE]
     seconds: dict[str, dict[str, list[float]]] = {k.value: {} for k in kinds}
     try:
         for kind in kinds:  # warm up: models loaded, caches filled, one run each
             bench.stages(kind)
             for way in ways:
-                bench.whole(kind, way == "overlap")
+                bench.whole(kind, way)
         for _ in range(args.rounds):
             for kind in kinds:
                 stage_s, reference = bench.stages(kind)
                 for name, s in stage_s.items():
                     seconds[kind.value].setdefault(name, []).append(s)
                 for way in ways:
-                    s, values = bench.whole(kind, way == "overlap")
+                    s, values = bench.whole(kind, way)
                     if values != reference:
                         bad = [i for i, (x, y) in enumerate(zip(values, reference, strict=True))
                                if x != y]
@@ -269,9 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench/worker.py: {args.model}, {n} items per job, chunks of {args.chunk_size}, "
           f"batch {args.batch}, read_count {args.read_count}, intra-op threads "
           f"{args.intra_op_threads}, coder processes {args.coder_processes}, "
+          f"gil_switch_ms {args.gil_switch_ms if args.gil_switch_ms is not None else 'default'}, "
           f"{os.cpu_count()} CPUs, median of {args.rounds} rounds (items/s)")
     header = f"{'job':<12}" + "".join(f"{s:>9}" for s in STAGES)
-    header += "".join(f"{'whole ' + w:>15}{'/slowest':>9}" for w in ways)
+    header += "".join(f"{'whole ' + w:>17}{'/slowest':>9}" for w in ways)
     print(header)
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
     for kind in kinds:
@@ -282,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{rate[s]:9.0f}" if s in rate else f"{'-':>9}" for s in STAGES)
         for w in ways:
             whole = rate[f"whole_{w}"]
-            row += f"{whole:15.0f}{whole / slowest:9.2f}"
+            row += f"{whole:17.0f}{whole / slowest:9.2f}"
             rate[f"ratio_{w}"] = whole / slowest
         print(row)
         results[kind.value] = rate

@@ -57,8 +57,9 @@ class Gate:
 
 
 class GatedPipeline:
-    """The real pipeline; each compress / reconstruct(_each) / sample call passes the gate
-    first."""
+    """The real pipeline; each compress / reconstruct(_each) / sample call (and the
+    overlapped worker's compress_staged / reconstruct_staged / sample_staged) passes the
+    gate first."""
 
     def __init__(self, inner: Any, gate: Gate) -> None:
         self.inner = inner
@@ -80,6 +81,20 @@ class GatedPipeline:
                start: int = 0) -> Any:
         self.gate.pass_through()
         return self.inner.sample(ref, count, seed=seed, temperature=temperature, start=start)
+
+    def compress_staged(self, ref: str, images: Any) -> Any:
+        self.gate.pass_through()  # the overlapped worker's call in two halves
+        return self.inner.compress_staged(ref, images)
+
+    def reconstruct_staged(self, codes: Any, ref: str | None = None) -> Any:
+        self.gate.pass_through()
+        return self.inner.reconstruct_staged(codes, ref)
+
+    def sample_staged(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
+                      start: int = 0) -> Any:
+        self.gate.pass_through()
+        return self.inner.sample_staged(ref, count, seed=seed, temperature=temperature,
+                                        start=start)
 
     def __getattr__(self, name: str) -> Any:  # models(), runtime(): not gated
         return getattr(self.inner, name)

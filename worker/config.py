@@ -76,6 +76,13 @@ class WorkerConfig(Settings):
         "a store thread PNG-encodes, packs and stores computed chunks while the next "
         "calls compute (off by default: no gain measured on a busy 2-core host, "
         "bench/worker.py)"))
+    pipeline_calls: bool = setting(True, help=(
+        "with --overlap: each call runs in two halves on two threads, so one batch's "
+        "network runs while the next batch is coded (false: the store thread alone)"))
+    gil_switch_ms: float = setting(0.0, help=(
+        "with --overlap: the Python switch interval (ms) while the worker runs, so a "
+        "thread back from a Redis round trip or an onnxruntime call waits at most this "
+        "long for the GIL held by another stage's thread; 0 = Python's own (5 ms)"))
     coder_processes: int = setting(0, help=(
         "processes that entropy-code calls of >= 64 items, so coding uses every core; pays "
         "from about 512 items per call (--batch-items); 0 = code in the worker thread"))
@@ -100,6 +107,8 @@ class WorkerConfig(Settings):
         if not self.heartbeat_s >= 0:
             raise InvalidInput(f"heartbeat_s must be >= 0, got {self.heartbeat_s}")
         check_range("coder_processes", self.coder_processes, 0, MAX_CODER_PROCESSES)
+        if not 0 <= self.gil_switch_ms <= 100:
+            raise InvalidInput(f"gil_switch_ms must be in [0, 100], got {self.gil_switch_ms}")
         if self.metrics_port is not None:
             check_range("metrics_port", self.metrics_port, 0, 65535)
         if self.heartbeat_s == 0:

@@ -38,6 +38,7 @@ from latentserve.service.server.stream_idle import StreamIdleInterceptor
 from latentserve.service.server.tracing import server_interceptor
 from latentserve.service.tls import server_credentials
 from latentserve.v1 import inference_pb2_grpc as pb_grpc
+from latentserve.worker.codec.coderpool import CoderPool
 from latentserve.worker.runtime.engine import process_memory
 from latentserve.worker.runtime.pipeline import Pipeline
 from latentserve.worker.runtime.repository import ModelEntry
@@ -180,6 +181,7 @@ def create_server(config: ServiceConfig, *, pipeline: Pipeline | None = None,
     # got arenas of their own grew 12% over bench/memory.py's calls instead of 2.5%.
     process_memory()
     metrics = ServiceMetrics()
+    own_pipeline = pipeline is None
     pipeline = pipeline or Pipeline(CachedRepository(config.models), config.engine_config(),
                                     max_pixels=config.max_pixels_per_image)
     health_servicer = HealthServicer()
@@ -220,6 +222,12 @@ def create_server(config: ServiceConfig, *, pipeline: Pipeline | None = None,
     ctx = ExtensionContext(server=grpc_server, config=config, pipeline=pipeline,
                            metrics=metrics, health=health_servicer)
     try:
+        if own_pipeline and config.coder_processes:
+            # Before any model's codec is built (they take the pool when built); the
+            # processes stop after everything that codes has stopped.
+            pool = CoderPool(config.coder_processes, min_batch=config.coder_min_batch)
+            ctx.on_stop(pool.close)
+            pipeline.coder_pool = pool
         # The catalog keeps each version's health ("NAME:VERSION", and "NAME" for the
         # version NAME resolves to) as versions load, fail, drain and go.
         catalog = ModelCatalog(pipeline, on_loaded=loaded, health=health_servicer,

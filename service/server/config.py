@@ -76,6 +76,13 @@ class ServiceConfig(Settings):
         "0 = min(2, cores)"))
     intra_op_threads: int = setting(0, help=(
         "onnxruntime threads per session run; 0 = max(1, cores // compute_workers)"))
+    coder_processes: int = setting(0, help=(
+        "processes that entropy-code batches of >= coder_min_batch images (kinds 1 and "
+        "2), so the compute workers' coding uses every core (constriction keeps the "
+        "GIL); 0 = code in the compute threads (bench/codec_speed.py --lanes)"))
+    coder_min_batch: int = setting(256, help=(
+        "smallest batch coded in the coder processes; smaller ones (a one-image call) "
+        "are coded in the compute thread, which costs them no process hop"))
     batching: bool = setting(True, help=(
         "merge concurrent requests for one model into one onnxruntime call"))
     max_batch_size: int = setting(256, help=(
@@ -160,6 +167,8 @@ class ServiceConfig(Settings):
         for name in ("compute_workers", "intra_op_threads", "max_queue_delay_us",
                      "max_concurrent_rpcs"):
             check_range(name, getattr(self, name), 0, None)
+        check_range("coder_processes", self.coder_processes, 0, 64)
+        check_range("coder_min_batch", self.coder_min_batch, 1, None)
         check_range("max_message_bytes", self.max_message_bytes, 4096, 2**31 - 1)
         if self.log_format not in LOG_FORMATS:
             raise InvalidInput(f"log_format {self.log_format!r} is not one of {LOG_FORMATS}")

@@ -190,3 +190,107 @@ def test_stop_finishes_started_chunks_and_gives_back_those_read_ahead(
     got = [item for _, item in job_store.iter_results(job.id)]
     assert got == [encode_png(im) for im in tiny_pipeline.sample("tiny-ae", 64, seed=2)]
     assert job_store.get(job.id).chunks_done == 8
+
+
+class HalvesPipeline(CountingPipeline):
+    """The real pipeline, with its calls in two halves (the pipelined worker's path),
+    recording each half: ("first"|"second", kind, items)."""
+
+    def compress_staged(self, ref, images):
+        self.calls.append(("compress", len(images)))
+        second = self.inner.compress_staged(ref, images)
+        return self._second("compress", len(images), second)
+
+    def reconstruct_staged(self, codes, ref=None):
+        self.calls.append(("reconstruct", len(codes)))
+        second = self.inner.reconstruct_staged(codes, ref)
+        return self._second("reconstruct", len(codes), second)
+
+    def _second(self, kind, n, second):
+        def run():
+            self.calls.append((f"{kind} second half", n))
+            return second()
+        return run
+
+
+def test_pipelined_calls_store_each_chunk_once_with_the_serial_workers_bytes(
+        job_store, make_worker, tiny_pipeline, mnist_images, redis_client):
+    # The overlap worker with pipeline_calls (its default): each call's second half (the
+    # coder of a compress call, the network of a reconstruct call) runs in the stage
+    # thread while the next call's first half runs; merged chunks, a chunk split over
+    # two calls, a per-item bad code: the serial worker's bytes, each chunk stored once.
+    images = mnist_images[:38]
+    codes = tiny_pipeline.compress("tiny-vae", mnist_images[:22])
+    bad = list(codes)
+    bad[5] = bad[5][:-1] + bytes([bad[5][-1] ^ 0xFF])
+    serial_jobs = submit_all(job_store, codes, bad, images)
+    make_worker(overlap=False, read_count=8, batch_items=32).run()
+    want = stored_values(job_store, serial_jobs)
+
+    jobs = submit_all(job_store, codes, bad, images)
+    halves = HalvesPipeline(tiny_pipeline)
+    worker = make_worker(pipeline=halves, read_count=8, batch_items=12, overlap=True)
+    assert worker.config.pipeline_calls
+    stores = count_stores(worker)
+    stats = worker.run()
+    assert stored_values(job_store, jobs) == want
+    chunks = [(job.id, c) for job in jobs for c in range(job_store.get(job.id).chunks_total)]
+    assert sorted((j, c) for j, c, _ in stores) == sorted(chunks)
+    assert all(new for _, _, new in stores)
+    assert stats.chunks == len(chunks)
+    # every compress / reconstruct call ran in two halves, the second once per first
+    firsts = [c for c in halves.calls if c[0] in ("compress", "reconstruct")]
+    seconds = [c for c in halves.calls if c[0].endswith("second half")]
+    assert len(seconds) == len(firsts) > 4
+    assert pending(redis_client, job_store) == []
+
+
+def test_a_failed_second_half_of_a_merged_call_fails_only_its_culprit(
+        job_store, make_worker, tiny_pipeline, mnist_images, redis_client):
+    # FAIL_FAST reconstruct jobs of one model merge into one call; a bad code makes that
+    # call's second half raise in the stage thread; each chunk then runs alone, so only
+    # the bad code's chunk fails its job, the other job's chunks are stored once each.
+    from latentserve.worker.jobqueue.store import OnItemError
+
+    codes = tiny_pipeline.compress("tiny-ae", mnist_images[:8])
+    bad = list(codes)
+    bad[1] = bad[1][:-1] + bytes([bad[1][-1] ^ 0xFF])
+    good_job = job_store.submit(JobKind.RECONSTRUCT, "tiny-ae", items=codes, chunk_size=4,
+                                on_item_error=OnItemError.FAIL_FAST)
+    bad_job = job_store.submit(JobKind.RECONSTRUCT, "tiny-ae", items=bad, chunk_size=4,
+                               on_item_error=OnItemError.FAIL_FAST)
+    worker = make_worker(read_count=8, batch_items=16, overlap=True)
+    stores = count_stores(worker)
+    worker.run()
+    assert job_store.get(good_job.id).state is JobState.SUCCEEDED
+    assert job_store.get(bad_job.id).state is JobState.FAILED
+    assert "code" in (job_store.get(bad_job.id).error or "")
+    assert sorted((j, c) for j, c, _ in stores if j == good_job.id) == [(good_job.id, 0),
+                                                                       (good_job.id, 1)]
+    from latentserve.worker.runtime.images import encode_png
+
+    got = [item for _, item in job_store.iter_results(good_job.id)]
+    assert got == [encode_png(im) for im in tiny_pipeline.reconstruct(codes)]
+    assert pending(redis_client, job_store) == []
+
+
+def test_pipelined_calls_with_a_coder_pool_give_the_inline_bytes(
+        job_store, make_worker, tiny_repo, tiny_pipeline, mnist_images):
+    # The pipelined worker coding in processes (every batch through the pool): the
+    # codes and images of the inline pipeline.
+    from latentserve.worker.codec.coderpool import CoderPool
+    from latentserve.worker.runtime.engine import EngineConfig
+    from latentserve.worker.runtime.images import encode_png
+    from latentserve.worker.runtime.pipeline import Pipeline
+
+    images = mnist_images[:40]
+    codes = tiny_pipeline.compress("tiny-vae", images)
+    with CoderPool(2, min_batch=1, min_slice=1) as pool:
+        pooled = Pipeline(tiny_repo, EngineConfig(intra_op_threads=1), coder_pool=pool)
+        a = job_store.submit(JobKind.COMPRESS, "tiny-ae", items=images, chunk_size=8)
+        b = job_store.submit(JobKind.RECONSTRUCT, "tiny-vae", items=codes, chunk_size=8)
+        make_worker(pipeline=pooled, read_count=4, batch_items=16, overlap=True).run()
+    assert [c for _, c in job_store.iter_results(a.id)] == tiny_pipeline.compress("tiny-ae",
+                                                                                  images)
+    assert [im for _, im in job_store.iter_results(b.id)] == [
+        encode_png(im) for im in tiny_pipeline.reconstruct(codes)]

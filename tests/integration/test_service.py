@@ -298,3 +298,32 @@ def test_metrics_parse_as_prometheus_text_and_count_the_work(
     assert sample_value(text, "latentserve_models_loaded") == 3
     assert sample_value(text, "latentserve_model_provider_info", model="tiny-vae:1",
                         provider="CPUExecutionProvider") == 1
+
+
+def test_a_server_with_coder_processes_gives_the_inline_codes(
+        start_server, local: Pipeline, digits: np.ndarray) -> None:
+    # --coder-processes 2 --coder-min-batch 4: batches of 4+ are coded in the processes
+    # (header and CRC made there), a one-image call inline; the same bytes either way,
+    # and the processes stop with the server.
+    import os
+
+    server = start_server(coder_processes=2, coder_min_batch=4, compute_workers=2)
+    pool = server.pipeline.coder_pool
+    assert pool is not None and pool.min_batch == 4
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        for model, n in (("tiny-ae", 12), ("tiny-vae", 1), ("tiny-vqvae", 9)):
+            images = digits[:n]
+            reply = stub.Compress(raw_request(model, images), timeout=TIMEOUT)
+            assert list(reply.codes) == local.compress(model, images)
+            out = stub.Reconstruct(pb.ReconstructRequest(codes=reply.codes,
+                                                         format=pb.IMAGE_FORMAT_RAW),
+                                   timeout=TIMEOUT)
+            got = np.stack([decode_reply_image(im) for im in out.images])
+            np.testing.assert_array_equal(got, local.reconstruct(list(reply.codes)))
+    pids = pool.pids()
+    assert len(pids) == 2
+    server.stop(0).wait(TIMEOUT)
+    for pid in pids:  # stopped and reaped with the server
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

@@ -80,8 +80,17 @@ class TableSpec:
 
 # -- the worker process side ------------------------------------------------------------
 
-def _encode(tables: FactorizedTables | StaticTables, symbols: np.ndarray) -> list[bytes]:
-    return tables.encode_batch(symbols)
+def _encode(tables: FactorizedTables | StaticTables, symbols: np.ndarray,
+            pack_as: tuple[str, int] | None = None) -> list[bytes]:
+    """Payloads, or with ``pack_as`` (manifest digest, kind id) finished codes: the
+    header and its CRC made here, not in the caller's thread."""
+    payloads = tables.encode_batch(symbols)
+    if pack_as is None:
+        return payloads
+    from latentserve.worker.codec.codes import pack_all  # codes imports this module
+
+    digest, kind = pack_as
+    return pack_all(digest, [(kind, p) for p in payloads])
 
 
 def _decode(tables: FactorizedTables | StaticTables, payloads: list[bytes], canonical: bool,
@@ -164,6 +173,7 @@ class CoderPool:
         self._context: Any = multiprocessing.get_context(start_method)
         self._idle_changed = threading.Condition()
         self._closed = False
+        self._callers = 0  # calls in _run now (each takes its share of the processes)
         self.replaced = 0  # how many crashed processes were replaced (for tests, metrics)
         self._idle = [self._start() for _ in range(processes)]
         self._all = list(self._idle)
@@ -187,10 +197,13 @@ class CoderPool:
         with self._idle_changed:
             return sorted(w.process.pid for w in self._all)
 
-    def encode(self, spec: TableSpec, symbols: np.ndarray) -> list[bytes]:
-        """Checked symbols (N, *latent_shape) -> one payload each, in order."""
+    def encode(self, spec: TableSpec, symbols: np.ndarray, *,
+               pack_as: tuple[str, int] | None = None) -> list[bytes]:
+        """Checked symbols (N, *latent_shape) -> one payload each, in order; with
+        ``pack_as`` (manifest digest, kind id) one finished version-1 code each
+        (``codes.pack``, done in the processes)."""
         wire = symbols.astype(spec.wire_dtype, copy=False)
-        parts = self._run(spec, "encode", len(symbols), lambda a, b: (wire[a:b],))
+        parts = self._run(spec, "encode", len(symbols), lambda a, b: (wire[a:b], pack_as))
         return [p for part in parts for p in part]
 
     def decode(self, spec: TableSpec, payloads: Sequence[bytes], *,
@@ -207,8 +220,20 @@ class CoderPool:
 
     # -- running slices -----------------------------------------------------------------
     def _run(self, spec: TableSpec, op: str, n: int, args_of: Any) -> list[Any]:
-        """Every slice's result, in order; slices lost to a crashed process run again."""
-        workers = self._checkout(max(1, min(self.processes, n // self.min_slice)))
+        """Every slice's result, in order; slices lost to a crashed process run again.
+
+        A call takes its share of the processes (all of them when it is the only one):
+        two lanes calling at once get one process each, so each lane's own work (checks,
+        headers) overlaps the other's coding instead of waiting for both processes.
+        """
+        with self._idle_changed:
+            self._callers += 1
+            share = -(-self.processes // self._callers)
+        try:
+            workers = self._checkout(max(1, min(share, n // self.min_slice)))
+        except BaseException:
+            self._leave()
+            raise
         try:
             edges = [n * i // len(workers) for i in range(len(workers) + 1)]
             slices = [args_of(a, b) for a, b in itertools.pairwise(edges)]
@@ -221,6 +246,7 @@ class CoderPool:
                 results.append(self._answer(workers, i, spec, op, args, sent[i]))
         finally:
             self._checkin(workers)
+            self._leave()
         for status, value in results:
             if status == "err":
                 raise value
@@ -278,6 +304,10 @@ class CoderPool:
             taken, self._idle = self._idle[:want], self._idle[want:]
         return [self._replace(w) if w.broken or not w.process.is_alive() else w
                 for w in taken]
+
+    def _leave(self) -> None:
+        with self._idle_changed:
+            self._callers -= 1
 
     def _checkin(self, workers: list[_Worker]) -> None:
         for w in workers:

@@ -284,6 +284,11 @@ class LatentCodec:
         if self.manifest.any_size != (size is not None):
             raise InvalidInput(f"{self.manifest.ref}: encode needs the image size for an "
                                "any-size model, and only for one")
+        want = self._kind_id(kind)
+        if self.pool is not None and want in self._specs and self.pool.wants(len(symbols)):
+            # Kinds 1 and 2 in the pool's processes, headers and CRCs made there too.
+            return self.pool.encode(self._specs[want], self._check_symbols(symbols, size),
+                                    pack_as=(self.manifest.digest, want))
         return pack_all(self.manifest.digest,
                         self.encode_payloads(symbols, kind=kind, size=size), size)
 

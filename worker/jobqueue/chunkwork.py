@@ -3,7 +3,9 @@
 ``plan_batches`` cuts chunks into pipeline calls of at most ``batch_items`` items,
 merging small chunks of one model (and contiguous sample chunks of one job) into one
 call; ``compute_batch`` runs one call and splits its output per chunk (PNG-encoding
-images when the job asks for PNG); ``pack_results`` packs a finished chunk for Redis.
+images when the job asks for PNG); ``start_batch`` is the same call in two halves
+(network | coder), for the overlapped worker; ``pack_results`` packs a finished chunk
+for Redis.
 The worker loop (``consumer``) and the benchmark's in-process baseline both use them.
 The overlapped worker calls ``compute_batch(..., png=False)`` and PNG-encodes a finished
 chunk's images later, in its store thread (``encode_parts``): the same bytes, off the
@@ -17,7 +19,8 @@ its slot instead of failing the chunk. FAIL_FAST chunks keep the all-or-nothing 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -70,6 +73,9 @@ class Held:
     # Items refused on arrival (index in the chunk -> why); their inputs are placeholders.
     failures: dict[int, ItemFailure] = field(default_factory=dict)
     done: int = 0                      # items computed so far
+    # Items whose call has started (overlap: handed on to the second half); a chunk all
+    # of whose items have started is finished and stored, not released, on shutdown.
+    started: int = 0
     parts: list[Any] = field(default_factory=list)  # result pieces, in order
     shard: int = 0                     # the stream shard it was read from (jobqueue/keys.py)
 
@@ -117,6 +123,17 @@ def compute_batch(pipeline: JobPipeline, batch: list[Segment], *, png: bool = Tr
 
     ``png=False``: images of a PNG job stay arrays, for ``encode_parts`` to encode.
     """
+    return start_batch(pipeline, batch, png=png)()
+
+
+def start_batch(pipeline: JobPipeline, batch: list[Segment], *,
+                png: bool = True) -> Callable[[], list[Any]]:
+    """``compute_batch`` in two halves: the first runs now (the network of a compress
+    call, the coder of a reconstruct call, a sample call's draws), the returned function
+    runs the rest and returns each segment's results, so a worker can run one batch's
+    second half in another thread while the next batch's first half runs. A pipeline
+    without the staged calls (``compress_staged``, ``reconstruct_staged``,
+    ``sample_staged``) does it all in the first half."""
     task = batch[0].held.task
     assert task is not None
     png = png and task.image_format is ImageFormat.PNG
@@ -128,42 +145,64 @@ def compute_batch(pipeline: JobPipeline, batch: list[Segment], *, png: bool = Tr
         inputs: Any = (np.concatenate(pieces) if all(isinstance(p, np.ndarray) for p in pieces)
                        and len({p.shape[1:] for p in pieces}) == 1
                        else [im for p in pieces for im in p])
+        staged = getattr(pipeline, "compress_staged", None)
+        if staged is not None:
+            coding = staged(task.model, inputs)
+            return lambda: _split(coding(), sizes)
         codes = pipeline.compress(task.model, inputs)
-        return _split(codes, sizes)
-    if task.kind is JobKind.RECONSTRUCT and task.on_item_error is OnItemError.PER_ITEM:
-        codes = [c for s in batch for c in s.held.inputs[s.lo:s.hi]]
-        each = pipeline.reconstruct_each(codes, task.model or None)
-        return _split([ItemFailure.of(r) if isinstance(r, (CodeError, ResourceLimit)) else
-                       encode_png(r) if png else r for r in each], sizes)
-    images: Any
+        return lambda: _split(codes, sizes)
     if task.kind is JobKind.RECONSTRUCT:
         codes = [c for s in batch for c in s.held.inputs[s.lo:s.hi]]
-        each = pipeline.reconstruct_each(codes, task.model or None)
-        for i, r in enumerate(each):  # all or nothing: the first refusal fails the chunk
-            if isinstance(r, CodeError):
-                raise with_index(r, i, len(each))
-            if isinstance(r, ResourceLimit):
-                raise r
-        # One array when the images share a shape; a list when they do not (any size).
-        decoded = cast(list[np.ndarray], each)
-        images = np.stack(decoded) if len({r.shape for r in decoded}) == 1 else decoded
-    else:
-        runs: list[np.ndarray] = []
-        i = 0
-        while i < len(batch):  # one call per run of contiguous global indices
-            start = _global(batch[i])
-            count = 0
-            j = i
-            while j < len(batch):
-                s = batch[j]
-                if _global(s) != start + count:
-                    break
-                count += s.hi - s.lo
-                j += 1
-            runs.append(pipeline.sample(task.model, count, seed=task.seed,
-                                             temperature=task.temperature, start=start))
-            i = j
-        images = np.concatenate(runs)
+        staged = getattr(pipeline, "reconstruct_staged", None)
+        if staged is not None:
+            rendering = staged(codes, task.model or None)
+        else:
+            each = pipeline.reconstruct_each(codes, task.model or None)
+            rendering = lambda: each  # noqa: E731 - the same shape as the staged half
+        return functools.partial(_reconstructed, rendering, task, sizes, png)
+    staged = getattr(pipeline, "sample_staged", None)
+    draw = staged if staged is not None else pipeline.sample
+    runs: list[Any] = []
+    i = 0
+    while i < len(batch):  # one call per run of contiguous global indices
+        start = _global(batch[i])
+        count = 0
+        j = i
+        while j < len(batch):
+            s = batch[j]
+            if _global(s) != start + count:
+                break
+            count += s.hi - s.lo
+            j += 1
+        runs.append(draw(task.model, count, seed=task.seed, temperature=task.temperature,
+                         start=start))
+        i = j
+    if staged is not None:  # the decoder runs in the second half
+        return lambda: _image_parts(np.concatenate([run() for run in runs]), sizes, png)
+    return functools.partial(_image_parts, np.concatenate(runs), sizes, png)
+
+
+def _reconstructed(rendering: Callable[[], list[Any]], task: ChunkTask, sizes: list[int],
+                   png: bool) -> list[Any]:
+    """A reconstruct call's second half: the decoder network, then each segment's images
+    (PER_ITEM: a refused code is an ItemFailure in its slot; else the first refusal
+    fails the call)."""
+    each = rendering()
+    if task.on_item_error is OnItemError.PER_ITEM:
+        return _split([ItemFailure.of(r) if isinstance(r, (CodeError, ResourceLimit)) else
+                       encode_png(r) if png else r for r in each], sizes)
+    for i, r in enumerate(each):  # all or nothing: the first refusal fails the chunk
+        if isinstance(r, CodeError):
+            raise with_index(r, i, len(each))
+        if isinstance(r, ResourceLimit):
+            raise r
+    # One array when the images share a shape; a list when they do not (any size).
+    decoded = cast(list[np.ndarray], each)
+    images = np.stack(decoded) if len({r.shape for r in decoded}) == 1 else decoded
+    return _image_parts(images, sizes, png)
+
+
+def _image_parts(images: Any, sizes: list[int], png: bool) -> list[Any]:
     pieces = _split(images, sizes)
     if png:
         return [[encode_png(im) for im in piece] for piece in pieces]

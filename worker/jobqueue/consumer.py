@@ -37,14 +37,16 @@ until the delivery cap.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -61,6 +63,7 @@ from latentserve.worker.jobqueue.chunkwork import (
     encode_parts,
     pack_results,
     plan_batches,
+    start_batch,
 )
 from latentserve.worker.jobqueue.cluster import TRANSIENT_ERRORS
 from latentserve.worker.jobqueue.keys import as_text as _s
@@ -132,6 +135,12 @@ class Worker:
         self._store_backlog = 0
         self._store_cond = threading.Condition()
         self._store_thread: threading.Thread | None = None
+        # pipeline_calls (with overlap): the second halves of calls (chunkwork.start_batch)
+        # for the stage thread, and how many items they hold (under _store_cond too).
+        self._stage_q: queue.SimpleQueue[tuple[list[Segment], Callable[[], list[Any]]]
+                                         | None] = queue.SimpleQueue()
+        self._stage_backlog = 0
+        self._stage_thread: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------
     def request_stop(self, grace_s: float | None = None) -> None:
@@ -169,11 +178,20 @@ class Worker:
         backoff = 0.05
         down_since: float | None = None  # when Redis stopped answering the loop
         overlap = self.config.overlap
+        switch = sys.getswitchinterval()
+        if overlap and self.config.gil_switch_ms > 0:
+            # Several stage threads share the GIL: one that needs it back (after I/O or
+            # a network call) waits up to the interval while another runs Python.
+            sys.setswitchinterval(self.config.gil_switch_ms / 1000)
         try:
             if self.config.preload:
                 self._preload()
             if overlap:
                 self._start_store_thread()
+                if self.config.pipeline_calls:
+                    self._stage_thread = threading.Thread(
+                        target=self._stage_loop, daemon=True, name=f"stage-{self.consumer}")
+                    self._stage_thread.start()
             self._taking = True
             while not self._stop.is_set():
                 try:
@@ -210,6 +228,7 @@ class Worker:
                     for pool in self.config.pools:
                         self.store.ensure_group(pool)
         finally:
+            sys.setswitchinterval(switch)
             self._stop.set()
             self._stop_store_thread()
             self._release_all()
@@ -436,8 +455,9 @@ class Worker:
             if i and not self._checkpoint(runnable):
                 break
             self._run_batch(batch)
-        for held in runnable:  # whatever the checkpoint stopped (not what waits to be stored)
-            if held.entry_id in self._held and held.done < held.n:
+        # Whatever the checkpoint stopped (not what has started: it is finished and stored).
+        for held in runnable:
+            if held.entry_id in self._held and held.started < held.n:
                 self._release(held)
 
     def _begin(self, entries: list[Held]) -> list[Held]:
@@ -498,8 +518,17 @@ class Worker:
         return True
 
     def _stop_store_thread(self) -> None:
-        """Let the store thread store what it has (within the grace when stopping), then
-        end it. Chunks it did not get to stay held: run() releases them."""
+        """Let the stage thread, then the store thread, finish what they have (within the
+        grace when stopping), then end them. Chunks they did not get to stay held: run()
+        releases them."""
+        stage = self._stage_thread
+        if stage is not None:
+            with self._store_cond:
+                while self._stage_backlog > 0 and time.monotonic() < self._deadline:
+                    self._store_cond.wait(min(max(self._deadline - time.monotonic(), 0.0), 1.0))
+            self._stage_q.put(None)
+            stage.join(timeout=max(min(self._deadline - time.monotonic(), 30.0), 1.0))
+            self._stage_thread = None
         thread = self._store_thread
         if thread is None:
             return
@@ -541,12 +570,13 @@ class Worker:
         if self._stop.is_set():
             past = time.monotonic() >= self._deadline
             for h in live:
-                # Past the grace period release everything; before it, only chunks not
-                # yet started (finishing a started chunk is what the grace is for). A
-                # computed chunk waiting for the store thread is stored, not released.
-                if h.entry_id in self._held and h.done < h.n and (past or h.done == 0):
+                # Past the grace period release everything not yet started through;
+                # before it, only chunks not yet started (finishing a started chunk is
+                # what the grace is for). A chunk in the stage thread's hands, or
+                # computed and waiting for the store thread, is stored, not released.
+                if h.entry_id in self._held and h.started < h.n and (past or h.started == 0):
                     self._release(h)
-        return any(h.entry_id in self._held and h.done < h.n for h in live)
+        return any(h.entry_id in self._held and h.started < h.n for h in live)
 
     def _drop_cancelled(self, chunks: list[Held]) -> None:
         """Ack and drop the chunks whose job was cancelled or failed meanwhile."""
@@ -565,13 +595,17 @@ class Worker:
         if not batch:
             return
         overlap = self.config.overlap
+        staged = overlap and self.config.pipeline_calls
         if overlap:  # the store thread's backlog stays under two batches
             self._wait_store(2 * self.config.batch_items)
+        if staged:  # one second half runs while this first half does, none waits
+            self._wait_stage(self.config.batch_items)
         try:
             task = batch[0].held.task
             model, op = (task.model, task.kind.value) if task else ("", "")
             with chunk_spans(self.store, [s.held for s in batch], model=model, op=op):
-                outputs = compute_batch(self.pipeline, batch, png=not overlap)
+                second = start_batch(self.pipeline, batch, png=not overlap)
+                outputs = None if staged else second()
         except Exception as exc:  # noqa: BLE001 - every failure is stored or retried
             if len({id(s.held) for s in batch}) > 1:
                 # A merged call failed: run each chunk alone so only the culprit fails.
@@ -580,15 +614,71 @@ class Worker:
                 return
             self._fail_chunk(batch[0].held, exc)
             return
+        if outputs is None:  # staged: the stage thread runs the second half
+            for seg in batch:
+                seg.held.started += seg.hi - seg.lo
+            with self._store_cond:
+                self._stage_backlog += sum(seg.hi - seg.lo for seg in batch)
+            self._stage_q.put((batch, second))
+            return
+        self._record(batch, outputs)
+
+    def _record(self, batch: list[Segment], outputs: list[Any]) -> None:
+        """Each segment's results into its chunk; finished chunks are stored (overlap: by
+        the store thread)."""
         for seg, out in zip(batch, outputs, strict=True):
             h = seg.held
             h.parts.append(out)
             h.done += seg.hi - seg.lo
+            h.started = max(h.started, h.done)
             if h.done == h.n:
-                if overlap:
+                if self.config.overlap:
                     self._to_store(h)
                 else:
                     self._finish(h)
+
+    # -- pipeline_calls: a stage thread runs each call's second half --------------------
+    def _wait_stage(self, most: int) -> None:
+        """Until at most ``most`` items wait for (or are in) the stage thread."""
+        with self._store_cond:
+            while self._stage_backlog > most:
+                self._store_cond.wait(1.0)
+
+    def _stage_loop(self) -> None:
+        """Second halves in order (a chunk split over two calls gets its parts in order),
+        while the loop's thread runs the next first half: the network of one batch and
+        the coder of another overlap, since onnxruntime (and a coder pool's wait)
+        releases the GIL."""
+        while (item := self._stage_q.get()) is not None:
+            batch, second = item
+            try:
+                late = self._stop.is_set() and time.monotonic() >= self._deadline
+                if not late and any(s.held.entry_id in self._held for s in batch):
+                    self._second_half(batch, second)
+            except Exception:  # noqa: BLE001 - the thread must outlive any one failure
+                log.exception("worker %s: a call's second half failed", self.consumer)
+            finally:
+                with self._store_cond:
+                    self._stage_backlog -= sum(s.hi - s.lo for s in batch)
+                    self._store_cond.notify_all()
+
+    def _second_half(self, batch: list[Segment], second: Callable[[], list[Any]]) -> None:
+        try:
+            outputs = second()
+        except Exception as exc:  # noqa: BLE001 - every failure is stored or retried
+            if len({id(s.held) for s in batch}) > 1:
+                # A merged call failed: run each chunk alone so only the culprit fails.
+                for seg in batch:
+                    if seg.held.entry_id in self._held:
+                        self._second_half([seg], functools.partial(
+                            compute_batch, self.pipeline, [seg], png=False))
+                return
+            try:
+                self._fail_chunk(batch[0].held, exc)
+            except TRANSIENT_ERRORS:
+                self._drop(batch[0].held)  # left pending: redelivered later
+            return
+        self._record(batch, outputs)
 
     def _finish(self, h: Held) -> None:
         try:

@@ -14,6 +14,7 @@ back to the OS once the models have been idle for a moment (bench/memory.py meas
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -541,6 +542,13 @@ class ModelRuntime:
     def sample(self, count: int, *, seed: int, temperature: float = 1.0,
                start: int = 0) -> np.ndarray:
         """Draw ``count`` uint8 images; sample ``start + j`` depends only on (seed, start + j)."""
+        return self.sample_staged(count, seed=seed, temperature=temperature, start=start)()
+
+    def sample_staged(self, count: int, *, seed: int, temperature: float = 1.0,
+                      start: int = 0) -> Callable[[], np.ndarray]:
+        """``sample`` in two halves: the draws (and a sampler or prior network) now, the
+        decoder network when the returned function is called, so a worker can draw one
+        batch while the decoder runs the previous one."""
         if "sample" not in self.manifest.operations:
             raise unsupported(self.manifest, "sample")
         if count < 0:
@@ -551,12 +559,13 @@ class ModelRuntime:
         temperature = used
         rngs = [image_rng(seed, start + j) for j in range(count)]
         if count == 0:
-            return np.zeros((0, *self.manifest.image_shape), np.uint8)
+            empty = np.zeros((0, *self.manifest.image_shape), np.uint8)
+            return lambda: empty
         family = self.manifest.family
         if family == "vqvae":
-            return self.decode(self._sample_indices(rngs, temperature))
+            return functools.partial(self.decode, self._sample_indices(rngs, temperature))
         if family == "vae":
-            return self._sample_vae(rngs, temperature)
+            return functools.partial(self._decode_latent, self._vae_latents(rngs, temperature))
         dim = self.manifest.num_symbols
         normal = np.stack([r.standard_normal(dim) for r in rngs])
         # ae: a diagonal Gaussian mixture fitted to the training latents.
@@ -568,7 +577,8 @@ class ModelRuntime:
         comp = np.array([min(int(np.searchsorted(cdf, r.random(), side="right")), len(cdf) - 1)
                          for r in rngs])
         latent = means[comp] + stds[comp] * normal * temperature
-        return self.decode(self.quantize(latent.reshape(count, *self.manifest.latent_shape)))
+        return functools.partial(
+            self.decode, self.quantize(latent.reshape(count, *self.manifest.latent_shape)))
 
     def sample_latents(self, count: int, *, seed: int, temperature: float = 1.0,
                        start: int = 0) -> np.ndarray:
@@ -596,8 +606,8 @@ class ModelRuntime:
         latent = self._batched(lambda b: self._run(sampler, "noise", b), u)
         return latent.reshape(len(rngs), *shape)
 
-    def _sample_vae(self, rngs: list[np.random.Generator], temperature: float) -> np.ndarray:
-        latent = self._vae_latents(rngs, temperature)
+    def _decode_latent(self, latent: np.ndarray) -> np.ndarray:
+        """A vae's sampled latents through its decoder (no quantization)."""
         return to_uint8(self._batched(lambda b: self._run(self.decoder, "latent", b), latent))
 
     def _sample_indices(self, rngs: list[np.random.Generator], temperature: float) -> np.ndarray:

@@ -14,15 +14,21 @@ call; it is thread-safe and keeps one verified ``ModelRuntime`` (and its
 - ``reconstruct_each(codes, ref=None)``: per code an image or the ``CodeError`` that
   refused it (or ``ResourceLimit``: a format-2 code of an image over ``max_pixels``),
   so one bad code in a batch can be reported by its index.
+- ``compress_staged`` / ``reconstruct_staged`` / ``sample_staged``: the same calls cut
+  between the network and the coder (sample: between the draws and the decoder); the
+  first half runs at once, the returned function runs the second, for a worker that
+  overlaps one batch's coding with another's network.
 - ``sample(ref, count, seed=, temperature=, start=) -> uint8 (N, C, H, W)``.
 - ``identify(code) -> ModelEntry``: which model made a code, or why none can decode it.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -100,13 +106,23 @@ class Pipeline:
         ``kind``: None for the model's own code kind; ``"vq_static"`` on a vq_prior model
         gives codes that decode in one shot (no prior run per grid position), ~70% larger.
         """
+        return self.compress_staged(ref, images, kind=kind)()
+
+    def compress_staged(self, ref: str, images: np.ndarray | Sequence[np.ndarray], *,
+                        kind: str | None = None) -> Callable[[], list[bytes]]:
+        """``compress`` in two halves: the encoder network runs now, the coding when the
+        returned function is called (``compress(...) == compress_staged(...)()``), so a
+        worker can code one batch in one thread while the network runs the next in
+        another (onnxruntime releases the GIL). An any-size model does it all now."""
         codec = self.codec(ref)
         if not codec.manifest.any_size:
             if not isinstance(images, np.ndarray):
                 images = np.stack(images) if len(images) else np.zeros(
                     (0, *codec.manifest.image_shape), np.uint8)
-            return codec.encode(codec.runtime.encode(images), kind=kind)
-        return self._compress_any(codec, images, kind)
+            symbols = codec.runtime.encode(images)
+            return functools.partial(codec.encode, symbols, kind=kind)
+        codes = self._compress_any(codec, images, kind)
+        return lambda: codes
 
     def _compress_any(self, codec: LatentCodec, images: np.ndarray | Sequence[np.ndarray],
                       kind: str | None) -> list[bytes]:
@@ -130,8 +146,15 @@ class Pipeline:
     def sample(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
                start: int = 0) -> np.ndarray:
         """``count`` uint8 samples; sample ``start + j`` depends only on (seed, start + j)."""
+        return self.sample_staged(ref, count, seed=seed, temperature=temperature, start=start)()
+
+    def sample_staged(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
+                      start: int = 0) -> Callable[[], np.ndarray]:
+        """``sample`` in two halves: the draws now, the decoder network when the returned
+        function is called (``ModelRuntime.sample_staged``)."""
         check_temperature(temperature)
-        return self.runtime(ref).sample(count, seed=seed, temperature=temperature, start=start)
+        return self.runtime(ref).sample_staged(count, seed=seed, temperature=temperature,
+                                               start=start)
 
     # -- reconstruct ------------------------------------------------------------------
     def identify(self, code: bytes) -> ModelEntry:
@@ -183,21 +206,29 @@ class Pipeline:
         (one network run, the prior batched over the group's kind-3 codes). With ``ref``,
         a code made by any other model is refused with CodeMismatch.
         """
-        errors, outputs = self._reconstruct(codes, ref)
-        results: list[np.ndarray | CodeError | ResourceLimit] = (
-            [CorruptCode("not decoded")] * len(codes))
-        for i, exc in errors.items():
-            results[i] = exc
-        for idx, images in outputs:
-            for i, image in zip(idx, images, strict=True):
-                results[i] = image
-        return results
+        return self.reconstruct_staged(codes, ref)()
+
+    def reconstruct_staged(self, codes: Sequence[bytes], ref: str | None = None
+                           ) -> Callable[[], list[np.ndarray | CodeError | ResourceLimit]]:
+        """``reconstruct_each`` in two halves: the codes are checked and entropy-decoded
+        now, the decoder network runs when the returned function is called
+        (``reconstruct_each(...) == reconstruct_staged(...)()``), so a worker's network
+        can run one batch while its coder decodes the next."""
+        errors, pending = self._decode(codes, ref)
+        return functools.partial(_results, len(codes), errors, pending)
 
     def _reconstruct(self, codes: Sequence[bytes], ref: str | None
                      ) -> tuple[dict[int, CodeError | ResourceLimit],
                                 list[tuple[list[int], np.ndarray]]]:
         """(the refusals by index, and per decoder run the indices it decoded and its
         images, in index order)."""
+        errors, pending = self._decode(codes, ref)
+        return errors, _render(pending)
+
+    def _decode(self, codes: Sequence[bytes], ref: str | None
+                ) -> tuple[dict[int, CodeError | ResourceLimit], list[_Pending]]:
+        """The coder half: (the refusals by index, and per decoder run to come the indices
+        and their symbols)."""
         wanted = self.repository.resolve(ref) if ref is not None else None
         entries = _Entries(self.models())
         registry = _LazyRegistry(self.repository.root)
@@ -225,7 +256,7 @@ class Pipeline:
                 members[1].append(i)
             except CodeError as exc:
                 errors[i] = exc
-        outputs: list[tuple[list[int], np.ndarray]] = []
+        pending: list[_Pending] = []
         for entry, idx in groups.values():
             codec = self._codec_for(entry)
             # _identify bound each header to this model's digest: no second parse.
@@ -235,7 +266,7 @@ class Pipeline:
                 for k, refusal in refused.items():
                     errors[idx[k]] = refusal
                 if ok:
-                    outputs.append(([idx[k] for k in ok], codec.runtime.decode(symbols)))
+                    pending.append(_Pending([idx[k] for k in ok], codec.runtime, symbols, None))
                 continue
             decoded = codec.decode_headers(mine)  # type: ignore[arg-type]
             by_size: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
@@ -245,9 +276,9 @@ class Pipeline:
                 else:  # one decoder run per image size
                     by_size.setdefault(headers[i].size, []).append((i, sym))  # type: ignore[union-attr, arg-type]
             for size, group in by_size.items():
-                outputs.append(([i for i, _ in group],
-                                codec.runtime.decode(np.stack([sym for _, sym in group]), size)))
-        return errors, outputs
+                pending.append(_Pending([i for i, _ in group], codec.runtime,
+                                        np.stack([sym for _, sym in group]), size))
+        return errors, pending
 
     def _identify(self, header: Header, entries: _Entries,
                   registry: _LazyRegistry) -> ModelEntry:
@@ -303,6 +334,34 @@ def check_temperature(temperature: float) -> float:
                            f"most {MAX_TEMPERATURE:g}: higher ones only saturate the decoder; "
                            "at least float32's smallest, 1.4e-45)")
     return used
+
+
+class _Pending(NamedTuple):
+    """One decoder run still to do: which codes, whose network, their symbols, the image
+    size (any-size models; None for fixed-size ones)."""
+
+    idx: list[int]
+    runtime: ModelRuntime
+    symbols: np.ndarray
+    size: tuple[int, int] | None
+
+
+def _render(pending: list[_Pending]) -> list[tuple[list[int], np.ndarray]]:
+    """The decoder network half of reconstructing: one run per pending group."""
+    return [(p.idx, p.runtime.decode(p.symbols) if p.size is None
+             else p.runtime.decode(p.symbols, p.size)) for p in pending]
+
+
+def _results(count: int, errors: dict[int, CodeError | ResourceLimit],
+             pending: list[_Pending]) -> list[np.ndarray | CodeError | ResourceLimit]:
+    """Per code, its image or its refusal, after the decoder runs."""
+    results: list[np.ndarray | CodeError | ResourceLimit] = [CorruptCode("not decoded")] * count
+    for i, exc in errors.items():
+        results[i] = exc
+    for idx, images in _render(pending):
+        for i, image in zip(idx, images, strict=True):
+            results[i] = image
+    return results
 
 
 def describe(entry: ModelEntry) -> str:
