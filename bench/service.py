@@ -3,6 +3,7 @@
 
     python bench/service.py [--models models] [--model mnist-vae] [--seconds 4]
                             [--images ../shared/data/mnist/images-idx3-ubyte.gz] [--json out.json]
+                            [--base ../old-tree]
 
 The server runs as a real ``latentserve serve`` process on loopback (as deployed);
 the in-process baseline is the same Pipeline with the same engine settings:
@@ -23,6 +24,11 @@ Each of the 9 phases runs ``--seconds`` in all (at most ``--max-calls`` calls pe
 split into ``--rounds`` interleaved rounds, after a warm-up: the machine is shared,
 so a drift in its load hits both sides of every ratio alike. ``--phases b_on,c_grpc``
 runs only some of them (rows that need a missing phase are left out).
+
+``--base TREE`` (another checkout of this repository, its stubs generated) also serves
+the same models from TREE's code, and every server phase (a_grpc, b_on, b_off, c_grpc,
+c_floor) runs against both servers in the same interleaved rounds: a last table gives
+each figure old vs new and their ratio (server CPU per call, images/s, latency).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +52,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+SERVER_PHASES = ("a_grpc", "b_on", "b_off", "c_grpc", "c_floor")
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "mnist" / "images-idx3-ubyte.gz"
 
 
@@ -66,9 +73,10 @@ class Served(str):
 
 
 @contextmanager
-def serve(models: Path, *extra: str) -> Iterator[Served]:
+def serve(models: Path, *extra: str, tree: Path | None = None) -> Iterator[Served]:
     """A ``latentserve serve`` process on a free loopback port; yields its target
-    (with ``.pid``, for its CPU time).
+    (with ``.pid``, for its CPU time). ``tree``: run that checkout's code instead
+    (first on the path, ahead of this tree's editable install).
 
     The job API shares the process: its embedded Valkey gets a temporary folder and no
     in-process job worker runs, so only the Inference service does work.
@@ -78,8 +86,11 @@ def serve(models: Path, *extra: str) -> Iterator[Served]:
         cmd = [sys.executable, "-m", "latentserve.cli", "serve", "--host", "127.0.0.1",
                "--port", "0", "--metrics-port", "none", "--models", str(models),
                "--grace-s", "2", "--state-dir", state, "--embedded-worker", "no", *extra]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if tree is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")])
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                                cwd=tree)
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()
@@ -182,7 +193,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated phases to run (default all): a_grpc, a_local, "
                         "b_on, b_off, ceil_32, ceil_1, c_grpc, c_local, c_floor")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--base", type=Path, default=None,
+                        help="another checkout: its server runs the same server phases "
+                        "beside this tree's (old vs new in one run)")
     args = parser.parse_args(argv)
+    if args.base is not None and not (args.base / "latentserve" / "v1").is_dir():
+        raise SystemExit(f"--base {args.base}: not a checkout with generated stubs "
+                         "(latentserve/v1); run `make install-dev` there once")
 
     from latentserve.service.client.inference import LatentServeClient
     from latentserve.service.models.versions import CachedRepository
@@ -229,41 +246,65 @@ def main(argv: list[str] | None = None) -> int:
             return len(d), sum(d), d
         return Phase(run, 1, pid)
 
-    with serve(args.models) as target, serve(args.models, "--batching", "false") as off_target:
-        client = LatentServeClient(target, timeout=120)
-        on_clients = [LatentServeClient(target, timeout=120) for _ in range(args.clients)]
-        off_clients = [LatentServeClient(off_target, timeout=120) for _ in range(args.clients)]
-
+    def server_phases(prefix: str, target: Served, off_target: Served, client: Any,
+                      on_clients: list[Any], off_clients: list[Any]
+                      ) -> dict[str, Callable[[], Phase]]:
+        """The phases that measure one tree's servers, named ``prefix + phase``."""
         def per_client(clients: list[Any]) -> list[Callable[[], Any]]:
             return [lambda c=c, i=i: c.compress(images[i:i + 1], model=model)
                     for i, c in enumerate(clients)]
 
-        makers: dict[str, Callable[[], Phase]] = {
+        made: dict[str, Callable[[], Phase]] = {
             "a_grpc": lambda: loops([lambda: client.compress(batch, model=model)] * inflight,
                                     256, target.pid),
-            "a_local": lambda: loops([lambda: pipeline.compress(model, batch)] * inflight, 256),
             "b_on": lambda: loops(per_client(on_clients), 1, target.pid),
             "b_off": lambda: loops(per_client(off_clients), 1, off_target.pid),
-            # The most batching can save here: in process, 32 images per call vs 1.
-            "ceil_32": lambda: loops([lambda: pipeline.compress(model, images[:32])] * inflight,
-                                     32),
-            "ceil_1": lambda: loops([lambda: pipeline.compress(model, one)] * inflight, 1),
             "c_grpc": lambda: single(lambda: client.compress(one, model=model), target.pid),
-            "c_local": lambda: single(lambda: pipeline.compress(model, one)),
             # What any call costs here: a round trip that does no work (GetModel).
             "c_floor": lambda: single(lambda: client.model(model), target.pid),
         }
-        wanted = [p for p in args.phases.split(",") if p] or list(makers)
-        unknown = sorted(set(wanted) - set(makers))
+        return {prefix + k: v for k, v in made.items()}
+
+    with ExitStack() as stack:
+        trees = [("", None)] + ([("base_", args.base.resolve())] if args.base else [])
+        makers: dict[str, Callable[[], Phase]] = {}
+        all_clients: list[Any] = []
+        for prefix, tree in trees:
+            target = stack.enter_context(serve(args.models, tree=tree))
+            off_target = stack.enter_context(serve(args.models, "--batching", "false",
+                                                   tree=tree))
+            client = LatentServeClient(target, timeout=120)
+            on_clients = [LatentServeClient(target, timeout=120) for _ in range(args.clients)]
+            off_clients = [LatentServeClient(off_target, timeout=120)
+                           for _ in range(args.clients)]
+            all_clients += [client, *on_clients, *off_clients]
+            makers.update(server_phases(prefix, target, off_target, client, on_clients,
+                                        off_clients))
+            if prefix:
+                continue
+            makers.update({
+                "a_local": lambda: loops([lambda: pipeline.compress(model, batch)] * inflight,
+                                         256),
+                # The most batching can save here: in process, 32 images per call vs 1.
+                "ceil_32": lambda: loops([lambda: pipeline.compress(model, images[:32])]
+                                         * inflight, 32),
+                "ceil_1": lambda: loops([lambda: pipeline.compress(model, one)] * inflight, 1),
+                "c_local": lambda: single(lambda: pipeline.compress(model, one)),
+            })
+        base_names = {"base_" + n for n in SERVER_PHASES} if args.base else set()
+        known = [n for n in makers if not n.startswith("base_")]
+        wanted = [p for p in args.phases.split(",") if p] or known
+        unknown = sorted(set(wanted) - set(known))
         if unknown:
-            raise SystemExit(f"unknown phases {unknown}; choose from {', '.join(makers)}")
+            raise SystemExit(f"unknown phases {unknown}; choose from {', '.join(known)}")
+        wanted += [n for n in base_names if n[len("base_"):] in wanted]
         phases = {name: makers[name]() for name in makers if name in wanted}
         # Interleave short rounds, so a change in the machine's load hits both sides.
         order = list(phases)
         for r in range(args.rounds):
             for name in order[r % len(order):] + order[:r % len(order)]:
                 phases[name].measure(args.seconds / args.rounds)
-        for c in [client, *on_clients, *off_clients]:
+        for c in all_clients:
             c.close()
     P = phases
     nan = float("nan")
@@ -320,6 +361,33 @@ def main(argv: list[str] | None = None) -> int:
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
     for r in (head, *rows):
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    if args.base:
+        compare = [
+            ("(a) Compress batch 256, images/s", "a_grpc", lambda p: p.images_per_s),
+            (f"(b) {args.clients} clients, batching on, images/s", "b_on",
+             lambda p: p.images_per_s),
+            (f"(b) {args.clients} clients, batching off, images/s", "b_off",
+             lambda p: p.images_per_s),
+            (f"(d) server CPU ms per call, {args.clients} clients, on", "b_on",
+             lambda p: p.cpu_ms_per_call),
+            (f"(d) server CPU ms per call, {args.clients} clients, off", "b_off",
+             lambda p: p.cpu_ms_per_call),
+            ("(d) server CPU ms per call, 1 client", "c_grpc", lambda p: p.cpu_ms_per_call),
+            ("(c) 1 image, p50 latency, ms", "c_grpc", lambda p: p.ms(50)),
+            ("(c) GetModel round trip p50, ms", "c_floor", lambda p: p.ms(50)),
+        ]
+        print(f"\nthis tree vs --base {args.base} (same rounds):")
+        crow = [("", "base", "this tree", "this / base")]
+        for label, name, get in compare:
+            if name in P and "base_" + name in P:
+                old, new = get(P["base_" + name]), get(P[name])
+                crow.append((label, f"{old:,.3f}", f"{new:,.3f}", f"{new / old:.2f}"))
+                results[f"base_{name}"] = {"images_per_s": P["base_" + name].images_per_s,
+                                           "cpu_ms_per_call": P["base_" + name].cpu_ms_per_call,
+                                           "p50_ms": P["base_" + name].ms(50)}
+        cw = [max(len(r[i]) for r in crow) for i in range(4)]
+        for r in crow:
+            print("  ".join(v.ljust(w) for v, w in zip(r, cw, strict=True)).rstrip())
     results.update(
         a_grpc_images_per_s=grpc_tput, a_local_images_per_s=local_tput,
         a_ratio=grpc_tput / local_tput,

@@ -5,7 +5,8 @@ as soon as it is full (workers start before the upload ends); the job is sealed,
 thereby accepted, when the stream ends. Limits: at most ``max_queued_chunks`` chunks
 waiting or running per pool (beyond it RESOURCE_EXHAUSTED, naming the depth) and at
 most ``max_job_items`` items per job. The servicer raises ``latentserve.errors``
-exceptions only; ``service.errors.ErrorInterceptor`` maps them to status codes.
+exceptions only; the server's ``calls.CallInterceptor`` maps them to status codes
+(``errors.abort_for``).
 
 Under OnItemError PER_ITEM (the default) an input refused on arrival becomes an item
 error in its chunk, and FetchResults returns item errors in their slots (``job_items``).

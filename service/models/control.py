@@ -1,8 +1,8 @@
 """``latentserve.v1.ModelControl``: load, unload, reload and list model versions.
 
 The operator's side of the catalog's lifecycle (``service/models/catalog.py``), as Triton's
-explicit model-control mode. Authorized like every other RPC (``AuthInterceptor``);
-errors are ``latentserve.errors`` exceptions that ``ErrorInterceptor`` maps.
+explicit model-control mode. Authorized like every other RPC (``calls.CallInterceptor``);
+errors are ``latentserve.errors`` exceptions that it maps to statuses.
 """
 
 from __future__ import annotations

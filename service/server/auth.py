@@ -216,9 +216,42 @@ def _with_caller(token_name: str | None) -> Callable[[Behavior, bool], Behavior]
     return around
 
 
+def refusal(token: str | None) -> str:
+    """What a caller with ``token`` (None: none sent) that is not listed is told."""
+    return ("no bearer token: send metadata 'authorization: Bearer <token>' "
+            "(the CLI's --token-file or LATENTSERVE_TOKEN)" if token is None
+            else "the bearer token is not valid (unknown or revoked)")
+
+
+class Authenticator:
+    """Decides one call: allowed (and as whom) or refused (counted and logged)."""
+
+    def __init__(self, tokens: TokenTable | None,
+                 open_methods: frozenset[str] = OPEN_METHODS) -> None:
+        self.tokens = tokens
+        self.open_methods = open_methods
+        self.refused = 0
+
+    def decide(self, method: str, metadata: Collection[tuple[str, Any]] | None
+               ) -> tuple[str | None, str | None]:
+        """(the caller's token name, None) for an allowed call of ``method`` (name None
+        without a tokens file, or for an open method); (None, why) for a refused one."""
+        if self.tokens is None or method in self.open_methods:
+            return None, None
+        token = bearer_token(metadata)
+        name = self.tokens.name_for(token) if token is not None else None
+        if name is not None:
+            return name, None
+        self.refused += 1
+        why = refusal(token)
+        log.info("refused %s: %s", method, why.split(":")[0])
+        return None, why
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
     """Refuses calls without a listed bearer token (when ``tokens`` is set); tells
-    servicers who is calling."""
+    servicers who is calling. (The server itself does this inside ``calls.CallInterceptor``,
+    with the other per-call jobs; this one stands alone, e.g. for a server of your own.)"""
 
     def __init__(self, tokens: TokenTable | None,
                  open_methods: frozenset[str] = OPEN_METHODS) -> None:
@@ -237,9 +270,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         name = self.tokens.name_for(token) if token is not None else None
         if name is None:
             self.refused += 1
-            why = ("no bearer token: send metadata 'authorization: Bearer <token>' "
-                   "(the CLI's --token-file or LATENTSERVE_TOKEN)" if token is None
-                   else "the bearer token is not valid (unknown or revoked)")
+            why = refusal(token)
             log.info("refused %s: %s", details.method, why.split(":")[0])
             return rewrap_handler(handler, _refuse(why))
         return rewrap_handler(handler, _with_caller(name))

@@ -1,6 +1,7 @@
 """Where a servicer's exceptions become gRPC statuses, for every RPC of the server.
 
-``ErrorInterceptor`` wraps every RPC (Inference, ModelControl, Jobs alike): a servicer
+Every RPC (Inference, ModelControl, Jobs alike) is wrapped, by the server's
+``calls.CallInterceptor`` (or ``ErrorInterceptor`` on a server of your own): a servicer
 just raises ``latentserve.errors.*`` and the client gets the status of ``service.status``'s
 table with the exception's message and a google.rpc.ErrorInfo (its reason, its metadata).
 Anything else is a bug: the client gets INTERNAL with the exception's type, the server

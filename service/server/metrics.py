@@ -116,7 +116,7 @@ def _final_code(context: grpc.ServicerContext, failed: bool) -> str:
     return grpc.StatusCode.UNKNOWN.name if failed else grpc.StatusCode.OK.name
 
 
-class _RpcSeries:
+class RpcSeries:
     """One method's series, each child looked up once (on first use, as ``labels`` would
     create it then): ``labels()`` takes a lock and builds its key on every call."""
 
@@ -175,7 +175,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, metrics: ServiceMetrics) -> None:
         self.metrics = metrics
-        self._series: dict[str, _RpcSeries] = {}  # per method the server has
+        self._series: dict[str, RpcSeries] = {}  # per method the server has
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -185,7 +185,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         series = self._series.get(method)
         if series is None:
-            series = self._series.setdefault(method, _RpcSeries(self.metrics,
+            series = self._series.setdefault(method, RpcSeries(self.metrics,
                                                                 method.lstrip("/")))
         return rewrap_handler(handler, series.around)
 

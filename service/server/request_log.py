@@ -125,6 +125,22 @@ def _begin(context: grpc.ServicerContext, rid: tuple[str, bool]
     return time.perf_counter(), _current.set(rid)
 
 
+def begin_call(context: grpc.ServicerContext, metadata: Any
+               ) -> tuple[float, contextvars.Token[tuple[str, bool] | None]]:
+    """A call starts: its request id (from ``metadata``) goes to the trailers and the log
+    context; returns (start time, the token ``end_call`` takes)."""
+    return _begin(context, request_id_from(metadata))
+
+
+def end_call(method: str, context: grpc.ServicerContext, start: float, failed: bool,
+             token: contextvars.Token[tuple[str, bool] | None]) -> None:
+    """A call ends: its debug log line, and its request id leaves the log context."""
+    try:
+        _end(method, context, start, failed)
+    finally:
+        _current.reset(token)
+
+
 def _end(method: str, context: grpc.ServicerContext, start: float, failed: bool) -> None:
     if not log.isEnabledFor(logging.DEBUG):
         return
