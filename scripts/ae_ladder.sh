@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The MNIST ae ladder (issue 15): GDN / IGDN transforms, a factorised prior, 7 rungs.
 #
-#   scripts/ae_ladder.sh train            train the rungs into $RUNS (checkpoints + logs)
+#   scripts/ae_ladder.sh train [rungs]    train the ladder into $RUNS (checkpoints + logs);
+#                                         "rungs": only the fine-tuned rungs, from a base there
 #   scripts/ae_ladder.sh export REPO VER  export them as REPO/mnist-ae-q<k>/VER
 #
 # One base (q3, lambda 0.004) is trained longest; every other rung is fine-tuned from its
@@ -31,16 +32,16 @@ train() {  # name, then train arguments
     tail -n 1 "$RUNS/$name.log"
 }
 rung() {  # name, lambda, the rung it starts from
-    train "$1" "${AE[@]}" --lambda "$2" --init "$RUNS/mnist-ae-$3.pt" --steps 2000 --lr 1e-3
+    train "$1" "${AE[@]}" --lambda "$2" --init "$RUNS/mnist-ae-$3.pt" --steps 1500 --lr 1e-3
 }
 
 case ${1:-} in
 train)
     mkdir -p "$RUNS"
-    train q3 "${AE[@]}" --lambda 0.004 --steps 9000 --lr 2e-3
+    [ "${2:-}" = rungs ] || train q3 "${AE[@]}" --lambda 0.004 --steps 9000 --lr 2e-3
     rung q4 0.008 q3
-    rung q5 0.016 q4
     rung q2 0.002 q3
+    rung q5 0.016 q4
     rung q1 0.0008 q2
     rung q6 0.04 q5
     rung q7 0.12 q6
