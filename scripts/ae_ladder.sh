@@ -32,7 +32,7 @@ train() {  # name, then train arguments
     tail -n 1 "$RUNS/$name.log"
 }
 rung() {  # name, lambda, the rung it starts from
-    train "$1" "${AE[@]}" --lambda "$2" --init "$RUNS/mnist-ae-$3.pt" --steps 1500 --lr 1e-3
+    train "$1" "${AE[@]}" --lambda "$2" --init "$RUNS/mnist-ae-$3.pt" --steps 2000 --lr 1e-3
 }
 
 case ${1:-} in
