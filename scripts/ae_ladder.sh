@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The MNIST ae ladder (issue 15): GDN / IGDN transforms, a factorised prior, 8 rungs.
+# The MNIST ae ladder (issue 15): GDN / IGDN transforms, a factorised prior, 9 rungs.
 #
 #   scripts/ae_ladder.sh train [rungs]    train the ladder into $RUNS (checkpoints + logs);
 #                                         "rungs": only the fine-tuned rungs, from a base there
 #   scripts/ae_ladder.sh export REPO VER  export them as REPO/mnist-ae-q<k>/VER
 #
 # One base (q3, lambda 0.004) is trained longest; every other rung is fine-tuned from its
-# neighbour nearer the base (q3 -> q4 -> ... -> q8 up, q3 -> q2 -> q1 down), so each
+# neighbour nearer the base (q3 -> q4 -> ... -> q9 up, q3 -> q2 -> q1 down), so each
 # starts close to its own rate. A narrow net (hidden 32, no res block: 85k weights) was
 # as good as hidden 48 after 800 steps at half the step time on one thread, and its
 # large weights ship as exact float16 (export --half-weights): ~0.4 MB per rung.
@@ -22,7 +22,7 @@ RUNS=${RUNS:-runs/zoo}
 THREADS=${THREADS:-1}
 LAUNCH=${LAUNCH:-}
 AE=(--family ae --transform gdn --hidden 32 --res-blocks 0 --latent-channels 12 --seed 1)
-RUNGS=(q1 q2 q3 q4 q5 q6 q7 q8)
+RUNGS=(q1 q2 q3 q4 q5 q6 q7 q8 q9)
 
 train() {  # name, then train arguments
     local name=mnist-ae-$1; shift
@@ -46,6 +46,7 @@ train)
     rung q6 0.04 q5
     rung q7 0.12 q6
     rung q8 0.3 q7
+    rung q9 0.8 q8
     ;;
 export)
     repo=${2:?export REPO VERSION}; version=${3:?export REPO VERSION}

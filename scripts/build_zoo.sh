@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Rebuild the shipped model zoo (models/mnist-ae-q1..q8/2, mnist-vqvae/1, mnist-vae/2) and
+# Rebuild the shipped model zoo (models/mnist-ae-q1..q9/2, mnist-vqvae/1, mnist-vae/2) and
 # examples/digits from scratch.
 #
 # Two training lanes run side by side, one torch thread each (2 free cores: ~35 min, plus
 # ~8 min for the vqvae prior retraining in lane B):
-#   lane A: the ae ladder mnist-ae-q1..q8 (GDN, one base and seven fine-tuned rungs:
+#   lane A: the ae ladder mnist-ae-q1..q9 (GDN, one base and eight fine-tuned rungs:
 #           scripts/ae_ladder.sh), mnist-vae
 #   lane B: mnist-vqvae (VQ-VAE, a wider decoder on its frozen codes, then a longer-trained
 #           PixelCNN prior on the same codes)
