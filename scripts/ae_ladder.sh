@@ -9,7 +9,8 @@
 # neighbour nearer the base (q3 -> q4 -> ... -> q9 up, q3 -> q2 -> q1 down), so each
 # starts close to its own rate. A narrow net (hidden 32, no res block: 85k weights) was
 # as good as hidden 48 after 800 steps at half the step time on one thread, and its
-# large weights ship as exact float16 (export --half-weights): ~0.4 MB per rung.
+# large weights ship as exact float16 (export --half-weights): ~0.45 MB per rung
+# with its manifest (9 rungs: 4.06 MB; the relu lo/mid/hi:1 took 3.87 MB).
 # One torch thread, one training at a time; $LAUNCH prefixes each training command
 # (e.g. a wrapper that runs it in its own process group).
 set -euo pipefail
