@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The job queue on a Redis Cluster vs a single Redis, side by side in one run (issue 21).
 
-    python bench/cluster.py [--models models] [--model mnist-ae-lo] [--items 6000]
+    python bench/cluster.py [--models models] [--model mnist-ae-q2] [--items 6000]
                             [--jobs 6] [--chunk-size 32] [--workers 3] [--rounds 2]
                             [--json out.json]
 
@@ -94,7 +94,7 @@ def run_round(url: str, shards: int, args: argparse.Namespace) -> tuple[float, l
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=Path, default=ROOT / "models")
-    ap.add_argument("--model", default="mnist-ae-lo")
+    ap.add_argument("--model", default="mnist-ae-q2")
     ap.add_argument("--items", type=int, default=6000, help="draws over all jobs of a round")
     ap.add_argument("--jobs", type=int, default=6)
     ap.add_argument("--chunk-size", type=int, default=32)

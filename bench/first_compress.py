@@ -4,7 +4,7 @@ Each sample is a new process (onnxruntime's first-run costs are per process): bu
 start a server on 127.0.0.1:0, open a channel (ListModels), then time the first and the
 next few Compress calls of one image.
 
-    python bench/first_compress.py --model mnist-ae-mid --runs 5
+    python bench/first_compress.py --model mnist-ae-q3 --runs 5
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def one(model: str, models: str, warmup: bool) -> dict[str, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="mnist-ae-mid")
+    ap.add_argument("--model", default="mnist-ae-q3")
     ap.add_argument("--models", default="models")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--one", choices=["on", "off"], help=argparse.SUPPRESS)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """GPU figures for one model: CUDA vs CPU parity, cross-provider decoding, throughput.
 
-    python bench/gpu.py [--repo models] [--model mnist-ae-mid]
-                        [--checkpoint runs/zoo/mnist-ae-mid.pt]
+    python bench/gpu.py [--repo models] [--model mnist-ae-q3]
+                        [--checkpoint runs/zoo/mnist-ae-q3.pt]
                         [--images ../shared/data/mnist/images-idx3-ubyte.gz]
                         [--batches 256,4096,32768] [--repeats 3] [--json out.json]
 
@@ -221,7 +221,7 @@ def throughput(runtime: Any, codec: Any, images: np.ndarray, batches: list[int],
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", default=str(ROOT / "models"))
-    parser.add_argument("--model", default="mnist-ae-mid")
+    parser.add_argument("--model", default="mnist-ae-q3")
     parser.add_argument("--checkpoint", default=None,
                         help="training checkpoint for the torch column [runs/zoo/MODEL.pt]")
     parser.add_argument("--images", default=str(

@@ -39,7 +39,7 @@ def redis_cpu(client: Any) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", type=Path, default=ROOT / "models")
-    ap.add_argument("--model", default="mnist-ae-lo")
+    ap.add_argument("--model", default="mnist-ae-q2")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--items", type=int, default=6000)
     ap.add_argument("--chunk-size", type=int, default=32)

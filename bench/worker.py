@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A job worker's stages, each measured alone, against the whole worker, in one run.
 
-    python bench/worker.py [--models models] [--model mnist-ae-mid] [--items 4096]
+    python bench/worker.py [--models models] [--model mnist-ae-q3] [--items 4096]
                            [--chunk-size 256] [--batch 1024] [--rounds 3]
                            [--kinds compress,reconstruct,sample] [--intra-op-threads 1]
                            [--coder-processes 0] [--json out.json]
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     global HAS_OVERLAP, HAS_PIPELINE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=Path, default=ROOT / "models")
-    ap.add_argument("--model", default="mnist-ae-mid")
+    ap.add_argument("--model", default="mnist-ae-q3")
     ap.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     ap.add_argument("--items", type=int, default=4096)
     ap.add_argument("--chunk-size", type=int, default=256)

@@ -38,6 +38,9 @@ def register(sub: Any) -> None:
     t.add_argument("--data", default=None,
                    help="IDX(.gz) file, a folder of PNG/JPEG images, or a folder with an IDX file")
     t.add_argument("--out", required=True, help="checkpoint path to write")
+    t.add_argument("--init", default=None,
+                   help="ae / vae: start from this checkpoint's weights (same model options), "
+                        "e.g. a ladder rung fine-tuned from a base at another --lambda")
     t.add_argument("--lambda", dest="lmbda", type=float, default=0.004,
                    help="ae: weight of 255^2 * MSE against bits per pixel (default 0.004)")
     t.add_argument("--epochs", type=int, default=10)
@@ -96,6 +99,9 @@ def register(sub: Any) -> None:
     e.add_argument("--vae-step", type=float, default=None,
                    help="vae: quantisation step of the posterior mean (default 0.5)")
     e.add_argument("--gmm-components", type=int, default=10)
+    e.add_argument("--half-weights", action="store_true",
+                   help="ae / vae: round the large weights to float16 values and store them "
+                        "so (half the file size; the figures are measured on the rounded net)")
     e.add_argument("--overwrite", action="store_true",
                    help="replace an existing version (only before anyone depends on it)")
     e.set_defaults(func=cmd_export)
@@ -138,7 +144,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from latentserve.export.nets.models import ModelConfig
     from latentserve.export.nets.prior import PriorConfig
     from latentserve.export.training.data import load_dataset
-    from latentserve.export.training.train import TrainConfig, save_checkpoint, train_model
+    from latentserve.export.training.train import (
+        TrainConfig,
+        init_record,
+        load_checkpoint,
+        save_checkpoint,
+        train_model,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,7 +178,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     pc = PriorConfig(num_codes=args.num_codes, grid=mc.grid, embed_dim=args.prior_embed,
                      hidden=args.prior_hidden, layers=args.prior_layers,
                      dropout=args.prior_dropout) if args.family == "vqvae" else None
-    ckpt = train_model(mc, tc, data, prior_config=pc)
+    init = None
+    if args.init:
+        init = load_checkpoint(args.init)[0]
+        theirs = init["data"]["sha256"]
+        if theirs != data.sha256:
+            raise InvalidInput(f"--init {args.init} was trained on other data (sha256 "
+                               f"{theirs[:12]}..., here {data.sha256[:12]}...)")
+    ckpt = train_model(mc, tc, data, prior_config=pc, init=init)
+    if init is not None:
+        ckpt["init"] = init_record(init, args.init)
     path = save_checkpoint(ckpt, args.out)
     last = ckpt["history"][-1]
     print(f"wrote {path}: {args.family}, {len(data.train)} training images, last step "
@@ -273,7 +294,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     repo = RuntimeSettings.from_sources(args).models
     folder = export_checkpoint(ckpt, repo=repo, name=args.name, version=args.version,
                                data=data, vae_step=args.vae_step or DEFAULT_VAE_STEP,
-                               gmm_components=args.gmm_components, overwrite=args.overwrite)
+                               gmm_components=args.gmm_components, overwrite=args.overwrite,
+                               half_weights=args.half_weights)
     import json
 
     quality = json.loads((folder / "manifest.json").read_text())["quality"]

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Rebuild the shipped model zoo (models/mnist-*/1, mnist-vae/2) and examples/digits from scratch.
+# Rebuild the shipped model zoo (models/mnist-ae-q1..q9/2, mnist-vqvae/1, mnist-vae/2) and
+# examples/digits from scratch.
 #
 # Two training lanes run side by side, one torch thread each (2 free cores: ~35 min, plus
 # ~8 min for the vqvae prior retraining in lane B):
-#   lane A: mnist-ae-mid, mnist-ae-lo, mnist-ae-hi (a lambda ladder), mnist-vae
+#   lane A: the ae ladder mnist-ae-q1..q9 (GDN, one base and eight fine-tuned rungs:
+#           scripts/ae_ladder.sh), mnist-vae
 #   lane B: mnist-vqvae (VQ-VAE, a wider decoder on its frozen codes, then a longer-trained
 #           PixelCNN prior on the same codes)
 # Checkpoints go to runs/zoo/ (git-ignored), logs to runs/zoo/*.log. Each model is
@@ -29,11 +31,8 @@ train() {  # name, then train arguments
     tail -n 1 "$RUNS/$name.log"
 }
 
-AE=(--family ae --hidden 64 --res-blocks 1 --latent-channels 12 --epochs 20 --lr 2e-3 --seed 1)
 lane_a() {
-    train mnist-ae-mid "${AE[@]}" --lambda 0.004
-    train mnist-ae-lo "${AE[@]}" --lambda 0.0012
-    train mnist-ae-hi "${AE[@]}" --lambda 0.016
+    DATA=$DATA RUNS=$RUNS THREADS=$THREADS scripts/ae_ladder.sh train
     train mnist-vae --family vae --hidden 64 --res-blocks 1 --latent-channels 12 --epochs 12 \
         --lr 2e-3 --vae-sigma 0.1 --seed 1
 }
@@ -58,9 +57,11 @@ wait "$a" || status=1
 wait "$b" || status=1
 [ "$status" = 0 ] || { echo "!! a training lane failed"; exit 1; }
 
-for name in mnist-ae-lo mnist-ae-mid mnist-ae-hi mnist-vqvae; do
-    latentserve export "$RUNS/$name.pt" --repo "$REPO" --name "$name" --version 1 --overwrite
-done
+latentserve export "$RUNS/mnist-vqvae.pt" --repo "$REPO" --name mnist-vqvae --version 1 --overwrite
+# The ae ladder as version 2 (weights stored as exact float16); it replaces the relu
+# ladder mnist-ae-lo/mid/hi:1, which is no longer shipped.
+DATA=$DATA RUNS=$RUNS scripts/ae_ladder.sh export "$REPO" 2
+rm -rf "$REPO"/mnist-ae-lo "$REPO"/mnist-ae-mid "$REPO"/mnist-ae-hi
 # mnist-vae:2 = the vae (exported into a scratch repository as version 1) plus a learned
 # sampling prior: a second-stage VAE trained on its encoder.onnx's posterior means of the
 # training images (Dai & Wipf 2019) and a 200-component Gaussian mixture over its u
@@ -74,4 +75,4 @@ rm -rf "$REPO/mnist-vae/1"
 python -m latentserve.export.publish.examples --data "$DATA" --out examples/digits --count 64
 # The sample-quality classifier of `latentserve eval` (outside the servable listing).
 python scripts/train_classifier.py --data "$DATA" --out "$REPO/classifiers/mnist-classifier/1"
-du -ch "$REPO"/mnist-*/1/* | tail -n 1
+du -ch "$REPO"/mnist-*/[0-9]*/* | tail -n 1

@@ -31,6 +31,7 @@ from latentserve.export.nets.models import (
 from latentserve.export.nets.prior import PixelCNNPrior
 from latentserve.export.nets.prior_step import export_prior_step
 from latentserve.export.publish import tables
+from latentserve.export.publish.halves import round_to_halves, store_exact_halves
 from latentserve.export.publish.writer import (
     NAME_RE,
     append_registry,
@@ -206,8 +207,13 @@ def dataset_for(ckpt: dict[str, Any], data: str | Path | None = None) -> Dataset
 
 def export_checkpoint(ckpt: dict[str, Any], *, repo: str | Path, name: str, version: int,
                       data: Dataset | None = None, vae_step: float = DEFAULT_VAE_STEP,
-                      gmm_components: int = 10, overwrite: bool = False) -> Path:
-    """Write ``<repo>/<name>/<version>/`` from a checkpoint dict; returns that folder."""
+                      gmm_components: int = 10, overwrite: bool = False,
+                      half_weights: bool = False) -> Path:
+    """Write ``<repo>/<name>/<version>/`` from a checkpoint dict; returns that folder.
+
+    ``half_weights`` rounds the large weights to float16 values first and stores them so
+    in the ONNX files (half the bytes); tables, parity and quality are all measured on the
+    rounded model, so the manifest's figures are those of what ships."""
     from latentserve.worker.codec.codes import LatentCodec
     from latentserve.worker.runtime.engine import ModelRuntime
     from latentserve.worker.runtime.model_check import make_record
@@ -222,6 +228,11 @@ def export_checkpoint(ckpt: dict[str, Any], *, repo: str | Path, name: str, vers
         raise InvalidInput(f"{target} already exists; pick a new version (or --overwrite)")
     data = data or dataset_for(ckpt)
     model, prior = rebuild(ckpt)
+    if half_weights:
+        if prior is not None:
+            raise InvalidInput("half_weights covers the encoder and decoder; a vqvae's prior "
+                               "is exported as trained")
+        round_to_halves(model)
     mc = model.config
     family = mc.family
     if data.image_shape != mc.image_shape:
@@ -236,6 +247,9 @@ def export_checkpoint(ckpt: dict[str, Any], *, repo: str | Path, name: str, vers
         folder = Path(tmp) / name / str(version)
         folder.mkdir(parents=True)
         files = _write_onnx(family, model, prior, folder, data.val[:2])
+        if half_weights:
+            for role in ("encoder", "decoder"):
+                store_exact_halves(folder / files[role])
         manifest = manifest_fields(name=name, version=version, family=family,
                                  image_shape=mc.image_shape, latent_shape=latent_shape,
                                  folder=folder, files=files, opset=OPSET,
@@ -245,6 +259,7 @@ def export_checkpoint(ckpt: dict[str, Any], *, repo: str | Path, name: str, vers
             "data_sha256": ckpt["data"]["sha256"],
             "data_source": Path(str(ckpt["data"]["source"])).name,
             "num_train": int(ckpt["data"]["num_train"]), "seed": seed,
+            "half_weights": half_weights, "init": ckpt.get("init"),
             "config": {"model": ckpt["model_config"], "train": ckpt["train_config"],
                        "prior": ckpt.get("prior_config")}}
         (folder / "manifest.json").write_text(dumps(manifest))

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from latentserve.errors import InvalidInput
 from latentserve.export.publish import contract
 from latentserve.export.publish.exporter import PARITY_TOLERANCE, ExportParityError, onnx_export
+from latentserve.export.publish.halves import store_exact_halves
 from latentserve.export.publish.writer import (
     append_registry,
     check_target,
@@ -133,47 +134,6 @@ def export_sampler(sampler: LearnedSampler, latent_shape: tuple[int, ...], path:
         raise ExportParityError(f"sampler.onnx differs from torch by {diff:.3g}; the limit is "
                                 f"{PARITY_TOLERANCE}")
     return diff
-
-
-HALF_MIN_ELEMENTS = 4096  # smaller tensors are not worth a Cast node
-
-
-def store_exact_halves(path: Path) -> int:
-    """Store each large float32 weight of the ONNX file at ``path`` as float16 plus a Cast
-    back to float32, where every one of its values is exactly a float16 (so the graph
-    computes exactly what it did; only the file shrinks). Returns how many were stored so.
-
-    The zoo's second stage rounds its decoder weights to float16 after training
-    (``export.training.sampler``), which halves the shipped ``sampler.onnx``.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    casts, kept, count = [], [], 0
-    for init in graph.initializer:
-        if init.data_type != onnx.TensorProto.FLOAT:
-            kept.append(init)
-            continue
-        value = numpy_helper.to_array(init)
-        half = value.astype(np.float16)
-        if value.size < HALF_MIN_ELEMENTS or not np.array_equal(half.astype(np.float32), value):
-            kept.append(init)
-            continue
-        kept.append(numpy_helper.from_array(half, init.name + "__f16"))
-        casts.append(onnx.helper.make_node("Cast", [init.name + "__f16"], [init.name],
-                                           to=onnx.TensorProto.FLOAT))
-        count += 1
-    if count:
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-        nodes = casts + list(graph.node)
-        del graph.node[:]
-        graph.node.extend(nodes)
-        onnx.checker.check_model(model)
-        onnx.save(model, str(path))
-    return count
 
 
 def learned_sampling(sampler: LearnedSampler) -> dict[str, Any]:

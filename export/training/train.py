@@ -144,14 +144,43 @@ def _run_steps(params: list[nn.Parameter], steps: int, lr: float,
     return history
 
 
+def init_record(init: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """What a fine-tuned checkpoint keeps of the one it started from (provenance)."""
+    earlier = init.get("init") or {}
+    return {"path": str(path), "steps": len(init.get("history", [])),
+            "total_steps": int(earlier.get("total_steps", 0)) + len(init.get("history", [])),
+            "lmbda": init["train_config"].get("lmbda"), "seed": init["train_config"].get("seed")}
+
+
+def check_init(model_config: ModelConfig, init: dict[str, Any]) -> None:
+    """Refuse an ``init`` checkpoint whose model is not ``model_config`` (names the fields)."""
+    theirs = init["model_config"]
+    ours = model_config.to_dict()
+    diff = sorted(k for k in ours if ours[k] != theirs.get(k))
+    if diff:
+        raise InvalidInput("the --init checkpoint's model differs in "
+                           + ", ".join(f"{k} ({theirs.get(k)!r}, here {ours[k]!r})" for k in diff))
+    if init.get("prior_config") or model_config.family == "vqvae":
+        raise InvalidInput("--init fine-tunes an ae or vae; a vqvae's prior is retrained by "
+                           "--family prior")
+
+
 def train_model(model_config: ModelConfig, train_config: TrainConfig, data: Dataset, *,
-                prior_config: PriorConfig | None = None) -> dict[str, Any]:
-    """Train a model (and a vqvae's prior) on ``data.train``; returns the checkpoint dict."""
+                prior_config: PriorConfig | None = None,
+                init: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train a model (and a vqvae's prior) on ``data.train``; returns the checkpoint dict.
+
+    ``init`` (a checkpoint dict of the same model config) starts from its weights instead
+    of fresh ones: a ladder's rungs are fine-tuned from one base at other lambdas. The
+    result records it under ``init`` (set by the caller, see ``init_record``)."""
     if data.image_shape != model_config.image_shape:
         raise InvalidInput(f"data images are {data.image_shape}, the model takes "
                            f"{model_config.image_shape}")
     gen = seed_everything(train_config.seed)
     model = build_model(model_config)
+    if init is not None:
+        check_init(model_config, init)
+        model.load_state_dict(init["state_dict"])
     x_all = torch.as_tensor(data.train)
     n = len(x_all)
     bs = min(train_config.batch_size, n)
@@ -175,6 +204,7 @@ def train_model(model_config: ModelConfig, train_config: TrainConfig, data: Data
         "data": {"source": data.source, "sha256": data.sha256, "num_train": len(data.train),
                  "num_val": len(data.val)},
         "history": history,
+        "init": None,
         "prior_config": None, "prior_state": None, "prior_history": None,
     }
     if model_config.family == "vqvae":
