@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mnist"))
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--models", nargs="*", default=["mnist-ae-q3:2", "mnist-vqvae:1"])
+    p.add_argument("--models", nargs="*", default=["mnist-ae-q3:1", "mnist-vqvae:1"])
     p.add_argument("--lanes", action="store_true",
                    help="only the lanes figures: 1 vs 2 compute lanes, inline vs CoderPool")
     args = p.parse_args(argv)

@@ -150,7 +150,7 @@ def ref_status(text: str) -> Ref:
 FIXED_REFS = [*MODELS, *(f"{m}:1" for m in MODELS), "tiny-ae:01", " tiny-vae\n",
               ":", ":1", "tiny-ae:", "tiny-ae:0", "tiny-ae:-1", "tiny-ae:1:1", "tiny-ae:1.0",
               "tiny-ae:2", "tiny-vqvae:99999999999999999999999", "TINY-AE", "no-such-model",
-              "../tiny-ae", "tiny-ae/1", "*", "\x00", "tiny-ae\x00", "mnist-ae-lo",
+              "../tiny-ae", "tiny-ae/1", "*", "\x00", "tiny-ae\x00", "mnist-ae-q1",
               "golden-ae:1", "\u202etiny-ae"]
 
 
