@@ -6,7 +6,7 @@ constriction encoding the same symbols (the re-encode it would replace), side by
 
     python bench/coder_replay.py [--images 1000] [--repeat 5]
 
-Shape: the AE ladder's latent (mnist-ae-q1..q9), 12 channels x 7 x 7 = 588 symbols per image, 16-symbol
+Shape: the AE ladder's latent (mnist-ae-q1..q9), 12 x 7 x 7 = 588 symbols per image, 16-symbol
 alphabets, one fixed model per channel.
 """
 

@@ -4,9 +4,10 @@ The server's RPCs all get the same jobs, outermost first: metrics (``metrics``: 
 time, in flight), the request id and the debug log line (``request_log``), the bearer
 token check and the caller's identity (``auth``), statuses for exceptions and for
 request bytes that do not decode (``errors``), and, for request streams, the idle limit
-(``stream_idle``). Each module keeps its own interceptor for servers of other makers;
-chained, those rebuild five wrapped handlers in grpc's polling thread for every call and
-stack five wrappers around each behavior. ``CallInterceptor`` does the same jobs with
+(``stream_idle``). ``auth`` and ``errors`` keep interceptors of their own for servers
+built by hand; chained, such interceptors rebuild a wrapped handler each in grpc's
+polling thread for every call and stack their wrappers around each behavior (five did,
+before this module). ``CallInterceptor`` does every job with
 the same behaviour from one flat wrapper per method, made on the method's first call and
 then only looked up: the per-call work (reading the metadata for the request id and the
 token) runs in the handler thread.

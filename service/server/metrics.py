@@ -23,14 +23,12 @@ service's whole output is ``images_total`` (unary) + the workers' ``items_total`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from latentserve.metrics_http import MetricsHTTP, serve_metrics
-from latentserve.service.server.errors import Behavior, rewrap_handler
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
                    5.0, 10.0, 30.0, 60.0)
@@ -101,9 +99,6 @@ class ServiceMetrics:
         """Start ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread."""
         return serve_metrics(self.registry, host, port)
 
-    def interceptor(self) -> MetricsInterceptor:
-        return MetricsInterceptor(self)
-
 
 def _final_code(context: grpc.ServicerContext, failed: bool) -> str:
     # grpcio's server context has code() (None until the handler sets one); types-grpcio
@@ -146,48 +141,6 @@ class RpcSeries:
         if counter is None:
             counter = self.requests[code] = self.metrics.requests.labels(self.rpc, code)
         counter.inc()
-
-    def around(self, behavior: Behavior, response_streaming: bool) -> Behavior:
-        start_call, finish = self.start, self.finish
-        if response_streaming:
-            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                start, failed = start_call(), True
-                try:
-                    yield from behavior(request, context)
-                    failed = False
-                finally:
-                    finish(context, start, failed)
-            return stream
-
-        def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            start, failed = start_call(), True
-            try:
-                out = behavior(request, context)
-                failed = False
-                return out
-            finally:
-                finish(context, start, failed)
-        return unary
-
-
-class MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts and times every RPC; outermost, so it sees the status errors map to."""
-
-    def __init__(self, metrics: ServiceMetrics) -> None:
-        self.metrics = metrics
-        self._series: dict[str, RpcSeries] = {}  # per method the server has
-
-    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
-                          handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        series = self._series.get(method)
-        if series is None:
-            series = self._series.setdefault(method, RpcSeries(self.metrics,
-                                                                method.lstrip("/")))
-        return rewrap_handler(handler, series.around)
 
 
 class BatchMetrics:

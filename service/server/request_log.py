@@ -7,8 +7,8 @@ every log line written while the call's handler runs (``RequestIdFilter``; a fie
 the JSON lines), and, when the client sent it, quoted at the end of an error's
 message, "(request id ...)", so a reported error leads straight to its log lines.
 
-``RequestLogInterceptor`` writes one line per call at debug level: method, status code,
-milliseconds, request id.
+``begin_call`` / ``end_call`` (called by ``calls.CallInterceptor``) write one line per
+call at debug level: method, status code, milliseconds, request id.
 """
 
 from __future__ import annotations
@@ -19,12 +19,9 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-
-from latentserve.service.server.errors import Behavior, rewrap_handler
 
 log = logging.getLogger("latentserve.requests")
 
@@ -70,53 +67,6 @@ def _code_name(context: grpc.ServicerContext) -> str:
     except Exception:  # noqa: BLE001 - a context without code(): report what is known
         code = None
     return code.name if isinstance(code, grpc.StatusCode) else "OK"
-
-
-class RequestLogInterceptor(grpc.ServerInterceptor):
-    """Gives each call its request id (trailers, log context) and logs it at debug."""
-
-    def __init__(self) -> None:
-        # One wrapper per method, built once: the id is read from the call's metadata in
-        # the handler thread, so the server's polling thread does no per-call work here.
-        self._arounds: dict[str, Callable[[Behavior, bool], Behavior]] = {}
-
-    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
-                          details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
-        if handler is None:
-            return None
-        around = self._arounds.get(details.method)
-        if around is None:
-            around = self._arounds.setdefault(details.method, _around(details.method))
-        return rewrap_handler(handler, around)
-
-
-def _around(method: str) -> Callable[[Behavior, bool], Behavior]:
-    def around(behavior: Behavior, response_streaming: bool) -> Behavior:
-        if response_streaming:
-            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                start, token = _begin(context, request_id_from(context.invocation_metadata()))
-                failed = True
-                try:
-                    yield from behavior(request, context)
-                    failed = False
-                finally:
-                    _end(method, context, start, failed)
-                    _current.reset(token)
-            return stream
-
-        def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            start, token = _begin(context, request_id_from(context.invocation_metadata()))
-            failed = True
-            try:
-                reply = behavior(request, context)
-                failed = False
-                return reply
-            finally:
-                _end(method, context, start, failed)
-                _current.reset(token)
-        return unary
-    return around
 
 
 def _begin(context: grpc.ServicerContext, rid: tuple[str, bool]

@@ -3,9 +3,10 @@
 An open request stream holds a handler thread and one of the server's concurrent-call
 slots (``max_concurrent_rpcs``) for as long as the client keeps it open, so a few
 forgotten or hostile streams that never send could lock every other caller out. gRPC's
-own request iterator waits without a limit; ``StreamIdleInterceptor`` gives every
-request-streaming RPC one: a stream whose client sends nothing for ``idle_s`` while the
-server waits for its next message ends with DEADLINE_EXCEEDED and a message saying so.
+own request iterator waits without a limit; ``idle_bounded`` (which
+``calls.CallInterceptor`` puts around every request-streaming RPC) gives each one: a
+stream whose client sends nothing for ``idle_s`` while the server waits for its next
+message ends with DEADLINE_EXCEEDED and a message saying so.
 Time the server spends computing (or the client spends reading replies) never counts.
 """
 
@@ -14,12 +15,9 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import grpc
-
-from latentserve.service.server.errors import Behavior, rewrap_handler
 from latentserve.service.status import DeadlineExpired
 
 
@@ -70,28 +68,3 @@ def idle_bounded(requests: Iterator[Any], idle_s: float) -> Iterator[Any]:
         # free the reader if it waits to hand over a message no one will take
         with contextlib.suppress(queue.Empty):
             handoff.get_nowait()
-
-
-class StreamIdleInterceptor(grpc.ServerInterceptor):
-    """Bounds the client's silence on every request-streaming RPC to ``idle_s`` seconds.
-
-    Goes inside ``ErrorInterceptor`` (later in the list), which turns ``StreamIdle`` into
-    its status.
-    """
-
-    def __init__(self, idle_s: float) -> None:
-        self.idle_s = idle_s
-
-    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
-                          handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None or not handler.request_streaming:
-            return handler
-        idle_s = self.idle_s
-
-        def around(behavior: Behavior, response_streaming: bool) -> Behavior:
-            def bounded(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-                return behavior(idle_bounded(requests, idle_s), context)
-            return bounded
-
-        return rewrap_handler(handler, around)
