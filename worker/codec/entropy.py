@@ -247,6 +247,15 @@ def decode_error(exc: BaseException) -> CorruptCode:
 
 # -- kind 1: factorized ---------------------------------------------------------------
 
+def per_payload(stacked: np.ndarray, errors: dict[int, CorruptCode]
+                ) -> list[np.ndarray | CorruptCode]:
+    """A stacked decode as one entry per payload: its row, or the refusal at its index."""
+    out: list[np.ndarray | CorruptCode] = list(stacked)
+    for i, exc in errors.items():
+        out[i] = exc
+    return out
+
+
 class FactorizedTables:
     """Per-channel integer tables for quantised latents of shape (C, h, w).
 
@@ -351,11 +360,7 @@ class FactorizedTables:
         refuse a payload that is not the one ``encode`` writes for the symbols it decodes
         to (re-encoded: a check's cost, used where the encoder's output is verified).
         """
-        stacked, errors = self.decode_stacked(payloads, canonical=canonical)
-        out: list[np.ndarray | CorruptCode] = list(stacked)
-        for i, exc in errors.items():
-            out[i] = exc
-        return out
+        return per_payload(*self.decode_stacked(payloads, canonical=canonical))
 
     def decode_stacked(self, payloads: Sequence[bytes], *, canonical: bool = False
                        ) -> tuple[np.ndarray, dict[int, CorruptCode]]:
@@ -465,11 +470,7 @@ class StaticTables:
                      canonical: bool = False) -> list[np.ndarray | CorruptCode]:
         """Per payload its indices (h, w), or the CorruptCode that refused it
         (``canonical``: as in ``FactorizedTables.decode_batch``)."""
-        stacked, errors = self.decode_stacked(payloads, canonical=canonical)
-        out: list[np.ndarray | CorruptCode] = list(stacked)
-        for i, exc in errors.items():
-            out[i] = exc
-        return out
+        return per_payload(*self.decode_stacked(payloads, canonical=canonical))
 
     def decode_stacked(self, payloads: Sequence[bytes], *, canonical: bool = False
                        ) -> tuple[np.ndarray, dict[int, CorruptCode]]:
