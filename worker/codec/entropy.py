@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, cast
 
 import constriction
@@ -560,24 +560,39 @@ def prior_check(offset: int, symbols: np.ndarray) -> np.ndarray:
     return np.array([(crc >> (8 * i)) & 0xFF for i in range(CHECK_BYTES)], np.int32)
 
 
+def first_safe_offsets(n: int, attempt: Callable[[np.ndarray, int], np.ndarray]
+                       ) -> np.ndarray:
+    """Per image the first rounding offset j in 0..15 that ``attempt(todo, j)`` accepts,
+    -1 where none does. ``attempt`` gets the indices of the images still without one and
+    returns a bool mask over them (recording whatever it needs of the accepted ones):
+    kind 3's and kind 5's encoders search the same way."""
+    offsets = np.full(n, -1, np.int64)
+    todo = np.arange(n)
+    for j in range(PRIOR_OFFSETS):
+        if len(todo) == 0:
+            break
+        ok = attempt(todo, j)
+        offsets[todo[ok]] = j
+        todo = todo[~ok]
+    return offsets
+
+
 def plan_offsets(logits: np.ndarray, spec: VQPriorSpec) -> tuple[np.ndarray, np.ndarray]:
     """The encoder's plan from teacher-forced logits (N, positions, K): per image the
     rounding offset (the first of 0..15 whose every table has margin >= guard; -1: none,
     the image is coded as kind 2) and its float64 tables (N, positions, K), uniform where
     the offset is -1."""
-    n = len(logits)
-    offsets = np.full(n, -1, np.int64)
     weights = np.ones(logits.shape, np.int64)
-    todo = np.arange(n)
     lut = _lut_tables(tuple(spec.lut))[0]  # indexed by min(d, len(lut))
-    for j in range(PRIOR_OFFSETS):
-        if len(todo) == 0:
-            break
+
+    def attempt(todo: np.ndarray, j: int) -> np.ndarray:
         c, frac, finite = prior_quantize(logits[todo], spec, j)
-        ok = prior_margin(c, frac, finite, spec, cap=spec.guard).min(axis=1) >= spec.guard
-        offsets[todo[ok]] = j
+        margin = prior_margin(c, frac, finite, spec, cap=spec.guard).min(axis=1)
+        ok: np.ndarray = margin >= spec.guard
         weights[todo[ok]] = lut[c[ok]]
-        todo = todo[~ok]
+        return ok
+
+    offsets = first_safe_offsets(len(logits), attempt)
     return offsets, probabilities(weights)
 
 

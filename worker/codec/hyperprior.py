@@ -42,6 +42,7 @@ from latentserve.worker.codec.entropy import (
     cross_entropy_bits,
     decode_error,
     finish,
+    first_safe_offsets,
     fixed_model,
     probabilities,
 )
@@ -108,19 +109,15 @@ def scale_indices(scales: np.ndarray, spec: HyperpriorSpec,
 def plan_offsets(scales: np.ndarray, spec: HyperpriorSpec) -> tuple[np.ndarray, np.ndarray]:
     """The encoder's choice per image: (offset j, or -1 when none of the 16 keeps every
     margin >= guard; the table indices under it (N, C, h, w))."""
-    n = scales.shape[0]
-    offsets = np.full(n, -1, np.int64)
     indices = np.zeros(scales.shape, np.intp)
-    todo = np.arange(n)
-    for j in range(PRIOR_OFFSETS):
-        if len(todo) == 0:
-            break
+
+    def attempt(todo: np.ndarray, j: int) -> np.ndarray:
         idx, margin = scale_indices(scales[todo], spec, j)
-        ok = margin >= spec.guard
-        offsets[todo[ok]] = j
+        ok: np.ndarray = margin >= spec.guard
         indices[todo[ok]] = idx[ok]
-        todo = todo[~ok]
-    return offsets, indices
+        return ok
+
+    return first_safe_offsets(scales.shape[0], attempt), indices
 
 
 def hyper_check(offset: int, z: np.ndarray, y: np.ndarray) -> np.ndarray:
