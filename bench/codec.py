@@ -165,7 +165,16 @@ def main(argv: list[str] | None = None) -> int:
 
     images = load_validation(args.data, args.limit)
     pipe = Pipeline(args.repo, EngineConfig(provider="cpu", intra_op_threads=args.threads))
-    refs = args.models or [e.manifest.ref for e in pipe.models()]
+    entries = pipe.models()
+    if args.models:
+        refs = args.models
+    else:  # every model that takes these images (the photo codecs: bench/photo.py)
+        refs = [e.manifest.ref for e in entries
+                if not e.manifest.any_size and tuple(e.manifest.image_shape) == images.shape[1:]]
+        for e in entries:
+            if e.manifest.ref not in refs:
+                print(f"  {e.manifest.ref}: skipped, it takes {e.manifest.image_shape} images "
+                      "(photo codecs: bench/photo.py)", file=sys.stderr)
     print(f"repo {args.repo}: {len(images)} validation images, batch {args.batch}, "
           f"CPU, {args.threads} onnxruntime thread(s), median of {args.repeat}")
     head = ("model", "kind", "payload B", "header B", "total B", "x-ent B", "ratio",
