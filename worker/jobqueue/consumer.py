@@ -630,7 +630,9 @@ class Worker:
             h = seg.held
             h.parts.append(out)
             h.done += seg.hi - seg.lo
-            h.started = max(h.started, h.done)
+            if h.started < h.done:  # never true when staged: the loop's thread counted it
+                # (and writing it here could lose an increment that thread makes meanwhile)
+                h.started = h.done
             if h.done == h.n:
                 if self.config.overlap:
                     self._to_store(h)
