@@ -107,13 +107,16 @@ def register(sub: Any) -> None:
     e.set_defaults(func=cmd_export)
 
     s = sub.add_parser(
-        "sampler", help="give an exported vae a learned sampling prior (a new version)",
+        "sampler", help="give an exported vae or fixed-size ae a learned sampling prior "
+                        "(a new version)",
         description="Train the second stage of a two-stage VAE (Dai & Wipf 2019) on the "
-                    "posterior means that BASE's encoder.onnx gives for the training split "
+                    "latents that BASE's encoder.onnx gives for the training split (a vae's "
+                    "posterior means, an ae's continuous latents before rounding) "
                     "of --data, fit a Gaussian mixture over its u, and write it as "
                     "<repo>/<name>/<version>/ with BASE's encoder, decoder and code tables "
                     "unchanged (sampling kind 'learned').")
-    s.add_argument("base", help="the vae version folder to start from (…/<name>/<version>)")
+    s.add_argument("base", help="the vae or fixed-size ae version folder to start from "
+                                "(…/<name>/<version>)")
     RuntimeSettings.add_arguments(s, only=("models",))  # the repository written into
     s.add_argument("--name", required=True)
     s.add_argument("--version", type=int, required=True)
@@ -313,9 +316,9 @@ def cmd_sampler(args: argparse.Namespace) -> int:
     from latentserve.export.publish.sampler import LearnedSampler, add_sampler
     from latentserve.export.training.data import load_dataset
     from latentserve.export.training.sampler import (
-        METHOD,
         SamplerConfig,
         encoder_latents,
+        method_for,
         train_sampler,
     )
     from latentserve.worker.runtime.manifest import parse_manifest
@@ -331,6 +334,9 @@ def cmd_sampler(args: argparse.Namespace) -> int:
     if trained_on and trained_on != data.sha256:
         raise InvalidInput(f"--data's training split (sha256 {data.sha256[:12]}) is not what "
                            f"{old.ref} was trained on ({str(trained_on)[:12]})")
+    if old.family not in ("vae", "ae") or old.any_size:
+        raise InvalidInput(f"{base} is a{'n any-size' if old.any_size else ''} {old.family}; "
+                           "a learned sampler is for a fixed-size vae or ae")
     config = SamplerConfig(u_dim=args.u_dim, hidden=args.hidden,
                            mixture=args.mixture, gamma_init=args.gamma_init,
                            steps=args.steps,
@@ -341,7 +347,8 @@ def cmd_sampler(args: argparse.Namespace) -> int:
     provenance["data_sha256"] = data.sha256
     repo = RuntimeSettings.from_sources(args).models
     folder = add_sampler(base=base, repo=repo, name=args.name, version=args.version,
-                         sampler=LearnedSampler(stage2, stage2.noise_dim, METHOD),
+                         sampler=LearnedSampler(stage2, stage2.noise_dim,
+                                                        method_for(old.family)),
                          example_images=data.val, provenance=provenance,
                          overwrite=args.overwrite)
     manifest = json.loads((folder / "manifest.json").read_text())

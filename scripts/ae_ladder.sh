@@ -4,6 +4,9 @@
 #   scripts/ae_ladder.sh train [rungs]    train the ladder into $RUNS (checkpoints + logs);
 #                                         "rungs": only the fine-tuned rungs, from a base there
 #   scripts/ae_ladder.sh export REPO VER  export them as REPO/mnist-ae-q<k>/VER
+#   scripts/ae_ladder.sh sampler BASE REPO VER
+#                                         give each exported rung BASE/mnist-ae-q<k>/VER a
+#                                         learned sampler: REPO/mnist-ae-q<k>/VER
 #
 # One base (q3, lambda 0.004) is trained longest; every other rung is fine-tuned from its
 # neighbour nearer the base (q3 -> q4 -> ... -> q9 up, q3 -> q2 -> q1 down), so each
@@ -24,6 +27,14 @@ THREADS=${THREADS:-1}
 LAUNCH=${LAUNCH:-}
 AE=(--family ae --transform gdn --hidden 32 --res-blocks 0 --latent-channels 12 --seed 1)
 RUNGS=(q1 q2 q3 q4 q5 q6 q7 q8 q9)
+# The rungs' learned samplers (issue 15): a second-stage VAE over the encoder's continuous
+# 12x7x7 latents before rounding and a 200-component mixture over its u (the runtime
+# rounds the sampler's output, as it rounded the fitted 'gmm' draws this replaces).
+# Probed on q3 (runs/probe, 1000 samples): hidden 128/u 16/3000 steps 71.6% confident,
+# u 8 73.0%, hidden 96/6000 steps 73.5%, hidden 96/12000 steps/mixture 200 78.7% (the
+# 'gmm' gave 23-32%). Hidden 96 keeps sampler.onnx (exact float16 weights) at ~172 KB,
+# less than the ~195 KB of mixture JSON it replaces. ~1.5 min a rung on one thread.
+SAMPLER=(--u-dim 16 --hidden 96 --steps 12000 --mixture 200 --seed 1)
 
 train() {  # name, then train arguments
     local name=mnist-ae-$1; shift
@@ -56,7 +67,17 @@ export)
             --version "$version" --half-weights --overwrite
     done
     ;;
+sampler)
+    base=${2:?sampler BASE REPO VERSION}; repo=${3:?sampler BASE REPO VERSION}
+    version=${4:?sampler BASE REPO VERSION}
+    for r in "${RUNGS[@]}"; do
+        echo "== sampler mnist-ae-$r: ${SAMPLER[*]}"
+        $LAUNCH latentserve sampler "$base/mnist-ae-$r/$version" --repo "$repo" \
+            --name "mnist-ae-$r" --version "$version" --data "$DATA" --threads "$THREADS" \
+            "${SAMPLER[@]}" --overwrite --no-progress
+    done
+    ;;
 *)
-    echo "usage: $0 train | export REPO VERSION" >&2; exit 2
+    echo "usage: $0 train | export REPO VERSION | sampler BASE REPO VERSION" >&2; exit 2
     ;;
 esac

@@ -3,7 +3,8 @@
 # examples/digits from scratch.
 #
 # Two training lanes run side by side, one torch thread each (2 free cores: ~45 min (the ae ladder alone took 31 min of one shared core), plus
-# ~8 min for the vqvae prior retraining in lane B):
+# ~8 min for the vqvae prior retraining in lane B; then ~15 min, one thread, for the
+# ae rungs' learned samplers):
 #   lane A: the ae ladder mnist-ae-q1..q9 (GDN, one base and eight fine-tuned rungs:
 #           scripts/ae_ladder.sh), mnist-vae
 #   lane B: mnist-vqvae (VQ-VAE, a wider decoder on its frozen codes, then a longer-trained
@@ -58,9 +59,12 @@ wait "$b" || status=1
 [ "$status" = 0 ] || { echo "!! a training lane failed"; exit 1; }
 
 latentserve export "$RUNS/mnist-vqvae.pt" --repo "$REPO" --name mnist-vqvae --version 1 --overwrite
-# The ae ladder (weights stored as exact float16); it replaces the relu
-# ladder mnist-ae-lo/mid/hi:1, which is no longer shipped.
-DATA=$DATA RUNS=$RUNS scripts/ae_ladder.sh export "$REPO" 1
+# The ae ladder (weights stored as exact float16; it replaced the relu ladder
+# mnist-ae-lo/mid/hi:1, no longer shipped), exported into a scratch repository, then each
+# rung written into $REPO as version 1 with the same encoder, decoder and code tables and
+# a learned sampler instead of the fitted 'gmm' (scripts/ae_ladder.sh sampler).
+DATA=$DATA RUNS=$RUNS scripts/ae_ladder.sh export "$RUNS/stage1" 1
+DATA=$DATA RUNS=$RUNS THREADS=$THREADS scripts/ae_ladder.sh sampler "$RUNS/stage1" "$REPO" 1
 rm -rf "$REPO"/mnist-ae-lo "$REPO"/mnist-ae-mid "$REPO"/mnist-ae-hi
 # mnist-vae:2 = the vae (exported into a scratch repository as version 1) plus a learned
 # sampling prior: a second-stage VAE trained on its encoder.onnx's posterior means of the

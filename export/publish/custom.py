@@ -236,7 +236,9 @@ def export_model(*, family: Family, encoder: nn.Module, decoder: nn.Module,
     ``images``: uint8 (N, C, H, W) sample images (N >= 2): they fix the image shape, the
     example input of the ONNX trace, and the integer tables. ``encoder_input``: "float"
     (the encoder takes x / 255 in [0, 1]) or "uint8" (it takes the pixels as they come).
-    ``sampler`` (vae only): your learned sampling prior; None samples from N(0, I).
+    ``sampler`` (vae, or ae with ``Factorized``): your learned sampling prior, noise ->
+    the continuous latent (an ae's is rounded before decoding, as its encoder's is); None
+    samples from N(0, I) (vae) or a Gaussian mixture fitted to the latents (ae).
     Contract violations raise InvalidInput naming the tensor and what was expected.
     """
     images = np.ascontiguousarray(images)
@@ -251,9 +253,12 @@ def export_model(*, family: Family, encoder: nn.Module, decoder: nn.Module,
         raise InvalidInput(f"a {family} takes latent_model="
                            f"{' or '.join(w.__name__ + '(...)' for w in want)}, got "
                            f"{type(latent_model).__name__}")
-    if sampler is not None and (family != "vae" or not isinstance(sampler, LearnedSampler)):
-        raise InvalidInput(f"sampler= takes a LearnedSampler(module, noise_dim) for a vae; got "
-                           f"{type(sampler).__name__} for a {family}")
+    if sampler is not None and (family == "vqvae" or not isinstance(sampler, LearnedSampler)
+                                or isinstance(latent_model, Hyperprior)):
+        raise InvalidInput(f"sampler= takes a LearnedSampler(module, noise_dim) for a vae or "
+                           f"an ae with latent_model=Factorized(...); got "
+                           f"{type(sampler).__name__} for a {family} with "
+                           f"{type(latent_model).__name__}")
     if encoder_input not in ("float", "uint8"):
         raise InvalidInput(f"encoder_input {encoder_input!r} is not 'float' or 'uint8'")
     for module in (encoder, decoder, getattr(latent_model, "prior", None),

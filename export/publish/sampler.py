@@ -159,9 +159,11 @@ def add_sampler(*, base: str | Path, repo: str | Path, name: str, version: int,
     base = Path(base)
     raw = json.loads((base / "manifest.json").read_bytes())
     old = parse_manifest((base / "manifest.json").read_bytes(), where=str(base / "manifest.json"))
-    if old.family != "vae" or old.any_size:
-        raise InvalidInput(f"{base} is a {old.family} model; a learned sampler is for a "
-                           "fixed-size vae")
+    if old.family not in ("vae", "ae") or old.any_size or (
+            old.family == "ae" and old.code_kind != "factorized"):
+        raise InvalidInput(f"{base} is a{'n any-size' if old.any_size else ''} {old.family} "
+                           f"model with code kind {old.code_kind!r}; a learned sampler is for "
+                           "a fixed-size vae, or a fixed-size ae with code kind 'factorized'")
     repo = Path(repo)
     target = check_target(repo, name, version, overwrite)
     repo.mkdir(parents=True, exist_ok=True)

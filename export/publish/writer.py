@@ -253,9 +253,9 @@ def write_version(*, repo: str | Path, name: str, version: int, family: str,
         if "sampler" in files:
             from latentserve.export.publish.sampler import check_sampler
 
-            if family != "vae" or sampling is None or sampling.get("kind") != "learned":
-                raise InvalidInput("a sampler.onnx needs family 'vae' and sampling kind "
-                                   "'learned' (with its noise_dim)")
+            if family == "vqvae" or sampling is None or sampling.get("kind") != "learned":
+                raise InvalidInput("a sampler.onnx needs family 'vae' or 'ae' and sampling "
+                                   "kind 'learned' (with its noise_dim)")
             check_sampler(_runner(_session(folder / files["sampler"])),
                           int(sampling["noise_dim"]), tuple(latent_shape), what="sampler.onnx")
         sampling = sampling or fitted

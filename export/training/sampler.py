@@ -21,6 +21,10 @@ Measured on mnist-vae (docs/model-experiments.md): decoding N(0, I) u gave 54% c
 digits, the 50-component mixture 76% and more (the table has the final figures). The
 latents are the posterior means that the vae's ``encoder.onnx`` gives (run by
 onnxruntime: no first-stage checkpoint is needed); the vae's compression is untouched.
+A fixed-size ae (the zoo's mnist-ae-q1..q9 ladder) gets one the same way: its
+``encoder.onnx`` gives the continuous latent before rounding, the sampler learns that, and
+the runtime rounds the sampler's output as it rounds an encoder's (replacing the fitted
+"gmm" density, whose draws are rounded the same way).
 """
 
 from __future__ import annotations
@@ -42,6 +46,16 @@ from latentserve.export.training.train import _batches, _run_steps, seed_everyth
 
 METHOD = ("two-stage vae (Dai & Wipf 2019) on the encoder's posterior means, u drawn from "
           "a diagonal Gaussian mixture fitted to the training latents' mu_u")
+# An ae's second stage models its encoder's continuous latent before rounding (what the
+# runtime rounds onto the tables' support and decodes, for a sample as for a code).
+METHOD_AE = ("second-stage vae (as Dai & Wipf 2019) on the ae encoder's continuous latents "
+             "before rounding, u drawn from a diagonal Gaussian mixture fitted to the "
+             "training latents' mu_u; the runtime rounds the output")
+
+
+def method_for(family: str) -> str:
+    """The manifest's ``sampling.method`` for a second stage over a ``family`` model."""
+    return METHOD_AE if family == "ae" else METHOD
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""A vae's learned sampling prior (sampling kind "learned"): export, serving, validation.
+"""A learned sampling prior (sampling kind "learned", a vae's or an ae's): export,
+serving, validation.
 
 A user's own sampler through ``export.custom``; a wrong one refused naming the tensor;
 the sampling path through onnxruntime (shape, determinism for a seed, temperature); the
@@ -28,6 +29,7 @@ from latentserve.export.training.sampler import (
     SamplerConfig,
     TwoStageSampler,
     encoder_latents,
+    method_for,
     train_sampler,
 )
 from latentserve.worker.runtime.manifest import parse_manifest
@@ -165,12 +167,49 @@ def test_a_wrong_sampler_is_refused_naming_the_tensor(case: str, tmp_path: Path)
     assert not (tmp_path / "v").exists()
 
 
-def test_a_sampler_is_for_a_vae_only(tmp_path: Path) -> None:
+def test_an_ae_sampler_gives_the_latent_that_is_rounded_and_decoded(tmp_path: Path) -> None:
+    torch.manual_seed(0)
     enc, dec = conv_vae()
-    with pytest.raises(InvalidInput, match="sampler= takes a LearnedSampler"):
-        export_model(family="ae", encoder=enc, decoder=dec, images=images(),
-                     latent_model=Factorized(), repo=tmp_path, name="a", version=1,
-                     sampler=LearnedSampler(FlatSampler(4), 4))
+    module = FlatSampler(4)
+    with torch.no_grad():
+        module.lin.weight.mul_(4.0)  # latents several steps wide, so rounding matters
+    folder = export_model(family="ae", encoder=enc, decoder=dec, images=images(),
+                          latent_model=Factorized(), repo=tmp_path, name="a", version=1,
+                          sampler=LearnedSampler(module, 4, "mine"))
+    assert _manifest(folder)["sampling"] == {"kind": "learned", "noise_dim": 4,
+                                             "method": "mine"}
+    runtime = Pipeline(tmp_path).runtime("a:1")
+    with pytest.raises(InvalidInput, match="no continuous sampling latent"):
+        runtime.sample_latents(2, seed=0)  # an ae's samples are rounded symbols
+
+    def torch_latents(seed: int) -> np.ndarray:
+        noise = np.stack([np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, j])))
+                          .standard_normal(4) for j in range(6)]).astype(np.float32)
+        with torch.no_grad():
+            out: np.ndarray = module(torch.as_tensor(noise)).reshape(6, *LATENT).numpy()
+        return out
+
+    # Exactness guard: torch's latents are compared with onnxruntime's after rounding, so
+    # the seed used is the first whose latents all sit >= 1e-3 from a rounding boundary
+    # (closer, another CPU's float noise could round them the other way).
+    seed, want = next((s, w) for s in range(100) for w in [torch_latents(s)]
+                      if np.abs(np.abs(w - np.floor(w)) - 0.5).min() >= 1e-3)
+    got = runtime.sample(6, seed=seed)
+    assert np.array_equal(got, runtime.decode(runtime.quantize(want)))
+    assert np.array_equal(got[3:], runtime.sample(3, seed=seed, start=3))
+
+
+def test_a_sampler_is_refused_for_a_vqvae_or_a_hyperprior_ae(tmp_path: Path) -> None:
+    from latentserve.export.publish.custom import Hyperprior, VQCodebook
+
+    enc, dec = conv_vae()
+    for family, model in (("vqvae", VQCodebook(num_codes=8)),
+                          ("ae", Hyperprior(hyper_encoder=nn.Identity(),
+                                            hyper_decoder=nn.Identity()))):
+        with pytest.raises(InvalidInput, match="sampler= takes a LearnedSampler"):
+            export_model(family=family, encoder=enc, decoder=dec,  # type: ignore[arg-type]
+                         images=images(), latent_model=model, repo=tmp_path, name="a",
+                         version=1, sampler=LearnedSampler(FlatSampler(4), 4))
 
 
 # -- the manifest's rules ----------------------------------------------------------------
@@ -184,7 +223,10 @@ BAD_SAMPLING = {
     "no-file": (lambda m: m["files"].pop("sampler"), "sampling kind 'learned' needs files.sampler"),
     "no-dim": (lambda m: m["sampling"].pop("noise_dim"), "an integer noise_dim >= 1, got None"),
     "bad-dim": (lambda m: m["sampling"].update(noise_dim=0), "an integer noise_dim >= 1, got 0"),
-    "ae": (lambda m: m.update(family="ae"), "sampling kind 'learned' is for family 'vae'"),
+    "any-size-ae": (lambda m: m.update(family="ae", latent={"channels": 3}, image={
+        "channels": 3, "size": "any", "stride": 4, "padding": "edge"}),
+        "sampling kind 'learned' is for a vae or a fixed-size ae with code kind "
+        "'factorized', not an any-size ae"),
     "unknown": (lambda m: m["sampling"].update(kind="flow"), "sampling kind 'flow' is not one of"),
     "file-not-learned": (lambda m: m["sampling"].update(kind="gaussian"),
                          "files names a 'sampler' but sampling kind is 'gaussian'"),
@@ -286,13 +328,15 @@ def _write_idx(path: Path, x: np.ndarray) -> None:
         f.write(struct.pack(">IIII", 2051, n, h, w) + x[:, 0].tobytes())
 
 
-def test_the_sampler_command_writes_the_new_version(tmp_path: Path,
+@pytest.mark.parametrize("family", ["vae", "ae"])
+def test_the_sampler_command_writes_the_new_version(family: str, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     gray = images(40)[:, :1]
     torch.manual_seed(0)
     enc = nn.Sequential(nn.Conv2d(1, 4, 4, 4))
     dec = nn.Sequential(nn.ConvTranspose2d(4, 1, 4, 4), nn.Sigmoid())
-    base = export_model(family="vae", encoder=enc, decoder=dec, images=gray[:30],
+    base = export_model(family=family, encoder=enc, decoder=dec,  # type: ignore[arg-type]
+                        images=gray[:30],
                         latent_model=Factorized(), repo=tmp_path, name="g", version=1)
     _write_idx(tmp_path / "images-idx3-ubyte.gz", gray)
     args = ["sampler", str(base), "--models", str(tmp_path), "--name", "g", "--version", "2",
@@ -301,9 +345,66 @@ def test_the_sampler_command_writes_the_new_version(tmp_path: Path,
             "--threads", "1", "--no-progress"]
     assert main(args) == 0
     assert "wrote g:2" in capsys.readouterr().out
-    assert Pipeline(tmp_path).runtime("g:2").manifest.sampling["noise_dim"] == 4
+    sampling = Pipeline(tmp_path).runtime("g:2").manifest.sampling
+    assert sampling["noise_dim"] == 4 and sampling["method"] == method_for(family)
+    assert ("continuous latents before rounding" in sampling["method"]) == (family == "ae")
     # Data the base was not trained on is refused.
     args[args.index("--val-count") + 1] = "5"
     args[args.index("--version") + 1] = "3"
     assert main(args) == 1
     assert "is not what g:1 was trained on" in capsys.readouterr().err
+
+
+def export_ae(repo: Path, x: np.ndarray) -> Path:
+    torch.manual_seed(0)
+    enc, dec = conv_vae()
+    return export_model(family="ae", encoder=enc, decoder=dec, images=x,
+                        latent_model=Factorized(), repo=repo, name="a", version=1)
+
+
+def test_an_ae_version_derived_with_a_sampler_keeps_its_files_byte_for_byte(
+        tmp_path: Path) -> None:
+    x = images(32)
+    base = export_ae(tmp_path / "base", x)
+    assert _manifest(base)["sampling"]["kind"] == "gmm"  # type: ignore[index]
+    latents = encoder_latents(base / "encoder.onnx", x)
+    config = SamplerConfig(u_dim=3, hidden=16, mixture=4, steps=40, batch_size=8, lr=1e-2,
+                           progress=False)
+    stage2, provenance = train_sampler(latents, config)
+    folder = add_sampler(base=base, repo=tmp_path / "new", name="a", version=1,
+                         example_images=x[:4], sampler=LearnedSampler(stage2, 5, "two-stage"),
+                         provenance=provenance)
+    old, new = _manifest(base), _manifest(folder)
+    for role in ("encoder", "decoder"):
+        path = new["files"][role]["path"]  # type: ignore[index]
+        assert (folder / path).read_bytes() == (base / path).read_bytes()
+    assert new["code"] == old["code"] and new["family"] == "ae"
+    assert new["sampling"] == {"kind": "learned", "noise_dim": 5, "method": "two-stage"}
+    assert new["source"]["derived_from"] == "a:1"  # type: ignore[index]
+    base_pipe, pipe = Pipeline(tmp_path / "base"), Pipeline(tmp_path / "new")
+    c1, c2 = base_pipe.compress("a:1", x), pipe.compress("a:1", x)
+    assert [len(a) for a in c1] == [len(b) for b in c2]
+    assert np.array_equal(base_pipe.reconstruct(c1), pipe.reconstruct(c2))
+    # Deterministic per seed and index, whatever the batch.
+    a = pipe.sample("a:1", 6, seed=2)
+    assert a.shape == (6, *SHAPE) and np.array_equal(a, pipe.sample("a:1", 6, seed=2))
+    assert np.array_equal(a[4:], pipe.runtime("a:1").sample(2, seed=2, start=4))
+    verdicts = check_model(ModelRepository(tmp_path / "new"), "a:1", timing_s=0.05)
+    assert [v.check for v in verdicts if v.status == "FAIL"] == [], verdicts
+    # Training is seeded: the same latents and config give the same sampler weights.
+    again, _ = train_sampler(latents, config)
+    for p, q in zip(stage2.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_add_sampler_refuses_an_any_size_ae(tmp_path: Path) -> None:
+    raw = _manifest(export_ae(tmp_path, images()))
+    raw.update(latent={"channels": 3}, sampling={"kind": "none"},
+               image={"channels": 3, "size": "any", "stride": 4, "padding": "edge"})
+    base = tmp_path / "q" / "1"
+    base.mkdir(parents=True)
+    (base / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(InvalidInput, match="an any-size ae model with code kind 'factorized'; "
+                                           "a learned sampler is for a fixed-size vae"):
+        add_sampler(base=base, repo=tmp_path / "new", name="q", version=1,
+                    example_images=images(4), sampler=LearnedSampler(FlatSampler(4), 4))

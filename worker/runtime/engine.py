@@ -566,6 +566,10 @@ class ModelRuntime:
             return functools.partial(self.decode, self._sample_indices(rngs, temperature))
         if family == "vae":
             return functools.partial(self._decode_latent, self._vae_latents(rngs, temperature))
+        if self.sampler is not None:  # ae, sampling kind "learned"
+            # The sampler gives the continuous latent; rounded as the encoder's output is.
+            return functools.partial(self.decode,
+                                     self.quantize(self._learned_latents(rngs, temperature)))
         dim = self.manifest.num_symbols
         normal = np.stack([r.standard_normal(dim) for r in rngs])
         # ae: a diagonal Gaussian mixture fitted to the training latents.
@@ -598,13 +602,19 @@ class ModelRuntime:
         if self.sampler is None:  # sampling kind "gaussian": the latent is N(0, I)
             normal = np.stack([r.standard_normal(self.manifest.num_symbols) for r in rngs])
             return (normal * temperature).reshape(len(rngs), *shape).astype(np.float32)
-        # "learned": u ~ N(0, I) of noise_dim numbers, scaled by the temperature (the
-        # float64 product, as above, so one (seed, temperature, index) is one latent).
+        return self._learned_latents(rngs, temperature)
+
+    def _learned_latents(self, rngs: list[np.random.Generator],
+                         temperature: float) -> np.ndarray:
+        """Sampling kind "learned" (vae or ae): u ~ N(0, I) of noise_dim numbers, scaled
+        by the temperature (the float64 product, as above, so one (seed, temperature,
+        index) is one latent), through the sampler: (N, C, h, w) float32."""
         noise = np.stack([r.standard_normal(self.manifest.noise_dim) for r in rngs])
         u = (noise * temperature).astype(np.float32)
         sampler = self.sampler
+        assert sampler is not None
         latent = self._batched(lambda b: self._run(sampler, "noise", b), u)
-        return latent.reshape(len(rngs), *shape)
+        return latent.reshape(len(rngs), *self.manifest.latent_shape)
 
     def _decode_latent(self, latent: np.ndarray) -> np.ndarray:
         """A vae's sampled latents through its decoder (no quantization)."""

@@ -12,7 +12,7 @@ Layout (``models/<name>/<version>/manifest.json``), schema 1::
       "files":  {"encoder": {"path": "encoder.onnx", "sha256": "..."},
                  "decoder": {...}, "prior": {...} (vqvae only),
                  "prior_step": {...} (vqvae, optional: newer exports),
-                 "sampler": {...} (vae with a learned sampling prior),
+                 "sampler": {...} (sampling kind "learned"),
                  "check": {...} (optional: values recorded at export,
                              worker/runtime/model_check.py)},
       "onnx":   {"opset": 17},
@@ -33,10 +33,13 @@ are format version 2, which records H and W (docs/code-format.md). Sampling
 
 Sampling kinds: "gmm" (ae: a diagonal Gaussian mixture over the flattened latent,
 ``weights``, ``means``, ``stds``), "gaussian" (vae: latent ~ N(0, I), times the
-temperature), "prior" (vqvae: ancestral sampling from ``prior``), "learned" (vae: a
-learned sampling prior, ``{"kind": "learned", "noise_dim": d, "method": "..."}``: noise
-u ~ N(0, I) of d numbers, times the temperature, through ``files.sampler`` gives the
-latent the decoder takes; e.g. the second stage of a two-stage VAE, Dai & Wipf 2019).
+temperature), "prior" (vqvae: ancestral sampling from ``prior``), "learned" (vae, or a
+fixed-size ae with code kind "factorized": a learned sampling prior,
+``{"kind": "learned", "noise_dim": d, "method": "..."}``: noise u ~ N(0, I) of d numbers,
+times the temperature, through ``files.sampler`` gives the latent the decoder takes (an
+ae's: the encoder's continuous latent, which the runtime rounds onto the tables' support
+before decoding, as it does a "gmm" draw); e.g. the second stage of a two-stage VAE, Dai &
+Wipf 2019).
 The sampler only draws: compression (encoder, decoder, code tables) does not use it.
 
 ONNX I/O contract (dynamic batch axis N everywhere; H and W dynamic too for any-size):
@@ -55,7 +58,7 @@ ONNX I/O contract (dynamic batch axis N everywhere; H and W dynamic too for any-
   ``feat0``.. float32 (N, C), the layer activations at p, which the caller writes into
   row p of its caches; row h*w stays zero (export/nets/prior_step.py). Reads only positions
   < p of indices and caches.
-- sampler (vae, sampling kind "learned"): ``noise`` float32 (N, d) -> ``latent`` float32
+- sampler (sampling kind "learned"): ``noise`` float32 (N, d) -> ``latent`` float32
   (N, C', h, w), the decoder's latent shape; row i depends on noise row i alone.
 - prior of a ``vq_parallel`` model (code.vq_parallel.schedule: S groups of raster
   positions): ``indices`` int64 (N, h, w), ``group`` int64 scalar g -> ``logits`` float32
@@ -402,7 +405,7 @@ def parse_manifest(data: bytes, *, where: str = "manifest.json") -> Manifest:
     if stride and kind != "factorized":
         raise ModelIntegrityError(f"{where}: an any-size model codes kind 'factorized' only")
     sampling = dict(raw.get("sampling", {}))
-    _check_sampling(sampling, family, files, where)
+    _check_sampling(sampling, family, files, where, code_kind=kind, any_size=bool(stride))
     return Manifest(
         name=str(_need(raw, "name", where)), version=int(_need(raw, "version", where)),
         family=family, image_shape=image_shape, latent_shape=latent_shape, files=files,
@@ -438,8 +441,10 @@ def _hyperprior_spec(code: dict[str, Any], where: str) -> HyperpriorSpec:
 
 
 def _check_sampling(sampling: dict[str, Any], family: str, files: dict[str, FileEntry],
-                    where: str) -> None:
-    """The ``sampling`` block: a known kind; "learned" needs a vae, a sampler file and d."""
+                    where: str, *, code_kind: str = "factorized", any_size: bool = False
+                    ) -> None:
+    """The ``sampling`` block: a known kind; "learned" needs a vae (or a fixed-size,
+    factorized ae), a sampler file and d."""
     kind = sampling.get("kind", "none")
     if kind not in SAMPLING_KINDS:
         raise ModelIntegrityError(
@@ -449,9 +454,14 @@ def _check_sampling(sampling: dict[str, Any], family: str, files: dict[str, File
             raise ModelIntegrityError(
                 f"{where}: files names a 'sampler' but sampling kind is {kind!r}, not 'learned'")
         return
-    if family != "vae":
+    # An ae's sampler gives the continuous latent that the runtime rounds onto its
+    # factorized tables (as a "gmm" draw is); an any-size ae has no one latent shape.
+    if family not in ("vae", "ae") or (family == "ae" and (code_kind != "factorized"
+                                                          or any_size)):
         raise ModelIntegrityError(
-            f"{where}: sampling kind 'learned' is for family 'vae', not {family!r}")
+            f"{where}: sampling kind 'learned' is for a vae or a fixed-size ae with code "
+            f"kind 'factorized', not {'an any-size ' if any_size else 'a '}{family} with "
+            f"code kind {code_kind!r}")
     if "sampler" not in files:
         raise ModelIntegrityError(f"{where}: sampling kind 'learned' needs files.sampler")
     dim = sampling.get("noise_dim")
