@@ -159,16 +159,19 @@ def pack_all(manifest_digest: str, pairs: Sequence[tuple[int, bytes]],
     version = FORMAT_VERSION if size is None else SIZED_VERSION
     extra = b"" if size is None else size_field(*size)
     fingerprint = _digest_state(manifest_digest)[0]
-    heads: dict[int, tuple[bytes, bytes, int]] = {}
-    out = []
+    heads: dict[int, tuple[bytes, int]] = {}
+    for kind in {kind for kind, _ in pairs}:
+        head = bytes([(MAGIC << 4) | version, kind]) + fingerprint
+        heads[kind] = head, _head_crc(manifest_digest, head + extra)
     crc32 = zlib.crc32
+    if len(heads) == 1 and not extra:  # v1 codes of one kind (kinds 1 and 2 always)
+        ((head, state),) = heads.values()
+        return [head + (crc32(p, state) & 0xFFFFFF).to_bytes(3, "big") + p for _, p in pairs]
+    out = []
     for kind, payload in pairs:
-        if kind not in heads:
-            head = bytes([(MAGIC << 4) | version, kind]) + fingerprint
-            heads[kind] = head, extra, _head_crc(manifest_digest, head + extra)
-        head, extra, state = heads[kind]
-        crc = (crc32(payload, state) & 0xFFFFFF).to_bytes(3, "big")
-        out.append(b"".join((head, crc, extra, payload)))
+        head, state = heads[kind]
+        out.append(b"".join((head, (crc32(payload, state) & 0xFFFFFF).to_bytes(3, "big"),
+                             extra, payload)))
     return out
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol, cast
 
@@ -29,6 +30,7 @@ import constriction
 import numpy as np
 
 from latentserve.errors import CorruptCode, InvalidInput, ModelIntegrityError
+from latentserve.worker.codec.cut import shortest, shortest_batch
 from latentserve.worker.runtime.manifest import FactorizedSpec, VQPriorSpec, VQStaticSpec
 
 # perfect=False: fast table construction; encoder and decoder must agree on it, and it
@@ -129,42 +131,28 @@ def finish(coder: EncoderState) -> bytes:
     return short if short is not None else words_to_bytes(coder.get_compressed())
 
 
+def finish_batch(coders: Sequence[EncoderState]) -> list[bytes]:
+    """``[finish(c) for c in coders]``, byte for byte, the cut done over the whole batch
+    at once (``cut.shortest_batch``). An empty coder's state (0 words, lower 0) cuts to
+    b"", as ``finish`` gives it (tested)."""
+    out = shortest_batch([c.pos() for c in coders], [c.get_compressed() for c in coders])
+    if None in out:  # the sealed words, as ``finish`` keeps them
+        for i, payload in enumerate(out):
+            if payload is None:
+                out[i] = finish(coders[i])
+    return cast(list[bytes], out)
+
+
 def shortest_payload(coder: EncoderState) -> bytes | None:
     """The shortest big-endian byte string whose value, zero-padded, lies in the coder's
     final interval: it decodes exactly like the sealed words, 1.7 bytes shorter on average.
 
     ``coder.pos()`` gives the words emitted so far and the 64-bit state (lower, range)
-    that follows them. The sealed stream X is one point of the interval; measuring from
-    it keeps pending carries out of the arithmetic: the interval is [X - d, X - d + range)
-    in units of the last state bit, d = (X's last 64 bits - lower) mod 2**64. Returns None
-    when the sealed stream does not fit that picture (the caller then keeps the words).
-    Closed form; ``entropy_reference.shortest_payload_bisect`` is the bisection it replaced.
+    that follows them; ``cut.shortest`` is the closed form (None when the sealed stream
+    does not fit its picture: the caller then keeps the words).
+    ``entropy_reference.shortest_payload_bisect`` is the bisection it replaced.
     """
-    position, (lower, width) = coder.pos()
-    words = coder.get_compressed()
-    n = position + 2  # the state window spans two words after the emitted ones
-    pad = n - len(words)
-    if pad < 0:
-        return None
-    bits = 32 * n
-    # The words in reverse order, each little-endian, read little-endian: the big-endian
-    # value of the stream, without a byte-swapped copy.
-    x = int.from_bytes(words[::-1].tobytes(), "little") << (32 * pad)
-    d = ((x & _LOW64) - lower) & _LOW64  # only X's last 64 bits meet the state
-    if d >= width:
-        return None
-    lo = x - d
-    if lo == 0:
-        return b""  # the empty payload reads as zeros, the interval's own start
-    top = lo + width - 1  # the interval's last integer, clipped to the window below
-    if top.bit_length() > bits:
-        top = (1 << bits) - 1
-    # A multiple of 2**s lies in [lo, top] iff (lo - 1) >> s != top >> s, i.e. iff s is
-    # below the bit length of (lo - 1) ^ top: drop the most whole bytes that allows
-    # (fewer than 4n, since 0 < lo <= top < 2**(32n)), then round lo up at that byte.
-    dropped = (((lo - 1) ^ top).bit_length() - 1) >> 3
-    m = -(-lo >> (8 * dropped))
-    return m.to_bytes(4 * n - dropped, "big").rstrip(b"\0")
+    return shortest(coder.pos(), coder.get_compressed())
 
 
 _LOW64 = (1 << 64) - 1
@@ -307,17 +295,24 @@ class FactorizedTables:
 
     def encode_batch(self, symbols: np.ndarray) -> list[bytes]:
         """Images (N, C, h, w), checked -> one payload each."""
-        n, c = len(symbols), self.shape[0]
-        rel = np.ascontiguousarray(symbols.reshape(n, c, self.shape[1] * self.shape[2])
-                                  - self._offsets32, np.int32)
-        coded = self._coded
-        out = []
-        for image in rel:
+        n, c, hw = len(symbols), self.shape[0], self.shape[1] * self.shape[2]
+        models = [model for _, model in self._coded]
+        m = len(models)
+        if m == 0:  # no channel carries information: every payload is empty
+            return [b""] * n
+        rel = symbols.reshape(n, c, hw) - self._offsets32
+        if m < c:
+            rel = rel[:, [ch for ch, _ in self._coded]]
+        # Every coded channel of every image as one list of row views, made in one go;
+        # per image, map runs its coder calls from C (cheaper than a Python loop, or than
+        # iterating the array), and a zero-length deque consumes it.
+        rows = list(np.ascontiguousarray(rel, np.int32).reshape(n * m, hw))
+        coders = []
+        for i in range(0, n * m, m):
             coder = RangeEncoder()
-            for ch, model in coded:
-                coder.encode(image[ch], model)
-            out.append(finish(coder))
-        return out
+            deque(map(coder.encode, rows[i:i + m], models), 0)
+            coders.append(coder)
+        return finish_batch(coders)
 
     def encode_into(self, coder: constriction.stream.queue.RangeEncoder,
                     symbols: np.ndarray) -> None:
@@ -442,13 +437,12 @@ class StaticTables:
         models = self._models
         if models and models[0] is None:  # a one-code codebook: nothing to code
             return [b""] * len(symbols)
-        out = []
+        coders = []
         for row in symbols.reshape(len(symbols), len(models)).tolist():
             coder = RangeEncoder()
-            for s, model in zip(row, models, strict=True):
-                coder.encode(s, model)
-            out.append(finish(coder))
-        return out
+            deque(map(coder.encode, row, models), 0)  # as in FactorizedTables.encode_batch
+            coders.append(coder)
+        return finish_batch(coders)
 
     def encoder_for(self, symbols: np.ndarray) -> constriction.stream.queue.RangeEncoder:
         """A coder holding one image's indices (h, w), unfinished (for ``accepts``)."""
