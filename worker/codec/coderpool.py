@@ -31,6 +31,7 @@ import pickle
 import signal
 import socket
 import threading
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,9 +82,12 @@ class TableSpec:
 # -- the worker process side ------------------------------------------------------------
 
 def _encode(tables: FactorizedTables | StaticTables, symbols: np.ndarray,
-            pack_as: tuple[str, int] | None = None) -> list[bytes]:
+            pack_as: tuple[str, int] | None = None, check: bool = False) -> list[bytes]:
     """Payloads, or with ``pack_as`` (manifest digest, kind id) finished codes: the
-    header and its CRC made here, not in the caller's thread."""
+    header and its CRC made here, not in the caller's thread. ``check``: the tables'
+    support check first (InvalidInput), also taken off the caller's thread."""
+    if check:
+        tables.check(symbols)
     payloads = tables.encode_batch(symbols)
     if pack_as is None:
         return payloads
@@ -97,18 +101,34 @@ def _decode(tables: FactorizedTables | StaticTables, payloads: list[bytes], cano
             dtype: np.dtype) -> tuple[np.ndarray, dict[int, CorruptCode]]:
     """One stacked array back (rows of refused payloads zero) and the refusals by index:
     one narrow array instead of one int32 array per image keeps the hop cheap."""
-    results = tables.decode_batch(payloads, canonical=canonical)
-    out = np.zeros((len(payloads), *tables.shape), dtype)
-    errors: dict[int, CorruptCode] = {}
-    for i, r in enumerate(results):
-        if isinstance(r, CorruptCode):
-            errors[i] = r
-        else:
-            out[i] = r
+    out, errors = tables.decode_stacked(payloads, canonical=canonical)
+    out = out.astype(dtype)
+    for i in errors:
+        out[i] = 0
     return out, errors
 
 
-_OPS: dict[str, Callable[..., Any]] = {"encode": _encode, "decode": _decode}
+def _decode_codes(tables: FactorizedTables | StaticTables, codes: list[bytes], state: int,
+                  dtype: np.dtype) -> tuple[np.ndarray, dict[int, CorruptCode], list[int]]:
+    """Whole version-1 codes of one head (checked by the caller: >= 7 bytes, the same
+    bytes 0..3), their checksums verified here from ``state`` (the CRC every code of
+    that head continues over its payload): ``_decode``'s answer, plus the indices whose
+    checksum does not match (rows zero, no refusal: the caller names why)."""
+    from latentserve.worker.codec.codes import HEADER_SIZE  # codes imports this module
+
+    crc32, take = zlib.crc32, int.from_bytes
+    payloads = [c[HEADER_SIZE:] for c in codes]
+    unmatched = [i for i, (c, p) in enumerate(zip(codes, payloads, strict=True))
+                 if crc32(p, state) & 0xFFFFFF != take(c[4:HEADER_SIZE], "big")]
+    out, errors = _decode(tables, payloads, False, dtype)
+    for i in unmatched:
+        errors.pop(i, None)
+        out[i] = 0
+    return out, errors, unmatched
+
+
+_OPS: dict[str, Callable[..., Any]] = {"encode": _encode, "decode": _decode,
+                                       "decode_codes": _decode_codes}
 
 
 def _serve(conn: Any) -> None:
@@ -198,25 +218,44 @@ class CoderPool:
             return sorted(w.process.pid for w in self._all)
 
     def encode(self, spec: TableSpec, symbols: np.ndarray, *,
-               pack_as: tuple[str, int] | None = None) -> list[bytes]:
-        """Checked symbols (N, *latent_shape) -> one payload each, in order; with
-        ``pack_as`` (manifest digest, kind id) one finished version-1 code each
-        (``codes.pack``, done in the processes)."""
+               pack_as: tuple[str, int] | None = None, check: bool = False) -> list[bytes]:
+        """Symbols (N, *latent_shape) -> one payload each, in order; with ``pack_as``
+        (manifest digest, kind id) one finished version-1 code each (``codes.pack``,
+        done in the processes). ``check``: the processes check the symbols against the
+        tables (InvalidInput from the first slice that fails); without it they must be
+        checked already. Either way they must fit ``spec.wire_dtype``."""
         wire = symbols.astype(spec.wire_dtype, copy=False)
-        parts = self._run(spec, "encode", len(symbols), lambda a, b: (wire[a:b], pack_as))
+        parts = self._run(spec, "encode", len(symbols),
+                          lambda a, b: (wire[a:b], pack_as, check))
         return [p for part in parts for p in part]
 
     def decode(self, spec: TableSpec, payloads: Sequence[bytes], *,
                canonical: bool = True) -> list[np.ndarray | CorruptCode]:
         """Payloads -> per payload its symbols or the CorruptCode that refused it, in order."""
+        symbols, errors = self.decode_stacked(spec, payloads, canonical=canonical)
+        return [errors.get(i, row) for i, row in enumerate(symbols)]
+
+    def decode_stacked(self, spec: TableSpec, payloads: Sequence[bytes], *,
+                       canonical: bool = True) -> tuple[np.ndarray, dict[int, CorruptCode]]:
+        """Payloads -> their symbols as one int32 array (N, *latent_shape), rows of
+        refused payloads zero, and the refusals by index."""
         dtype = spec.wire_dtype
         parts = self._run(spec, "decode", len(payloads),
                           lambda a, b: (list(payloads[a:b]), canonical, dtype))
-        out: list[np.ndarray | CorruptCode] = []
-        for symbols, errors in parts:
-            rows = symbols.astype(np.int32)
-            out += [errors.get(i, row) for i, row in enumerate(rows)]
-        return out
+        symbols, errors, _ = _joined([(s, e, []) for s, e in parts], spec)
+        return symbols, errors
+
+    def decode_codes(self, spec: TableSpec, codes: Sequence[bytes], state: int
+                     ) -> tuple[np.ndarray, dict[int, CorruptCode], list[int]]:
+        """Whole version-1 codes that all share bytes 0..3 (format, kind, fingerprint;
+        the caller checks that, and that each has >= 7 bytes), checksums verified in the
+        processes (``state``: CRC32 of the manifest digest and those 4 bytes) ->
+        (symbols as in ``decode_stacked``, the refusals by index, the indices whose
+        checksum does not match, rows zero, for the caller to name why)."""
+        dtype = spec.wire_dtype
+        parts = self._run(spec, "decode_codes", len(codes),
+                          lambda a, b: (list(codes[a:b]), state, dtype))
+        return _joined(parts, spec)
 
     # -- running slices -----------------------------------------------------------------
     def _run(self, spec: TableSpec, op: str, n: int, args_of: Any) -> list[Any]:
@@ -343,6 +382,23 @@ class CoderPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _joined(parts: list[tuple[np.ndarray, dict[int, CorruptCode], list[int]]], spec: TableSpec
+            ) -> tuple[np.ndarray, dict[int, CorruptCode], list[int]]:
+    """Slices' (narrow symbols, refusals, unmatched) as one int32 array and indices
+    counted over the whole call."""
+    errors: dict[int, CorruptCode] = {}
+    unmatched: list[int] = []
+    at = 0
+    for symbols, errs, unm in parts:
+        errors.update((at + i, exc) for i, exc in errs.items())
+        unmatched += [at + i for i in unm]
+        at += len(symbols)
+    if not parts:
+        return np.zeros((0, *spec.latent_shape), np.int32), errors, unmatched
+    joined = np.concatenate([p[0] for p in parts]).astype(np.int32)
+    return joined, errors, unmatched
 
 
 def _stop(w: _Worker, *, wait_s: float) -> None:
