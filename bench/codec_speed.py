@@ -252,10 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="*", default=["mnist-ae-q3:1", "mnist-vqvae:1"])
     p.add_argument("--lanes", action="store_true",
                    help="only the lanes figures: 1 vs 2 compute lanes, inline vs CoderPool")
+    p.add_argument("--lane-images", type=int, default=16384,
+                   help="images per setup and round in --lanes (the symbols tiled)")
     args = p.parse_args(argv)
     if args.lanes:
         print_lanes(args.repo, load_validation(args.data, args.limit), args.models,
-                    rounds=args.repeat)
+                    rounds=args.repeat, total=args.lane_images)
         return 0
     images = load_validation(args.data, args.limit)
     pipe = Pipeline(args.repo, EngineConfig(provider="cpu", intra_op_threads=1))
@@ -386,7 +388,7 @@ def machine_ceiling(n: int = 3_000_000) -> float:
 
 
 def print_lanes(repo: str, images: np.ndarray, names: list[str], *,
-                batches: tuple[int, ...] = (256, 512, 1024), total: int = 4096,
+                batches: tuple[int, ...] = (256, 512, 1024), total: int = 16384,
                 rounds: int = 5) -> None:
     """The lanes table: per model and batch size, each setup's images/s and its ratio to
     1 lane inline in the same round (median [min..max] over ``rounds``)."""

@@ -32,8 +32,9 @@ import signal
 import socket
 import threading
 import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -160,25 +161,40 @@ def _serve(conn: Any) -> None:
 # -- the parent side --------------------------------------------------------------------
 
 @dataclass(eq=False)
+class _Slot:
+    """One slice of a call, queued on one process: its request, later its reply."""
+
+    op: str
+    spec: TableSpec
+    args: tuple[Any, ...]
+    items: int
+    tries: int = 0  # how many times it was sent again to a fresh process
+    reply: tuple[str, Any] | None = None
+
+
 class _Worker:
-    process: Any
-    conn: Any
-    known: set[str] = field(default_factory=set)  # keys whose spec this process has
-    awaited: bool = False  # sent a slice, reply not read yet
-    # Replace before the next use: the socket failed, or a call ended before reading a
-    # reply (which would otherwise answer the next call).
-    broken: bool = False
+    """One coding process and the slices queued on it. Its replies come back in the
+    order the slices were sent, so whichever waiting thread reads a reply hands it to
+    the slice at the head of the queue (its own or another call's)."""
 
-
-class _Crashed(Exception):
-    """The process died (or its socket broke) before it answered."""
+    def __init__(self, process: Any, conn: Any) -> None:
+        self.process = process
+        self.conn = conn
+        self.known: set[str] = set()  # keys whose spec this process has been sent
+        self.send_lock = threading.Lock()  # sends and replacements, one at a time
+        self.changed = threading.Condition()  # the queue, and who reads
+        self.queue: deque[_Slot] = deque()
+        self.queued_items = 0
+        self.reading = False  # a thread is reading this process's socket now
 
 
 class CoderPool:
     """Worker processes that code kinds 1 and 2; thread-safe, results in request order.
 
     ``min_batch``: smaller batches are coded inline (``wants``); ``min_slice``: a batch
-    is cut into at most ``n // min_slice`` slices, one per process idle at the time.
+    is cut into at most ``n // min_slice`` slices, one per process (the least loaded
+    first). Slices queue on their process, so calls at once keep every process busy:
+    while one call's thread does its own Python, the processes code the other's slices.
     """
 
     def __init__(self, processes: int, *, min_batch: int = 64, min_slice: int = 16,
@@ -191,14 +207,13 @@ class CoderPool:
         self.retries = retries
         # spawn: the service and the worker run threads (gRPC, Redis); forking them is unsafe.
         self._context: Any = multiprocessing.get_context(start_method)
-        self._idle_changed = threading.Condition()
+        self._calls_changed = threading.Condition()
         self._closed = False
-        self._callers = 0  # calls in _run now (each takes its share of the processes)
+        self._calls = 0  # calls in _run now (close waits for them)
         self.replaced = 0  # how many crashed processes were replaced (for tests, metrics)
-        self._idle = [self._start() for _ in range(processes)]
-        self._all = list(self._idle)
+        self._workers = [_Worker(*self._spawn()) for _ in range(processes)]
 
-    def _start(self) -> _Worker:
+    def _spawn(self) -> tuple[Any, Any]:
         parent, child = self._context.Pipe(duplex=True)
         for conn in (parent, child):
             _widen(conn)
@@ -206,7 +221,7 @@ class CoderPool:
                                         name="latentserve-coder")
         process.start()
         child.close()
-        return _Worker(process, parent)
+        return process, parent
 
     def wants(self, n: int) -> bool:
         """Whether a batch of ``n`` items is worth the process hop."""
@@ -214,8 +229,7 @@ class CoderPool:
 
     def pids(self) -> list[int]:
         """The current processes' ids."""
-        with self._idle_changed:
-            return sorted(w.process.pid for w in self._all)
+        return sorted(w.process.pid for w in self._workers)
 
     def encode(self, spec: TableSpec, symbols: np.ndarray, *,
                pack_as: tuple[str, int] | None = None, check: bool = False) -> list[bytes]:
@@ -259,123 +273,127 @@ class CoderPool:
 
     # -- running slices -----------------------------------------------------------------
     def _run(self, spec: TableSpec, op: str, n: int, args_of: Any) -> list[Any]:
-        """Every slice's result, in order; slices lost to a crashed process run again.
-
-        A call takes its share of the processes (all of them when it is the only one):
-        two lanes calling at once get one process each, so each lane's own work (checks,
-        headers) overlaps the other's coding instead of waiting for both processes.
-        """
-        with self._idle_changed:
-            self._callers += 1
-            share = -(-self.processes // self._callers)
+        """Every slice's result, in order; slices lost to a crashed process run again."""
+        with self._calls_changed:
+            if self._closed:
+                raise Unavailable("the coder pool is closed")
+            self._calls += 1
         try:
-            workers = self._checkout(max(1, min(share, n // self.min_slice)))
-        except BaseException:
-            self._leave()
-            raise
-        try:
-            edges = [n * i // len(workers) for i in range(len(workers) + 1)]
-            slices = [args_of(a, b) for a, b in itertools.pairwise(edges)]
-            sent: list[bool] = []
-            # every process starts before any is read
-            for w, args in zip(workers, slices, strict=True):
-                sent.append(self._send(w, spec, op, args))
-            results: list[tuple[str, Any]] = []
-            for i, args in enumerate(slices):
-                results.append(self._answer(workers, i, spec, op, args, sent[i]))
+            k = max(1, min(self.processes, n // self.min_slice))
+            # The least loaded processes, sent to in one fixed order: a thread blocked
+            # writing to a process (its socket full) then never waits on a thread that
+            # is blocked writing to one earlier in the order, so some thread always reads.
+            chosen = set(sorted(self._workers, key=lambda w: w.queued_items)[:k])
+            workers = [w for w in self._workers if w in chosen]
+            edges = [n * i // k for i in range(k + 1)]
+            slots = []
+            # every slice is sent before any reply is read
+            for w, (a, b) in zip(workers, itertools.pairwise(edges), strict=True):
+                slot = _Slot(op, spec, args_of(a, b), b - a)
+                self._send(w, slot)
+                slots.append((w, slot))
+            results = [self._wait(w, slot) for w, slot in slots]
         finally:
-            self._checkin(workers)
-            self._leave()
+            with self._calls_changed:
+                self._calls -= 1
+                self._calls_changed.notify_all()
         for status, value in results:
             if status == "err":
                 raise value
         return [value for _, value in results]
 
-    def _answer(self, workers: list[_Worker], i: int, spec: TableSpec, op: str,
-                args: tuple[Any, ...], sent: bool) -> tuple[str, Any]:
-        """Slice ``i``'s reply, replacing its process and sending it again after a crash."""
-        for _ in range(self.retries + 1):
-            if not sent:
-                workers[i] = self._replace(workers[i])
-                sent = self._send(workers[i], spec, op, args)
-                if not sent:
-                    continue
-            try:
-                return self._receive(workers[i])
-            except _Crashed:
-                sent = False
-        raise Unavailable(f"the coder processes crashed {self.retries + 1} times in a row; "
-                          "giving up on this batch")
+    def _send(self, w: _Worker, slot: _Slot) -> None:
+        """Queue a slice on a process (a dead one's queue is sent again when its crash
+        is read)."""
+        with w.send_lock:
+            with w.changed:
+                w.queue.append(slot)
+                w.queued_items += slot.items
+            self._write(w, slot)
 
-    def _send(self, w: _Worker, spec: TableSpec, op: str, args: tuple[Any, ...]) -> bool:
-        """Hand a slice to a process; False if it is already gone."""
-        first = spec.key not in w.known
-        data = pickle.dumps((op, spec.key, spec if first else None, args), protocol=5)
+    @staticmethod
+    def _write(w: _Worker, slot: _Slot) -> None:
+        """Write a slice to the process (the caller holds ``w.send_lock``); a process
+        gets a model's spec with its first slice."""
+        first = slot.spec.key not in w.known
+        data = pickle.dumps((slot.op, slot.spec.key, slot.spec if first else None,
+                             slot.args), protocol=5)
         try:
             w.conn.send_bytes(data)
         except OSError:
-            w.broken = True
-            return False
-        w.known.add(spec.key)  # its reply, or its crash (a fresh process), comes first
-        w.awaited = True
-        return True
+            return  # gone: the reader sees it and sends the queue to a fresh process
+        w.known.add(slot.spec.key)
 
-    @staticmethod
-    def _receive(w: _Worker) -> tuple[str, Any]:
+    def _wait(self, w: _Worker, slot: _Slot) -> tuple[str, Any]:
+        """The slice's reply: one waiting thread at a time reads the process's socket
+        (the GIL released while it waits) and hands each reply to the head of the queue."""
+        with w.changed:
+            while slot.reply is None:
+                if w.reading:
+                    w.changed.wait()
+                    continue
+                w.reading = True
+                try:
+                    w.changed.release()
+                    try:
+                        self._read_one(w)
+                    finally:
+                        w.changed.acquire()
+                finally:
+                    w.reading = False
+                    w.changed.notify_all()
+            return slot.reply
+
+    def _read_one(self, w: _Worker) -> None:
+        """Read one reply (the caller is the only reader), or replace a crashed process."""
         try:
             data = w.conn.recv_bytes()
-        except (EOFError, OSError) as exc:
-            w.broken = True
-            raise _Crashed from exc
-        w.awaited = False
-        return pickle.loads(data)  # type: ignore[no-any-return]
+        except (EOFError, OSError):
+            self._replace(w)
+            return
+        with w.changed:
+            head = w.queue.popleft()
+            w.queued_items -= head.items
+        try:
+            reply = pickle.loads(data)
+        except Exception as exc:  # noqa: BLE001 - the slice's caller raises it
+            reply = ("err", exc)
+        with w.changed:
+            head.reply = reply
+
+    def _replace(self, w: _Worker) -> None:
+        """A fresh process in place of one that crashed, sent every slice still queued
+        on the old one, in order; a slice sent ``retries`` times already gets Unavailable."""
+        with w.send_lock:
+            _stop(w.process, w.conn, wait_s=0.0)
+            with w.changed:
+                for s in w.queue:
+                    s.tries += 1
+                    if s.tries > self.retries:
+                        s.reply = ("err", Unavailable(
+                            f"the coder processes crashed {s.tries} times in a row; giving "
+                            "up on this batch"))
+                w.queue = deque(s for s in w.queue if s.reply is None)
+                w.queued_items = sum(s.items for s in w.queue)
+                again = list(w.queue)
+            w.process, w.conn = self._spawn()
+            w.known = set()
+            self.replaced += 1
+            for s in again:
+                self._write(w, s)
 
     # -- the processes ------------------------------------------------------------------
-    def _checkout(self, want: int) -> list[_Worker]:
-        """At least one process, up to ``want`` of those idle now; dead ones replaced."""
-        with self._idle_changed:
-            while not self._idle:
-                if self._closed:
-                    raise Unavailable("the coder pool is closed")
-                self._idle_changed.wait()
-            if self._closed:
-                raise Unavailable("the coder pool is closed")
-            taken, self._idle = self._idle[:want], self._idle[want:]
-        return [self._replace(w) if w.broken or not w.process.is_alive() else w
-                for w in taken]
-
-    def _leave(self) -> None:
-        with self._idle_changed:
-            self._callers -= 1
-
-    def _checkin(self, workers: list[_Worker]) -> None:
-        for w in workers:
-            w.broken = w.broken or w.awaited
-        with self._idle_changed:
-            self._idle += workers
-            self._idle_changed.notify_all()
-
-    def _replace(self, dead: _Worker) -> _Worker:
-        """A fresh process in place of one that crashed (the caller holds it checked out)."""
-        _stop(dead, wait_s=0.0)
-        fresh = self._start()
-        with self._idle_changed:
-            self._all = [fresh if w is dead else w for w in self._all]
-            self.replaced += 1
-        return fresh
-
     def close(self) -> None:
         """Stop the processes once the calls running now have finished."""
-        with self._idle_changed:
+        with self._calls_changed:
             self._closed = True
-            while len(self._idle) < len(self._all):
-                self._idle_changed.wait()
-            workers, self._idle = self._all, []
-        for w in workers:
+            while self._calls:
+                self._calls_changed.wait()
+        for w in self._workers:
             with contextlib.suppress(OSError):
                 w.conn.send_bytes(pickle.dumps(("stop", "", None, ())))
-        for w in workers:
-            _stop(w, wait_s=5.0)
+        for w in self._workers:
+            _stop(w.process, w.conn, wait_s=5.0)
 
     def __enter__(self) -> CoderPool:
         return self
@@ -401,13 +419,13 @@ def _joined(parts: list[tuple[np.ndarray, dict[int, CorruptCode], list[int]]], s
     return joined, errors, unmatched
 
 
-def _stop(w: _Worker, *, wait_s: float) -> None:
+def _stop(process: Any, conn: Any, *, wait_s: float) -> None:
     """Join a process (killing it if it outlives ``wait_s``) and close its socket."""
-    w.process.join(wait_s)
-    if w.process.is_alive():
-        w.process.kill()
-        w.process.join()
-    w.conn.close()
+    process.join(wait_s)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    conn.close()
 
 
 def _widen(conn: Any) -> None:
