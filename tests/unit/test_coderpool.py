@@ -293,3 +293,18 @@ def test_a_crash_with_two_calls_queued_redoes_both(inline: Pipeline) -> None:
             t.join()
         assert [got[0], got[1]] == want
         assert pool.replaced == 1 and victim not in pool.pids()
+
+
+def test_a_read_cut_short_replaces_the_process_before_the_next(inline: Pipeline) -> None:
+    """After a read that an exception cut off mid-message (marked on the process), the
+    next reader does not trust the stream: a fresh process codes the queue again."""
+    with CoderPool(1, min_batch=1) as pool:
+        pipe = Pipeline(GOLDEN, ONE_THREAD, coder_pool=pool)
+        codec = pipe.codec("golden-ae:1")
+        symbols = symbols_for(codec, 50, seed=8)
+        want = inline.codec("golden-ae:1").encode(symbols)
+        assert codec.encode(symbols) == want
+        before = pool.pids()
+        pool._workers[0].cut_short = True
+        assert codec.encode(symbols) == want
+        assert pool.replaced == 1 and pool.pids() != before

@@ -194,6 +194,9 @@ class _Worker:
         self.queue: deque[_Slot] = deque()
         self.queued_items = 0
         self.reading = False  # a thread is reading this process's socket now
+        # A read was cut short (an exception mid-message): the stream may be out of step,
+        # so the next reader replaces the process (and resends the queue) first.
+        self.cut_short = False
 
 
 class CoderPool:
@@ -354,11 +357,18 @@ class CoderPool:
 
     def _read_one(self, w: _Worker) -> None:
         """Read one reply (the caller is the only reader), or replace a crashed process."""
+        if w.cut_short:
+            w.cut_short = False
+            self._replace(w)
+            return
         try:
             data = w.conn.recv_bytes()
         except (EOFError, OSError):
             self._replace(w)
             return
+        except BaseException:
+            w.cut_short = True
+            raise
         with w.changed:
             head = w.queue.popleft()
             w.queued_items -= head.items
