@@ -252,10 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="*", default=["mnist-ae-q3:1", "mnist-vqvae:1"])
     p.add_argument("--lanes", action="store_true",
                    help="only the lanes figures: 1 vs 2 compute lanes, inline vs CoderPool")
+    p.add_argument("--lane-images", type=int, default=16384,
+                   help="images per setup and round in --lanes (the symbols tiled)")
     args = p.parse_args(argv)
     if args.lanes:
         print_lanes(args.repo, load_validation(args.data, args.limit), args.models,
-                    rounds=args.repeat)
+                    rounds=args.repeat, total=args.lane_images)
         return 0
     images = load_validation(args.data, args.limit)
     pipe = Pipeline(args.repo, EngineConfig(provider="cpu", intra_op_threads=1))
@@ -296,7 +298,8 @@ LANE_SETUPS = ("inline_1", "inline_2", "pool_1", "pool_2")
 
 def lanes_rounds(repo: str, images: np.ndarray, name: str, *, batch: int, total: int,
                  rounds: int, processes: int = 2) -> list[dict[str, float]]:
-    """Per round, codec-stage images/s (encode + decode of kinds 1/2, networks excluded:
+    """Per round, codec-stage images/s (encode + decode of kinds 1/2 as the service and
+    the worker run them: ``LatentCodec.encode`` and ``reconstruct_staged``, networks excluded:
     the symbols are computed once, tiled to ``total`` images) of 1 and 2 compute lanes
     (threads), inline and with a CoderPool of ``processes``. A round runs every setup
     once, one after the other, so a round's ratios share the machine's load."""
@@ -311,10 +314,14 @@ def lanes_rounds(repo: str, images: np.ndarray, name: str, *, batch: int, total:
     kind = "vq_static" if inline.codec(name).static is not None else None
     batches = [symbols[i:i + batch] for i in range(0, len(symbols), batch)]
 
-    def stage(codec: LatentCodec, lanes: int, row: dict[str, float], setup: str) -> None:
+    def stage(pipe: Pipeline, lanes: int, row: dict[str, float], setup: str) -> None:
+        codec = pipe.codec(name)
+
         def lane(k: int) -> None:
+            # The service's coder halves: LatentCodec.encode (compress_staged's second
+            # half) and reconstruct_staged's first (codes -> symbols, no decoder network).
             for b in batches[k::lanes]:
-                codec.decode(codec.encode(b, kind=kind))
+                pipe.reconstruct_staged(codec.encode(b, kind=kind))
         threads = [threading.Thread(target=lane, args=(k,)) for k in range(lanes)]
         pids = codec.pool.pids() if codec.pool is not None else []
         cpu = time.process_time(), children_cpu(pids)
@@ -333,13 +340,13 @@ def lanes_rounds(repo: str, images: np.ndarray, name: str, *, batch: int, total:
     out = []
     with CoderPool(processes, min_batch=64) as pool:
         pooled = Pipeline(repo, engine, coder_pool=pool)
-        stage(pooled.codec(name), 2, {}, "warm")  # every process builds its tables
+        stage(pooled, 2, {}, "warm")  # every process builds its tables
         for _ in range(rounds):
             row: dict[str, float] = {}
-            stage(inline.codec(name), 1, row, "inline_1")
-            stage(inline.codec(name), 2, row, "inline_2")
-            stage(pooled.codec(name), 1, row, "pool_1")
-            stage(pooled.codec(name), 2, row, "pool_2")
+            stage(inline, 1, row, "inline_1")
+            stage(inline, 2, row, "inline_2")
+            stage(pooled, 1, row, "pool_1")
+            stage(pooled, 2, row, "pool_2")
             out.append(row)
     return out
 
@@ -381,7 +388,7 @@ def machine_ceiling(n: int = 3_000_000) -> float:
 
 
 def print_lanes(repo: str, images: np.ndarray, names: list[str], *,
-                batches: tuple[int, ...] = (256, 512, 1024), total: int = 4096,
+                batches: tuple[int, ...] = (256, 512, 1024), total: int = 16384,
                 rounds: int = 5) -> None:
     """The lanes table: per model and batch size, each setup's images/s and its ratio to
     1 lane inline in the same round (median [min..max] over ``rounds``)."""

@@ -195,3 +195,116 @@ def test_the_pools_canonical_check_reports_a_longer_payload_by_its_index(
     assert [i for i, r in enumerate(got) if isinstance(r, CorruptCode)] == [4]
     assert np.array_equal(np.stack([got[i] for i in range(9) if i != 4]),  # type: ignore[misc]
                           symbols[[i for i in range(9) if i != 4]])
+
+
+def _same(a: list[object], b: list[object]) -> bool:
+    """Per item the same image, or a refusal of the same type and words."""
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, np.ndarray) and isinstance(y, np.ndarray):
+            if not np.array_equal(x, y):
+                return False
+        elif type(x) is not type(y) or str(x) != str(y):
+            return False
+    return True
+
+
+@pytest.mark.parametrize(("model", "kind"), [("golden-ae:1", None),
+                                             ("golden-vqvae:1", "vq_static")])
+def test_reconstruct_reads_the_headers_in_the_processes(
+        inline: Pipeline, pooled: Pipeline, pool: CoderPool, model: str, kind: str | None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Codes of one head go to the processes whole (headers read and checksums verified
+    there): the same images and refusals as inline, a changed byte refused with
+    inline's words at its index, the processes' zero-byte refusal at its own."""
+    from latentserve.worker.codec.codes import pack, parse_header
+
+    calls: list[int] = []
+    real = pool.decode_codes
+    monkeypatch.setattr(pool, "decode_codes",
+                        lambda spec, codes, state: calls.append(len(codes)) or real(
+                            spec, codes, state))
+    codec = pooled.codec(model)
+    codes = codec.encode(symbols_for(codec, 37, seed=21), kind=kind)
+    codes[5] = codes[5][:-1] + bytes([codes[5][-1] ^ 0x40])  # checksum no longer matches
+    p = parse_header(codes[30])
+    codes[30] = pack(codec.manifest.digest, p.kind, p.payload + b"\0")
+    got, want = pooled.reconstruct_each(codes), inline.reconstruct_each(codes)
+    assert calls == [37]
+    assert _same(got, want)  # type: ignore[arg-type]
+    assert isinstance(got[5], CorruptCode) and "checksum mismatch" in str(got[5])
+    assert isinstance(got[30], CorruptCode) and "zero byte" in str(got[30])
+    assert [i for i, r in enumerate(got) if not isinstance(r, np.ndarray)] == [5, 30]
+    with pytest.raises(CorruptCode, match="^code 5 of 37: checksum mismatch"):
+        pooled.reconstruct(codes)
+
+
+def test_reconstruct_of_mixed_or_foreign_codes_goes_the_ordinary_way(
+        inline: Pipeline, pooled: Pipeline) -> None:
+    """Codes of two models, a model named that did not make them, a truncated code:
+    each refused or decoded exactly as inline."""
+    ae, vq = pooled.codec("golden-ae:1"), pooled.codec("golden-vqvae:1")
+    codes = (ae.encode(symbols_for(ae, 6, seed=1))
+             + vq.encode(symbols_for(vq, 5, seed=2), kind="vq_static"))
+    assert _same(pooled.reconstruct_each(codes), inline.reconstruct_each(codes))  # type: ignore[arg-type]
+    only_ae = ae.encode(symbols_for(ae, 8, seed=3))
+    assert _same(pooled.reconstruct_each(only_ae, "golden-vqvae:1"),  # type: ignore[arg-type]
+                 inline.reconstruct_each(only_ae, "golden-vqvae:1"))
+    only_ae[2] = only_ae[2][:5]
+    assert _same(pooled.reconstruct_each(only_ae), inline.reconstruct_each(only_ae))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [99, 10**6])
+def test_symbols_off_the_tables_are_refused_in_inlines_words(
+        inline: Pipeline, pooled: Pipeline, bad: int) -> None:
+    """The processes check the symbols (a value the wire type holds) or the caller does
+    (one it does not): either way the words of inline coding, for the whole batch."""
+    from latentserve.errors import InvalidInput
+
+    codec = pooled.codec("golden-ae:1")
+    symbols = symbols_for(codec, 40, seed=4)
+    symbols[33, 0, 0, 0] = bad  # in the second slice
+    with pytest.raises(InvalidInput) as want:
+        inline.codec("golden-ae:1").encode(symbols)
+    with pytest.raises(InvalidInput) as got:
+        codec.encode(symbols)
+    assert str(got.value) == str(want.value)
+
+
+def test_a_crash_with_two_calls_queued_redoes_both(inline: Pipeline) -> None:
+    """Two threads' slices queued on one process; it is killed: a fresh process gets
+    both again, each thread its own codes, once."""
+    import threading
+
+    with CoderPool(1, min_batch=1) as pool:
+        pipe = Pipeline(GOLDEN, ONE_THREAD, coder_pool=pool)
+        codec = pipe.codec("golden-ae:1")
+        inputs = [symbols_for(codec, 12_000, seed=40 + k) for k in range(2)]
+        want = [inline.codec("golden-ae:1").encode(s) for s in inputs]
+        assert codec.encode(inputs[0][:2]) == want[0][:2]
+        victim = pool.pids()[0]
+        got: dict[int, list[bytes]] = {}
+        threads = [threading.Thread(target=lambda k=k: got.__setitem__(k, codec.encode(inputs[k])))
+                   for k in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.05)
+        os.kill(victim, signal.SIGKILL)
+        for t in threads:
+            t.join()
+        assert [got[0], got[1]] == want
+        assert pool.replaced == 1 and victim not in pool.pids()
+
+
+def test_a_read_cut_short_replaces_the_process_before_the_next(inline: Pipeline) -> None:
+    """After a read that an exception cut off mid-message (marked on the process), the
+    next reader does not trust the stream: a fresh process codes the queue again."""
+    with CoderPool(1, min_batch=1) as pool:
+        pipe = Pipeline(GOLDEN, ONE_THREAD, coder_pool=pool)
+        codec = pipe.codec("golden-ae:1")
+        symbols = symbols_for(codec, 50, seed=8)
+        want = inline.codec("golden-ae:1").encode(symbols)
+        assert codec.encode(symbols) == want
+        before = pool.pids()
+        pool._workers[0].cut_short = True
+        assert codec.encode(symbols) == want
+        assert pool.replaced == 1 and pool.pids() != before

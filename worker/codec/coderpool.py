@@ -4,10 +4,17 @@ constriction keeps the GIL while it codes (two threads coding at once run at 0.8
 one), so compute threads alone code on one core. ``CoderPool(processes)`` keeps that many
 processes, each holding the fixed tables (``entropy.FactorizedTables`` /
 ``StaticTables``) of the models it has been sent, built once per process. A batch is
-cut into one slice per idle process and the results are put back in request order; a
-batch smaller than ``min_batch`` is coded inline, since a process hop would cost a
-one-image request more than its coding. A crashed process is replaced and every slice it
-had not returned is coded again (``retries`` times), so no work is lost or doubled: the
+cut into one slice per process (the least loaded first), and the results are put back
+in request order; a batch smaller than ``min_batch`` is coded inline, since a process
+hop would cost a one-image request more than its coding. The processes do the whole
+per-image job, so the caller's thread does almost none of it: encoding, the symbols'
+table check, the payloads, headers and CRCs; decoding (``decode_codes``), the headers
+read from whole codes, the checksums verified, the payloads decoded into one narrow
+array. Slices queue on their process and its replies come back in send order, read by
+whichever waiting thread gets there first and handed to the slice they answer, so calls
+at once keep every process busy: while one call's thread does its own Python, the
+processes code the other call's slices. A crashed process is replaced and every slice
+queued on it is sent again (``retries`` times), so no work is lost or doubled: the
 caller only ever sees one result per item. kind 3 stays in the calling process: its
 tables come from the prior network, which releases the GIL anyway.
 
@@ -16,9 +23,10 @@ Why not ``concurrent.futures.ProcessPoolExecutor`` (measured, bench/codec_speed.
 feeder), each needing the GIL, so a no-op call took 0.33 ms against 0.03 ms for one
 pipe round trip, and much longer while another lane ran Python; slices of one call
 could land on one process; and every call pickled the model's tables spec again. Here
-the calling thread writes to and reads from each process's own socket (waiting
-releases the GIL), a process gets a model's spec once, and symbols cross as the
-narrowest integer type their tables allow (4x fewer bytes for ae/vae latents).
+the calling threads write to and read from each process's own socket (waiting releases
+the GIL), a process gets a model's spec once, and symbols cross as the narrowest
+integer type their tables allow (4x fewer bytes for ae/vae latents). Pickling and the
+socket cost ~0.1 us an image (measured in process); shared memory would save little.
 """
 
 from __future__ import annotations
@@ -31,8 +39,10 @@ import pickle
 import signal
 import socket
 import threading
+import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -81,9 +91,12 @@ class TableSpec:
 # -- the worker process side ------------------------------------------------------------
 
 def _encode(tables: FactorizedTables | StaticTables, symbols: np.ndarray,
-            pack_as: tuple[str, int] | None = None) -> list[bytes]:
+            pack_as: tuple[str, int] | None = None, check: bool = False) -> list[bytes]:
     """Payloads, or with ``pack_as`` (manifest digest, kind id) finished codes: the
-    header and its CRC made here, not in the caller's thread."""
+    header and its CRC made here, not in the caller's thread. ``check``: the tables'
+    support check first (InvalidInput), also taken off the caller's thread."""
+    if check:
+        tables.check(symbols)
     payloads = tables.encode_batch(symbols)
     if pack_as is None:
         return payloads
@@ -97,18 +110,34 @@ def _decode(tables: FactorizedTables | StaticTables, payloads: list[bytes], cano
             dtype: np.dtype) -> tuple[np.ndarray, dict[int, CorruptCode]]:
     """One stacked array back (rows of refused payloads zero) and the refusals by index:
     one narrow array instead of one int32 array per image keeps the hop cheap."""
-    results = tables.decode_batch(payloads, canonical=canonical)
-    out = np.zeros((len(payloads), *tables.shape), dtype)
-    errors: dict[int, CorruptCode] = {}
-    for i, r in enumerate(results):
-        if isinstance(r, CorruptCode):
-            errors[i] = r
-        else:
-            out[i] = r
+    out, errors = tables.decode_stacked(payloads, canonical=canonical)
+    out = out.astype(dtype)
+    for i in errors:
+        out[i] = 0
     return out, errors
 
 
-_OPS: dict[str, Callable[..., Any]] = {"encode": _encode, "decode": _decode}
+def _decode_codes(tables: FactorizedTables | StaticTables, codes: list[bytes], state: int,
+                  dtype: np.dtype) -> tuple[np.ndarray, dict[int, CorruptCode], list[int]]:
+    """Whole version-1 codes of one head (checked by the caller: >= 7 bytes, the same
+    bytes 0..3), their checksums verified here from ``state`` (the CRC every code of
+    that head continues over its payload): ``_decode``'s answer, plus the indices whose
+    checksum does not match (rows zero, no refusal: the caller names why)."""
+    from latentserve.worker.codec.codes import HEADER_SIZE  # codes imports this module
+
+    crc32, take = zlib.crc32, int.from_bytes
+    payloads = [c[HEADER_SIZE:] for c in codes]
+    unmatched = [i for i, (c, p) in enumerate(zip(codes, payloads, strict=True))
+                 if crc32(p, state) & 0xFFFFFF != take(c[4:HEADER_SIZE], "big")]
+    out, errors = _decode(tables, payloads, False, dtype)
+    for i in unmatched:
+        errors.pop(i, None)
+        out[i] = 0
+    return out, errors, unmatched
+
+
+_OPS: dict[str, Callable[..., Any]] = {"encode": _encode, "decode": _decode,
+                                       "decode_codes": _decode_codes}
 
 
 def _serve(conn: Any) -> None:
@@ -140,25 +169,43 @@ def _serve(conn: Any) -> None:
 # -- the parent side --------------------------------------------------------------------
 
 @dataclass(eq=False)
+class _Slot:
+    """One slice of a call, queued on one process: its request, later its reply."""
+
+    op: str
+    spec: TableSpec
+    args: tuple[Any, ...]
+    items: int
+    tries: int = 0  # how many times it was sent again to a fresh process
+    reply: tuple[str, Any] | None = None
+
+
 class _Worker:
-    process: Any
-    conn: Any
-    known: set[str] = field(default_factory=set)  # keys whose spec this process has
-    awaited: bool = False  # sent a slice, reply not read yet
-    # Replace before the next use: the socket failed, or a call ended before reading a
-    # reply (which would otherwise answer the next call).
-    broken: bool = False
+    """One coding process and the slices queued on it. Its replies come back in the
+    order the slices were sent, so whichever waiting thread reads a reply hands it to
+    the slice at the head of the queue (its own or another call's)."""
 
-
-class _Crashed(Exception):
-    """The process died (or its socket broke) before it answered."""
+    def __init__(self, process: Any, conn: Any) -> None:
+        self.process = process
+        self.conn = conn
+        self.known: set[str] = set()  # keys whose spec this process has been sent
+        self.send_lock = threading.Lock()  # sends and replacements, one at a time
+        self.changed = threading.Condition()  # the queue, and who reads
+        self.queue: deque[_Slot] = deque()
+        self.queued_items = 0
+        self.reading = False  # a thread is reading this process's socket now
+        # A read was cut short (an exception mid-message): the stream may be out of step,
+        # so the next reader replaces the process (and resends the queue) first.
+        self.cut_short = False
 
 
 class CoderPool:
     """Worker processes that code kinds 1 and 2; thread-safe, results in request order.
 
     ``min_batch``: smaller batches are coded inline (``wants``); ``min_slice``: a batch
-    is cut into at most ``n // min_slice`` slices, one per process idle at the time.
+    is cut into at most ``n // min_slice`` slices, one per process (the least loaded
+    first). Slices queue on their process, so calls at once keep every process busy:
+    while one call's thread does its own Python, the processes code the other's slices.
     """
 
     def __init__(self, processes: int, *, min_batch: int = 64, min_slice: int = 16,
@@ -171,14 +218,13 @@ class CoderPool:
         self.retries = retries
         # spawn: the service and the worker run threads (gRPC, Redis); forking them is unsafe.
         self._context: Any = multiprocessing.get_context(start_method)
-        self._idle_changed = threading.Condition()
+        self._calls_changed = threading.Condition()
         self._closed = False
-        self._callers = 0  # calls in _run now (each takes its share of the processes)
+        self._calls = 0  # calls in _run now (close waits for them)
         self.replaced = 0  # how many crashed processes were replaced (for tests, metrics)
-        self._idle = [self._start() for _ in range(processes)]
-        self._all = list(self._idle)
+        self._workers = [_Worker(*self._spawn()) for _ in range(processes)]
 
-    def _start(self) -> _Worker:
+    def _spawn(self) -> tuple[Any, Any]:
         parent, child = self._context.Pipe(duplex=True)
         for conn in (parent, child):
             _widen(conn)
@@ -186,7 +232,7 @@ class CoderPool:
                                         name="latentserve-coder")
         process.start()
         child.close()
-        return _Worker(process, parent)
+        return process, parent
 
     def wants(self, n: int) -> bool:
         """Whether a batch of ``n`` items is worth the process hop."""
@@ -194,149 +240,178 @@ class CoderPool:
 
     def pids(self) -> list[int]:
         """The current processes' ids."""
-        with self._idle_changed:
-            return sorted(w.process.pid for w in self._all)
+        return sorted(w.process.pid for w in self._workers)
 
     def encode(self, spec: TableSpec, symbols: np.ndarray, *,
-               pack_as: tuple[str, int] | None = None) -> list[bytes]:
-        """Checked symbols (N, *latent_shape) -> one payload each, in order; with
-        ``pack_as`` (manifest digest, kind id) one finished version-1 code each
-        (``codes.pack``, done in the processes)."""
+               pack_as: tuple[str, int] | None = None, check: bool = False) -> list[bytes]:
+        """Symbols (N, *latent_shape) -> one payload each, in order; with ``pack_as``
+        (manifest digest, kind id) one finished version-1 code each (``codes.pack``,
+        done in the processes). ``check``: the processes check the symbols against the
+        tables (InvalidInput from the first slice that fails); without it they must be
+        checked already. Either way they must fit ``spec.wire_dtype``."""
         wire = symbols.astype(spec.wire_dtype, copy=False)
-        parts = self._run(spec, "encode", len(symbols), lambda a, b: (wire[a:b], pack_as))
+        parts = self._run(spec, "encode", len(symbols),
+                          lambda a, b: (wire[a:b], pack_as, check))
         return [p for part in parts for p in part]
 
     def decode(self, spec: TableSpec, payloads: Sequence[bytes], *,
                canonical: bool = True) -> list[np.ndarray | CorruptCode]:
         """Payloads -> per payload its symbols or the CorruptCode that refused it, in order."""
+        symbols, errors = self.decode_stacked(spec, payloads, canonical=canonical)
+        return [errors.get(i, row) for i, row in enumerate(symbols)]
+
+    def decode_stacked(self, spec: TableSpec, payloads: Sequence[bytes], *,
+                       canonical: bool = True) -> tuple[np.ndarray, dict[int, CorruptCode]]:
+        """Payloads -> their symbols as one int32 array (N, *latent_shape), rows of
+        refused payloads zero, and the refusals by index."""
         dtype = spec.wire_dtype
         parts = self._run(spec, "decode", len(payloads),
                           lambda a, b: (list(payloads[a:b]), canonical, dtype))
-        out: list[np.ndarray | CorruptCode] = []
-        for symbols, errors in parts:
-            rows = symbols.astype(np.int32)
-            out += [errors.get(i, row) for i, row in enumerate(rows)]
-        return out
+        symbols, errors, _ = _joined([(s, e, []) for s, e in parts], spec)
+        return symbols, errors
+
+    def decode_codes(self, spec: TableSpec, codes: Sequence[bytes], state: int
+                     ) -> tuple[np.ndarray, dict[int, CorruptCode], list[int]]:
+        """Whole version-1 codes that all share bytes 0..3 (format, kind, fingerprint;
+        the caller checks that, and that each has >= 7 bytes), checksums verified in the
+        processes (``state``: CRC32 of the manifest digest and those 4 bytes) ->
+        (symbols as in ``decode_stacked``, the refusals by index, the indices whose
+        checksum does not match, rows zero, for the caller to name why)."""
+        dtype = spec.wire_dtype
+        parts = self._run(spec, "decode_codes", len(codes),
+                          lambda a, b: (list(codes[a:b]), state, dtype))
+        return _joined(parts, spec)
 
     # -- running slices -----------------------------------------------------------------
     def _run(self, spec: TableSpec, op: str, n: int, args_of: Any) -> list[Any]:
-        """Every slice's result, in order; slices lost to a crashed process run again.
-
-        A call takes its share of the processes (all of them when it is the only one):
-        two lanes calling at once get one process each, so each lane's own work (checks,
-        headers) overlaps the other's coding instead of waiting for both processes.
-        """
-        with self._idle_changed:
-            self._callers += 1
-            share = -(-self.processes // self._callers)
+        """Every slice's result, in order; slices lost to a crashed process run again."""
+        with self._calls_changed:
+            if self._closed:
+                raise Unavailable("the coder pool is closed")
+            self._calls += 1
         try:
-            workers = self._checkout(max(1, min(share, n // self.min_slice)))
-        except BaseException:
-            self._leave()
-            raise
-        try:
-            edges = [n * i // len(workers) for i in range(len(workers) + 1)]
-            slices = [args_of(a, b) for a, b in itertools.pairwise(edges)]
-            sent: list[bool] = []
-            # every process starts before any is read
-            for w, args in zip(workers, slices, strict=True):
-                sent.append(self._send(w, spec, op, args))
-            results: list[tuple[str, Any]] = []
-            for i, args in enumerate(slices):
-                results.append(self._answer(workers, i, spec, op, args, sent[i]))
+            k = max(1, min(self.processes, n // self.min_slice))
+            # The least loaded processes, sent to in one fixed order: a thread blocked
+            # writing to a process (its socket full) then never waits on a thread that
+            # is blocked writing to one earlier in the order, so some thread always reads.
+            chosen = set(sorted(self._workers, key=lambda w: w.queued_items)[:k])
+            workers = [w for w in self._workers if w in chosen]
+            edges = [n * i // k for i in range(k + 1)]
+            slots = []
+            # every slice is sent before any reply is read
+            for w, (a, b) in zip(workers, itertools.pairwise(edges), strict=True):
+                slot = _Slot(op, spec, args_of(a, b), b - a)
+                self._send(w, slot)
+                slots.append((w, slot))
+            results = [self._wait(w, slot) for w, slot in slots]
         finally:
-            self._checkin(workers)
-            self._leave()
+            with self._calls_changed:
+                self._calls -= 1
+                self._calls_changed.notify_all()
         for status, value in results:
             if status == "err":
                 raise value
         return [value for _, value in results]
 
-    def _answer(self, workers: list[_Worker], i: int, spec: TableSpec, op: str,
-                args: tuple[Any, ...], sent: bool) -> tuple[str, Any]:
-        """Slice ``i``'s reply, replacing its process and sending it again after a crash."""
-        for _ in range(self.retries + 1):
-            if not sent:
-                workers[i] = self._replace(workers[i])
-                sent = self._send(workers[i], spec, op, args)
-                if not sent:
-                    continue
-            try:
-                return self._receive(workers[i])
-            except _Crashed:
-                sent = False
-        raise Unavailable(f"the coder processes crashed {self.retries + 1} times in a row; "
-                          "giving up on this batch")
+    def _send(self, w: _Worker, slot: _Slot) -> None:
+        """Queue a slice on a process (a dead one's queue is sent again when its crash
+        is read)."""
+        with w.send_lock:
+            with w.changed:
+                w.queue.append(slot)
+                w.queued_items += slot.items
+            self._write(w, slot)
 
-    def _send(self, w: _Worker, spec: TableSpec, op: str, args: tuple[Any, ...]) -> bool:
-        """Hand a slice to a process; False if it is already gone."""
-        first = spec.key not in w.known
-        data = pickle.dumps((op, spec.key, spec if first else None, args), protocol=5)
+    @staticmethod
+    def _write(w: _Worker, slot: _Slot) -> None:
+        """Write a slice to the process (the caller holds ``w.send_lock``); a process
+        gets a model's spec with its first slice."""
+        first = slot.spec.key not in w.known
+        data = pickle.dumps((slot.op, slot.spec.key, slot.spec if first else None,
+                             slot.args), protocol=5)
         try:
             w.conn.send_bytes(data)
         except OSError:
-            w.broken = True
-            return False
-        w.known.add(spec.key)  # its reply, or its crash (a fresh process), comes first
-        w.awaited = True
-        return True
+            return  # gone: the reader sees it and sends the queue to a fresh process
+        w.known.add(slot.spec.key)
 
-    @staticmethod
-    def _receive(w: _Worker) -> tuple[str, Any]:
+    def _wait(self, w: _Worker, slot: _Slot) -> tuple[str, Any]:
+        """The slice's reply: one waiting thread at a time reads the process's socket
+        (the GIL released while it waits) and hands each reply to the head of the queue."""
+        with w.changed:
+            while slot.reply is None:
+                if w.reading:
+                    w.changed.wait()
+                    continue
+                w.reading = True
+                try:
+                    w.changed.release()
+                    try:
+                        self._read_one(w)
+                    finally:
+                        w.changed.acquire()
+                finally:
+                    w.reading = False
+                    w.changed.notify_all()
+            return slot.reply
+
+    def _read_one(self, w: _Worker) -> None:
+        """Read one reply (the caller is the only reader), or replace a crashed process."""
+        if w.cut_short:
+            w.cut_short = False
+            self._replace(w)
+            return
         try:
             data = w.conn.recv_bytes()
-        except (EOFError, OSError) as exc:
-            w.broken = True
-            raise _Crashed from exc
-        w.awaited = False
-        return pickle.loads(data)  # type: ignore[no-any-return]
+        except (EOFError, OSError):
+            self._replace(w)
+            return
+        except BaseException:
+            w.cut_short = True
+            raise
+        with w.changed:
+            head = w.queue.popleft()
+            w.queued_items -= head.items
+        try:
+            reply = pickle.loads(data)
+        except Exception as exc:  # noqa: BLE001 - the slice's caller raises it
+            reply = ("err", exc)
+        with w.changed:
+            head.reply = reply
+
+    def _replace(self, w: _Worker) -> None:
+        """A fresh process in place of one that crashed, sent every slice still queued
+        on the old one, in order; a slice sent ``retries`` times already gets Unavailable."""
+        with w.send_lock:
+            _stop(w.process, w.conn, wait_s=0.0)
+            with w.changed:
+                for s in w.queue:
+                    s.tries += 1
+                    if s.tries > self.retries:
+                        s.reply = ("err", Unavailable(
+                            f"the coder processes crashed {s.tries} times in a row; giving "
+                            "up on this batch"))
+                w.queue = deque(s for s in w.queue if s.reply is None)
+                w.queued_items = sum(s.items for s in w.queue)
+                again = list(w.queue)
+            w.process, w.conn = self._spawn()
+            w.known = set()
+            self.replaced += 1
+            for s in again:
+                self._write(w, s)
 
     # -- the processes ------------------------------------------------------------------
-    def _checkout(self, want: int) -> list[_Worker]:
-        """At least one process, up to ``want`` of those idle now; dead ones replaced."""
-        with self._idle_changed:
-            while not self._idle:
-                if self._closed:
-                    raise Unavailable("the coder pool is closed")
-                self._idle_changed.wait()
-            if self._closed:
-                raise Unavailable("the coder pool is closed")
-            taken, self._idle = self._idle[:want], self._idle[want:]
-        return [self._replace(w) if w.broken or not w.process.is_alive() else w
-                for w in taken]
-
-    def _leave(self) -> None:
-        with self._idle_changed:
-            self._callers -= 1
-
-    def _checkin(self, workers: list[_Worker]) -> None:
-        for w in workers:
-            w.broken = w.broken or w.awaited
-        with self._idle_changed:
-            self._idle += workers
-            self._idle_changed.notify_all()
-
-    def _replace(self, dead: _Worker) -> _Worker:
-        """A fresh process in place of one that crashed (the caller holds it checked out)."""
-        _stop(dead, wait_s=0.0)
-        fresh = self._start()
-        with self._idle_changed:
-            self._all = [fresh if w is dead else w for w in self._all]
-            self.replaced += 1
-        return fresh
-
     def close(self) -> None:
         """Stop the processes once the calls running now have finished."""
-        with self._idle_changed:
+        with self._calls_changed:
             self._closed = True
-            while len(self._idle) < len(self._all):
-                self._idle_changed.wait()
-            workers, self._idle = self._all, []
-        for w in workers:
+            while self._calls:
+                self._calls_changed.wait()
+        for w in self._workers:
             with contextlib.suppress(OSError):
                 w.conn.send_bytes(pickle.dumps(("stop", "", None, ())))
-        for w in workers:
-            _stop(w, wait_s=5.0)
+        for w in self._workers:
+            _stop(w.process, w.conn, wait_s=5.0)
 
     def __enter__(self) -> CoderPool:
         return self
@@ -345,13 +420,30 @@ class CoderPool:
         self.close()
 
 
-def _stop(w: _Worker, *, wait_s: float) -> None:
+def _joined(parts: list[tuple[np.ndarray, dict[int, CorruptCode], list[int]]], spec: TableSpec
+            ) -> tuple[np.ndarray, dict[int, CorruptCode], list[int]]:
+    """Slices' (narrow symbols, refusals, unmatched) as one int32 array and indices
+    counted over the whole call."""
+    errors: dict[int, CorruptCode] = {}
+    unmatched: list[int] = []
+    at = 0
+    for symbols, errs, unm in parts:
+        errors.update((at + i, exc) for i, exc in errs.items())
+        unmatched += [at + i for i in unm]
+        at += len(symbols)
+    if not parts:
+        return np.zeros((0, *spec.latent_shape), np.int32), errors, unmatched
+    joined = np.concatenate([p[0] for p in parts]).astype(np.int32)
+    return joined, errors, unmatched
+
+
+def _stop(process: Any, conn: Any, *, wait_s: float) -> None:
     """Join a process (killing it if it outlives ``wait_s``) and close its socket."""
-    w.process.join(wait_s)
-    if w.process.is_alive():
-        w.process.kill()
-        w.process.join()
-    w.conn.close()
+    process.join(wait_s)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    conn.close()
 
 
 def _widen(conn: Any) -> None:

@@ -289,11 +289,30 @@ class LatentCodec:
                                "any-size model, and only for one")
         want = self._kind_id(kind)
         if self.pool is not None and want in self._specs and self.pool.wants(len(symbols)):
-            # Kinds 1 and 2 in the pool's processes, headers and CRCs made there too.
-            return self.pool.encode(self._specs[want], self._check_symbols(symbols, size),
-                                    pack_as=(self.manifest.digest, want))
+            return self._pool_encode(symbols, want)
         return pack_all(self.manifest.digest,
                         self.encode_payloads(symbols, kind=kind, size=size), size)
+
+    def _pool_encode(self, symbols: np.ndarray, kind: int) -> list[bytes]:
+        """Kinds 1 and 2 in the pool's processes: the table check, the coding, headers
+        and CRCs all made there; this thread checks only the shape and that the symbols
+        fit the integer type they travel in (so none can wrap on the way)."""
+        assert self.pool is not None
+        spec = self._specs[kind]
+        arr = np.asarray(symbols)
+        if arr.dtype.kind not in "iu":
+            raise InvalidInput(f"symbols must be integers, got {arr.dtype}")
+        arr = self.runtime.check_symbols(arr)
+        info = np.iinfo(spec.wire_dtype)
+        if arr.size and (int(arr.min()) < info.min or int(arr.max()) > info.max):
+            arr = self._check_symbols(arr)  # off the tables: raises, naming the values
+        try:
+            return self.pool.encode(spec, arr, pack_as=(self.manifest.digest, kind),
+                                    check=True)
+        except InvalidInput:
+            # A slice names only its own bad values: say it as inline coding would.
+            self._check_symbols(arr)
+            raise
 
     def encode_payloads(self, symbols: np.ndarray, *, kind: str | None = None,
                         size: tuple[int, int] | None = None) -> list[tuple[int, bytes]]:
@@ -496,13 +515,13 @@ class LatentCodec:
         parts: list[tuple[list[int], np.ndarray]] = []
         for kind, idx in jobs.items():
             payloads = [headers[i].payload for i in idx]  # type: ignore[union-attr]
+            errs: dict[int, CodeError] | dict[int, CorruptCode]
             if kind in (FACTORIZED, VQ_STATIC):
                 if self.pool is not None and self.pool.wants(len(payloads)):
-                    listed: list[np.ndarray | CodeError] = list(
-                        self.pool.decode(self._specs[kind], payloads, canonical=False))
-                    arr, errs = _stack(listed, m.latent_shape)
+                    arr, errs = self.pool.decode_stacked(self._specs[kind], payloads,
+                                                         canonical=False)
                 else:
-                    arr, errs = self._tables(kind, None).decode_stacked(payloads)  # type: ignore[assignment]
+                    arr, errs = self._tables(kind, None).decode_stacked(payloads)
             else:
                 decode = self._decode_prior if kind in PRIOR_KIND_IDS else self._decode_hyper
                 arr, errs = _stack(decode(payloads), m.latent_shape)
@@ -516,6 +535,33 @@ class LatentCodec:
             full[idx] = arr
         ok = [i for i in range(n) if i not in errors]
         return full[ok], ok, errors
+
+    def pooled_kind(self, head: bytes) -> TableSpec | None:
+        """The pool's table spec for version-1 codes whose bytes 0..3 are ``head``
+        (this model's fingerprint, a kind it codes in the pool); None otherwise."""
+        if (self.pool is None or len(head) != 4 or head[0] != (MAGIC << 4) | FORMAT_VERSION
+                or head[2:4] != self.manifest.fingerprint):
+            return None
+        return self._specs.get(head[1])
+
+    def decode_unparsed(self, codes: Sequence[bytes], head: bytes
+                        ) -> tuple[np.ndarray, list[int], dict[int, CodeError], list[int]]:
+        """``decode_stacked`` for version-1 codes not yet parsed, all with bytes 0..3
+        ``head`` (``pooled_kind(head)`` not None; each >= HEADER_SIZE bytes): the
+        headers read and the checksums verified in the pool's processes, not here.
+        Returns (the symbols of the codes that decode, their indices, the refusals by
+        index, the indices whose checksum does not bind them to this model, for the
+        caller to name why as ``parse_header`` + identify would)."""
+        spec = self.pooled_kind(head)
+        assert spec is not None and self.pool is not None
+        symbols, refused, unmatched = self.pool.decode_codes(
+            spec, codes, _head_crc(self.manifest.digest, head))
+        errors: dict[int, CodeError] = dict(refused)
+        if not errors and not unmatched:
+            return symbols, list(range(len(codes))), errors, unmatched
+        skip = set(errors) | set(unmatched)
+        ok = [i for i in range(len(codes)) if i not in skip]
+        return symbols[ok], ok, errors, unmatched
 
     def _decode_hyper(self, payloads: list[bytes]) -> list[np.ndarray | CodeError]:
         """Kind-5 payloads: j and z of every code, one hyper-decoder run for all of them,

@@ -25,8 +25,9 @@ call; it is thread-safe and keeps one verified ``ModelRuntime`` (and its
 from __future__ import annotations
 
 import functools
+import operator
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,7 +35,13 @@ import numpy as np
 
 from latentserve.errors import CodeError, CodeMismatch, CorruptCode, InvalidInput, ResourceLimit
 from latentserve.worker.codec.coderpool import CoderPool
-from latentserve.worker.codec.codes import Header, LatentCodec, parse_header, with_index
+from latentserve.worker.codec.codes import (
+    HEADER_SIZE,
+    Header,
+    LatentCodec,
+    parse_header,
+    with_index,
+)
 from latentserve.worker.runtime.engine import EngineConfig, ModelRuntime, canonical_temperature
 from latentserve.worker.runtime.images import DEFAULT_MAX_PIXELS
 from latentserve.worker.runtime.repository import (
@@ -232,10 +239,53 @@ class Pipeline:
         wanted = self.repository.resolve(ref) if ref is not None else None
         entries = _Entries(self.models())
         registry = _LazyRegistry(self.repository.root)
+        fast = self._decode_one_head(codes, wanted, entries, registry)
+        if fast is not None:
+            return fast
+        return self._decode_parsed(codes, range(len(codes)), wanted, entries, registry)
+
+    def _decode_one_head(self, codes: Sequence[bytes], wanted: ModelEntry | None,
+                         entries: _Entries, registry: _LazyRegistry
+                         ) -> tuple[dict[int, CodeError | ResourceLimit], list[_Pending]] | None:
+        """The coder pool's path for a batch it takes whose codes all start with the same
+        4 bytes, naming one model here and a kind the pool codes: the headers are read and
+        the checksums verified in the pool's processes, so this thread does no work per
+        code. A code whose checksum does not match goes the ordinary way (which names
+        why). None: the batch is not of that form."""
+        pool = self.coder_pool
+        if (pool is None or not pool.wants(len(codes)) or set(map(type, codes)) != {bytes}
+                or min(map(len, codes)) < HEADER_SIZE):
+            return None
+        heads = set(map(_HEAD, codes))
+        if len(heads) != 1:
+            return None
+        (head,) = heads
+        here = entries.by_fingerprint.get(head[2:4], [])
+        if len(here) != 1 or (wanted is not None
+                              and wanted.manifest.digest != here[0].manifest.digest):
+            return None
+        codec = self._codec_for(here[0])
+        if codec.pooled_kind(head) is None:
+            return None
+        symbols, ok, refused, unmatched = codec.decode_unparsed(codes, head)
+        errors: dict[int, CodeError | ResourceLimit] = dict(refused)
+        pending = [_Pending(ok, codec.runtime, symbols, None)] if ok else []
+        if unmatched:
+            more, later = self._decode_parsed(codes, unmatched, wanted, entries, registry)
+            errors.update(more)
+            pending += later
+        return errors, pending
+
+    def _decode_parsed(self, codes: Sequence[bytes], which: Iterable[int],
+                       wanted: ModelEntry | None, entries: _Entries, registry: _LazyRegistry
+                       ) -> tuple[dict[int, CodeError | ResourceLimit], list[_Pending]]:
+        """``_decode`` of the codes at indices ``which``, each header parsed and bound to
+        its model here."""
         errors: dict[int, CodeError | ResourceLimit] = {}
         groups: dict[str, tuple[ModelEntry, list[int]]] = {}
-        headers: list[Header | None] = [None] * len(codes)
-        for i, code in enumerate(codes):
+        headers: dict[int, Header] = {}
+        for i in which:
+            code = codes[i]
             try:
                 headers[i] = header = parse_header(code)
                 entry = self._identify(header, entries, registry)
@@ -262,19 +312,19 @@ class Pipeline:
             # _identify bound each header to this model's digest: no second parse.
             mine = [headers[i] for i in idx]
             if not codec.manifest.any_size:
-                symbols, ok, refused = codec.decode_stacked(mine)  # type: ignore[arg-type]
+                symbols, ok, refused = codec.decode_stacked(mine)
                 for k, refusal in refused.items():
                     errors[idx[k]] = refusal
                 if ok:
                     pending.append(_Pending([idx[k] for k in ok], codec.runtime, symbols, None))
                 continue
-            decoded = codec.decode_headers(mine)  # type: ignore[arg-type]
+            decoded = codec.decode_headers(mine)
             by_size: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
             for i, sym in zip(idx, decoded, strict=True):
                 if isinstance(sym, CodeError):
                     errors[i] = sym
                 else:  # one decoder run per image size
-                    by_size.setdefault(headers[i].size, []).append((i, sym))  # type: ignore[union-attr, arg-type]
+                    by_size.setdefault(headers[i].size, []).append((i, sym))  # type: ignore[arg-type]
             for size, group in by_size.items():
                 pending.append(_Pending([i for i, _ in group], codec.runtime,
                                         np.stack([sym for _, sym in group]), size))
@@ -334,6 +384,10 @@ def check_temperature(temperature: float) -> float:
                            f"most {MAX_TEMPERATURE:g}: higher ones only saturate the decoder; "
                            "at least float32's smallest, 1.4e-45)")
     return used
+
+
+# A code's bytes 0..3 (format, kind, fingerprint), read in C over a whole batch.
+_HEAD = operator.itemgetter(slice(0, 4))
 
 
 class _Pending(NamedTuple):
