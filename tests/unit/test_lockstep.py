@@ -1,0 +1,108 @@
+"""The lockstep batch encoder of kind 2 (worker/codec/lockstep.py) writes exactly the bytes
+of constriction's per-image coder cut by ``entropy.finish`` and of the reference coder
+(entropy_reference), carries and Python-integer cuts included."""
+
+from __future__ import annotations
+
+from collections import deque
+from unittest.mock import patch
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from latentserve.worker.codec import entropy, lockstep
+from latentserve.worker.codec import entropy_reference as ref
+from latentserve.worker.codec.entropy import RangeEncoder, StaticTables, finish_batch
+from latentserve.worker.runtime.manifest import VQStaticSpec
+from random_tables import SETTINGS, random_freqs, sample
+
+
+def per_image(tables: StaticTables, symbols: np.ndarray) -> list[bytes]:
+    """What ``StaticTables.encode_batch`` wrote before lockstep: one coder per image."""
+    coders = []
+    for row in symbols.reshape(len(symbols), -1).tolist():
+        coder = RangeEncoder()
+        deque(map(coder.encode, row, tables._models), 0)
+        coders.append(coder)
+    return finish_batch(coders)
+
+
+def static_tables(rng: np.random.Generator, positions: int, k: int,
+                  skew: bool = False) -> StaticTables:
+    if skew:  # one symbol near certain: long runs of tiny steps, many carries
+        freqs = [[int(2 ** int(rng.integers(10, 23)))] + [1] * (k - 1)
+                 for _ in range(positions)]
+    else:
+        freqs = [random_freqs(rng, k) for _ in range(positions)]
+    spec = VQStaticSpec(num_codes=k, freqs=tuple(tuple(f) for f in freqs))
+    return StaticTables(spec, (positions, 1))
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), positions=st.integers(1, 60), k=st.integers(2, 300),
+       n=st.integers(1, 80), skew=st.booleans())
+def test_lockstep_equals_per_image_coder_and_reference(seed: int, positions: int, k: int,
+                                                        n: int, skew: bool) -> None:
+    rng = np.random.default_rng(seed)
+    tables = static_tables(rng, positions, k, skew)
+    symbols = sample(rng, np.broadcast_to(tables.probs, (n, *tables.probs.shape)))
+    symbols = symbols.reshape(n, positions, 1).astype(np.int32)
+    with patch.object(entropy, "LOCKSTEP_MIN_BATCH", 1):  # lockstep at every batch size
+        fast = tables.encode_batch(symbols)
+    assert fast == per_image(tables, symbols)
+    assert fast[:3] == [ref.static_encode(tables, s) for s in symbols[:3]]
+    for s, d in zip(symbols, tables.decode_batch(fast), strict=True):
+        assert isinstance(d, np.ndarray) and np.array_equal(d, s)
+
+
+def test_carries_and_python_cuts_are_exercised_and_exact() -> None:
+    """Tables that make many carries out of the 64-bit window and many final states the
+    uint64 cut cannot decide: both go their own way, and the bytes stay the same."""
+    seen = {"carry": 0, "slow": 0}
+    carry, slow = lockstep._carry, lockstep._slow
+
+    def counting_carry(words: np.ndarray, emitted: np.ndarray, at: np.ndarray) -> None:
+        seen["carry"] += len(at)
+        carry(words, emitted, at)
+
+    def counting_slow(*args):  # type: ignore[no-untyped-def]
+        seen["slow"] += 1
+        return slow(*args)
+
+    rng = np.random.default_rng(7)
+    with patch.object(lockstep, "_carry", counting_carry), \
+            patch.object(lockstep, "_slow", counting_slow):
+        for trial in range(40):
+            k = int(rng.integers(2, 6))
+            freqs = rng.integers(1, 2 ** int(rng.integers(1, 24)), (int(rng.integers(1, 80)), k))
+            spec = VQStaticSpec(num_codes=k, freqs=tuple(tuple(int(x) for x in f) for f in freqs))
+            tables = StaticTables(spec, (len(freqs), 1))
+            symbols = rng.integers(0, k, (200, len(freqs), 1)).astype(np.int32)
+            assert tables.encode_batch(symbols) == per_image(tables, symbols), trial
+    assert seen["carry"] > 100 and seen["slow"] > 10, seen
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(2, 600))
+def test_quantised_tables_are_a_partition_of_the_precision(seed: int, k: int) -> None:
+    """The pairs read from constriction tile [0, 2**24): cum increasing from 0, each
+    probability >= 1, the last ending at 2**24."""
+    rng = np.random.default_rng(seed)
+    freqs = np.array(random_freqs(rng, k), np.int64)
+    model = entropy.fixed_model(entropy.probabilities(freqs))
+    cum, prob = lockstep.quantised(model, k, RangeEncoder)
+    assert cum[0] == 0 and (prob >= 1).all()
+    assert np.array_equal(cum[1:], cum[:-1] + prob[:-1])
+    assert int(cum[-1] + prob[-1]) == 1 << lockstep.PRECISION
+
+
+def test_small_batches_keep_the_per_image_coder() -> None:
+    rng = np.random.default_rng(3)
+    tables = static_tables(rng, 49, 64)
+    symbols = rng.integers(0, 64, (lockstep.MIN_BATCH - 1, 49, 1)).astype(np.int32)
+    assert tables.encode_batch(symbols) == per_image(tables, symbols)
+    assert tables._lockstep is None  # not even built
+    more = rng.integers(0, 64, (lockstep.MIN_BATCH, 49, 1)).astype(np.int32)
+    assert tables.encode_batch(more) == per_image(tables, more)
+    assert tables._lockstep is not None
