@@ -106,3 +106,61 @@ def test_small_batches_keep_the_per_image_coder() -> None:
     more = rng.integers(0, 64, (lockstep.MIN_BATCH, 49, 1)).astype(np.int32)
     assert tables.encode_batch(more) == per_image(tables, more)
     assert tables._lockstep is not None
+
+
+def payloads_near(rng: np.random.Generator, payloads: list[bytes]) -> list[bytes]:
+    """The payloads, then for each one a changed copy: a bit flipped, cut short, random
+    bytes, all-0xFF bytes (refused at the first symbol), or zero-ended."""
+    out = list(payloads)
+    for p in payloads:
+        b = bytearray(p)
+        r = int(rng.integers(5))
+        if r == 0 and b:
+            b[int(rng.integers(len(b)))] ^= 1 << int(rng.integers(8))
+        elif r == 1:
+            b = b[:max(0, len(b) - int(rng.integers(1, 4)))]
+        elif r == 2:
+            b = bytearray(rng.integers(1, 256, int(rng.integers(1, 40))).astype(np.uint8))
+        elif r == 3:
+            b = bytearray(b"\xff" * int(rng.integers(5, 12)))
+        else:
+            b += b"\0"
+        out.append(bytes(b))
+    return out
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), positions=st.integers(1, 60), k=st.integers(2, 300),
+       n=st.integers(1, 40), skew=st.booleans())
+def test_lockstep_decoder_equals_constriction(seed: int, positions: int, k: int, n: int,
+                                             skew: bool) -> None:
+    """Valid and changed payloads: the same symbols where constriction decodes, a refusal
+    (CorruptCode) exactly where it refuses, zero-ended payloads refused first."""
+    rng = np.random.default_rng(seed)
+    tables = static_tables(rng, positions, k, skew)
+    symbols = sample(rng, np.broadcast_to(tables.probs, (n, *tables.probs.shape)))
+    symbols = symbols.reshape(n, positions, 1).astype(np.int32)
+    payloads = payloads_near(rng, tables.encode_batch(symbols))
+    want, want_errors = tables._decode_each(payloads)
+    with patch.object(entropy, "LOCKSTEP_MIN_BATCH", 1):
+        got, errors = tables.decode_stacked(payloads)
+    assert errors.keys() == want_errors.keys()
+    for i, exc in errors.items():
+        assert type(exc) is type(want_errors[i])
+        assert ("zero byte" in str(exc)) == ("zero byte" in str(want_errors[i]))
+    want[list(want_errors)] = 0
+    assert got.dtype == np.int32 and np.array_equal(got, want)
+    assert np.array_equal(got[:n], symbols)
+
+
+def test_a_payload_off_the_first_interval_is_refused_in_both_paths() -> None:
+    """0xFF... points above (2**40 - 1) << 24, past every table's top at the first
+    symbol: constriction raises there, lockstep flags the same row."""
+    rng = np.random.default_rng(5)
+    tables = static_tables(rng, 49, 64)
+    good = tables.encode_batch(rng.integers(0, 64, (40, 49, 1)).astype(np.int32))
+    payloads = [*good, b"\xff" * 8, b"\xff" * 5]
+    _, want = tables._decode_each(payloads)
+    _, got = tables.decode_stacked(payloads)
+    assert sorted(want) == sorted(got) == [40, 41]
+    assert "does not decode" in str(got[40])

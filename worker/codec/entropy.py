@@ -226,6 +226,13 @@ def zero_ended() -> CorruptCode:
                        "the bytes were changed (extended or corrupted)")
 
 
+def invalid_data() -> CorruptCode:
+    """The refusal of a payload that constriction's decoder would refuse: at some symbol
+    the payload's point lies outside the coder's interval (``lockstep``'s decoder)."""
+    return CorruptCode("the payload does not decode (invalid data: it points outside "
+                       "the range coder's interval)")
+
+
 def decode_error(exc: BaseException) -> CorruptCode:
     """The CodeError for whatever constriction raised on invalid data."""
     # Invalid data raises AssertionError; a Rust panic would surface as pyo3's
@@ -492,6 +499,32 @@ class StaticTables:
             if canonical:
                 errors = {i: not_canonical() for i, p in enumerate(payloads) if p}
             return np.zeros((n, *self.shape), np.int32), errors
+        if len(payloads) >= LOCKSTEP_MIN_BATCH:  # every payload's step p in one numpy call
+            zero = [i for i, p in enumerate(payloads) if p.endswith(b"\0")]
+            rows, refused = self.lockstep().decode_batch(payloads)
+            out = rows.reshape(n, *self.shape)
+            errors = {int(i): invalid_data() for i in np.flatnonzero(refused)}
+            errors.update({i: zero_ended() for i in zero})
+        else:
+            out, errors = self._decode_each(payloads)
+        if canonical:
+            for i, row in enumerate(out.reshape(n, size).tolist()):
+                if i not in errors:
+                    again = RangeEncoder()
+                    for sym, model in zip(row, models, strict=True):
+                        again.encode(sym, model)
+                    if finish(again) != payloads[i]:
+                        errors[i] = not_canonical()
+        for i in errors:
+            out[i] = 0
+        return out, errors
+
+    def _decode_each(self, payloads: Sequence[bytes]
+                     ) -> tuple[np.ndarray, dict[int, CorruptCode]]:
+        """``decode_stacked`` through constriction's decoder, payload by payload."""
+        models = self._models
+        n, size = len(payloads), len(models)
+        errors: dict[int, CorruptCode] = {}
         # One flat list of Python ints for the batch, one conversion at the end.
         flat: list[int] = []
         filler = [0] * size
@@ -506,18 +539,7 @@ class StaticTables:
             except BaseException as exc:  # the list comprehension added nothing
                 errors[i] = decode_error(exc)
                 flat.extend(filler)
-        out = np.fromiter(flat, np.int32, len(flat)).reshape(n, *self.shape)
-        if canonical:
-            for i, row in enumerate(out.reshape(n, size).tolist()):
-                if i not in errors:
-                    again = RangeEncoder()
-                    for sym, model in zip(row, models, strict=True):
-                        again.encode(sym, model)
-                    if finish(again) != payloads[i]:
-                        errors[i] = not_canonical()
-        for i in errors:
-            out[i] = 0
-        return out, errors
+        return np.fromiter(flat, np.int32, len(flat)).reshape(n, *self.shape), errors
 
     def cross_entropy_bits(self, symbols: np.ndarray) -> float:
         return cross_entropy_bits(symbols.reshape(-1), self.probs)

@@ -1,4 +1,4 @@
-"""Kind 2's encoder for a batch: constriction's range coder run in lockstep over the images.
+"""Kind 2 for a batch: constriction's range coder run in lockstep over the images.
 
 Every vq_static image codes position p under the same model p, so step p of all N images
 is one set of uint64 numpy operations instead of N coder calls (49 per image: as many
@@ -14,6 +14,12 @@ emitted and both shift by 32. After the last symbol, ``pos()`` of that coder is
 words followed by ``lower``: ``cut.interval_cut`` gives the payload from it, the bytes
 ``entropy.finish`` takes from the same interval (tests compare the two paths on random
 symbols and tables, carries included).
+
+Decoding runs constriction's ``decode_symbol`` the same way: the point (the payload's
+first two words, zeros past its end) gives ``quantile = (point - lower) // scale``, which
+must lie below 2**24 (else constriction raises: invalid data), the symbol is the one
+whose [cum, cum + prob) holds it, and a renormalisation shifts the next word (or zero)
+into the point.
 
 The quantised (cumulative, probability) pairs of each model are read from constriction
 itself, not recomputed: a fresh coder (lower 0, range 2**64 - 1) that codes one symbol
@@ -34,6 +40,7 @@ _FIRST_SCALE = ((1 << 64) - 1) >> PRECISION  # a fresh coder's range >> PRECISIO
 _WORD = np.uint64(32)
 _SMALL = np.uint64(1 << 32)
 _PREC = np.uint64(PRECISION)
+_LIMIT = np.uint64(1 << PRECISION)
 # Batches below this size keep the per-image coder calls: a lockstep step costs ~12 numpy
 # calls whatever N is (~50 us for 49 positions), which a few images do not repay.
 MIN_BATCH = 32
@@ -65,6 +72,47 @@ class LockstepEncoder:
         # Flat tables: position p's entry for symbol s at p * K + s (one gather per step).
         self._cum = self.cum.reshape(-1)
         self._prob = self.prob.reshape(-1)
+        # Per position the K + 1 boundaries cum[0] = 0 < ... < 2**24, for the decoder.
+        self._bounds = np.concatenate(
+            [self.cum, np.full((self.positions, 1), 1 << PRECISION, np.uint64)], axis=1)
+
+    def decode_batch(self, payloads: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """Payloads -> (symbols (N, positions) int32, per payload whether constriction's
+        decoder refuses it: a quantile off the table at some step). Refused rows hold
+        whatever the arithmetic gave; the caller discards them."""
+        n, p = len(payloads), self.positions
+        # Each payload as a row of big-endian words, zero-padded: the two the point
+        # starts from, then at most one more per step.
+        cols = max(p + 2, *((len(b) + 3) >> 2 for b in payloads)) if n else p + 2
+        size = 4 * cols
+        padded = b"".join([b.ljust(size, b"\0") for b in payloads])
+        words = np.frombuffer(padded, ">u4").reshape(n, cols).astype(np.uint64)
+        point = (words[:, 0] << _WORD) | words[:, 1]
+        following = np.full(n, 2, np.intp)
+        lower = np.zeros(n, np.uint64)
+        width = np.full(n, np.uint64((1 << 64) - 1))
+        out = np.empty((p, n), np.int32)
+        refused = np.zeros(n, bool)
+        rows = np.arange(n)
+        for step in range(p):
+            scale = width >> _PREC
+            quantile = (point - lower) // scale  # uint64: the wrapping difference
+            off = quantile >= _LIMIT
+            if off.any():
+                refused |= off
+                quantile[off] = 0
+            symbol = np.searchsorted(self._bounds[step], quantile, side="right") - 1
+            out[step] = symbol
+            lower += scale * self.cum[step, symbol]
+            width = scale * self.prob[step, symbol]
+            small = width < _SMALL
+            if small.any():
+                at = rows[small]
+                lower[at] <<= _WORD
+                width[at] <<= _WORD
+                point[at] = (point[at] << _WORD) | words[at, following[at]]
+                following[at] += 1
+        return np.ascontiguousarray(out.T), refused
 
     def encode_batch(self, symbols: np.ndarray) -> list[bytes]:
         """Symbols (N, positions), each in [0, K) -> one payload each, the bytes that
