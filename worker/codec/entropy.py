@@ -32,7 +32,7 @@ import numpy as np
 from latentserve.errors import CorruptCode, InvalidInput, ModelIntegrityError
 from latentserve.worker.codec.cut import shortest, shortest_batch
 from latentserve.worker.codec.lockstep import MIN_BATCH as LOCKSTEP_MIN_BATCH
-from latentserve.worker.codec.lockstep import LockstepEncoder, quantised
+from latentserve.worker.codec.lockstep import LockstepCoder, quantised
 from latentserve.worker.runtime.manifest import FactorizedSpec, VQPriorSpec, VQStaticSpec
 
 # perfect=False: fast table construction; encoder and decoder must agree on it, and it
@@ -433,14 +433,14 @@ class StaticTables:
         self.num_codes = spec.num_codes
         self.probs = probabilities(np.array(spec.freqs, np.int64))
         self._models = [fixed_model(p) for p in self.probs]
-        self._lockstep: LockstepEncoder | None = None  # built on the first large batch
+        self._lockstep: LockstepCoder | None = None  # built on the first large batch
 
-    def lockstep(self) -> LockstepEncoder:
+    def lockstep(self) -> LockstepCoder:
         """The batch encoder over these models' quantised tables (read from the models
         once: positions x K one-symbol coders, ~10 ms for 49 x 512)."""
         if self._lockstep is None:
             pairs = [quantised(m, self.num_codes, RangeEncoder) for m in self._models]
-            self._lockstep = LockstepEncoder(np.stack([c for c, _ in pairs]),
+            self._lockstep = LockstepCoder(np.stack([c for c, _ in pairs]),
                                              np.stack([q for _, q in pairs]))
         return self._lockstep
 

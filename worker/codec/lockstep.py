@@ -62,8 +62,8 @@ def quantised(model: Any, size: int, encoder: Any) -> tuple[np.ndarray, np.ndarr
     return cum, prob
 
 
-class LockstepEncoder:
-    """Per-position quantised tables (positions, K) -> ``encode_batch``."""
+class LockstepCoder:
+    """Per-position quantised tables (positions, K) -> ``encode_batch``, ``decode_batch``."""
 
     def __init__(self, cum: np.ndarray, prob: np.ndarray) -> None:
         self.cum = np.ascontiguousarray(cum, np.uint64)
