@@ -82,10 +82,11 @@ class LockstepCoder:
         whatever the arithmetic gave; the caller discards them."""
         n, p = len(payloads), self.positions
         # Each payload as a row of big-endian words, zero-padded: the two the point
-        # starts from, then at most one more per step.
-        cols = max(p + 2, *((len(b) + 3) >> 2 for b in payloads)) if n else p + 2
+        # starts from, then at most one more per step; words past those are never read
+        # (by constriction either), so a long payload costs no more than a short one.
+        cols = p + 2
         size = 4 * cols
-        padded = b"".join([b.ljust(size, b"\0") for b in payloads])
+        padded = b"".join([b[:size].ljust(size, b"\0") for b in payloads])
         words = np.frombuffer(padded, ">u4").reshape(n, cols).astype(np.uint64)
         point = (words[:, 0] << _WORD) | words[:, 1]
         following = np.full(n, 2, np.intp)
