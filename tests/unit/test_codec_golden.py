@@ -17,6 +17,7 @@ import pytest
 
 from latentserve.errors import CodeMismatch
 from latentserve.worker.codec.codes import FORMAT_VERSION, VQ_PARALLEL, VQ_PRIOR, VQ_STATIC
+from latentserve.worker.codec.lockstep import MIN_BATCH as LOCKSTEP_MIN_BATCH
 from latentserve.worker.runtime.engine import EngineConfig
 from latentserve.worker.runtime.pipeline import Pipeline
 
@@ -87,3 +88,19 @@ def test_code_of_a_deleted_model_names_it() -> None:
     pipe = Pipeline(FIXTURES / "golden_repo", ONE_THREAD)
     with pytest.raises(CodeMismatch, match="made by golden-gone:1 .*no model named 'golden-gone'"):
         pipe.identify(code)
+
+
+def test_golden_batch_encoders_write_the_same_bytes(golden: dict) -> None:  # type: ignore[type-arg]
+    """The batch paths (kind 2's lockstep coder, the vectorised cut) at a batch size that
+    takes them: every golden code of kinds 1 and 2, repeated, comes back byte for byte."""
+    pipe = Pipeline(FIXTURES / "golden_repo", ONE_THREAD)
+    for model in sorted({c["model"] for c in golden["codes"]}):
+        entries = [c for c in golden["codes"]
+                   if c["model"] == model and c["kind"] in (1, VQ_STATIC)]
+        if not entries:
+            continue
+        reps = -(-LOCKSTEP_MIN_BATCH * 2 // len(entries))
+        symbols = np.array([c["symbols"] for c in entries] * reps, np.int32)
+        kind = "vq_static" if entries[0]["kind"] == VQ_STATIC else None
+        got = pipe.codec(model).encode(symbols, kind=kind)
+        assert [g.hex() for g in got] == [c["code"] for c in entries] * reps, model

@@ -53,7 +53,11 @@ def test_plan_prior_is_plan_offsets(seed: int, n: int, positions: int, k: int, s
     chunk = prior_sparse.PLAN_CHUNK
     try:  # chunks of 2 images: the merged plan is the one plan
         prior_sparse.PLAN_CHUNK = 2
-        assert np.array_equal(plan_prior(logits, spec).dense(), tables)
+        chunked = plan_prior(logits, spec)
+        assert np.array_equal(chunked.offsets, offsets)
+        assert np.array_equal(chunked.dense(), tables)
+        for i in range(n):
+            assert np.array_equal(chunked.tables(i), tables[i])
     finally:
         prior_sparse.PLAN_CHUNK = chunk
     plan = plan_prior(logits, spec)

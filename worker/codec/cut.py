@@ -41,7 +41,6 @@ def shortest(state: State, words: np.ndarray) -> bytes | None:
     pad = n - len(words)
     if pad < 0:
         return None
-    bits = 32 * n
     # The words in reverse order, each little-endian, read little-endian: the big-endian
     # value of the stream, without a byte-swapped copy.
     x = int.from_bytes(np.asarray(words, np.uint32)[::-1].tobytes(), "little") << (32 * pad)
@@ -51,8 +50,16 @@ def shortest(state: State, words: np.ndarray) -> bytes | None:
     lo = x - d
     if lo < 0:  # an interval reaching below the stream's start: no coder's state
         return None
+    return interval_cut(lo, width, n)
+
+
+def interval_cut(lo: int, width: int, n: int) -> bytes:
+    """The shortest big-endian byte string whose value, zero-padded to ``n`` words, lies
+    in [lo, lo + width) (lo >= 0, in units of the last of the n words' bits): the cut
+    ``shortest`` makes once it has the interval (``lockstep`` computes it directly)."""
     if lo == 0:
         return b""  # the empty payload reads as zeros, the interval's own start
+    bits = 32 * n
     top = lo + width - 1  # the interval's last integer, clipped to the window below
     if top.bit_length() > bits:
         top = (1 << bits) - 1
