@@ -17,15 +17,17 @@ consumer. The loop:
    period, give unfinished chunks back to the queue (``release``).
 5. Store each finished chunk through ``JobStore.store_chunk`` (idempotent; XACKs).
 
-With ``overlap`` (``--overlap true``) step 5 and the PNG encoding of image results run in a
-store thread, so packing, PNG encoding and the STORE round trips of finished chunks
-overlap the next pipeline calls and the next reads; this thread reads, begins, plans,
+With ``overlap`` (the default; ``--overlap false`` runs every step in this thread) step 5
+and the PNG encoding of image results run in a store thread, so packing, PNG encoding
+and the STORE round trips of finished chunks overlap the next pipeline calls and the
+next reads; this thread reads, begins, plans,
 checks and computes exactly as without it (what a worker holds, when it looks for
 cancels and shutdown, what a SIGTERM finishes or releases). A chunk stays in ``_held``
 until stored, so the heartbeat extends it while it waits for the store thread; the
 backlog is bounded (a call waits while over ``2 * batch_items`` items wait to be
 stored); on shutdown the store thread stores what it holds within the grace, then
-whatever is left is released. Without it every step runs in this thread.
+whatever is left is released. With ``pipeline_calls`` (the default too) each call runs
+in two halves, the second in a stage thread (``_stage_loop``, ``_hand_over``).
 
 A heartbeat thread extends this worker's claims (XCLAIM ... JUSTID) so a healthy long
 chunk is never reclaimed, refreshes the worker's TTL'd health key and sweeps expired
