@@ -80,6 +80,9 @@ log = logging.getLogger(__name__)
 # A shard's blocking read waits at most this long when there are several shards, so work
 # queued on another shard waits at most (shards - 1) times it (jobqueue/keys.py).
 SHARD_BLOCK_MS = 100
+# How long shutdown waits for a stage or store thread still inside one call past the grace
+# (a Redis round trip is bounded by the client's socket timeout, a network run by its batch).
+LINGER_S = 30.0
 
 # Errors of the job's own input: another delivery would fail the same way.
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (InvalidInput, CodeError, ResourceLimit)
@@ -143,6 +146,9 @@ class Worker:
                                          | None] = queue.SimpleQueue()
         self._stage_backlog = 0
         self._stage_thread: threading.Thread | None = None
+        # A stage or store thread still inside a call when its join timed out (past the
+        # grace): run() waits for it once its chunks are released, before closing Redis.
+        self._lingering: list[threading.Thread] = []
         # The last call's second half, held back by the loop's thread until its next
         # Redis round trips are done (``_hand_over``).
         self._handoff: tuple[list[Segment], Callable[[], list[Any]]] | None = None
@@ -237,6 +243,7 @@ class Worker:
             self._stop.set()
             self._stop_store_thread()
             self._release_all()
+            self._join_lingering()
             self._done.set()
             beat.join(timeout=5)
             self._goodbye()
@@ -548,6 +555,8 @@ class Worker:
             self._stage_q.put(None)
             stage.join(timeout=max(min(self._deadline - time.monotonic(), 30.0), 1.0))
             self._stage_thread = None
+            if stage.is_alive():
+                self._lingering.append(stage)
         thread = self._store_thread
         if thread is None:
             return
@@ -555,6 +564,20 @@ class Worker:
         self._store_q.put(None)
         thread.join(timeout=max(min(self._deadline - time.monotonic(), 30.0), 1.0))
         self._store_thread = None
+        if thread.is_alive():
+            self._lingering.append(thread)
+
+    def _join_lingering(self) -> None:
+        """Wait for a stage or store thread that was still in a call (a Redis round trip,
+        a network run) when its join timed out. Its chunks are released by now, so it skips
+        the rest of its queue and ends after that call; closing the Redis client under it
+        instead would make redis-py open a new connection that nothing closes."""
+        for thread in self._lingering:
+            thread.join(timeout=LINGER_S)
+            if thread.is_alive():
+                log.warning("worker %s: %s still busy %.0f s after shutdown",
+                            self.consumer, thread.name, LINGER_S)
+        self._lingering.clear()
 
     def _store_loop(self) -> None:
         while (h := self._store_q.get()) is not None:
