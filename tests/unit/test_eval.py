@@ -112,6 +112,7 @@ def test_eval_on_photos_reports_ms_ssim(photo_repo: Path, tmp_path: Path,
     want = ms_ssim(crops[0].transpose(2, 0, 1)[None], decoded[None])[0]
     assert jpeg["per_image"]["ms_ssim"][0] == pytest.approx(want, abs=1e-5)
     assert "| MS-SSIM |" in (out / "rd.md").read_text()
+    assert "Nearest 28.7" not in (out / "rd.md").read_text()  # the MNIST goal, not a photo's
     # a second run takes the codec points of the first instead of measuring them again
     again = tmp_path / "again"
     assert main(["eval", "--images", str(folder), "--repo", str(photo_repo), "--only",
