@@ -28,6 +28,7 @@ from torch import nn
 from latentserve.export.nets.photo import STRIDE, PhotoCodec
 from latentserve.export.publish import tables
 from latentserve.export.publish.exporter import OPSET, onnx_export
+from latentserve.export.publish.halves import round_to_halves, store_exact_halves
 from latentserve.export.publish.writer import append_registry, check_target, finish_version
 from latentserve.worker.runtime.manifest import manifest_fields
 from latentserve.worker.runtime.quality import mean_psnr
@@ -83,9 +84,16 @@ def measure(pipeline_codec: Any, val: list[np.ndarray]) -> dict[str, Any]:
 def export_photo(net: PhotoCodec, *, repo: str | Path, name: str, version: int,
                  fit_images: np.ndarray, val_images: list[np.ndarray],
                  check_images: np.ndarray, source: dict[str, Any],
-                 overwrite: bool = False) -> Path:
-    """Write one any-size version of ``net``; returns its folder."""
+                 overwrite: bool = False, half_weights: bool = False) -> Path:
+    """Write one any-size version of ``net``; returns its folder.
+
+    ``half_weights`` rounds ``net``'s large weights to float16 values first (in place) and
+    stores them so in the ONNX files: half the bytes; the tables, the parity check and the
+    quality figures are all taken on the rounded net.
+    """
     net.eval()
+    if half_weights:
+        round_to_halves(net)
     repo = Path(repo)
     target = check_target(repo, name, version, overwrite)
     repo.mkdir(parents=True, exist_ok=True)
@@ -98,6 +106,9 @@ def export_photo(net: PhotoCodec, *, repo: str | Path, name: str, version: int,
                      input_name="image", output_name="latent")
         export_graph(net.onnx_decoder(), torch.zeros(1, m, 2, 3), folder / "decoder.onnx",
                      input_name="latent", output_name="image")
+        if half_weights:
+            for role in ("encoder.onnx", "decoder.onnx"):
+                store_exact_halves(folder / role)
         symbols = _symbols(net, fit_images)
         code = {"kind": "factorized", "factorized": tables.ae_tables(net.density, symbols)}
         manifest = manifest_fields(
@@ -106,7 +117,7 @@ def export_photo(net: PhotoCodec, *, repo: str | Path, name: str, version: int,
             opset=OPSET, producer=f"torch {torch.__version__}", code=code,
             sampling={"kind": "none"}, stride=STRIDE)
         manifest["source"] = source
-        manifest["training"] = source.get("training", {})
+        manifest["training"] = {**source.get("training", {}), "half_weights": half_weights}
 
         def quality(runtime: Any, codec: Any) -> dict[str, Any]:
             # Parity: the ONNX encoder against torch on the check images.
@@ -145,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-count", type=int, default=24)
     ap.add_argument("--fit-crops", type=int, default=128)
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--half-weights", action="store_true",
+                    help="round the large weights to float16 values and store them so (half "
+                         "the file size; the figures are measured on the rounded net)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     ckpt, net = load_photo_checkpoint(args.checkpoint)
@@ -160,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                            "resumed_from": ckpt.get("init") or None}}
     target = export_photo(net, repo=args.repo, name=args.name, version=args.version,
                           fit_images=fit, val_images=val, check_images=check, source=source,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, half_weights=args.half_weights)
     print(f"exported {target}")
     return 0
 
