@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The MNIST ae ladder (issue 15): GDN / IGDN transforms, a factorised prior, 9 rungs.
+# The MNIST ae ladder (issue 15): GDN / IGDN transforms, a factorised prior, 11 rungs.
 #
 #   scripts/ae_ladder.sh train [rungs]    train the ladder into $RUNS (checkpoints + logs);
 #                                         "rungs": only the fine-tuned rungs, from a base there
@@ -9,11 +9,13 @@
 #                                         learned sampler: REPO/mnist-ae-q<k>/VER
 #
 # One base (q3, lambda 0.004) is trained longest; every other rung is fine-tuned from its
-# neighbour nearer the base (q3 -> q4 -> ... -> q9 up, q3 -> q2 -> q1 down), so each
+# neighbour nearer the base (q3 -> q4 -> ... -> q10 up, q3 -> q2 -> q1 -> q0 down), so each
 # starts close to its own rate. A narrow net (hidden 32, no res block: 85k weights) was
 # as good as hidden 48 after 800 steps at half the step time on one thread, and its
 # large weights ship as exact float16 (export --half-weights): ~0.45 MB per rung
-# with its manifest (9 rungs: 4.06 MB; the relu lo/mid/hi:1 took 3.87 MB).
+# with its manifest (11 rungs: ~5 MB; the relu lo/mid/hi:1 took 3.87 MB). q0 and q10, the
+# ends (~22 and ~38 dB), came a session after q1..q9, fine-tuned from their shipped
+# neighbours' checkpoints by the same rule.
 # One torch thread, one training at a time; $LAUNCH prefixes each training command
 # (e.g. a wrapper that runs it in its own process group).
 set -euo pipefail
@@ -26,7 +28,7 @@ RUNS=${RUNS:-runs/zoo}
 THREADS=${THREADS:-1}
 LAUNCH=${LAUNCH:-}
 AE=(--family ae --transform gdn --hidden 32 --res-blocks 0 --latent-channels 12 --seed 1)
-RUNGS=(q1 q2 q3 q4 q5 q6 q7 q8 q9)
+RUNGS=(q0 q1 q2 q3 q4 q5 q6 q7 q8 q9 q10)
 # The rungs' learned samplers (issue 15): a second-stage VAE over the encoder's continuous
 # 12x7x7 latents before rounding and a 200-component mixture over its u (the runtime
 # rounds the sampler's output, as it rounded the fitted 'gmm' draws this replaces).
@@ -59,6 +61,8 @@ train)
     rung q7 0.12 q6
     rung q8 0.3 q7
     rung q9 0.8 q8
+    rung q0 0.0003 q1
+    rung q10 2.5 q9
     ;;
 export)
     repo=${2:?export REPO VERSION}; version=${3:?export REPO VERSION}

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Rebuild the shipped model zoo (models/mnist-ae-q1..q9/1, mnist-vqvae/1, mnist-vae/2) and
+# Rebuild the shipped model zoo (models/mnist-ae-q0..q10/1, mnist-vqvae/1, mnist-vae/2) and
 # examples/digits from scratch.
 #
 # Two training lanes run side by side, one torch thread each (2 free cores: ~45 min (the ae ladder alone took 31 min of one shared core), plus
 # ~8 min for the vqvae prior retraining in lane B; then ~15 min, one thread, for the
 # ae rungs' learned samplers):
-#   lane A: the ae ladder mnist-ae-q1..q9 (GDN, one base and eight fine-tuned rungs:
+#   lane A: the ae ladder mnist-ae-q0..q10 (GDN, one base and ten fine-tuned rungs:
 #           scripts/ae_ladder.sh), mnist-vae
 #   lane B: mnist-vqvae (VQ-VAE, a wider decoder on its frozen codes, then a longer-trained
 #           PixelCNN prior on the same codes)
