@@ -21,7 +21,7 @@ Measured on mnist-vae (docs/model-experiments.md): decoding N(0, I) u gave 54% c
 digits, the 50-component mixture 76% and more (the table has the final figures). The
 latents are the posterior means that the vae's ``encoder.onnx`` gives (run by
 onnxruntime: no first-stage checkpoint is needed); the vae's compression is untouched.
-A fixed-size ae (the zoo's mnist-ae-q1..q9 ladder) gets one the same way: its
+A fixed-size ae (the zoo's mnist-ae-q0..q10 ladder) gets one the same way: its
 ``encoder.onnx`` gives the continuous latent before rounding, the sampler learns that, and
 the runtime rounds the sampler's output as it rounds an encoder's (replacing the fitted
 "gmm" density, whose draws are rounded the same way).
