@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Rebuild the shipped model zoo (models/mnist-ae-q0..q10/1, mnist-vqvae/1, mnist-vae/2) and
+# Rebuild the shipped model zoo (models/mnist-ae-q1..q9/1, mnist-ae-q0/2 and q10/2,
+# mnist-vqvae/1, mnist-vae/2) and
 # examples/digits from scratch.
 #
 # Two training lanes run side by side, one torch thread each (2 free cores: ~45 min (the ae ladder alone took 31 min of one shared core), plus
@@ -61,8 +62,9 @@ wait "$b" || status=1
 latentserve export "$RUNS/mnist-vqvae.pt" --repo "$REPO" --name mnist-vqvae --version 1 --overwrite
 # The ae ladder (weights stored as exact float16; it replaced the relu ladder
 # mnist-ae-lo/mid/hi:1, no longer shipped), exported into a scratch repository, then each
-# rung written into $REPO as version 1 with the same encoder, decoder and code tables and
-# a learned sampler instead of the fitted 'gmm' (scripts/ae_ladder.sh sampler).
+# rung written into $REPO as version 1 (the ends q0 and q10: version 2, their sampler's
+# second recipe) with the same encoder, decoder and code tables and a learned sampler
+# instead of the fitted 'gmm' (scripts/ae_ladder.sh sampler).
 DATA=$DATA RUNS=$RUNS scripts/ae_ladder.sh export "$RUNS/stage1" 1
 DATA=$DATA RUNS=$RUNS THREADS=$THREADS scripts/ae_ladder.sh sampler "$RUNS/stage1" "$REPO" 1
 rm -rf "$REPO"/mnist-ae-lo "$REPO"/mnist-ae-mid "$REPO"/mnist-ae-hi
