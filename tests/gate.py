@@ -1,11 +1,12 @@
 """A gate the test holds on a worker's pipeline calls, so a test decides how far a job
 gets instead of hoping the machine is slow (or fast) enough.
 
-``GatedPipeline(inner, gate)`` is the real pipeline whose compress / reconstruct /
-sample calls each wait for one pass of ``gate``. ``Gate`` keeps its count in Redis, so a
-test drives a worker in another process too (``tests/gated_worker.py``):
-``allow(n)`` lets n more calls through, ``open()`` lets every call through, ``passed()``
-says how many went through, ``waiting()`` whether a call is waiting at the gate.
+``GatedPipeline(inner, gate)`` is the real pipeline whose calls (the worker's compress /
+reconstruct / sample, in halves) each wait for one pass of ``gate``. ``Gate`` keeps its
+count in Redis, so a test drives a worker in another process too
+(``tests/gated_worker.py``): ``allow(n)`` lets n more calls through, ``open()`` lets
+every call through, ``passed()`` says how many went through, ``waiting()`` whether a
+call is waiting at the gate.
 """
 
 from __future__ import annotations
@@ -57,33 +58,16 @@ class Gate:
 
 
 class GatedPipeline:
-    """The real pipeline; each compress / reconstruct(_each) / sample call (and the
-    overlapped worker's compress_staged / reconstruct_staged / sample_staged) passes the
-    gate first."""
+    """The real pipeline; each call the worker makes (``compress_staged`` /
+    ``reconstruct_staged`` / ``sample_staged``, ``chunkwork.JobPipeline``) passes the gate
+    before its first half runs."""
 
     def __init__(self, inner: Any, gate: Gate) -> None:
         self.inner = inner
         self.gate = gate
 
-    def compress(self, ref: str, images: Any) -> Any:
-        self.gate.pass_through()
-        return self.inner.compress(ref, images)
-
-    def reconstruct(self, codes: Any, ref: str | None = None) -> Any:
-        self.gate.pass_through()
-        return self.inner.reconstruct(codes, ref)
-
-    def reconstruct_each(self, codes: Any, ref: str | None = None) -> Any:
-        self.gate.pass_through()  # what a per-item reconstruct job's worker calls
-        return self.inner.reconstruct_each(codes, ref)
-
-    def sample(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
-               start: int = 0) -> Any:
-        self.gate.pass_through()
-        return self.inner.sample(ref, count, seed=seed, temperature=temperature, start=start)
-
     def compress_staged(self, ref: str, images: Any) -> Any:
-        self.gate.pass_through()  # the overlapped worker's call in two halves
+        self.gate.pass_through()
         return self.inner.compress_staged(ref, images)
 
     def reconstruct_staged(self, codes: Any, ref: str | None = None) -> Any:
