@@ -71,6 +71,19 @@ def interval_cut(lo: int, width: int, n: int) -> bytes:
     return m.to_bytes(4 * n - dropped, "big").rstrip(b"\0")
 
 
+def window_tail(a: np.ndarray, width: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For final intervals whose lower end minus one, ``a``, and ``a + width`` differ only in
+    the 64-bit window (uint64 arrays): k, the highest byte where they differ (the payload
+    drops the tail's k low bytes), and the tail ((a >> 8k) + 1) << 8k. Rows where that
+    does not hold get meaningless values; callers take them the slow way."""
+    diff = a ^ (a + width)
+    k = np.zeros(len(a), np.uint64)
+    for byte in range(1, 8):
+        k += diff >= np.uint64(1 << (8 * byte))
+    shift = k * np.uint64(8)
+    return k, ((a >> shift) + np.uint64(1)) << shift
+
+
 def shortest_batch(states: Sequence[State], words: Sequence[np.ndarray], *,
                    min_batch: int | None = None) -> list[bytes | None]:
     """``[shortest(s, w) for s, w in zip(states, words)]``, byte for byte, vectorised.
@@ -108,12 +121,7 @@ def shortest_batch(states: Sequence[State], words: Sequence[np.ndarray], *,
     d = x - lower  # mod 2**64: uint64 arithmetic wraps
     a = x - d - np.uint64(1)  # lo - 1's low 64 bits; exact where x > d
     fast = shaped & (d < width) & (x > d) & (width <= ~a)
-    diff = a ^ (a + width)
-    k = np.zeros(count, np.uint64)
-    for byte in range(1, 8):
-        k += diff >= np.uint64(1 << (8 * byte))
-    shift = k * np.uint64(8)
-    tail = ((a >> shift) + np.uint64(1)) << shift
+    k, tail = window_tail(a, width)
     # Every payload laid out in one uint32 buffer, image i at unit ``at[i]``: its
     # emitted words, then the tail's two words (cut to 8 - k bytes when sliced out).
     span = np.where(fast, position + 2, 0)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from latentserve.worker.codec.cut import interval_cut
+from latentserve.worker.codec.cut import interval_cut, window_tail
 
 PRECISION = 24  # constriction's default models: probabilities in units of 2**-24
 _FIRST_SCALE = ((1 << 64) - 1) >> PRECISION  # a fresh coder's range >> PRECISION
@@ -179,12 +179,7 @@ def _payloads(words: np.ndarray, emitted: np.ndarray, lower: np.ndarray,
     n, cols = words.shape
     a = lower - np.uint64(1)
     fast = (lower > 0) & (width <= ~a)
-    diff = a ^ (a + width)
-    k = np.zeros(n, np.uint64)
-    for byte in range(1, 8):
-        k += diff >= np.uint64(1 << (8 * byte))
-    shift = k * np.uint64(8)
-    tail = ((a >> shift) + np.uint64(1)) << shift
+    k, tail = window_tail(a, width)
     rows = np.arange(n)
     words[rows, emitted] = (tail >> _WORD).astype(np.uint32)
     words[rows, emitted + 1] = (tail & np.uint64(0xFFFFFFFF)).astype(np.uint32)
