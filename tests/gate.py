@@ -25,6 +25,7 @@ class Gate:
     def __init__(self, client: redis.Redis, name: str) -> None:
         self.r = client
         self.allowed_key = f"test-gate:{name}:allowed"
+        self.ticket_key = f"test-gate:{name}:ticket"
         self.passed_key = f"test-gate:{name}:passed"
         self.waiting_key = f"test-gate:{name}:waiting"
 
@@ -38,21 +39,26 @@ class Gate:
         return int(self.r.get(self.passed_key) or 0)
 
     def waiting(self) -> bool:
-        return bool(int(self.r.get(self.waiting_key) or 0))
+        return int(self.r.get(self.waiting_key) or 0) > 0
 
     def pass_through(self, timeout_s: float = 120.0) -> None:
-        """Block until the test allows one more call (the worker's side)."""
+        """Block until the test allows one more call (the worker's side).
+
+        Each call first takes a ticket (INCR, atomic): call k passes once allowed >= k.
+        Comparing allowed with passed() instead let two workers polling at once both pass
+        on one allowance, so passed() overshot n and a test waiting for it hung."""
         end = time.monotonic() + timeout_s
-        self.r.set(self.waiting_key, 1)
+        self.r.incr(self.waiting_key)
         try:
-            while int(self.r.get(self.allowed_key) or 0) <= self.passed():
+            ticket = int(self.r.incr(self.ticket_key))
+            while int(self.r.get(self.allowed_key) or 0) < ticket:
                 if time.monotonic() > end:
                     raise TimeoutError(f"{self.allowed_key}: no call allowed in {timeout_s}s")
                 time.sleep(0.005)
         finally:
-            self.r.set(self.waiting_key, 0)
+            self.r.decr(self.waiting_key)
         # Counted once no longer waiting: a test that sees passed() == n and waiting()
-        # knows call n has returned and call n + 1 waits (counting first let it see both
+        # knows call n has passed and call n + 1 waits (counting first let it see both
         # while call n was only starting).
         self.r.incr(self.passed_key)
 
