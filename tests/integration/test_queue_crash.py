@@ -12,7 +12,7 @@ from fixtures_redis import digest, pending
 from latentserve.cli import main
 from latentserve.worker.jobqueue.config import QueueConfig
 from latentserve.worker.jobqueue.consumer import worker_health
-from latentserve.worker.jobqueue.store import JobKind, JobState, JobStore, connect
+from latentserve.worker.jobqueue.store import JobKind, JobState, JobStore
 
 pytestmark = pytest.mark.queue
 
@@ -124,8 +124,9 @@ def test_sigterm_past_the_grace_releases_the_chunk_at_a_batch_boundary(
 
 @pytest.mark.slow
 def test_jobs_survive_redis_killed_and_restarted_from_its_aof(
-        private_redis, spawn_worker, tiny_pipeline, mnist_images, make_gate, wait_until):
-    store = JobStore(connect(private_redis.url), QueueConfig(chunk_size=20))
+        private_redis, connected, spawn_worker, tiny_pipeline, mnist_images, make_gate,
+        wait_until):
+    store = JobStore(connected(private_redis.url), QueueConfig(chunk_size=20))
     images = mnist_images[:320]
     first = store.submit(JobKind.COMPRESS, "tiny-vqvae", items=images)
     gate = make_gate("aof")
