@@ -15,10 +15,10 @@ On a real Redis (the embedded Valkey unless --redis), for each job kind, each ro
   STORE of the finished value);
 - the whole worker (``consumer.Worker``, in process, burst mode), from its first read to
   the last chunk stored: one step at a time (``serial``: ``--overlap false``), with a
-  store thread (``overlap``: ``--overlap true --pipeline-calls false``), and with the
-  store thread plus a stage thread that runs each call's second half (coder of a
-  compress call, network of a reconstruct call) while the next call's first half runs
-  (``pipelined``: ``--overlap true``).
+  store thread (``overlap``: ``--pipeline-calls false``), and with the store thread plus
+  a stage thread that runs each call's second half (coder of a compress call, network
+  of a reconstruct call) while the next call's first half runs (``pipelined``: the
+  worker's defaults).
 
 It prints items/s per stage (median of the rounds), the whole worker's each way, and
 whole / slowest stage (goal, issue 17: >= 0.85). The stored values of every worker run

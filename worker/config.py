@@ -72,10 +72,10 @@ class WorkerConfig(Settings):
     tracing: bool = setting(False, help=(
         "OpenTelemetry: a span per chunk, child of its job's SubmitJob span, exported over "
         "OTLP as the OTEL_* variables say (pip install 'latentserve[tracing]')"))
-    overlap: bool = setting(False, help=(
-        "a store thread PNG-encodes, packs and stores computed chunks while the next "
-        "calls compute (off by default: no gain measured on a busy 2-core host, "
-        "bench/worker.py)"))
+    overlap: bool = setting(True, help=(
+        "pipelined worker: a store thread PNG-encodes, packs and stores computed chunks "
+        "while the next calls compute, so the worker runs near the pace of its slowest "
+        "stage (bench/worker.py); false: every step in turn in one thread"))
     pipeline_calls: bool = setting(True, help=(
         "with --overlap: each call runs in two halves on two threads, so one batch's "
         "network runs while the next batch is coded (false: the store thread alone)"))

@@ -12,15 +12,20 @@ from fixtures_redis import digest, pending
 from latentserve.cli import main
 from latentserve.worker.jobqueue.config import QueueConfig
 from latentserve.worker.jobqueue.consumer import worker_health
-from latentserve.worker.jobqueue.store import JobKind, JobState, JobStore, connect
+from latentserve.worker.jobqueue.store import JobKind, JobState, JobStore
 
 pytestmark = pytest.mark.queue
 
 
+# The pipelined worker (the default) and the one-step-at-a-time one (--overlap false).
+OVERLAP = pytest.mark.parametrize("overlap", ["true", "false"])
+
+
 @pytest.mark.slow
+@OVERLAP
 def test_sigkill_mid_chunk_repeatedly_loses_and_duplicates_nothing(
         job_store, redis_client, spawn_worker, tiny_pipeline, mnist_images, make_gate,
-        wait_until):
+        wait_until, overlap):
     images = mnist_images[:400]
     job = job_store.submit(JobKind.COMPRESS, "tiny-vqvae", items=images, chunk_size=25)
     killed_holding = []
@@ -30,12 +35,15 @@ def test_sigkill_mid_chunk_repeatedly_loses_and_duplicates_nothing(
         gate = make_gate(name)
         gate.allow(1)  # one chunk (one call: --read-count 1), then it waits holding the next
         proc = spawn_worker("--consumer", name, "--max-deliveries", "10", "--read-count", "1",
-                            claim_idle_s=0.5, gate=name)
+                            "--overlap", overlap, claim_idle_s=0.5, gate=name)
         # wait_until polls the lambda now, in this round: the defaults bind this round's gate.
-        held = wait_until(lambda gate=gate, name=name: gate.passed() == 1 and gate.waiting()
+        # Pipelined, the first chunk's coding and store run in other threads while the
+        # next call waits at the gate: wait for its store too.
+        held = wait_until(lambda gate=gate, name=name, before=before:
+                          gate.passed() == 1 and gate.waiting()
+                          and job_store.get(job.id).items_done == before + 25
                           and pending(redis_client, job_store, name),
                           timeout=60, what=f"worker {name} to be mid-chunk")
-        assert job_store.get(job.id).items_done == before + 25
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(10) == -signal.SIGKILL
         killed_holding.append(held[0]["message_id"])
@@ -65,16 +73,17 @@ def took_sigterm(client: redis.Redis, wait_until) -> None:
 
 
 @pytest.mark.slow
+@OVERLAP
 def test_sigterm_finishes_the_current_chunk_within_the_grace(job_store, redis_client, redis_url,
                                                              spawn_worker, make_gate,
-                                                             wait_until):
+                                                             wait_until, overlap):
     # No worker yet: unhealthy.
     assert main(["worker", "--check-health", "--redis", redis_url]) == 1
     job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=240, chunk_size=120)
     gate = make_gate("w")
     gate.allow(1)  # one batch of 10, then it waits inside the first chunk
     proc = spawn_worker("--consumer", "w", "--batch-items", "10", "--grace-s", "60",
-                        "--heartbeat-s", "0.05", gate="w")
+                        "--heartbeat-s", "0.05", "--overlap", overlap, gate="w")
     wait_until(lambda: gate.waiting() and mid_chunk(redis_client, "w"),
                timeout=60, what="the worker to be mid-chunk")
     assert main(["worker", "--check-health", "--redis", redis_url]) == 0
@@ -91,13 +100,14 @@ def test_sigterm_finishes_the_current_chunk_within_the_grace(job_store, redis_cl
     assert not worker_health(redis_client)  # its health key left with it
 
 
+@OVERLAP
 def test_sigterm_past_the_grace_releases_the_chunk_at_a_batch_boundary(
-        job_store, redis_client, spawn_worker, make_gate, wait_until):
+        job_store, redis_client, spawn_worker, make_gate, wait_until, overlap):
     job = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=200, chunk_size=200)
     gate = make_gate("w")
     gate.allow(1)
     proc = spawn_worker("--consumer", "w", "--batch-items", "10", "--grace-s", "0.01",
-                        "--heartbeat-s", "0.05", gate="w")
+                        "--heartbeat-s", "0.05", "--overlap", overlap, gate="w")
     wait_until(lambda: gate.waiting() and mid_chunk(redis_client, "w"),
                timeout=60, what="the worker to be mid-chunk")
     proc.send_signal(signal.SIGTERM)
@@ -114,8 +124,9 @@ def test_sigterm_past_the_grace_releases_the_chunk_at_a_batch_boundary(
 
 @pytest.mark.slow
 def test_jobs_survive_redis_killed_and_restarted_from_its_aof(
-        private_redis, spawn_worker, tiny_pipeline, mnist_images, make_gate, wait_until):
-    store = JobStore(connect(private_redis.url), QueueConfig(chunk_size=20))
+        private_redis, connected, spawn_worker, tiny_pipeline, mnist_images, make_gate,
+        wait_until):
+    store = JobStore(connected(private_redis.url), QueueConfig(chunk_size=20))
     images = mnist_images[:320]
     first = store.submit(JobKind.COMPRESS, "tiny-vqvae", items=images)
     gate = make_gate("aof")

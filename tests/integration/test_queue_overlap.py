@@ -1,7 +1,9 @@
-"""The overlapped worker (a store thread PNG-encodes, packs and stores while the next
-calls compute) against a real Redis: chunks merged into one pipeline call are each
-stored exactly once, with exactly the bytes of the one-step-at-a-time worker
-(``overlap=False``); a worker killed mid-pipeline, or stopped, loses none of them."""
+"""The pipelined worker (the default: a store thread PNG-encodes, packs and stores while
+the next calls compute; each call in two halves, the second in a stage thread) against
+a real Redis: chunks merged into one pipeline call are each stored exactly once, with
+exactly the bytes of the one-step-at-a-time worker (``overlap=False``); a worker killed
+mid-pipeline, or stopped, loses none of them. ``pipeline_calls=False`` (the store thread
+alone) is kept where it matters."""
 
 from __future__ import annotations
 
@@ -16,27 +18,33 @@ pytestmark = pytest.mark.queue
 
 
 class CountingPipeline:
-    """The real pipeline, recording each call's kind and item count."""
+    """The real pipeline, recording each call's kind and item count as it starts
+    (``calls``) and each second half as it runs (``seconds``)."""
 
     def __init__(self, inner):
         self.inner = inner
         self.calls: list[tuple[str, int]] = []
+        self.seconds: list[tuple[str, int]] = []
 
-    def compress(self, ref, images):
+    def compress_staged(self, ref, images):
         self.calls.append(("compress", len(images)))
-        return self.inner.compress(ref, images)
+        return self._second("compress", len(images), self.inner.compress_staged(ref, images))
 
-    def reconstruct(self, codes, ref=None):
+    def reconstruct_staged(self, codes, ref=None):
         self.calls.append(("reconstruct", len(codes)))
-        return self.inner.reconstruct(codes, ref)
+        return self._second("reconstruct", len(codes),
+                            self.inner.reconstruct_staged(codes, ref))
 
-    def reconstruct_each(self, codes, ref=None):
-        self.calls.append(("reconstruct", len(codes)))
-        return self.inner.reconstruct_each(codes, ref)
-
-    def sample(self, ref, count, *, seed, temperature=1.0, start=0):
+    def sample_staged(self, ref, count, *, seed, temperature=1.0, start=0):
         self.calls.append(("sample", count))
-        return self.inner.sample(ref, count, seed=seed, temperature=temperature, start=start)
+        return self._second("sample", count, self.inner.sample_staged(
+            ref, count, seed=seed, temperature=temperature, start=start))
+
+    def _second(self, kind, n, second):
+        def run():
+            self.seconds.append((kind, n))
+            return second()
+        return run
 
 
 def submit_all(job_store, codes, bad_codes, images):
@@ -93,7 +101,10 @@ def test_merged_chunks_are_stored_once_each_with_the_serial_workers_bytes(
 
     jobs = submit_all(job_store, codes, bad, images)
     counting = CountingPipeline(tiny_pipeline)
-    worker = make_worker(pipeline=counting, read_count=8, batch_items=32, overlap=True)
+    # The store thread alone (each call whole in the loop's thread); pipelined calls:
+    # test_pipelined_calls_store_each_chunk_once_with_the_serial_workers_bytes.
+    worker = make_worker(pipeline=counting, read_count=8, batch_items=32, overlap=True,
+                         pipeline_calls=False)
     stores = count_stores(worker)
     stats = worker.run()
 
@@ -109,14 +120,16 @@ def test_merged_chunks_are_stored_once_each_with_the_serial_workers_bytes(
     assert pending(redis_client, job_store) == []
 
 
+@pytest.mark.parametrize("pipeline_calls", [False, True])
 def test_one_big_call_for_many_chunks_and_a_split_chunk(job_store, make_worker, tiny_pipeline,
-                                                        mnist_images):
+                                                        mnist_images, pipeline_calls):
     # 96 items in chunks of 12 merged into calls of 32 (a chunk split over two calls),
     # and one chunk of 40 split over two calls.
     a = job_store.submit(JobKind.SAMPLE, "tiny-ae", count=96, seed=9, chunk_size=12)
     b = job_store.submit(JobKind.COMPRESS, "tiny-ae", items=mnist_images[:40], chunk_size=40)
     counting = CountingPipeline(tiny_pipeline)
-    worker = make_worker(pipeline=counting, read_count=9, batch_items=32, overlap=True)
+    worker = make_worker(pipeline=counting, read_count=9, batch_items=32, overlap=True,
+                         pipeline_calls=pipeline_calls)
     stores = count_stores(worker)
     worker.run()
     assert sorted(counting.calls) == [("compress", 8), ("compress", 32)] + [("sample", 32)] * 3
@@ -161,21 +174,23 @@ def test_sigkill_mid_pipeline_loses_and_duplicates_nothing(
     assert pending(redis_client, job_store) == []
 
 
+@pytest.mark.parametrize("pipeline_calls", [False, True])
 def test_stop_finishes_started_chunks_and_gives_back_those_read_ahead(
-        job_store, make_worker, tiny_pipeline, mnist_images, redis_client):
+        job_store, make_worker, tiny_pipeline, mnist_images, redis_client, pipeline_calls):
     job = job_store.submit(JobKind.SAMPLE, "tiny-ae", count=64, seed=2, chunk_size=8)
     holder: list = []
 
     class StopAfterFirst(CountingPipeline):
-        def sample(self, ref, count, *, seed, temperature=1.0, start=0):
-            out = super().sample(ref, count, seed=seed, temperature=temperature, start=start)
+        def sample_staged(self, ref, count, *, seed, temperature=1.0, start=0):
+            out = super().sample_staged(ref, count, seed=seed, temperature=temperature,
+                                        start=start)
             if len(self.calls) == 1:
                 holder[0].request_stop()  # mid-read: two more chunks wait to be computed
             return out
 
     counting = StopAfterFirst(tiny_pipeline)
     worker = make_worker(pipeline=counting, read_count=4, batch_items=16, burst=False,
-                         overlap=True)
+                         overlap=True, pipeline_calls=pipeline_calls)
     holder.append(worker)
     stats = worker.run()
     info = job_store.get(job.id)
@@ -192,30 +207,9 @@ def test_stop_finishes_started_chunks_and_gives_back_those_read_ahead(
     assert job_store.get(job.id).chunks_done == 8
 
 
-class HalvesPipeline(CountingPipeline):
-    """The real pipeline, with its calls in two halves (the pipelined worker's path),
-    recording each half: ("first"|"second", kind, items)."""
-
-    def compress_staged(self, ref, images):
-        self.calls.append(("compress", len(images)))
-        second = self.inner.compress_staged(ref, images)
-        return self._second("compress", len(images), second)
-
-    def reconstruct_staged(self, codes, ref=None):
-        self.calls.append(("reconstruct", len(codes)))
-        second = self.inner.reconstruct_staged(codes, ref)
-        return self._second("reconstruct", len(codes), second)
-
-    def _second(self, kind, n, second):
-        def run():
-            self.calls.append((f"{kind} second half", n))
-            return second()
-        return run
-
-
 def test_pipelined_calls_store_each_chunk_once_with_the_serial_workers_bytes(
         job_store, make_worker, tiny_pipeline, mnist_images, redis_client):
-    # The overlap worker with pipeline_calls (its default): each call's second half (the
+    # The default worker (overlap, pipeline_calls): each call's second half (the
     # coder of a compress call, the network of a reconstruct call) runs in the stage
     # thread while the next call's first half runs; merged chunks, a chunk split over
     # two calls, a per-item bad code: the serial worker's bytes, each chunk stored once.
@@ -228,9 +222,9 @@ def test_pipelined_calls_store_each_chunk_once_with_the_serial_workers_bytes(
     want = stored_values(job_store, serial_jobs)
 
     jobs = submit_all(job_store, codes, bad, images)
-    halves = HalvesPipeline(tiny_pipeline)
-    worker = make_worker(pipeline=halves, read_count=8, batch_items=12, overlap=True)
-    assert worker.config.pipeline_calls
+    halves = CountingPipeline(tiny_pipeline)
+    worker = make_worker(pipeline=halves, read_count=8, batch_items=12)
+    assert worker.config.overlap and worker.config.pipeline_calls  # the defaults
     stores = count_stores(worker)
     stats = worker.run()
     assert stored_values(job_store, jobs) == want
@@ -238,10 +232,8 @@ def test_pipelined_calls_store_each_chunk_once_with_the_serial_workers_bytes(
     assert sorted((j, c) for j, c, _ in stores) == sorted(chunks)
     assert all(new for _, _, new in stores)
     assert stats.chunks == len(chunks)
-    # every compress / reconstruct call ran in two halves, the second once per first
-    firsts = [c for c in halves.calls if c[0] in ("compress", "reconstruct")]
-    seconds = [c for c in halves.calls if c[0].endswith("second half")]
-    assert len(seconds) == len(firsts) > 4
+    # every call ran in two halves, the second once per first, in the order started
+    assert halves.seconds == halves.calls and len(halves.calls) > 4
     assert pending(redis_client, job_store) == []
 
 

@@ -59,8 +59,10 @@ def test_fetch_resumes_from_an_index(job_store, make_worker, mnist_images):
 
 
 class CountingPipeline:
-    """The real pipeline, recording each call's item count; ``after(n)`` runs once the
-    n-th call has returned (to act at a known point of a job, with no timing)."""
+    """The real pipeline, recording each call's item count as its first half returns
+    (the worker calls the staged halves, ``chunkwork.JobPipeline``); ``after(n)`` runs
+    once the n-th call's first half has returned (to act at a known point of a job, with
+    no timing)."""
 
     def __init__(self, inner, after=None):
         self.inner = inner
@@ -72,18 +74,19 @@ class CountingPipeline:
         if self.after is not None:
             self.after(len(self.calls))
 
-    def compress(self, ref, images):
-        out = self.inner.compress(ref, images)
+    def compress_staged(self, ref, images):
+        out = self.inner.compress_staged(ref, images)
         self._done("compress", len(images))
         return out
 
-    def reconstruct(self, codes, ref=None):
-        out = self.inner.reconstruct(codes, ref)
+    def reconstruct_staged(self, codes, ref=None):
+        out = self.inner.reconstruct_staged(codes, ref)
         self._done("reconstruct", len(codes))
         return out
 
-    def sample(self, ref, count, *, seed, temperature=1.0, start=0):
-        out = self.inner.sample(ref, count, seed=seed, temperature=temperature, start=start)
+    def sample_staged(self, ref, count, *, seed, temperature=1.0, start=0):
+        out = self.inner.sample_staged(ref, count, seed=seed, temperature=temperature,
+                                       start=start)
         self._done("sample", count)
         return out
 
@@ -103,15 +106,16 @@ def test_small_chunks_are_merged_into_one_call(job_store, make_worker, tiny_pipe
         encode_png(im) for im in tiny_pipeline.sample("tiny-vae", 24, seed=3)]
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 def test_a_bad_input_fails_its_job_and_no_other(job_store, make_worker, tiny_pipeline,
-                                                mnist_images):
+                                                mnist_images, overlap):
     codes = tiny_pipeline.compress("tiny-vae", mnist_images[:16])
     bad = list(codes)
     bad[6] = bad[6][:-1] + bytes([bad[6][-1] ^ 0xFF])  # one corrupted code, in chunk 1
     broken = job_store.submit(JobKind.RECONSTRUCT, "tiny-vae", items=bad, chunk_size=4,
                               on_item_error=OnItemError.FAIL_FAST)
     good = job_store.submit(JobKind.RECONSTRUCT, "tiny-vae", items=codes, chunk_size=4)
-    stats = make_worker(read_count=16, batch_items=64).run()
+    stats = make_worker(read_count=16, batch_items=64, overlap=overlap).run()
     failed = job_store.get(broken.id)
     assert failed.state is JobState.FAILED
     assert "chunk 1 (items 4-7)" in failed.error and "CorruptCode" in failed.error
@@ -123,8 +127,9 @@ def test_a_bad_input_fails_its_job_and_no_other(job_store, make_worker, tiny_pip
         encode_png(im) for im in tiny_pipeline.reconstruct(codes)]
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 def test_a_bad_code_fails_only_its_item_by_default(job_store, make_worker, tiny_pipeline,
-                                                   mnist_images):
+                                                   mnist_images, overlap):
     codes = tiny_pipeline.compress("tiny-vae", mnist_images[:16])
     bad = list(codes)
     bad[6] = bad[6][:-1] + bytes([bad[6][-1] ^ 0xFF])
@@ -134,7 +139,7 @@ def test_a_bad_code_fails_only_its_item_by_default(job_store, make_worker, tiny_
     # In the same reads as the per-item jobs: merged calls must keep each policy.
     strict = job_store.submit(JobKind.RECONSTRUCT, "tiny-vae", items=bad, chunk_size=4,
                               on_item_error=OnItemError.FAIL_FAST)
-    stats = make_worker(read_count=16, batch_items=64).run()
+    stats = make_worker(read_count=16, batch_items=64, overlap=overlap).run()
     assert job_store.get(strict.id).state is JobState.FAILED
     assert stats.dead_lettered == 1  # the FAIL_FAST job's chunk only
     [refusal] = [r for r in tiny_pipeline.reconstruct_each(bad) if not isinstance(r, np.ndarray)]
@@ -150,8 +155,9 @@ def test_a_bad_code_fails_only_its_item_by_default(job_store, make_worker, tiny_
                    for a, b in zip(good, expect, strict=True))
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 def test_a_chunk_that_always_fails_is_dead_lettered_after_n_deliveries(
-        job_store, make_worker, tiny_repo, mnist_images, tmp_path):
+        job_store, make_worker, tiny_repo, mnist_images, tmp_path, overlap):
     import shutil
 
     from latentserve.worker.runtime.engine import EngineConfig
@@ -164,7 +170,7 @@ def test_a_chunk_that_always_fails_is_dead_lettered_after_n_deliveries(
     doomed = job_store.submit(JobKind.SAMPLE, "tiny-vqvae", count=4, chunk_size=4)
     fine = job_store.submit(JobKind.COMPRESS, "tiny-ae", items=mnist_images[:32], chunk_size=4)
     worker = make_worker(pipeline=Pipeline(repo, EngineConfig(intra_op_threads=1)),
-                         max_deliveries=3, claim_idle_s=0.3)
+                         max_deliveries=3, claim_idle_s=0.3, overlap=overlap)
     stats = worker.run()
     assert stats.dead_lettered == 1 and stats.retried == 2  # deliveries 2 and 3
     info = job_store.get(doomed.id)
@@ -177,12 +183,13 @@ def test_a_chunk_that_always_fails_is_dead_lettered_after_n_deliveries(
     assert len(all_results(job_store, fine.id)) == 32
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 def test_cancel_stops_a_running_chunk_at_the_next_batch_boundary(job_store, make_worker,
-                                                                 tiny_pipeline):
+                                                                 tiny_pipeline, overlap):
     job = job_store.submit(JobKind.SAMPLE, "tiny-ae", count=64, chunk_size=64)
     counting = CountingPipeline(tiny_pipeline,
                                 after=lambda n: n == 2 and job_store.cancel(job.id))
-    stats = make_worker(pipeline=counting, batch_items=8).run()
+    stats = make_worker(pipeline=counting, batch_items=8, overlap=overlap).run()
     assert counting.calls == [("sample", 8), ("sample", 8)]  # 6 batches never ran
     assert stats.chunks == 0 and stats.skipped == 1
     info = job_store.get(job.id)

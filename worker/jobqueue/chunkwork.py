@@ -45,17 +45,19 @@ from latentserve.worker.runtime.images import encode_png
 
 
 class JobPipeline(Protocol):
-    """What a worker calls (``latentserve.worker.runtime.pipeline.Pipeline`` implements it)."""
+    """What a worker calls (``latentserve.worker.runtime.pipeline.Pipeline`` implements it):
+    each call in two halves, the first run at once, the returned function running the
+    second (``Pipeline.compress(...) == compress_staged(...)()``, and so on), so the
+    pipelined worker can run one batch's second half while the next batch's first runs."""
 
-    def compress(self, ref: str, images: np.ndarray | Sequence[np.ndarray]) -> list[bytes]: ...
+    def compress_staged(self, ref: str, images: np.ndarray | Sequence[np.ndarray]
+                        ) -> Callable[[], list[bytes]]: ...
 
-    def reconstruct(self, codes: Sequence[bytes], ref: str | None = None) -> np.ndarray: ...
+    def reconstruct_staged(self, codes: Sequence[bytes], ref: str | None = None
+                           ) -> Callable[[], list[np.ndarray | CodeError | ResourceLimit]]: ...
 
-    def reconstruct_each(self, codes: Sequence[bytes], ref: str | None = None
-                         ) -> list[np.ndarray | CodeError | ResourceLimit]: ...
-
-    def sample(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
-               start: int = 0) -> np.ndarray: ...
+    def sample_staged(self, ref: str, count: int, *, seed: int, temperature: float = 1.0,
+                      start: int = 0) -> Callable[[], np.ndarray]: ...
 
 
 @dataclass(eq=False)
@@ -131,9 +133,8 @@ def start_batch(pipeline: JobPipeline, batch: list[Segment], *,
     """``compute_batch`` in two halves: the first runs now (the network of a compress
     call, the coder of a reconstruct call, a sample call's draws), the returned function
     runs the rest and returns each segment's results, so a worker can run one batch's
-    second half in another thread while the next batch's first half runs. A pipeline
-    without the staged calls (``compress_staged``, ``reconstruct_staged``,
-    ``sample_staged``) does it all in the first half."""
+    second half in another thread while the next batch's first half runs
+    (``JobPipeline``'s ``compress_staged``, ``reconstruct_staged``, ``sample_staged``)."""
     task = batch[0].held.task
     assert task is not None
     png = png and task.image_format is ImageFormat.PNG
@@ -145,24 +146,13 @@ def start_batch(pipeline: JobPipeline, batch: list[Segment], *,
         inputs: Any = (np.concatenate(pieces) if all(isinstance(p, np.ndarray) for p in pieces)
                        and len({p.shape[1:] for p in pieces}) == 1
                        else [im for p in pieces for im in p])
-        staged = getattr(pipeline, "compress_staged", None)
-        if staged is not None:
-            coding = staged(task.model, inputs)
-            return lambda: _split(coding(), sizes)
-        codes = pipeline.compress(task.model, inputs)
-        return lambda: _split(codes, sizes)
+        coding = pipeline.compress_staged(task.model, inputs)
+        return lambda: _split(coding(), sizes)
     if task.kind is JobKind.RECONSTRUCT:
         codes = [c for s in batch for c in s.held.inputs[s.lo:s.hi]]
-        staged = getattr(pipeline, "reconstruct_staged", None)
-        if staged is not None:
-            rendering = staged(codes, task.model or None)
-        else:
-            each = pipeline.reconstruct_each(codes, task.model or None)
-            rendering = lambda: each  # noqa: E731 - the same shape as the staged half
+        rendering = pipeline.reconstruct_staged(codes, task.model or None)
         return functools.partial(_reconstructed, rendering, task, sizes, png)
-    staged = getattr(pipeline, "sample_staged", None)
-    draw = staged if staged is not None else pipeline.sample
-    runs: list[Any] = []
+    runs: list[Callable[[], np.ndarray]] = []
     i = 0
     while i < len(batch):  # one call per run of contiguous global indices
         start = _global(batch[i])
@@ -174,12 +164,11 @@ def start_batch(pipeline: JobPipeline, batch: list[Segment], *,
                 break
             count += s.hi - s.lo
             j += 1
-        runs.append(draw(task.model, count, seed=task.seed, temperature=task.temperature,
-                         start=start))
+        runs.append(pipeline.sample_staged(task.model, count, seed=task.seed,
+                                           temperature=task.temperature, start=start))
         i = j
-    if staged is not None:  # the decoder runs in the second half
-        return lambda: _image_parts(np.concatenate([run() for run in runs]), sizes, png)
-    return functools.partial(_image_parts, np.concatenate(runs), sizes, png)
+    # the decoder runs in the second half
+    return lambda: _image_parts(np.concatenate([run() for run in runs]), sizes, png)
 
 
 def _reconstructed(rendering: Callable[[], list[Any]], task: ChunkTask, sizes: list[int],

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -91,6 +92,37 @@ def is_cluster(client: object) -> bool:
     return isinstance(client, RedisCluster)
 
 
+class ClusterClient(RedisCluster):
+    """``RedisCluster`` whose ``close()`` closes every node's sockets.
+
+    redis-py (8.1) gives each node of a client made by ``from_url`` a ``Redis`` over a
+    pool of its own, passed in, which ``Redis.close()`` leaves open: the sockets stay open
+    until GC finds them (a ResourceWarning each, and a file descriptor held meanwhile).
+    So every node client this one makes, now or after a failover, is kept to be closed.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        manager = self.nodes_manager
+        self._node_clients = [node.redis_connection for node in
+                              [*manager.nodes_cache.values(), *manager.startup_nodes.values()]
+                              if node.redis_connection is not None]
+        make = manager.create_redis_node
+
+        def tracked(host: str, port: int, **options: Any) -> redis.Redis:
+            client = cast(redis.Redis, make(host, port, **options))  # type: ignore[no-untyped-call]
+            self._node_clients.append(client)
+            return client
+
+        manager.create_redis_node = tracked  # type: ignore[method-assign]
+
+    def close(self) -> None:
+        super().close()
+        # One pool may serve several node entries: disconnect() twice is harmless.
+        for client in self._node_clients:
+            client.connection_pool.disconnect()
+
+
 def connect_cluster(url: str, *, check: bool = True, wait_s: float = 30.0) -> RedisCluster:
     """A ``RedisCluster`` client for a ``?cluster=true`` URL (already checked).
 
@@ -115,7 +147,7 @@ def connect_cluster(url: str, *, check: bool = True, wait_s: float = 30.0) -> Re
             # The retries cover a moved slot or a node that just died: the client
             # refreshes its slot map between them. A failover takes longer (the
             # cluster's node timeout); callers retry through it as through any outage.
-            return RedisCluster.from_url(
+            return ClusterClient.from_url(
                 plain, startup_nodes=list(extra), socket_connect_timeout=5,
                 health_check_interval=30,
                 retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3))

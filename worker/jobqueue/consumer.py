@@ -17,15 +17,17 @@ consumer. The loop:
    period, give unfinished chunks back to the queue (``release``).
 5. Store each finished chunk through ``JobStore.store_chunk`` (idempotent; XACKs).
 
-With ``overlap`` (``--overlap true``) step 5 and the PNG encoding of image results run in a
-store thread, so packing, PNG encoding and the STORE round trips of finished chunks
-overlap the next pipeline calls and the next reads; this thread reads, begins, plans,
+With ``overlap`` (the default; ``--overlap false`` runs every step in this thread) step 5
+and the PNG encoding of image results run in a store thread, so packing, PNG encoding
+and the STORE round trips of finished chunks overlap the next pipeline calls and the
+next reads; this thread reads, begins, plans,
 checks and computes exactly as without it (what a worker holds, when it looks for
 cancels and shutdown, what a SIGTERM finishes or releases). A chunk stays in ``_held``
 until stored, so the heartbeat extends it while it waits for the store thread; the
 backlog is bounded (a call waits while over ``2 * batch_items`` items wait to be
 stored); on shutdown the store thread stores what it holds within the grace, then
-whatever is left is released. Without it every step runs in this thread.
+whatever is left is released. With ``pipeline_calls`` (the default too) each call runs
+in two halves, the second in a stage thread (``_stage_loop``, ``_hand_over``).
 
 A heartbeat thread extends this worker's claims (XCLAIM ... JUSTID) so a healthy long
 chunk is never reclaimed, refreshes the worker's TTL'd health key and sweeps expired
@@ -147,6 +149,9 @@ class Worker:
         # A stage or store thread still inside a call when its join timed out (past the
         # grace): run() waits for it once its chunks are released, before closing Redis.
         self._lingering: list[threading.Thread] = []
+        # The last call's second half, held back by the loop's thread until its next
+        # Redis round trips are done (``_hand_over``).
+        self._handoff: tuple[list[Segment], Callable[[], list[Any]]] | None = None
 
     # -- lifecycle --------------------------------------------------------------------
     def request_stop(self, grace_s: float | None = None) -> None:
@@ -307,6 +312,19 @@ class Worker:
         n = len(self._shards)
         start, self._next_shard = self._next_shard, (self._next_shard + 1) % n
         order = [(start + i) % n for i in range(n)]
+        if self._handoff is not None or (self.config.burst and self._in_flight()):
+            # Work is held back or in flight: look without blocking, and if nothing is
+            # queued hand it over (a blocking read would hold it back up to block_ms)
+            # and, in burst mode, wait for it instead of for Redis (whose BLOCK
+            # timeouts run late by up to 1/hz, 100 ms by default).
+            for shard in order:
+                out = self._read_shard(shard, None)
+                if out:
+                    return out
+            self._hand_over()
+            if self.config.burst:
+                self._wait_idle()
+                return []
         if n == 1:
             return self._read_shard(order[0], block)
         for shard in order:
@@ -528,6 +546,7 @@ class Worker:
         """Let the stage thread, then the store thread, finish what they have (within the
         grace when stopping), then end them. Chunks they did not get to stay held: run()
         releases them."""
+        self._hand_over()
         stage = self._stage_thread
         if stage is not None:
             with self._store_cond:
@@ -619,6 +638,7 @@ class Worker:
             return
         overlap = self.config.overlap
         staged = overlap and self.config.pipeline_calls
+        self._hand_over()  # the last call's second half, before this call can wait for it
         if overlap:  # the store thread's backlog stays under two batches
             self._wait_store(2 * self.config.batch_items)
         if staged:  # one second half runs while this first half does, none waits
@@ -640,9 +660,7 @@ class Worker:
         if outputs is None:  # staged: the stage thread runs the second half
             for seg in batch:
                 seg.held.started += seg.hi - seg.lo
-            with self._store_cond:
-                self._stage_backlog += sum(seg.hi - seg.lo for seg in batch)
-            self._stage_q.put((batch, second))
+            self._handoff = (batch, second)
             return
         self._record(batch, outputs)
 
@@ -663,6 +681,35 @@ class Worker:
                     self._finish(h)
 
     # -- pipeline_calls: a stage thread runs each call's second half --------------------
+    def _hand_over(self) -> None:
+        """Give the held-back second half to the stage thread.
+
+        The loop's thread holds each call's second half back until it starts the next
+        call, waits, or finds nothing queued: its reads and BEGINs in between then do
+        not compete for the GIL with a second half that holds it (a compress call's
+        coder), which made each of their round trips wait up to the switch interval
+        (5 ms) per socket read; the held-back half runs while the next first half's
+        network, which releases the GIL, does.
+        """
+        item, self._handoff = self._handoff, None
+        if item is None:
+            return
+        with self._store_cond:
+            self._stage_backlog += sum(seg.hi - seg.lo for seg in item[0])
+        self._stage_q.put(item)
+
+    def _in_flight(self) -> bool:
+        """Computed or half-computed chunks wait for the stage or store thread."""
+        with self._store_cond:
+            return self._stage_backlog > 0 or self._store_backlog > 0
+
+    def _wait_idle(self) -> None:
+        """Until the stage and store threads have nothing left (or stopping)."""
+        with self._store_cond:
+            while (self._stage_backlog > 0 or self._store_backlog > 0) \
+                    and not self._stop.is_set():
+                self._store_cond.wait(0.1)
+
     def _wait_stage(self, most: int) -> None:
         """Until at most ``most`` items wait for (or are in) the stage thread."""
         with self._store_cond:
