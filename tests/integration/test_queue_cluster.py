@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -112,15 +113,32 @@ def open_sockets() -> int:
                if (fds / fd).exists())
 
 
+def collect_garbage() -> None:
+    """Close what earlier tests left unreachable now, not while a test counts sockets (their
+    ResourceWarnings are pytest's to report, not this test's failure)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
 def test_closing_a_cluster_client_closes_every_nodes_sockets(redis_cluster) -> None:
     """redis-py's RedisCluster.close() left the node pools of a from_url client open (their
     sockets waited for GC: a ResourceWarning at a random later moment)."""
-    gc.collect()  # an earlier test's unreachable clients close now, not while counting
+    collect_garbage()
     before = open_sockets()
     client = connect(redis_cluster.url)
     client.ping(target_nodes=client.ALL_NODES)  # a connection to every node
     assert open_sockets() >= before + len(client.get_nodes())
     client.close()
+    assert open_sockets() <= before
+
+
+def test_a_refused_cluster_connection_leaves_no_socket_open(private_redis) -> None:
+    """A node that answers but is not in cluster mode: the failed client's pools close."""
+    collect_garbage()
+    before = open_sockets()
+    with pytest.raises(Unavailable, match="[Cc]luster mode is not enabled"):
+        connect(private_redis.url + "?cluster=true")
     assert open_sockets() <= before
 
 

@@ -143,15 +143,22 @@ def connect_cluster(url: str, *, check: bool = True, wait_s: float = 30.0) -> Re
              for host, port in startup_nodes(url)]
     deadline = time.monotonic() + (wait_s if check else 0.0)
     while True:
+        # redis-py appends the URL's node to this list and gives each node it contacts a
+        # client: a node that answered but could not serve (not in cluster mode) keeps an
+        # open socket there when the constructor raises, closed below.
+        contacts = list(extra)
         try:
             # The retries cover a moved slot or a node that just died: the client
             # refreshes its slot map between them. A failover takes longer (the
             # cluster's node timeout); callers retry through it as through any outage.
             return ClusterClient.from_url(
-                plain, startup_nodes=list(extra), socket_connect_timeout=5,
+                plain, startup_nodes=contacts, socket_connect_timeout=5,
                 health_check_interval=30,
                 retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3))
         except (RedisClusterException, redis.RedisError) as exc:
+            for node in contacts:
+                if node.redis_connection is not None:
+                    node.redis_connection.connection_pool.disconnect()
             cause: BaseException = exc
             while cause.__cause__ is not None:  # "cannot be connected" wraps the reason
                 cause = cause.__cause__
