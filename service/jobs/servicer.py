@@ -191,6 +191,13 @@ class JobsServicer(pb_grpc.JobsServicer):
                 raise InvalidInput(f"the {kind.value} job received no inputs: send "
                                    f"JobItems.{'images' if kind is JobKind.COMPRESS else 'codes'}"
                                    " after the JobSpec")
+            if spec.expected_items and total != spec.expected_items:
+                # grpc's sync server ends the request iterator as for a finished upload
+                # when a receive ends before the client's cancel is seen: a client that
+                # died mid-upload must not leave a job it never got the id of.
+                raise InvalidInput(f"the job announced {spec.expected_items} items "
+                                   f"(JobSpec.expected_items) and {total} arrived: "
+                                   "nothing was queued, submit it again")
             return job_message(self.store.seal(job, total, chunks))
         except JobStateError:
             info = self.store.get(job.id)

@@ -296,6 +296,8 @@ def _submit_cases(draw: st.DrawFn, corpus: tuple[ImageCase, ...], codes: Codes,
             parts.append(one(INVALID))
         if total > LIMITS.job_items:
             parts.append(one(EXHAUSTED))
+        if spec.expected_items and total != spec.expected_items:
+            parts.append(one(INVALID))  # the announced count did not arrive
     allowed = combine(parts)
     # An acceptable job meets a full queue; a compress or reconstruct job meets it right
     # after its spec, before its inputs are read.
