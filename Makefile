@@ -30,7 +30,7 @@ test: install-dev
 zoo: install-dev
 	PATH="$(abspath $(BIN)):$$PATH" scripts/build_zoo.sh
 
-# Rebuild the shipped photo codecs (models/photo-*/3, photo-xlo/1) from ../shared/data/bsds500
-# (one torch thread, about 1.2-1.7 hours on 2 shared cores).
+# Rebuild the shipped photo codecs (models/photo-*/4, photo-xlo/2) from ../shared/data/bsds500
+# (one torch thread, about 2-4 hours on 2 shared cores).
 zoo-photo: install-dev
 	scripts/build_photo_zoo.sh

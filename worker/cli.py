@@ -96,16 +96,13 @@ def check_health(config: Any) -> int:
     from latentserve.worker.jobqueue.store import connect
 
     host = socket.gethostname()
-    client = None
     try:
-        client = connect(config.redis_url)
-        records = [w for w in worker_health(client, config) if w["host"] == host]
+        # Closed on the way out: a cluster client's node sockets are not closed by GC alone.
+        with connect(config.redis_url) as client:
+            records = [w for w in worker_health(client, config) if w["host"] == host]
     except Exception as exc:  # noqa: BLE001 - any failure means "not healthy"
         print(f"unhealthy: cannot read worker health from Redis: {exc}", file=sys.stderr)
         return 1
-    finally:
-        if client is not None:
-            client.close()  # a cluster client's node sockets are not closed by GC alone
     ready = [w for w in records if w.get("ready") and not w.get("stopping")]
     for w in records:
         print(f"{w['consumer']}: {'ready' if w in ready else 'starting or stopping'}, "

@@ -118,9 +118,14 @@ class ClusterClient(RedisCluster):
 
     def close(self) -> None:
         super().close()
-        # One pool may serve several node entries: disconnect() twice is harmless.
-        for client in self._node_clients:
-            client.connection_pool.disconnect()
+        disconnect(self._node_clients)
+
+
+def disconnect(clients: list[redis.Redis]) -> None:
+    """Close the sockets of these node clients' pools (one pool may serve several node
+    entries: disconnect() twice is harmless)."""
+    for client in clients:
+        client.connection_pool.disconnect()
 
 
 def connect_cluster(url: str, *, check: bool = True, wait_s: float = 30.0) -> RedisCluster:
@@ -156,9 +161,7 @@ def connect_cluster(url: str, *, check: bool = True, wait_s: float = 30.0) -> Re
                 health_check_interval=30,
                 retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3))
         except (RedisClusterException, redis.RedisError) as exc:
-            for node in contacts:
-                if node.redis_connection is not None:
-                    node.redis_connection.connection_pool.disconnect()
+            disconnect([n.redis_connection for n in contacts if n.redis_connection is not None])
             cause: BaseException = exc
             while cause.__cause__ is not None:  # "cannot be connected" wraps the reason
                 cause = cause.__cause__

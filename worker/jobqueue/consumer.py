@@ -553,17 +553,20 @@ class Worker:
                 while self._stage_backlog > 0 and time.monotonic() < self._deadline:
                     self._store_cond.wait(min(max(self._deadline - time.monotonic(), 0.0), 1.0))
             self._stage_q.put(None)
-            stage.join(timeout=max(min(self._deadline - time.monotonic(), 30.0), 1.0))
+            self._join_or_linger(stage)
             self._stage_thread = None
-            if stage.is_alive():
-                self._lingering.append(stage)
         thread = self._store_thread
         if thread is None:
             return
         self._wait_store(0, self._deadline)
         self._store_q.put(None)
-        thread.join(timeout=max(min(self._deadline - time.monotonic(), 30.0), 1.0))
+        self._join_or_linger(thread)
         self._store_thread = None
+
+    def _join_or_linger(self, thread: threading.Thread) -> None:
+        """Join ``thread`` within what is left of the grace (1-30 s); if it is still inside
+        a call, keep it for ``_join_lingering``."""
+        thread.join(timeout=max(min(self._deadline - time.monotonic(), 30.0), 1.0))
         if thread.is_alive():
             self._lingering.append(thread)
 
