@@ -83,19 +83,26 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory, mnist_images: np.ndarray
 
 
 def build_photo_repo(root: Path, *, n: int = 8, m: int = 8) -> Path:
-    """A repository with ``tiny-photo`` (RGB) and ``tiny-photo-grey`` (L): any-size
-    photo codecs (export/nets/photo.py) of width ``n``/``m``, untrained (seeded), exported
-    through the real any-size exporter. Their pixels mean nothing; their codes, sizes
-    and refusals are what the tests check."""
+    """A repository with ``tiny-photo`` (RGB), ``tiny-photo-grey`` (L) and
+    ``tiny-photo-hyper`` (RGB, a scale hyperprior with 4 z channels: code kind 5, the
+    exact layout): any-size photo codecs (export/nets/photo.py) of width ``n``/``m``,
+    untrained (seeded), exported through the real any-size exporter. Their pixels mean
+    nothing; their codes, sizes and refusals are what the tests check."""
     import torch
 
     from latentserve.export.nets.photo import PhotoCodec, PhotoConfig
     from latentserve.export.publish.photo import export_photo
 
     rng = np.random.default_rng(0)
-    for name, channels in (("tiny-photo", 3), ("tiny-photo-grey", 1)):
+    for name, channels, hyper in (("tiny-photo", 3, 0), ("tiny-photo-grey", 1, 0),
+                                  ("tiny-photo-hyper", 3, 4)):
         torch.manual_seed(0)
-        net = PhotoCodec(PhotoConfig(channels=channels, n=n, m=m))
+        net = PhotoCodec(PhotoConfig(channels=channels, n=n, m=m, hyper=hyper))
+        if hyper:  # untrained latents sit near 0: spread them so y and z carry symbols
+            with torch.no_grad():
+                net.g_a[-1].weight.mul_(40.0)
+                net.h_a[-1].weight.mul_(30.0)
+                net.h_s[-1].weight.mul_(10.0)
         fit = rng.integers(0, 256, (4, channels, 64, 64), dtype=np.uint8)
         val = [rng.integers(0, 256, (channels, 17, 33), dtype=np.uint8)]
         check = rng.integers(0, 256, (2, channels, 48, 64), dtype=np.uint8)

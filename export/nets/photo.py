@@ -11,6 +11,12 @@ sizes, worker/runtime/pipeline.py). Rate: ``FactorizedDensity`` per latent chann
 in training, rounding (straight-through) for the decoder, as the zoo's ``ae``; the
 exported model is family ``ae`` with code kind ``factorized`` and the manifest's
 ``image.size: "any"`` (docs/code-format.md, format version 2).
+
+``PhotoConfig.hyper > 0`` adds bmshj2018-hyperprior's scale hyperprior with that many
+hyper channels: z = h_a(|y|) at 1/4 of y's grid under a factorized density, and one
+Gaussian scale per element of y from h_s(z_hat). h_s is built from the layers the
+runtime evaluates in exact integer arithmetic (worker/codec/intnet.py), so the encoder
+and every decoder pick the same tables on any machine.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentserve.export.nets.entropy_model import FactorizedDensity
 from latentserve.export.nets.gdn import GDN
+from latentserve.export.nets.hyperprior import gaussian_likelihood
 
 STRIDE = 16
 
@@ -33,6 +41,7 @@ class PhotoConfig:
     channels: int = 3
     n: int = 48   # hidden channels (CompressAI: 128)
     m: int = 96   # latent channels (CompressAI: 192)
+    hyper: int = 0  # > 0: a scale hyperprior with this many channels of z (CompressAI: n)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -60,15 +69,34 @@ class PhotoCodec(nn.Module):
         self.g_s = nn.Sequential(_deconv(m, n), GDN(n, inverse=True), _deconv(n, n),
                                  GDN(n, inverse=True), _deconv(n, n), GDN(n, inverse=True),
                                  _deconv(n, c))
-        self.density = FactorizedDensity(m)
+        k = config.hyper
+        if k:
+            # CompressAI's h_a / h_s at width k; z at 1/64 of the image.
+            self.h_a = nn.Sequential(nn.Conv2d(m, k, 3, padding=1), nn.ReLU(),
+                                     _conv(k, k), nn.ReLU(), _conv(k, k))
+            self.h_s = nn.Sequential(_deconv(k, k), nn.ReLU(), _deconv(k, k), nn.ReLU(),
+                                     nn.Conv2d(k, m, 3, padding=1))
+        self.density = FactorizedDensity(k or m)
+
+    def scales(self, z_hat: Tensor) -> Tensor:
+        """The Gaussian scale of every element of y, from the (rounded or noisy) z."""
+        return F.softplus(self.h_s(z_hat))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         y = self.g_a(x)
-        _, likelihoods = self.density(y)
         y_hat = y + (torch.round(y) - y).detach()
         x_hat = self.g_s(y_hat)
-        bits = -torch.log2(likelihoods).flatten(1).sum(1)
-        return {"x_hat": x_hat, "y": y, "likelihoods": likelihoods, "bits": bits}
+        if not self.config.hyper:
+            _, likelihoods = self.density(y)
+            bits = -torch.log2(likelihoods).flatten(1).sum(1)
+            return {"x_hat": x_hat, "y": y, "likelihoods": likelihoods, "bits": bits}
+        z_tilde, z_lik = self.density(self.h_a(y.abs()))
+        y_tilde = y + torch.empty_like(y).uniform_(-0.5, 0.5) if self.training else y_hat
+        y_lik = gaussian_likelihood(y_tilde, self.scales(z_tilde))
+        bits_y = -torch.log2(y_lik).flatten(1).sum(1)
+        bits_z = -torch.log2(z_lik).flatten(1).sum(1)
+        return {"x_hat": x_hat, "y": y, "likelihoods": y_lik, "bits": bits_y + bits_z,
+                "bits_z": bits_z}
 
     def onnx_encoder(self) -> nn.Module:
         return _Encoder(self)

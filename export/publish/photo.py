@@ -12,6 +12,12 @@ per pixel of whole codes, PSNR-RGB), ``check.npz`` and ``registry.json`` (that t
     python -m latentserve.export.publish.photo runs/photo2/photo-lo.pt --repo models \\
         --name photo-lo --version 2 --fit ../shared/data/bsds500/train \\
         --val ../shared/data/bsds500/test --overwrite
+
+A hyperprior net (``PhotoConfig.hyper`` > 0) is exported as code kind ``hyperprior``
+with the exact layout: ``hyper_encoder.onnx`` (y_hat -> z), ``hyper_decoder.npz`` (h_s
+as an integer network, export/publish/hyper_int.py), z's factorized tables fitted on the
+fitting crops' z, the 64 Gaussian tables over y's support (y's histogram is kept as the
+manifest's ``code.factorized``, which fixes that support).
 """
 
 from __future__ import annotations
@@ -29,13 +35,16 @@ from latentserve.export.nets.photo import STRIDE, PhotoCodec
 from latentserve.export.publish import tables
 from latentserve.export.publish.exporter import OPSET, onnx_export
 from latentserve.export.publish.halves import round_to_halves, store_exact_halves
+from latentserve.export.publish.hyper_int import integer_hyper_decoder
 from latentserve.export.publish.writer import append_registry, check_target, finish_version
+from latentserve.worker.codec.intnet import save_intnet
 from latentserve.worker.runtime.manifest import manifest_fields
 from latentserve.worker.runtime.quality import mean_psnr
 
 PARITY_TOLERANCE = 1e-3   # relative to the latent's scale; float32 convs on both sides
 FIT_CROP = 256
 CHECK_SIZE = (48, 64)     # the check record's images: multiples of the stride
+Z_STRIDE = 4              # h_a's two stride-2 convolutions
 
 
 def export_graph(module: nn.Module, example: torch.Tensor, path: Path, *, input_name: str,
@@ -62,6 +71,44 @@ def _symbols(net: PhotoCodec, images: np.ndarray) -> np.ndarray:
     out = [torch.round(net.g_a(torch.from_numpy(images[i:i + 8]).float() / 255.0))
            for i in range(0, len(images), 8)]
     return torch.cat(out).numpy().astype(np.int64)
+
+
+class _HyperEncoder(nn.Module):
+    """y_hat float32 (N, M, h, w), h and w multiples of 4 -> z float32 (N, K, h/4, w/4)."""
+
+    def __init__(self, net: PhotoCodec) -> None:
+        super().__init__()
+        self.h_a = net.h_a
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        z: torch.Tensor = self.h_a(latent.abs())
+        return z
+
+
+def _support(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the lowest and highest symbol of factorized tables."""
+    lo = np.array(spec["offsets"], np.int64)
+    return lo, lo + np.array([len(f) for f in spec["freqs"]], np.int64) - 1
+
+
+def _hyper_code(net: PhotoCodec, folder: Path, symbols: np.ndarray) -> dict[str, Any]:
+    """Write hyper_encoder.onnx and hyper_decoder.npz; the manifest's code block. The
+    fitting symbols' crops are multiples of 64 px, so no padding is involved."""
+    export_graph(_HyperEncoder(net), torch.zeros(1, net.config.m, 4, 8),
+                 folder / "hyper_encoder.onnx", input_name="latent", output_name="hyper_latent")
+    y_spec = tables.histogram_tables(symbols, step=1.0)
+    lo, hi = _support(y_spec)
+    y_hat = torch.from_numpy(np.clip(symbols, lo.reshape(1, -1, 1, 1),
+                                     hi.reshape(1, -1, 1, 1)).astype(np.float32))
+    with torch.no_grad():
+        z = torch.round(net.h_a(y_hat.abs())).numpy().astype(np.int64)
+    z_spec = tables.ae_tables(net.density, z)
+    bound = int(np.abs(np.concatenate(_support(z_spec))).max())
+    intnet, thresholds = integer_hyper_decoder(net.h_s, bound)
+    (folder / "hyper_decoder.npz").write_bytes(save_intnet(intnet.layers, bound, thresholds))
+    spec = tables.hyperprior_spec(y_spec, z_spec, [net.config.hyper, 0, 0])
+    spec["z"]["stride"] = Z_STRIDE  # type: ignore[index]
+    return {"kind": "hyperprior", "factorized": y_spec, "hyperprior": spec}
 
 
 def measure(pipeline_codec: Any, val: list[np.ndarray]) -> dict[str, Any]:
@@ -106,14 +153,20 @@ def export_photo(net: PhotoCodec, *, repo: str | Path, name: str, version: int,
                      input_name="image", output_name="latent")
         export_graph(net.onnx_decoder(), torch.zeros(1, m, 2, 3), folder / "decoder.onnx",
                      input_name="latent", output_name="image")
-        if half_weights:
-            for role in ("encoder.onnx", "decoder.onnx"):
-                store_exact_halves(folder / role)
+        files = {"encoder": "encoder.onnx", "decoder": "decoder.onnx"}
         symbols = _symbols(net, fit_images)
-        code = {"kind": "factorized", "factorized": tables.ae_tables(net.density, symbols)}
+        if net.config.hyper:
+            code = _hyper_code(net, folder, symbols)
+            files.update(hyper_encoder="hyper_encoder.onnx", hyper_decoder_int="hyper_decoder.npz")
+        else:
+            code = {"kind": "factorized", "factorized": tables.ae_tables(net.density, symbols)}
+        if half_weights:
+            for role in files.values():
+                if role.endswith(".onnx"):
+                    store_exact_halves(folder / role)
         manifest = manifest_fields(
             name=name, version=version, family="ae", image_shape=(c, 0, 0), latent_shape=[m],
-            folder=folder, files={"encoder": "encoder.onnx", "decoder": "decoder.onnx"},
+            folder=folder, files=files,
             opset=OPSET, producer=f"torch {torch.__version__}", code=code,
             sampling={"kind": "none"}, stride=STRIDE)
         manifest["source"] = source

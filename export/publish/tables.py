@@ -125,7 +125,7 @@ _DECIMAL_DIGITS = 80
 _PI = Decimal("3.1415926535897932384626433832795028841971693993751058209749445923078164062862")
 
 
-def _decimal_scales() -> list[Decimal]:
+def decimal_scales() -> list[Decimal]:
     """exp(linspace(ln s_min, ln s_max, levels)) in decimal arithmetic."""
     lo, hi = Decimal(str(HYPER_SCALE_MIN)).ln(), Decimal(str(HYPER_SCALE_MAX)).ln()
     return [(lo + (hi - lo) * i / (HYPER_LEVELS - 1)).exp() for i in range(HYPER_LEVELS)]
@@ -135,7 +135,7 @@ def hyper_scale_table() -> np.ndarray:
     """The scales of the Gaussian tables, float64 (export only: the tables are frozen)."""
     with localcontext() as ctx:
         ctx.prec = _DECIMAL_DIGITS
-        return np.array([float(s) for s in _decimal_scales()])
+        return np.array([float(s) for s in decimal_scales()])
 
 
 def _normal_cdf(t: Decimal) -> Decimal:
@@ -161,7 +161,7 @@ def gaussian_tables(lo: int, hi: int) -> list[list[int]]:
     out = []
     with localcontext() as ctx:
         ctx.prec = _DECIMAL_DIGITS
-        for s in _decimal_scales():
+        for s in decimal_scales():
             cdf = [_normal_cdf((Decimal(v) + Decimal("0.5")) / s) for v in range(lo, hi)]
             edges = [Decimal(0), *cdf, Decimal(1)]
             pmf = np.array([float(b - a) for a, b in zip(edges, edges[1:], strict=False)])

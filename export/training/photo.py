@@ -31,7 +31,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class PhotoTrainConfig:
     warmup: int = 0
     seed: int = 0
     budget_s: float = 0.0  # > 0: also end after this many seconds, the schedule on time
+    hyper_lr_scale: float = 1.0  # the hyperprior's and z density's lr as a multiple of lr
 
 
 def run_share(step: int, elapsed_s: float, cfg: PhotoTrainConfig) -> float:
@@ -138,14 +139,18 @@ def train(net: PhotoCodec, photos: list[np.ndarray], cfg: PhotoTrainConfig, val:
     ``save(history)`` every 500 (a long run stopped early keeps its last checkpoint)."""
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    hyper = [p for n, p in net.named_parameters() if n.startswith(("h_a.", "h_s.", "density."))]
+    ids = {id(p) for p in hyper}
+    scales = [1.0, cfg.hyper_lr_scale]
+    opt = torch.optim.Adam([{"params": [p for p in net.parameters() if id(p) not in ids]},
+                            {"params": hyper}], lr=cfg.lr)
     net.train()
     history, t0, window = [], time.monotonic(), []
     for step in range(cfg.steps):
         done = run_share(step, time.monotonic() - t0, cfg)
         last = step + 1 == cfg.steps or done >= 1.0
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg, done)
+        for group, scale in zip(opt.param_groups, scales, strict=True):
+            group["lr"] = scale * cfg.lr * lr_factor(step, cfg, done)
         terms = rd_terms(net, random_crops(photos, cfg.batch, cfg.crop, rng), cfg.lmbda)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -186,6 +191,16 @@ def load_photo_checkpoint(path: str | Path) -> tuple[dict[str, Any], PhotoCodec]
     return ckpt, net
 
 
+def with_hyperprior(net: PhotoCodec, hyper: int) -> PhotoCodec:
+    """A hyperprior net of width ``hyper`` whose g_a and g_s are ``net``'s (a factorized
+    checkpoint's transforms as the start of a hyperprior's training)."""
+    out = PhotoCodec(replace(net.config, hyper=hyper))
+    transforms = {k: v for k, v in net.state_dict().items() if k.startswith(("g_a.", "g_s."))}
+    missing, _ = out.load_state_dict(transforms, strict=False)
+    assert all(k.startswith(("h_a.", "h_s.", "density.")) for k in missing), missing
+    return out
+
+
 def parse_rung(text: str) -> tuple[str, float]:
     """``NAME=LAMBDA`` -> (name, lambda), or a ValueError naming the bad argument."""
     name, sep, lam = text.partition("=")
@@ -217,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--m", type=int, default=96)
+    ap.add_argument("--hyper", type=int, default=0,
+                    help="> 0: a scale hyperprior with this many z channels (an --init "
+                         "checkpoint without one keeps its transforms and gains it)")
+    ap.add_argument("--hyper-lr-scale", type=float, default=1.0,
+                    help="the hyperprior's lr as a multiple of --lr / --rung-lr")
     ap.add_argument("--base-lambda", type=float, default=0.01)
     ap.add_argument("--base-steps", type=int, default=1500)
     ap.add_argument("--rung", action="append", default=[], help="NAME=LAMBDA (repeat)")
@@ -251,12 +271,16 @@ def main(argv: list[str] | None = None) -> int:
             ckpt0, net = load_photo_checkpoint(args.init)
             prior_hist = list(ckpt0.get("history", []))
             init = {"path": str(args.init), "steps": total_steps(ckpt0)}
+            if args.hyper and net.config.hyper != args.hyper:
+                net = with_hyperprior(net, args.hyper)
+                init["hyper_added"] = args.hyper
         else:
-            net = PhotoCodec(PhotoConfig(n=args.n, m=args.m))
+            net = PhotoCodec(PhotoConfig(n=args.n, m=args.m, hyper=args.hyper))
         base_cfg = PhotoTrainConfig(lmbda=args.base_lambda, steps=args.base_steps, batch=args.batch,
                                     crop=args.crop, lr=args.lr, min_lr=args.min_lr,
                                     warmup=args.warmup, seed=args.seed,
-                                    budget_s=args.base_budget_s)
+                                    budget_s=args.base_budget_s,
+                                    hyper_lr_scale=args.hyper_lr_scale)
         t0 = time.monotonic()
         base_hist = prior_hist
         base_total = init.get("steps", 0)
@@ -277,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = PhotoTrainConfig(lmbda=lam, steps=args.rung_steps, batch=args.batch,
                                    crop=args.crop, lr=args.rung_lr, min_lr=args.min_lr,
                                    warmup=args.warmup, seed=args.seed + 1 + i,
-                                   budget_s=args.rung_budget_s)
+                                   budget_s=args.rung_budget_s,
+                                   hyper_lr_scale=args.hyper_lr_scale)
             hist = train(fine, photos, cfg, val, log, name)
             ckpt = checkpoint(fine, cfg, base_hist + hist, data)
             ckpt.update(base_config=asdict(base_cfg), init=init, base_steps=base_total,

@@ -26,6 +26,8 @@ from latentserve.worker.runtime.images import encode_png
 from latentserve.worker.runtime.pipeline import Pipeline
 
 SIZES = [(1, 1), (17, 33), (321, 481), (17, 33), (40, 16)]
+# The factorized codec and the scale hyperprior (code kind 5, exact layout).
+RGB_MODELS = pytest.mark.parametrize("model", ["tiny-photo", "tiny-photo-hyper"])
 
 
 def photos(channels: int, sizes: list[tuple[int, int]], seed: int = 0) -> list[np.ndarray]:
@@ -51,29 +53,34 @@ def client(server: Any) -> Iterator[LatentServeClient]:
         yield c
 
 
-def test_unary_round_trip_at_odd_sizes(client: LatentServeClient, local: Pipeline) -> None:
+@RGB_MODELS
+def test_unary_round_trip_at_odd_sizes(client: LatentServeClient, local: Pipeline,
+                                       model: str) -> None:
     images = photos(3, SIZES[:2] + SIZES[3:]) + photos(3, [(150, 190)], seed=1)
-    codes = client.compress(images, "tiny-photo")
-    assert codes == local.compress("tiny-photo", images)
+    codes = client.compress(images, model)
+    assert codes == local.compress(model, images)
     assert [parse_header(c).size for c in codes] == [im.shape[1:] for im in images]
     back = client.reconstruct_list(codes)
     want = local.reconstruct_each(codes)
     assert all(np.array_equal(a, b) for a, b in zip(back, want, strict=True))  # type: ignore[arg-type]
 
 
-def test_streams_mix_sizes(server: Any, local: Pipeline) -> None:
+@RGB_MODELS
+def test_streams_mix_sizes(server: Any, local: Pipeline, model: str) -> None:
     images = photos(3, [(1, 1), (17, 33), (17, 33), (64, 48)], seed=2)
     with LatentServeClient(server.target, timeout=60, chunk_images=1) as c:  # one per message
-        codes = c.compress(images, "tiny-photo")
+        codes = c.compress(images, model)
         back = c.reconstruct_list(codes)
-    assert codes == local.compress("tiny-photo", images)
+    assert codes == local.compress(model, images)
     assert [b.shape for b in back] == [im.shape for im in images]
 
 
-def test_the_481x321_photo_as_a_png(client: LatentServeClient, local: Pipeline) -> None:
+@RGB_MODELS
+def test_the_481x321_photo_as_a_png(client: LatentServeClient, local: Pipeline,
+                                    model: str) -> None:
     image = photos(3, [(321, 481)], seed=5)[0]
-    (code,) = client.compress([encode_png(image)], "tiny-photo")
-    assert code == local.compress("tiny-photo", [image])[0]
+    (code,) = client.compress([encode_png(image)], model)
+    assert code == local.compress(model, [image])[0]
     assert client.reconstruct_list([code])[0].shape == (3, 321, 481)
 
 
@@ -121,18 +128,19 @@ def test_sample_status_is_failed_precondition(server: Any) -> None:
 
 
 @pytest.mark.queue
+@RGB_MODELS
 def test_jobs_mix_sizes(photo_repo: Path, redis_url: str, make_worker: Any,
-                        local: Pipeline) -> None:
+                        local: Pipeline, model: str) -> None:
     queue = QueueConfig(**JOBS_QUEUE)
     s = serve_tiny(photo_repo, redis_url)
     try:
         with JobsClient(s.target, timeout=60, batch=3) as jobs:
             images = photos(3, SIZES, seed=4)
-            job = jobs.submit_compress("tiny-photo", images, chunk_size=2)
-            bad = jobs.submit_compress("tiny-photo", photos(1, [(4, 4)]) + images[:1])
+            job = jobs.submit_compress(model, images, chunk_size=2)
+            bad = jobs.submit_compress(model, photos(1, [(4, 4)]) + images[:1])
             make_worker(pipeline=local, queue=queue).run()
             codes = [c for _, c in jobs.fetch(job.id)]
-            assert codes == local.compress("tiny-photo", images)
+            assert codes == local.compress(model, images)
             failed = list(jobs.fetch_messages(bad.id))
             assert [e.code for m in failed for e in m.errors] == ["INVALID_ARGUMENT"]
             raw = jobs.submit_reconstruct(codes, fmt="raw", chunk_size=4)
@@ -144,21 +152,23 @@ def test_jobs_mix_sizes(photo_repo: Path, redis_url: str, make_worker: Any,
                        zip(got, local.reconstruct_each(codes), strict=True))  # type: ignore[arg-type]
             assert [x for _, x in jobs.fetch(png.id)] == [encode_png(g) for g in got]
             with pytest.raises(E.UnsupportedOperation):
-                jobs.submit_sample("tiny-photo", 3)
+                jobs.submit_sample(model, 3)
     finally:
         s.stop(0).wait(30)
 
 
-def test_cli_compress_and_reconstruct(photo_repo: Path, tmp_path: Path, local: Pipeline) -> None:
+@RGB_MODELS
+def test_cli_compress_and_reconstruct(photo_repo: Path, tmp_path: Path, local: Pipeline,
+                                      model: str) -> None:
     src = tmp_path / "in"
     src.mkdir()
     images = photos(3, [(17, 33), (1, 1), (40, 21)], seed=6)
     for i, im in enumerate(images):
         Image.fromarray(im.transpose(1, 2, 0)).save(src / f"p{i}.png")
     assert cli_main(["compress", str(src), "--models", str(photo_repo), "--model",
-                     "tiny-photo", "--out", str(tmp_path / "codes")]) == 0
+                     model, "--out", str(tmp_path / "codes")]) == 0
     codes = [(tmp_path / "codes" / f"p{i}.lsc").read_bytes() for i in range(3)]
-    assert codes == local.compress("tiny-photo", images)
+    assert codes == local.compress(model, images)
     assert cli_main(["reconstruct", str(tmp_path / "codes"), "--models", str(photo_repo),
                      "--out", str(tmp_path / "out")]) == 0
     for i, im in enumerate(images):

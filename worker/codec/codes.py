@@ -257,7 +257,7 @@ class LatentCodec:
             self.prior = m.vq_prior if self.prior_kind == VQ_PRIOR else m.vq_parallel
         if self.prior is not None:
             check_prior_spec(self.prior)
-        self.hyper = (HyperTables(m.hyperprior, m.latent_shape)
+        self.hyper = (HyperTables(m.hyperprior, m.latent_shape, exact=runtime.hyper_exact)
                       if m.hyperprior is not None and m.family != "vqvae" else None)
         self.kinds = ({FACTORIZED} | ({HYPERPRIOR} if self.hyper else set())
                       if m.family != "vqvae"
@@ -347,10 +347,13 @@ class LatentCodec:
         hyper = self.hyper
         assert hyper is not None
         z = hyper.quantize_z(self.runtime.hyper_latent(symbols))
-        if tuple(z.shape[1:]) != hyper.spec.z_shape:
+        grid = (int(symbols.shape[2]), int(symbols.shape[3]))
+        want = hyper.spec.z_shape_for(grid)
+        if tuple(z.shape[1:]) != want:
             raise ModelIntegrityError(f"{self.manifest.ref}: hyper_encoder gives z of shape "
-                                      f"{tuple(z.shape[1:])}, the manifest says "
-                                      f"{hyper.spec.z_shape}")
+                                      f"{tuple(z.shape[1:])}, the manifest says {want}")
+        if hyper.exact:  # integer indices: no offset to search, nothing to guard
+            return z, np.zeros(len(z), np.int64), self.runtime.hyper_indices(z, grid)
         offsets, indices = plan_scale_offsets(self.runtime.hyper_scales(z), hyper.spec)
         return z, offsets, indices
 
@@ -360,6 +363,9 @@ class LatentCodec:
         if len(symbols) == 0:
             return []
         z, offsets, indices = self.hyper_plan(symbols)
+        if hyper.exact:
+            return [(HYPERPRIOR, hyper.encode_exact(z[i], symbols[i], indices[i]))
+                    for i in range(len(symbols))]
         return [(HYPERPRIOR, hyper.encode(int(j), z[i], symbols[i], indices[i])) if j >= 0
                 else (FACTORIZED, self.factorized.encode(symbols[i]))
                 for i, j in enumerate(offsets.tolist())]
@@ -407,8 +413,10 @@ class LatentCodec:
         for i, (s, k) in enumerate(zip(symbols, kinds, strict=True)):
             if k == HYPERPRIOR:
                 z, offsets, indices = hplan  # type: ignore[misc]
-                out[i] = self.hyper.cross_entropy_bits(  # type: ignore[union-attr]
-                    int(max(offsets[i], 0)), z[i], s, indices[i])
+                hyper = self.hyper
+                assert hyper is not None
+                out[i] = (hyper.exact_bits(z[i], s, indices[i]) if hyper.exact else
+                          hyper.cross_entropy_bits(int(max(offsets[i], 0)), z[i], s, indices[i]))
             elif k == FACTORIZED:
                 out[i] = self._tables(FACTORIZED, size).cross_entropy_bits(s)
             elif k == VQ_STATIC:
@@ -483,10 +491,17 @@ class LatentCodec:
             elif jobs:
                 for i, r in zip((i for i, _ in jobs), self._decode_fixed(kind, jobs), strict=True):
                     results[i] = r
-        for jobs, decode in ((prior_jobs, self._decode_prior), (hyper_jobs, self._decode_hyper)):
-            if jobs:
-                for (i, _), d in zip(jobs, decode([p for _, p in jobs]), strict=True):
-                    results[i] = d
+        if prior_jobs:
+            for (i, _), d in zip(prior_jobs, self._decode_prior([p for _, p in prior_jobs]),
+                                 strict=True):
+                results[i] = d
+        hyper_sizes: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
+        for i, p in hyper_jobs:  # one hyper-decoder run per grid shape
+            hyper_sizes.setdefault(headers[i].size, []).append((i, p))  # type: ignore[union-attr, arg-type]
+        for hw, group in hyper_sizes.items():
+            for (i, _), d in zip(group, self._decode_hyper([p for _, p in group], hw),
+                                 strict=True):
+                results[i] = d
         return results
 
     def decode_stacked(self, headers: Sequence[Header | CodeError]
@@ -563,12 +578,16 @@ class LatentCodec:
         ok = [i for i in range(len(codes)) if i not in skip]
         return symbols[ok], ok, errors, unmatched
 
-    def _decode_hyper(self, payloads: list[bytes]) -> list[np.ndarray | CodeError]:
+    def _decode_hyper(self, payloads: list[bytes], size: tuple[int, int] | None = None
+                      ) -> list[np.ndarray | CodeError]:
         """Kind-5 payloads: j and z of every code, one hyper-decoder run for all of them,
         then each y under the tables its scales pick (refused where a scale lies within
-        guard/4 of an index boundary, or where the check fails)."""
+        guard/4 of an index boundary, or where the check fails). ``size``: the images'
+        (H, W), for an any-size model's codes."""
         hyper = self.hyper
         assert hyper is not None
+        if hyper.exact:
+            return self._decode_hyper_exact(payloads, size)
         out: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(payloads)
         heads = []
         for i, payload in enumerate(payloads):
@@ -613,6 +632,41 @@ class LatentCodec:
                                      "symbol support: the bytes were changed")
             else:
                 out[i] = y
+        return out
+
+    def _decode_hyper_exact(self, payloads: list[bytes], size: tuple[int, int] | None
+                            ) -> list[np.ndarray | CodeError]:
+        """The exact layout: every z, one integer hyper-decoder run, then each y."""
+        hyper = self.hyper
+        assert hyper is not None
+        shape = (self.manifest.latent_shape_for(*size) if size is not None
+                 else self.manifest.latent_shape)
+        grid = (int(shape[1]), int(shape[2]))
+        z_shape = hyper.spec.z_shape_for(grid)
+        out: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(payloads)
+        heads = []
+        for i, payload in enumerate(payloads):
+            if payload.endswith(b"\0"):
+                out[i] = zero_ended()
+                continue
+            try:
+                heads.append((i, *hyper.read_z(payload, z_shape)))
+            except CodeError as exc:
+                out[i] = exc
+        if not heads:
+            return out
+        indices = self.runtime.hyper_indices(np.stack([z for _, _, z in heads]), grid)
+        for k, (i, coder, _) in enumerate(heads):
+            try:
+                y = hyper.read_y(coder, indices[k])
+            except CodeError as exc:
+                out[i] = exc
+                continue
+            # Not re-encoded (docs/code-format.md, "What a decoder accepts"), but the
+            # symbols must be ones the encoder can write.
+            out[i] = y if self._on_support(y) else CorruptCode(
+                "the payload decodes to a latent outside the model's symbol support: the "
+                "bytes were changed")
         return out
 
     def _on_support(self, y: np.ndarray) -> bool:

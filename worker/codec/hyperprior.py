@@ -18,6 +18,12 @@ factorized fallback tables); a decoder that sees a margin below guard/4 knows th
 scales differ from the encoder's by more than 3/4 guard and refuses (NotExactlyDecodable).
 Noise beyond that can pass the margin test unseen, so the payload ends with a 2-byte
 check of (j, z, y) as kind 3's does. Layout: docs/code-format.md.
+
+A model with an integer hyper-decoder (worker/codec/intnet.py: the photo hyperprior)
+computes the indices exactly on every machine, so its payload (the exact layout) has no
+offset and no check: z, then y table by table (the elements of table 0 in (C, h, w)
+order, then table 1's, ...; both sides know every index before y), each run under one
+prebuilt model, a few calls per image instead of one table per element.
 """
 
 from __future__ import annotations
@@ -132,15 +138,19 @@ class HyperTables:
     z's factorized tables, and the ``levels`` Gaussian tables of y (float64 by exact
     division, the same bits on every machine)."""
 
-    def __init__(self, spec: HyperpriorSpec, latent_shape: tuple[int, ...]) -> None:
+    def __init__(self, spec: HyperpriorSpec, latent_shape: tuple[int, ...], *,
+                 exact: bool = False) -> None:
         check_hyperprior_spec(spec)
         self.spec = spec
         self.latent_shape = latent_shape
+        self.exact = exact
         self.z = FactorizedTables(FactorizedSpec(step=1.0, offsets=spec.z_offsets,
                                                  freqs=spec.z_freqs), spec.z_shape)
         self.y_offset = spec.y_offset
         self.width = len(spec.tables[0])
         self.probs = probabilities(np.array(spec.tables, np.int64))  # (levels, width)
+        # The exact layout's one model per table (width >= 2: never None).
+        self.models = [fixed_model(row) for row in self.probs] if exact else []
 
     def y_probs(self, indices: np.ndarray) -> np.ndarray:
         """Per element (flattened) its table: (n, width) float64."""
@@ -202,6 +212,61 @@ class HyperTables:
         return (cross_entropy_bits(np.array([offset]), OFFSET_PROBS)
                 + self.z.cross_entropy_bits(z)
                 + cross_entropy_bits(rel, self.y_probs(indices)) + 8 * CHECK_BYTES)
+
+
+    # -- the exact layout: z, then y table by table ---------------------------------
+    def encode_exact(self, z: np.ndarray, y: np.ndarray, indices: np.ndarray) -> bytes:
+        """One image's payload under exactly computed ``indices`` (C, h, w)."""
+        coder = RangeEncoder()
+        self.z.for_shape(z.shape).encode_into(coder, z)
+        rel = y.reshape(-1).astype(np.int32) - np.int32(self.y_offset)
+        order, counts = _by_table(indices, self.spec.levels)
+        rel = np.ascontiguousarray(rel[order])
+        start = 0
+        for model, count in zip(self.models, counts.tolist(), strict=True):
+            if count:
+                coder.encode(rel[start:start + count], model)
+                start += count
+        return finish(coder)
+
+    def read_z(self, payload: bytes, z_shape: tuple[int, ...]) -> tuple[object, np.ndarray]:
+        """(the running decoder, z) of an exact-layout payload; CorruptCode if z does not
+        decode."""
+        coder = RangeDecoder(bytes_to_words(payload))
+        try:
+            z = self.z.for_shape(z_shape).decode_from(coder)
+        except BaseException as exc:
+            raise decode_error(exc) from None
+        return coder, z
+
+    def read_y(self, coder: object, indices: np.ndarray) -> np.ndarray:
+        """y (C, h, w) of an exact-layout payload, its tables named by ``indices``."""
+        dec = cast(Any, coder)
+        order, counts = _by_table(indices, self.spec.levels)
+        rel = np.empty(order.size, np.int32)
+        start = 0
+        try:
+            for model, count in zip(self.models, counts.tolist(), strict=True):
+                if count:
+                    rel[start:start + count] = dec.decode(model, count)
+                    start += count
+        except BaseException as exc:
+            raise decode_error(exc) from None
+        y = np.empty(order.size, np.int32)
+        y[order] = rel + np.int32(self.y_offset)
+        return y.reshape(indices.shape)
+
+    def exact_bits(self, z: np.ndarray, y: np.ndarray, indices: np.ndarray) -> float:
+        """The tables' own cost of one exact-layout payload (z, y), in bits."""
+        rel = y.reshape(-1).astype(np.int64) - self.y_offset
+        p = self.probs[np.asarray(indices).reshape(-1), rel]
+        return self.z.for_shape(z.shape).cross_entropy_bits(z) + float(-np.log2(p).sum())
+
+
+def _by_table(indices: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the elements' coding order: by table, raster within one; the count per table)."""
+    flat = np.asarray(indices).reshape(-1)
+    return np.argsort(flat, kind="stable"), np.bincount(flat, minlength=levels)
 
 
 _OFFSET_MODEL = fixed_model(OFFSET_PROBS[0])

@@ -32,6 +32,7 @@ from latentserve.errors import (
     ProviderUnavailable,
     UnsupportedOperation,
 )
+from latentserve.worker.codec.intnet import IntNet, load_intnet, table_indices
 from latentserve.worker.runtime.manifest import Manifest
 from latentserve.worker.runtime.repository import ModelEntry
 from latentserve.worker.runtime.settings import PROVIDERS, Provider
@@ -278,8 +279,16 @@ class ModelRuntime:
         hyper = self.manifest.hyperprior is not None
         self.hyper_encoder: ort.InferenceSession | None = (
             make_session(entry.file("hyper_encoder"), self.config) if hyper else None)
+        files = self.manifest.files
         self.hyper_decoder: ort.InferenceSession | None = (
-            make_session(entry.file("hyper_decoder"), self.config) if hyper else None)
+            make_session(entry.file("hyper_decoder"), self.config)
+            if hyper and "hyper_decoder" in files else None)
+        # Or an integer hyper-decoder, computed exactly (worker/codec/intnet.py).
+        self.hyper_int: tuple[IntNet, np.ndarray] | None = (
+            load_intnet(entry.file("hyper_decoder_int"))
+            if hyper and "hyper_decoder_int" in files else None)
+        if self.hyper_int is not None:
+            self._check_hyper_int(*self.hyper_int)
         # A vae's learned sampling prior (sampling kind "learned"): noise -> latent.
         self.sampler = (make_session(entry.file("sampler"), self.config)
                         if "sampler" in self.manifest.files else None)
@@ -471,12 +480,54 @@ class ModelRuntime:
         return out
 
     def hyper_latent(self, symbols: np.ndarray) -> np.ndarray:
-        """Latent symbols (N, C, h, w) -> the hyper-encoder's float32 z (N, Cz, hz, wz)."""
+        """Latent symbols (N, C, h, w) -> the hyper-encoder's float32 z (N, Cz, hz, wz);
+        an any-size model's y_hat is zero-padded to multiples of z's stride first."""
         if self.hyper_encoder is None:
             raise InvalidInput(f"model {self.manifest.ref} has no hyperprior")
         session = self.hyper_encoder
         feed = symbols.astype(np.float32)  # step 1: y_hat is the symbols
+        spec = self.manifest.hyperprior
+        assert spec is not None
+        if spec.z_stride:
+            _, hz, wz = spec.z_shape_for(symbols.shape[2:])
+            s = spec.z_stride
+            feed = np.pad(feed, ((0, 0), (0, 0), (0, hz * s - feed.shape[2]),
+                                 (0, wz * s - feed.shape[3])))
         return self._batched(lambda b: self._run(session, "latent", b), feed)
+
+    @property
+    def hyper_exact(self) -> bool:
+        """Whether the hyper-decoder is an integer network (exact table indices)."""
+        return self.hyper_int is not None
+
+    def hyper_indices(self, z: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
+        """z symbols (N, Cz, hz, wz) -> the integer hyper-decoder's table index of every
+        element of y (N, C, h, w), cropped to y's grid ``latent_hw``; the same integers on
+        every machine."""
+        if self.hyper_int is None:
+            raise InvalidInput(f"model {self.manifest.ref} has no integer hyper-decoder")
+        net, thresholds = self.hyper_int
+        t = net(z)
+        h, w = latent_hw
+        c = self.manifest.latent_shape[0]
+        if t.shape[1] != c or t.shape[2] < h or t.shape[3] < w:
+            raise ModelIntegrityError(f"{self.manifest.ref}: hyper_decoder_int gives "
+                                      f"{tuple(t.shape[1:])} for z {tuple(z.shape[1:])}; y "
+                                      f"is ({c}, {h}, {w})")
+        return table_indices(t[:, :, :h, :w], thresholds)
+
+    def _check_hyper_int(self, net: IntNet, thresholds: np.ndarray) -> None:
+        """Load-time: the network takes every z the tables can give, and has one
+        threshold per table boundary."""
+        spec = self.manifest.hyperprior
+        assert spec is not None
+        top = max(max(abs(o), abs(o + len(f) - 1))
+                  for o, f in zip(spec.z_offsets, spec.z_freqs, strict=True))
+        if top > net.input_bound or len(thresholds) != spec.levels - 1:
+            raise ModelIntegrityError(
+                f"{self.manifest.ref}: hyper_decoder_int takes |z| <= {net.input_bound} "
+                f"with {len(thresholds)} thresholds; the tables give |z| up to {top} and "
+                f"need {spec.levels - 1}")
 
     def hyper_scales(self, z: np.ndarray) -> np.ndarray:
         """z symbols (N, Cz, hz, wz) -> the hyper-decoder's scales (N, C, h, w), float32."""

@@ -52,7 +52,11 @@ ONNX I/O contract (dynamic batch axis N everywhere; H and W dynamic too for any-
   in raster order (the logits at a position depend only on earlier positions).
 - hyper_encoder (code kind hyperprior): ``latent`` float32 (N, C', h, w), the rounded
   latent y_hat -> ``hyper_latent`` float32 (N, Cz, hz, wz); hyper_decoder: ``hyper_latent``
-  float32 (the rounded z) -> ``scales`` float32 (N, C', h, w), > 0.
+  float32 (the rounded z) -> ``scales`` float32 (N, C', h, w), > 0. Or, instead of
+  hyper_decoder, ``hyper_decoder_int``: an integer network file (worker/codec/intnet.py)
+  z -> integers compared with its thresholds (exact on every machine). An any-size
+  model's hyper_encoder sees y_hat zero-padded to multiples of z.stride, and the
+  hyper-decoder's output is cropped back to y's grid.
 - prior_step (optional): ``indices`` int64 (N, h, w), ``position`` int64 scalar p,
   ``cache0``.. float32 (N, h*w + 1, C) -> ``logits`` float32 (N, K) at p and
   ``feat0``.. float32 (N, C), the layer activations at p, which the caller writes into
@@ -151,7 +155,10 @@ class HyperpriorSpec:
     under one of ``levels`` integer Gaussian tables (``tables[i][v - y_offset]``, for the
     scale exp(linspace(ln scale_min, ln scale_max, levels))[i]), picked by the quantised
     log-scale of ``hyper_decoder(z)`` with a per-image offset that keeps every scale
-    ``guard`` (in units of ln scale) from an index boundary. Details: docs/code-format.md.
+    ``guard`` (in units of ln scale) from an index boundary. A model whose files hold
+    ``hyper_decoder_int`` (an integer network, worker/codec/intnet.py) picks the indices
+    exactly instead (no offset, no guard); it may be any-size, with z's grid ``z_stride``
+    times coarser than y's (``z_shape`` (Cz, 0, 0)). Details: docs/code-format.md.
     """
 
     z_shape: tuple[int, int, int]
@@ -163,6 +170,14 @@ class HyperpriorSpec:
     guard: float
     y_offset: int
     tables: tuple[tuple[int, ...], ...]
+    z_stride: int = 0
+
+    def z_shape_for(self, latent_hw: tuple[int, int]) -> tuple[int, int, int]:
+        """z's grid for a y grid of (h, w): ``z_shape``, or ceil(h, w / z_stride)."""
+        if not self.z_stride:
+            return self.z_shape
+        s = self.z_stride
+        return (self.z_shape[0], -(-latent_hw[0] // s), -(-latent_hw[1] // s))
 
 
 @dataclass(frozen=True)
@@ -382,10 +397,17 @@ def parse_manifest(data: bytes, *, where: str = "manifest.json") -> Manifest:
         if family == "vqvae" or fac is None:
             raise ModelIntegrityError(f"{where}: code kind 'hyperprior' needs an ae or vae "
                                       "and code.factorized (its fallback tables)")
-        for needed in ("hyper_encoder", "hyper_decoder"):
+        exact = "hyper_decoder_int" in files
+        for needed in ("hyper_encoder", "hyper_decoder_int" if exact else "hyper_decoder"):
             if needed not in files:
                 raise ModelIntegrityError(f"{where}: files lacks {needed!r} (code kind "
                                           "'hyperprior')")
+        if bool(stride) != bool(hyp.z_stride) or (stride and not exact):
+            raise ModelIntegrityError(
+                f"{where}: an any-size hyperprior needs code.hyperprior.z.stride and an "
+                "integer hyper_decoder_int (a float one cannot pick the same tables on "
+                "every machine for a photo's many scales); a fixed-size one has neither "
+                "z.stride")
         if fac.step != 1.0:
             raise ModelIntegrityError(f"{where}: a hyperprior codes the rounded latent: "
                                       f"code.factorized.step must be 1, got {fac.step}")
@@ -402,8 +424,9 @@ def parse_manifest(data: bytes, *, where: str = "manifest.json") -> Manifest:
         raise ModelIntegrityError(f"{where}: code kind 'vq_parallel' needs code.vq_parallel")
     if kind in PRIOR_KINDS and family != "vqvae":
         raise ModelIntegrityError(f"{where}: code kind {kind!r} is for family 'vqvae'")
-    if stride and kind != "factorized":
-        raise ModelIntegrityError(f"{where}: an any-size model codes kind 'factorized' only")
+    if stride and kind not in ("factorized", "hyperprior"):
+        raise ModelIntegrityError(f"{where}: an any-size model codes kind 'factorized' or "
+                                  "'hyperprior' only")
     sampling = dict(raw.get("sampling", {}))
     _check_sampling(sampling, family, files, where, code_kind=kind, any_size=bool(stride))
     return Manifest(
@@ -425,16 +448,19 @@ def _hyperprior_spec(code: dict[str, Any], where: str) -> HyperpriorSpec:
             z_freqs=tuple(tuple(int(x) for x in row) for row in z["freqs"]),
             scale_min=float(h["scale_min"]), scale_max=float(h["scale_max"]),
             levels=int(h["levels"]), guard=float(h["guard"]), y_offset=int(h["y_offset"]),
-            tables=tuple(tuple(int(x) for x in row) for row in h["tables"]))
+            tables=tuple(tuple(int(x) for x in row) for row in h["tables"]),
+            z_stride=int(z.get("stride", 0)))
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelIntegrityError(f"{where}: code.hyperprior is malformed ({type(exc).__name__}: "
                                   f"{exc}); it needs z {{shape, offsets, freqs}}, scale_min, "
                                   "scale_max, levels, guard, y_offset, tables") from None
     if len(spec.z_shape) != 3 or len(spec.z_offsets) != spec.z_shape[0] \
-            or len(spec.z_freqs) != spec.z_shape[0]:
+            or len(spec.z_freqs) != spec.z_shape[0] or spec.z_stride < 0 \
+            or (spec.z_stride > 0) != (spec.z_shape[1:] == (0, 0)):
         raise ModelIntegrityError(f"{where}: code.hyperprior.z needs a (C, h, w) shape and "
-                                  f"one table per channel; got shape {spec.z_shape}, "
-                                  f"{len(spec.z_freqs)} tables")
+                                  f"one table per channel (an any-size z: shape (C, 0, 0) "
+                                  f"and a stride); got shape {spec.z_shape}, "
+                                  f"{len(spec.z_freqs)} tables, stride {spec.z_stride}")
     if not spec.tables or any(min(row, default=0) < 1 for row in spec.tables + spec.z_freqs):
         raise ModelIntegrityError(f"{where}: every hyperprior frequency must be >= 1")
     return spec
