@@ -95,18 +95,8 @@ class IntNet:
 
 
 def _layer(x: np.ndarray, layer: IntLayer) -> np.ndarray:
-    k = layer.weight.shape[2]
-    n, c, h, w = x.shape
-    if layer.kind == "conv":
-        p = k // 2
-        padded = np.zeros((n, c, h + 2 * p, w + 2 * p), np.float64)
-        padded[:, :, p:p + h, p:p + w] = x
-    else:  # ConvTranspose2d(stride 2, padding p, output_padding 1) as a stride-1 conv
-        p = (k - 1) // 2
-        lo, hi = k - 1 - p, k - p  # around the zero-inserted input
-        padded = np.zeros((n, c, 2 * h - 1 + lo + hi, 2 * w - 1 + lo + hi), np.float64)
-        padded[:, :, lo:lo + 2 * h - 1:2, lo:lo + 2 * w - 1:2] = x
-    acc = _valid_conv(padded, layer.weight.astype(np.float64))
+    weight = layer.weight.astype(np.float64)
+    acc = _conv(x, weight) if layer.kind == "conv" else _deconv(x, weight)
     out: np.ndarray = acc.astype(np.int64) + layer.bias.reshape(1, -1, 1, 1)
     out >>= layer.shift.astype(np.int64).reshape(1, -1, 1, 1)  # floor division by 2^shift
     if layer.relu:
@@ -114,21 +104,52 @@ def _layer(x: np.ndarray, layer: IntLayer) -> np.ndarray:
     return out
 
 
+def _conv(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    n, c, h, w = x.shape
+    p = weight.shape[2] // 2
+    padded = np.zeros((n, c, h + 2 * p, w + 2 * p), np.float64)
+    padded[:, :, p:p + h, p:p + w] = x
+    return _valid_conv(padded, weight)
+
+
+def _deconv(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """ConvTranspose2d(stride 2, padding (k-1)/2, output_padding 1), ``weight`` in conv
+    form over the zero-inserted input, computed per output phase: output (2r + py,
+    2s + px) sees only the taps a = ay, ay + 2, ... of the kernel, on input rows r + dy + t
+    (the zero-inserted rows add nothing), a quarter of the products."""
+    n, c, h, w = x.shape
+    k = weight.shape[2]
+    lo = k - 1 - (k - 1) // 2  # the zero-inserted input's top/left padding
+    pad = k
+    padded = np.zeros((n, c, h + 2 * pad, w + 2 * pad), np.float64)
+    padded[:, :, pad:pad + h, pad:pad + w] = x
+    out = np.empty((n, weight.shape[0], 2 * h, 2 * w), np.float64)
+    for py in (0, 1):
+        ay = (lo - py) % 2
+        ty, dy = len(range(ay, k, 2)), (py + ay - lo) // 2
+        for px in (0, 1):
+            ax = (lo - px) % 2
+            tx, dx = len(range(ax, k, 2)), (px + ax - lo) // 2
+            region = padded[:, :, pad + dy:pad + dy + h + ty - 1, pad + dx:pad + dx + w + tx - 1]
+            out[:, :, py::2, px::2] = _valid_conv(region, weight[:, :, ay::2, ax::2])
+    return out
+
+
 def _valid_conv(padded: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) float64 of integers, weight (O, C, k, k) -> (N, O, H-k+1, W-k+1),
+    """(N, C, H, W) float64 of integers, weight (O, C, kh, kw) -> (N, O, H-kh+1, W-kw+1),
     exact (see the module docstring), in bands of output rows."""
-    o, c, k, _ = weight.shape
+    o, c, kh, kw = weight.shape
     n, _, hp, wp = padded.shape
-    ho, wo = hp - k + 1, wp - k + 1
+    ho, wo = hp - kh + 1, wp - kw + 1
     out = np.empty((n, o, ho, wo), np.float64)
-    flat_w = weight.reshape(o, c * k * k)
-    rows = max(1, BAND_ELEMENTS // max(1, wo * c * k * k))
+    flat_w = np.ascontiguousarray(weight).reshape(o, c * kh * kw)
+    rows = max(1, BAND_ELEMENTS // max(1, wo * c * kh * kw))
     for i in range(n):
         for r0 in range(0, ho, rows):
             r1 = min(ho, r0 + rows)
-            band = sliding_window_view(padded[i, :, r0:r1 + k - 1], (k, k), axis=(1, 2))
-            # (C, rb, wo, k, k) -> (rb * wo, C * k * k): one BLAS product per band
-            cols = band.transpose(1, 2, 0, 3, 4).reshape((r1 - r0) * wo, c * k * k)
+            band = sliding_window_view(padded[i, :, r0:r1 + kh - 1], (kh, kw), axis=(1, 2))
+            # (C, rb, wo, kh, kw) -> (rb * wo, C * kh * kw): one BLAS product per band
+            cols = band.transpose(1, 2, 0, 3, 4).reshape((r1 - r0) * wo, c * kh * kw)
             out[i, :, r0:r1] = (cols @ flat_w.T).T.reshape(o, r1 - r0, wo)
     return out
 
