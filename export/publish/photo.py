@@ -67,14 +67,13 @@ def crops(photos: list[np.ndarray], size: int, count: int, seed: int = 0) -> np.
 
 
 @torch.no_grad()
-def _symbols(net: PhotoCodec, images: np.ndarray) -> np.ndarray:
-    out = [torch.round(net.g_a(torch.from_numpy(images[i:i + 8]).float() / 255.0))
-           for i in range(0, len(images), 8)]
-    return torch.cat(out).numpy().astype(np.int64)
+def _latents(net: PhotoCodec, images: np.ndarray) -> torch.Tensor:
+    return torch.cat([net.g_a(torch.from_numpy(images[i:i + 8]).float() / 255.0)
+                      for i in range(0, len(images), 8)])
 
 
 class _HyperEncoder(nn.Module):
-    """y_hat float32 (N, M, h, w), h and w multiples of 4 -> z float32 (N, K, h/4, w/4)."""
+    """The float latent y (N, M, h, w), h and w multiples of 4 -> z (N, K, h/4, w/4)."""
 
     def __init__(self, net: PhotoCodec) -> None:
         super().__init__()
@@ -91,23 +90,21 @@ def _support(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return lo, lo + np.array([len(f) for f in spec["freqs"]], np.int64) - 1
 
 
-def _hyper_code(net: PhotoCodec, folder: Path, symbols: np.ndarray) -> dict[str, Any]:
+def _hyper_code(net: PhotoCodec, folder: Path, symbols: np.ndarray,
+                latents: torch.Tensor) -> dict[str, Any]:
     """Write hyper_encoder.onnx and hyper_decoder.npz; the manifest's code block. The
     fitting symbols' crops are multiples of 64 px, so no padding is involved."""
     export_graph(_HyperEncoder(net), torch.zeros(1, net.config.m, 4, 8),
                  folder / "hyper_encoder.onnx", input_name="latent", output_name="hyper_latent")
     y_spec = tables.histogram_tables(symbols, step=1.0)
-    lo, hi = _support(y_spec)
-    y_hat = torch.from_numpy(np.clip(symbols, lo.reshape(1, -1, 1, 1),
-                                     hi.reshape(1, -1, 1, 1)).astype(np.float32))
-    with torch.no_grad():
-        z = torch.round(net.h_a(y_hat.abs())).numpy().astype(np.int64)
+    with torch.no_grad():  # h_a reads the float latent (z.input "latent")
+        z = torch.round(net.h_a(latents.abs())).numpy().astype(np.int64)
     z_spec = tables.ae_tables(net.density, z)
     bound = int(np.abs(np.concatenate(_support(z_spec))).max())
     intnet, thresholds = integer_hyper_decoder(net.h_s, bound)
     (folder / "hyper_decoder.npz").write_bytes(save_intnet(intnet.layers, bound, thresholds))
     spec = tables.hyperprior_spec(y_spec, z_spec, [net.config.hyper, 0, 0])
-    spec["z"]["stride"] = Z_STRIDE  # type: ignore[index]
+    spec["z"].update(stride=Z_STRIDE, input="latent")  # type: ignore[attr-defined]
     return {"kind": "hyperprior", "factorized": y_spec, "hyperprior": spec}
 
 
@@ -119,7 +116,7 @@ def measure(pipeline_codec: Any, val: list[np.ndarray]) -> dict[str, Any]:
     bpp, psnr = [], []
     for im in val:
         size = (int(im.shape[1]), int(im.shape[2]))
-        code = codec.encode(runtime.encode(im[None]), size=size)[0]
+        code = codec.compress_images(im[None], size=size)[0]
         header = parse_header(code)
         recon = runtime.decode(codec.decode_headers([header])[0][None], size)
         bpp.append(len(code) * 8 / (size[0] * size[1]))
@@ -154,9 +151,10 @@ def export_photo(net: PhotoCodec, *, repo: str | Path, name: str, version: int,
         export_graph(net.onnx_decoder(), torch.zeros(1, m, 2, 3), folder / "decoder.onnx",
                      input_name="latent", output_name="image")
         files = {"encoder": "encoder.onnx", "decoder": "decoder.onnx"}
-        symbols = _symbols(net, fit_images)
+        latents = _latents(net, fit_images)
+        symbols = torch.round(latents).numpy().astype(np.int64)
         if net.config.hyper:
-            code = _hyper_code(net, folder, symbols)
+            code = _hyper_code(net, folder, symbols, latents)
             files.update(hyper_encoder="hyper_encoder.onnx", hyper_decoder_int="hyper_decoder.npz")
         else:
             code = {"kind": "factorized", "factorized": tables.ae_tables(net.density, symbols)}

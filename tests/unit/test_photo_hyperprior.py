@@ -161,14 +161,17 @@ def test_symbols_round_trip_exactly_at_odd_sizes(codec: LatentCodec, size: tuple
     rng = np.random.default_rng(size[0] * 1000 + size[1])
     images = rng.integers(0, 256, (2, 3, *size), dtype=np.uint8)
     symbols = codec.runtime.encode(images)
-    codes = codec.encode(symbols, size=size)
-    headers = [parse_header(c) for c in codes]
-    assert [(h.kind, h.size) for h in headers] == [(HYPERPRIOR, size)] * 2
-    back = codec.decode_headers(headers)
-    assert all(np.array_equal(b, s) for b, s in zip(back, symbols, strict=True))  # type: ignore[arg-type]
+    # The served path: z from the float latent (z.input "latent"); from the symbols
+    # when only they are at hand. Both decode to the symbols.
+    assert codec.manifest.hyperprior.z_input == "latent"  # type: ignore[union-attr]
+    for codes in (codec.compress_images(images, size=size), codec.encode(symbols, size=size)):
+        headers = [parse_header(c) for c in codes]
+        assert [(h.kind, h.size) for h in headers] == [(HYPERPRIOR, size)] * 2
+        back = codec.decode_headers(headers)
+        assert all(np.array_equal(b, s) for b, s in zip(back, symbols, strict=True))  # type: ignore[arg-type]
     bits = codec.cross_entropy_bits(symbols, [HYPERPRIOR] * 2, size=size)
     sizes = [8 * len(h.payload) for h in headers]
-    assert all(abs(b - n) <= 8 + 0.01 * b for b, n in zip(bits, sizes, strict=True))
+    assert all(abs(b - n) <= 16 + 0.01 * b for b, n in zip(bits, sizes, strict=True))  # 2 B + 1 %
 
 
 def test_changed_or_cut_codes_are_refused(codec: LatentCodec, photo_repo: Path) -> None:

@@ -276,13 +276,17 @@ class LatentCodec:
 
     # -- encode -----------------------------------------------------------------------
     def encode(self, symbols: np.ndarray, *, kind: str | None = None,
-               size: tuple[int, int] | None = None) -> list[bytes]:
+               size: tuple[int, int] | None = None,
+               latent: np.ndarray | None = None) -> list[bytes]:
         """Symbols (N, *latent_shape) -> one code per image.
 
         ``kind`` forces a kind (``vq_static`` on a vq_prior model skips the prior);
         default: the manifest's kind, with the guard's fallback to vq_static. An
         any-size model needs ``size``, the images' (H, W) (symbols of shape
-        ``latent_shape_for(H, W)``): its codes are format 2 and record it.
+        ``latent_shape_for(H, W)``): its codes are format 2 and record it. ``latent``:
+        the float latents the symbols were rounded from, for a hyperprior's
+        hyper-encoder (``compress_images`` passes them); without them it reads the
+        symbols (valid codes, a little larger).
         """
         if self.manifest.any_size != (size is not None):
             raise InvalidInput(f"{self.manifest.ref}: encode needs the image size for an "
@@ -291,7 +295,20 @@ class LatentCodec:
         if self.pool is not None and want in self._specs and self.pool.wants(len(symbols)):
             return self._pool_encode(symbols, want)
         return pack_all(self.manifest.digest,
-                        self.encode_payloads(symbols, kind=kind, size=size), size)
+                        self.encode_payloads(symbols, kind=kind, size=size, latent=latent),
+                        size)
+
+    def compress_images(self, images: np.ndarray, *, kind: str | None = None,
+                        size: tuple[int, int] | None = None) -> list[bytes]:
+        """uint8 images (N, C, H, W) -> codes: the encoder network, then ``encode``, a
+        hyperprior's hyper-encoder on the float latent (CompressAI's compress: z =
+        h_a(|y|) on y before rounding, the input it was trained on; the rounded y
+        costs the photo hyperprior ~12 % more bits) when the manifest says it reads
+        that (``code.hyperprior.z.input`` "latent"; "symbols": y_hat)."""
+        if self.hyper is None or self.hyper.spec.z_input != "latent":
+            return self.encode(self.runtime.encode(images), kind=kind, size=size)
+        latent = self.runtime.encode_latent(images)
+        return self.encode(self.runtime.quantize(latent), kind=kind, size=size, latent=latent)
 
     def _pool_encode(self, symbols: np.ndarray, kind: int) -> list[bytes]:
         """Kinds 1 and 2 in the pool's processes: the table check, the coding, headers
@@ -315,14 +332,15 @@ class LatentCodec:
             raise
 
     def encode_payloads(self, symbols: np.ndarray, *, kind: str | None = None,
-                        size: tuple[int, int] | None = None) -> list[tuple[int, bytes]]:
+                        size: tuple[int, int] | None = None,
+                        latent: np.ndarray | None = None) -> list[tuple[int, bytes]]:
         """Like ``encode`` but returns (kind id, payload) pairs, without headers."""
         symbols = self._check_symbols(symbols, size)
         want = self._kind_id(kind)
         if want == FACTORIZED:
             return [(FACTORIZED, p) for p in self._encode_fixed(FACTORIZED, symbols, size)]
         if want == HYPERPRIOR:
-            return self._encode_hyper(symbols)
+            return self._encode_hyper(symbols, latent)
         assert self.static is not None
         if want == VQ_STATIC or len(symbols) == 0:
             return [(VQ_STATIC, p) for p in self._encode_fixed(VQ_STATIC, symbols)]
@@ -340,13 +358,18 @@ class LatentCodec:
                 out.append((VQ_STATIC, self.static.encode(symbols[i])))
         return out
 
-    def hyper_plan(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def hyper_plan(self, symbols: np.ndarray, latent: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Kind-5 plan for checked y symbols (N, C, h, w): (z symbols, per image the offset
         j (-1: no offset keeps every scale guard from an index boundary, code it as kind
-        1), the table indices (N, C, h, w))."""
+        1), the table indices (N, C, h, w)). z is the hyper-encoder's of ``latent`` (the
+        float y) when given, else of the symbols: either way the decoder needs only z."""
         hyper = self.hyper
         assert hyper is not None
-        z = hyper.quantize_z(self.runtime.hyper_latent(symbols))
+        if latent is not None and latent.shape != symbols.shape:
+            raise InvalidInput(f"latents of shape {latent.shape} for symbols of shape "
+                               f"{symbols.shape}")
+        z = hyper.quantize_z(self.runtime.hyper_latent(symbols if latent is None else latent))
         grid = (int(symbols.shape[2]), int(symbols.shape[3]))
         want = hyper.spec.z_shape_for(grid)
         if tuple(z.shape[1:]) != want:
@@ -357,12 +380,13 @@ class LatentCodec:
         offsets, indices = plan_scale_offsets(self.runtime.hyper_scales(z), hyper.spec)
         return z, offsets, indices
 
-    def _encode_hyper(self, symbols: np.ndarray) -> list[tuple[int, bytes]]:
+    def _encode_hyper(self, symbols: np.ndarray, latent: np.ndarray | None
+                      ) -> list[tuple[int, bytes]]:
         hyper = self.hyper
         assert hyper is not None and self.factorized is not None
         if len(symbols) == 0:
             return []
-        z, offsets, indices = self.hyper_plan(symbols)
+        z, offsets, indices = self.hyper_plan(symbols, latent)
         if hyper.exact:
             return [(HYPERPRIOR, hyper.encode_exact(z[i], symbols[i], indices[i]))
                     for i in range(len(symbols))]

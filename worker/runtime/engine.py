@@ -360,15 +360,23 @@ class ModelRuntime:
     # -- encode / decode --------------------------------------------------------------
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 images (N, C, H, W) -> int32 symbols (N, *latent_shape)."""
+        if self.manifest.family == "vqvae":
+            images = self.check_images(images)
+            if len(images) == 0:
+                return np.zeros((0, *self.manifest.latent_shape), np.int32)
+            out = self._batched(lambda b: self._run(self.encoder, "image", b), images)
+            return out.astype(np.int32)
+        return self.quantize(self.encode_latent(images))
+
+    def encode_latent(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (N, C, H, W) -> the encoder's float32 latents, before rounding
+        (ae / vae; a hyperprior's hyper-encoder reads them, as in training)."""
         images = self.check_images(images)
         if self.manifest.any_size:
-            return self.quantize(self._encode_any(images))
+            return self._encode_any(images)
         if len(images) == 0:
-            return np.zeros((0, *self.manifest.latent_shape), np.int32)
-        out = self._batched(lambda b: self._run(self.encoder, "image", b), images)
-        if self.manifest.family == "vqvae":
-            return out.astype(np.int32)
-        return self.quantize(out)
+            return np.zeros((0, *self.manifest.latent_shape), np.float32)
+        return self._batched(lambda b: self._run(self.encoder, "image", b), images)
 
     def quantize(self, latent: np.ndarray) -> np.ndarray:
         """Continuous latents -> symbols on the factorized tables' support."""

@@ -171,6 +171,9 @@ class HyperpriorSpec:
     y_offset: int
     tables: tuple[tuple[int, ...], ...]
     z_stride: int = 0
+    # What the hyper-encoder reads: "symbols" (y_hat) or "latent" (the float y before
+    # rounding, the input CompressAI trains h_a on; the photo hyperprior's).
+    z_input: str = "symbols"
 
     def z_shape_for(self, latent_hw: tuple[int, int]) -> tuple[int, int, int]:
         """z's grid for a y grid of (h, w): ``z_shape``, or ceil(h, w / z_stride)."""
@@ -449,7 +452,7 @@ def _hyperprior_spec(code: dict[str, Any], where: str) -> HyperpriorSpec:
             scale_min=float(h["scale_min"]), scale_max=float(h["scale_max"]),
             levels=int(h["levels"]), guard=float(h["guard"]), y_offset=int(h["y_offset"]),
             tables=tuple(tuple(int(x) for x in row) for row in h["tables"]),
-            z_stride=int(z.get("stride", 0)))
+            z_stride=int(z.get("stride", 0)), z_input=str(z.get("input", "symbols")))
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelIntegrityError(f"{where}: code.hyperprior is malformed ({type(exc).__name__}: "
                                   f"{exc}); it needs z {{shape, offsets, freqs}}, scale_min, "
@@ -461,6 +464,9 @@ def _hyperprior_spec(code: dict[str, Any], where: str) -> HyperpriorSpec:
                                   f"one table per channel (an any-size z: shape (C, 0, 0) "
                                   f"and a stride); got shape {spec.z_shape}, "
                                   f"{len(spec.z_freqs)} tables, stride {spec.z_stride}")
+    if spec.z_input not in ("symbols", "latent"):
+        raise ModelIntegrityError(f"{where}: code.hyperprior.z.input must be 'symbols' or "
+                                  f"'latent', got {spec.z_input!r}")
     if not spec.tables or any(min(row, default=0) < 1 for row in spec.tables + spec.z_freqs):
         raise ModelIntegrityError(f"{where}: every hyperprior frequency must be >= 1")
     return spec

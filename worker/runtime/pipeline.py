@@ -126,6 +126,10 @@ class Pipeline:
             if not isinstance(images, np.ndarray):
                 images = np.stack(images) if len(images) else np.zeros(
                     (0, *codec.manifest.image_shape), np.uint8)
+            if codec.hyper is not None and codec.hyper.spec.z_input == "latent":
+                latent = codec.runtime.encode_latent(images)  # the hyper-encoder reads it
+                return functools.partial(codec.encode, codec.runtime.quantize(latent),
+                                         kind=kind, latent=latent)
             symbols = codec.runtime.encode(images)
             return functools.partial(codec.encode, symbols, kind=kind)
         codes = self._compress_any(codec, images, kind)
@@ -145,8 +149,8 @@ class Pipeline:
             batch = (images[idx] if isinstance(images, np.ndarray)
                      else np.stack([images[i] for i in idx]))
             size = (int(shape[1]), int(shape[2]))
-            for i, code in zip(idx, codec.encode(codec.runtime.encode(batch), kind=kind,
-                                                 size=size), strict=True):
+            for i, code in zip(idx, codec.compress_images(batch, kind=kind, size=size),
+                               strict=True):
                 out[i] = code
         return out
 
