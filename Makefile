@@ -30,7 +30,7 @@ test: install-dev
 zoo: install-dev
 	PATH="$(abspath $(BIN)):$$PATH" scripts/build_zoo.sh
 
-# Rebuild the shipped photo codecs (models/photo-*/4, photo-xlo/2) from ../shared/data/bsds500
-# (one torch thread, about 2-4 hours on 2 shared cores).
+# Rebuild the shipped photo codecs (models/photo-{lo,mid,hi}/5, hyperpriors) from ../shared/data/bsds500
+# (one torch thread per run, about 4-6 hours on 2 shared cores).
 zoo-photo: install-dev
 	scripts/build_photo_zoo.sh

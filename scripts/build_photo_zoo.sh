@@ -29,9 +29,9 @@ DATA=${DATA:-../shared/data/bsds500}
 REPO=${REPO:-models}
 RUNS=${RUNS:-runs/photo-zoo}
 BASE_STEPS=${BASE_STEPS:-31093}
-MID_STEPS=${MID_STEPS:-@MID@}
-HI_STEPS=${HI_STEPS:-@HI@}
-LO_STEPS=${LO_STEPS:-@LO@}
+MID_STEPS=${MID_STEPS:-13441}
+HI_STEPS=${HI_STEPS:-13836}
+LO_STEPS=${LO_STEPS:-6022}
 mkdir -p "$RUNS/mid" "$RUNS/hi" "$RUNS/lo"
 TRAIN=("$PY" -m latentserve.export.training.photo --data "$DATA/train" --data "$DATA/val"
        --val "$DATA/test" --threads 1 --min-lr 1e-5)
