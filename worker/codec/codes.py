@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -612,16 +612,7 @@ class LatentCodec:
         assert hyper is not None
         if hyper.exact:
             return self._decode_hyper_exact(payloads, size)
-        out: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(payloads)
-        heads = []
-        for i, payload in enumerate(payloads):
-            if payload.endswith(b"\0"):
-                out[i] = zero_ended()
-                continue
-            try:
-                heads.append((i, *hyper.read_head(payload)))
-            except CodeError as exc:
-                out[i] = exc
+        out, heads = _read_heads(payloads, hyper.read_head)
         if not heads:
             return out
         scales = self.runtime.hyper_scales(np.stack([z for _, _, _, z in heads]))
@@ -667,16 +658,7 @@ class LatentCodec:
                  else self.manifest.latent_shape)
         grid = (int(shape[1]), int(shape[2]))
         z_shape = hyper.spec.z_shape_for(grid)
-        out: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(payloads)
-        heads = []
-        for i, payload in enumerate(payloads):
-            if payload.endswith(b"\0"):
-                out[i] = zero_ended()
-                continue
-            try:
-                heads.append((i, *hyper.read_z(payload, z_shape)))
-            except CodeError as exc:
-                out[i] = exc
+        out, heads = _read_heads(payloads, lambda p: hyper.read_z(p, z_shape))
         if not heads:
             return out
         indices = self.runtime.hyper_indices(np.stack([z for _, _, z in heads]), grid)
@@ -904,6 +886,23 @@ def prior_payload(offset: int, symbols: np.ndarray, tables: np.ndarray,
     coder.encode(flat, FAMILY, probs)
     coder.encode(prior_check(offset, symbols), CHECK_MODEL)
     return finish(coder)
+
+
+def _read_heads(payloads: list[bytes], read: Callable[[bytes], tuple[Any, ...]]
+                ) -> tuple[list[np.ndarray | CodeError], list[tuple[Any, ...]]]:
+    """Every payload's head through ``read`` (kind 5's (coder, j, z) or (coder, z)):
+    (the results so far, refusals filled in; (index, *head) of the others)."""
+    out: list[np.ndarray | CodeError] = [CorruptCode("not decoded")] * len(payloads)
+    heads = []
+    for i, payload in enumerate(payloads):
+        if payload.endswith(b"\0"):
+            out[i] = zero_ended()
+            continue
+        try:
+            heads.append((i, *read(payload)))
+        except CodeError as exc:
+            out[i] = exc
+    return out, heads
 
 
 def _stack(results: Sequence[np.ndarray | CodeError], shape: Sequence[int]
