@@ -213,7 +213,6 @@ class HyperTables:
                 + self.z.cross_entropy_bits(z)
                 + cross_entropy_bits(rel, self.y_probs(indices)) + 8 * CHECK_BYTES)
 
-
     # -- the exact layout: z, then y table by table ---------------------------------
     def encode_exact(self, z: np.ndarray, y: np.ndarray, indices: np.ndarray) -> bytes:
         """One image's payload under exactly computed ``indices`` (C, h, w)."""
