@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from latentserve.export.publish.tables import HYPER_LEVELS, decimal_scales
-from latentserve.worker.codec.intnet import ACT_MAX, IntLayer, IntNet
+from latentserve.worker.codec.intnet import IntLayer, IntNet
 
 WEIGHT_BITS = 15
 HIDDEN_BITS = 10
@@ -90,12 +90,4 @@ def float_reference(h_s: nn.Sequential, z: np.ndarray) -> np.ndarray:
     """The float h_s's softplus argument on integer z, for comparison in tests."""
     out: np.ndarray = h_s(torch.from_numpy(z).float()).double().numpy()
     return out
-
-
-def describe(net: IntNet) -> str:
-    """One line per layer: kind, shape, the largest weight, the shifts."""
-    return "; ".join(f"{layer.kind} {tuple(layer.weight.shape)} max|w| "
-                     f"{int(np.abs(layer.weight).max())} shifts {int(layer.shift.min())}-"
-                     f"{int(layer.shift.max())}{' relu' if layer.relu else ''}"
-                     for layer in net.layers) + f"; activations <= {ACT_MAX}"
 

@@ -14,7 +14,8 @@ per pixel of whole codes, PSNR-RGB), ``check.npz`` and ``registry.json`` (that t
         --val ../shared/data/bsds500/test --overwrite
 
 A hyperprior net (``PhotoConfig.hyper`` > 0) is exported as code kind ``hyperprior``
-with the exact layout: ``hyper_encoder.onnx`` (y_hat -> z), ``hyper_decoder.npz`` (h_s
+with the exact layout: ``hyper_encoder.onnx`` (the float y -> z; ``z.input``
+"latent"), ``hyper_decoder.npz`` (h_s
 as an integer network, export/publish/hyper_int.py), z's factorized tables fitted on the
 fitting crops' z, the 64 Gaussian tables over y's support (y's histogram is kept as the
 manifest's ``code.factorized``, which fixes that support).

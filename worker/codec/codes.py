@@ -300,15 +300,20 @@ class LatentCodec:
 
     def compress_images(self, images: np.ndarray, *, kind: str | None = None,
                         size: tuple[int, int] | None = None) -> list[bytes]:
-        """uint8 images (N, C, H, W) -> codes: the encoder network, then ``encode``, a
-        hyperprior's hyper-encoder on the float latent (CompressAI's compress: z =
-        h_a(|y|) on y before rounding, the input it was trained on; the rounded y
-        costs the photo hyperprior ~12 % more bits) when the manifest says it reads
-        that (``code.hyperprior.z.input`` "latent"; "symbols": y_hat)."""
+        """uint8 images (N, C, H, W) -> codes: ``encode_network``, then ``encode``."""
+        symbols, latent = self.encode_network(images)
+        return self.encode(symbols, kind=kind, size=size, latent=latent)
+
+    def encode_network(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The encoder network's half of compress: (symbols, the float latent when a
+        hyperprior's hyper-encoder reads it, else None). It reads the float y when the
+        manifest says so (``code.hyperprior.z.input`` "latent"; "symbols": y_hat), as
+        CompressAI's compress does (z = h_a(|y|) on y before rounding, the input h_a is
+        trained on; the rounded y costs the photo hyperprior ~12 % more bits)."""
         if self.hyper is None or self.hyper.spec.z_input != "latent":
-            return self.encode(self.runtime.encode(images), kind=kind, size=size)
+            return self.runtime.encode(images), None
         latent = self.runtime.encode_latent(images)
-        return self.encode(self.runtime.quantize(latent), kind=kind, size=size, latent=latent)
+        return self.runtime.quantize(latent), latent
 
     def _pool_encode(self, symbols: np.ndarray, kind: int) -> list[bytes]:
         """Kinds 1 and 2 in the pool's processes: the table check, the coding, headers

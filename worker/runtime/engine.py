@@ -488,12 +488,13 @@ class ModelRuntime:
         return out
 
     def hyper_latent(self, symbols: np.ndarray) -> np.ndarray:
-        """Latent symbols (N, C, h, w) -> the hyper-encoder's float32 z (N, Cz, hz, wz);
-        an any-size model's y_hat is zero-padded to multiples of z's stride first."""
+        """Latent symbols, or float latents (``z.input`` "latent"), (N, C, h, w) -> the
+        hyper-encoder's float32 z (N, Cz, hz, wz); an any-size model's input is
+        zero-padded to multiples of z's stride first."""
         if self.hyper_encoder is None:
             raise InvalidInput(f"model {self.manifest.ref} has no hyperprior")
         session = self.hyper_encoder
-        feed = symbols.astype(np.float32)  # step 1: y_hat is the symbols
+        feed = symbols.astype(np.float32)  # step 1: y_hat is the symbols (or y itself)
         spec = self.manifest.hyperprior
         assert spec is not None
         if spec.z_stride:

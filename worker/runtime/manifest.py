@@ -51,11 +51,12 @@ ONNX I/O contract (dynamic batch axis N everywhere; H and W dynamic too for any-
 - prior (vqvae): ``indices`` int64 (N, h, w) -> ``logits`` float32 (N, K, h, w), causal
   in raster order (the logits at a position depend only on earlier positions).
 - hyper_encoder (code kind hyperprior): ``latent`` float32 (N, C', h, w), the rounded
-  latent y_hat -> ``hyper_latent`` float32 (N, Cz, hz, wz); hyper_decoder: ``hyper_latent``
+  latent y_hat (or the float y where code.hyperprior.z.input is "latent") -> ``hyper_latent``
+  float32 (N, Cz, hz, wz); hyper_decoder: ``hyper_latent``
   float32 (the rounded z) -> ``scales`` float32 (N, C', h, w), > 0. Or, instead of
   hyper_decoder, ``hyper_decoder_int``: an integer network file (worker/codec/intnet.py)
   z -> integers compared with its thresholds (exact on every machine). An any-size
-  model's hyper_encoder sees y_hat zero-padded to multiples of z.stride, and the
+  model's hyper_encoder sees its input zero-padded to multiples of z.stride, and the
   hyper-decoder's output is cropped back to y's grid.
 - prior_step (optional): ``indices`` int64 (N, h, w), ``position`` int64 scalar p,
   ``cache0``.. float32 (N, h*w + 1, C) -> ``logits`` float32 (N, K) at p and

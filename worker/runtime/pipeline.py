@@ -126,12 +126,8 @@ class Pipeline:
             if not isinstance(images, np.ndarray):
                 images = np.stack(images) if len(images) else np.zeros(
                     (0, *codec.manifest.image_shape), np.uint8)
-            if codec.hyper is not None and codec.hyper.spec.z_input == "latent":
-                latent = codec.runtime.encode_latent(images)  # the hyper-encoder reads it
-                return functools.partial(codec.encode, codec.runtime.quantize(latent),
-                                         kind=kind, latent=latent)
-            symbols = codec.runtime.encode(images)
-            return functools.partial(codec.encode, symbols, kind=kind)
+            symbols, latent = codec.encode_network(images)
+            return functools.partial(codec.encode, symbols, kind=kind, latent=latent)
         codes = self._compress_any(codec, images, kind)
         return lambda: codes
 
